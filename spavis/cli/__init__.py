@@ -1,0 +1,21 @@
+"""The `spavis` command line: one typer app, one module per command group (thin wrappers)."""
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="spavis",
+    help="Curate 10x Visium slices into a harmonized, sharded Parquet + Zarr corpus.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+# Each module registers its commands on `app` when imported.
+for _name in ("genes", "shards", "fetch", "manifest"):
+    try:
+        importlib.import_module(f"spavis.cli.{_name}")
+    except ModuleNotFoundError as exc:  # a command group not written yet
+        if exc.name != f"spavis.cli.{_name}":
+            raise

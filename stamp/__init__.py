@@ -1,0 +1,18 @@
+"""stamp: STAMP encoders trained on spavis shards (gene encoder; image encoder to come)."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    lazy = {
+        "GeneTokenizer": ("stamp.tokenizer", "GeneTokenizer"),
+        "StampGeneEncoder": ("stamp.model", "StampGeneEncoder"),
+        "StampConfig": ("stamp.model", "StampConfig"),
+    }
+    if name in lazy:
+        import importlib
+
+        module, attr = lazy[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'stamp' has no attribute {name!r}")
