@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" bash pipelines/demo.sh
+	@echo "demo: filled in below"
 
 test: install
 	$(BIN)/python -m pytest

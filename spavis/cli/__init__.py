@@ -12,6 +12,20 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", help="Print the spavis version and exit."),
+) -> None:
+    """Curate 10x Visium slices into a harmonized, sharded Parquet + Zarr corpus."""
+    if version:
+        from spavis import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
 # Each module registers its commands on `app` when imported.
 for _name in ("genes", "shards", "fetch", "manifest"):
     try:

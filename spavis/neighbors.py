@@ -1,0 +1,162 @@
+"""Per-slide k-nearest-neighbour spatial graph in micrometres.
+
+Pixel coordinates are converted with the physical Visium spot diameter (55 µm divided by
+``spot_diameter_fullres`` pixels). Without pixels the Visium hex lattice is used: spots
+are 100 µm apart centre to centre, ``array_col`` steps 50 µm and ``array_row`` steps
+50·√3 µm. Ties are broken by spot index so the graph never depends on the KD-tree's
+internal order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.spatial import cKDTree
+
+SPOT_DIAMETER_UM = 55.0
+SPOT_SPACING_UM = 100.0
+
+
+@dataclass(frozen=True)
+class SpatialGraph:
+    """k-NN graph of one slide: row i lists the k nearest other spots of spot i, nearest first."""
+
+    neighbors: np.ndarray  # int32 (n, k'), k' = min(k, n - 1)
+    distances: np.ndarray  # float32 (n, k') micrometres
+    method: str  # "pixels", "pixels-estimated", "lattice" or "none"
+
+    @property
+    def n_spots(self) -> int:
+        return int(self.neighbors.shape[0])
+
+    def connectivities(self) -> sp.csr_matrix:
+        """squidpy's ``obsp['spatial_connectivities']``: directed k-NN adjacency (1.0)."""
+        return _to_csr(self.neighbors, np.ones_like(self.distances), self.n_spots)
+
+    def distance_matrix(self) -> sp.csr_matrix:
+        """squidpy's ``obsp['spatial_distances']``: the same edges weighted by µm distance."""
+        return _to_csr(self.neighbors, self.distances, self.n_spots)
+
+
+def _to_csr(nbrs: np.ndarray, values: np.ndarray, n: int) -> sp.csr_matrix:
+    k = nbrs.shape[1] if nbrs.ndim == 2 else 0
+    rows = np.repeat(np.arange(n, dtype=np.int64), k)
+    mat = sp.csr_matrix(
+        (values.reshape(-1).astype(np.float32), (rows, nbrs.reshape(-1).astype(np.int64))),
+        shape=(n, n),
+        dtype=np.float32,
+    )
+    mat.sort_indices()
+    return mat
+
+
+def lattice_to_um(array_row: np.ndarray, array_col: np.ndarray) -> np.ndarray:
+    """(x, y) micrometres of Visium lattice positions (hex grid, 100 µm centre spacing)."""
+    x = np.asarray(array_col, dtype=np.float64) * (SPOT_SPACING_UM / 2.0)
+    y = np.asarray(array_row, dtype=np.float64) * (SPOT_SPACING_UM / 2.0 * np.sqrt(3.0))
+    return np.column_stack([x, y])
+
+
+def knn(coords_um: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest other points, nearest first, equal distances ordered by index.
+
+    The KD-tree is asked for a few more points than needed; rows whose last returned
+    distance still equals the k-th one (a tie cut at the boundary) are asked again with a
+    larger k so the tie-break by index sees every tied candidate.
+    """
+    coords_um = np.asarray(coords_um, dtype=np.float64)
+    n = coords_um.shape[0]
+    k = int(min(max(k, 0), max(n - 1, 0)))
+    if k == 0:
+        return np.zeros((n, 0), np.int32), np.zeros((n, 0), np.float32)
+    tree = cKDTree(coords_um)
+    out_idx = np.empty((n, k), dtype=np.int64)
+    out_dst = np.empty((n, k), dtype=np.float64)
+    todo = np.arange(n)
+    kq = min(n, k + 1 + max(6, k // 2))
+    while todo.size:
+        dst, idx = tree.query(coords_um[todo], k=kq)
+        dst = np.asarray(dst).reshape(todo.size, kq)
+        idx = np.asarray(idx).reshape(todo.size, kq)
+        # drop the query point itself (by index, so duplicated coordinates stay neighbours)
+        is_self = idx == todo[:, None]
+        # order each row by (distance, index); self goes last by pushing it to +inf
+        dst_sort = np.where(is_self, np.inf, dst)
+        order = np.lexsort((idx, dst_sort), axis=-1)
+        idx = np.take_along_axis(idx, order, axis=1)
+        dst_sort = np.take_along_axis(dst_sort, order, axis=1)
+        if kq < n:
+            # the largest returned finite distance may hide more tied points beyond kq
+            finite_max = np.where(np.isinf(dst_sort), -np.inf, dst_sort).max(axis=1)
+            truncated = dst_sort[:, k - 1] >= finite_max
+        else:
+            truncated = np.zeros(todo.size, dtype=bool)
+        done = ~truncated
+        out_idx[todo[done]] = idx[done, :k]
+        out_dst[todo[done]] = dst_sort[done, :k]
+        todo = todo[truncated]
+        kq = min(n, kq * 2)
+    return out_idx.astype(np.int32), out_dst.astype(np.float32)
+
+
+def slide_coordinates_um(
+    pxl_row: np.ndarray | None,
+    pxl_col: np.ndarray | None,
+    array_row: np.ndarray | None,
+    array_col: np.ndarray | None,
+    spot_diameter_fullres: float | None,
+) -> tuple[np.ndarray | None, str]:
+    """Spot centres in µm and the method used; ``(None, "none")`` when nothing is known."""
+    n = None
+    if pxl_row is not None and pxl_col is not None:
+        pr = np.asarray(pxl_row, dtype=np.float64)
+        pc = np.asarray(pxl_col, dtype=np.float64)
+        n = pr.size
+        if n and np.isfinite(pr).all() and np.isfinite(pc).all():
+            xy = np.column_stack([pc, pr])
+            if spot_diameter_fullres and np.isfinite(spot_diameter_fullres) and spot_diameter_fullres > 0:
+                return xy * (SPOT_DIAMETER_UM / float(spot_diameter_fullres)), "pixels"
+            if not _lattice_known(array_row, array_col) and n >= 2:
+                # no scale factor and no lattice: the median nearest-neighbour gap is one
+                # Visium centre spacing (100 µm)
+                d, _ = cKDTree(xy).query(xy, k=2)
+                gap = float(np.median(d[:, 1]))
+                if gap > 0:
+                    return xy * (SPOT_SPACING_UM / gap), "pixels-estimated"
+    if _lattice_known(array_row, array_col):
+        return lattice_to_um(array_row, array_col), "lattice"
+    return None, "none"
+
+
+def _lattice_known(array_row: Any, array_col: Any) -> bool:
+    if array_row is None or array_col is None:
+        return False
+    ar = np.asarray(array_row, dtype=np.float64)
+    ac = np.asarray(array_col, dtype=np.float64)
+    return bool(ar.size) and bool(np.isfinite(ar).all() and np.isfinite(ac).all()) and bool(
+        (ar >= 0).all() and (ac >= 0).all()
+    )
+
+
+def spatial_graph(
+    k: int,
+    *,
+    pxl_row: np.ndarray | None = None,
+    pxl_col: np.ndarray | None = None,
+    array_row: np.ndarray | None = None,
+    array_col: np.ndarray | None = None,
+    spot_diameter_fullres: float | None = None,
+) -> SpatialGraph:
+    """k-NN graph of one slide's spots (rows in spot_index order) in micrometres."""
+    coords, method = slide_coordinates_um(pxl_row, pxl_col, array_row, array_col, spot_diameter_fullres)
+    if coords is None:
+        n = 0
+        for arr in (pxl_row, array_row):
+            if arr is not None:
+                n = len(arr)
+                break
+        return SpatialGraph(np.zeros((n, 0), np.int32), np.zeros((n, 0), np.float32), "none")
+    nbrs, dists = knn(coords, k)
+    return SpatialGraph(nbrs, dists, method)

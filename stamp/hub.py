@@ -1,0 +1,174 @@
+"""Publish a trained run to the Hugging Face Hub, with a generated model card.
+
+A run's ``RUN/model/`` folder is the unit of publication: ``config.json`` +
+``model.safetensors`` (from ``PyTorchModelHubMixin``), the tokenizer files written by
+``GeneTokenizer.save`` and ``README.md`` (the card built here from ``RUN/run.json``).
+Tokens are taken from the usual ``huggingface_hub`` places (``HF_TOKEN``, ``hf auth login``)
+or passed in; they are never printed or written anywhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from spavis.errors import SpavisError
+
+CARD_NAME = "README.md"
+RUN_INFO = "run.json"
+
+
+class PublishError(SpavisError):
+    """A run cannot be published (no model folder, missing files, Hub refused)."""
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def model_card(info: dict, config: dict) -> str:
+    """Markdown model card (HF YAML header + sections) from run info and the model config."""
+    data = info.get("data", {})
+    train = info.get("train", {})
+    metrics = info.get("final_metrics", {})
+    licenses = sorted({str(x) for x in data.get("licenses", []) if x})
+    license_id = info.get("license", "other")
+    header = [
+        "---",
+        "library_name: stamp",
+        f"license: {license_id}",
+        "tags:",
+        "- spatial-transcriptomics",
+        "- visium",
+        "- stamp",
+        "- gene-encoder",
+        "- model_hub_mixin",
+        "- pytorch_model_hub_mixin",
+    ]
+    if data.get("hub_id"):
+        header += ["datasets:", f"- {data['hub_id']}"]
+    header.append("---")
+    cfg_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in config.items())
+    train_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in train.items())
+    metric_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items()) or "| (none) | |"
+    generated = " **The training data were generated (spavis.simulate), not measured.**" if data.get("generated") else ""
+    body = f"""
+# STAMP gene encoder ({info.get('stage', '?')} stage)
+
+A spatially-aware gene encoder for 10x Visium spots, trained with the `stamp` package
+(IGR{' + CGR' if info.get('stage') == 'spatial' else ''} objectives, see the STAMP paper,
+arXiv:2602.13944). Input: a spot's genes ranked by expression relative to each gene's
+non-zero mean (the bundled tokenizer files); output: one embedding per spot (mean of the
+last layer over non-pad positions).
+
+## Usage
+
+```python
+from stamp import GeneTokenizer, StampGeneEncoder
+tokenizer = GeneTokenizer.from_pretrained("REPO_ID")
+model = StampGeneEncoder.from_pretrained("REPO_ID").eval()
+embeddings = model.embed(input_ids)        # input_ids from the tokenizer, (spots, length)
+```
+
+or `stamp embed --model REPO_ID --data SHARD_DIR --out embeddings.parquet`.
+
+## Training data
+
+- corpus: `{data.get('source', '?')}` ({_fmt(data.get('n_spots', '?'))} spots,
+  {_fmt(data.get('n_slides', '?'))} slides, {_fmt(data.get('n_genes', '?'))} genes){generated}
+- data licenses: {', '.join(licenses) if licenses else 'see the corpus card'}
+
+## Training
+
+- stage: {info.get('stage', '?')}; optimizer steps: {info.get('steps', '?')};
+  spots seen: {_fmt(info.get('spots_seen', '?'))}; initialised from: {info.get('init') or 'random'}
+
+| setting | value |
+|---|---|
+{train_rows}
+
+## Metrics (last logged step)
+
+| metric | value |
+|---|---|
+{metric_rows}
+
+## Model config
+
+| field | value |
+|---|---|
+{cfg_rows}
+
+## Intended use and limitations
+
+Research use: spot embeddings for clustering, domain annotation, retrieval and as the gene
+side of image-gene alignment. Not for clinical decisions. Trained on human Visium data in
+the corpus above only; other technologies, species or gene panels need re-tokenization
+and may transfer poorly. Embeddings inherit the biases of the corpus composition (organs,
+conditions, labs).
+
+## License
+
+Weights: `{license_id}`. They are derived from the training data, whose licenses are
+listed above; check them before redistribution. Code: BSD-3-Clause (`stamp`).
+"""
+    return "\n".join(header) + "\n" + body.lstrip("\n")
+
+
+def write_model_card(model_dir: str | Path, info: dict) -> Path:
+    """Write ``model_dir/README.md`` from run info and ``model_dir/config.json``."""
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    path = model_dir / CARD_NAME
+    path.write_text(model_card(info, config))
+    return path
+
+
+def resolve_model_dir(run_or_model: str | Path) -> Path:
+    """``RUN`` -> ``RUN/model``; a folder that already holds ``model.safetensors`` is itself."""
+    path = Path(run_or_model)
+    for candidate in (path / "model", path):
+        if (candidate / "model.safetensors").is_file() and (candidate / "config.json").is_file():
+            return candidate
+    raise PublishError(
+        f"{path}: no model folder (config.json + model.safetensors); run `stamp pretrain ... --out {path}` "
+        "to completion first, or pass the model folder itself"
+    )
+
+
+def publish(
+    run_or_model: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload STAMP gene encoder",
+) -> str:
+    """Create ``repo_id`` if needed and upload the model folder; returns the commit URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    model_dir = resolve_model_dir(run_or_model)
+    if not (model_dir / CARD_NAME).is_file():
+        raise PublishError(f"{model_dir}: no {CARD_NAME} model card; re-run pretraining to regenerate it")
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            repo_type="model",
+            folder_path=str(model_dir),
+            revision=revision,
+            commit_message=commit_message,
+        )
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", "?")
+        raise PublishError(
+            f"uploading {model_dir} to {repo_id} failed (HTTP {status}); check the repo id and that your "
+            "token (HF_TOKEN or `hf auth login`) has write access"
+        ) from None
+    return str(getattr(info, "commit_url", info))
