@@ -1,9 +1,13 @@
 """Per-slide k-nearest-neighbour spatial graph in micrometres.
 
-Pixel coordinates are converted with the physical Visium spot diameter (55 µm divided by
-``spot_diameter_fullres`` pixels). Without pixels the Visium hex lattice is used: spots
-are 100 µm apart centre to centre, ``array_col`` steps 50 µm and ``array_row`` steps
-50·√3 µm. Ties are broken by spot index so the graph never depends on the KD-tree's
+Pixel coordinates are converted with Space Ranger's ``spot_diameter_fullres``. Space Ranger
+defines it as the pixels spanning a theoretical 65 µm spot (the 55 µm capture spot plus
+margin), so µm/px = 65 / spot_diameter_fullres. Checked on the real V1 human heart slice:
+neighbouring centres are 138 px apart and spot_diameter_fullres is 89.43 px, giving
+100.3 µm (the Visium centre spacing) with 65 µm, but 84.9 µm if the 55 µm physical
+diameter were used. Without pixels the Visium hex lattice is used: spots are 100 µm apart
+centre to centre, ``array_col`` steps 50 µm and ``array_row`` steps 50·√3 µm, so both
+paths agree. Ties are broken by spot index so the graph never depends on the KD-tree's
 internal order.
 """
 from __future__ import annotations
@@ -15,7 +19,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
-SPOT_DIAMETER_UM = 55.0
+SPOT_DIAMETER_UM = 55.0  # physical capture spot
+SPACERANGER_SPOT_DIAMETER_UM = 65.0  # what spot_diameter_fullres measures in pixels
 SPOT_SPACING_UM = 100.0
 
 
@@ -117,7 +122,7 @@ def slide_coordinates_um(
         if n and np.isfinite(pr).all() and np.isfinite(pc).all():
             xy = np.column_stack([pc, pr])
             if spot_diameter_fullres and np.isfinite(spot_diameter_fullres) and spot_diameter_fullres > 0:
-                return xy * (SPOT_DIAMETER_UM / float(spot_diameter_fullres)), "pixels"
+                return xy * (SPACERANGER_SPOT_DIAMETER_UM / float(spot_diameter_fullres)), "pixels"
             if not _lattice_known(array_row, array_col) and n >= 2:
                 # no scale factor and no lattice: the median nearest-neighbour gap is one
                 # Visium centre spacing (100 µm)

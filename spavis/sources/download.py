@@ -35,6 +35,7 @@ import requests
 from spavis.errors import FetchError
 
 CHUNK = 1 << 20
+STREAM_CHUNK = 1 << 16  # small enough that a dropped connection keeps what arrived
 USER_AGENT = "spavis-fetch (+https://github.com/; research data curation)"
 _local = threading.local()
 
@@ -314,7 +315,7 @@ def _attempt(url: str, part: Path, session: requests.Session, policy: RetryPolic
         written = offset
         try:
             with open(part, mode) as fh:
-                for chunk in resp.iter_content(CHUNK):
+                for chunk in resp.iter_content(STREAM_CHUNK):
                     fh.write(chunk)
                     written += len(chunk)
                     if progress:

@@ -788,3 +788,61 @@ def hub_url_for(repo_id: str, path: str, repo_type: str = "dataset", revision: s
                 endpoint: str) -> str:
     """The resolve URL of a file, as huggingface_hub.hf_hub_url builds it."""
     return f"{endpoint}/{_PREFIX[repo_type]}{repo_id}/resolve/{quote(revision, safe='')}/{quote(path)}"
+
+
+# --------------------------------------------------------------------------- real-fixture repos
+def _visium_fixture(visium_dir: str | os.PathLike):
+    """The real 10x fixture as (AnnData of in-tissue spots, positions DataFrame indexed by barcode)."""
+    import pandas as pd
+    import scanpy as sc
+
+    visium_dir = Path(visium_dir)
+    adata = sc.read_10x_h5(visium_dir / "filtered_feature_bc_matrix.h5")
+    adata.var_names_make_unique()
+    pos = pd.read_csv(visium_dir / "spatial" / "tissue_positions_list.csv", header=None, index_col=0,
+                      names=["barcode", "in_tissue", "array_row", "array_col", "pxl_row", "pxl_col"])
+    pos = pos.loc[adata.obs_names]
+    return adata, pos
+
+
+def hest_sample_files(visium_dir: str | os.PathLike, sample_id: str, metadata: dict) -> dict[str, bytes]:
+    """A real Visium fixture packaged the way HEST-1k publishes a sample (st/<id>.h5ad + metadata json).
+
+    HEST's h5ad keeps raw counts in X, symbols as var_names and full-resolution pixel centres in
+    obs ``pxl_col_in_fullres``/``pxl_row_in_fullres`` (plus ``array_row``/``array_col``/``in_tissue``).
+    """
+    import io
+
+    adata, pos = _visium_fixture(visium_dir)
+    adata.obs["in_tissue"] = pos["in_tissue"].to_numpy()
+    adata.obs["array_row"] = pos["array_row"].to_numpy()
+    adata.obs["array_col"] = pos["array_col"].to_numpy()
+    adata.obs["pxl_col_in_fullres"] = pos["pxl_col"].to_numpy(dtype=float)
+    adata.obs["pxl_row_in_fullres"] = pos["pxl_row"].to_numpy(dtype=float)
+    adata.obsm["spatial"] = pos[["pxl_col", "pxl_row"]].to_numpy(dtype=float)
+    buf = io.BytesIO()
+    tmp = Path(tempfile.mkdtemp(prefix="hest-")) / f"{sample_id}.h5ad"
+    try:
+        adata.write_h5ad(tmp)
+        buf.write(tmp.read_bytes())
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+    meta = {k: v for k, v in metadata.items() if v == v}  # drop NaN
+    meta["id"] = sample_id
+    return {f"st/{sample_id}.h5ad": buf.getvalue(),
+            f"metadata/{sample_id}.json": json.dumps(meta, indent=1, default=str).encode()}
+
+
+def stimage_slide_files(visium_dir: str | os.PathLike, slide: str) -> dict[str, bytes]:
+    """A real Visium fixture in STimage-1K4M's per-slide CSV layout (dense counts + coord table)."""
+    import numpy as np
+    import pandas as pd
+
+    adata, pos = _visium_fixture(visium_dir)
+    spots = [f"{slide}_{b}" for b in adata.obs_names]
+    dense = np.asarray(adata.X.todense()).astype(np.int64)
+    counts = pd.DataFrame(dense, index=spots, columns=list(adata.var_names))
+    coord = pd.DataFrame({"yaxis": pos["pxl_row"].to_numpy(), "xaxis": pos["pxl_col"].to_numpy(),
+                          "r": np.full(len(spots), 44.7)}, index=spots)
+    return {f"Visium/gene_exp/{slide}_count.csv": counts.to_csv().encode(),
+            f"Visium/coord/{slide}_coord.csv": coord.to_csv().encode()}

@@ -1,0 +1,154 @@
+"""`spavis build-shards`: discover -> prepare each slice (in parallel) -> write the corpus.
+
+The Snakemake pipeline calls the same three steps one by one; ``build_shards`` chains them
+with a resumable work directory so a killed build continues where it stopped and a
+re-run with unchanged inputs and parameters does nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from spavis.build.discover import SliceInput, discover_inputs, hash_inputs
+from spavis.build.info import info
+from spavis.build.prepare import prepare_slice, resolve_vocab, slide_metadata
+from spavis.build.schema import MANIFEST_FILE
+from spavis.build.validate import ValidationReport, validate
+from spavis.build.write import DEFAULT_MAX_SPOTS_PER_SHARD, build_key, input_entry, write_corpus
+
+__all__ = [
+    "SliceInput",
+    "ValidationReport",
+    "build_shards",
+    "discover_inputs",
+    "info",
+    "is_up_to_date",
+    "prepare_slice",
+    "validate",
+    "write_corpus",
+    "DEFAULT_MAX_SPOTS_PER_SHARD",
+]
+
+
+def build_params(vocab, min_genes: int, k_neighbors: int, max_spots_per_shard: int) -> dict[str, Any]:
+    """The parameters that decide the output bytes (workers and input order do not)."""
+    return {
+        "vocab": vocab.name,
+        "min_genes": int(min_genes),
+        "k_neighbors": int(k_neighbors),
+        "max_spots_per_shard": int(max_spots_per_shard),
+    }
+
+
+def is_up_to_date(out: Path, vocab, params: dict[str, Any], slices: Sequence[SliceInput]) -> bool:
+    """True when ``out`` already holds a corpus built from exactly these inputs and parameters."""
+    try:
+        manifest = json.loads((Path(out) / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    entries = [input_entry(s.slide_id, "", s.input_sha256, [], slide_metadata(s)) for s in slices]
+    return manifest.get("build_key") == build_key(vocab, params, entries)
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[current]}"),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def build_shards(
+    inputs: Iterable[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    vocab: Any = "stamp-v1",
+    min_genes: int = 100,
+    k_neighbors: int = 8,
+    max_spots_per_shard: int = DEFAULT_MAX_SPOTS_PER_SHARD,
+    workers: int = 1,
+    work_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> Path:
+    """Build (or resume, or skip when up to date) the corpus for ``inputs`` in ``out``.
+
+    Prepared slices go to ``work_dir`` (default ``<out parent>/.spavis-work-<out name>``,
+    removed after success; a given ``work_dir`` is kept for later incremental builds).
+    """
+    from filelock import FileLock
+
+    vocab_obj = resolve_vocab(vocab)
+    out = Path(out).expanduser().resolve()
+    slices = discover_inputs(inputs)
+    slices = hash_inputs(slices, workers)
+    params = build_params(vocab_obj, min_genes, k_neighbors, max_spots_per_shard)
+    if is_up_to_date(out, vocab_obj, params, slices):
+        return out
+
+    default_work = work_dir is None
+    work = Path(work_dir) if work_dir is not None else out.parent / f".spavis-work-{out.name}"
+    work.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(work / ".lock")):
+        for stale in out.parent.glob(f"{out.name}.tmp-*"):  # left by a killed build; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in work.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        # the vocabulary travels to workers by name/path when it has one (cheap to pickle)
+        vocab_arg = vocab if isinstance(vocab, (str, os.PathLike)) else vocab_obj
+        with _progress(progress) as bar:
+            task = bar.add_task("prepare slices", total=len(slices), current="")
+            prepared = _prepare_all(slices, work, vocab_arg, min_genes, k_neighbors, workers, bar, task)
+            wtask = bar.add_task("write shards", total=len(slices), current="")
+            write_corpus(
+                prepared,
+                out,
+                vocab=vocab_obj,
+                params=params,
+                max_spots_per_shard=max_spots_per_shard,
+                progress=lambda sid: bar.update(wtask, advance=1, current=sid),
+            )
+            bar.update(wtask, completed=len(slices), current="done")
+    if default_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _prepare_all(slices, work, vocab, min_genes, k_neighbors, workers, bar, task) -> list[Path]:
+    kwargs = {"vocab": vocab, "min_genes": min_genes, "k_neighbors": k_neighbors}
+    if workers <= 1 or len(slices) <= 1:
+        done = []
+        for s in slices:
+            bar.update(task, current=s.slide_id)
+            done.append(prepare_slice(s, work, **kwargs))
+            bar.update(task, advance=1)
+        return done
+    # spawn: forking a process that already runs pyarrow/BLAS threads can deadlock
+    results: dict[str, Path] = {}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(prepare_slice, s, work, **kwargs): s.slide_id for s in slices}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for fut in finished:
+                exc = fut.exception()
+                if exc is not None:
+                    for other in pending:
+                        other.cancel()
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise exc
+                results[futures[fut]] = fut.result()
+                bar.update(task, advance=1, current=futures[fut])
+    return [results[s.slide_id] for s in slices]

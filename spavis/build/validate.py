@@ -1,0 +1,237 @@
+"""`spavis validate DIR`: re-check a corpus against its manifest, its schema and itself.
+
+Checks, in order: manifest present; every listed output exists with the recorded sha256
+and row count and nothing unlisted is there; Parquet schemas; each slide's rows are
+contiguous, complete and well formed; and (deep) each slide's Zarr store holds the same
+matrix and graph as its Parquet rows and genes.parquet equals sums recomputed from rows.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from spavis.build import schema as S
+from spavis.errors import ValidationError
+
+_MAX_ERRORS = 50
+
+
+@dataclass
+class ValidationReport:
+    """Outcome of ``validate``: ``ok`` when ``errors`` is empty."""
+
+    path: Path
+    errors: list[str] = field(default_factory=list)
+    checked: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def error(self, msg: str) -> None:
+        if len(self.errors) < _MAX_ERRORS:
+            self.errors.append(msg)
+
+    def raise_for_errors(self) -> None:
+        """Raise ValidationError listing the problems (no-op when ok)."""
+        if self.errors:
+            head = "\n  ".join(self.errors[:10])
+            more = f"\n  … and {len(self.errors) - 10} more" if len(self.errors) > 10 else ""
+            raise ValidationError(
+                f"{self.path}: {len(self.errors)} problem(s):\n  {head}{more}\n"
+                "Rebuild with `spavis build-shards` (or download the corpus again)."
+            )
+
+
+def _schema_matches(actual, expected) -> bool:
+    a = actual.remove_metadata()
+    e = expected.remove_metadata()
+    return a.names == e.names and all(x.type == y.type for x, y in zip(a, e))
+
+
+def validate(out: str | os.PathLike, *, deep: bool = True) -> ValidationReport:
+    """Check a corpus directory; ``deep`` also compares Parquet with Zarr and recomputes gene sums."""
+    from spavis.build.write import file_sha256, tree_sha256
+
+    root = Path(out)
+    rep = ValidationReport(root)
+    mpath = root / S.MANIFEST_FILE
+    try:
+        manifest = json.loads(mpath.read_text())
+    except FileNotFoundError:
+        rep.error(f"{mpath}: missing; this is not a complete spavis corpus")
+        return rep
+    except ValueError as exc:
+        rep.error(f"{mpath}: not valid JSON ({exc})")
+        return rep
+    if manifest.get("format") != S.FORMAT_NAME:
+        rep.error(f"{mpath}: format is {manifest.get('format')!r}, expected {S.FORMAT_NAME!r}")
+        return rep
+
+    # 1. checksums, row counts, unexpected files
+    listed = {}
+    for entry in manifest.get("outputs", []):
+        p = root / entry["path"]
+        listed[entry["path"]] = entry
+        if not p.exists():
+            rep.error(f"{p}: listed in manifest.json but missing")
+            continue
+        digest = tree_sha256(p)[0] if p.is_dir() else file_sha256(p)
+        if digest != entry.get("sha256"):
+            rep.error(f"{p}: sha256 {digest[:12]}… does not match manifest.json ({str(entry.get('sha256'))[:12]}…)")
+        rows = entry.get("rows")
+        if rows is not None and p.suffix == ".parquet":
+            try:
+                n = pq.ParquetFile(p).metadata.num_rows
+            except Exception as exc:  # corrupt file
+                rep.error(f"{p}: unreadable Parquet ({exc})")
+                continue
+            if n != rows:
+                rep.error(f"{p}: {n} rows, manifest.json says {rows}")
+    rep.checked["outputs"] = len(listed)
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            rel = Path(dirpath, name).relative_to(root).as_posix()
+            if rel == S.MANIFEST_FILE or any(rel == k or rel.startswith(k + "/") for k in listed):
+                continue
+            rep.error(f"{root / rel}: not listed in manifest.json (unexpected file)")
+    if rep.errors:
+        return rep
+
+    # 2. schemas
+    expr_files = sorted(k for k in listed if k.startswith(S.EXPRESSION_DIR + "/"))
+    for rel, expected in [(S.GENES_FILE, S.GENES_SCHEMA), (S.SLIDES_FILE, S.SLIDES_SCHEMA)] + [
+        (f, S.EXPRESSION_SCHEMA) for f in expr_files
+    ]:
+        if rel not in listed:
+            rep.error(f"{root / rel}: missing from manifest.json")
+            continue
+        if not _schema_matches(pq.read_schema(root / rel), expected):
+            rep.error(f"{root / rel}: schema differs from the spavis shard format v{S.FORMAT_VERSION}")
+    n_vocab = (manifest.get("vocabulary") or {}).get("n_genes")
+    genes = pq.read_table(root / S.GENES_FILE)
+    if n_vocab is not None and genes.num_rows != n_vocab:
+        rep.error(f"{root / S.GENES_FILE}: {genes.num_rows} genes, manifest.json vocabulary has {n_vocab}")
+    if rep.errors:
+        return rep
+
+    # 3. rows per slide, (deep) Zarr and gene sums
+    _check_rows(root, expr_files, genes, rep, deep)
+    return rep
+
+
+def _check_rows(root: Path, expr_files: list[str], genes, rep: ValidationReport, deep: bool) -> None:
+    from spavis.build.prepare import gene_sums
+    from spavis.corpus import _iter_file_slides, rows_to_csr
+
+    slides = pq.read_table(root / S.SLIDES_FILE).to_pylist()
+    expected = {s["slide_id"]: s for s in slides}
+    n_genes = genes.num_rows
+    seen: set[str] = set()
+    nnz = np.zeros(n_genes, np.int64)
+    sum_raw = np.zeros(n_genes, np.float64)
+    sum_cp10k = np.zeros(n_genes, np.float64)
+    for rel in expr_files:
+        for table in _iter_file_slides(root / rel, None, None):
+            sid = table.column("slide_id")[0].as_py()
+            where = f"{root / rel} slide {sid!r}"
+            if sid in seen:
+                rep.error(f"{where}: rows are not contiguous (slide appears twice)")
+                continue
+            seen.add(sid)
+            meta = expected.get(sid)
+            if meta is None:
+                rep.error(f"{where}: slide missing from slides.parquet")
+                continue
+            n = table.num_rows
+            if n != meta["n_spots_kept"] or meta["expression_file"] != rel:
+                rep.error(f"{where}: {n} rows in this file, slides.parquet says {meta['n_spots_kept']} "
+                          f"in {meta['expression_file']}")
+            if not np.array_equal(table.column("spot_index").to_numpy(), np.arange(n)):
+                rep.error(f"{where}: spot_index is not 0..{n - 1} in order")
+            barcodes = table.column("barcode").to_pylist()
+            if table.column("spot_id").to_pylist() != [f"{sid}:{b}" for b in barcodes]:
+                rep.error(f"{where}: spot_id is not '<slide_id>:<barcode>'")
+            try:
+                X = rows_to_csr(table, n_genes)
+            except Exception as exc:
+                rep.error(f"{where}: {exc}")
+                continue
+            if np.any((np.diff(X.indices.astype(np.int64)) <= 0) & ~_row_starts(X)):
+                rep.error(f"{where}: gene_index lists are not strictly ascending")
+            if not np.array_equal(np.diff(X.indptr), table.column("n_genes").to_numpy()):
+                rep.error(f"{where}: n_genes does not match the gene_index lists")
+            totals = np.asarray(X.sum(axis=1, dtype=np.float64)).reshape(-1)
+            if not np.allclose(totals.astype(np.float32), table.column("total_counts").to_numpy(), rtol=1e-6):
+                rep.error(f"{where}: total_counts does not match the counts lists")
+            nbrs = table.column("neighbors")
+            flat = np.asarray(nbrs.combine_chunks().flatten().to_numpy(), dtype=np.int64)
+            if flat.size and (flat.min() < 0 or flat.max() >= n):
+                rep.error(f"{where}: neighbors point outside the slide")
+            if deep:
+                a, b, c = gene_sums(X, totals)
+                nnz += a
+                sum_raw += b
+                sum_cp10k += c
+                _check_zarr(root, sid, table, X, rep)
+    rep.checked["slides"] = len(seen)
+    for sid, meta in expected.items():
+        if meta["n_spots_kept"] > 0 and sid not in seen:
+            rep.error(f"{root}: slide {sid!r} is in slides.parquet but has no expression rows")
+    if deep and not rep.errors:
+        if not np.array_equal(nnz, genes.column("nnz").to_numpy()):
+            rep.error(f"{root / S.GENES_FILE}: nnz differs from the expression rows")
+        for name, ours in (("nonzero_sum_raw", sum_raw), ("nonzero_sum_cp10k", sum_cp10k)):
+            if not np.allclose(ours, genes.column(name).to_numpy(), rtol=1e-9, atol=1e-9):
+                rep.error(f"{root / S.GENES_FILE}: {name} differs from sums recomputed from the expression rows")
+        rep.checked["genes"] = n_genes
+
+
+def _row_starts(X) -> np.ndarray:
+    """Mask over diff(indices) positions that cross a row boundary (not an ordering violation)."""
+    m = np.zeros(max(X.indices.size - 1, 0), dtype=bool)
+    starts = X.indptr[1:-1]
+    starts = starts[(starts > 0) & (starts < X.indices.size)]
+    m[starts - 1] = True
+    return m
+
+
+def _check_zarr(root: Path, sid: str, table, X, rep: ValidationReport) -> None:
+    import anndata as ad
+
+    path = root / S.ZARR_DIR / f"{sid}.zarr"
+    where = f"{path}"
+    try:
+        adata = ad.read_zarr(path)
+    except Exception as exc:
+        rep.error(f"{where}: unreadable AnnData Zarr ({exc})")
+        return
+    if adata.n_obs != X.shape[0] or adata.n_vars != X.shape[1]:
+        rep.error(f"{where}: shape {adata.shape} but Parquet has {X.shape}")
+        return
+    if list(adata.obs_names) != table.column("spot_id").to_pylist():
+        rep.error(f"{where}: obs_names differ from Parquet spot_id")
+    Z = adata.X.tocsr() if hasattr(adata.X, "tocsr") else None
+    if Z is None or (Z != X).nnz:
+        rep.error(f"{where}: X differs from the Parquet counts")
+    D = adata.obsp.get("spatial_distances")
+    if D is None:
+        rep.error(f"{where}: obsp['spatial_distances'] missing")
+        return
+    nbrs = table.column("neighbors").combine_chunks()
+    dist = table.column("neighbor_distances").combine_chunks()
+    import scipy.sparse as sp
+
+    lengths = np.diff(nbrs.offsets.to_numpy()) if len(nbrs) else np.zeros(0, np.int64)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    P = sp.csr_matrix(
+        (np.asarray(dist.flatten().to_numpy(), np.float32), (rows, np.asarray(nbrs.flatten().to_numpy(), np.int64))),
+        shape=D.shape,
+    )
+    if (sp.csr_matrix(D, dtype=np.float32) != P).nnz:
+        rep.error(f"{where}: obsp['spatial_distances'] differs from Parquet neighbors/neighbor_distances")

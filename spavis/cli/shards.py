@@ -1,0 +1,113 @@
+"""`spavis build-shards`, `spavis validate`, `spavis info` (thin wrappers over spavis.build)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from spavis.cli import app
+from spavis.cli._common import friendly_errors
+
+console = Console()
+err = Console(stderr=True)
+
+
+@app.command("build-shards")
+@friendly_errors
+def build_shards_cmd(
+    inputs: List[Path] = typer.Argument(
+        ..., help="Slice folders/files, or folders of fetched slices (each with slice.json)."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Output corpus directory."),
+    vocab: str = typer.Option("stamp-v1", "--vocab", help="Vocabulary preset (stamp-v1, gencode48-pc-mt) or vocab.json."),
+    min_genes: int = typer.Option(100, "--min-genes", help="Drop spots with fewer detected vocabulary genes."),
+    k_neighbors: int = typer.Option(8, "--k-neighbors", help="Spatial neighbours stored per spot."),
+    max_spots_per_shard: int = typer.Option(
+        50_000, "--max-spots-per-shard", help="Spots per Parquet file (a slide never spans two files)."
+    ),
+    workers: int = typer.Option(1, "--workers", "-j", help="Slices prepared in parallel (processes)."),
+    work_dir: Optional[Path] = typer.Option(
+        None, "--work-dir", help="Keep prepared slices here (default: a temporary .spavis-work-* next to --out)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Build a harmonized, sharded Parquet + Zarr corpus (resumable; a re-run with the same inputs is a no-op)."""
+    from spavis.build import build_shards
+
+    start = time.perf_counter()
+    result = build_shards(
+        inputs,
+        out,
+        vocab=vocab,
+        min_genes=min_genes,
+        k_neighbors=k_neighbors,
+        max_spots_per_shard=max_spots_per_shard,
+        workers=workers,
+        work_dir=work_dir,
+        progress=not quiet,
+    )
+    manifest = json.loads((result / "manifest.json").read_text())
+    s = manifest["summary"]
+    err.print(
+        f"[green]✓[/] {result}: {s['n_slides']} slides, {s['n_spots']:,} spots in "
+        f"{s['n_expression_files']} file(s), vocabulary {manifest['vocabulary']['name']} "
+        f"({time.perf_counter() - start:.1f} s)",
+        highlight=False,
+    )
+
+
+@app.command("validate")
+@friendly_errors
+def validate_cmd(
+    directory: Path = typer.Argument(..., help="A build-shards output directory."),
+    quick: bool = typer.Option(False, "--quick", help="Skip the Parquet-vs-Zarr and gene-sum recomputation."),
+) -> None:
+    """Re-check checksums, schema and Parquet-vs-Zarr consistency; exit 1 on any mismatch."""
+    from spavis.build import validate
+
+    report = validate(directory, deep=not quick)
+    report.raise_for_errors()
+    checked = ", ".join(f"{v} {k}" for k, v in report.checked.items())
+    console.print(f"[green]✓[/] {directory}: valid ({checked})", highlight=False)
+
+
+@app.command("info")
+@friendly_errors
+def info_cmd(
+    directory: Path = typer.Argument(..., help="A build-shards output directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Summarize a corpus: slides, spots, vocabulary, parameters, sources, organs, conditions."""
+    from spavis.build import info
+
+    data = info(directory)
+    if as_json:
+        console.print_json(json.dumps(data))
+        return
+    voc = data["vocabulary"] or {}
+    t = Table(title=f"spavis corpus {data['path']}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    rows = [
+        ("format", f"{data['format']} (spavis {data['spavis_version']})"),
+        ("vocabulary", f"{voc.get('name')} — {voc.get('n_genes', 0):,} genes, {data['n_genes_detected']:,} detected"),
+        ("slides", f"{data['n_slides']:,}"),
+        ("spots kept", f"{data['n_spots']:,} of {data['n_spots_in_tissue']:,} in tissue ({data['n_spots_input']:,} input)"),
+        ("spots per slide", ", ".join(f"{k} {v:,.0f}" for k, v in data["spots_per_slide"].items())),
+        ("genes per spot (mean)", f"{data['mean_genes_per_spot']:,.1f}"),
+        ("expression files", str(data["n_expression_files"])),
+        ("size", f"{data['size_bytes'] / 1e6:,.1f} MB"),
+        ("parameters", ", ".join(f"{k}={v}" for k, v in (data["parameters"] or {}).items())),
+        ("without coordinates", str(data["slides_without_coordinates"])),
+        ("non-integer counts", str(data["slides_with_noninteger_counts"])),
+    ]
+    for key in ("sources", "organs", "conditions", "species"):
+        rows.append((key, ", ".join(f"{k} {v}" for k, v in data[key].items())))
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)

@@ -1,0 +1,200 @@
+"""Map a slice's features onto a vocabulary: spots x vocabulary CSR, duplicates summed, with a report."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Container
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from spavis.errors import GeneMappingError, NotHumanError
+from spavis.genes.table import GeneTable, load_gene_table, parse_ensembl, species_of_prefix
+from spavis.genes.vocab import Vocabulary, load_vocabulary
+
+N_EXAMPLES = 5
+_MOUSE_STYLE = re.compile(r"^[A-Z][a-z0-9][a-z0-9\-.]*$")  # 'Gapdh', 'Mt-co1', 'Rps29'
+_UNIQUE_SUFFIX = re.compile(r"^(.+)-(\d+)$")  # anndata's var_names_make_unique suffix
+
+
+@dataclass
+class MappingReport:
+    """Per-slice feature accounting. by_* + ambiguous + unknown == n_features;
+    in_vocab + not_in_vocab == resolved features (by_* total)."""
+
+    slice_name: str
+    vocabulary: str
+    name_source: str  # gene_ids | gene_symbols | var_names
+    gene_table: str = ""  # which gene table resolved the names
+    n_features: int = 0
+    by_id: int = 0
+    by_symbol: int = 0
+    by_previous: int = 0
+    by_alias: int = 0
+    ambiguous: int = 0
+    unknown: int = 0
+    not_in_vocab: int = 0
+    in_vocab: int = 0
+    n_vocab_genes: int = 0  # distinct vocabulary columns filled
+    n_summed: int = 0  # features summed into a column another feature also maps to
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def resolved(self) -> int:
+        return self.by_id + self.by_symbol + self.by_previous + self.by_alias
+
+    @property
+    def mapped_fraction(self) -> float:
+        """Fraction of features that resolve to a human gene (the threshold's measure)."""
+        return self.resolved / self.n_features if self.n_features else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mapped_fraction"] = round(self.mapped_fraction, 6)
+        return d
+
+
+@dataclass
+class Harmonized:
+    X: sp.csr_matrix  # float32, spots x len(vocab), column order = vocab
+    report: MappingReport
+    vocab: Vocabulary
+
+
+def _column(var: pd.DataFrame, name: str) -> pd.Series | None:
+    if name not in var.columns:
+        return None
+    return var[name].astype("string").fillna("").str.strip().astype(object)
+
+
+def feature_names(var: pd.DataFrame, keep: Container[str] = ()) -> tuple[list[str], str]:
+    """The name to resolve per feature and where it came from.
+
+    Ensembl ids in var['gene_ids'] are preferred (exact); features without one fall back to
+    var['gene_symbols'], then var_names. Without gene_ids, symbols or var_names are used;
+    anndata's '-1' unique-ifying suffix is undone when the base name is also a feature
+    (unless the suffixed name itself is in `keep`, e.g. stamp-v1's verbatim '-1' ids).
+    """
+    index = pd.Series(var.index.astype(str), index=var.index, dtype=object)
+    ids, syms = _column(var, "gene_ids"), _column(var, "gene_symbols")
+    if ids is not None:
+        is_ens = ids.map(lambda s: parse_ensembl(s) is not None)
+        if is_ens.mean() >= 0.5:
+            fallback = syms.where(syms != "", index) if syms is not None else index
+            return list(ids.where(is_ens, fallback)), "gene_ids"
+    if syms is not None and (syms != "").mean() >= 0.5:
+        return list(syms.where(syms != "", index)), "gene_symbols"
+    names = list(index)
+    present = set(names)
+    out = []
+    for n in names:
+        m = _UNIQUE_SUFFIX.match(n)
+        out.append(m.group(1) if m and m.group(1) in present and n not in keep else n)
+    return out, "var_names"
+
+
+def _check_species(names: list[str], res: pd.DataFrame, table: GeneTable, slice_name: str) -> None:
+    """Fail early and clearly on mouse (or other non-human) input instead of 'too few genes'."""
+    prefixes = pd.Series([(parse_ensembl(n) or ("-",))[0] for n in names], dtype=object)
+    nonhuman = prefixes[~prefixes.isin(["", "-"])]
+    if len(nonhuman) and len(nonhuman) >= 0.5 * len(names):
+        prefix = nonhuman.value_counts().index[0]
+        example = next(n for n, p in zip(names, prefixes) if p == prefix)
+        raise NotHumanError(
+            f"slice {slice_name}: not human: {len(nonhuman)} of {len(names)} features are "
+            f"{species_of_prefix(prefix)} Ensembl ids (e.g. {example!r}). spavis builds human corpora "
+            "only; remove this slice from the inputs (or fix its species in slice.json / the manifest).")
+    unknown = res["match"].to_numpy() == "unknown"
+    is_symbol = prefixes.to_numpy() == "-"
+    mouse_style = np.array([bool(u and s and _MOUSE_STYLE.match(n) and table.is_human_symbol_uppercased(n))
+                            for n, u, s in zip(names, unknown, is_symbol)])
+    n_mouse = int(mouse_style.sum())
+    n_exact = int((is_symbol & ~unknown).sum())
+    if n_mouse >= 0.1 * len(names) and n_mouse > n_exact:
+        examples = [n for n, m in zip(names, mouse_style) if m][:3]
+        raise NotHumanError(
+            f"slice {slice_name}: not human: {n_mouse} of {len(names)} features are mouse/rat-style "
+            f"symbols (e.g. {', '.join(map(repr, examples))}) that match human genes only in upper "
+            f"case, while {n_exact} match human symbols exactly. The slice looks like mouse (or rat); "
+            "spavis builds human corpora only: remove it from the inputs.")
+
+
+def harmonize(adata, vocab: Vocabulary | str = "stamp-v1", *, slice_name: str = "<slice>",
+              min_mapped_fraction: float = 0.5, table: GeneTable | None = None) -> Harmonized:
+    """Express `adata` (spots x features) in `vocab` columns and report how features mapped.
+
+    Raises NotHumanError for mouse/other-species features and GeneMappingError when fewer
+    than `min_mapped_fraction` of the features resolve to human genes.
+    """
+    vocab = load_vocabulary(vocab)
+    table = table or load_gene_table()
+    names, source = feature_names(adata.var, keep=vocab.index)
+    n = len(names)
+    report = MappingReport(slice_name=slice_name, vocabulary=vocab.name, name_source=source,
+                           gene_table=table.source, n_features=n)
+    if n == 0:
+        raise GeneMappingError(f"slice {slice_name}: has no features (genes); check that the input "
+                               "matrix is complete")
+    res = table.resolve(names)
+    _check_species(names, res, table, slice_name)
+
+    # Vocabulary ids the table does not know (retired ids, the '-1' artefacts of stamp-v1) still
+    # match verbatim or without their version suffix.
+    match = res["match"].to_numpy(dtype=object).copy()
+    eid = res["ensembl_id"].to_numpy(dtype=object).copy()
+    for i in np.flatnonzero(match == "unknown"):
+        raw = names[i].strip()
+        ens = parse_ensembl(raw)
+        key = raw if raw in vocab.index else (ens[1] if ens and ens[1] in vocab.index else None)
+        if key is not None:
+            match[i], eid[i] = "id", key
+
+    col = np.array([vocab.index.get(e, -1) if e else -1 for e in eid], dtype=np.int64)
+    resolved = np.isin(match, ["id", "symbol", "previous", "alias"])
+    in_vocab = col >= 0
+    for key, tier in (("by_id", "id"), ("by_symbol", "symbol"), ("by_previous", "previous"),
+                      ("by_alias", "alias"), ("ambiguous", "ambiguous"), ("unknown", "unknown")):
+        setattr(report, key, int((match == tier).sum()))
+    report.in_vocab = int(in_vocab.sum())
+    report.not_in_vocab = int((resolved & ~in_vocab).sum())
+    report.n_vocab_genes = int(np.unique(col[in_vocab]).size)
+    report.n_summed = report.in_vocab - report.n_vocab_genes
+    report.examples = _examples(names, match, eid, res["candidates"].to_numpy(), in_vocab, resolved, table)
+
+    if report.mapped_fraction < min_mapped_fraction:
+        raise GeneMappingError(
+            f"slice {slice_name}: only {report.resolved} of {n} features ({report.mapped_fraction:.0%}) "
+            f"resolve to human genes (needed {min_mapped_fraction:.0%}; unknown e.g. "
+            f"{report.examples.get('unknown', [])[:3]}). Make sure the slice is human and its features "
+            "are Ensembl ids (var['gene_ids']) or HGNC symbols, or lower min_mapped_fraction.")
+
+    rows = np.flatnonzero(in_vocab)
+    mapping = sp.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, col[rows])),
+                            shape=(n, len(vocab)))
+    X = adata.X
+    X = sp.csr_matrix(X, dtype=np.float32) if not sp.issparse(X) else X.tocsr().astype(np.float32, copy=False)
+    out = (X @ mapping).tocsr()
+    out.sum_duplicates()
+    out.eliminate_zeros()
+    out.sort_indices()
+    return Harmonized(X=out, report=report, vocab=vocab)
+
+
+def _examples(names, match, eid, candidates, in_vocab, resolved, table: GeneTable) -> dict[str, list[str]]:
+    """Up to N_EXAMPLES per category, in feature order (deterministic)."""
+    def pick(mask, fmt):
+        return [fmt(i) for i in np.flatnonzero(mask)[:N_EXAMPLES]]
+
+    def to_gene(i):
+        return f"{names[i]} -> {eid[i]} ({table.symbol_of(eid[i]) or '?'})"
+
+    return {
+        "by_id": pick(match == "id", to_gene),
+        "by_symbol": pick(match == "symbol", to_gene),
+        "by_previous": pick(match == "previous", to_gene),
+        "by_alias": pick(match == "alias", to_gene),
+        "ambiguous": pick(match == "ambiguous", lambda i: f"{names[i]} -> {candidates[i]}"),
+        "unknown": pick(match == "unknown", lambda i: names[i]),
+        "not_in_vocab": pick(resolved & ~in_vocab, to_gene),
+    }

@@ -1,0 +1,96 @@
+"""SODB (Spatial Omics DataBase): one h5ad per experiment, via the REST API pysodb uses.
+
+Protocol (read from pysodb/SODB.py; base ``SPAVIS_SODB_URL``, default
+``https://gene.ai.tencent.com/SpatialOmics/api/pysodb``):
+
+* ``GET <base>/info`` -> ``{"code": 0, "data": [[biotech_category, dataset, experiment], ...]}``
+* ``GET <base>/download/<dataset>/<experiment>`` -> the experiment's ``.h5ad``
+
+Ids: ``dataset`` (all its experiments) or ``dataset/experiment``. SODB publishes no
+species or checksums through this API, so species/organ/condition come from manifest
+rows (else "unknown"); build-shards' gene harmonization still rejects non-human slices.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+from urllib.parse import quote
+
+from spavis.errors import FetchError
+from spavis.sources import download, sidecar
+
+DEFAULT_BASE = "https://gene.ai.tencent.com/SpatialOmics/api/pysodb"
+LICENSE = "SODB public data, see the original publication of each dataset"
+CITATION = "Yuan Z. et al. SODB facilitates comprehensive exploration of spatial omics data. Nat Methods 20, 387-399 (2023)"
+
+
+def base_url() -> str:
+    return os.environ.get("SPAVIS_SODB_URL", DEFAULT_BASE).rstrip("/")
+
+
+def list_experiments() -> list[tuple[str, str, str]]:
+    """(biotech_category, dataset, experiment) for every experiment SODB serves."""
+    url = base_url() + "/info"
+    try:
+        resp = download.thread_session().get(url, timeout=download.RetryPolicy.from_env().timeout)
+    except Exception as exc:  # noqa: BLE001 - network errors of any kind
+        raise FetchError(f"SODB: cannot reach {url} ({type(exc).__name__}); check SPAVIS_SODB_URL / the network.") from None
+    if resp.status_code != 200:
+        raise FetchError(f"SODB: {url} answered HTTP {resp.status_code}; retry later.")
+    body = resp.json()
+    if body.get("code") != 0 or not body.get("data"):
+        raise FetchError(f"SODB: {url} returned no experiments (code {body.get('code')}).")
+    return [tuple(map(str, row[:3])) for row in body["data"]]  # type: ignore[misc]
+
+
+def slide_id(dataset: str, experiment: str) -> str:
+    """Experiment names are unique within SODB; keep them readable but path-safe."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", experiment).lstrip("._-") or re.sub(r"\W", "_", dataset)
+
+
+def fetch_slices(ids: Sequence[str], rows: Sequence[Any], *, cache: Path, workers: int = 4,
+                 with_images: bool = False) -> list[Path]:
+    catalog = list_experiments()
+    by_dataset: dict[str, list[str]] = {}
+    for _, ds, ex in catalog:
+        by_dataset.setdefault(ds, []).append(ex)
+    wanted: list[tuple[str, str, Any]] = []
+    for i in ids:
+        ds, _, ex = i.strip().partition("/")
+        if ds not in by_dataset:
+            raise FetchError(f"SODB: no dataset {ds!r} at {base_url()}/info; list them with pysodb or the SODB website.")
+        if ex and ex not in by_dataset[ds]:
+            raise FetchError(f"SODB: dataset {ds!r} has no experiment {ex!r}.")
+        wanted += [(ds, e, None) for e in ([ex] if ex else by_dataset[ds])]
+    for row in rows:
+        extra = getattr(row, "extra", None) or {}
+        ds = extra.get("dataset") or (row.accession[0] if row.accession else None)
+        ex = extra.get("experiment") or row.slide_id
+        if not ds:
+            raise FetchError(f"manifest row {row.slide_id}: SODB rows need the dataset name (accession or extra.dataset).")
+        wanted.append((ds, ex, row))
+    return [_fetch_one(ds, ex, row, Path(cache)) for ds, ex, row in wanted]
+
+
+def _fetch_one(ds: str, ex: str, row: Any, cache: Path) -> Path:
+    url = f"{base_url()}/download/{quote(ds, safe='')}/{quote(ex, safe='')}"
+    sid = row.slide_id if row is not None else slide_id(ds, ex)
+    name = f"{sid}.h5ad"
+    expected = dict(getattr(row, "checksums", None) or {}).get(name, "")
+    with sidecar.slice_folder(cache, "sodb", sid) as folder:
+        known = folder.known(name)
+        rec = download.fetch_file(url, folder.path / name, size=known.get("size"), sha256=known.get("sha256")
+                                  or (expected[7:] if expected.startswith("sha256:") else None),
+                                  md5=expected[4:] if expected.startswith("md5:") else None,
+                                  label=f"SODB {ds}/{ex}")
+        meta = {k: getattr(row, k, None) for k in ("organ", "species", "condition", "technology", "license", "citation")} if row is not None else {}
+        sidecar.write_sidecar(
+            folder.path, slide_id=sid, source="sodb", accession=[ds, ex],
+            organ=meta.get("organ"), species=meta.get("species") or None,
+            condition=meta.get("condition") or "unknown", technology=meta.get("technology") or None,
+            license=meta.get("license") or LICENSE, citation=meta.get("citation") or CITATION,
+            data_path=name, files=download.iter_records([rec], folder.path), source_urls=[url],
+        )
+    return folder.final

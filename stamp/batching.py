@@ -1,0 +1,165 @@
+"""Spatial mini-batches (the STAMP paper's Algorithm 2): groups of a seed and its nearest spots.
+
+A group is a seed spot plus its ``group_size - 1`` (default 8) nearest *unassigned* spots
+of the same slide, seed first, taken from the precomputed neighbour graph of the shards
+(``neighbors``: spot_index of the k nearest spots, nearest first). Seeds are visited in a
+random order that is fixed by ``(seed, epoch, slide_id)``, so groups are reproducible
+whatever the order in which slides or shards are read.
+
+Decisions
+---------
+* Only the stored neighbour list is searched (no new k-NN at training time). When fewer
+  than ``group_size - 1`` of the seed's stored neighbours are still unassigned, the seed
+  forms no group and stays unassigned (a later seed may still take it as a neighbour).
+  Build shards with ``--k-neighbors`` above 8 (e.g. 16) to cover more spots.
+* A group whose largest pairwise distance exceeds ``d_max_um`` is dropped and its spots
+  stay unassigned. Default 400 µm: the most compact 9-spot patch of the Visium lattice
+  (100 µm spacing: 6 spots at 100 µm, 2 at 173 µm) spans at most 2·173 ≈ 346 µm, so 400 µm
+  keeps every such patch with ~15% margin for pixel-scale error and drops groups that
+  reach across holes or tissue edges.
+* Pairwise distances need coordinates in µm. Expression rows carry ``pxl_row``/``pxl_col``
+  in full-resolution pixels and ``neighbor_distances`` in µm, so the µm-per-pixel factor is
+  the median over spots of ``neighbor_distances[0] / pixel distance to neighbors[0]``
+  (one factor per slide). Without pixels the Visium lattice is used (``array_col`` steps
+  50 µm, ``array_row`` 50·√3 µm, as spavis.neighbors). Without either, the bound
+  d(a, b) <= d(seed, a) + d(seed, b) from the stored distances stands in (conservative:
+  it may drop a valid group, never keeps an invalid one).
+
+Public API
+----------
+``spatial_groups(table, *, group_size=9, d_max_um=400.0, seed=0, epoch=0) -> int64 (G, group_size)``
+    row positions of one slide table (seed in column 0).
+``slide_coordinates_um(table) -> float64 (n, 2) | None``.
+Batching into tensors (``input_ids`` (B, L) and ``groups`` (G, 9)) lives in ``stamp.data``.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from spavis.errors import SpavisError
+
+GROUP_SIZE = 9
+GROUPS_PER_BATCH = 24
+D_MAX_UM = 400.0
+_SPACING_UM = 100.0
+
+
+class BatchingError(SpavisError):
+    """The neighbour graph of a slide cannot form spatial groups as asked."""
+
+
+def _list_matrix(column: pa.ChunkedArray | pa.Array, fill: float, dtype) -> np.ndarray:
+    """A list column -> dense (n, max_len) array padded with ``fill``."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+    n, width = len(lengths), int(lengths.max()) if len(lengths) else 0
+    out = np.full((n, width), fill, dtype=dtype)
+    if values.size:
+        rows = np.repeat(np.arange(n), lengths)
+        cols = np.arange(values.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        out[rows, cols] = values
+    return out
+
+
+def _column(table: pa.Table, name: str) -> np.ndarray | None:
+    if name not in table.column_names:
+        return None
+    col = table.column(name)
+    if col.null_count == len(col):
+        return None
+    return col.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls -> nan
+
+
+def slide_coordinates_um(table: pa.Table) -> np.ndarray | None:
+    """Spot centres (x, y) in µm for one slide's rows, or None when nothing locates them."""
+    pr, pcol = _column(table, "pxl_row"), _column(table, "pxl_col")
+    if pr is not None and pcol is not None and np.isfinite(pr).all() and np.isfinite(pcol).all():
+        xy = np.column_stack([pcol, pr])
+        nbrs = _list_matrix(table.column("neighbors"), -1, np.int64)
+        dists = _list_matrix(table.column("neighbor_distances"), np.nan, np.float64)
+        if nbrs.shape[1]:
+            ok = nbrs[:, 0] >= 0
+            px = np.linalg.norm(xy[ok] - xy[nbrs[ok, 0]], axis=1)
+            um = dists[ok, 0]
+            good = (px > 0) & np.isfinite(um) & (um > 0)
+            if good.any():
+                return xy * float(np.median(um[good] / px[good]))
+    ar, ac = _column(table, "array_row"), _column(table, "array_col")
+    if ar is not None and ac is not None and np.isfinite(ar).all() and np.isfinite(ac).all() and (ar >= 0).all():
+        return np.column_stack([ac * (_SPACING_UM / 2), ar * (_SPACING_UM / 2 * np.sqrt(3.0))])
+    return None
+
+
+def _slide_rng(seed: int, epoch: int, slide_id: str) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(epoch), zlib.crc32(slide_id.encode())])
+
+
+def spatial_groups(
+    table: pa.Table,
+    *,
+    group_size: int = GROUP_SIZE,
+    d_max_um: float = D_MAX_UM,
+    seed: int = 0,
+    epoch: int = 0,
+) -> np.ndarray:
+    """Algorithm 2 on one slide: int64 (n_groups, group_size) row positions, seed first.
+
+    ``table`` holds one slide's expression rows (``spot_index``, ``neighbors``,
+    ``neighbor_distances``; ``pxl_*``/``array_*`` for distances). Groups are disjoint.
+    """
+    n = table.num_rows
+    need = group_size - 1
+    if n == 0 or group_size < 1:
+        return np.zeros((0, max(group_size, 0)), dtype=np.int64)
+    slide_ids = pc.unique(table.column("slide_id")) if "slide_id" in table.column_names else pa.array([""])
+    if len(slide_ids) != 1:
+        raise BatchingError(f"spatial_groups takes one slide per call, got {len(slide_ids)} slides; use corpus.iter_slides")
+    slide_id = str(slide_ids[0])
+    spot_index = table.column("spot_index").to_numpy(zero_copy_only=False).astype(np.int64)
+    row_of = np.full(int(spot_index.max()) + 1, -1, dtype=np.int64)
+    row_of[spot_index] = np.arange(n)
+    nbr_spots = _list_matrix(table.column("neighbors"), -1, np.int64)
+    if nbr_spots.shape[1] < need and n > need:
+        raise BatchingError(
+            f"slide {slide_id}: the shards store {nbr_spots.shape[1]} neighbours per spot but groups of "
+            f"{group_size} need {need}; rebuild with `spavis build-shards --k-neighbors {need}` or more"
+        )
+    valid = (nbr_spots >= 0) & (nbr_spots < row_of.size)
+    nbrs = np.where(valid, row_of[np.where(valid, nbr_spots, 0)], -1)  # neighbour rows, -1 = none
+    coords = slide_coordinates_um(table)
+    seed_dist = None if coords is not None else _list_matrix(table.column("neighbor_distances"), np.inf, np.float64)
+    limit = float(d_max_um)
+
+    order = np.argsort(spot_index, kind="stable")[_slide_rng(seed, epoch, slide_id).permutation(n)]
+    assigned = bytearray(n)
+    nbr_lists = nbrs.tolist()
+    groups: list[list[int]] = []
+    for s in order.tolist():
+        if assigned[s]:
+            continue
+        free = [j for j in nbr_lists[s] if j >= 0 and not assigned[j] and j != s]
+        if len(free) < need:
+            continue
+        members = [s, *free[:need]]
+        if coords is not None:
+            p = coords[members]
+            diff = p[:, None, :] - p[None, :, :]
+            span = float(np.sqrt((diff * diff).sum(-1).max()))
+        else:  # triangle bound through the seed, from the stored µm distances
+            pos = [nbr_lists[s].index(j) for j in members[1:]]
+            d = np.sort(seed_dist[s, pos])
+            span = float(d[-1] + d[-2]) if need >= 2 else float(d[-1]) if need else 0.0
+        if span > limit:
+            continue
+        for j in members:
+            assigned[j] = 1
+        groups.append(members)
+    if not groups:
+        return np.zeros((0, group_size), dtype=np.int64)
+    return np.asarray(groups, dtype=np.int64)

@@ -1,0 +1,472 @@
+"""Rank-value gene tokenizer (the STAMP paper's Algorithm 1), vectorized over CSR batches.
+
+Per spot: take its nonzero vocabulary genes, scale them to 10,000 counts, divide each by
+the gene's nonzero mean, rank in descending order, keep the first ``max_length`` genes,
+pad. Token id = vocabulary index + 30; ids 0-29 are reserved (MASK=0, PAD=1, CLS=2), the
+same layout as the released STAMP / Nicheformer gene encoders, so embeddings tables are
+interchangeable.
+
+Two modes
+---------
+``mode="native"`` (default)
+    means = ``nonzero_mean_cp10k`` of the corpus (genes.parquet). The numerator of the
+    ratio is a cp10k value, so dividing by the cp10k nonzero mean makes it unit-free
+    ("how much above its usual level is this gene here"), independent of each slide's
+    sequencing depth - the same reasoning as Geneformer's nonzero medians of normalized
+    counts. ``mean="nonzero_mean_raw"`` is available; the released model used raw means.
+    ``max_length`` 1,500 (the model context), padding with PAD=1.
+``mode="stamp-v1"``
+    reproduces the released tokenizer (see docs/tokenizer.md): means from a user file
+    (the released ``.npy``; 20,310 float64) or, without a file, the corpus's
+    ``nonzero_mean_raw`` (the released means look like raw-count nonzero means: min ~ 1);
+    means are rounded half-up to integers, NaN or 0 become 1; up to 4,096 tokens are
+    kept (the model reads the first 1,500) and rows are padded with 0, as the released
+    tokenizer does (the model remaps 0 to PAD; :func:`to_model_input_ids` does it here).
+    Tokens equal the released ones up to the order of equal values.
+
+Both modes compute in float32 (as the released tokenizer): the row sum (computed in
+float64, then rounded to float32), ``factor = float32(10000) / sum``, ``v = x * factor``,
+``v = v / mean``. Ties - equal float32 values - break by ascending vocabulary index, so the
+output is deterministic on every machine. Means that are NaN, infinite or <= 0 (genes
+never detected in the corpus) are replaced by 1 in both modes.
+
+How it is fast
+--------------
+Each nonzero becomes one uint64 key ``(0x7FFFFFFF - float32_bits(v)) << 16 | token_id``:
+positive float32 bit patterns order like the floats, so an ascending sort of the keys is
+"descending value, then ascending id". Keys are scattered into a padded (rows x max nnz)
+block and sorted along axis 1 (numpy's SIMD sort), in row chunks spread over threads
+(numpy releases the GIL). No per-spot Python loop.
+
+Public API (used by stamp.batching, stamp.data, train/embed and the CLI)
+-----------------------------------------------------------------------
+``GeneTokenizer(gene_ids, means, *, symbols=None, mode="native", max_length=None,
+mean_source=...)``; ``GeneTokenizer.from_genes(genes_df, mean=..., mode=..., means=FILE)``;
+``GeneTokenizer.from_corpus(path_or_repo_id, ...)``;
+``tok.encode_csr(X) -> np.ndarray[int32] (n_spots, max_length)``;
+``tok.encode_table(table_or_record_batch)`` (expression rows: gene_index, counts);
+``tok(x)`` dispatches; ``tok.save_pretrained(dir)``; ``GeneTokenizer.from_pretrained(dir_or_repo_id)``;
+attributes ``vocab_size``, ``n_genes``, ``pad_value`` (what encode pads with),
+``max_length``, ``gene_ids``. Module helpers: :func:`table_to_csr`,
+:func:`to_model_input_ids`, :func:`load_means_file`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import scipy.sparse as sp
+
+from spavis.errors import SpavisError
+
+logger = logging.getLogger(__name__)
+
+MASK_ID = 0
+PAD_ID = 1
+CLS_ID = 2
+N_RESERVED = 30  # gene token id = vocabulary index + N_RESERVED
+TARGET_SUM = 10_000.0
+NATIVE_MAX_LENGTH = 1_500
+STAMP_V1_MAX_LENGTH = 4_096
+STAMP_V1_N_GENES = 20_310
+MODES = ("native", "stamp-v1")
+MEAN_COLUMNS = ("nonzero_mean_cp10k", "nonzero_mean_raw")
+
+VOCAB_FILE = "vocab.json"
+MEANS_FILE = "gene_means.parquet"
+CONFIG_FILE = "tokenizer_config.json"
+_ROW_CHUNK = 256  # rows per sort block: keeps a block in L2 and gives threads work units
+_U64_MAX = np.iinfo(np.uint64).max
+
+
+class TokenizerError(SpavisError):
+    """Bad tokenizer input: means file of the wrong length, unknown mode, negative counts."""
+
+
+# ----------------------------------------------------------------------------- helpers
+def load_means_file(path: str | os.PathLike, n_genes: int | None = None) -> np.ndarray:
+    """Read per-gene means (.npy, .csv/.txt one value a line, or .parquet first numeric column).
+
+    The released STAMP means file is a .npy of 20,310 float64 in vocabulary order.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(f"means file {path} does not exist; pass the released .npy (or .csv/.txt/.parquet) path")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            values = np.load(path, allow_pickle=False)
+        elif suffix in (".csv", ".txt", ".tsv"):
+            # one value a line, optionally after a gene column and a header: take the last field
+            fields = [ln.replace("\t", ",").split(",")[-1].strip() for ln in path.read_text().splitlines()]
+            fields = [f for f in fields if f]
+            if fields and not _is_number(fields[0]):
+                fields = fields[1:]
+            values = np.array([float(f) if f.lower() not in ("nan", "na", "") else np.nan for f in fields])
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            numeric = [f.name for f in table.schema if pa.types.is_floating(f.type) or pa.types.is_integer(f.type)]
+            if not numeric:
+                raise TokenizerError(f"means file {path} has no numeric column; write one value per vocabulary gene")
+            name = "mean" if "mean" in numeric else numeric[0]
+            values = table.column(name).to_numpy(zero_copy_only=False)
+        else:
+            raise TokenizerError(f"means file {path}: unknown extension {suffix!r}; use .npy, .csv, .txt or .parquet")
+        values = np.asarray(values, dtype=np.float64).ravel()
+    except (ValueError, OSError) as exc:
+        raise TokenizerError(f"cannot read means file {path}: {exc}") from exc
+    if n_genes is not None and values.shape[0] != n_genes:
+        raise TokenizerError(
+            f"means file {path} has {values.shape[0]} values but the vocabulary has {n_genes} genes; "
+            "it needs one mean per vocabulary gene, in vocabulary order (the released STAMP file has 20,310)"
+        )
+    return values
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def effective_means(means: np.ndarray, mode: str) -> np.ndarray:
+    """Means as float32 divisors: stamp-v1 rounds half-up; NaN/inf/<=0 become 1 in both modes."""
+    m = np.asarray(means, dtype=np.float64).copy()
+    if mode == "stamp-v1":
+        m = np.floor(m + 0.5)
+    bad = ~np.isfinite(m) | (m <= 0)
+    m[bad] = 1.0
+    return m.astype(np.float32)
+
+
+def table_to_csr(table: pa.Table | pa.RecordBatch, n_genes: int) -> sp.csr_matrix:
+    """Expression rows (``gene_index`` list<int32>, ``counts`` list<float32>) -> CSR float32.
+
+    Thin wrapper over ``spavis.corpus.rows_to_csr`` (the shard format's own reader).
+    """
+    from spavis.corpus import rows_to_csr
+
+    return rows_to_csr(table, n_genes)
+
+
+def to_model_input_ids(ids: np.ndarray, pad_value: int, context_length: int) -> np.ndarray:
+    """Tokenizer output -> model input: first ``context_length`` tokens, padding as PAD=1.
+
+    stamp-v1 rows are padded with 0 (= MASK id); gene tokens are never < 30, so mapping
+    ``pad_value`` to PAD is unambiguous.
+    """
+    out = ids[:, :context_length]
+    if pad_value != PAD_ID:
+        out = np.where(out == pad_value, np.int32(PAD_ID), out).astype(np.int32, copy=False)
+    else:
+        out = np.ascontiguousarray(out, dtype=np.int32)
+    if out.shape[1] < context_length:
+        out = np.pad(out, ((0, 0), (0, context_length - out.shape[1])), constant_values=PAD_ID)
+    return out
+
+
+def _encode_block(
+    data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, means: np.ndarray,
+    token_ids: np.ndarray, max_length: int, pad_value: int, id_bits: int,
+) -> np.ndarray:
+    """Tokenize one row block given canonical CSR parts (indptr starting at 0)."""
+    n = indptr.shape[0] - 1
+    lens = np.diff(indptr)
+    out = np.full((n, max_length), pad_value, dtype=np.int32)
+    width = int(lens.max()) if n else 0
+    if width == 0:
+        return out
+    sums = np.add.reduceat(data, indptr[:-1], dtype=np.float64)
+    sums[lens == 0] = 1.0  # reduceat repeats the next value for empty rows; never used
+    factor = (np.float32(TARGET_SUM) / sums.astype(np.float32)).astype(np.float32)
+    values = data * np.repeat(factor, lens)
+    values /= means[indices]
+    bits = values.view(np.uint32)
+    np.subtract(np.uint32(0x7FFFFFFF), bits, out=bits)  # descending value
+    keys = bits.astype(np.uint64)
+    keys <<= np.uint64(id_bits)
+    keys |= token_ids[indices]  # ties: ascending id
+    flat = np.repeat(np.arange(n, dtype=np.int64) * width - indptr[:-1], lens)
+    flat += np.arange(data.shape[0], dtype=np.int64)
+    block = np.full(n * width, _U64_MAX, dtype=np.uint64)
+    block[flat] = keys
+    block = block.reshape(n, width)
+    keep = min(width, max_length)
+    if width > 2 * keep:  # long rows: select the top `keep` first, then sort only those
+        block = np.partition(block, keep - 1, axis=1)[:, :keep]
+    block.sort(axis=1)
+    mask = np.uint64((1 << id_bits) - 1)
+    out[:, :keep] = (block[:, :keep] & mask).astype(np.int32)
+    head = out[:, :keep]
+    head[np.arange(keep)[None, :] >= lens[:, None]] = pad_value
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenizer
+class GeneTokenizer:
+    """Rank-value tokenizer over a fixed gene vocabulary (see module docstring)."""
+
+    def __init__(
+        self,
+        gene_ids: Sequence[str],
+        means: np.ndarray | Sequence[float],
+        *,
+        symbols: Sequence[str] | None = None,
+        mode: str = "native",
+        max_length: int | None = None,
+        mean_source: str = "nonzero_mean_cp10k",
+        n_threads: int | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise TokenizerError(f"unknown tokenizer mode {mode!r}; use one of {', '.join(MODES)}")
+        self.gene_ids = [str(g) for g in gene_ids]
+        if len(set(self.gene_ids)) != len(self.gene_ids):
+            raise TokenizerError("the gene vocabulary has duplicated Ensembl ids; token ids would be ambiguous")
+        self.symbols = [str(s) for s in symbols] if symbols is not None else None
+        self.raw_means = np.asarray(means, dtype=np.float64).ravel()
+        if self.raw_means.shape[0] != len(self.gene_ids):
+            raise TokenizerError(
+                f"{self.raw_means.shape[0]} gene means for a {len(self.gene_ids)}-gene vocabulary; "
+                "give one mean per vocabulary gene, in vocabulary order"
+            )
+        self.mode = mode
+        default_len = STAMP_V1_MAX_LENGTH if mode == "stamp-v1" else NATIVE_MAX_LENGTH
+        self.max_length = int(max_length or default_len)
+        if self.max_length < 1:
+            raise TokenizerError(f"max_length must be >= 1, got {self.max_length}")
+        self.mean_source = mean_source
+        self.pad_value = 0 if mode == "stamp-v1" else PAD_ID
+        self.n_threads = n_threads
+        self.means = effective_means(self.raw_means, mode)
+        self._id_bits = max(16, int(self.vocab_size).bit_length())
+        self._token_ids = np.arange(N_RESERVED, self.vocab_size, dtype=np.uint64)
+
+    # -- properties
+    @property
+    def n_genes(self) -> int:
+        return len(self.gene_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        """Embedding table size: reserved ids + one id per gene."""
+        return self.n_genes + N_RESERVED
+
+    @property
+    def pad_token_id(self) -> int:
+        return PAD_ID
+
+    mask_token_id = MASK_ID
+    cls_token_id = CLS_ID
+
+    def __repr__(self) -> str:
+        return (f"GeneTokenizer(n_genes={self.n_genes}, mode={self.mode!r}, max_length={self.max_length}, "
+                f"mean_source={self.mean_source!r})")
+
+    # -- constructors
+    @classmethod
+    def from_genes(
+        cls,
+        genes: Any,
+        *,
+        mean: str = "nonzero_mean_cp10k",
+        mode: str = "native",
+        means: str | os.PathLike | np.ndarray | None = None,
+        max_length: int | None = None,
+        n_threads: int | None = None,
+    ) -> "GeneTokenizer":
+        """Build from a genes.parquet frame (``corpus.genes``).
+
+        ``means`` (a file path or array) overrides the ``mean`` column - e.g. the released
+        STAMP means file for ``mode="stamp-v1"``. stamp-v1 without a file uses
+        ``nonzero_mean_raw`` whatever ``mean`` says (the released means are raw-count means).
+        """
+        if "ensembl_id" not in genes.columns:
+            raise TokenizerError("genes table lacks the 'ensembl_id' column; is it a spavis genes.parquet?")
+        gene_ids = genes["ensembl_id"].astype(str).tolist()
+        symbols = genes["symbol"].astype(str).tolist() if "symbol" in genes.columns else None
+        if means is not None:
+            if isinstance(means, (str, os.PathLike)):
+                values = load_means_file(means, len(gene_ids))
+                source = f"file:{Path(means).name}"
+            else:
+                values = np.asarray(means, dtype=np.float64)
+                source = "array"
+        else:
+            column = "nonzero_mean_raw" if mode == "stamp-v1" else mean
+            if column not in MEAN_COLUMNS:
+                raise TokenizerError(f"unknown mean {column!r}; use one of {', '.join(MEAN_COLUMNS)}")
+            if column not in genes.columns:
+                raise TokenizerError(f"genes table lacks the {column!r} column; rebuild the shards with spavis build-shards")
+            values = genes[column].to_numpy(dtype=np.float64)
+            source = column
+        return cls(gene_ids, values, symbols=symbols, mode=mode, max_length=max_length,
+                   mean_source=source, n_threads=n_threads)
+
+    @classmethod
+    def from_corpus(cls, data: Any, **kwargs: Any) -> "GeneTokenizer":
+        """Build from a shard directory / Hub dataset id (via spavis.corpus) or an opened corpus."""
+        corpus = data
+        if not hasattr(data, "genes"):
+            from spavis.corpus import open_corpus
+
+            corpus = open_corpus(data)
+        return cls.from_genes(corpus.genes, **kwargs)
+
+    # -- encoding
+    def encode_csr(self, X: sp.spmatrix | np.ndarray, *, return_n_empty: bool = False):
+        """Tokenize spots x vocabulary counts -> int32 (n_spots, max_length), padded with ``pad_value``."""
+        if not sp.issparse(X):
+            X = sp.csr_matrix(np.asarray(X, dtype=np.float32))
+        X = X.tocsr()
+        if X.shape[1] != self.n_genes:
+            raise TokenizerError(
+                f"count matrix has {X.shape[1]} genes but the tokenizer vocabulary has {self.n_genes}; "
+                "harmonize the data to this vocabulary first"
+            )
+        data = X.data.astype(np.float32, copy=False)
+        if data.size and not np.isfinite(data).all():
+            raise TokenizerError("count matrix holds NaN or infinite values; fix the input (spavis QC rejects them)")
+        if data.size and (data < 0).any():
+            raise TokenizerError("count matrix holds negative values; tokenize raw non-negative counts")
+        if not X.has_canonical_format or (data.size and (data == 0).any()):
+            X = sp.csr_matrix((data.copy(), X.indices.copy(), X.indptr.copy()), shape=X.shape)  # may be read-only Arrow memory
+            X.sum_duplicates()
+            X.eliminate_zeros()
+            data = X.data.astype(np.float32, copy=False)
+        indptr = X.indptr.astype(np.int64, copy=False)
+        n = X.shape[0]
+
+        def block(start: int) -> np.ndarray:
+            stop = min(start + _ROW_CHUNK, n)
+            a, b = indptr[start], indptr[stop]
+            return _encode_block(data[a:b], X.indices[a:b], indptr[start:stop + 1] - a, self.means,
+                                 self._token_ids, self.max_length, self.pad_value, self._id_bits)
+
+        starts = range(0, n, _ROW_CHUNK)
+        threads = self.n_threads or min(4, os.cpu_count() or 1)
+        if n == 0:
+            ids = np.full((0, self.max_length), self.pad_value, dtype=np.int32)
+        elif threads > 1 and len(starts) > 1:
+            with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+                ids = np.concatenate(list(pool.map(block, starts)))
+        else:
+            ids = np.concatenate([block(s) for s in starts])
+        n_empty = int((np.diff(indptr) == 0).sum())
+        if n_empty:
+            logger.info("%d of %d spots have no vocabulary gene: tokenized as all-padding rows", n_empty, n)
+        return (ids, n_empty) if return_n_empty else ids
+
+    def encode_table(self, table: pa.Table | pa.RecordBatch, *, return_n_empty: bool = False):
+        """Tokenize expression rows (``gene_index``/``counts`` list columns) in row order."""
+        return self.encode_csr(table_to_csr(table, self.n_genes), return_n_empty=return_n_empty)
+
+    def __call__(self, x: Any, **kwargs: Any):
+        if isinstance(x, (pa.Table, pa.RecordBatch)):
+            return self.encode_table(x, **kwargs)
+        return self.encode_csr(x, **kwargs)
+
+    def decode(self, ids: Sequence[int]) -> list[str]:
+        """Token ids -> Ensembl ids (reserved ids become '<mask>', '<pad>', '<cls>' or '<reserved>')."""
+        names = {MASK_ID: "<mask>", PAD_ID: "<pad>", CLS_ID: "<cls>"}
+        return [self.gene_ids[i - N_RESERVED] if i >= N_RESERVED else names.get(int(i), "<reserved>")
+                for i in map(int, ids)]
+
+    # -- persistence
+    def config(self) -> dict:
+        return {
+            "tokenizer_class": "GeneTokenizer",
+            "mode": self.mode,
+            "max_length": self.max_length,
+            "mean_source": self.mean_source,
+            "target_sum": TARGET_SUM,
+            "n_reserved": N_RESERVED,
+            "mask_token_id": MASK_ID,
+            "pad_token_id": PAD_ID,
+            "cls_token_id": CLS_ID,
+            "pad_value": self.pad_value,
+            "tie_break": "ascending vocabulary index",
+            "n_genes": self.n_genes,
+            "vocab_size": self.vocab_size,
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write vocab.json, gene_means.parquet and tokenizer_config.json (each atomically)."""
+        import pyarrow.parquet as pq
+
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        vocab = {"<mask>": MASK_ID, "<pad>": PAD_ID, "<cls>": CLS_ID}
+        vocab.update({g: i + N_RESERVED for i, g in enumerate(self.gene_ids)})
+        columns = {"ensembl_id": pa.array(self.gene_ids, pa.string()),
+                   "mean": pa.array(self.raw_means, pa.float64())}
+        if self.symbols is not None:
+            columns["symbol"] = pa.array(self.symbols, pa.string())
+
+        def write(name: str, writer) -> None:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
+            os.close(fd)
+            try:
+                writer(tmp)
+                os.replace(tmp, out / name)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+
+        write(VOCAB_FILE, lambda p: Path(p).write_text(json.dumps(vocab, indent=0) + "\n"))
+        write(MEANS_FILE, lambda p: pq.write_table(pa.table(columns), p))
+        write(CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(self.config(), indent=2) + "\n"))
+        return out
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_or_dir: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        token: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        **overrides: Any,
+    ) -> "GeneTokenizer":
+        """Load from a local folder or a Hub model repo id (huggingface_hub.snapshot_download)."""
+        import pyarrow.parquet as pq
+
+        path = Path(repo_or_dir)
+        if not path.is_dir():
+            if path.exists() or str(repo_or_dir).count("/") != 1:
+                raise TokenizerError(f"{repo_or_dir} is neither a tokenizer folder nor a Hub repo id (ORG/NAME)")
+            from huggingface_hub import snapshot_download
+            from huggingface_hub.errors import HfHubHTTPError
+
+            try:
+                path = Path(snapshot_download(str(repo_or_dir), revision=revision, token=token, cache_dir=cache_dir,
+                                              allow_patterns=[VOCAB_FILE, MEANS_FILE, CONFIG_FILE]))
+            except (HfHubHTTPError, OSError, ValueError) as exc:
+                raise TokenizerError(f"cannot download the tokenizer of {repo_or_dir} from the Hub: {exc}") from exc
+        missing = [n for n in (VOCAB_FILE, MEANS_FILE, CONFIG_FILE) if not (path / n).is_file()]
+        if missing:
+            raise TokenizerError(f"{path} lacks {', '.join(missing)}; save it with GeneTokenizer.save_pretrained")
+        config = json.loads((path / CONFIG_FILE).read_text())
+        vocab = json.loads((path / VOCAB_FILE).read_text())
+        genes = sorted(((i, g) for g, i in vocab.items() if i >= N_RESERVED))
+        gene_ids = [g for _, g in genes]
+        if [i for i, _ in genes] != list(range(N_RESERVED, N_RESERVED + len(gene_ids))):
+            raise TokenizerError(f"{path / VOCAB_FILE}: gene token ids are not contiguous from {N_RESERVED}")
+        table = pq.read_table(path / MEANS_FILE)
+        if table.column("ensembl_id").to_pylist() != gene_ids:
+            raise TokenizerError(f"{path / MEANS_FILE} is not in the order of {path / VOCAB_FILE}")
+        symbols = table.column("symbol").to_pylist() if "symbol" in table.column_names else None
+        kwargs = dict(mode=config.get("mode", "native"), max_length=config.get("max_length"),
+                      mean_source=config.get("mean_source", "nonzero_mean_cp10k"))
+        kwargs.update(overrides)
+        return cls(gene_ids, table.column("mean").to_numpy(), symbols=symbols, **kwargs)

@@ -1,0 +1,459 @@
+"""``stamp pretrain``: stage 1 (IGR on independent spots) and stage 2 (IGR + CGR on spatial groups).
+
+One function, :func:`pretrain`, shared by the CLI, tests and ``torchrun``. Defaults follow
+the authors' released training code (the values behind the paper's Table 3): AdamW, lr
+1e-4, weight decay 1e-4, 5,000 linear warm-up steps, cosine decay with a floor of 1e-5,
+15% masking. Multi-GPU / multi-node: launch with ``torchrun``; the process group is set
+up from the environment (NCCL on GPU, gloo on CPU) and each rank reads a different
+subset of shards. Checkpoints are pickle-free (:mod:`stamp.checkpoint`) and ``resume``
+continues exactly: the data stream is a pure function of (seed, rank, epoch) and the
+checkpoint records how many batches of the current epoch were consumed.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from spavis.errors import SpavisError
+from stamp import checkpoint as ckpt
+from stamp.model import StampGeneEncoder, create_model
+from stamp.objectives import compute_loss, mask_tokens
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("gene", "spatial")
+ARGS_FILE = "train_args.json"
+METRICS_FILE = "metrics.jsonl"
+RUN_INFO = "run.json"
+GROUP_SIZE = 9
+
+
+class TrainingError(SpavisError):
+    """Pretraining cannot start or continue (bad run folder, diverged loss, data too small)."""
+
+
+@dataclass
+class PretrainArgs:
+    """Everything that defines a pretraining run (saved to RUN/train_args.json)."""
+
+    stage: str
+    data: str
+    out: str
+    config: str = "base"
+    init: str | None = None
+    max_steps: int | None = None  # None: one pass over this rank's data
+    batch_size: int | None = None  # spots per micro-batch and rank (spatial: whole groups of 9)
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 5000
+    weight_decay: float = 1e-4
+    clip_norm: float = 1.0
+    mask_prob: float = 0.15
+    cgr_targets: str = "masked"
+    max_distance_um: float | None = None
+    save_every: int = 1000
+    keep_checkpoints: int | None = 3
+    seed: int = 0
+    resume: bool = False
+    stop_after: int | None = None  # stop (and checkpoint) after this step; schedule unchanged
+    progress: bool = True
+    device: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def micro_batch(self) -> int:
+        if self.batch_size is not None:
+            return int(self.batch_size)
+        return 24 * GROUP_SIZE if self.stage == "spatial" else 128
+
+
+# ----------------------------------------------------------------------------- schedule
+def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:
+    """Linear warm-up to ``lr`` then cosine decay to ``min_lr``; never below ``min_lr``."""
+    if warmup > 0 and step <= warmup:
+        value = lr * step / warmup
+    else:
+        span = max(1, total - warmup)
+        progress = min(1.0, (step - warmup) / span)
+        value = min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(min_lr, value)
+
+
+# ----------------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init_distributed() -> Dist:
+    """Join the process group torchrun describes in the environment (no-op for one process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        owns = True
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
+
+
+def pick_device(args: PretrainArgs, d: Dist) -> torch.device:
+    if args.device:
+        return torch.device(args.device)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(d.local_rank)
+        return torch.device("cuda", d.local_rank)
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- data
+def make_loader(corpus, tokenizer, args: PretrainArgs, context_length: int, d: Dist):
+    """Endless, resumable token batches for this rank (``stamp.data.TokenBatchLoader``).
+
+    Each rank reads its own shards; the order is a pure function of (seed, epoch), so a
+    checkpoint only records the loader's position.
+    """
+    from stamp.batching import D_MAX_UM
+    from stamp.data import TokenBatchLoader
+
+    spatial = args.stage == "spatial"
+    return TokenBatchLoader(
+        corpus, tokenizer, mode="spatial" if spatial else "spots",
+        batch_size=args.micro_batch(), groups_per_batch=max(1, args.micro_batch() // GROUP_SIZE),
+        group_size=GROUP_SIZE,
+        d_max_um=args.max_distance_um if args.max_distance_um is not None else D_MAX_UM,
+        context_length=context_length, seed=args.seed, rank=d.rank, world_size=d.world, epochs=None,
+    )
+
+
+# ----------------------------------------------------------------------------- run folder
+def _prepare_run(args: PretrainArgs, d: Dist) -> tuple[PretrainArgs, Path | None]:
+    out = Path(args.out)
+    saved = out / ARGS_FILE
+    latest = ckpt.latest_checkpoint(out)
+    if args.resume:
+        if not saved.is_file():
+            raise TrainingError(f"{out}: nothing to resume (no {ARGS_FILE}); start without --resume")
+        stored = json.loads(saved.read_text())
+        keep = {k: getattr(args, k) for k in ("max_steps", "progress", "save_every", "device")
+                if getattr(args, k) is not None}
+        keep["stop_after"] = args.stop_after  # a stop point belongs to one invocation
+        args = PretrainArgs(**{**stored, **keep, "resume": True})
+        return args, latest
+    if latest is not None or (out / "model").exists():
+        raise TrainingError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{ARGS_FILE}.tmp"
+        tmp.write_text(json.dumps(asdict(args), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, saved)
+        (out / METRICS_FILE).unlink(missing_ok=True)
+    d.barrier()
+    return args, None
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines after ``step`` (they are recomputed identically on resume)."""
+    if not path.is_file():
+        return
+    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    os.replace(tmp, path)
+
+
+def _load_tokenizer(args: PretrainArgs, corpus, context_length: int):
+    from stamp.tokenizer import GeneTokenizer
+
+    if args.init:
+        from stamp.hub import resolve_model_dir
+
+        model_dir = resolve_model_dir(args.init)
+        if (model_dir / "tokenizer_config.json").is_file():
+            return GeneTokenizer.from_pretrained(model_dir)
+    return GeneTokenizer.from_corpus(corpus, max_length=context_length)
+
+
+def _build_model(args: PretrainArgs, n_genes: int) -> StampGeneEncoder:
+    torch.manual_seed(args.seed)
+    if args.init:
+        from stamp.hub import resolve_model_dir
+
+        return create_model(resolve_model_dir(args.init), n_genes=n_genes)
+    return create_model(args.config, n_genes=n_genes)
+
+
+def _progress(enabled: bool, total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[sps]} spots/s"),
+        TimeRemainingColumn(), disable=not enabled,
+    )
+
+
+def _write_model(run: Path, model: StampGeneEncoder, tokenizer, info: dict) -> Path:
+    """RUN/model: config.json + model.safetensors + tokenizer files + README card (atomic swap)."""
+    from stamp.hub import write_model_card
+
+    final = run / "model"
+    tmp = run / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_model_card(tmp, info)
+    old = run / ".model.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _data_info(corpus, args: PretrainArgs, n_spots: int) -> dict:
+    slides = corpus.slides
+    licenses = sorted({str(x) for x in slides["license"].dropna()}) if "license" in slides else []
+    generated = bool(len(slides)) and "source" in slides and bool((slides["source"] == "generated").all())
+    return {
+        "source": str(args.data),
+        "hub_id": getattr(corpus, "repo_id", None),
+        "n_spots": n_spots,
+        "n_slides": int(len(slides)),
+        "n_genes": int(len(corpus.genes)),
+        "licenses": licenses,
+        "generated": generated,
+    }
+
+
+# ----------------------------------------------------------------------------- main loop
+def pretrain(args: PretrainArgs, *, on_step: Callable[[dict], None] | None = None) -> Path:
+    """Run (or resume) pretraining; returns the ``RUN/model`` folder.
+
+    Raises :class:`TrainingError` when the loss becomes NaN/inf: the optimizer step is
+    skipped, nothing is saved, and the last good checkpoint stays the latest one.
+    """
+    from spavis.corpus import open_corpus
+
+    if args.stage not in STAGES:
+        raise TrainingError(f"unknown stage {args.stage!r}; use 'gene' or 'spatial'")
+    if args.stage == "spatial" and not args.init and not args.resume:
+        logger.warning("spatial stage without --init: training IGR + CGR from a random encoder")
+    d = init_distributed()
+    try:
+        return _pretrain(args, d, open_corpus, on_step)
+    finally:
+        if d.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _pretrain(args: PretrainArgs, d: Dist, open_corpus, on_step) -> Path:
+    args, resume_from = _prepare_run(args, d)
+    run = Path(args.out)
+    if args.stage == "spatial" and args.micro_batch() % GROUP_SIZE:
+        raise TrainingError(f"--batch-size {args.micro_batch()} must be a multiple of {GROUP_SIZE} in the spatial stage")
+    if args.grad_accum < 1:
+        raise TrainingError("--grad-accum must be >= 1")
+    device = pick_device(args, d)
+    corpus = open_corpus(args.data)
+    n_genes = int(len(corpus.genes))
+    model = _build_model(args, n_genes)
+    context = model.config.context_length
+    tokenizer = _load_tokenizer(args, corpus, context)
+    if tokenizer.n_genes != n_genes:
+        raise TrainingError(
+            f"tokenizer of {args.init} has {tokenizer.n_genes} genes but {args.data} has {n_genes}; "
+            "stage 2 must use a corpus with the same vocabulary as stage 1"
+        )
+    spatial = args.stage == "spatial"
+    model.cgr_head.requires_grad_(spatial)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    loader = make_loader(corpus, tokenizer, args, context, d)
+    n_spots_total = int(corpus.n_spots)
+    if args.max_steps is None:
+        per_step = args.micro_batch() * args.grad_accum * d.world
+        args.max_steps = max(1, n_spots_total // per_step)
+    total = int(args.max_steps)
+    if args.warmup_steps >= total and d.main:
+        logger.warning("warm-up (%d steps) is not shorter than the run (%d steps)", args.warmup_steps, total)
+
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + d.rank)
+    step, spots_seen = 0, 0
+    if resume_from is not None:
+        ckpt.load_model_weights(model, resume_from)
+        ckpt.load_optimizer(optimizer, resume_from)
+        ckpt.restore_rng(resume_from, d.rank, gen)
+        state = ckpt.read_state(resume_from)
+        if state.get("world", 1) != d.world:
+            raise TrainingError(
+                f"{resume_from} was written by {state.get('world')} processes; resume with the same number"
+            )
+        pos = ckpt.read_position(resume_from, d.rank)
+        step, spots_seen = state["step"], pos["spots_seen"]
+        loader.load_state_dict(pos["loader"])
+        if d.main:
+            _truncate_metrics(run / METRICS_FILE, step)
+    elif args.resume and d.main:
+        _truncate_metrics(run / METRICS_FILE, 0)
+    d.barrier()
+
+    forward: Callable = model
+    if d.world > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    )
+
+    stream = iter(loader)
+    data_info = _data_info(corpus, args, n_spots_total)
+    last_metrics: dict = {}
+    metrics_path = run / METRICS_FILE
+    stop_at = min(total, args.stop_after) if args.stop_after else total
+
+    def next_batch() -> torch.Tensor:
+        try:
+            return next(stream)["input_ids"]
+        except StopIteration:
+            raise TrainingError(
+                f"{args.data}: rank {d.rank} got no batch from its shards; the data is smaller than one "
+                f"batch of {args.micro_batch()} spots (lower --batch-size)"
+            ) from None
+
+    def save(at_step: int) -> None:
+        stage_dir = ckpt.staging_dir(run, at_step)
+        if d.main:
+            shutil.rmtree(stage_dir, ignore_errors=True)
+        d.barrier()
+        ckpt.write_rank_part(stage_dir, d.rank, {"loader": loader.state_dict(),
+                                                  "spots_seen": spots_seen}, gen)
+        if d.main:
+            ckpt.write_main_part(stage_dir, model, optimizer, {})
+        d.barrier()
+        if d.main:
+            ckpt.finalize(run, at_step, {"step": at_step, "world": d.world, "stage": args.stage,
+                                         "schedule": {"name": "linear-warmup-cosine-floor", "lr": args.lr,
+                                                      "min_lr": args.min_lr, "warmup": args.warmup_steps,
+                                                      "total": total},
+                                         "metrics": last_metrics}, keep=args.keep_checkpoints)
+        d.barrier()
+
+    model.train()
+    with _progress(args.progress and d.main, stop_at) as bar:
+        task = bar.add_task("pretrain", total=stop_at, completed=step, loss="-", sps="-")
+        while step < stop_at:
+            t0 = time.perf_counter()
+            lr = lr_at(step + 1, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup_steps, total=total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums = torch.zeros(5, dtype=torch.float64)  # loss, igr, cgr, correct, masked
+            n_spots = 0
+            for micro in range(args.grad_accum):
+                ids = next_batch().to(torch.long)
+                masked = mask_tokens(ids, vocab_size=model.config.vocab_size, n_reserved=model.config.n_reserved,
+                                     mask_prob=args.mask_prob, generator=gen)
+                sync = contextlib.nullcontext()
+                if d.world > 1 and micro < args.grad_accum - 1:
+                    sync = forward.no_sync()
+                with sync:
+                    with autocast:
+                        out = compute_loss(model, ids, masked, spatial=spatial, group_size=GROUP_SIZE,
+                                           cgr_targets=args.cgr_targets, forward=forward)
+                    (out.loss / args.grad_accum).backward()
+                sums += torch.tensor([out.loss.item(), out.igr_loss.item(),
+                                      out.cgr_loss.item() if out.cgr_loss is not None else 0.0,
+                                      out.igr_correct, out.igr_total], dtype=torch.float64)
+                n_spots += ids.shape[0]
+            spots_seen += n_spots
+            if d.world > 1:
+                sums = sums.to(device)
+                dist.all_reduce(sums)
+                sums = sums.cpu()
+                sums[:3] /= d.world
+                counted = torch.tensor([n_spots], dtype=torch.float64, device=device)
+                dist.all_reduce(counted)
+                n_spots = int(counted.item())
+            loss = float(sums[0]) / args.grad_accum
+            if not math.isfinite(loss):
+                optimizer.zero_grad(set_to_none=True)
+                last = ckpt.latest_checkpoint(run)
+                raise TrainingError(
+                    f"loss became {loss} at step {step + 1} of {run}; training stopped without saving. "
+                    f"Last good checkpoint: {last or 'none'}. Lower --lr or raise --warmup-steps, then "
+                    "--resume from it (or restart)."
+                )
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            last_metrics = {
+                "step": step,
+                "loss": loss,
+                "igr_loss": float(sums[1]) / args.grad_accum,
+                "cgr_loss": float(sums[2]) / args.grad_accum if spatial else None,
+                "igr_acc": float(sums[3] / sums[4]) if sums[4] > 0 else None,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "spots": n_spots,
+                "spots_per_s": n_spots / dt if dt > 0 else None,
+                "epoch": loader.state_dict()["epoch"],
+            }
+            if d.main:
+                with metrics_path.open("a") as fh:
+                    fh.write(json.dumps(last_metrics) + "\n")
+                bar.update(task, completed=step, loss=f"{loss:.4f}", sps=f"{last_metrics['spots_per_s']:.0f}")
+            if on_step is not None:
+                on_step(last_metrics)
+            if step % args.save_every == 0 or step == stop_at:
+                save(step)
+
+    info = {
+        "stage": args.stage,
+        "steps": step,
+        "total_steps": total,
+        "spots_seen": spots_seen * d.world,
+        "init": args.init,
+        "data": data_info,
+        "train": {k: v for k, v in asdict(args).items()
+                  if k in ("config", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay",
+                           "clip_norm", "mask_prob", "cgr_targets", "seed", "max_steps")} | {"world_size": d.world},
+        "final_metrics": {k: v for k, v in last_metrics.items() if v is not None and k != "step"},
+        "license": "other",
+    }
+    model_dir = run / "model"
+    if d.main:
+        model_dir = _write_model(run, model, tokenizer, info)
+        tmp = run / f".{RUN_INFO}.tmp"
+        tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, run / RUN_INFO)
+    d.barrier()
+    return model_dir

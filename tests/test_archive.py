@@ -1,0 +1,73 @@
+"""safe_extract refuses every classic tar attack before writing anything."""
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from spavis.errors import FetchError
+from spavis.sources.archive import UnsafeArchiveError, list_members, safe_extract
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tf:
+        for info, data in members:
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _file(name, data=b"x"):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+def _special(name, kind, link=""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    return info, None
+
+
+def test_extracts_only_requested_members(tmp_path):
+    tar = _tar(tmp_path / "a.tar", [_file("GSM1_a.h5", b"one"), _file("GSM2_b.h5", b"two"),
+                                    _file("sub/GSM1_c.csv.gz", b"three")])
+    out = safe_extract(tar, tmp_path / "out", members=["GSM1_a.h5", "sub/GSM1_c.csv.gz"], flatten=True)
+    assert sorted(p.name for p in out) == ["GSM1_a.h5", "GSM1_c.csv.gz"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["GSM1_a.h5", "GSM1_c.csv.gz"]
+    assert (tmp_path / "out" / "GSM1_c.csv.gz").read_bytes() == b"three"
+    assert list_members(tar) == ["GSM1_a.h5", "GSM2_b.h5", "sub/GSM1_c.csv.gz"]
+
+
+@pytest.mark.parametrize("member, pattern", [
+    (_file("/etc/evil"), "absolute path"),
+    (_file("../evil"), r"outside the folder"),
+    (_file("a/../../evil"), r"outside the folder"),
+    (_special("link", tarfile.SYMTYPE, "/etc/passwd"), "is a link"),
+    (_special("hard", tarfile.LNKTYPE, "GSM1_a.h5"), "is a link"),
+    (_special("dev", tarfile.CHRTYPE), "device"),
+    (_special("fifo", tarfile.FIFOTYPE), "device"),
+])
+def test_attacks_are_refused_and_nothing_is_written(tmp_path, member, pattern):
+    tar = _tar(tmp_path / "a.tar", [_file("GSM1_a.h5"), member])
+    with pytest.raises(UnsafeArchiveError, match=pattern):
+        safe_extract(tar, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "evil").exists()
+
+
+def test_size_cap(tmp_path):
+    tar = _tar(tmp_path / "a.tar", [_file("big", b"0" * 5000), _file("small", b"1")])
+    with pytest.raises(UnsafeArchiveError, match="over the 4096-byte cap"):
+        safe_extract(tar, tmp_path / "out", max_bytes=4096)
+    assert safe_extract(tar, tmp_path / "out", members=["small"], max_bytes=4096)[0].read_bytes() == b"1"
+
+
+def test_missing_member_and_corrupt_archive(tmp_path):
+    tar = _tar(tmp_path / "a.tar", [_file("GSM1_a.h5")])
+    with pytest.raises(FetchError, match="missing member"):
+        safe_extract(tar, tmp_path / "out", members=["nope"])
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(FetchError, match="not a readable tar"):
+        safe_extract(bad, tmp_path / "out")
