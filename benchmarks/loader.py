@@ -72,6 +72,8 @@ def write_corpus(root: Path, slides: int, spots: int, nnz: int) -> Path:
 
 
 def loader_rate(corpus, tok, mode: str, context: int) -> tuple[float, tuple[int, ...]]:
+    import torch  # noqa: F401  (imported before timing: batches are torch tensors)
+
     loader = TokenBatchLoader(corpus, tok, mode=mode, batch_size=216, groups_per_batch=24, epochs=1,
                               context_length=context, seed=0)
     t, n, shape = time.perf_counter(), 0, ()

@@ -78,7 +78,7 @@ def knn(coords_um: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros((n, 0), np.int32), np.zeros((n, 0), np.float32)
     tree = cKDTree(coords_um)
     out_idx = np.empty((n, k), dtype=np.int64)
-    out_dst = np.empty((n, k), dtype=np.float64)
+    out_dst = np.empty((n, k), dtype=np.float32)
     todo = np.arange(n)
     kq = min(n, k + 1 + max(6, k // 2))
     while todo.size:
@@ -87,8 +87,10 @@ def knn(coords_um: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         idx = np.asarray(idx).reshape(todo.size, kq)
         # drop the query point itself (by index, so duplicated coordinates stay neighbours)
         is_self = idx == todo[:, None]
-        # order each row by (distance, index); self goes last by pushing it to +inf
-        dst_sort = np.where(is_self, np.inf, dst)
+        # order each row by (float32 distance, index): the stored distances are float32, so
+        # ties are ties at that precision (hex-lattice distances differ in the last float64
+        # bits); self goes last by pushing it to +inf
+        dst_sort = np.where(is_self, np.inf, dst).astype(np.float32)
         order = np.lexsort((idx, dst_sort), axis=-1)
         idx = np.take_along_axis(idx, order, axis=1)
         dst_sort = np.take_along_axis(dst_sort, order, axis=1)

@@ -310,7 +310,7 @@ def _write_10x_h5(path: Path, adata: ad.AnnData, genome: str = "GRCh38") -> None
 
     X = adata.X.tocsr()
     enc = lambda a: np.asarray(a, dtype="S")  # noqa: E731
-    opts = {"compression": "gzip", "compression_opts": 4, "shuffle": True, "track_times": False}
+    opts = {"compression": "gzip", "compression_opts": 1, "shuffle": True, "track_times": False}
     with h5py.File(path, "w", track_order=False) as f:
         f.attrs["filetype"] = np.array([b"matrix"])
         f.attrs["library_ids"] = np.array([b"generated"])

@@ -88,3 +88,7 @@ try:
 except ModuleNotFoundError as exc:  # tokenize command not written yet
     if exc.name != "stamp.cli_tokenize":
         raise
+
+
+if __name__ == "__main__":
+    app()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -66,6 +67,9 @@ def make_corpus(
             "neighbors": [idx[i, 1:].astype(np.int32) for i in range(n)],
             "neighbor_distances": [dist[i, 1:].astype(np.float32) for i in range(n)],
         })
+        store = root / S.ZARR_DIR / f"{sid}.zarr"
+        store.parent.mkdir(parents=True, exist_ok=True)
+        ad.AnnData(X=X, obs=a.obs[["array_row", "array_col"]].copy()).write_zarr(store)
         slide_rows.append({"slide_id": sid, "source": "generated", "license": "CC0-1.0 (generated)",
                            "n_spots_kept": n})
     cols = {}

@@ -22,6 +22,7 @@ import io
 import os
 import re
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 import h5py
@@ -48,6 +49,7 @@ COLUMNS = ["ensembl_id", "symbol", "symbol_primary", "biotype", "chromosome",
            "previous_symbols", "aliases"]
 
 
+@lru_cache(maxsize=2)
 def _read_gencode(shared: Path) -> pd.DataFrame:
     genes = pd.read_csv(shared / GENES_FILE, header=None, dtype=str,
                         names=["ensembl_id", "symbol", "version", "length", "biotype"])
@@ -61,19 +63,21 @@ def _read_gencode(shared: Path) -> pd.DataFrame:
     return out[["ensembl_id", "symbol", "biotype", "chromosome"]]
 
 
+@lru_cache(maxsize=2)
 def _read_hgnc(shared: Path) -> pd.DataFrame:
     """One row per (symbol, primary_symbol, ensembl_id, kind) with kind in primary/previous/alias."""
     h = pd.read_csv(shared / HGNC_FILE, sep="\t", dtype=str, keep_default_na=False)
-    tags = h["relation"].str.split(", ")
-    is_primary = tags.map(lambda t: "Primary Gene Symbol" in t) & (h["symbol"] == h["primary_symbol"])
-    is_prev = tags.map(lambda t: "Previous Symbol" in t)
-    is_alias = (h["relation"] == "") | tags.map(lambda t: bool(ALIAS_TAGS.intersection(t)))
+    rel = h["relation"]  # comma-separated tags; no tag name is part of a non-alias tag's name
+    is_primary = rel.str.contains("Primary Gene Symbol", regex=False) & (h["symbol"] == h["primary_symbol"])
+    is_prev = rel.str.contains("Previous Symbol", regex=False)
+    is_alias = (rel == "") | rel.str.contains("|".join(map(re.escape, sorted(ALIAS_TAGS))))
     kind = np.select([is_primary, is_prev, is_alias], ["primary", "previous", "alias"], default="")
     h = h.assign(kind=kind, ensembl_id=h["ensembl_ids"].str.split("|"))
     h = h[(h["kind"] != "") & (h["ensembl_ids"] != "")].explode("ensembl_id")
     return h[["symbol", "primary_symbol", "ensembl_id", "kind"]]
 
 
+@lru_cache(maxsize=2)
 def _read_ncbi(shared: Path) -> pd.DataFrame:
     n = pd.read_csv(shared / NCBI_FILE, sep="\t", dtype=str, keep_default_na=False)
     return n[n["ensembl_id"] != ""][["ensembl_id", "symbol", "aliases", "chromosome"]]
@@ -85,7 +89,7 @@ def _join(values) -> str:
 
 def build_gene_table(shared: Path) -> pd.DataFrame:
     """GENCODE v48 genes with HGNC/NCBI previous symbols and aliases, sorted by Ensembl id."""
-    table = _read_gencode(shared)
+    table = _read_gencode(shared).copy()  # readers are cached: never mutate their frames
     known = set(table["ensembl_id"])
     hgnc = _read_hgnc(shared)
     hgnc = hgnc[hgnc["ensembl_id"].isin(known)]
@@ -142,8 +146,9 @@ def _fallback_symbols(shared: Path) -> dict[str, str]:
         out.setdefault(eid, sym)
     hgnc = _read_hgnc(shared)
     primary = hgnc[hgnc["kind"] == "primary"]
-    unique = primary.groupby("ensembl_id")["symbol"].agg(lambda s: s.iloc[0] if s.nunique() == 1 else "")
-    out.update({k: v for k, v in unique.items() if v})  # HGNC approved symbols win over NCBI's
+    primary = primary.drop_duplicates(["ensembl_id", "symbol"])
+    unique = primary[~primary["ensembl_id"].duplicated(keep=False)]
+    out.update(zip(unique["ensembl_id"], unique["symbol"]))  # HGNC approved symbols win over NCBI's
     return out
 
 

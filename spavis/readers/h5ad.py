@@ -121,9 +121,8 @@ def read_h5ad_slice(path: Path, root: Path | None = None) -> ad.AnnData:
     positions = _positions_from_obs(a)
     positions_file: Path | str = f"{path} (obs/obsm)"
     folder = root or path.parent
-    sidecar_pos = next(
-        (p for p in sorted(folder.glob("**/*tissue_positions*")) if p.suffix in (".csv", ".gz", ".parquet")), None
-    )
+    near = sorted(folder.glob("*tissue_positions*")) + sorted(folder.glob("spatial/*tissue_positions*"))
+    sidecar_pos = next((p for p in near if p.suffix in (".csv", ".gz", ".parquet")), None)
     if sidecar_pos is not None:
         extra = read_positions(sidecar_pos)
         if positions is None:
@@ -134,7 +133,8 @@ def read_h5ad_slice(path: Path, root: Path | None = None) -> ad.AnnData:
                 positions[col] = positions[col].fillna(extra[col])
     lib, sf, img = _image(a)
     if img is None:
-        lowres = next(iter(sorted(folder.glob("**/*tissue_lowres_image.png*"))), None)
+        near = sorted(folder.glob("*tissue_lowres_image.png*")) + sorted(folder.glob("spatial/*tissue_lowres_image.png*"))
+        lowres = near[0] if near else None
         img = read_lowres(lowres) if lowres is not None else None
     spot_diam = sf.get("spot_diameter_fullres")
     if spot_diam is None and meta:
