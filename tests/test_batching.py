@@ -219,3 +219,23 @@ def test_rank_files_partition():
     assert sorted(sum(parts, [])) == sorted(files)
     assert rank_files(files, 0, 3, seed=1, epoch=2) == parts[0]
     assert rank_files(files, 0, 3, seed=1, epoch=3) != parts[0] or rank_files(files, 1, 3, seed=1, epoch=3) != parts[1]
+
+
+def test_real_shards_from_generated_slice(tmp_path):
+    """spavis.simulate (generated) -> spavis.build.build_shards -> tokenizer, groups and loader."""
+    from spavis.build import build_shards
+    from spavis.corpus import open_corpus
+    from spavis.simulate import write_simulated_slice
+
+    write_simulated_slice(tmp_path / "in" / "GEN1", seed=1, tissue_fraction=0.15)
+    corpus = open_corpus(build_shards([tmp_path / "in" / "GEN1"], tmp_path / "shards", k_neighbors=8))
+    tok = GeneTokenizer.from_corpus(corpus)
+    (table,) = list(corpus.iter_slides())
+    ids = tok(table)
+    n_genes = table.column("n_genes").to_numpy()
+    assert ((ids >= 30).sum(1) == np.minimum(n_genes, 1500)).all()
+    groups = spatial_groups(table, seed=0)
+    check_groups(table, groups, 400.0)
+    assert groups.shape[0] * 9 > table.num_rows * 0.4  # most spots of a compact tissue are grouped
+    batch = next(iter(TokenBatchLoader(corpus, tok, mode="spatial", groups_per_batch=24, epochs=1)))
+    assert tuple(batch["input_ids"].shape) == (216, 1500) and tuple(batch["groups"].shape) == (24, 9)

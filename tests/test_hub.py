@@ -53,7 +53,8 @@ def test_publish_cli_never_prints_the_token(run, tmp_path):
     out, _ = run
     with FakeHub(tmp_path / "hub") as hub:
         env = hub.env(tmp_path / "home")
-        env["HF_TOKEN"] = WRITE_TOKEN
+        env["HF_TOKEN"] = WRITE_TOKEN  # a user's usual way to authenticate
+        env.pop("HF_HUB_DISABLE_IMPLICIT_TOKEN", None)
         res = subprocess.run([sys.executable, "-m", "stamp.cli", "publish", str(out), "--repo-id", "org/cli"],
                              env=env, capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr

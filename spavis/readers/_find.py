@@ -79,7 +79,8 @@ def _pick(cands: list[Found], key: str | None, root: Path, kind: str) -> Found |
         if len(keys) > 1:
             return None
         same = cands
-    same.sort(key=lambda c: (c.rank, len(c.path.parts), str(c.path)))
+    # filtered before raw (Space Ranger writes both), shallow before deep, then by name
+    same.sort(key=lambda c: (c.rank, "raw" in c.path.parent.name.lower(), len(c.path.parts), str(c.path)))
     return same[0]
 
 
