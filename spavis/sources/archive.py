@@ -1,137 +1,215 @@
-"""Safe extraction of downloaded tar archives (GEO ``GSEnnnn_RAW.tar`` and friends).
+"""Safe extraction of downloaded archives: tar (plain, .gz, .bz2, .xz) and zip.
 
-Archives come from the internet, so every member is checked before anything is written:
-absolute paths, ``..`` components, symlinks, hard links, devices/FIFOs are refused, the
-total extracted size is capped, and only the requested members are extracted. Python's
-own ``tarfile`` data filter is applied on top where available (3.12+, backported to
-3.8-3.11 security releases). Each file is written to a temp name and renamed, so a
-crash never leaves a truncated member under its real name.
+GEO ships Visium data as ``GSEnnnn_RAW.tar`` and as per-sample ``*_spatial.tar.gz`` /
+``*_filtered_feature_bc_matrix.zip`` packs. They come from the internet, so every selected
+member is checked before anything is written: absolute paths, ``..`` components,
+symlinks, hard links, devices/FIFOs are refused and the total extracted size is capped
+(also while streaming, in case a header lies). Only requested members are extracted, each
+to a temp name then renamed, so a crash never leaves a truncated member under its real
+name. For tar, Python's own ``tarfile.data_filter`` runs on top where available.
 """
 from __future__ import annotations
 
 import os
 import posixpath
+import stat
 import tarfile
 import tempfile
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import IO, Callable, Iterable, Mapping
 
 from spavis.errors import FetchError
 
 DEFAULT_MAX_BYTES = 50 * 1024**3  # 50 GB: larger than any single Visium series we know
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip")
 
 
 class UnsafeArchiveError(FetchError):
     """An archive member would escape the destination or is not a regular file/folder."""
 
 
-def _check_member(tar_path: Path, m: tarfile.TarInfo) -> None:
+@dataclass(frozen=True)
+class Member:
+    """One archive entry, format independent."""
+
+    name: str
+    size: int
+    kind: str  # file | dir | link | special
+    linkname: str = ""
+
+
+def is_archive(name: str) -> bool:
+    return name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+class _Reader:
+    """Members + a way to open one, for tar or zip (chosen by content, not by name)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._zip: zipfile.ZipFile | None = None
+        self._tar: tarfile.TarFile | None = None
+        try:
+            if zipfile.is_zipfile(path):
+                self._zip = zipfile.ZipFile(path)
+            else:
+                self._tar = tarfile.open(path)
+        except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise FetchError(f"{path}: not a readable tar/zip archive ({exc}); delete it and fetch again.") from None
+        try:
+            self.members = self._list()
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
+            self.close()
+            raise FetchError(f"{path}: the archive is corrupt ({exc}); delete it and fetch again.") from None
+
+    def _list(self) -> list[Member]:
+        if self._zip is not None:
+            out = []
+            for i in self._zip.infolist():
+                mode = i.external_attr >> 16
+                if i.is_dir():
+                    kind = "dir"
+                elif stat.S_ISLNK(mode):
+                    kind = "link"
+                elif mode and not stat.S_ISREG(mode):
+                    kind = "special"
+                else:
+                    kind = "file"
+                out.append(Member(i.filename, i.file_size, kind))
+            return out
+        assert self._tar is not None
+        self._tar_info = {m.name: m for m in self._tar.getmembers()}
+        return [Member(m.name, m.size, "link" if (m.issym() or m.islnk()) else
+                       "file" if m.isfile() else "dir" if m.isdir() else "special", m.linkname)
+                for m in self._tar_info.values()]
+
+    def open(self, member: Member, root: Path) -> IO[bytes]:
+        if self._zip is not None:
+            return self._zip.open(member.name)
+        info = self._tar_info[member.name]
+        filt = getattr(tarfile, "data_filter", None)
+        if filt is not None:
+            try:
+                filt(info, str(root))  # the stdlib's own checks, on top of ours
+            except tarfile.FilterError as exc:
+                raise UnsafeArchiveError(f"{self.path}: member {member.name!r} rejected ({exc}).") from None
+        src = self._tar.extractfile(info)  # type: ignore[union-attr]
+        if src is None:
+            raise UnsafeArchiveError(f"{self.path}: member {member.name!r} has no data.")
+        return src
+
+    def close(self) -> None:
+        for h in (self._zip, self._tar):
+            if h is not None:
+                h.close()
+
+    def __enter__(self) -> "_Reader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_member(path: Path, m: Member) -> None:
     name = m.name
-    norm = posixpath.normpath(name)
+    norm = posixpath.normpath(name.replace("\\", "/"))
     if name.startswith(("/", "\\")) or os.path.isabs(name) or (len(name) > 1 and name[1] == ":"):
-        raise UnsafeArchiveError(f"{tar_path}: member {name!r} has an absolute path; refusing to extract.")
-    if norm == ".." or norm.startswith("../") or ".." in Path(name).parts:
-        raise UnsafeArchiveError(f"{tar_path}: member {name!r} points outside the folder ('..'); refusing.")
-    if m.issym() or m.islnk():
-        raise UnsafeArchiveError(f"{tar_path}: member {name!r} is a link ({m.linkname!r}); refusing.")
-    if not (m.isfile() or m.isdir()):
-        raise UnsafeArchiveError(f"{tar_path}: member {name!r} is a device, FIFO or other special file; refusing.")
+        raise UnsafeArchiveError(f"{path}: member {name!r} has an absolute path; refusing to extract.")
+    if norm == ".." or norm.startswith("../") or ".." in Path(name.replace("\\", "/")).parts:
+        raise UnsafeArchiveError(f"{path}: member {name!r} points outside the folder ('..'); refusing.")
+    if m.kind == "link":
+        raise UnsafeArchiveError(f"{path}: member {name!r} is a link ({m.linkname!r}); refusing.")
+    if m.kind == "special":
+        raise UnsafeArchiveError(f"{path}: member {name!r} is a device, FIFO or other special file; refusing.")
 
 
-def list_members(tar_path: str | os.PathLike) -> list[str]:
-    """Names of the regular files in an archive."""
-    tar_path = Path(tar_path)
-    try:
-        with tarfile.open(tar_path) as tf:
-            return [m.name for m in tf.getmembers() if m.isfile()]
-    except (tarfile.TarError, EOFError) as exc:
-        raise FetchError(f"{tar_path}: not a readable tar archive ({exc}); delete it and fetch again.") from None
+def list_members(path: str | os.PathLike) -> list[str]:
+    """Names of the regular files in a tar or zip archive."""
+    with _Reader(Path(path)) as r:
+        return [m.name for m in r.members if m.kind == "file"]
 
 
 def safe_extract(
-    tar_path: str | os.PathLike,
+    path: str | os.PathLike,
     dest: str | os.PathLike,
     *,
-    members: Iterable[str] | None = None,
+    members: Iterable[str] | Mapping[str, str] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     flatten: bool = False,
 ) -> list[Path]:
-    """Extract (only ``members`` when given) from ``tar_path`` into ``dest``; return the paths.
+    """Extract (only ``members`` when given) from a tar/zip ``path`` into ``dest``; return the paths.
 
-    Raises UnsafeArchiveError before writing anything when a selected member is unsafe or
-    the selected members together exceed ``max_bytes``; FetchError when a requested member
-    is missing. ``flatten`` drops folders inside the archive (files land directly in dest).
+    ``members`` may map member name -> relative target path (to put files where a reader
+    expects them). Raises UnsafeArchiveError before writing anything when a selected member
+    is unsafe or the selected members together exceed ``max_bytes``; FetchError when a
+    requested member is missing. ``flatten`` drops folders inside the archive.
     """
-    tar_path, dest = Path(tar_path), Path(dest)
-    wanted = None if members is None else list(dict.fromkeys(members))
-    try:
-        tf = tarfile.open(tar_path)
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise FetchError(f"{tar_path}: not a readable tar archive ({exc}); delete it and fetch again.") from None
-    with tf:
-        try:
-            all_members = tf.getmembers()
-        except (tarfile.TarError, EOFError) as exc:
-            raise FetchError(f"{tar_path}: the archive is corrupt ({exc}); delete it and fetch again.") from None
-        if wanted is None:
-            selected = all_members
+    path, dest = Path(path), Path(dest)
+    targets: dict[str, str] | None
+    if members is None:
+        targets = None
+    elif isinstance(members, Mapping):
+        targets = dict(members)
+    else:
+        targets = {n: n for n in dict.fromkeys(members)}
+    with _Reader(path) as reader:
+        by_name = {m.name: m for m in reader.members}
+        if targets is None:
+            selected = [(m, m.name) for m in reader.members]
         else:
-            by_name = {m.name: m for m in all_members}
-            missing = [n for n in wanted if n not in by_name]
+            missing = [n for n in targets if n not in by_name]
             if missing:
-                raise FetchError(f"{tar_path}: missing member(s) {', '.join(missing)}.")
-            selected = [by_name[n] for n in wanted]
+                raise FetchError(f"{path}: missing member(s) {', '.join(missing)}.")
+            selected = [(by_name[n], t) for n, t in targets.items()]
         total = 0
-        for m in selected:
-            _check_member(tar_path, m)
+        for m, target in selected:
+            _check_member(path, m)
+            if target != m.name:
+                _check_member(path, Member(target, 0, "file"))
             total += max(m.size, 0)
         if total > max_bytes:
             raise UnsafeArchiveError(
-                f"{tar_path}: the selected members hold {total} bytes, over the {max_bytes}-byte cap; refusing."
+                f"{path}: the selected members hold {total} bytes, over the {max_bytes}-byte cap; refusing."
             )
-        filt = getattr(tarfile, "data_filter", None)
         dest.mkdir(parents=True, exist_ok=True)
         root = dest.resolve()
         out: list[Path] = []
-        for m in selected:
-            if filt is not None:
-                try:
-                    m = filt(m, str(root))  # the stdlib's own checks, on top of ours
-                except tarfile.FilterError as exc:
-                    raise UnsafeArchiveError(f"{tar_path}: member {m.name!r} rejected ({exc}).") from None
-            rel = Path(m.name).name if flatten else Path(posixpath.normpath(m.name))
-            target = (root / rel).resolve()
-            if root != target and root not in target.parents:
-                raise UnsafeArchiveError(f"{tar_path}: member {m.name!r} escapes {dest}; refusing.")
-            if m.isdir():
+        budget = [max_bytes]
+        for m, target in selected:
+            rel = Path(target).name if flatten else Path(posixpath.normpath(target.replace("\\", "/")))
+            final = (root / rel).resolve()
+            if root != final and root not in final.parents:
+                raise UnsafeArchiveError(f"{path}: member {m.name!r} escapes {dest}; refusing.")
+            if m.kind == "dir":
                 if not flatten:
-                    target.mkdir(parents=True, exist_ok=True)
+                    final.mkdir(parents=True, exist_ok=True)
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _extract_file(tf, m, target, tar_path)
-            out.append(target)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            _extract_file(lambda: reader.open(m, root), m, final, path, budget)
+            out.append(final)
         return out
 
 
-def _extract_file(tf: tarfile.TarFile, m: tarfile.TarInfo, target: Path, tar_path: Path) -> None:
-    src = tf.extractfile(m)
-    if src is None:
-        raise UnsafeArchiveError(f"{tar_path}: member {m.name!r} has no data.")
+def _extract_file(open_src: Callable[[], IO[bytes]], m: Member, target: Path, path: Path,
+                  budget: list[int]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     written = 0
     try:
-        with os.fdopen(fd, "wb") as fh, src:
+        with os.fdopen(fd, "wb") as fh, open_src() as src:
             while chunk := src.read(1 << 20):
                 written += len(chunk)
-                if written > m.size:  # header lies about the size: stop a bomb early
-                    raise UnsafeArchiveError(f"{tar_path}: member {m.name!r} is larger than its header says.")
+                budget[0] -= len(chunk)
+                if written > m.size or budget[0] < 0:  # header lies about the size: stop a bomb early
+                    raise UnsafeArchiveError(f"{path}: member {m.name!r} is larger than its header says.")
                 fh.write(chunk)
         if written != m.size:
-            raise FetchError(f"{tar_path}: member {m.name!r} is truncated; delete the archive and fetch again.")
+            raise FetchError(f"{path}: member {m.name!r} is truncated; delete the archive and fetch again.")
         os.replace(tmp, target)
-    except (tarfile.TarError, EOFError) as exc:
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise FetchError(f"{tar_path}: the archive is corrupt ({exc}); delete it and fetch again.") from None
+        raise FetchError(f"{path}: the archive is corrupt ({exc}); delete it and fetch again.") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
