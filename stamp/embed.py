@@ -43,7 +43,8 @@ def _write_obsm(store: Path, spot_index: np.ndarray, emb: np.ndarray) -> None:
     import zarr
     from anndata.io import write_elem
 
-    group = zarr.open_group(str(store), mode="r+")
+    consolidated = (store / ".zmetadata").is_file() or (store / "zarr.json").is_file()
+    group = zarr.open_group(str(store), mode="r+", use_consolidated=False)
     n_obs = int(group["obs"][group["obs"].attrs["_index"]].shape[0])
     if spot_index.size != n_obs or spot_index.max(initial=-1) >= n_obs:
         raise EmbedError(f"{store}: holds {n_obs} spots but the shards list {spot_index.size}; rebuild the corpus")
@@ -53,6 +54,8 @@ def _write_obsm(store: Path, spot_index: np.ndarray, emb: np.ndarray) -> None:
     if OBSM_KEY in obsm:
         del obsm[OBSM_KEY]
     write_elem(obsm, OBSM_KEY, full)
+    if consolidated:  # keep readers that trust consolidated metadata (anndata.read_zarr) in sync
+        zarr.consolidate_metadata(str(store))
 
 
 def embed_corpus(

@@ -82,7 +82,7 @@ MEAN_COLUMNS = ("nonzero_mean_cp10k", "nonzero_mean_raw")
 VOCAB_FILE = "vocab.json"
 MEANS_FILE = "gene_means.parquet"
 CONFIG_FILE = "tokenizer_config.json"
-_ROW_CHUNK = 256  # rows per sort block: keeps a block in L2 and gives threads work units
+_ROW_CHUNK = 256  # rows per sort block (rows of similar length): amortizes calls, gives threads work units
 _U64_MAX = np.iinfo(np.uint64).max
 
 
@@ -176,40 +176,172 @@ def to_model_input_ids(ids: np.ndarray, pad_value: int, context_length: int) -> 
     return out
 
 
-def _encode_block(
-    data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, means: np.ndarray,
-    token_ids: np.ndarray, max_length: int, pad_value: int, id_bits: int,
-) -> np.ndarray:
-    """Tokenize one row block given canonical CSR parts (indptr starting at 0)."""
-    n = indptr.shape[0] - 1
-    lens = np.diff(indptr)
-    out = np.full((n, max_length), pad_value, dtype=np.int32)
-    width = int(lens.max()) if n else 0
-    if width == 0:
-        return out
-    sums = np.add.reduceat(data, indptr[:-1], dtype=np.float64)
-    sums[lens == 0] = 1.0  # reduceat repeats the next value for empty rows; never used
-    factor = (np.float32(TARGET_SUM) / sums.astype(np.float32)).astype(np.float32)
-    values = data * np.repeat(factor, lens)
-    values /= means[indices]
-    bits = values.view(np.uint32)
-    np.subtract(np.uint32(0x7FFFFFFF), bits, out=bits)  # descending value
-    keys = bits.astype(np.uint64)
-    keys <<= np.uint64(id_bits)
-    keys |= token_ids[indices]  # ties: ascending id
-    flat = np.repeat(np.arange(n, dtype=np.int64) * width - indptr[:-1], lens)
-    flat += np.arange(data.shape[0], dtype=np.int64)
-    block = np.full(n * width, _U64_MAX, dtype=np.uint64)
-    block[flat] = keys
-    block = block.reshape(n, width)
-    keep = min(width, max_length)
-    if width > 2 * keep:  # long rows: select the top `keep` first, then sort only those
-        block = np.partition(block, keep - 1, axis=1)[:, :keep]
-    block.sort(axis=1)
+# ----------------------------------------------------------------------------- encoding core
+# Keys: (0x7FFFFFFF - float32_bits(v)) << id_bits | token_id. Non-negative float32 bit
+# patterns order like the floats, so ascending keys = descending value, then ascending id.
+def _pairwise_sum(a: np.ndarray, lo: int, n: int) -> float:
+    """numpy's float64 pairwise summation (``x.astype(float64).sum()``), so row sums match it bit for bit."""
+    if n < 8:
+        res = 0.0
+        for i in range(lo, lo + n):
+            res += np.float64(a[i])
+        return res
+    if n <= 128:
+        r0, r1, r2, r3 = np.float64(a[lo]), np.float64(a[lo + 1]), np.float64(a[lo + 2]), np.float64(a[lo + 3])
+        r4, r5, r6, r7 = np.float64(a[lo + 4]), np.float64(a[lo + 5]), np.float64(a[lo + 6]), np.float64(a[lo + 7])
+        i = 8
+        stop = n - n % 8
+        while i < stop:
+            j = lo + i
+            r0 += a[j]
+            r1 += a[j + 1]
+            r2 += a[j + 2]
+            r3 += a[j + 3]
+            r4 += a[j + 4]
+            r5 += a[j + 5]
+            r6 += a[j + 6]
+            r7 += a[j + 7]
+            i += 8
+        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        while i < n:
+            res += a[lo + i]
+            i += 1
+        return res
+    n2 = n // 2
+    n2 -= n2 % 8
+    return _pairwise_sum(a, lo, n2) + _pairwise_sum(a, lo + n2, n - n2)
+
+
+def _fill_keys(data, indices, indptr, rows, means, id_bits, block):  # pragma: no cover - compiled
+    """Write the sort keys of spots ``rows`` into ``block`` (rows x width), padding with UINT64_MAX."""
+    width = block.shape[1]
+    one = np.empty(1, np.float32)
+    bits = one.view(np.uint32)
+    shift = np.uint64(id_bits)
+    top = np.uint32(0x7FFFFFFF)
+    for r in range(rows.shape[0]):
+        a = indptr[rows[r]]
+        b = indptr[rows[r] + 1]
+        factor = np.float32(10000.0) / np.float32(_pairwise_sum(data, a, b - a))
+        for j in range(a, b):
+            one[0] = (data[j] * factor) / means[indices[j]]
+            block[r, j - a] = (np.uint64(top - bits[0]) << shift) | np.uint64(indices[j] + 30)
+        for j in range(b - a, width):
+            block[r, j] = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _take_ids(block, lens, rows, out, id_bits):  # pragma: no cover - compiled
+    """Low bits of each row's first min(len, width) sorted keys -> ``out[rows]`` (already padded)."""
     mask = np.uint64((1 << id_bits) - 1)
-    out[:, :keep] = (block[:, :keep] & mask).astype(np.int32)
-    head = out[:, :keep]
-    head[np.arange(keep)[None, :] >= lens[:, None]] = pad_value
+    for r in range(rows.shape[0]):
+        k = min(lens[r], block.shape[1])
+        row = out[rows[r]]
+        for j in range(k):
+            row[j] = np.int32(block[r, j] & mask)
+
+
+_KERNELS: list = []
+
+
+def _numba_kernels():
+    """Compile (or load from numba's on-disk cache) the two kernels on first use; None without numba."""
+    if not _KERNELS:
+        try:
+            import numba
+        except ImportError:
+            _KERNELS.append(None)
+        else:
+            jit = numba.njit(cache=True, nogil=True)
+            g = globals()
+            g["_pairwise_sum"] = jit(_pairwise_sum)  # the kernels resolve it by global name
+            _KERNELS.append((jit(_fill_keys), jit(_take_ids)))
+    return _KERNELS[0]
+
+
+def _exact_row_sums(data: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+    """Row sums equal to ``row.astype(float64).sum()`` (numpy fallback path).
+
+    For integer counts every partial sum is exact, so a segmented sum gives the same bits;
+    otherwise sum row by row with numpy's own reduction.
+    """
+    lens = np.diff(indptr)
+    integral = data.size == 0 or (np.array_equal(data, np.floor(data)) and float(data.sum(dtype=np.float64)) < 2.0**53)
+    if integral:
+        sums = np.add.reduceat(data, np.minimum(indptr[:-1], max(data.size - 1, 0)), dtype=np.float64) if data.size else np.zeros(len(lens))
+        sums[lens == 0] = 0.0
+        return sums
+    return np.array([data[a:b].astype(np.float64).sum() for a, b in zip(indptr[:-1], indptr[1:])])
+
+
+def _fill_keys_numpy(values_bits, indices, indptr, rows, id_bits, block):
+    """numpy twin of :func:`_fill_keys` given the float32 value bits of every nonzero."""
+    n, width = block.shape
+    lens = indptr[rows + 1] - indptr[rows]
+    seg = np.cumsum(lens) - lens
+    pos = np.arange(int(lens.sum()), dtype=np.int64)
+    src = np.repeat(indptr[rows] - seg, lens) + pos
+    dst = np.repeat(np.arange(n, dtype=np.int64) * width - seg, lens) + pos
+    keys = (np.uint32(0x7FFFFFFF) - values_bits[src]).astype(np.uint64)
+    keys <<= np.uint64(id_bits)
+    keys |= indices[src].astype(np.uint64) + np.uint64(N_RESERVED)
+    flat = block.reshape(-1)
+    flat.fill(_U64_MAX)
+    flat[dst] = keys
+
+
+def _take_ids_numpy(block, lens, rows, out, id_bits, pad_value):
+    """numpy twin of :func:`_take_ids`."""
+    ids = (block & np.uint64((1 << id_bits) - 1)).astype(np.int32)
+    ids[np.arange(block.shape[1])[None, :] >= lens[:, None]] = pad_value
+    out[rows, :block.shape[1]] = ids
+
+
+def _encode(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, means: np.ndarray, max_length: int,
+            pad_value: int, id_bits: int, n_threads: int, use_numba: bool = True) -> np.ndarray:
+    """Tokenize canonical CSR parts (no explicit zeros, sorted indices) -> int32 (n, max_length).
+
+    Rows are ordered by length and cut into blocks of similar length, so the padded key block
+    of each is nearly dense; per block: build keys, keep the ``max_length`` smallest
+    (np.partition) when rows are longer, sort each row (numpy's SIMD sort), read the ids.
+    """
+    n = indptr.shape[0] - 1
+    out = np.full((n, max_length), pad_value, dtype=np.int32)
+    lens = np.diff(indptr)
+    order = np.argsort(lens, kind="stable")
+    first = int(np.searchsorted(lens[order], 1))  # empty rows stay all-padding
+    kernels = _numba_kernels() if use_numba else None
+    if kernels is None:
+        sums = _exact_row_sums(data, indptr)
+        sums[lens == 0] = 1.0
+        factor = np.float32(TARGET_SUM) / sums.astype(np.float32)
+        values = data * np.repeat(factor, lens)
+        values /= means[indices]
+        bits = values.view(np.uint32)
+
+    def block(start: int) -> None:
+        rows = order[start:start + _ROW_CHUNK]
+        row_lens = lens[rows]
+        width = int(row_lens[-1])
+        keys = np.empty((rows.shape[0], width), dtype=np.uint64)
+        if kernels is not None:
+            kernels[0](data, indices, indptr, rows, means, id_bits, keys)
+        else:
+            _fill_keys_numpy(bits, indices, indptr, rows, id_bits, keys)
+        if width > max_length:
+            keys = np.partition(keys, max_length - 1, axis=1)[:, :max_length]
+        keys.sort(axis=1)
+        if kernels is not None:
+            kernels[1](keys, row_lens, rows, out, id_bits)
+        else:
+            _take_ids_numpy(keys, row_lens, rows, out, id_bits, pad_value)
+
+    starts = range(first, n, _ROW_CHUNK)
+    if n_threads > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(min(n_threads, len(starts))) as pool:
+            list(pool.map(block, starts))
+    else:
+        for s in starts:
+            block(s)
     return out
 
 
@@ -335,33 +467,23 @@ class GeneTokenizer:
                 "harmonize the data to this vocabulary first"
             )
         data = X.data.astype(np.float32, copy=False)
-        if data.size and not np.isfinite(data).all():
-            raise TokenizerError("count matrix holds NaN or infinite values; fix the input (spavis QC rejects them)")
-        if data.size and (data < 0).any():
-            raise TokenizerError("count matrix holds negative values; tokenize raw non-negative counts")
-        if not X.has_canonical_format or (data.size and (data == 0).any()):
+        has_zeros = False
+        if data.size and not (data.min() > 0 and data.max() < np.inf):  # two fast reductions; NaN fails both
+            if not np.isfinite(data).all():
+                raise TokenizerError("count matrix holds NaN or infinite values; fix the input (spavis QC rejects them)")
+            if (data < 0).any():
+                raise TokenizerError("count matrix holds negative values; tokenize raw non-negative counts")
+            has_zeros = True
+        if has_zeros or not X.has_canonical_format:
             X = sp.csr_matrix((data.copy(), X.indices.copy(), X.indptr.copy()), shape=X.shape)  # may be read-only Arrow memory
             X.sum_duplicates()
             X.eliminate_zeros()
             data = X.data.astype(np.float32, copy=False)
         indptr = X.indptr.astype(np.int64, copy=False)
         n = X.shape[0]
-
-        def block(start: int) -> np.ndarray:
-            stop = min(start + _ROW_CHUNK, n)
-            a, b = indptr[start], indptr[stop]
-            return _encode_block(data[a:b], X.indices[a:b], indptr[start:stop + 1] - a, self.means,
-                                 self._token_ids, self.max_length, self.pad_value, self._id_bits)
-
-        starts = range(0, n, _ROW_CHUNK)
         threads = self.n_threads or min(4, os.cpu_count() or 1)
-        if n == 0:
-            ids = np.full((0, self.max_length), self.pad_value, dtype=np.int32)
-        elif threads > 1 and len(starts) > 1:
-            with ThreadPoolExecutor(min(threads, len(starts))) as pool:
-                ids = np.concatenate(list(pool.map(block, starts)))
-        else:
-            ids = np.concatenate([block(s) for s in starts])
+        ids = _encode(data, X.indices.astype(np.int32, copy=False), indptr, self.means, self.max_length,
+                      self.pad_value, self._id_bits, threads)
         n_empty = int((np.diff(indptr) == 0).sum())
         if n_empty:
             logger.info("%d of %d spots have no vocabulary gene: tokenized as all-padding rows", n_empty, n)

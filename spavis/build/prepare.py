@@ -32,9 +32,9 @@ from spavis.build.schema import (
 from spavis.errors import SpavisError
 from spavis.neighbors import spatial_graph
 
-PREPARED_FORMAT = 1
+PREPARED_FORMAT = 2
 DONE_FILE = "prepared.json"
-ROWS_FILE = "rows.parquet"
+ROWS_FILE = "rows.arrow"  # Arrow IPC (lz4): cheap to write and re-read; Parquet is written once, by write_corpus
 STATS_FILE = "gene_stats.parquet"
 SLIDE_FILE = "slide.json"
 ZARR_DIR = "slide.zarr"
@@ -217,7 +217,7 @@ def _prepare_into(tmp: Path, s: SliceInput, vocab, min_genes: int, k_neighbors: 
     n_genes = np.diff(X.indptr).astype(np.int32)
 
     rows = _rows_table(s.slide_id, barcodes, X, totals, n_genes, array_row, array_col, pxl_row, pxl_col, graph)
-    pq.write_table(rows, tmp / ROWS_FILE, row_group_size=ROW_GROUP_SIZE, **PARQUET_WRITE_OPTIONS)
+    write_rows(rows, tmp / ROWS_FILE)
     pq.write_table(_gene_stats(X, totals), tmp / STATS_FILE, **PARQUET_WRITE_OPTIONS)
 
     has_coords = graph.method != "none"
@@ -227,6 +227,22 @@ def _prepare_into(tmp: Path, s: SliceInput, vocab, min_genes: int, k_neighbors: 
     _write_zarr(tmp / ZARR_DIR, s, adata, vocab, barcodes, X, totals, n_genes,
                 array_row, array_col, pxl_row, pxl_col, graph, k_neighbors, slide)
     return n
+
+
+def write_rows(table: pa.Table, path: Path) -> None:
+    """A slice's rows as an Arrow IPC file in ROW_GROUP_SIZE batches."""
+    options = pa.ipc.IpcWriteOptions(compression="lz4")
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema, options=options) as writer:
+        for batch in table.to_batches(max_chunksize=ROW_GROUP_SIZE):
+            writer.write_batch(batch)
+
+
+def iter_rows(path: Path):
+    """Record batches of a prepared slice's rows (one batch in memory at a time)."""
+    with pa.memory_map(str(path), "r") as source:
+        reader = pa.ipc.open_file(source)
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i)
 
 
 def _list_array(offsets: np.ndarray, values: np.ndarray, value_type: pa.DataType) -> pa.Array:

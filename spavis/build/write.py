@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from spavis import __version__
 from spavis.build import schema as S
 from spavis.build.card import render_card
-from spavis.build.prepare import DONE_FILE, ROWS_FILE, SLIDE_FILE, STATS_FILE, ZARR_DIR, resolve_vocab
+from spavis.build.prepare import DONE_FILE, ROWS_FILE, SLIDE_FILE, STATS_FILE, ZARR_DIR, iter_rows, resolve_vocab
 from spavis.errors import SpavisError
 
 DEFAULT_MAX_SPOTS_PER_SHARD = 50_000
@@ -164,8 +164,7 @@ def _write_into(tmp, items, vocab, params, max_spots, progress) -> None:
         with pq.ParquetWriter(tmp / rel, S.EXPRESSION_SCHEMA, **S.PARQUET_WRITE_OPTIONS) as writer:
             for slide in shard:
                 location[slide["slide_id"]] = (rel, rows)
-                pf = pq.ParquetFile(dirs[slide["slide_id"]] / ROWS_FILE)
-                for batch in pf.iter_batches(batch_size=S.ROW_GROUP_SIZE):
+                for batch in iter_rows(dirs[slide["slide_id"]] / ROWS_FILE):
                     writer.write_table(pa.Table.from_batches([batch], schema=S.EXPRESSION_SCHEMA),
                                        row_group_size=S.ROW_GROUP_SIZE)
                     rows += batch.num_rows

@@ -2,8 +2,11 @@
 
 Each source module (geo, hest, stimage, stomicsdb, sodb) exposes
 ``fetch_slices(ids, rows, *, cache, workers, with_images) -> list[Path]`` and uses the
-one downloader in ``spavis.sources.download``. Modules load lazily so that, e.g., GEOparse
-is imported only when GEO is used.
+one downloader in ``spavis.sources.download``. A module that also exposes
+``plan_slices(ids, rows, *, cache, with_images) -> list[SliceTask]`` (resolve ids, list
+files; no slice data yet) gets its slices fetched ``workers`` at a time by ``fetch``,
+under one progress display and with at most ``workers`` transfers in flight overall.
+Modules load lazily so that, e.g., GEOparse is imported only when GEO is used.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from types import ModuleType
 from typing import Iterator, Sequence
 
 from spavis.errors import FetchError
+from spavis.sources.download import progress_display
+from spavis.sources.parallel import SliceTask, download_slots, run_slices
 
 SOURCE_NAMES = ("geo", "hest", "stimage", "stomicsdb", "sodb")
 
@@ -104,8 +109,12 @@ def fetch(
     root = Path(cache).expanduser() if cache is not None else cache_root()
     root.mkdir(parents=True, exist_ok=True)
     module = SOURCES[source]
-    return module.fetch_slices(ids, rows, cache=root, workers=max(1, int(workers)),
-                               with_images=with_images)
+    workers = max(1, int(workers))
+    with download_slots(workers), progress_display():
+        plan = getattr(module, "plan_slices", None)
+        if plan is None:
+            return module.fetch_slices(ids, rows, cache=root, workers=workers, with_images=with_images)
+        return run_slices(plan(ids, rows, cache=root, with_images=with_images), workers)
 
 
-__all__ = ["SOURCES", "SOURCE_NAMES", "cache_root", "fetch", "select_rows"]
+__all__ = ["SOURCES", "SOURCE_NAMES", "SliceTask", "cache_root", "fetch", "run_slices", "select_rows"]

@@ -17,6 +17,7 @@ goes through ``fetch_file``:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import email.utils
 import errno
 import hashlib
@@ -25,7 +26,6 @@ import random
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import requests
 
 from spavis.errors import FetchError
+from spavis.sources.parallel import run_ordered, slot
 
 CHUNK = 1 << 20
 STREAM_CHUNK = 1 << 16  # small enough that a dropped connection keeps what arrived
@@ -108,6 +109,8 @@ def make_session() -> requests.Session:
     """A requests session with our User-Agent (one per thread: Session is not thread-safe)."""
     s = requests.Session()
     s.headers["User-Agent"] = USER_AGENT
+    # Byte ranges and sizes must refer to the stored file, never a compressed transfer.
+    s.headers["Accept-Encoding"] = "identity"
     return s
 
 
@@ -221,7 +224,8 @@ def fetch_file(
     while True:
         attempt += 1
         try:
-            total = _attempt(url, part, session, policy, who, progress)
+            with slot():
+                total = _attempt(url, part, session, policy, who, progress)
         except _Retryable as exc:
             last_reason = str(exc)
             if attempt >= policy.attempts:
@@ -283,20 +287,7 @@ def _attempt(url: str, part: Path, session: requests.Session, policy: RetryPolic
                 return total  # the .part already holds the whole file
             part.unlink(missing_ok=True)
             raise _Retryable("stale partial file (HTTP 416), restarting", 0.0)
-        if status == 404 or status == 410:
-            raise FetchError(
-                f"{who}{url} was not found (HTTP {status}). Check the accession; the source "
-                "may have moved or withdrawn it."
-            )
-        if status in (401, 403):
-            raise FetchError(
-                f"{who}{url} is forbidden (HTTP {status}): the data may be gated or need "
-                "credentials. Accept the dataset's terms / log in, then retry."
-            )
-        if status == 429 or status >= 500:
-            raise _Retryable(f"HTTP {status}", _retry_after(resp))
-        if status not in (200, 206):
-            raise FetchError(f"{who}{url}: unexpected HTTP {status}.")
+        _check_status(resp, url, who)
 
         mode = "ab"
         total: int | None = None
@@ -328,6 +319,56 @@ def _attempt(url: str, part: Path, session: requests.Session, policy: RetryPolic
         return total
 
 
+def _check_status(resp: requests.Response, url: str, who: str) -> None:
+    """Map an HTTP status to FetchError (permanent), _Retryable (transient) or nothing (2xx)."""
+    status = resp.status_code
+    if status in (404, 410):
+        raise FetchError(
+            f"{who}{url} was not found (HTTP {status}). Check the accession; the source "
+            "may have moved or withdrawn it."
+        )
+    if status in (401, 403):
+        raise FetchError(
+            f"{who}{url} is forbidden (HTTP {status}): the data may be gated or need "
+            "credentials. Accept the dataset's terms / log in, then retry."
+        )
+    if status == 429 or status >= 500:
+        raise _Retryable(f"HTTP {status}", _retry_after(resp))
+    if status not in (200, 206):
+        raise FetchError(f"{who}{url}: unexpected HTTP {status}.")
+
+
+def get_bytes(url: str, *, label: str | None = None, policy: RetryPolicy | None = None,
+              session: requests.Session | None = None) -> bytes:
+    """A small GET (index page, API answer) with the same retries and errors as files."""
+    session = session or thread_session()
+    policy = policy or RetryPolicy.from_env()
+    who = f"{label}: " if label else ""
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            with slot():
+                resp = session.get(url, timeout=policy.timeout)
+                _check_status(resp, url, who)
+                return resp.content
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            reason, wait = f"connection error: {type(exc).__name__}", None
+        except _Retryable as exc:
+            reason, wait = str(exc), exc.retry_after
+        if attempt >= policy.attempts:
+            raise FetchError(f"{who}{url} failed after {attempt} attempts ({reason}); check the "
+                             "network / base URL and run fetch again.")
+        time.sleep(policy.delay(attempt, wait))
+    raise AssertionError("unreachable")
+
+
+def expected_digests(checksum: str | None) -> dict[str, str | None]:
+    """A manifest checksum ('md5:<hex>' | 'sha256:<hex>') as fetch_file keyword arguments."""
+    algo, _, value = (checksum or "").partition(":")
+    algo = algo.strip().lower()
+    return {"sha256": value.strip() if algo == "sha256" and value else None,
+            "md5": value.strip() if algo == "md5" and value else None}
+
+
 def _content_range_start(value: str | None) -> int | None:
     # "bytes 100-199/200"
     try:
@@ -344,54 +385,31 @@ def _content_range_total(value: str | None) -> int | None:
         return None
 
 
-def download(
-    url: str,
-    dest: str | os.PathLike,
-    *,
-    size: int | None = None,
-    sha256: str | None = None,
-    md5: str | None = None,
-    session: requests.Session | None = None,
-    policy: RetryPolicy | None = None,
-    label: str | None = None,
-) -> Path:
-    """Download one file (see ``fetch_file``) and return its final path."""
-    return fetch_file(url, dest, size=size, sha256=sha256, md5=md5, session=session,
-                      policy=policy, label=label).path
+def download(url: str, dest: str | os.PathLike, **kwargs) -> Path:
+    """Download one file and return its final path (keywords as ``fetch_file``:
+    size, sha256, md5, session, policy, label)."""
+    return fetch_file(url, dest, **kwargs).path
 
 
 def download_many(jobs: Sequence[Job], *, workers: int = 4, policy: RetryPolicy | None = None,
                   show_progress: bool | None = None) -> list[FileRecord]:
-    """Fetch several files concurrently (thread pool) with one rich progress display.
+    """Fetch several files concurrently (thread pool) under the shared progress display.
 
     Returns the records in job order. The first FetchError is re-raised after the other
     downloads finished (so completed files are kept for the next run).
     """
     policy = policy or RetryPolicy.from_env()
-    results: list[FileRecord | None] = [None] * len(jobs)
-    errors: list[BaseException] = []
     with progress_display(show_progress) as bar:
-        def run(i: int, job: Job) -> None:
+        def run(job: Job) -> FileRecord:
             task = bar.add(job.dest.name, job.size)
             try:
-                results[i] = fetch_file(job.url, job.dest, size=job.size, sha256=job.sha256,
-                                        md5=job.md5, policy=policy, label=job.label,
-                                        progress=lambda adv, tot: bar.advance(task, adv, tot))
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                errors.append(exc)
+                return fetch_file(job.url, job.dest, size=job.size, sha256=job.sha256, md5=job.md5,
+                                  policy=policy, label=job.label,
+                                  progress=lambda adv, tot: bar.advance(task, adv, tot))
             finally:
                 bar.finish(task)
 
-        if workers <= 1 or len(jobs) <= 1:
-            for i, job in enumerate(jobs):
-                run(i, job)
-        else:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spavis-dl") as pool:
-                list(pool.map(lambda a: run(*a), enumerate(jobs)))
-    if errors:
-        fetch_errors = [e for e in errors if isinstance(e, FetchError)]
-        raise (fetch_errors[0] if fetch_errors else errors[0])
-    return [r for r in results if r is not None]
+        return run_ordered(run, jobs, workers, name="spavis-dl")
 
 
 class _Bars:
@@ -401,11 +419,11 @@ class _Bars:
         self._p = progress
         self._lock = threading.Lock()
 
-    def add(self, name: str, total: int | None):
+    def add(self, name: str, total: int | None, *, kind: str = "bytes"):
         if self._p is None:
             return None
         with self._lock:
-            return self._p.add_task(name, total=total)
+            return self._p.add_task(name, total=total, count=(kind == "count"))
 
     def advance(self, task, advance: int, total: int | None) -> None:
         if self._p is None or task is None:
@@ -422,23 +440,55 @@ class _Bars:
             self._p.remove_task(task)
 
 
+_BARS: contextvars.ContextVar[_Bars | None] = contextvars.ContextVar("spavis_progress", default=None)
+
+
 @contextlib.contextmanager
 def progress_display(show: bool | None = None) -> Iterator[_Bars]:
-    """Rich progress bars on stderr; off when not a terminal or SPAVIS_NO_PROGRESS is set."""
+    """Rich progress bars on stderr; off when not a terminal (unless SPAVIS_PROGRESS=1) or
+    when SPAVIS_NO_PROGRESS is set.
+
+    Re-entrant: inside an open display (also in worker threads started with a copied
+    context) the same display is reused, so a whole fetch shows one set of bars.
+    """
+    outer = _BARS.get()
+    if outer is not None:
+        yield outer
+        return
     from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+    from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn, TextColumn,
                                TimeRemainingColumn, TransferSpeedColumn)
 
+    class _Amount(ProgressColumn):
+        """Bytes for files, 'n/total' for the slice counter."""
+
+        _bytes = DownloadColumn()
+
+        def render(self, task):
+            if task.fields.get("count"):
+                return f"{int(task.completed)}/{int(task.total or 0)}"
+            return self._bytes.render(task)
+
     console = Console(stderr=True)
-    if show is None:
-        show = console.is_terminal and not os.environ.get("SPAVIS_NO_PROGRESS")
+    if show is None:  # SPAVIS_PROGRESS=1 forces bars (e.g. CI logs); SPAVIS_NO_PROGRESS=1 hides them
+        show = ((console.is_terminal or os.environ.get("SPAVIS_PROGRESS") == "1")
+                and not os.environ.get("SPAVIS_NO_PROGRESS"))
     if not show:
-        yield _Bars(None)
+        bars = _Bars(None)
+        token = _BARS.set(bars)
+        try:
+            yield bars
+        finally:
+            _BARS.reset(token)
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(), console=console,
-                  transient=True) as prog:
-        yield _Bars(prog)
+    with Progress(TextColumn("{task.description}"), BarColumn(), _Amount(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as prog:
+        bars = _Bars(prog)
+        token = _BARS.set(bars)
+        try:
+            yield bars
+        finally:
+            _BARS.reset(token)
 
 
 def iter_records(records: Iterable[FileRecord], root: Path) -> dict[str, dict]:

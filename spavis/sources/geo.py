@@ -13,7 +13,11 @@ Protocol (the real one; base URL from ``SPAVIS_GEO_URL``, default
   onto the base URL. A sample whose own files form a Visium set is fetched file by file;
   otherwise the series ``GSEnnnn_RAW.tar`` is downloaded once into
   ``CACHE/geo/.series/<GSE>/`` and only that sample's ``GSMnnnn_*`` members are extracted
-  (safely). Files keep their GEO names (``GSMnnnn_…``, gzip'd); ``read_slice`` reads them.
+  (safely). Loose files keep their GEO names (``GSMnnnn_…``, gzip'd); packs
+  (``…_spatial.tar.gz``, ``…_filtered_feature_bc_matrix.zip``, loose or inside RAW.tar) are
+  unpacked into ``spatial/`` and ``filtered_feature_bc_matrix/`` and then removed (see
+  ``spavis.sources.visium``); slice.json records each file's origin as ``<archive url>#<member>``
+  and the packs themselves under ``archives``. ``read_slice`` reads the folder as is.
 """
 from __future__ import annotations
 
@@ -21,12 +25,15 @@ import gzip
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from spavis.errors import FetchError
 from spavis.sources import archive, download, sidecar
+from spavis.sources.parallel import SliceTask, run_slices
+from spavis.sources.visium import PACKS, check_complete, pack_targets, role_of, visium_set  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +41,6 @@ DEFAULT_BASE = "https://ftp.ncbi.nlm.nih.gov/geo"
 DEFAULT_QUERY = "https://www.ncbi.nlm.nih.gov/geo/query/acc.cgi"
 LICENSE = "GEO public data, see original publication"
 HUMAN = "Homo sapiens"
-
-# Visium file roles, matched on the file name without ".gz" (GEO adds GSM/sample prefixes).
-ROLES: dict[str, str] = {
-    "h5": r"filtered_feature_bc_matrix\.h5",
-    "h5_raw": r"raw_feature_bc_matrix\.h5",
-    "barcodes": r"barcodes\.tsv",
-    "features": r"(?:features|genes)\.tsv",
-    "matrix": r"matrix\.mtx",
-    "positions": r"tissue_positions(?:_list)?\.(?:csv|parquet)",
-    "scalefactors": r"scalefactors_json\.json",
-    "lowres": r"tissue_lowres_image\.png",
-    "hires": r"tissue_hires_image\.png",
-}
-_ROLE_RE = {role: re.compile(r"(?:^|[_.\-/])" + pat + r"$", re.I) for role, pat in ROLES.items()}
 
 _CANCER = ("cancer", "carcinoma", "tumor", "tumour", "adenocarcinoma", "melanoma", "glioblastoma",
            "glioma", "lymphoma", "leukemia", "leukaemia", "sarcoma", "neoplasm", "metasta",
@@ -91,55 +84,6 @@ def map_url(url: str) -> str:
     """Map a SOFT ``ftp://ftp.ncbi.nlm.nih.gov/geo/...`` URL onto the configured base URL."""
     m = re.match(r"^(?:ftp|https?)://ftp\.ncbi\.nlm\.nih\.gov/geo/(.*)$", url.strip())
     return f"{base_url()}/{m.group(1)}" if m else url.strip()
-
-
-# ---- Visium file sets -----------------------------------------------------------------
-
-def role_of(name: str) -> str | None:
-    base = name.rsplit("/", 1)[-1]
-    if base.lower().endswith(".gz"):
-        base = base[:-3]
-    for role, rx in _ROLE_RE.items():
-        if rx.search(base):
-            return role
-    return None
-
-
-def visium_set(names: Iterable[str], *, with_images: bool = False) -> dict[str, str] | None:
-    """Pick one Visium file set (role -> name) from a sample's files, or None if incomplete.
-
-    Needs positions plus a matrix: filtered h5, else a barcodes/features/matrix.mtx
-    triplet (filtered preferred), else a raw h5. Scalefactors and the lowres image come
-    along when present; the hires image only with ``with_images``.
-    """
-    by_role: dict[str, list[str]] = {}
-    for n in sorted(set(names)):
-        r = role_of(n)
-        if r:
-            by_role.setdefault(r, []).append(n)
-
-    def best(role: str) -> str | None:
-        cands = by_role.get(role, [])
-        plain = [c for c in cands if "raw_feature" not in c.lower()]
-        return (plain or cands or [None])[0]
-
-    picked: dict[str, str] = {}
-    if not by_role.get("positions"):
-        return None
-    picked["positions"] = best("positions")  # type: ignore[assignment]
-    if by_role.get("h5"):
-        picked["h5"] = best("h5")  # type: ignore[assignment]
-    elif all(by_role.get(r) for r in ("barcodes", "features", "matrix")):
-        for r in ("barcodes", "features", "matrix"):
-            picked[r] = best(r)  # type: ignore[assignment]
-    elif by_role.get("h5_raw"):
-        picked["h5_raw"] = best("h5_raw")  # type: ignore[assignment]
-    else:
-        return None
-    for r in ("scalefactors", "lowres") + (("hires",) if with_images else ()):
-        if by_role.get(r):
-            picked[r] = best(r)  # type: ignore[assignment]
-    return picked
 
 
 # ---- SOFT metadata ---------------------------------------------------------------------
@@ -286,11 +230,9 @@ def _human_or_raise(sample: Sample, gse: str) -> None:
         )
 
 
-def fetch_slices(ids: Sequence[str], rows: Sequence[Any], *, cache: Path, workers: int = 4,
-                 with_images: bool = False) -> list[Path]:
-    """Fetch GEO slices given GSE/GSM ids and/or manifest rows (accession GSE + GSM)."""
-    cache = Path(cache)
-    plan: dict[str, dict[str, Any]] = {}  # gse -> {gsm: row|None} ; "*" = all human Visium
+def _resolve(ids: Sequence[str], rows: Sequence[Any], cache: Path) -> dict[str, dict[str, Any]]:
+    """gse -> {gsm: manifest row | None}; ``"*"`` asks for every human Visium sample."""
+    plan: dict[str, dict[str, Any]] = {}
     for acc in ids:
         acc = acc.strip().upper()
         if re.fullmatch(r"GSE\d+", acc):
@@ -305,31 +247,52 @@ def fetch_slices(ids: Sequence[str], rows: Sequence[Any], *, cache: Path, worker
         gse = next((a for a in accs if re.fullmatch(r"GSE\d+", a)), None)
         if gsm is None:
             raise FetchError(f"manifest row {row.slide_id}: no GSM accession; GEO rows need one.")
-        gse = gse or series_of_sample(gsm, cache)
-        plan.setdefault(gse, {})[gsm] = row
-
-    out: list[Path] = []
-    for gse, wanted in plan.items():
-        out.extend(_fetch_series(gse, wanted, cache, workers, with_images))
-    return out
+        plan.setdefault(gse or series_of_sample(gsm, cache), {})[gsm] = row
+    return plan
 
 
-def _fetch_series(gse: str, wanted: dict[str, Any], cache: Path, workers: int,
-                  with_images: bool) -> list[Path]:
-    series = load_series(gse, cache)
+def plan_slices(ids: Sequence[str], rows: Sequence[Any], *, cache: Path,
+                with_images: bool = False) -> list[SliceTask]:
+    """Resolve GSE/GSM ids and manifest rows (accession GSE + GSM) to one task per sample.
+
+    Reads each series' family SOFT (and, where a sample's files live only there, lists
+    the series RAW.tar) before any slice is fetched.
+    """
+    cache = Path(cache)
+    tasks: list[SliceTask] = []
+    for gse, wanted in _resolve(ids, rows, cache).items():
+        series = load_series(gse, cache)
+        for s, files, origin in _select_samples(series, wanted, cache, with_images):
+            row = wanted.get(s.gsm)
+            tasks.append(SliceTask(s.gsm, lambda series=series, s=s, files=files, origin=origin, row=row:
+                                   _fetch_sample(series, s, files, origin, row, cache, with_images)))
+    return tasks
+
+
+def fetch_slices(ids: Sequence[str], rows: Sequence[Any], *, cache: Path, workers: int = 4,
+                 with_images: bool = False) -> list[Path]:
+    """Fetch GEO slices given GSE/GSM ids and/or manifest rows, ``workers`` slices at a time."""
+    return run_slices(plan_slices(ids, rows, cache=cache, with_images=with_images), workers)
+
+
+def _select_samples(series: Series, wanted: dict[str, Any], cache: Path,
+                    with_images: bool) -> list[tuple[Sample, dict[str, str], str]]:
+    """(sample, role -> file name, "loose" | "tar") for every sample to fetch from a series."""
+    gse = series.gse
     all_of_series = "*" in wanted
-    targets = [g for g in series.samples] if all_of_series else [g for g in wanted if g != "*"]
+    targets = list(series.samples) if all_of_series else [g for g in wanted if g != "*"]
     for g in targets:
         if g not in series.samples:
             raise FetchError(f"{g}: not listed in {gse}'s family SOFT ({series.soft_url}).")
 
     skipped_species: dict[str, str] = {}
-    plans: list[tuple[Sample, dict[str, str], str]] = []  # sample, role->name, "loose"|"tar"
+    plans: list[tuple[Sample, dict[str, str], str]] = []
     tar_members: list[str] | None = None
     for g in targets:
         s = series.samples[g]
+        explicit = not all_of_series or g in wanted
         if s.organism.strip().lower() != HUMAN.lower():
-            if not all_of_series or g in wanted:
+            if explicit:
                 _human_or_raise(s, gse)
             skipped_species[g] = s.organism
             continue
@@ -339,31 +302,23 @@ def _fetch_series(gse: str, wanted: dict[str, Any], cache: Path, workers: int,
             continue
         if series.raw_tar_url:
             if tar_members is None:
-                tar_members = _tar_members_if_needed(series, cache, targets, wanted)
-            if tar_members:
-                mine = [m for m in tar_members if m.rsplit("/", 1)[-1].upper().startswith(g + "_")]
-                packed = visium_set(mine, with_images=with_images)
-                if packed:
-                    plans.append((s, packed, "tar"))
-                    continue
-        if not all_of_series or g in wanted:
+                tar_members = archive.list_members(_raw_tar(series, cache))
+            mine = [m for m in tar_members if m.rsplit("/", 1)[-1].upper().startswith(g + "_")]
+            packed = visium_set(mine, with_images=with_images)
+            if packed:
+                plans.append((s, packed, "tar"))
+                continue
+        if explicit:
             raise FetchError(
-                f"{g} ({gse}): no Visium file set found (need tissue positions and a count matrix "
-                f"among the sample's supplementary files or in {gse}_RAW.tar)."
+                f"{g} ({gse}): no Visium file set found (need tissue positions and a count matrix, "
+                f"loose or packed, among the sample's supplementary files or in {gse}_RAW.tar)."
             )
     if not plans:
         species = f" (non-human samples skipped: {', '.join(sorted(set(skipped_species.values())))})" if skipped_species else ""
         raise FetchError(f"{gse}: no human Visium sample found{species}.")
     for g, org in skipped_species.items():
         log.warning("%s (%s) skipped: %s is not %s", g, gse, org, HUMAN)
-    return [_fetch_sample(series, s, files, how, wanted.get(s.gsm), cache, workers)
-            for s, files, how in plans]
-
-
-def _tar_members_if_needed(series: Series, cache: Path, targets: list[str], wanted: dict) -> list[str]:
-    """Download the series RAW.tar (once, cached) and list its files."""
-    tar = _raw_tar(series, cache)
-    return archive.list_members(tar)
+    return plans
 
 
 def _raw_tar(series: Series, cache: Path) -> Path:
@@ -388,70 +343,108 @@ def _shared_file(url: str, dest: Path, label: str) -> Path:
     return dest
 
 
-def _fetch_sample(series: Series, s: Sample, files: dict[str, str], how: str, row: Any,
-                  cache: Path, workers: int) -> Path:
-    meta = _metadata(series, s, row)
+def _reuse(folder: sidecar.SliceFolder, origin: str, with_images: bool) -> dict[str, dict] | None:
+    """slice.json entries of files that came from ``origin`` (a URL, or URL#member) and are
+    still in place with their recorded size; None when they must be fetched again (also
+    when a spatial pack is asked again ``with_images`` but gave no hires image before)."""
+    files = (folder.record or {}).get("files", {})
+    hits = {n: dict(m) for n, m in files.items()
+            if m.get("url") == origin or str(m.get("url", "")).startswith(origin + "#")}
+    ok = hits and all(m.get("sha256") and (folder.path / n).is_file()
+                      and (folder.path / n).stat().st_size == m.get("size") for n, m in hits.items())
+    if ok and with_images and role_of(origin) == "spatial_pack":
+        ok = any(role_of(n) == "hires" for n in hits)
+    return hits if ok else None
+
+
+def _entry(path: Path, url: str) -> dict[str, Any]:
+    sha, _ = download.hash_file(path)
+    return {"size": path.stat().st_size, "sha256": sha, "md5": None, "url": url}
+
+
+def _fetch_sample(series: Series, s: Sample, files: dict[str, str], origin: str, row: Any,
+                  cache: Path, with_images: bool) -> Path:
+    """Fetch one sample's files (loose, or from RAW.tar), unpack its packs, write slice.json."""
+    label = f"{s.gsm} ({series.gse})"
     expected = dict(getattr(row, "checksums", None) or {})
+    packs = {name: role for role, name in files.items() if role in PACKS}
     with sidecar.slice_folder(cache, "geo", s.gsm) as folder:
-        if how == "loose":
+        staging = folder.path / ".archives"  # packs live here until unpacked (hidden from readers)
+        old_archives = dict((folder.record or {}).get("archives") or {})
+        entries: dict[str, dict] = {}
+        archives: dict[str, dict] = {}
+        to_unpack: dict[str, tuple[Path, str]] = {}  # pack name -> (local path, origin url)
+        if origin == "loose":
             url_by_name = {u.rsplit("/", 1)[-1]: u for u in s.supplementary}
             jobs = []
             for name in files.values():
+                reused = _reuse(folder, url_by_name[name], with_images) if name in packs else None
+                if reused is not None:
+                    entries.update(reused)
+                    archives[name] = old_archives.get(name, {"url": url_by_name[name]})
+                    continue
                 known = folder.known(name)
-                jobs.append(download.Job(url=url_by_name[name], dest=folder.path / name,
-                                         size=known.get("size"), sha256=known.get("sha256"),
-                                         md5=_md5(expected.get(name)), label=f"{s.gsm} ({series.gse})"))
-            records = download.download_many(jobs, workers=workers)
-            entries = download.iter_records(records, folder.path)
+                digests = download.expected_digests(expected.get(name))
+                jobs.append(download.Job(url=url_by_name[name], dest=(staging if name in packs else folder.path) / name,
+                                         size=known.get("size"), sha256=digests["sha256"] or known.get("sha256"),
+                                         md5=digests["md5"], label=label))
+            for rec in download.download_many(jobs, workers=max(1, len(jobs))):
+                if rec.path.name in packs and rec.path.parent == staging:
+                    archives[rec.path.name] = rec.sidecar_entry()
+                    to_unpack[rec.path.name] = (rec.path, rec.url)
+                else:
+                    entries.update(download.iter_records([rec], folder.path))
         else:
-            entries = _from_tar(series, s, files, folder)
-        sidecar.write_sidecar(folder.path, files=entries, **meta)
+            tar_url = series.raw_tar_url
+            todo = {}
+            for name in files.values():
+                src = f"{tar_url}#{name}"
+                reused = _reuse(folder, src, with_images)
+                if reused is not None:
+                    entries.update(reused)
+                    if name in packs:
+                        archives[name] = old_archives.get(name, {"url": src})
+                else:
+                    todo[name] = src
+            if todo:
+                tar = _raw_tar(series, cache)
+                for name, src in todo.items():
+                    where = staging if name in packs else folder.path
+                    (path,) = archive.safe_extract(tar, where, members={name: name.rsplit("/", 1)[-1]})
+                    if name in packs:
+                        archives[name] = _entry(path, src)
+                        to_unpack[name] = (path, src)
+                    else:
+                        entries[path.name] = _entry(path, src)
+        for name, (path, src) in to_unpack.items():
+            entries.update(_unpack(path, packs[name], src, folder.path, label, with_images))
+        shutil.rmtree(staging, ignore_errors=True)
+        check_complete(entries, label, f"{series.gse}'s files for {s.gsm}")
+        sidecar.write_sidecar(folder.path, files=entries, **_metadata(series, s, row),
+                              **({"archives": archives} if archives else {}))
     return folder.final
 
 
-def _from_tar(series: Series, s: Sample, files: dict[str, str], folder: sidecar.SliceFolder) -> dict:
-    names = list(files.values())
-    base = {n: n.rsplit("/", 1)[-1] for n in names}
-    have = all(
-        (folder.path / b).is_file() and folder.known(b).get("size") == (folder.path / b).stat().st_size
-        and folder.known(b).get("sha256") for b in base.values()
-    )
-    tar_url = series.raw_tar_url
-    entries: dict[str, dict] = {}
-    if have:  # re-run: already extracted and recorded; do not touch the tar
-        for n, b in base.items():
-            k = folder.known(b)
-            entries[b] = {"size": k["size"], "sha256": k["sha256"], "md5": None, "url": f"{tar_url}#{n}"}
-        return entries
-    tar = _raw_tar(series, _cache_of(folder))
-    paths = archive.safe_extract(tar, folder.path, members=names, flatten=True)
-    for n, p in zip(names, paths):
-        sha, _ = download.hash_file(p)
-        entries[p.name] = {"size": p.stat().st_size, "sha256": sha, "md5": None, "url": f"{tar_url}#{n}"}
-    return entries
-
-
-def _cache_of(folder: sidecar.SliceFolder) -> Path:
-    return folder.final.parent.parent  # CACHE/geo/<GSM> -> CACHE
-
-
-def _md5(checksum: str | None) -> str | None:
-    if checksum and checksum.lower().startswith("md5:"):
-        return checksum.split(":", 1)[1]
-    return None
+def _unpack(pack: Path, role: str, src: str, dest: Path, label: str, with_images: bool) -> dict[str, dict]:
+    """Extract what a reader needs from one pack (safely) into ``dest``; entries for slice.json."""
+    members = archive.list_members(pack)
+    targets = pack_targets(role, members, with_images=with_images)
+    if not targets:
+        raise FetchError(f"{label}: {pack.name} ({src}) holds none of the expected Space Ranger "
+                         f"files; its members: {', '.join(members[:5])}{' …' if len(members) > 5 else ''}.")
+    paths = archive.safe_extract(pack, dest, members=targets)
+    return {p.relative_to(dest).as_posix(): _entry(p, f"{src}#{m}") for m, p in zip(targets, paths)}
 
 
 def _metadata(series: Series, s: Sample, row: Any) -> dict[str, Any]:
     """slice.json fields: manifest values win over what SOFT text suggests."""
-    organ = guess_organ(s)
-    condition = guess_condition(s.text())
     meta = {
         "slide_id": s.gsm,
         "source": "geo",
         "accession": [series.gse, s.gsm],
-        "organ": organ,
+        "organ": guess_organ(s),
         "species": s.organism,
-        "condition": condition,
+        "condition": guess_condition(s.text()),
         "technology": "Visium",
         "license": LICENSE,
         "citation": series.citation(),
@@ -460,9 +453,5 @@ def _metadata(series: Series, s: Sample, row: Any) -> dict[str, Any]:
         "title": s.title,
         "source_urls": [series.soft_url] + ([series.raw_tar_url] if series.raw_tar_url else []),
     }
-    if row is not None:
-        for key in ("organ", "condition", "license", "citation", "technology"):
-            val = getattr(row, key, None)
-            if val:
-                meta[key] = val
+    meta.update(sidecar.row_fields(row))
     return meta

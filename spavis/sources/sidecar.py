@@ -66,6 +66,20 @@ def write_sidecar(folder: str | os.PathLike, **fields: Any) -> Path:
     return target
 
 
+ROW_FIELDS = ("organ", "species", "condition", "technology", "license", "citation")
+
+
+def row_fields(row: Any | None, **defaults: Any) -> dict[str, Any]:
+    """Sidecar fields where a manifest row's non-empty values win over the source's defaults."""
+    out = dict(defaults)
+    if row is not None:
+        for key in ROW_FIELDS:
+            value = getattr(row, key, None)
+            if value:
+                out[key] = value
+    return out
+
+
 def read_sidecar(folder: str | os.PathLike) -> dict[str, Any]:
     """Read ``folder/slice.json`` (or the file itself) with contract defaults filled in."""
     path = Path(folder)

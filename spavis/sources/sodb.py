@@ -12,6 +12,7 @@ rows (else "unknown"); build-shards' gene harmonization still rejects non-human 
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -20,6 +21,7 @@ from urllib.parse import quote
 
 from spavis.errors import FetchError
 from spavis.sources import download, sidecar
+from spavis.sources.parallel import SliceTask, run_slices
 
 DEFAULT_BASE = "https://gene.ai.tencent.com/SpatialOmics/api/pysodb"
 LICENSE = "SODB public data, see the original publication of each dataset"
@@ -33,16 +35,15 @@ def base_url() -> str:
 def list_experiments() -> list[tuple[str, str, str]]:
     """(biotech_category, dataset, experiment) for every experiment SODB serves."""
     url = base_url() + "/info"
+    body = download.get_bytes(url, label="SODB")
     try:
-        resp = download.thread_session().get(url, timeout=download.RetryPolicy.from_env().timeout)
-    except Exception as exc:  # noqa: BLE001 - network errors of any kind
-        raise FetchError(f"SODB: cannot reach {url} ({type(exc).__name__}); check SPAVIS_SODB_URL / the network.") from None
-    if resp.status_code != 200:
-        raise FetchError(f"SODB: {url} answered HTTP {resp.status_code}; retry later.")
-    body = resp.json()
-    if body.get("code") != 0 or not body.get("data"):
-        raise FetchError(f"SODB: {url} returned no experiments (code {body.get('code')}).")
-    return [tuple(map(str, row[:3])) for row in body["data"]]  # type: ignore[misc]
+        answer = json.loads(body)
+        rows = answer["data"] if answer.get("code") == 0 else None
+    except (ValueError, AttributeError, KeyError, TypeError):
+        raise FetchError(f"SODB: {url} did not answer the pysodb JSON ({body[:60]!r}); check SPAVIS_SODB_URL.") from None
+    if not rows:
+        raise FetchError(f"SODB: {url} returned no experiments (code {answer.get('code')}).")
+    return [tuple(map(str, row[:3])) for row in rows]  # type: ignore[misc]
 
 
 def slide_id(dataset: str, experiment: str) -> str:
@@ -50,20 +51,21 @@ def slide_id(dataset: str, experiment: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", experiment).lstrip("._-") or re.sub(r"\W", "_", dataset)
 
 
-def fetch_slices(ids: Sequence[str], rows: Sequence[Any], *, cache: Path, workers: int = 4,
-                 with_images: bool = False) -> list[Path]:
-    catalog = list_experiments()
-    by_dataset: dict[str, list[str]] = {}
-    for _, ds, ex in catalog:
-        by_dataset.setdefault(ds, []).append(ex)
+def plan_slices(ids: Sequence[str], rows: Sequence[Any], *, cache: Path,
+                with_images: bool = False) -> list[SliceTask]:
+    """Resolve dataset[/experiment] ids and manifest rows against /info; one task per experiment."""
     wanted: list[tuple[str, str, Any]] = []
-    for i in ids:
-        ds, _, ex = i.strip().partition("/")
-        if ds not in by_dataset:
-            raise FetchError(f"SODB: no dataset {ds!r} at {base_url()}/info; list them with pysodb or the SODB website.")
-        if ex and ex not in by_dataset[ds]:
-            raise FetchError(f"SODB: dataset {ds!r} has no experiment {ex!r}.")
-        wanted += [(ds, e, None) for e in ([ex] if ex else by_dataset[ds])]
+    if ids:
+        by_dataset: dict[str, list[str]] = {}
+        for _, ds, ex in list_experiments():
+            by_dataset.setdefault(ds, []).append(ex)
+        for i in ids:
+            ds, _, ex = i.strip().partition("/")
+            if ds not in by_dataset:
+                raise FetchError(f"SODB: no dataset {ds!r} at {base_url()}/info; list them with pysodb or the SODB website.")
+            if ex and ex not in by_dataset[ds]:
+                raise FetchError(f"SODB: dataset {ds!r} has no experiment {ex!r}.")
+            wanted += [(ds, e, None) for e in ([ex] if ex else by_dataset[ds])]
     for row in rows:
         extra = getattr(row, "extra", None) or {}
         ds = extra.get("dataset") or (row.accession[0] if row.accession else None)
@@ -71,26 +73,30 @@ def fetch_slices(ids: Sequence[str], rows: Sequence[Any], *, cache: Path, worker
         if not ds:
             raise FetchError(f"manifest row {row.slide_id}: SODB rows need the dataset name (accession or extra.dataset).")
         wanted.append((ds, ex, row))
-    return [_fetch_one(ds, ex, row, Path(cache)) for ds, ex, row in wanted]
+    return [SliceTask(row.slide_id if row is not None else slide_id(ds, ex),
+                      lambda ds=ds, ex=ex, row=row: _fetch_one(ds, ex, row, Path(cache)))
+            for ds, ex, row in wanted]
+
+
+def fetch_slices(ids: Sequence[str], rows: Sequence[Any], *, cache: Path, workers: int = 4,
+                 with_images: bool = False) -> list[Path]:
+    return run_slices(plan_slices(ids, rows, cache=cache, with_images=with_images), workers)
 
 
 def _fetch_one(ds: str, ex: str, row: Any, cache: Path) -> Path:
     url = f"{base_url()}/download/{quote(ds, safe='')}/{quote(ex, safe='')}"
     sid = row.slide_id if row is not None else slide_id(ds, ex)
     name = f"{sid}.h5ad"
-    expected = dict(getattr(row, "checksums", None) or {}).get(name, "")
+    digests = download.expected_digests(dict(getattr(row, "checksums", None) or {}).get(name))
     with sidecar.slice_folder(cache, "sodb", sid) as folder:
         known = folder.known(name)
-        rec = download.fetch_file(url, folder.path / name, size=known.get("size"), sha256=known.get("sha256")
-                                  or (expected[7:] if expected.startswith("sha256:") else None),
-                                  md5=expected[4:] if expected.startswith("md5:") else None,
+        rec = download.fetch_file(url, folder.path / name, size=known.get("size"),
+                                  sha256=digests["sha256"] or known.get("sha256"), md5=digests["md5"],
                                   label=f"SODB {ds}/{ex}")
-        meta = {k: getattr(row, k, None) for k in ("organ", "species", "condition", "technology", "license", "citation")} if row is not None else {}
+        fields = sidecar.row_fields(row, organ=None, species=None, condition="unknown", technology=None,
+                                    license=LICENSE, citation=CITATION)
         sidecar.write_sidecar(
             folder.path, slide_id=sid, source="sodb", accession=[ds, ex],
-            organ=meta.get("organ"), species=meta.get("species") or None,
-            condition=meta.get("condition") or "unknown", technology=meta.get("technology") or None,
-            license=meta.get("license") or LICENSE, citation=meta.get("citation") or CITATION,
-            data_path=name, files=download.iter_records([rec], folder.path), source_urls=[url],
+            data_path=name, files=download.iter_records([rec], folder.path), source_urls=[url], **fields,
         )
     return folder.final

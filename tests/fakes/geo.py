@@ -6,6 +6,11 @@
   ``filtered_feature_bc_matrix.h5``); the other four keep their real ``NONE``.
 * ``GSE138657`` (real SOFT text, 16 human samples): two samples' Visium files live only in
   ``GSE138657_RAW.tar`` (the older GEO pattern), the sample lines say ``NONE``.
+  Three more samples carry Space Ranger *packs* as GEO submitters often upload them:
+  GSM4115598 ``…_filtered_feature_bc_matrix.tar.gz`` + ``…_spatial.tar.gz`` (loose),
+  GSM4115599 a loose ``…_filtered_feature_bc_matrix.h5`` + ``…_spatial.zip``, and
+  GSM4115600 both packs (``.tar``) inside ``GSE138657_RAW.tar``. ``expected_unpacked``
+  holds the files each should end up with (paths inside the slice folder).
 * ``GSE105845`` (GEOparse's real mouse family SOFT): its samples are *Mus musculus* with a
   complete Visium set, to test rejection.
 
@@ -19,6 +24,7 @@ import gzip
 import io
 import re
 import tarfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +75,53 @@ def visium_files(fixture: Path, prefix: str, *, mtx: bool) -> dict[str, bytes]:
     return files
 
 
+def _tar_bytes(files: dict[str, bytes], *, gz: bool) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    return gzip.compress(raw, mtime=0) if gz else raw
+
+
+def _zip_bytes(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in sorted(files.items()):
+            zf.writestr(zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0)), data)
+    return buf.getvalue()
+
+
+def visium_packs(fixture: Path, prefix: str, *, fmt: str, h5: bool = False) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """Space Ranger outputs packed as GEO submitters do: (files to serve, expected unpacked files).
+
+    ``fmt``: "tar.gz", "tar" or "zip". The packs hold Space Ranger's own folder names and a
+    few files a reader does not need (fiducials image, a macOS resource fork).
+    """
+    loose = visium_files(fixture, prefix, mtx=True)
+    plain = {k[len(prefix) + 1:]: v for k, v in loose.items()}  # drop the GEO prefix
+    spatial = {f"spatial/{n[:-3]}": gzip.decompress(plain[n]) for n in
+               ("tissue_positions_list.csv.gz", "scalefactors_json.json.gz", "tissue_lowres_image.png.gz",
+                "tissue_hires_image.png.gz")}
+    spatial["spatial/aligned_fiducials.jpg"] = b"\xff\xd8 not needed"
+    spatial["__MACOSX/spatial/._tissue_positions_list.csv"] = b"resource fork"
+    matrix = {f"filtered_feature_bc_matrix/{n}": plain[n] for n in
+              ("barcodes.tsv.gz", "features.tsv.gz", "matrix.mtx.gz")}
+    pack = (lambda f: _zip_bytes(f)) if fmt == "zip" else (lambda f: _tar_bytes(f, gz=fmt == "tar.gz"))
+    served = {f"{prefix}_spatial.{fmt}": pack(spatial)}
+    expected = {k: v for k, v in spatial.items() if k.startswith("spatial/tissue_") and "hires" not in k}
+    expected["spatial/scalefactors_json.json"] = spatial["spatial/scalefactors_json.json"]
+    if h5:
+        name = f"{prefix}_filtered_feature_bc_matrix.h5"
+        served[name] = expected[name] = (fixture / "filtered_feature_bc_matrix.h5").read_bytes()
+    else:
+        served[f"{prefix}_filtered_feature_bc_matrix.{fmt}"] = pack(matrix)
+        expected.update(matrix)
+    return served, expected
+
+
 def _sample_blocks(gsm_soft: str) -> dict[str, str]:
     blocks = re.split(r"(?m)^(?=\^SAMPLE = )", gsm_soft)
     return {re.match(r"\^SAMPLE = (\S+)", b).group(1): b for b in blocks if b.startswith("^SAMPLE")}
@@ -94,6 +147,7 @@ class FakeGEO:
     server: FileServer
     shared: Path
     expected: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    expected_unpacked: dict[str, dict[str, bytes]] = field(default_factory=dict)
     sample_soft: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -147,11 +201,25 @@ class FakeGEO:
                     info = tarfile.TarInfo(fname)
                     info.size, info.mtime, info.mode = len(data), 0, 0o644
                     tar.addfile(info, io.BytesIO(data))
+            gsm = "GSM4115600"  # both packs inside the RAW.tar
+            served, self.expected_unpacked[gsm] = visium_packs(fixture, f"{gsm}_HCT116_visium", fmt="tar")
+            blocks[gsm] = _set_supplementary(blocks[gsm], [])
+            for fname, data in sorted(served.items()):
+                info = tarfile.TarInfo(fname)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
             other = b"gene\tfpkm\n"
             info = tarfile.TarInfo("GSM4115516_diffloopgene_HCT116.txt.gz")
             info.size = len(other)
             tar.addfile(info, io.BytesIO(other))
         self.server.add(f"/geo/series/{stub(gse)}/{gse}/suppl/{gse}_RAW.tar", buf.getvalue())
+        for gsm, fmt, h5 in (("GSM4115598", "tar.gz", False), ("GSM4115599", "zip", True)):
+            served, self.expected_unpacked[gsm] = visium_packs(fixture, f"{gsm}_visium", fmt=fmt, h5=h5)
+            urls = []
+            for fname, data in served.items():
+                self.server.add(f"/geo/samples/{stub(gsm)}/{gsm}/suppl/{fname}", data)
+                urls.append(f"{FTP}/samples/{stub(gsm)}/{gsm}/suppl/{fname}")
+            blocks[gsm] = _set_supplementary(blocks[gsm], urls)
         self._publish(gse, series, blocks)
 
     # GSE105845: GEOparse's real mouse family SOFT, with two Visium samples added

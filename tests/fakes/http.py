@@ -3,12 +3,15 @@
 Serves bytes registered under URL paths (plus optional dynamic routes), HTML directory
 indexes like Apache/nginx autoindex (``<a href="name">``), and HEAD. Faults are queued per
 path and consumed one per GET, so "503 then success" is ``[Fault.status(503)]``.
-Every request is logged (method, path, Range header) for assertions.
+Every request is logged (method, path, Range header) for assertions. ``delays`` slows
+chosen file GETs down and ``max_inflight`` records how many file GETs were served at
+once, so tests can observe (bounded) concurrency.
 """
 from __future__ import annotations
 
 import html
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -69,6 +72,9 @@ class FileServer:
         self.routes: list[tuple[str, Route]] = []
         self.log: list[Logged] = []
         self.honour_range = True
+        self.delays: dict[str, float] = {}  # path (or "*") -> seconds to stall a file GET
+        self.inflight = 0
+        self.max_inflight = 0
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -194,6 +200,22 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, {"Content-Type": "text/html"}, body, head)
             return self._send(404, {"Content-Type": "text/plain"}, b"not found\n", head)
 
+        if head:
+            return self._serve_file(data, fault, head)
+        delay = srv.delays.get(path, srv.delays.get("*", 0.0))
+        with srv._lock:
+            srv.inflight += 1
+            srv.max_inflight = max(srv.max_inflight, srv.inflight)
+        try:
+            if delay:
+                time.sleep(delay)
+            self._serve_file(data, fault, head)
+        finally:
+            with srv._lock:
+                srv.inflight -= 1
+
+    def _serve_file(self, data: bytes, fault: "Fault | None", head: bool) -> None:
+        srv = self.owner
         total = len(data)
         start = 0
         rng = self.headers.get("Range")
