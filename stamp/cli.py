@@ -53,13 +53,23 @@ def pretrain_cmd(
 @friendly_errors
 def publish_cmd(
     run: Path = typer.Argument(..., help="Run folder (or its model/ folder)."),
-    repo_id: str = typer.Option(..., "--repo-id", help="Hub model repo, ORG/NAME."),
+    repo_id: Optional[str] = typer.Option(None, "--repo-id", help="Hub model repo, ORG/NAME."),
+    local_dir: Optional[Path] = typer.Option(
+        None, "--local-dir", help="Publish to this local folder instead of the Hub (same files)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="With --local-dir: replace an existing folder."),
     private: bool = typer.Option(False, "--private"),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to."),
 ) -> None:
-    """Upload RUN/model (weights, config, tokenizer, model card) to the Hugging Face Hub."""
-    from stamp.hub import publish
+    """Upload RUN/model (weights, config, tokenizer, model card) to the Hugging Face Hub, or to --local-dir."""
+    from stamp.hub import PublishError, export_model, publish
 
+    if (repo_id is None) == (local_dir is None):
+        raise PublishError("pass exactly one of --repo-id ORG/NAME (Hub) or --local-dir DIR (local folder)")
+    if local_dir is not None:
+        path = export_model(run, local_dir, overwrite=overwrite)
+        err_console.print(f"published to {path} (load it with from_pretrained({str(path)!r}))")
+        return
     url = publish(run, repo_id, private=private, revision=revision)
     err_console.print(f"published {repo_id}: {url}")
 

@@ -139,6 +139,36 @@ def resolve_model_dir(run_or_model: str | Path) -> Path:
     )
 
 
+def export_model(run_or_model: str | Path, dest: str | Path, *, overwrite: bool = False) -> Path:
+    """Publish to a local folder: the exact file set ``publish`` uploads, copied atomically.
+
+    The folder loads with ``StampGeneEncoder.from_pretrained(dest)`` and
+    ``GeneTokenizer.from_pretrained(dest)``, and can be uploaded later as is.
+    """
+    import shutil
+    import tempfile
+
+    model_dir = resolve_model_dir(run_or_model)
+    if not (model_dir / CARD_NAME).is_file():
+        raise PublishError(f"{model_dir}: no {CARD_NAME} model card; re-run pretraining to regenerate it")
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        raise PublishError(f"{dest} already exists; choose another folder or pass --overwrite")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        for item in sorted(model_dir.iterdir()):
+            if item.is_file():
+                shutil.copy2(item, staging / item.name)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dest
+
+
 def publish(
     run_or_model: str | Path,
     repo_id: str,
