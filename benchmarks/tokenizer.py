@@ -7,7 +7,11 @@ as written, one spot at a time: take the spot's nonzero genes, scale to 10,000, 
 the means, rank descending (stable sort, ties by vocabulary index), keep 1,500, pad; it
 already uses numpy within each spot. Both produce identical ids (checked).
 
-    python benchmarks/tokenizer.py [--spots 4000] [--nnz 2000] [--threads N]
+    python benchmarks/tokenizer.py [--spots 4000] [--nnz 2000] [--threads N] [--repeats 5] [--dense]
+
+Each repetition times the loop once, then runs each faster variant repeatedly for about as
+long (mean throughput over that window), so load changes on a shared machine hit all alike;
+a repetition's ratio compares runs seconds apart.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stamp.tokenizer import PAD_ID, GeneTokenizer  # noqa: E402
+from stamp.tokenizer import PAD_ID, GeneTokenizer, _encode  # noqa: E402
 
 N_GENES = 20_310
 
@@ -70,16 +74,10 @@ def per_spot_dense_loop(X: sp.csr_matrix, means: np.ndarray, max_length: int = 1
     return out
 
 
-def timed(fns: dict, repeats: int) -> dict:
-    """Best-of-``repeats`` wall time per function, runs interleaved so load changes hit all alike."""
-    best = {k: float("inf") for k in fns}
-    results = {}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            results[k] = fn()
-            best[k] = min(best[k], time.perf_counter() - t)
-    return {k: (best[k], results[k]) for k in fns}
+def numpy_only(tok: GeneTokenizer, X: sp.csr_matrix) -> np.ndarray:
+    """GeneTokenizer's numpy fallback (what runs where numba is not installed)."""
+    return _encode(X.data, X.indices, X.indptr.astype(np.int64), tok.means, tok.max_length, tok.pad_value,
+                   tok._id_bits, tok.n_threads or min(4, os.cpu_count() or 1), use_numba=False)
 
 
 def main() -> None:
@@ -88,26 +86,49 @@ def main() -> None:
     ap.add_argument("--nnz", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: min(4, cores))")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dense", action="store_true", help="also time the per-spot loop over dense spot vectors")
     args = ap.parse_args()
     X, means = generate(args.spots, args.nnz)
     ids = [f"G{i}" for i in range(N_GENES)]
     tok = GeneTokenizer(ids, means, mean_source="generated", n_threads=args.threads)
     tok1 = GeneTokenizer(ids, means, mean_source="generated", n_threads=1)
-    res = timed({"loop": lambda: per_spot_loop(X, means), "dense": lambda: per_spot_dense_loop(X, means), "vec": lambda: tok.encode_csr(X),
-                 "one": lambda: tok1.encode_csr(X)}, args.repeats)
-    (t_loop, ref), (t_vec, got), (t_one, got1) = res["loop"], res["vec"], res["one"]
-    t_dense, dense = res["dense"]
-    assert np.array_equal(dense, ref)
-    assert np.array_equal(got, ref) and np.array_equal(got1, ref), "tokenizer differs from the per-spot loop"
+    fns = {"loop": lambda: per_spot_loop(X, means), "ours": lambda: tok.encode_csr(X),
+           "ours_1t": lambda: tok1.encode_csr(X), "numpy": lambda: numpy_only(tok, X)}
+    if args.dense:
+        fns["dense"] = lambda: per_spot_dense_loop(X, means)
+    tok.encode_csr(X[:10])  # compile / load the numba kernels outside the timings
     n = X.shape[0]
     threads = args.threads or min(4, os.cpu_count() or 1)
-    print(f"generated data: {n} spots x {N_GENES} genes, {X.nnz / n:.0f} nonzero genes/spot, {os.cpu_count()} cores")
-    print(f"per-spot loop (Algorithm 1 as written): {n / t_loop:10.0f} spots/s")
-    print(f"per-spot loop over dense spot vectors : {n / t_dense:10.0f} spots/s")
-    print(f"GeneTokenizer, 1 thread               : {n / t_one:10.0f} spots/s  ({t_loop / t_one:.1f}x)")
-    print(f"GeneTokenizer, {threads} threads              : {n / t_vec:10.0f} spots/s  ({t_loop / t_vec:.1f}x)")
-    print(f"ratio vs per-spot loop: {t_loop / t_vec:.1f}x (goal >= 6x on 2 cores); "
-          f"vs the dense per-spot loop: {t_dense / t_vec:.1f}x")
+    print(f"generated data: {n} spots x {N_GENES} genes, {X.nnz / n:.0f} nonzero genes/spot, "
+          f"{os.cpu_count()} cores, tokenizer threads {threads}; spots/s per repetition (interleaved):")
+    print(f"{'rep':>3} {'loop':>8} {'ours':>8} {'1 thread':>8} {'numpy':>8} {'ratio':>6}")
+    ref, rates = None, {k: [] for k in fns}
+    for rep in range(args.repeats):
+        window = None
+        for k, fn in fns.items():
+            runs, t = 0, time.perf_counter()
+            while True:  # the fast variants repeat over about the loop's duration: same load window
+                got = fn()
+                runs += 1
+                elapsed = time.perf_counter() - t
+                if window is None or elapsed >= window:
+                    break
+            window = window or elapsed
+            rates[k].append(runs * n / elapsed)
+            if ref is None:
+                ref = got
+            assert np.array_equal(got, ref), f"{k} differs from the per-spot loop"
+        print(f"{rep + 1:>3} {rates['loop'][-1]:8.0f} {rates['ours'][-1]:8.0f} {rates['ours_1t'][-1]:8.0f} "
+              f"{rates['numpy'][-1]:8.0f} {rates['ours'][-1] / rates['loop'][-1]:5.1f}x")
+    med = {k: float(np.median(v)) for k, v in rates.items()}
+    ratios = np.array(rates["ours"]) / np.array(rates["loop"])
+    print("outputs identical to the per-spot loop: yes")
+    print(f"median spots/s: per-spot loop (Algorithm 1 as written) {med['loop']:.0f}; GeneTokenizer {med['ours']:.0f} "
+          f"({threads} threads), {med['ours_1t']:.0f} (1 thread), {med['numpy']:.0f} (numpy fallback)")
+    if args.dense:
+        print(f"per-spot loop over dense spot vectors: {med['dense']:.0f} spots/s")
+    print(f"ratio GeneTokenizer / per-spot loop: median {np.median(ratios):.1f}x, range {ratios.min():.1f}-{ratios.max():.1f}x "
+          f"(goal >= 6x on 2 cores); 1 thread: median {np.median(np.array(rates['ours_1t']) / rates['loop']):.1f}x")
 
 
 if __name__ == "__main__":

@@ -71,3 +71,58 @@ def test_missing_member_and_corrupt_archive(tmp_path):
     bad.write_bytes(b"not a tar at all" * 100)
     with pytest.raises(FetchError, match="not a readable tar"):
         safe_extract(bad, tmp_path / "out")
+
+
+def _zip(path, entries):
+    """entries: (name, data, unix mode or None)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data, mode in entries:
+            info = zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0))
+            if mode is not None:
+                info.external_attr = mode << 16
+            zf.writestr(info, data)
+    return path
+
+
+def test_zip_extracts_selected_members_to_mapped_paths(tmp_path):
+    z = _zip(tmp_path / "a.zip", [("outs/spatial/tissue_positions.csv", b"pos", None),
+                                  ("outs/spatial/aligned_fiducials.jpg", b"jpg", 0o100644),
+                                  ("outs/", b"", 0o040755)])
+    assert list_members(z) == ["outs/spatial/tissue_positions.csv", "outs/spatial/aligned_fiducials.jpg"]
+    out = safe_extract(z, tmp_path / "out", members={"outs/spatial/tissue_positions.csv": "spatial/tissue_positions.csv"})
+    assert [p.relative_to(tmp_path / "out").as_posix() for p in out] == ["spatial/tissue_positions.csv"]
+    assert out[0].read_bytes() == b"pos"
+
+
+@pytest.mark.parametrize("name, mode, pattern", [
+    ("/etc/evil", None, "absolute path"),
+    ("../evil", None, "outside the folder"),
+    ("a/../../evil", None, "outside the folder"),
+    ("link", 0o120777, "is a link"),
+    ("fifo", 0o010644, "device"),
+])
+def test_zip_attacks_are_refused_and_nothing_is_written(tmp_path, name, mode, pattern):
+    z = _zip(tmp_path / "a.zip", [("GSM1_a.h5", b"x", None), (name, b"/etc/passwd", mode)])
+    with pytest.raises(UnsafeArchiveError, match=pattern):
+        safe_extract(z, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "evil").exists()
+
+
+def test_zip_size_cap_and_lying_header(tmp_path):
+    z = _zip(tmp_path / "a.zip", [("big", b"0" * 5000, None), ("small", b"1", None)])
+    with pytest.raises(UnsafeArchiveError, match="over the 4096-byte cap"):
+        safe_extract(z, tmp_path / "out", max_bytes=4096)
+    # A mapped target may not escape either.
+    with pytest.raises(UnsafeArchiveError, match="outside the folder"):
+        safe_extract(z, tmp_path / "out", members={"small": "../small"})
+
+
+def test_tar_gz_is_read_like_tar(tmp_path):
+    tar = tmp_path / "a.tar.gz"
+    with tarfile.open(tar, "w:gz") as tf:
+        info, data = _file("spatial/scalefactors_json.json", b"{}")
+        tf.addfile(info, io.BytesIO(data))
+    assert safe_extract(tar, tmp_path / "out", flatten=True)[0].read_bytes() == b"{}"

@@ -340,6 +340,8 @@ def test_bad_inputs_fail_cleanly(inputs, tmp_path, shared_data):
     with pytest.raises(SpavisError, match="not human"):
         build_shards([mouse], tmp_path / "o2", vocab=inputs["vocab"], min_genes=1)
     assert _no_output(tmp_path, "o2")
+    assert not (tmp_path / ".spavis-work-o2").exists()  # nothing prepared -> no work dir left
+    assert list((tmp_path / ".spavis-work-o1").glob("*/prepared.json"))  # the good slice is kept to resume
 
     with pytest.raises(SpavisError, match="--min-genes"):
         build_shards([good], tmp_path / "o3", vocab=inputs["vocab"], min_genes=100_000)
@@ -348,6 +350,13 @@ def test_bad_inputs_fail_cleanly(inputs, tmp_path, shared_data):
     with pytest.raises(SpavisError, match="does not exist"):
         build_shards([tmp_path / "nope"], tmp_path / "o4", vocab=inputs["vocab"])
     assert _no_output(tmp_path, "o4")
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(SpavisError, match="not a spavis corpus"):
+        build_shards([good], foreign, vocab=inputs["vocab"], min_genes=MIN_GENES)
+    assert (foreign / "notes.txt").read_text() == "keep me"
 
     dup = tmp_path / "dups" / "gen_0"
     shutil.copytree(good, dup)

@@ -186,10 +186,61 @@ def test_manifest_rows_drive_the_fetch(fake_geo, tmp_path):
     assert json.loads((folders[0] / "slice.json").read_text())["slide_id"] == "GSM4391935"
 
 
-def test_fetch_then_build_shards(fake_geo, tmp_path):
-    build = pytest.importorskip("spavis.build")
-    pd = pytest.importorskip("pandas")
-    fetch("geo", ["GSE146540"], cache=tmp_path / "c")
-    out = build.build_shards([tmp_path / "c" / "geo"], tmp_path / "out", min_genes=1)
-    slides = pd.read_parquet(out / "slides.parquet")
-    assert sorted(slides["slide_id"]) == ["GSM4391934", "GSM4391935"]
+def _check_unpacked(folder, g, gsm):
+    want = g.expected_unpacked[gsm]
+    got = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "slice.json"}
+    assert got == set(want)  # only what a reader needs; no pack, no fiducials, no __MACOSX
+    meta = read_sidecar(folder)
+    for name, data in want.items():
+        assert (folder / name).read_bytes() == data
+        assert meta["files"][name]["sha256"] == hashlib.sha256(data).hexdigest()
+    return meta
+
+
+@pytest.mark.parametrize("gsm, packs", [
+    ("GSM4115598", ["GSM4115598_visium_filtered_feature_bc_matrix.tar.gz", "GSM4115598_visium_spatial.tar.gz"]),
+    ("GSM4115599", ["GSM4115599_visium_spatial.zip"]),
+    ("GSM4115600", ["GSM4115600_HCT116_visium_filtered_feature_bc_matrix.tar", "GSM4115600_HCT116_visium_spatial.tar"]),
+])
+def test_packed_visium_files_are_unpacked_for_read_slice(fake_geo, tmp_path, gsm, packs):
+    (folder,) = fetch("geo", [gsm], cache=tmp_path)
+    meta = _check_unpacked(folder, fake_geo, gsm)
+    assert sorted(meta["archives"]) == packs
+    positions = meta["files"]["spatial/tissue_positions_list.csv"]["url"]
+    assert positions.endswith("_spatial." + packs[-1].rsplit("_spatial.", 1)[1] + "#spatial/tissue_positions_list.csv")
+    read_slice = pytest.importorskip("spavis.readers").read_slice
+    adata = read_slice(folder)
+    ref = read_slice(shared_fixture(fake_geo))
+    assert adata.shape == ref.shape and (adata.X != ref.X).nnz == 0
+    assert adata.obsm["spatial"].shape == (adata.n_obs, 2)
+    n = len(fake_geo.server.log)
+    fetch("geo", [gsm], cache=tmp_path)  # a re-run neither downloads nor unpacks anything
+    assert fake_geo.server.log[n:] == []
+
+
+def shared_fixture(g):
+    return g.shared / "visium" / "human_heart_v1_subsample"
+
+
+def test_with_images_takes_hires_from_the_spatial_pack(fake_geo, tmp_path):
+    (folder,) = fetch("geo", ["GSM4115598"], cache=tmp_path)
+    assert not (folder / "spatial" / "tissue_hires_image.png").exists()
+    (folder,) = fetch("geo", ["GSM4115598"], cache=tmp_path, with_images=True)
+    hires = (shared_fixture(fake_geo) / "spatial" / "tissue_hires_image.png").read_bytes()
+    assert (folder / "spatial" / "tissue_hires_image.png").read_bytes() == hires
+
+
+def test_unsafe_pack_is_refused_and_nothing_is_left(fake_geo, tmp_path):
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        link = tarfile.TarInfo("spatial/tissue_positions_list.csv")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    fake_geo.server.add("/geo/samples/GSM4115nnn/GSM4115598/suppl/GSM4115598_visium_spatial.tar.gz", buf.getvalue())
+    with pytest.raises(FetchError, match=r"GSM4115598_visium_spatial\.tar\.gz: member .*is a link"):
+        fetch("geo", ["GSM4115598"], cache=tmp_path)
+    assert not (tmp_path / "geo" / "GSM4115598").exists()
+    assert not (tmp_path / "evil").exists()

@@ -68,3 +68,39 @@ def test_fetch_needs_ids_or_manifest(tmp_path):
         fetch("geo", cache=tmp_path)
     with pytest.raises(FetchError, match="unknown source"):
         fetch("ncbi", ["x"], cache=tmp_path)
+
+
+def test_stomicsdb_verifies_md5_listings_published_in_the_tree(shared_data, monkeypatch, tmp_path):
+    data = h5ad_bytes(shared_data)
+    md5 = hashlib.md5(data).hexdigest()
+    other = data[::-1]
+    with FileServer() as srv:
+        cngb = FakeCNGB(srv, {
+            # md5sum output next to the data (GNU format, binary-mode star)
+            "STT0000002/Analysis/STSA0000003/STTS0000004": {"A1.h5ad": data, "md5sum.txt": f"{md5} *A1.h5ad\n".encode()},
+            # only a per-file <file>.md5 holding the bare digest
+            "STT0000002/Analysis/STSA0000003/STTS0000005": {"B1.h5ad": other,
+                                                           "B1.h5ad.md5": hashlib.md5(other).hexdigest().encode()},
+            # a wrong digest in a BSD-style listing one level up (the analysis folder)
+            "STT0000002/Analysis/STSA0000006/STTS0000007": {"C1.h5ad": data},
+            "STT0000002/Analysis/STSA0000006": {"MD5.txt": f"MD5 (STTS0000007/C1.h5ad) = {'0' * 32}\n".encode()},
+        })
+        monkeypatch.setenv("SPAVIS_STOMICSDB_URL", cngb.base)
+        a, b = fetch("stomicsdb", ["STT0000002/STSA0000003/STTS0000004", "STT0000002/STSA0000003/STTS0000005"],
+                     cache=tmp_path)
+        assert read_sidecar(a)["files"]["A1.h5ad"]["md5"] == md5
+        assert read_sidecar(b)["files"]["B1.h5ad"]["md5"] == hashlib.md5(other).hexdigest()
+        with pytest.raises(FetchError, match=r"STOmicsDB STTS0000007: .*C1\.h5ad: checksum/size mismatch \(md5 "):
+            fetch("stomicsdb", ["STT0000002/STSA0000006/STTS0000007"], cache=tmp_path)
+        assert not (tmp_path / "stomicsdb" / "STTS0000007").exists()
+
+
+def test_md5_listing_formats():
+    from spavis.sources.stomicsdb import is_md5_listing, parse_md5_listing
+
+    h = "d41d8cd98f00b204e9800998ecf8427e"
+    text = f"{h}  ./STTS1/a.h5ad\n# comment\nMD5 (b.h5ad) = {h.upper()}\nc.h5ad\t{h}\nnot a line\n"
+    assert parse_md5_listing(text) == {"STTS1/a.h5ad": h, "b.h5ad": h, "c.h5ad": h}
+    assert parse_md5_listing(h + "\n", "x.h5ad.md5") == {"x.h5ad": h}
+    assert [n for n in ["md5sum.txt", "MD5.txt", "md5", "x.h5ad.md5", "readme.txt", "md5dir/"]
+            if is_md5_listing(n)] == ["md5sum.txt", "MD5.txt", "md5", "x.h5ad.md5"]

@@ -234,3 +234,56 @@ def test_arrow_rows_and_errors(genes):
     with pytest.raises(TokenizerError, match="negative"):
         tok.encode_csr(bad)
     assert tok.decode([0, 1, 2, 31]) == ["<mask>", "<pad>", "<cls>", genes["ensembl_id"][1]]
+
+
+@pytest.mark.parametrize("use_numba", [True, False])
+def test_compiled_and_numpy_paths_match_reference_on_float_data(use_numba):
+    """Both encoding paths, on non-integer counts of wide dynamic range (where the float64 row
+    sum order matters), rows of very different lengths (several length-sorted blocks), empty
+    rows, rows longer than max_length (top-k selection) and many ties."""
+    from stamp.tokenizer import _encode
+
+    rng = np.random.default_rng(6)
+    n_spots, n_genes = 700, 400
+    lens = rng.integers(0, n_genes, n_spots)
+    lens[rng.choice(n_spots, 20, replace=False)] = 0
+    rows = [np.sort(rng.choice(n_genes, k, replace=False)) for k in lens]
+    data = (rng.random(lens.sum()) * 10.0 ** rng.integers(-4, 7, lens.sum())).astype(np.float32)
+    data[rng.random(data.size) < 0.3] = 2.0  # equal counts on equal means -> ties
+    X = sp.csr_matrix((data, np.concatenate(rows), np.r_[0, np.cumsum(lens)]), shape=(n_spots, n_genes))
+    means = rng.choice([1.0, 2.0, 3.5], n_genes)
+    ref = reference_native(X, means, 150)
+    tok = GeneTokenizer([f"g{i}" for i in range(n_genes)], means, max_length=150, n_threads=2)
+    got = _encode(X.data, X.indices, X.indptr.astype(np.int64), tok.means, 150, PAD_ID, tok._id_bits,
+                  n_threads=2, use_numba=use_numba)
+    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(tok.encode_csr(X), ref)
+
+
+def test_row_sums_round_like_numpy_pairwise_sum():
+    """The float64 row sum must be numpy's (pairwise) ``x.astype(float64).sum()``: a sequential
+    sum loses the small terms below and rounds the float32 sum (16777216 vs 16777218) differently."""
+    from stamp.tokenizer import _exact_row_sums, _numba_kernels
+
+    rng = np.random.default_rng(7)
+    tricky = np.array([2.0**24, 1.0] + [2.0**-29] * 8, np.float32)
+    rows = [tricky] + [(rng.random(k) * 10.0 ** rng.integers(-20, 20, k)).astype(np.float32)
+                       for k in rng.integers(1, 3000, 40)]
+    data = np.concatenate(rows)
+    indptr = np.r_[0, np.cumsum([r.size for r in rows])].astype(np.int64)
+    expected = np.array([r.astype(np.float64).sum() for r in rows])
+    assert np.float32(expected[0]) == np.float32(2.0**24 + 2)
+    np.testing.assert_array_equal(_exact_row_sums(data, indptr), expected)
+    kernels = _numba_kernels()
+    if kernels is None:
+        pytest.skip("numba not installed")
+    n_genes = int(np.diff(indptr).max())
+    indices = np.concatenate([np.arange(r.size, dtype=np.int32) for r in rows])
+    means = np.ones(n_genes, np.float32)
+    keys = np.empty((len(rows), n_genes), np.uint64)
+    kernels[0](data, indices, indptr, np.arange(len(rows), dtype=np.int64), means, 16, keys)
+    for i, r in enumerate(rows):
+        v = r * (np.float32(10000) / np.float32(expected[i]))
+        np.testing.assert_array_equal(keys[i, : r.size] >> np.uint64(16),
+                                      (np.uint32(0x7FFFFFFF) - v.view(np.uint32)).astype(np.uint64))
+        assert (keys[i, r.size:] == np.iinfo(np.uint64).max).all()

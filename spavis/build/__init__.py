@@ -88,8 +88,6 @@ def build_shards(
     Prepared slices go to ``work_dir`` (default ``<out parent>/.spavis-work-<out name>``,
     removed after success; a given ``work_dir`` is kept for later incremental builds).
     """
-    from filelock import FileLock
-
     vocab_obj = resolve_vocab(vocab)
     out = Path(out).expanduser().resolve()
     slices = discover_inputs(inputs)
@@ -97,10 +95,31 @@ def build_shards(
     params = build_params(vocab_obj, min_genes, k_neighbors, max_spots_per_shard)
     if is_up_to_date(out, vocab_obj, params, slices):
         return out
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).is_file())):
+        from spavis.errors import SpavisError
+
+        raise SpavisError(f"{out}: exists and is not a spavis corpus; choose an empty or new --out.")
 
     default_work = work_dir is None
     work = Path(work_dir) if work_dir is not None else out.parent / f".spavis-work-{out.name}"
     work.mkdir(parents=True, exist_ok=True)
+    try:
+        _build_locked(slices, out, work, vocab, vocab_obj, params, min_genes, k_neighbors,
+                      max_spots_per_shard, workers, progress)
+    except BaseException:
+        # keep prepared slices for a resumed build; drop a default work dir holding none
+        if default_work and not list(work.glob("*/prepared.json")):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if default_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _build_locked(slices, out, work, vocab, vocab_obj, params, min_genes, k_neighbors,
+                  max_spots_per_shard, workers, progress) -> None:
+    from filelock import FileLock
+
     with FileLock(str(work / ".lock")):
         for stale in out.parent.glob(f"{out.name}.tmp-*"):  # left by a killed build; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
@@ -121,9 +140,6 @@ def build_shards(
                 progress=lambda sid: bar.update(wtask, advance=1, current=sid),
             )
             bar.update(wtask, completed=len(slices), current="done")
-    if default_work:
-        shutil.rmtree(work, ignore_errors=True)
-    return out
 
 
 def _prepare_all(slices, work, vocab, min_genes, k_neighbors, workers, bar, task) -> list[Path]:

@@ -68,12 +68,12 @@ class _Reader:
         if self._zip is not None:
             out = []
             for i in self._zip.infolist():
-                mode = i.external_attr >> 16
-                if i.is_dir():
-                    kind = "dir"
-                elif stat.S_ISLNK(mode):
+                ftype = stat.S_IFMT(i.external_attr >> 16)  # Unix type bits; 0 from most zip tools
+                if ftype == stat.S_IFLNK:
                     kind = "link"
-                elif mode and not stat.S_ISREG(mode):
+                elif i.is_dir() or ftype == stat.S_IFDIR:
+                    kind = "dir"
+                elif ftype and ftype != stat.S_IFREG:
                     kind = "special"
                 else:
                     kind = "file"
@@ -125,10 +125,10 @@ def _check_member(path: Path, m: Member) -> None:
         raise UnsafeArchiveError(f"{path}: member {name!r} is a device, FIFO or other special file; refusing.")
 
 
-def list_members(path: str | os.PathLike) -> list[str]:
-    """Names of the regular files in a tar or zip archive."""
+def list_members(path: str | os.PathLike, *, files_only: bool = True) -> list[str]:
+    """Names of the regular files (or, with ``files_only=False``, of all entries) in a tar/zip."""
     with _Reader(Path(path)) as r:
-        return [m.name for m in r.members if m.kind == "file"]
+        return [m.name for m in r.members if m.kind == "file" or not files_only]
 
 
 def safe_extract(

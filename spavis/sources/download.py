@@ -473,16 +473,12 @@ def progress_display(show: bool | None = None) -> Iterator[_Bars]:
     if show is None:  # SPAVIS_PROGRESS=1 forces bars (e.g. CI logs); SPAVIS_NO_PROGRESS=1 hides them
         show = ((console.is_terminal or os.environ.get("SPAVIS_PROGRESS") == "1")
                 and not os.environ.get("SPAVIS_NO_PROGRESS"))
-    if not show:
-        bars = _Bars(None)
-        token = _BARS.set(bars)
-        try:
-            yield bars
-        finally:
-            _BARS.reset(token)
-        return
-    with Progress(TextColumn("{task.description}"), BarColumn(), _Amount(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as prog:
+    with contextlib.ExitStack() as stack:
+        prog = None
+        if show:
+            prog = stack.enter_context(Progress(TextColumn("{task.description}"), BarColumn(), _Amount(),
+                                                TransferSpeedColumn(), TimeRemainingColumn(),
+                                                console=console, transient=True))
         bars = _Bars(prog)
         token = _BARS.set(bars)
         try:

@@ -28,7 +28,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from spavis.errors import FetchError
 from spavis.sources import archive, download, sidecar
@@ -211,8 +211,12 @@ def series_of_sample(gsm: str, cache: Path) -> str:
     if not found:
         dest.unlink(missing_ok=True)
         raise FetchError(f"{gsm}: GEO returned no series for this sample ({url}); check the accession.")
+    candidates = list(dict.fromkeys(found))
+    for gse in candidates:  # one resolved before: no request (a missing SubSeries is not re-asked)
+        if (_series_dir(cache, gse) / f"{gse}_family.soft.gz").is_file():
+            return gse
     last: FetchError | None = None
-    for gse in dict.fromkeys(found):
+    for gse in candidates:
         try:
             load_series(gse, cache)
             return gse
@@ -427,7 +431,7 @@ def _fetch_sample(series: Series, s: Sample, files: dict[str, str], origin: str,
 
 def _unpack(pack: Path, role: str, src: str, dest: Path, label: str, with_images: bool) -> dict[str, dict]:
     """Extract what a reader needs from one pack (safely) into ``dest``; entries for slice.json."""
-    members = archive.list_members(pack)
+    members = archive.list_members(pack, files_only=False)  # a link named like a wanted file is refused
     targets = pack_targets(role, members, with_images=with_images)
     if not targets:
         raise FetchError(f"{label}: {pack.name} ({src}) holds none of the expected Space Ranger "

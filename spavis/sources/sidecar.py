@@ -182,3 +182,25 @@ def slice_folder(cache: str | os.PathLike, source: str, slide_id: str, *,
             os.replace(staging, final)
     finally:
         lock.release()
+
+
+def fetch_file_slice(cache: str | os.PathLike, source: str, slide_id: str, *, url: str, name: str,
+                     row: Any | None, accession: list[str], label: str, defaults: dict[str, Any],
+                     md5: str | None = None) -> Path:
+    """A slice that is one downloaded file (an h5ad): lock, fetch (verified), write slice.json.
+
+    ``md5`` is a digest the source publishes; a manifest row's checksum wins over it, and
+    the row's organ/species/… win over ``defaults``.
+    """
+    from spavis.sources import download
+
+    digests = download.expected_digests(dict(getattr(row, "checksums", None) or {}).get(name))
+    with slice_folder(cache, source, slide_id) as folder:
+        known = folder.known(name)
+        rec = download.fetch_file(url, folder.path / name, size=known.get("size"),
+                                  sha256=digests["sha256"] or known.get("sha256"),
+                                  md5=digests["md5"] or md5, label=label)
+        write_sidecar(folder.path, slide_id=slide_id, source=source, accession=accession, data_path=name,
+                      files=download.iter_records([rec], folder.path), source_urls=[url],
+                      **row_fields(row, **defaults))
+    return folder.final

@@ -84,19 +84,9 @@ def fetch_slices(ids: Sequence[str], rows: Sequence[Any], *, cache: Path, worker
 
 
 def _fetch_one(ds: str, ex: str, row: Any, cache: Path) -> Path:
-    url = f"{base_url()}/download/{quote(ds, safe='')}/{quote(ex, safe='')}"
     sid = row.slide_id if row is not None else slide_id(ds, ex)
-    name = f"{sid}.h5ad"
-    digests = download.expected_digests(dict(getattr(row, "checksums", None) or {}).get(name))
-    with sidecar.slice_folder(cache, "sodb", sid) as folder:
-        known = folder.known(name)
-        rec = download.fetch_file(url, folder.path / name, size=known.get("size"),
-                                  sha256=digests["sha256"] or known.get("sha256"), md5=digests["md5"],
-                                  label=f"SODB {ds}/{ex}")
-        fields = sidecar.row_fields(row, organ=None, species=None, condition="unknown", technology=None,
-                                    license=LICENSE, citation=CITATION)
-        sidecar.write_sidecar(
-            folder.path, slide_id=sid, source="sodb", accession=[ds, ex],
-            data_path=name, files=download.iter_records([rec], folder.path), source_urls=[url], **fields,
-        )
-    return folder.final
+    return sidecar.fetch_file_slice(
+        cache, "sodb", sid, url=f"{base_url()}/download/{quote(ds, safe='')}/{quote(ex, safe='')}",
+        name=f"{sid}.h5ad", row=row, accession=[ds, ex], label=f"SODB {ds}/{ex}",
+        defaults=dict(organ=None, species=None, condition="unknown", technology=None, license=LICENSE,
+                      citation=CITATION))

@@ -78,7 +78,7 @@ def parse_md5_listing(text: str, listing_name: str = "") -> dict[str, str]:
         for rx in _MD5_LINES:
             m = rx.match(line)
             if m:
-                out[m.group("path").strip().lstrip("./")] = m.group("md5").lower()
+                out[m.group("path").strip().removeprefix("./")] = m.group("md5").lower()
                 break
     return out
 
@@ -179,18 +179,9 @@ def _fetch_one(rel: str, name: str | None, row: Any, cache: Path, tree: Tree) ->
     if not name:
         raise FetchError(f"STOmicsDB {rel}: no .h5ad in {base_url()}/{rel}/.")
     sid = row.slide_id if row is not None else rel.rsplit("/", 1)[-1]
-    url = f"{base_url()}/{rel}/{name}"
-    digests = download.expected_digests(dict(getattr(row, "checksums", None) or {}).get(name))
-    digests["md5"] = digests["md5"] or tree.published_md5(rel, name)
-    with sidecar.slice_folder(cache, "stomicsdb", sid) as folder:
-        known = folder.known(name)
-        rec = download.fetch_file(url, folder.path / name, size=known.get("size"),
-                                  sha256=digests["sha256"] or known.get("sha256"), md5=digests["md5"],
-                                  label=f"STOmicsDB {sid}")
-        fields = sidecar.row_fields(row, organ=None, species=None, condition="unknown", technology=None,
-                                    license=LICENSE, citation=None)
-        sidecar.write_sidecar(
-            folder.path, slide_id=sid, source="stomicsdb", accession=[p for p in rel.split("/") if p != "Analysis"],
-            data_path=name, files=download.iter_records([rec], folder.path), source_urls=[url], **fields,
-        )
-    return folder.final
+    return sidecar.fetch_file_slice(
+        cache, "stomicsdb", sid, url=f"{base_url()}/{rel}/{name}", name=name, row=row,
+        accession=[p for p in rel.split("/") if p != "Analysis"], label=f"STOmicsDB {sid}",
+        md5=tree.published_md5(rel, name),
+        defaults=dict(organ=None, species=None, condition="unknown", technology=None, license=LICENSE,
+                      citation=None))
