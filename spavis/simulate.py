@@ -116,6 +116,8 @@ def _simulate(
     dispersion: float,
     pixel_size_um: float,
     with_image: bool,
+    max_row: int | None = None,
+    marker_lfc: float = 2.5,
 ) -> tuple[ad.AnnData, pd.DataFrame]:
     if n_domains < 1:
         raise SpavisError(f"simulate: n_domains={n_domains}; need at least 1.")
@@ -141,7 +143,10 @@ def _simulate(
     rad = rng.uniform(0.75, 1.0, 2)
     field = 1 - ((u - c0[0]) / rad[0]) ** 2 - ((v - c0[1]) / rad[1]) ** 2 + _waves(rng, u, v, 6, 3.0, 0.18)
     frac = tissue_fraction if tissue_fraction is not None else rng.uniform(0.55, 0.85)
-    in_tissue = field >= np.quantile(field, 1 - frac)
+    band = np.ones(n_all, bool) if max_row is None else lat.array_row < max_row
+    if not band.any():
+        raise SpavisError(f"simulate: max_row={max_row} keeps no lattice row; use 1..{N_ROWS}.")
+    in_tissue = band & (field >= np.quantile(field[band], 1 - frac))
     tis = np.flatnonzero(in_tissue)
     n = len(tis)
 
@@ -158,7 +163,7 @@ def _simulate(
     m = min(n_markers, G)
     for k in range(n_domains):
         up = rng.choice(G, size=m, replace=False)
-        q[k, up] += rng.normal(2.5, 0.7, m)
+        q[k, up] += rng.normal(marker_lfc, 0.7, m)
     q = np.exp(q - q.max(axis=1, keepdims=True))
     q /= q.sum(axis=1, keepdims=True)
 
@@ -249,6 +254,8 @@ def _simulate(
         "tissue_fraction": float(frac), "n_markers": n_markers, "dispersion": dispersion,
         "pixel_size_um": pixel_size_um, "n_genes": G,
     }
+    if max_row is not None or marker_lfc != 2.5:  # recorded only when used: default output unchanged
+        params.update(max_row=max_row, marker_lfc=marker_lfc)
     adata.uns["spavis"] = {
         "reader": "simulate", "source_path": f"generated:{slide_id}", "has_coordinates": True,
         "spot_diameter_fullres": sf["spot_diameter_fullres"], "n_spots_without_position": 0,
@@ -287,6 +294,8 @@ def simulate_slice(
     dispersion: float = 0.3,
     pixel_size_um: float = PIXEL_SIZE_UM,
     with_image: bool = True,
+    max_row: int | None = None,
+    marker_lfc: float = 2.5,
 ) -> ad.AnnData:
     """A generated Visium v1 slice in the reader-output layout (like read_slice on a filtered
     matrix: in-tissue spots only), with ground truth in ``obs['domain']``.
@@ -295,10 +304,14 @@ def simulate_slice(
     synthetic ``SIMG…`` ids, or None for the human genes of the stamp-v1 vocabulary.
     The same arguments and seed give identical output; ``seed=None`` derives it from slide_id.
     ``uns['spavis']['generated']`` is True and ``uns['spavis']['label']`` says so in words.
+
+    Small slices for tests: ``max_row`` keeps only lattice rows ``< max_row`` (a strip of the
+    capture area; ``tissue_fraction`` then applies within it, and domains are placed inside
+    it). ``n_markers`` genes per domain are up-regulated by ``exp(N(marker_lfc, 0.7))``.
     """
     adata, _ = _simulate(
         slide_id, genes, symbols, n_domains, seed, median_umis, library_sigma, tissue_fraction,
-        n_markers, dispersion, pixel_size_um, with_image,
+        n_markers, dispersion, pixel_size_um, with_image, max_row, marker_lfc,
     )
     return adata
 
@@ -354,6 +367,7 @@ def write_simulated_slice(out_dir: str | Path, slide_id: str | None = None, **kw
         library_sigma=kwargs.pop("library_sigma", 0.5), tissue_fraction=kwargs.pop("tissue_fraction", None),
         n_markers=kwargs.pop("n_markers", 150), dispersion=kwargs.pop("dispersion", 0.3),
         pixel_size_um=kwargs.pop("pixel_size_um", PIXEL_SIZE_UM), with_image=kwargs.pop("with_image", True),
+        max_row=kwargs.pop("max_row", None), marker_lfc=kwargs.pop("marker_lfc", 2.5),
     )
     if kwargs:
         raise TypeError(f"write_simulated_slice: unknown arguments {sorted(kwargs)}")

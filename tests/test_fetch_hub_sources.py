@@ -164,3 +164,18 @@ def test_fetched_hest_slice_builds_into_shards(hub, heart_rows, tmp_path):
     slides = corpus.open_corpus(out).slides
     assert sorted(slides["slide_id"]) == sorted(r.slide_id for r in rows)
     assert set(slides["source"]) == {"hest"}
+
+
+def test_hest_samples_run_as_slice_tasks_and_a_failure_keeps_the_others(hub, heart_rows, tmp_path):
+    from spavis.sources import hest
+
+    rows, _ = heart_rows
+    bad, good = rows[0].slide_id, rows[1].slide_id
+    cache = tmp_path / "cache"
+    tasks = hest.plan_slices([], rows, cache=cache)
+    assert [t.slide_id for t in tasks] == [bad, good] and not (cache / "hest").exists()  # planning fetches no data
+    hub.add_fault(f"st/{bad}.h5ad", "corrupt", times=10)
+    with pytest.raises(FetchError, match=rf"{bad}: .*sha256"):
+        fetch("hest", [good, bad], cache=cache, workers=2)
+    assert read_sidecar(cache / "hest" / good)["source"] == "hest" and not (cache / "hest" / bad).exists()
+    assert fetch("hest", [good], cache=cache, workers=1) == [cache / "hest" / good]

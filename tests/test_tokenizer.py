@@ -287,3 +287,21 @@ def test_row_sums_round_like_numpy_pairwise_sum():
         np.testing.assert_array_equal(keys[i, : r.size] >> np.uint64(16),
                                       (np.uint32(0x7FFFFFFF) - v.view(np.uint32)).astype(np.uint64))
         assert (keys[i, r.size:] == np.iinfo(np.uint64).max).all()
+
+
+def test_near_equal_values_keep_exact_order():
+    """Values a few float32 ulps apart (the compiled path first sorts on their top bits only)
+    must still come out in exact descending order: reversed runs, shuffled runs, exact ties."""
+    rng = np.random.default_rng(8)
+    n_genes = 3000
+    ramp = (2.0 - np.arange(n_genes) * 2e-7).astype(np.float32)  # value rises with gene index
+    means = np.where(np.arange(n_genes) % 3 == 0, ramp, rng.permutation(ramp)).astype(np.float64)
+    means[::7] = 1.5  # exact ties
+    rows = [np.sort(rng.choice(n_genes, k, replace=False)) for k in (1200, 2500, 2900, 40)]
+    data = [np.ones(r.size, np.float32) for r in rows]
+    data[0][0] = data[1][5] = 1e6  # a wide value range: coarse top bits, long runs of equal keys
+    X = sp.csr_matrix((np.concatenate(data), np.concatenate(rows), np.r_[0, np.cumsum([r.size for r in rows])]),
+                      shape=(len(rows), n_genes))
+    for max_length in (1500, 3000):
+        tok = GeneTokenizer([f"g{i}" for i in range(n_genes)], means, max_length=max_length)
+        np.testing.assert_array_equal(tok.encode_csr(X), reference_native(X, means, max_length))

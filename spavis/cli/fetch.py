@@ -18,13 +18,14 @@ class Source(str, Enum):
     stimage = "stimage"
     stomicsdb = "stomicsdb"
     sodb = "sodb"
+    tenx = "tenx"
 
 
 @app.command("fetch")
 @friendly_errors
 def fetch_cmd(
     source: Source = typer.Option(..., "--source", "-s", help="Where the slices come from."),
-    ids: Optional[List[str]] = typer.Option(None, "--id", help="Accession/slide id (repeatable), e.g. GSE… or GSM… for GEO."),
+    ids: Optional[List[str]] = typer.Option(None, "--id", help="Accession/slide id (repeatable), e.g. GSE… or GSM… for GEO, a 10x dataset name for tenx."),
     manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help="Manifest file listing the slices (see manifests/)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder [default: $SPAVIS_CACHE or ~/.cache/spavis]."),
     workers: int = typer.Option(4, "--workers", "-j", min=1, help="Concurrent downloads."),

@@ -1,6 +1,6 @@
 """Fetch public Visium slices into a local cache: ``CACHE/<source>/<slide_id>/`` + slice.json.
 
-Each source module (geo, hest, stimage, stomicsdb, sodb) exposes
+Each source module (geo, hest, stimage, stomicsdb, sodb, tenx) exposes
 ``fetch_slices(ids, rows, *, cache, workers, with_images) -> list[Path]`` and uses the
 one downloader in ``spavis.sources.download``. A module that also exposes
 ``plan_slices(ids, rows, *, cache, with_images) -> list[SliceTask]`` (resolve ids, list
@@ -21,7 +21,7 @@ from spavis.errors import FetchError
 from spavis.sources.download import progress_display
 from spavis.sources.parallel import SliceTask, download_slots, run_slices
 
-SOURCE_NAMES = ("geo", "hest", "stimage", "stomicsdb", "sodb")
+SOURCE_NAMES = ("geo", "hest", "stimage", "stomicsdb", "sodb", "tenx")
 
 
 class _LazySources(Mapping):

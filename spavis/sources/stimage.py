@@ -4,17 +4,17 @@ Per slide ``<slide>`` (e.g. ``GSE144239_GSM4565823``): ``Visium/gene_exp/<slide>
 and ``Visium/coord/<slide>_coord.csv`` (+ ``Visium/image/<slide>.png`` with images) land in
 ``CACHE/stimage/<slide>/`` keeping the repo layout (``read_slice`` finds the coord table next
 to the counts). Same protocol as HEST (one resolved commit, hf_hub_download, Hub hashes
-verified); see ``spavis.sources.hest``. STimage publishes no per-slide metadata file, so
+verified; ``SPAVIS_STIMAGE_REVISION``); see ``spavis.sources.hub``. STimage publishes no per-slide metadata file, so
 organ/condition come from the manifest row (``unknown`` when fetched by bare id).
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from spavis.sources.hest import _pool_map, fetch_hub_slice, remote_files, resolve_revision
+from spavis.sources.hub import plan_hub_slices
+from spavis.sources.parallel import SliceTask, run_slices
 
 REPO_ID = "jiawennnn/STimage-1K4M"
 LICENSE = "MIT (STimage-1K4M)"
@@ -39,28 +39,19 @@ def sidecar_fields(slide: str, row: Any | None) -> dict[str, Any]:
             "technology": "Visium", "license": LICENSE, "citation": CITATION, "data_path": data_path}
 
 
+def plan_slices(ids: Sequence[str], rows: Sequence[Any], *, cache: Path,
+                with_images: bool = False) -> list[SliceTask]:
+    """STimage-1K4M Visium slides by slide name and/or manifest rows; one task per slide."""
+    return plan_hub_slices(ids, rows, repo_id=REPO_ID, source="stimage", cache=cache,
+                           revision_env="SPAVIS_STIMAGE_REVISION",
+                           files_of=lambda sid: slide_files(sid, with_images),
+                           fields=lambda sid, row, folder: sidecar_fields(sid, row))
+
+
 def fetch_slices(ids: Sequence[str], rows: Sequence[Any], *, cache: Path, workers: int = 4,
                  with_images: bool = False) -> list[Path]:
-    """Fetch STimage-1K4M Visium slides by slide name and/or manifest rows."""
-    targets: dict[str, Any] = {}
-    for i in ids:
-        targets.setdefault(i.strip(), None)
-    for row in rows:
-        targets[row.slide_id] = row
-    if not targets:
-        return []
-    revision = resolve_revision(REPO_ID, os.environ.get("SPAVIS_STIMAGE_REVISION", "main"))
-    wanted = [name for sid in targets for name in slide_files(sid, with_images)]
-    remote = remote_files(REPO_ID, wanted, revision, what=f"{REPO_ID} ({len(targets)} slides)")
-
-    def one(sid: str) -> Path:
-        row = targets[sid]
-        return fetch_hub_slice(repo_id=REPO_ID, source="stimage", slide_id=sid,
-                               files=slide_files(sid, with_images), remote=remote, revision=revision,
-                               cache=Path(cache), fields=lambda folder: sidecar_fields(sid, row),
-                               checksums=dict(row.checksums) if row is not None else {})
-
-    return _pool_map(one, list(targets), workers)
+    """Fetch STimage-1K4M slides into ``CACHE/stimage/<slide>/``."""
+    return run_slices(plan_slices(ids, rows, cache=cache, with_images=with_images), workers)
 
 
-__all__ = ["REPO_ID", "fetch_slices", "slide_files"]
+__all__ = ["REPO_ID", "fetch_slices", "plan_slices", "slide_files"]
