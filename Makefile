@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: install
-	@echo "demo: filled in below"
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash pipelines/demo.sh
 
 test: install
 	$(BIN)/python -m pytest

@@ -39,11 +39,13 @@ def make_corpus(
     n_markers: int | None = None,
     tissue_fraction: float | None = None,
     min_genes: int = 5,
+    **simulate_kwargs,
 ) -> tuple[Path, dict[str, str]]:
     """Build a corpus at ``root`` (one slide per shard); returns (root, {spot_id: true domain}).
 
     Slides are ``gen0``, ``gen1`` ... (seeds ``seed``, ``seed + 1`` ...); ``n_markers`` per
-    domain defaults to a tenth of the genes (at least 10).
+    domain defaults to a tenth of the genes (at least 10); ``simulate_kwargs`` (e.g.
+    ``marker_lfc``, ``median_umis``) go to :func:`spavis.simulate.write_simulated_slice`.
     """
     root = Path(root)
     vocab = gene_subset(n_genes)
@@ -55,7 +57,8 @@ def make_corpus(
             write_simulated_slice(folder, genes=list(vocab.ensembl_ids), symbols=list(vocab.symbols),
                                   seed=seed + s, n_domains=n_domains, with_image=False, max_row=max_row,
                                   tissue_fraction=tissue_fraction,
-                                  n_markers=n_markers if n_markers is not None else max(10, n_genes // 10))
+                                  n_markers=n_markers if n_markers is not None else max(10, n_genes // 10),
+                                  **simulate_kwargs)
         folders.append(folder)
     build_shards(folders, root, vocab=vocab, min_genes=min_genes, k_neighbors=k, max_spots_per_shard=1)
     domains = {}
@@ -73,3 +76,71 @@ def _spot_ids(root: Path) -> list[str]:
     for table in open_corpus(root).iter_slides(columns=["spot_id"]):
         ids += table.column("spot_id").to_pylist()
     return ids
+
+
+def random_init_model(model_dir: Path, out: Path) -> Path:
+    """The encoder ``pretrain`` starts from (same seed, config and tokenizer), saved untrained.
+
+    ``pretrain`` seeds ``torch.manual_seed(seed)`` and calls ``create_model`` before anything
+    else draws random numbers, so this is exactly its step-0 model.
+    """
+    import torch
+
+    from stamp.model import create_model
+    from stamp.tokenizer import GeneTokenizer
+
+    args = json.loads((Path(model_dir).parent / "train_args.json").read_text())
+    torch.manual_seed(args["seed"])
+    tok = GeneTokenizer.from_pretrained(model_dir)
+    model = create_model(args["config"], n_genes=tok.n_genes)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return Path(out)
+
+
+def learning_metrics(model_dir: Path, corpus: Path, domains: dict[str, str], *, seed: int = 0,
+                     mask_seed: int = 12345) -> dict[str, float]:
+    """Masked-token accuracy (vs the gene-frequency baseline on the same masked positions) and
+    ARI of KMeans(k = number of true domains) on ``stamp embed`` embeddings.
+
+    Baseline: always predict the gene most frequent among the masked targets themselves (the
+    best any constant guess can do on these positions). Embeddings come from the public
+    :func:`stamp.embed.embed_corpus`, so this scores what users get.
+    """
+    import tempfile
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    from spavis.corpus import open_corpus
+    from stamp.embed import embed_corpus, load_model
+    from stamp.objectives import IGNORE, mask_tokens
+    from stamp.tokenizer import to_model_input_ids
+
+    model, tok = load_model(model_dir, device="cpu")
+    parts = [to_model_input_ids(tok.encode_table(t), tok.pad_value, model.config.context_length)
+             for t in open_corpus(corpus).iter_slides(columns=["spot_id", "gene_index", "counts"])]
+    ids = torch.from_numpy(np.concatenate(parts).astype(np.int64))
+    masked = mask_tokens(ids, vocab_size=model.config.vocab_size, n_reserved=model.config.n_reserved,
+                         generator=torch.Generator().manual_seed(mask_seed))
+    sel = masked.labels != IGNORE
+    preds = []
+    with torch.no_grad():
+        for s in range(0, len(ids), 256):
+            h = model(masked.input_ids[s:s + 256])
+            preds.append(model.mlm_head(h[sel[s:s + 256]]).argmax(-1))
+    targets = masked.labels[sel]
+    acc = float((torch.cat(preds) == targets).float().mean())
+    baseline = float(torch.bincount(targets).max()) / len(targets)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = embed_corpus(model_dir, corpus, Path(tmp) / "emb.parquet", device="cpu", progress=False)
+        table = pq.read_table(out)
+        emb = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+        truth = [domains[s] for s in table.column("spot_id").to_pylist()]
+    pred = KMeans(len(set(truth)), n_init=10, random_state=seed).fit_predict(emb)
+    return {"masked_acc": acc, "freq_baseline_acc": baseline,
+            "ari": float(adjusted_rand_score(truth, pred)), "n_masked": int(targets.numel()), "n_spots": len(truth)}

@@ -270,8 +270,8 @@ def _rows_table(slide_id, barcodes, X, totals, n_genes, array_row, array_col, px
         "slide_id": pa.array([slide_id] * n, pa.string()),
         "barcode": pa.array(barcodes, pa.string()),
         "spot_index": pa.array(np.arange(n, dtype=np.int32), pa.int32()),
-        "gene_index": _list_array(X.indptr, X.indices.astype(np.int32), pa.int32()),
-        "counts": _list_array(X.indptr, X.data.astype(np.float32), pa.float32()),
+        "gene_index": _list_array(X.indptr, X.indices.astype(np.int32, copy=False), pa.int32()),
+        "counts": _list_array(X.indptr, X.data.astype(np.float32, copy=False), pa.float32()),
         "total_counts": pa.array(totals.astype(np.float32), pa.float32()),
         "n_genes": pa.array(n_genes, pa.int32()),
         "array_row": _nullable(array_row, n, pa.int32(), lambda a: a < 0),
@@ -285,16 +285,21 @@ def _rows_table(slide_id, barcodes, X, totals, n_genes, array_row, array_col, px
 
 
 def gene_sums(X: sp.csr_matrix, totals: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-gene (nnz, raw sum, cp10k sum) in float64 over the stored nonzeros of ``X``."""
+    """Per-gene (nnz, raw sum, cp10k sum) in float64 over the stored nonzeros of ``X``.
+
+    One pass per statistic over the CSR arrays (no per-nonzero row index: the per-spot
+    scale is repeated straight from ``indptr``); the same float64 additions in the same
+    order as a plain ``np.bincount`` over the nonzeros, so the bytes do not change.
+    """
     n_vars = X.shape[1]
-    idx = X.indices
+    idx = X.indices.astype(np.intp, copy=False)  # bincount would convert it on every call
     data = X.data.astype(np.float64)
-    nnz = np.bincount(idx, minlength=n_vars).astype(np.int64)
+    nnz = np.bincount(idx, minlength=n_vars).astype(np.int64, copy=False)
     sum_raw = np.bincount(idx, weights=data, minlength=n_vars)
-    row_of = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(totals > 0, 1e4 / totals, 0.0)
-    sum_cp10k = np.bincount(idx, weights=data * scale[row_of], minlength=n_vars)
+    data *= np.repeat(scale, np.diff(X.indptr))
+    sum_cp10k = np.bincount(idx, weights=data, minlength=n_vars)
     return nnz, sum_raw, sum_cp10k
 
 
@@ -374,6 +379,34 @@ def _clean_uns(value: Any) -> Any:
     return value
 
 
+_VOCAB_VARS: dict[tuple[str, str], Any] = {}
+
+
+def _vocab_var(vocab):
+    """The Zarr ``var`` frame of a vocabulary, string columns already made categorical.
+
+    anndata turns repeated strings into natsorted categoricals on every write (~0.6 s for
+    20k symbols); doing it once per vocabulary (per process) gives the same frame, hence
+    the same bytes.
+    """
+    key = (str(vocab.name), str(vocab.checksum))
+    if key in _VOCAB_VARS:
+        return _VOCAB_VARS[key]
+    import anndata as ad
+    import pandas as pd
+
+    var = pd.DataFrame(
+        {"symbol": np.asarray(vocab.symbols, dtype=object)},
+        index=pd.Index(np.asarray(vocab.ensembl_ids, dtype=object)),
+    )
+    holder = ad.AnnData(var=var)
+    holder.strings_to_categoricals()
+    if len(_VOCAB_VARS) >= 4:
+        _VOCAB_VARS.clear()
+    _VOCAB_VARS[key] = holder.var
+    return holder.var
+
+
 def _write_zarr(path, s, adata, vocab, barcodes, X, totals, n_genes,
                 array_row, array_col, pxl_row, pxl_col, graph, k_neighbors, slide) -> None:
     import anndata as ad
@@ -392,11 +425,7 @@ def _write_zarr(path, s, adata, vocab, barcodes, X, totals, n_genes,
         },
         index=pd.Index([f"{s.slide_id}:{b}" for b in barcodes], dtype=object),
     )
-    var = pd.DataFrame(
-        {"symbol": np.asarray(vocab.symbols, dtype=object)},
-        index=pd.Index(np.asarray(vocab.ensembl_ids, dtype=object)),
-    )
-    out = ad.AnnData(X=X, obs=obs, var=var)
+    out = ad.AnnData(X=X, obs=obs, var=_vocab_var(vocab).copy())
     if graph.method in ("pixels", "pixels-estimated"):
         out.obsm["spatial"] = np.column_stack([pxl_col, pxl_row]).astype(np.float64)
     out.obsp["spatial_connectivities"] = graph.connectivities()

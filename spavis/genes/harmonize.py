@@ -169,16 +169,39 @@ def harmonize(adata, vocab: Vocabulary | str = "stamp-v1", *, slice_name: str = 
             f"{report.examples.get('unknown', [])[:3]}). Make sure the slice is human and its features "
             "are Ensembl ids (var['gene_ids']) or HGNC symbols, or lower min_mapped_fraction.")
 
-    rows = np.flatnonzero(in_vocab)
-    mapping = sp.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, col[rows])),
-                            shape=(n, len(vocab)))
     X = adata.X
     X = sp.csr_matrix(X, dtype=np.float32) if not sp.issparse(X) else X.tocsr().astype(np.float32, copy=False)
-    out = (X @ mapping).tocsr()
+    if report.n_summed == 0 and X.has_canonical_format:
+        out = _relabel_columns(X, col, len(vocab))
+    else:
+        rows = np.flatnonzero(in_vocab)
+        mapping = sp.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, col[rows])),
+                                shape=(n, len(vocab)))
+        out = (X @ mapping).tocsr()
     out.sum_duplicates()
     out.eliminate_zeros()
     out.sort_indices()
     return Harmonized(X=out, report=report, vocab=vocab)
+
+
+def _relabel_columns(X: sp.csr_matrix, col: np.ndarray, n_cols: int) -> sp.csr_matrix:
+    """``X @ mapping`` when every vocabulary column receives at most one feature.
+
+    Nothing is summed then, so the product only moves each feature's column to its
+    vocabulary position (dropping features outside the vocabulary, and zeros). Done as a
+    column gather in CSC (contiguous copies) and one CSC -> CSR conversion, which yields
+    sorted indices without the product's per-row accumulator or a per-row sort.
+    """
+    feats = np.flatnonzero(col >= 0)
+    feats = feats[np.argsort(col[feats], kind="stable")]  # features in vocabulary order
+    Xc = X.tocsc()[:, feats]
+    Xc.eliminate_zeros()
+    counts = np.zeros(n_cols + 1, dtype=np.int64)
+    counts[col[feats] + 1] = np.diff(Xc.indptr)
+    indptr = np.cumsum(counts)
+    out = sp.csc_matrix((Xc.data, Xc.indices, indptr.astype(Xc.indptr.dtype, copy=False)),
+                        shape=(X.shape[0], n_cols))
+    return out.tocsr()
 
 
 def _examples(names, match, eid, candidates, in_vocab, resolved, table: GeneTable) -> dict[str, list[str]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Iterable
 
@@ -44,8 +44,12 @@ class GeneTableError(SpavisError):
     """The gene table file is missing or unreadable (a broken installation or refresh)."""
 
 
+@lru_cache(maxsize=1 << 18)
 def parse_ensembl(name: str) -> tuple[str, str] | None:
-    """(species prefix, id without version) for an Ensembl gene id, else None."""
+    """(species prefix, id without version) for an Ensembl gene id, else None.
+
+    Cached: every slice of a corpus asks about the same ~20-36k feature names, 3 times each.
+    """
     m = ENSEMBL_RE.match(name)
     if m is None:
         return None
@@ -68,32 +72,61 @@ class Resolution:
     note: str = ""
 
 
-def _multimap(keys: pd.Series, values: pd.Series) -> dict[str, tuple[str, ...]]:
-    """'A|B' keys exploded -> sorted tuple of distinct values per key."""
-    df = pd.DataFrame({"k": keys.str.split("|"), "v": values}).explode("k")
-    df = df[df["k"].notna() & (df["k"] != "")].drop_duplicates().sort_values(["k", "v"])
-    out: dict[str, tuple[str, ...]] = {}
-    for k, v in zip(df["k"].to_numpy(), df["v"].to_numpy()):
-        out[k] = out.get(k, ()) + (v,)
-    return out
+def _multimap(keys: Iterable[str], values: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """'A|B' keys exploded -> sorted tuple of distinct values per key (sorted by key).
+
+    A plain dict-of-sets loop: ~10x faster than a pandas explode/sort for the ~80k genes.
+    """
+    acc: dict[str, set[str]] = {}
+    for k, v in zip(keys, values):
+        if not isinstance(k, str) or not k:
+            continue
+        for part in k.split("|"):
+            if part:
+                acc.setdefault(part, set()).add(v)
+    return {k: tuple(sorted(acc[k])) for k in sorted(acc)}
 
 
 class GeneTable:
-    """The human gene table plus the lookups resolution needs (built once per process)."""
+    """The human gene table plus the lookups resolution needs (built once per process).
+
+    Only the id -> symbol map is built up front; the symbol lookups (approved, previous,
+    alias) are built on first use, so slices keyed by Ensembl ids never pay for them.
+    """
 
     def __init__(self, genes: pd.DataFrame, source: str = TABLE_SOURCE) -> None:
         self.genes = genes.reset_index(drop=True)
         self.source = source
         g = self.genes
-        self._symbol = dict(zip(g["ensembl_id"], g["symbol"]))
+        self._symbol = dict(zip(g["ensembl_id"].tolist(), g["symbol"].tolist()))
+        self._memo: dict[str, Resolution] = {}  # name -> Resolution (slices share feature names)
+
+    @cached_property
+    def _approved(self) -> dict[str, str]:
+        g = self.genes
         named = g[g["symbol"] != ""]
         primary = named[named["symbol_primary"]]
-        self._approved = dict(zip(primary["symbol"], primary["ensembl_id"]))
+        return dict(zip(primary["symbol"].tolist(), primary["ensembl_id"].tolist()))
+
+    @cached_property
+    def _approved_ambiguous(self) -> dict[str, tuple[str, ...]]:
+        g = self.genes
+        named = g[g["symbol"] != ""]
         rest = named[~named["symbol"].isin(self._approved)]
-        self._approved_ambiguous = _multimap(rest["symbol"], rest["ensembl_id"])
-        self._previous = _multimap(g["previous_symbols"], g["ensembl_id"])
-        self._alias = _multimap(g["aliases"], g["ensembl_id"])
-        self._upper = set(named["symbol"].str.upper())
+        return _multimap(rest["symbol"].tolist(), rest["ensembl_id"].tolist())
+
+    @cached_property
+    def _previous(self) -> dict[str, tuple[str, ...]]:
+        return _multimap(self.genes["previous_symbols"].tolist(), self.genes["ensembl_id"].tolist())
+
+    @cached_property
+    def _alias(self) -> dict[str, tuple[str, ...]]:
+        return _multimap(self.genes["aliases"].tolist(), self.genes["ensembl_id"].tolist())
+
+    @cached_property
+    def _upper(self) -> set[str]:
+        symbols = self.genes["symbol"].tolist()
+        return {s.upper() for s in symbols if s != ""}
 
     def __len__(self) -> int:
         return len(self.genes)
@@ -137,8 +170,13 @@ class GeneTable:
     def resolve(self, names: Iterable[str]) -> pd.DataFrame:
         """One row per name: query, match, ensembl_id, symbol, candidates ('|'-joined), note."""
         names = [str(n) for n in names]
-        cache = {n: self.resolve_one(n) for n in dict.fromkeys(names)}
-        rows = [cache[n] for n in names]
+        memo = self._memo
+        if len(memo) > 1 << 20:  # bound memory on unusual inputs
+            memo.clear()
+        for n in dict.fromkeys(names):
+            if n not in memo:
+                memo[n] = self.resolve_one(n)
+        rows = [memo[n] for n in names]
         return pd.DataFrame({
             "query": names,
             "match": [r.match for r in rows],

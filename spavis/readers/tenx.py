@@ -36,7 +36,9 @@ def open_maybe_gzip(path: Path, mode: str = "rb") -> Iterator[IO]:
 
 
 def _decode(arr: np.ndarray) -> np.ndarray:
-    if arr.dtype.kind in "SO":
+    if arr.dtype.kind == "S":  # fixed-width bytes (every Space Ranger file): decode in C
+        return np.char.decode(arr, "utf-8").astype(object)
+    if arr.dtype.kind == "O":
         return np.array([x.decode() if isinstance(x, bytes) else str(x) for x in arr], dtype=object)
     return arr.astype(str).astype(object)
 
@@ -107,7 +109,10 @@ def _h5py_10x(path: Path) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.nda
 def read_10x_h5(path: Path) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.ndarray, str]:
     """Read a 10x HDF5 matrix (v3, v3 without library_ids, v2; plain or .gz).
 
-    scanpy.read_10x_h5 is tried first; h5py is the fallback for layouts it rejects.
+    The h5py reader comes first: it handles every Space Ranger layout and avoids importing
+    scanpy (and with it sklearn / scipy.stats: seconds per process, paid again by every
+    spawned worker). scanpy.read_10x_h5 is only tried when h5py finds no 10x layout.
+    Both give the same matrix, barcodes and features (tests/test_readers.py compares them).
     Returns (X, barcodes, gene_ids, names, reader_name).
     """
     import h5py
@@ -122,24 +127,26 @@ def read_10x_h5(path: Path) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.n
                 "again and compare its size and checksum with the source."
             ) from exc
         try:
+            X, bc, ids, names = _h5py_10x(local)
+            return X, bc, ids, names, "10x-h5"
+        except (ReaderError, OSError, KeyError, ValueError, IndexError) as exc:
+            first = exc
+        try:  # a layout h5py does not know: scanpy may still read it
             import scanpy as sc
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 a = sc.read_10x_h5(local, gex_only=True)
-            return a.X, a.obs_names.to_numpy(), a.var["gene_ids"].to_numpy(), a.var_names.to_numpy(), "10x-h5"
-        except Exception:  # noqa: BLE001 - any scanpy failure falls back to the layout-tolerant reader
+            return (a.X, a.obs_names.to_numpy(), a.var["gene_ids"].to_numpy(), a.var_names.to_numpy(),
+                    "10x-h5-scanpy")
+        except Exception:  # noqa: BLE001 - report the h5py reader's reason, it names the layout
             pass
-        try:
-            X, bc, ids, names = _h5py_10x(local)
-        except ReaderError:
-            raise
-        except (OSError, KeyError, ValueError, IndexError) as exc:
-            raise ReaderError(
-                f"{path}: cannot read the 10x matrix ({type(exc).__name__}: {exc}). The file is "
-                "truncated or corrupt: download it again."
-            ) from exc
-        return X, bc, ids, names, "10x-h5-h5py"
+        if isinstance(first, ReaderError):
+            raise first
+        raise ReaderError(
+            f"{path}: cannot read the 10x matrix ({type(first).__name__}: {first}). The file is "
+            "truncated or corrupt: download it again."
+        ) from first
 
 
 def read_mtx(matrix: Path, barcodes: Path, features: Path) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.ndarray]:
