@@ -52,6 +52,11 @@ def _align_positions(
     barcodes: pd.Index, positions: pd.DataFrame, *, matrix_file: str, positions_file: str
 ) -> tuple[pd.DataFrame, int]:
     """Positions reindexed to the matrix barcodes; returns (frame, number of barcodes without a position)."""
+    if len(barcodes) == 0:
+        raise ReaderError(
+            f"{matrix_file} holds no spots (0 barcodes): the count matrix is empty. Check that it is the "
+            "filtered_feature_bc_matrix of a finished Space Ranger run, or download it again."
+        )
     pos = positions[~positions.index.duplicated(keep="first")]
     aligned = pos.reindex(barcodes)
     found = aligned["pxl_row"].notna() | aligned["array_row"].notna()
@@ -102,8 +107,9 @@ def assemble(
     if barcodes.has_duplicates:
         dup = barcodes[barcodes.duplicated()][0]
         raise ReaderError(
-            f"{matrix_file}: barcode {dup!r} occurs more than once; this file merges several "
-            "samples. Split it into one file per sample before reading."
+            f"{matrix_file}: barcode {dup!r} occurs {int((barcodes == dup).sum())} times. A spot must be "
+            "unique: if the file merges several samples, split it into one file per sample; otherwise "
+            "the file is corrupt, download it again."
         )
     if gene_ids is None:
         gids, syms = split_gene_ids(feature_ids)
