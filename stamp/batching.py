@@ -30,6 +30,8 @@ Public API
 ``spatial_groups(table, *, group_size=9, d_max_um=400.0, seed=0, epoch=0) -> int64 (G, group_size)``
     row positions of one slide table (seed in column 0).
 ``slide_coordinates_um(table) -> float64 (n, 2) | None``.
+A table may hold only part of a slide: neighbours (``spot_index`` values) are mapped to rows
+through its ``spot_index`` column, and neighbours outside the table count as unavailable.
 Batching into tensors (``input_ids`` (B, L) and ``groups`` (G, 9)) lives in ``stamp.data``.
 """
 from __future__ import annotations
@@ -40,16 +42,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from spavis.errors import SpavisError
+from stamp.errors import BatchingError
 
 GROUP_SIZE = 9
 GROUPS_PER_BATCH = 24
 D_MAX_UM = 400.0
 _SPACING_UM = 100.0
-
-
-class BatchingError(SpavisError):
-    """The neighbour graph of a slide cannot form spatial groups as asked."""
 
 
 def _list_matrix(column: pa.ChunkedArray | pa.Array, fill: float, dtype) -> np.ndarray:
@@ -76,17 +74,45 @@ def _column(table: pa.Table, name: str) -> np.ndarray | None:
     return col.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls -> nan
 
 
-def slide_coordinates_um(table: pa.Table) -> np.ndarray | None:
-    """Spot centres (x, y) in µm for one slide's rows, or None when nothing locates them."""
+def _neighbor_rows(table: pa.Table) -> np.ndarray:
+    """Stored neighbours as row positions of ``table`` (-1: none, or not in this table).
+
+    ``neighbors`` hold ``spot_index`` values; a table may cover only part of a slide (a
+    subset, a split row group), so they are mapped through its ``spot_index`` column.
+    """
+    nbr_spots = _list_matrix(table.column("neighbors"), -1, np.int64)
+    n = table.num_rows
+    if "spot_index" in table.column_names:
+        spot_index = table.column("spot_index").to_numpy(zero_copy_only=False).astype(np.int64)
+    else:  # rows are the whole slide in spot_index order
+        spot_index = np.arange(n, dtype=np.int64)
+    if n == 0:
+        return nbr_spots
+    row_of = np.full(int(spot_index.max()) + 1, -1, dtype=np.int64)
+    row_of[spot_index] = np.arange(n)
+    valid = (nbr_spots >= 0) & (nbr_spots < row_of.size)
+    return np.where(valid, row_of[np.where(valid, nbr_spots, 0)], -1)
+
+
+def slide_coordinates_um(table: pa.Table, neighbor_rows: np.ndarray | None = None) -> np.ndarray | None:
+    """Spot centres (x, y) in µm for one slide's rows, or None when nothing locates them.
+
+    The pixel scale comes from each spot's nearest stored neighbour that is in ``table``
+    (``neighbor_rows``, from :func:`_neighbor_rows` when not given).
+    """
     pr, pcol = _column(table, "pxl_row"), _column(table, "pxl_col")
     if pr is not None and pcol is not None and np.isfinite(pr).all() and np.isfinite(pcol).all():
         xy = np.column_stack([pcol, pr])
-        nbrs = _list_matrix(table.column("neighbors"), -1, np.int64)
+        nbrs = _neighbor_rows(table) if neighbor_rows is None else neighbor_rows
         dists = _list_matrix(table.column("neighbor_distances"), np.nan, np.float64)
-        if nbrs.shape[1]:
-            ok = nbrs[:, 0] >= 0
-            px = np.linalg.norm(xy[ok] - xy[nbrs[ok, 0]], axis=1)
-            um = dists[ok, 0]
+        if nbrs.shape[1] and dists.shape[1]:
+            width = min(nbrs.shape[1], dists.shape[1])
+            present = nbrs[:, :width] >= 0
+            ok = present.any(axis=1)
+            first = present.argmax(axis=1)[ok]  # nearest neighbour present in the table
+            rows = np.flatnonzero(ok)
+            px = np.linalg.norm(xy[rows] - xy[nbrs[rows, first]], axis=1)
+            um = dists[rows, first]
             good = (px > 0) & np.isfinite(um) & (um > 0)
             if good.any():
                 return xy * float(np.median(um[good] / px[good]))
@@ -122,17 +148,13 @@ def spatial_groups(
         raise BatchingError(f"spatial_groups takes one slide per call, got {len(slide_ids)} slides; use corpus.iter_slides")
     slide_id = str(slide_ids[0])
     spot_index = table.column("spot_index").to_numpy(zero_copy_only=False).astype(np.int64)
-    row_of = np.full(int(spot_index.max()) + 1, -1, dtype=np.int64)
-    row_of[spot_index] = np.arange(n)
-    nbr_spots = _list_matrix(table.column("neighbors"), -1, np.int64)
-    if nbr_spots.shape[1] < need and n > need:
+    nbrs = _neighbor_rows(table)  # neighbour rows, -1 = none / not in this table
+    if nbrs.shape[1] < need and n > need:
         raise BatchingError(
-            f"slide {slide_id}: the shards store {nbr_spots.shape[1]} neighbours per spot but groups of "
+            f"slide {slide_id}: the shards store {nbrs.shape[1]} neighbours per spot but groups of "
             f"{group_size} need {need}; rebuild with `spavis build-shards --k-neighbors {need}` or more"
         )
-    valid = (nbr_spots >= 0) & (nbr_spots < row_of.size)
-    nbrs = np.where(valid, row_of[np.where(valid, nbr_spots, 0)], -1)  # neighbour rows, -1 = none
-    coords = slide_coordinates_um(table)
+    coords = slide_coordinates_um(table, nbrs)
     seed_dist = None if coords is not None else _list_matrix(table.column("neighbor_distances"), np.inf, np.float64)
     limit = float(d_max_um)
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from spavis.cli._common import err_console, friendly_errors
+from stamp._cli import err_console, friendly_errors
 
 app = typer.Typer(name="stamp", help="STAMP gene encoder: tokenize, pretrain, publish, embed.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)

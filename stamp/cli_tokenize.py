@@ -83,7 +83,7 @@ def register(app) -> None:
     """Add ``stamp tokenize`` to a typer app."""
     import typer
 
-    from spavis.cli._common import err_console, friendly_errors
+    from stamp._cli import err_console, friendly_errors
 
     @app.command("tokenize")
     @friendly_errors

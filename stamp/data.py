@@ -31,8 +31,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from spavis.errors import SpavisError
 from stamp.batching import D_MAX_UM, GROUP_SIZE, GROUPS_PER_BATCH, spatial_groups
+from stamp.errors import DataError
 from stamp.tokenizer import NATIVE_MAX_LENGTH, GeneTokenizer, table_to_csr, to_model_input_ids
 
 logger = logging.getLogger(__name__)
@@ -41,10 +41,6 @@ MODES = ("spots", "spatial")
 _SPOT_COLUMNS = ["spot_id", "gene_index", "counts"]
 _SPATIAL_COLUMNS = _SPOT_COLUMNS + ["spot_index", "neighbors", "neighbor_distances",
                                     "pxl_row", "pxl_col", "array_row", "array_col"]
-
-
-class DataError(SpavisError):
-    """The corpus cannot feed the loader as configured (too few shards for the ranks, ...)."""
 
 
 def rank_files(files: Sequence[str], rank: int, world_size: int, *, seed: int = 0, epoch: int = 0,

@@ -13,14 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from spavis.errors import SpavisError
+from stamp.errors import PublishError
 
 CARD_NAME = "README.md"
 RUN_INFO = "run.json"
-
-
-class PublishError(SpavisError):
-    """A run cannot be published (no model folder, missing files, Hub refused)."""
 
 
 def _fmt(value: Any) -> str:
@@ -139,6 +135,11 @@ def resolve_model_dir(run_or_model: str | Path) -> Path:
     )
 
 
+def _model_files(model_dir: Path) -> list[Path]:
+    """The files a model folder publishes (top level, no hidden temp files)."""
+    return [p for p in sorted(model_dir.iterdir()) if p.is_file() and not p.name.startswith(".")]
+
+
 def export_model(run_or_model: str | Path, dest: str | Path, *, overwrite: bool = False) -> Path:
     """Publish to a local folder: the exact file set ``publish`` uploads, copied atomically.
 
@@ -154,12 +155,15 @@ def export_model(run_or_model: str | Path, dest: str | Path, *, overwrite: bool 
     dest = Path(dest)
     if dest.exists() and not overwrite:
         raise PublishError(f"{dest} already exists; choose another folder or pass --overwrite")
+    if dest.exists() and not dest.is_dir():
+        raise PublishError(f"{dest} is a file, not a folder; choose a folder path for --local-dir")
+    if dest.resolve() == model_dir.resolve() or dest.resolve() in model_dir.resolve().parents:
+        raise PublishError(f"{dest} holds the run being published ({model_dir}); choose a folder outside it")
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        for item in sorted(model_dir.iterdir()):
-            if item.is_file():
-                shutil.copy2(item, staging / item.name)
+        for item in _model_files(model_dir):
+            shutil.copy2(item, staging / item.name)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(staging, dest)
@@ -178,27 +182,35 @@ def publish(
     revision: str | None = None,
     commit_message: str = "Upload STAMP gene encoder",
 ) -> str:
-    """Create ``repo_id`` if needed and upload the model folder; returns the commit URL."""
-    from huggingface_hub import HfApi
+    """Create ``repo_id`` if needed and upload the model folder in one commit; returns the commit URL.
+
+    The model card's usage snippet names the repo (``REPO_ID`` in the run's card becomes ``repo_id``).
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     model_dir = resolve_model_dir(run_or_model)
-    if not (model_dir / CARD_NAME).is_file():
+    card_path = model_dir / CARD_NAME
+    if not card_path.is_file():
         raise PublishError(f"{model_dir}: no {CARD_NAME} model card; re-run pretraining to regenerate it")
+    card = card_path.read_text().replace("REPO_ID", repo_id)
+    operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
+                  for p in _model_files(model_dir) if p.name != CARD_NAME]
+    operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode()))
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        info = api.upload_folder(
-            repo_id=repo_id,
-            repo_type="model",
-            folder_path=str(model_dir),
-            revision=revision,
-            commit_message=commit_message,
-        )
+        info = api.create_commit(repo_id, operations, repo_type="model", revision=revision,
+                                 commit_message=commit_message)
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", "?")
         raise PublishError(
             f"uploading {model_dir} to {repo_id} failed (HTTP {status}); check the repo id and that your "
             "token (HF_TOKEN or `hf auth login`) has write access"
+        ) from None
+    except Exception as exc:  # connection refused, DNS, timeouts: the client raises many types
+        raise PublishError(
+            f"uploading {model_dir} to {repo_id} failed ({type(exc).__name__}: {exc}); check your network "
+            "and HF_ENDPOINT"
         ) from None
     return str(getattr(info, "commit_url", info))

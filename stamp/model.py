@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from spavis.errors import SpavisError
+from stamp.errors import StampError as SpavisError  # stamp's own error base (stamp reads spavis only via spavis.corpus)
 
 MASK_ID = 0
 PAD_ID = 1

@@ -73,7 +73,7 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from spavis.errors import SpavisError
+from stamp.errors import StampError as SpavisError  # stamp's own error base (stamp reads spavis only via spavis.corpus)
 
 logger = logging.getLogger(__name__)
 
@@ -630,17 +630,24 @@ class GeneTokenizer:
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write vocab.json, gene_means.parquet and tokenizer_config.json (each atomically)."""
-        import pyarrow.parquet as pq
+        """Write vocab.json, gene_means.safetensors and tokenizer_config.json (each atomically).
 
+        The means are a float64 safetensors tensor ``mean`` (exact, NaN kept) with the
+        Ensembl ids / symbols in its metadata: huggingface_hub flags .parquet files in model
+        repos as data files, safetensors it does not. A legacy gene_means.parquet in the
+        folder is removed so a folder holds one means file.
+        """
+        from safetensors.numpy import save_file
+
+        means_file, legacy_file = "gene_means.safetensors", "gene_means.parquet"
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         vocab = {"<mask>": MASK_ID, "<pad>": PAD_ID, "<cls>": CLS_ID}
         vocab.update({g: i + N_RESERVED for i, g in enumerate(self.gene_ids)})
-        columns = {"ensembl_id": pa.array(self.gene_ids, pa.string()),
-                   "mean": pa.array(self.raw_means, pa.float64())}
+        metadata = {"format": "stamp.gene_means.v1", "ensembl_id": json.dumps(self.gene_ids)}
         if self.symbols is not None:
-            columns["symbol"] = pa.array(self.symbols, pa.string())
+            metadata["symbol"] = json.dumps(self.symbols)
+        tensors = {"mean": np.ascontiguousarray(self.raw_means, dtype=np.float64)}
 
         def write(name: str, writer) -> None:
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
@@ -653,8 +660,9 @@ class GeneTokenizer:
                 raise
 
         write(VOCAB_FILE, lambda p: Path(p).write_text(json.dumps(vocab, indent=0) + "\n"))
-        write(MEANS_FILE, lambda p: pq.write_table(pa.table(columns), p))
+        write(means_file, lambda p: save_file(tensors, p, metadata=metadata))
         write(CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(self.config(), indent=2) + "\n"))
+        (out / legacy_file).unlink(missing_ok=True)
         return out
 
     @classmethod
@@ -667,9 +675,11 @@ class GeneTokenizer:
         cache_dir: str | os.PathLike | None = None,
         **overrides: Any,
     ) -> "GeneTokenizer":
-        """Load from a local folder or a Hub model repo id (huggingface_hub.snapshot_download)."""
-        import pyarrow.parquet as pq
+        """Load from a local folder or a Hub model repo id (huggingface_hub.snapshot_download).
 
+        Reads gene_means.safetensors, or gene_means.parquet of folders saved before it.
+        """
+        means_file, legacy_file = "gene_means.safetensors", "gene_means.parquet"
         path = Path(repo_or_dir)
         if not path.is_dir():
             if path.exists() or str(repo_or_dir).count("/") != 1:
@@ -679,10 +689,11 @@ class GeneTokenizer:
 
             try:
                 path = Path(snapshot_download(str(repo_or_dir), revision=revision, token=token, cache_dir=cache_dir,
-                                              allow_patterns=[VOCAB_FILE, MEANS_FILE, CONFIG_FILE]))
+                                              allow_patterns=[VOCAB_FILE, means_file, legacy_file, CONFIG_FILE]))
             except (HfHubHTTPError, OSError, ValueError) as exc:
                 raise TokenizerError(f"cannot download the tokenizer of {repo_or_dir} from the Hub: {exc}") from exc
-        missing = [n for n in (VOCAB_FILE, MEANS_FILE, CONFIG_FILE) if not (path / n).is_file()]
+        means_path = path / means_file if (path / means_file).is_file() else path / legacy_file
+        missing = [n for n in (VOCAB_FILE, means_path.name, CONFIG_FILE) if not (path / n).is_file()]
         if missing:
             raise TokenizerError(f"{path} lacks {', '.join(missing)}; save it with GeneTokenizer.save_pretrained")
         config = json.loads((path / CONFIG_FILE).read_text())
@@ -691,11 +702,27 @@ class GeneTokenizer:
         gene_ids = [g for _, g in genes]
         if [i for i, _ in genes] != list(range(N_RESERVED, N_RESERVED + len(gene_ids))):
             raise TokenizerError(f"{path / VOCAB_FILE}: gene token ids are not contiguous from {N_RESERVED}")
-        table = pq.read_table(path / MEANS_FILE)
-        if table.column("ensembl_id").to_pylist() != gene_ids:
-            raise TokenizerError(f"{path / MEANS_FILE} is not in the order of {path / VOCAB_FILE}")
-        symbols = table.column("symbol").to_pylist() if "symbol" in table.column_names else None
+        try:
+            if means_path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(means_path), framework="np") as f:
+                    meta = f.metadata() or {}
+                    means = f.get_tensor("mean")
+                order = json.loads(meta["ensembl_id"])
+                symbols = json.loads(meta["symbol"]) if "symbol" in meta else None
+            else:
+                import pyarrow.parquet as pq
+
+                table = pq.read_table(means_path)
+                order, means = table.column("ensembl_id").to_pylist(), table.column("mean").to_numpy()
+                symbols = table.column("symbol").to_pylist() if "symbol" in table.column_names else None
+        except (KeyError, ValueError, OSError, json.JSONDecodeError) as exc:
+            raise TokenizerError(f"cannot read {means_path} ({type(exc).__name__}: {exc}); "
+                                 "save the tokenizer again with GeneTokenizer.save_pretrained") from exc
+        if order != gene_ids:
+            raise TokenizerError(f"{means_path} is not in the order of {path / VOCAB_FILE}")
         kwargs = dict(mode=config.get("mode", "native"), max_length=config.get("max_length"),
                       mean_source=config.get("mean_source", "nonzero_mean_cp10k"))
         kwargs.update(overrides)
-        return cls(gene_ids, table.column("mean").to_numpy(), symbols=symbols, **kwargs)
+        return cls(gene_ids, means, symbols=symbols, **kwargs)

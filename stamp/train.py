@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from spavis.errors import SpavisError
+from stamp.errors import StampError as SpavisError  # stamp's own error base (stamp reads spavis only via spavis.corpus)
 from stamp import checkpoint as ckpt
 from stamp.model import StampGeneEncoder, create_model
 from stamp.objectives import compute_loss, mask_tokens

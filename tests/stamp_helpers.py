@@ -99,12 +99,13 @@ def random_init_model(model_dir: Path, out: Path) -> Path:
 
 
 def learning_metrics(model_dir: Path, corpus: Path, domains: dict[str, str], *, seed: int = 0,
-                     mask_seed: int = 12345) -> dict[str, float]:
+                     mask_seed: int = 12345, max_masked_spots: int = 2048) -> dict[str, float]:
     """Masked-token accuracy (vs the gene-frequency baseline on the same masked positions) and
     ARI of KMeans(k = number of true domains) on ``stamp embed`` embeddings.
 
     Baseline: always predict the gene most frequent among the masked targets themselves (the
-    best any constant guess can do on these positions). Embeddings come from the public
+    best any constant guess can do on these positions); both on the first ``max_masked_spots``
+    spots. Embeddings (all spots) come from the public
     :func:`stamp.embed.embed_corpus`, so this scores what users get.
     """
     import tempfile
@@ -123,7 +124,7 @@ def learning_metrics(model_dir: Path, corpus: Path, domains: dict[str, str], *, 
     model, tok = load_model(model_dir, device="cpu")
     parts = [to_model_input_ids(tok.encode_table(t), tok.pad_value, model.config.context_length)
              for t in open_corpus(corpus).iter_slides(columns=["spot_id", "gene_index", "counts"])]
-    ids = torch.from_numpy(np.concatenate(parts).astype(np.int64))
+    ids = torch.from_numpy(np.concatenate(parts)[:max_masked_spots].astype(np.int64))
     masked = mask_tokens(ids, vocab_size=model.config.vocab_size, n_reserved=model.config.n_reserved,
                          generator=torch.Generator().manual_seed(mask_seed))
     sel = masked.labels != IGNORE

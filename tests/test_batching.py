@@ -239,3 +239,37 @@ def test_real_shards_from_generated_slice(tmp_path):
     assert groups.shape[0] * 9 > table.num_rows * 0.4  # most spots of a compact tissue are grouped
     batch = next(iter(TokenBatchLoader(corpus, tok, mode="spatial", groups_per_batch=24, epochs=1)))
     assert tuple(batch["input_ids"].shape) == (216, 1500) and tuple(batch["groups"].shape) == (24, 9)
+
+
+def test_partial_slide_table_maps_neighbours_through_spot_index():
+    """A table holding only part of a slide (here: the left columns, rows shuffled) must not
+    index coordinates by spot_index; neighbours outside the table are simply unavailable."""
+    rng = np.random.default_rng(3)
+    full = lattice_slide("P", 10, 24, rng)
+    ac = full.column("array_col").to_numpy()
+    keep = np.flatnonzero(ac < 12)
+    keep = keep[np.random.default_rng(1).permutation(keep.size)]
+    part = full.take(keep)
+    assert part.column("spot_index").to_numpy().max() >= part.num_rows  # spot_index is not a row number
+    # same µm coordinates (same per-slide scale) as the whole slide gives for those spots
+    np.testing.assert_allclose(slide_coordinates_um(part), slide_coordinates_um(full)[keep], rtol=1e-9)
+    # many spots' nearest neighbour is outside the table: the next stored one that is inside sets the scale
+    sparse_keep = np.flatnonzero(np.arange(full.num_rows) % 3 != 0)
+    first = np.array([nb[0] for nb in full.column("neighbors").to_pylist()])[sparse_keep]
+    assert (first % 3 == 0).sum() > 10
+    np.testing.assert_allclose(slide_coordinates_um(full.take(sparse_keep)), slide_coordinates_um(full)[sparse_keep],
+                               rtol=1e-9)
+
+    groups = spatial_groups(part, seed=4)
+    assert groups.shape[0] >= 4 and np.unique(groups).size == groups.size
+    assert groups.max() < part.num_rows
+    spot = part.column("spot_index").to_numpy()
+    stored = part.column("neighbors").to_pylist()
+    xy = lattice_um(part)
+    for g in groups:
+        pos = [stored[g[0]].index(spot[j]) for j in g[1:]]  # the seed's stored neighbours, nearest first
+        assert pos == sorted(pos)
+        assert np.linalg.norm(xy[g][:, None] - xy[g][None], axis=-1).max() <= 400.0 + 1e-6
+    # the groups of a partial table are those of the same spots however the rows are ordered
+    again = spatial_groups(full.take(np.sort(keep)), seed=4)
+    np.testing.assert_array_equal(np.sort(keep)[again], keep[groups])

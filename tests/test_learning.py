@@ -41,7 +41,7 @@ def run_learning(tmp: Path, seed: int) -> tuple[dict, dict]:
 
 def test_short_pretraining_beats_baselines(tmp_path):
     trained, random = run_learning(tmp_path, seed=0)
-    assert trained["n_masked"] > 50_000
+    assert trained["n_masked"] > 30_000
     # the untrained encoder is no better than guessing the most frequent gene
     assert random["masked_acc"] < 2 * trained["freq_baseline_acc"]
     assert trained["masked_acc"] > 3 * trained["freq_baseline_acc"]

@@ -1,0 +1,35 @@
+"""CLI helpers of ``stamp``: print expected errors as one line (no traceback) and exit 1."""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+from rich.console import Console
+
+import spavis.corpus as _corpus
+from stamp.errors import StampError
+
+F = TypeVar("F", bound=Callable)
+err_console = Console(stderr=True)
+
+# spavis.corpus exports no error class yet: take the one it raises through the corpus module
+# only (``CorpusError`` once it exports one), never from spavis internals.
+CORPUS_ERRORS: tuple[type[BaseException], ...] = tuple(dict.fromkeys(
+    e for e in (getattr(_corpus, "CorpusError", None), getattr(_corpus, "SpavisError", None)) if e is not None
+))
+FRIENDLY_ERRORS = (StampError, *CORPUS_ERRORS)
+
+
+def friendly_errors(func: F) -> F:
+    """Print a StampError (or an error of spavis.corpus) as ``error: <message>`` and exit with status 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except FRIENDLY_ERRORS as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
