@@ -31,7 +31,13 @@ import scipy.sparse as sp
 from spavis.build import schema as S
 from spavis.errors import SpavisError
 
-__all__ = ["Corpus", "open_corpus", "rows_to_csr", "EXPRESSION_COLUMNS"]
+__all__ = [
+    "Corpus", "CorpusError", "SpavisError", "open_corpus", "rows_to_csr", "EXPRESSION_COLUMNS",
+]  # SpavisError: base of every error spavis raises, re-exported for readers of the corpus
+
+
+class CorpusError(SpavisError):
+    """A corpus cannot be opened or read (missing files, corrupt shard, bad argument)."""
 
 EXPRESSION_COLUMNS = tuple(S.EXPRESSION_SCHEMA.names)
 _META_PATTERNS = [S.CARD_FILE, S.MANIFEST_FILE, S.GENES_FILE, S.SLIDES_FILE]
@@ -46,7 +52,7 @@ class Corpus:
         self.revision = revision
         if not (self.root / S.GENES_FILE).is_file():
             where = repo_id or str(self.root)
-            raise SpavisError(
+            raise CorpusError(
                 f"{where}: no {S.GENES_FILE} here, so it is not a spavis corpus; "
                 "point open_corpus at the --out directory of `spavis build-shards`."
             )
@@ -93,7 +99,7 @@ class Corpus:
             _snapshot(self.repo_id, self.revision, [f"{S.EXPRESSION_DIR}/*.parquet"])
         files = sorted(str(p) for p in (self.root / S.EXPRESSION_DIR).glob("*.parquet"))
         if not files:
-            raise SpavisError(f"{self.root}: no {S.EXPRESSION_DIR}/*.parquet; the corpus is incomplete.")
+            raise CorpusError(f"{self.root}: no {S.EXPRESSION_DIR}/*.parquet; the corpus is incomplete.")
         return files
 
     def zarr_path(self, slide_id: str) -> Path:
@@ -103,7 +109,7 @@ class Corpus:
             _snapshot(self.repo_id, self.revision, [f"{rel}/*", f"{rel}/**"])
         path = self.root / rel
         if not path.exists():
-            raise SpavisError(f"{self.root}: no Zarr store for slide {slide_id!r}; check corpus.slides.slide_id.")
+            raise CorpusError(f"{self.root}: no Zarr store for slide {slide_id!r}; check corpus.slides.slide_id.")
         return path
 
     def read_slide_zarr(self, slide_id: str):
@@ -141,7 +147,7 @@ class Corpus:
         if columns is not None:
             unknown = [c for c in columns if c not in EXPRESSION_COLUMNS]
             if unknown:
-                raise SpavisError(f"unknown expression column(s) {unknown}; choose from {list(EXPRESSION_COLUMNS)}.")
+                raise CorpusError(f"unknown expression column(s) {unknown}; choose from {list(EXPRESSION_COLUMNS)}.")
             cols = list(dict.fromkeys(["slide_id", *columns]))
         for f in files if files is not None else self.expression_files:
             yield from _iter_file_slides(Path(f), cols, wanted)
@@ -204,13 +210,13 @@ def rows_to_csr(
     lengths = pc.list_value_length(idx_col).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     vlengths = pc.list_value_length(val_col).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     if not np.array_equal(lengths, vlengths):
-        raise SpavisError(f"gene_index and {values} lists differ in length; the shard is corrupt (run spavis validate).")
+        raise CorpusError(f"gene_index and {values} lists differ in length; the shard is corrupt (run spavis validate).")
     indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr[1:])
     indices = pc.list_flatten(idx_col).to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
     data = pc.list_flatten(val_col).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     if indices.size and (indices.min() < 0 or indices.max() >= n_genes):
-        raise SpavisError(f"gene_index out of range for a {n_genes}-gene vocabulary; pass len(corpus.genes).")
+        raise CorpusError(f"gene_index out of range for a {n_genes}-gene vocabulary; pass len(corpus.genes).")
     return sp.csr_matrix((data, indices, indptr), shape=(len(lengths), int(n_genes)))
 
 
@@ -221,7 +227,7 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     try:
         path = snapshot_download(repo_id=repo_id, repo_type="dataset", revision=revision, allow_patterns=patterns)
     except Exception as exc:  # huggingface_hub raises many types; name the repo and the fix
-        raise SpavisError(
+        raise CorpusError(
             f"{repo_id}: cannot download from the Hugging Face Hub ({type(exc).__name__}: {exc}); "
             "check the dataset id, revision, your network and HF_TOKEN for private datasets."
         ) from exc
@@ -240,7 +246,7 @@ def open_corpus(path_or_repo_id: str | os.PathLike, revision: str | None = None)
         return Corpus(path)
     text = str(path_or_repo_id)
     if not _looks_like_repo_id(text):
-        raise SpavisError(f"{text}: no such directory and not a Hub dataset id (org/name).")
+        raise CorpusError(f"{text}: no such directory and not a Hub dataset id (org/name).")
     root = _snapshot(text, revision, _META_PATTERNS)
     # the snapshot folder is named after the commit: pin it so later downloads match
     return Corpus(root, repo_id=text, revision=root.name)

@@ -7,17 +7,14 @@ from typing import Callable, TypeVar
 
 from rich.console import Console
 
-import spavis.corpus as _corpus
+from spavis.corpus import CorpusError, SpavisError
 from stamp.errors import StampError
 
 F = TypeVar("F", bound=Callable)
 err_console = Console(stderr=True)
 
-# spavis.corpus exports no error class yet: take the one it raises through the corpus module
-# only (``CorpusError`` once it exports one), never from spavis internals.
-CORPUS_ERRORS: tuple[type[BaseException], ...] = tuple(dict.fromkeys(
-    e for e in (getattr(_corpus, "CorpusError", None), getattr(_corpus, "SpavisError", None)) if e is not None
-))
+# Errors that reach a stamp command from the shard reader (spavis.corpus, its one public module).
+CORPUS_ERRORS: tuple[type[BaseException], ...] = (CorpusError, SpavisError)
 FRIENDLY_ERRORS = (StampError, *CORPUS_ERRORS)
 
 

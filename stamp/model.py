@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from stamp.errors import StampError as SpavisError  # stamp's own error base (stamp reads spavis only via spavis.corpus)
+from stamp.errors import StampError  # old local name; the base is stamp's own StampError
 
 MASK_ID = 0
 PAD_ID = 1
@@ -32,7 +32,7 @@ N_RESERVED = 30
 POOLINGS = ("mean", "stamp-v1")
 
 
-class ModelConfigError(SpavisError):
+class ModelConfigError(StampError):
     """A model config name, file or value is unusable."""
 
 

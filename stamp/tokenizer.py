@@ -73,7 +73,7 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from stamp.errors import StampError as SpavisError  # stamp's own error base (stamp reads spavis only via spavis.corpus)
+from stamp.errors import StampError  # old local name; the base is stamp's own StampError
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +89,14 @@ MODES = ("native", "stamp-v1")
 MEAN_COLUMNS = ("nonzero_mean_cp10k", "nonzero_mean_raw")
 
 VOCAB_FILE = "vocab.json"
-MEANS_FILE = "gene_means.parquet"
+MEANS_FILE = "gene_means.safetensors"
 CONFIG_FILE = "tokenizer_config.json"
 _WIDE = 2  # rows up to this many times max_length take the 32-bit key path
 _ROW_CHUNK = 64  # spots per block (of similar length): ~1 MB of keys, cache-resident; thread work unit
 _U64_MAX = np.iinfo(np.uint64).max
 
 
-class TokenizerError(SpavisError):
+class TokenizerError(StampError):
     """Bad tokenizer input: means file of the wrong length, unknown mode, negative counts."""
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from stamp.errors import StampError as SpavisError  # stamp's own error base (stamp reads spavis only via spavis.corpus)
+from stamp.errors import StampError  # old local name; the base is stamp's own StampError
 from stamp import checkpoint as ckpt
 from stamp.model import StampGeneEncoder, create_model
 from stamp.objectives import compute_loss, mask_tokens
@@ -40,7 +40,7 @@ RUN_INFO = "run.json"
 GROUP_SIZE = 9
 
 
-class TrainingError(SpavisError):
+class TrainingError(StampError):
     """Pretraining cannot start or continue (bad run folder, diverged loss, data too small)."""
 
 

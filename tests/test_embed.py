@@ -52,3 +52,34 @@ def test_embed_rejects_other_vocabulary(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 1 and "vocabulary" in res.stderr
     assert not (tmp_path / "e.parquet").exists()
+
+
+def test_embed_errors_are_clear_and_change_nothing(tmp_path):
+    """A model folder mixing two vocabularies, and a corpus missing one slide store with --zarr:
+    one-line errors (exit 1), no Parquet, and no Zarr store touched."""
+    import shutil
+
+    import pytest
+    from typer.testing import CliRunner
+
+    from stamp.cli import app
+    from stamp.embed import EmbedError, embed_corpus
+
+    corpus, _ = make_corpus(tmp_path / "shards", slides=2, n_genes=60, max_row=6)
+    tok = GeneTokenizer.from_corpus(corpus, max_length=128)
+    create_model("tiny", n_genes=70).save_pretrained(tmp_path / "mixed")
+    tok.save_pretrained(tmp_path / "mixed")
+    with pytest.raises(EmbedError, match="mixes two models"):
+        embed_corpus(tmp_path / "mixed", corpus, tmp_path / "x.parquet", device="cpu", progress=False)
+
+    create_model("tiny", n_genes=60).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    slides = [t.column("slide_id")[0].as_py() for t in open_corpus(corpus).iter_slides(columns=["slide_id"])]
+    shutil.rmtree(corpus / "zarr" / f"{slides[-1]}.zarr")  # the last slide's store is gone
+    out = tmp_path / "e.parquet"
+    res = CliRunner().invoke(app, ["embed", "--model", str(tmp_path / "m"), "--data", str(corpus), "--out", str(out),
+                                   "--zarr", "--no-progress", "--device", "cpu"])
+    assert res.exit_code == 1, res.output
+    assert "error:" in res.output and "no Zarr store for slide" in res.output and "Traceback" not in res.output
+    assert not out.exists() and not list(tmp_path.glob(".e.parquet*"))
+    assert "X_stamp" not in ad.read_zarr(corpus / "zarr" / f"{slides[0]}.zarr").obsm  # first store untouched

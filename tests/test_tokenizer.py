@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import scipy.sparse as sp
 
-from spavis.errors import SpavisError
+from stamp.errors import StampError
 from stamp.tokenizer import (
     N_RESERVED,
     PAD_ID,
@@ -186,7 +186,7 @@ def test_means_file_formats_and_length_errors(tmp_path, genes):
     for name in ("m.npy", "m.txt", "m.csv", "m.parquet"):
         np.testing.assert_array_equal(load_means_file(tmp_path / name, 300), values)
     np.save(tmp_path / "short.npy", values[:-1])
-    with pytest.raises(SpavisError, match="299 values but the vocabulary has 300"):
+    with pytest.raises(StampError, match="299 values but the vocabulary has 300"):
         GeneTokenizer.from_genes(genes, mode="stamp-v1", means=tmp_path / "short.npy")
     with pytest.raises(TokenizerError, match="does not exist"):
         load_means_file(tmp_path / "nope.npy")

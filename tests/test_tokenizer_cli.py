@@ -81,3 +81,15 @@ def test_cli_tokenize_writes_parquet_and_is_atomic(tmp_path):
         tokenize_corpus(data, out, max_length=32, progress=False)
     assert pq.read_table(out).num_rows == len(expected_spots)
     assert sorted(p.name for p in out.parent.iterdir()) == ["tokens.parquet"]
+
+
+def test_cli_tokenize_corpus_errors_are_one_line(tmp_path):
+    """Errors of spavis.corpus (read through stamp's own CLI helper) print as one line, exit 1."""
+    out = tmp_path / "t.parquet"
+    res = CliRunner().invoke(make_app(), ["tokenize", "--data", str(tmp_path / "missing"), "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    assert res.output.startswith("error:") and "not a Hub dataset id" in res.output
+    assert "Traceback" not in res.output and not out.exists()
+    (tmp_path / "empty").mkdir()
+    res = CliRunner().invoke(make_app(), ["tokenize", "--data", str(tmp_path / "empty"), "--out", str(out)])
+    assert res.exit_code == 1 and "not a spavis corpus" in res.output
