@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                     parts.append(f"{label} {r['spots_per_s']:>7,.0f} spots/s {r['peak_rss_mib']:>6,.0f} MiB "
                                  f"(speed x{r['spots_per_s'] / base['spots_per_s']:.2f}, "
                                  f"memory x{r['peak_rss_mib'] / base['peak_rss_mib']:.2f})")
+            row["load_avg_1min"] = os.getloadavg()[0]  # other processes on the machine skew the speeds
+            parts.append(f"load {row['load_avg_1min']:.1f}")
             print(" | ".join(parts), flush=True)
     finally:
         if args.keep is None:

@@ -2,14 +2,16 @@
 
 The Snakemake pipeline calls the same three steps one by one; ``build_shards`` chains them
 with a resumable work directory so a killed build continues where it stopped and a
-re-run with unchanged inputs and parameters does nothing.
+re-run with unchanged inputs and parameters does nothing. It pipelines the last two:
+each slide is merged into the corpus (Parquet encoding in the main process) as soon as
+it and every slide before it are prepared, while worker processes prepare later slides.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -19,7 +21,13 @@ from spavis.build.info import info
 from spavis.build.prepare import prepare_slice, resolve_vocab, slide_metadata
 from spavis.build.schema import MANIFEST_FILE
 from spavis.build.validate import ValidationReport, validate
-from spavis.build.write import DEFAULT_MAX_SPOTS_PER_SHARD, build_key, input_entry, write_corpus
+from spavis.build.write import (
+    DEFAULT_MAX_SPOTS_PER_SHARD,
+    build_key,
+    input_entry,
+    write_corpus,
+    write_corpus_in_order,
+)
 
 __all__ = [
     "SliceInput",
@@ -31,6 +39,7 @@ __all__ = [
     "prepare_slice",
     "validate",
     "write_corpus",
+    "write_corpus_in_order",
     "DEFAULT_MAX_SPOTS_PER_SHARD",
 ]
 
@@ -129,42 +138,52 @@ def _build_locked(slices, out, work, vocab, vocab_obj, params, min_genes, k_neig
         vocab_arg = vocab if isinstance(vocab, (str, os.PathLike)) else vocab_obj
         with _progress(progress) as bar:
             task = bar.add_task("prepare slices", total=len(slices), current="")
-            prepared = _prepare_all(slices, work, vocab_arg, min_genes, k_neighbors, workers, bar, task)
             wtask = bar.add_task("write shards", total=len(slices), current="")
-            write_corpus(
-                prepared,
-                out,
-                vocab=vocab_obj,
-                params=params,
-                max_spots_per_shard=max_spots_per_shard,
-                progress=lambda sid: bar.update(wtask, advance=1, current=sid),
-            )
+            prepared = _prepared_in_order(slices, work, vocab_arg, min_genes, k_neighbors, workers, bar, task)
+            try:
+                write_corpus_in_order(
+                    prepared,
+                    out,
+                    vocab=vocab_obj,
+                    params=params,
+                    max_spots_per_shard=max_spots_per_shard,
+                    progress=lambda sid: bar.update(wtask, advance=1, current=sid),
+                )
+            finally:
+                prepared.close()  # on failure: stop the workers before the error propagates
             bar.update(wtask, completed=len(slices), current="done")
 
 
-def _prepare_all(slices, work, vocab, min_genes, k_neighbors, workers, bar, task) -> list[Path]:
+def _prepared_in_order(slices, work, vocab, min_genes, k_neighbors, workers, bar, task):
+    """Yield each slice's prepared dir in slide_id order, as soon as it and its predecessors are ready.
+
+    With several workers the slices are submitted in slide_id order to spawned processes;
+    a failure of any slice is raised at the next step, not only when its turn comes.
+    """
     kwargs = {"vocab": vocab, "min_genes": min_genes, "k_neighbors": k_neighbors}
     if workers <= 1 or len(slices) <= 1:
-        done = []
         for s in slices:
             bar.update(task, current=s.slide_id)
-            done.append(prepare_slice(s, work, **kwargs))
+            dest = prepare_slice(s, work, **kwargs)
             bar.update(task, advance=1)
-        return done
+            yield dest
+        return
     # spawn: forking a process that already runs pyarrow/BLAS threads can deadlock
-    results: dict[str, Path] = {}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(prepare_slice, s, work, **kwargs): s.slide_id for s in slices}
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+    try:
+        futures = [pool.submit(prepare_slice, s, work, **kwargs) for s in slices]
+        slide_of = {fut: s.slide_id for fut, s in zip(futures, slices)}
         pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-            for fut in finished:
-                exc = fut.exception()
-                if exc is not None:
-                    for other in pending:
-                        other.cancel()
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise exc
-                results[futures[fut]] = fut.result()
-                bar.update(task, advance=1, current=futures[fut])
-    return [results[s.slide_id] for s in slices]
+        next_i = 0
+        while next_i < len(futures):
+            if not futures[next_i].done():
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    if fut.exception() is not None:
+                        raise fut.exception()
+                    bar.update(task, advance=1, current=slide_of[fut])
+                continue
+            yield futures[next_i].result()
+            next_i += 1
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -7,6 +7,7 @@ vocabulary, parameters, spavis version) still matches.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -112,12 +113,40 @@ def prepare_slice(
     tmp.mkdir()
     try:
         n_kept = _prepare_into(tmp, s, vocab, min_genes, k_neighbors)
-        (tmp / DONE_FILE).write_text(json_dumps({"key": key, "n_spots_kept": n_kept}))
+        # the store is hard-linked into the corpus unchanged: hash it here, in the worker,
+        # so the (serial) merge does not have to
+        digest, n_files = tree_sha256(tmp / ZARR_DIR)
+        zarr = {"sha256": digest, "n_files": n_files, "size": tree_size(tmp / ZARR_DIR)}
+        (tmp / DONE_FILE).write_text(json_dumps({"key": key, "n_spots_kept": n_kept, "zarr": zarr}))
         _replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_sha256(root: Path) -> tuple[str, int]:
+    """Digest over a folder's files (relative path + sha256, sorted) and the file count."""
+    lines = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in filenames:
+            p = Path(dirpath, name)
+            lines.append(f"{p.relative_to(root).as_posix()}\t{file_sha256(p)}\n")
+    lines.sort()
+    return hashlib.sha256("".join(lines).encode()).hexdigest(), len(lines)
+
+
+def tree_size(root: Path) -> int:
+    return sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file())
 
 
 def _replace_dir(src: Path, dest: Path) -> None:

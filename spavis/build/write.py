@@ -4,6 +4,10 @@ Slides are taken in slide_id order whatever order they were prepared in; each sl
 rows are streamed batch by batch into the shard writers (memory does not grow with the
 number of slides); per-gene float64 sums are merged in the same fixed order, so
 genes.parquet is identical whatever the shard size, worker count or input order.
+
+The writer consumes slides one at a time (``write_corpus_in_order``), so ``build_shards``
+feeds it each slide as soon as it and every slide before it are prepared: the Parquet
+encoding of early slides overlaps the preparation of later ones in the worker processes.
 """
 from __future__ import annotations
 
@@ -22,49 +26,21 @@ import pyarrow.parquet as pq
 from spavis import __version__
 from spavis.build import schema as S
 from spavis.build.card import render_card
-from spavis.build.prepare import DONE_FILE, ROWS_FILE, SLIDE_FILE, STATS_FILE, ZARR_DIR, iter_rows, resolve_vocab
+from spavis.build.prepare import (  # noqa: F401  (file_sha256/tree_sha256 are re-exported)
+    DONE_FILE,
+    ROWS_FILE,
+    SLIDE_FILE,
+    STATS_FILE,
+    ZARR_DIR,
+    file_sha256,
+    iter_rows,
+    resolve_vocab,
+    tree_sha256,
+    tree_size,
+)
 from spavis.errors import SpavisError
 
 DEFAULT_MAX_SPOTS_PER_SHARD = 50_000
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def tree_sha256(root: Path) -> tuple[str, int]:
-    """Digest over a folder's files (relative path + sha256, sorted) and the file count."""
-    lines = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in filenames:
-            p = Path(dirpath, name)
-            lines.append(f"{p.relative_to(root).as_posix()}\t{file_sha256(p)}\n")
-    lines.sort()
-    return hashlib.sha256("".join(lines).encode()).hexdigest(), len(lines)
-
-
-def plan_shards(slides: list[dict[str, Any]], max_spots: int) -> list[list[dict[str, Any]]]:
-    """Greedy packing in slide_id order; a slide never spans two shards."""
-    shards: list[list[dict[str, Any]]] = []
-    current: list[dict[str, Any]] = []
-    size = 0
-    for slide in slides:
-        n = slide["n_spots_kept"]
-        if n == 0:
-            continue
-        if current and size + n > max_spots:
-            shards.append(current)
-            current, size = [], 0
-        current.append(slide)
-        size += n
-    if current:
-        shards.append(current)
-    return shards
 
 
 def _link_or_copy_tree(src: Path, dest: Path) -> None:
@@ -77,28 +53,53 @@ def _link_or_copy_tree(src: Path, dest: Path) -> None:
     shutil.copytree(src, dest, copy_function=link)
 
 
+def _load_one(raw: str | os.PathLike, vocab) -> tuple[Path, dict]:
+    d = Path(raw)
+    try:
+        done = json.loads((d / DONE_FILE).read_text())
+        slide = json.loads((d / SLIDE_FILE).read_text())
+    except (OSError, ValueError):
+        raise SpavisError(f"{d}: not a completely prepared slice; run prepare_slice/build-shards again.") from None
+    if done["key"]["vocab_checksum"] != vocab.checksum:
+        raise SpavisError(
+            f"{d}: prepared with another vocabulary (checksum {done['key']['vocab_checksum'][:12]}); "
+            "delete the work directory or prepare it again with the same --vocab."
+        )
+    slide["_zarr_digest"] = done.get("zarr")  # hashed by prepare_slice (absent in older work dirs)
+    return d, slide
+
+
 def _load_prepared(prepared_dirs: Iterable[str | os.PathLike], vocab) -> list[tuple[Path, dict]]:
-    items = []
-    seen: dict[str, Path] = {}
-    for raw in prepared_dirs:
-        d = Path(raw)
-        try:
-            done = json.loads((d / DONE_FILE).read_text())
-            slide = json.loads((d / SLIDE_FILE).read_text())
-        except (OSError, ValueError):
-            raise SpavisError(f"{d}: not a completely prepared slice; run prepare_slice/build-shards again.") from None
-        if done["key"]["vocab_checksum"] != vocab.checksum:
-            raise SpavisError(
-                f"{d}: prepared with another vocabulary (checksum {done['key']['vocab_checksum'][:12]}); "
-                "delete the work directory or prepare it again with the same --vocab."
-            )
-        sid = slide["slide_id"]
-        if sid in seen:
-            raise SpavisError(f"slide_id {sid!r} is prepared twice ({seen[sid]} and {d}); keep one.")
-        seen[sid] = d
-        items.append((d, slide))
+    items = [_load_one(raw, vocab) for raw in prepared_dirs]
     items.sort(key=lambda t: t[1]["slide_id"])
+    _check_unique(items)
     return items
+
+
+def _check_unique(items: list[tuple[Path, dict]]) -> None:
+    """Raise when a slide_id is prepared twice (``items`` sorted by slide_id)."""
+    for (d0, s0), (d1, s1) in zip(items, items[1:]):
+        if s0["slide_id"] == s1["slide_id"]:
+            raise SpavisError(f"slide_id {s1['slide_id']!r} is prepared twice ({d0} and {d1}); keep one.")
+
+
+def _check_out(out: Path, max_spots_per_shard: int) -> None:
+    if max_spots_per_shard < 1:
+        raise SpavisError("--max-spots-per-shard must be at least 1.")
+    if out.exists() and not out.is_dir():
+        raise SpavisError(f"{out}: exists and is not a directory; choose another --out.")
+    if out.is_dir() and any(out.iterdir()) and not (out / S.MANIFEST_FILE).is_file():
+        raise SpavisError(f"{out}: exists and is not a spavis shard directory; choose an empty or new --out.")
+
+
+def _check_not_empty(slides: list[dict]) -> None:
+    if not slides:
+        raise SpavisError("no prepared slices to write; give build-shards at least one slice.")
+    if sum(s["n_spots_kept"] for s in slides) == 0:
+        raise SpavisError(
+            "no spot of any slide passed QC, so the corpus would be empty; lower --min-genes "
+            "(the number of detected vocabulary genes a spot needs) or check the inputs."
+        )
 
 
 def write_corpus(
@@ -114,25 +115,48 @@ def write_corpus(
     vocab = resolve_vocab(vocab)
     out = Path(out)
     items = _load_prepared(prepared_dirs, vocab)
-    if not items:
-        raise SpavisError("no prepared slices to write; give build-shards at least one slice.")
-    if sum(s["n_spots_kept"] for _, s in items) == 0:
-        raise SpavisError(
-            "no spot of any slide passed QC, so the corpus would be empty; lower --min-genes "
-            "(the number of detected vocabulary genes a spot needs) or check the inputs."
-        )
-    if max_spots_per_shard < 1:
-        raise SpavisError("--max-spots-per-shard must be at least 1.")
-    if out.exists() and not out.is_dir():
-        raise SpavisError(f"{out}: exists and is not a directory; choose another --out.")
-    if out.is_dir() and any(out.iterdir()) and not (out / S.MANIFEST_FILE).is_file():
-        raise SpavisError(f"{out}: exists and is not a spavis shard directory; choose an empty or new --out.")
+    _check_not_empty([s for _, s in items])
+    _check_out(out, max_spots_per_shard)
+    return _write_atomically(iter(items), out, vocab, params, max_spots_per_shard, progress)
 
+
+def write_corpus_in_order(
+    prepared_dirs: Iterable[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    vocab: Any,
+    params: dict[str, Any] | None = None,
+    max_spots_per_shard: int = DEFAULT_MAX_SPOTS_PER_SHARD,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """``write_corpus`` for prepared slices that arrive one by one, already in slide_id order.
+
+    ``prepared_dirs`` may be a generator that blocks until the next slide is prepared;
+    each slide is written as soon as it arrives (same bytes as ``write_corpus``).
+    """
+    vocab = resolve_vocab(vocab)
+    out = Path(out)
+    _check_out(out, max_spots_per_shard)
+
+    def items():
+        last = None
+        for raw in prepared_dirs:
+            d, slide = _load_one(raw, vocab)
+            if last is not None and slide["slide_id"] <= last[1]["slide_id"]:
+                _check_unique([last, (d, slide)])
+                raise SpavisError(f"{d}: prepared slices must come in slide_id order (after {last[0]}).")
+            last = (d, slide)
+            yield d, slide
+
+    return _write_atomically(items(), out, vocab, params, max_spots_per_shard, progress)
+
+
+def _write_atomically(items, out: Path, vocab, params, max_spots, progress) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        _write_into(tmp, items, vocab, dict(params or {}), max_spots_per_shard, progress)
+        _write_into(tmp, items, vocab, dict(params or {}), max_spots, progress)
         if out.exists():
             old = out.parent / f"{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out, old)
@@ -146,57 +170,84 @@ def write_corpus(
     return out
 
 
+def _shard_name(i: int, width: int) -> str:
+    return f"{S.EXPRESSION_DIR}/part-{i:0{width}d}.parquet"
+
+
 def _write_into(tmp, items, vocab, params, max_spots, progress) -> None:
+    """Stream ``items`` ((prepared dir, slide record) in slide_id order) into ``tmp``.
+
+    Shards are packed greedily as slides arrive: a slide with spots starts a new file when
+    it would push the current one past ``max_spots`` (a slide never spans two files, a
+    larger slide gets a file of its own, slides without spots are in no file). A file is named with the 5-digit minimum width and renamed at the end in the
+    rare case (100,000+ files) that the final count needs a wider number.
+    """
     say = progress or (lambda _msg: None)
-    slides = [s for _, s in items]
-    dirs = {s["slide_id"]: d for d, s in items}
     expr_dir = tmp / S.EXPRESSION_DIR
     expr_dir.mkdir(parents=True)
     (tmp / S.ZARR_DIR).mkdir()
 
-    shards = plan_shards(slides, max_spots)
-    width = max(5, len(str(len(shards))))
-    location: dict[str, tuple[str, int]] = {}
-    outputs: list[dict[str, Any]] = []
-    for i, shard in enumerate(shards):
-        rel = f"{S.EXPRESSION_DIR}/part-{i:0{width}d}.parquet"
-        rows = 0
-        with pq.ParquetWriter(tmp / rel, S.EXPRESSION_SCHEMA, **S.PARQUET_WRITE_OPTIONS) as writer:
-            for slide in shard:
-                location[slide["slide_id"]] = (rel, rows)
-                for batch in iter_rows(dirs[slide["slide_id"]] / ROWS_FILE):
+    done: list[tuple[Path, dict]] = []
+    location: dict[str, tuple[int, int]] = {}  # slide_id -> (shard number, row offset)
+    shard_rows: list[int] = []
+    zarr_outputs: list[dict[str, Any]] = []
+    writer = None
+    try:
+        for d, slide in items:
+            sid, n = slide["slide_id"], slide["n_spots_kept"]
+            done.append((d, slide))
+            if n > 0:
+                if writer is None or shard_rows[-1] + n > max_spots:
+                    if writer is not None:
+                        writer.close()
+                    shard_rows.append(0)
+                    writer = pq.ParquetWriter(tmp / _shard_name(len(shard_rows) - 1, 5), S.EXPRESSION_SCHEMA,
+                                              **S.PARQUET_WRITE_OPTIONS)
+                location[sid] = (len(shard_rows) - 1, shard_rows[-1])
+                for batch in iter_rows(d / ROWS_FILE):
                     writer.write_table(pa.Table.from_batches([batch], schema=S.EXPRESSION_SCHEMA),
                                        row_group_size=S.ROW_GROUP_SIZE)
-                    rows += batch.num_rows
-                say(slide["slide_id"])
+                    shard_rows[-1] += batch.num_rows
+            dest = tmp / S.ZARR_DIR / f"{sid}.zarr"
+            _link_or_copy_tree(d / ZARR_DIR, dest)
+            digest = slide.pop("_zarr_digest", None) or {}
+            if not digest:
+                digest["sha256"], digest["n_files"] = tree_sha256(dest)
+                digest["size"] = tree_size(dest)
+            zarr_outputs.append({"path": f"{S.ZARR_DIR}/{sid}.zarr", "kind": "zarr", "rows": n, **digest})
+            say(sid)
+    finally:
+        if writer is not None:
+            writer.close()
+    slides = [s for _, s in done]
+    _check_not_empty(slides)
+
+    width = max(5, len(str(len(shard_rows))))
+    outputs: list[dict[str, Any]] = []
+    for i, rows in enumerate(shard_rows):
+        rel = _shard_name(i, width)
+        if width != 5:
+            os.replace(tmp / _shard_name(i, 5), tmp / rel)
         outputs.append({"path": rel, "kind": "expression", "rows": rows})
+    shard_file = {sid: (_shard_name(i, width), offset) for sid, (i, offset) in location.items()}
 
-    for slide in slides:
-        sid = slide["slide_id"]
-        _link_or_copy_tree(dirs[sid] / ZARR_DIR, tmp / S.ZARR_DIR / f"{sid}.zarr")
-        outputs.append({"path": f"{S.ZARR_DIR}/{sid}.zarr", "kind": "zarr", "rows": slide["n_spots_kept"]})
-
-    genes = _merge_gene_stats(items, vocab)
+    genes = _merge_gene_stats(done, vocab)
     pq.write_table(genes, tmp / S.GENES_FILE, row_group_size=len(vocab) or 1, **S.PARQUET_WRITE_OPTIONS)
     outputs.append({"path": S.GENES_FILE, "kind": "genes", "rows": genes.num_rows})
 
-    slides_table = _slides_table(slides, location)
+    slides_table = _slides_table(slides, shard_file)
     pq.write_table(slides_table, tmp / S.SLIDES_FILE, **S.PARQUET_WRITE_OPTIONS)
     outputs.append({"path": S.SLIDES_FILE, "kind": "slides", "rows": slides_table.num_rows})
 
-    stats = _summary(slides, genes, len(shards))
+    stats = _summary(slides, genes, len(shard_rows))
     (tmp / S.CARD_FILE).write_text(render_card(vocab=vocab, params=params, stats=stats, slides=slides), encoding="utf-8")
     outputs.append({"path": S.CARD_FILE, "kind": "card", "rows": None})
 
     for entry in outputs:
         p = tmp / entry["path"]
-        if p.is_dir():
-            entry["sha256"], entry["n_files"] = tree_sha256(p)
-            entry["size"] = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-        else:
-            entry["sha256"] = file_sha256(p)
-            entry["size"] = p.stat().st_size
-    outputs.sort(key=lambda e: e["path"])
+        entry["sha256"] = file_sha256(p)
+        entry["size"] = p.stat().st_size
+    outputs = sorted(outputs + zarr_outputs, key=lambda e: e["path"])
     manifest = build_manifest(vocab, params, slides, outputs, stats)
     (tmp / S.MANIFEST_FILE).write_text(S.json_dumps(manifest), encoding="utf-8")
 
