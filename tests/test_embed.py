@@ -39,6 +39,10 @@ def test_embed_cli_parquet_and_zarr(tmp_path):
     assert a.obsm["X_stamp"].shape == (table.num_rows, 64)
     assert np.allclose(a.obsm["X_stamp"], direct, atol=1e-5)
     assert a.X.nnz > 0  # X untouched
+    # the corpus stays valid: embeddings added under obsm['X_*'] are not part of the build digest
+    from spavis.build import validate
+
+    assert validate(corpus).ok, validate(corpus).errors
 
 
 def test_embed_rejects_other_vocabulary(tmp_path):

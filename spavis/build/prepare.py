@@ -133,14 +133,25 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _added_later(rel: str) -> bool:
+    """Zarr files a build's digest leaves out: what users and `stamp embed --zarr` add later.
+
+    New embeddings go to ``obsm['X_*']`` (the scanpy naming the build never uses) and rewrite
+    the consolidated ``.zmetadata``, which only mirrors the other metadata files.
+    """
+    return rel == ".zmetadata" or rel.startswith("obsm/X_")
+
+
 def tree_sha256(root: Path) -> tuple[str, int]:
-    """Digest over a folder's files (relative path + sha256, sorted) and the file count."""
+    """Digest over a Zarr store's build-written files (relative path + sha256, sorted) and their count."""
     lines = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in filenames:
             p = Path(dirpath, name)
-            lines.append(f"{p.relative_to(root).as_posix()}\t{file_sha256(p)}\n")
+            rel = p.relative_to(root).as_posix()
+            if not _added_later(rel):
+                lines.append(f"{rel}\t{file_sha256(p)}\n")
     lines.sort()
     return hashlib.sha256("".join(lines).encode()).hexdigest(), len(lines)
 
