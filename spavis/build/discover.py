@@ -6,6 +6,7 @@ hashed file by file so the manifest can say exactly what a corpus was built from
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from spavis.errors import ReaderError, SpavisError
+from spavis.sources.sidecar import FIELDS as SIDECAR_FIELDS
 from spavis.sources.sidecar import SIDECAR_NAME, read_sidecar
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -104,17 +106,9 @@ def _fetched(folder: Path) -> SliceInput:
 
 
 def _local(path: Path) -> SliceInput:
-    meta = {
-        "slide_id": _local_id(path),
-        "source": "local",
-        "accession": [],
-        "organ": None,
-        "species": "Homo sapiens",
-        "condition": "unknown",
-        "technology": "Visium",
-        "license": None,
-        "citation": None,
-    }
+    # The slice.json defaults of a fetched slice, minus the fetch-only fields.
+    meta = {k: v for k, v in copy.deepcopy(SIDECAR_FIELDS).items() if k not in ("revision", "data_path", "files")}
+    meta.update(slide_id=_local_id(path), source="local")
     root = path.resolve()
     marker = root / "generated.json" if root.is_dir() else None
     if marker is not None and marker.is_file():  # written by spavis.simulate: label it as generated
