@@ -239,6 +239,8 @@ def _write_model(run: Path, model: StampGeneEncoder, tokenizer, info: dict) -> P
 def _data_info(corpus, args: PretrainArgs, n_spots: int) -> dict:
     slides = corpus.slides
     licenses = sorted({str(x) for x in slides["license"].dropna()}) if "license" in slides else []
+    if "license" in slides and slides["license"].isna().any():  # local slices: say so, never drop them
+        licenses.append(f"unknown ({int(slides['license'].isna().sum())} slide(s) without a recorded license)")
     generated = bool(len(slides)) and "source" in slides and bool((slides["source"] == "generated").all())
     return {
         "source": str(args.data),
