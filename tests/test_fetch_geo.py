@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 
 import pytest
 from typer.testing import CliRunner
 
 from fakes.geo import FakeGEO
-from fakes.http import Fault, FileServer
+from fakes.http import Fault, FileServer, run_concurrently
 from spavis.errors import FetchError
 from spavis.sources import fetch, geo
 from spavis.sources.sidecar import read_sidecar
@@ -120,19 +119,7 @@ def test_faults_mid_slice_leave_no_half_slice(fake_geo, tmp_path):
 
 
 def test_concurrent_fetches_of_one_slice_download_once(fake_geo, tmp_path):
-    errors = []
-
-    def run():
-        try:
-            fetch("geo", ["GSM4391935"], cache=tmp_path)
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_concurrently(lambda: fetch("geo", ["GSM4391935"], cache=tmp_path), 3)
     assert errors == []
     h5 = "/geo/samples/GSM4391nnn/GSM4391935/suppl/GSM4391935_heart_B1_filtered_feature_bc_matrix.h5"
     assert len(fake_geo.server.gets(h5)) == 1

@@ -1,13 +1,12 @@
 """--workers spreads a fetch over slices: bounded transfers, one progress display, ordered results."""
 from __future__ import annotations
 
-import threading
 
 import pytest
 
 from fakes.cngb import FakeCNGB
 from fakes.geo import FakeGEO
-from fakes.http import FileServer
+from fakes.http import FileServer, run_concurrently
 from fakes.sodb import FakeSODB, h5ad_bytes
 from spavis.errors import FetchError
 from spavis.sources import download, fetch, parallel
@@ -63,19 +62,7 @@ def test_each_slice_is_still_locked_across_concurrent_fetches(shared_data, monke
         sodb = _sodb(srv, shared_data, 3)
         monkeypatch.setenv("SPAVIS_SODB_URL", sodb.base)
         srv.delays["*"] = 0.1
-        errors: list[BaseException] = []
-
-        def run():
-            try:
-                fetch("sodb", ["ds1"], cache=tmp_path, workers=3)
-            except BaseException as exc:  # pragma: no cover - reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=run) for _ in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors = run_concurrently(lambda: fetch("sodb", ["ds1"], cache=tmp_path, workers=3), 3)
     assert errors == []
     for i in range(3):  # three fetches, each slice downloaded exactly once
         assert len(srv.gets(f"/pysodb/download/ds1/exp{i}")) == 1

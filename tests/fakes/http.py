@@ -256,3 +256,23 @@ def _index_html(path: str, names: list[str]) -> str:
     ]
     return (f"<html><head><title>Index of {html.escape(path)}</title></head><body>"
             f"<h1>Index of {html.escape(path)}</h1><hr><pre>" + "\n".join(rows) + "</pre><hr></body></html>")
+
+
+def run_concurrently(func, n: int = 3) -> list[BaseException]:
+    """Call ``func`` from ``n`` threads at once; return the exceptions they raised (empty = all fine)."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            func()
+        except BaseException as exc:  # reported to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
