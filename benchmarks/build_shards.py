@@ -49,7 +49,7 @@ def _generate(folder: Path, n: int, tissue_fraction: float | None) -> list[Path]
 def _case_spavis(inputs: list[str], out: str, workers: int) -> dict:
     import spavis.genes  # noqa: F401  (imports outside the timed region, as for the baseline)
     import spavis.readers  # noqa: F401
-    from spavis.build import build_shards
+    from spavis.shards import build_shards
 
     t0 = time.perf_counter()
     build_shards(inputs, out, vocab="stamp-v1", min_genes=100, k_neighbors=8, workers=workers)

@@ -1,6 +1,6 @@
 """Evidence that the gene encoder learns, on GENERATED slices with known domains (spavis.simulate).
 
-Per seed: one generated Visium slice (300 genes, 4 domains) -> ``spavis.build.build_shards`` ->
+Per seed: one generated Visium slice (300 genes, 4 domains) -> ``spavis.shards.build_shards`` ->
 ``stamp.train.pretrain`` (tiny config, stage 1 IGR, CPU) -> scored on every spot:
 
 * masked-token accuracy (15% of tokens, BERT 80/10/10 masking, fixed mask seed) of the trained

@@ -2,7 +2,7 @@
 
 Shards are GENERATED (not real): ``--slides`` Visium-like hex-lattice slides of
 ``--spots`` spots with about ``--nnz`` nonzero genes per spot over 20,310 genes, written
-with the public shard schema (spavis.build.schema) and read back through spavis.corpus.
+with the public shard schema (spavis.shards.schema) and read back through spavis.corpus.
 Measured in the same run: ``stamp.data.TokenBatchLoader`` spots/s in ``spots`` (stage 1)
 and ``spatial`` (stage 2, Algorithm 2) modes, and the ``tiny`` StampGeneEncoder's
 forward and forward+backward spots/s on batches of the same shape (skipped when
@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from scipy.spatial import cKDTree
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from spavis.build import schema as S  # noqa: E402
+from spavis.format import schema as S  # noqa: E402
 from spavis.corpus import open_corpus  # noqa: E402
 from stamp.data import TokenBatchLoader  # noqa: E402
 from stamp.tokenizer import GeneTokenizer  # noqa: E402

@@ -1,7 +1,7 @@
 """Shards -> token batches for training and embedding: streaming, shuffled, DDP-aware, resumable.
 
 ``TokenBatchLoader`` reads a corpus (local shard directory or Hub dataset id, through
-``spavis.corpus``) one slide at a time and yields dicts of torch tensors:
+``spavis.format``) one slide at a time and yields dicts of torch tensors:
 
 * ``mode="spots"`` (stage 1, independent spots; also embedding): ``input_ids`` (B, L) int64
   and ``spot_ids`` (list of B str).
@@ -90,7 +90,7 @@ class TokenBatchLoader:
         if mode not in MODES:
             raise DataError(f"unknown loader mode {mode!r}; use one of {', '.join(MODES)}")
         if not hasattr(data, "iter_slides"):
-            from spavis.corpus import open_corpus
+            from spavis.format import open_corpus
 
             data = open_corpus(data)
         self.corpus = data

@@ -121,7 +121,7 @@ def embed_corpus(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from spavis.corpus import open_corpus
+    from spavis.format import open_corpus
     from stamp.tokenizer import to_model_input_ids
 
     if batch_size < 1:

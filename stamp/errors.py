@@ -1,8 +1,8 @@
 """Errors users of ``stamp`` can hit. Each message names the file / slide / repo and the fix.
 
-``stamp`` keeps its own hierarchy (it reads spavis shards only through ``spavis.corpus``),
+``stamp`` keeps its own hierarchy (it reads spavis shards only through ``spavis.format``),
 so ``except StampError`` catches every error stamp raises on purpose. Errors raised while
-*reading* a corpus come from ``spavis.corpus``; ``stamp._cli.CORPUS_ERRORS`` names them and
+*reading* a corpus come from ``spavis.format``; ``stamp.cli._common.CORPUS_ERRORS`` names them and
 the ``stamp`` CLI prints both kinds the same way.
 """
 from __future__ import annotations

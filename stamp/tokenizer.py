@@ -163,9 +163,9 @@ def effective_means(means: np.ndarray, mode: str) -> np.ndarray:
 def table_to_csr(table: pa.Table | pa.RecordBatch, n_genes: int) -> sp.csr_matrix:
     """Expression rows (``gene_index`` list<int32>, ``counts`` list<float32>) -> CSR float32.
 
-    Thin wrapper over ``spavis.corpus.rows_to_csr`` (the shard format's own reader).
+    Thin wrapper over ``spavis.format.rows_to_csr`` (the shard format's own reader).
     """
-    from spavis.corpus import rows_to_csr
+    from spavis.format import rows_to_csr
 
     return rows_to_csr(table, n_genes)
 
@@ -554,10 +554,10 @@ class GeneTokenizer:
 
     @classmethod
     def from_corpus(cls, data: Any, **kwargs: Any) -> "GeneTokenizer":
-        """Build from a shard directory / Hub dataset id (via spavis.corpus) or an opened corpus."""
+        """Build from a shard directory / Hub dataset id (via spavis.format) or an opened corpus."""
         corpus = data
         if not hasattr(data, "genes"):
-            from spavis.corpus import open_corpus
+            from spavis.format import open_corpus
 
             corpus = open_corpus(data)
         return cls.from_genes(corpus.genes, **kwargs)

@@ -260,7 +260,7 @@ def pretrain(args: PretrainArgs, *, on_step: Callable[[dict], None] | None = Non
     Raises :class:`TrainingError` when the loss becomes NaN/inf: the optimizer step is
     skipped, nothing is saved, and the last good checkpoint stays the latest one.
     """
-    from spavis.corpus import open_corpus
+    from spavis.format import open_corpus
 
     if args.stage not in STAGES:
         raise TrainingError(f"unknown stage {args.stage!r}; use 'gene' or 'spatial'")

@@ -2,7 +2,7 @@
 
 Built with the real pipeline: ``spavis.simulate.write_simulated_slice`` writes Space Ranger-like
 folders (real Ensembl ids: the first ``n_genes`` human genes of the stamp-v1 vocabulary), and
-``spavis.build.build_shards`` turns them into shards with a vocabulary of exactly those genes
+``spavis.shards.build_shards`` turns them into shards with a vocabulary of exactly those genes
 (so the tiny model's vocabulary stays small and tests stay fast). ``max_row`` keeps a strip of
 the capture area (rows ``< max_row``) so slices hold a few hundred spots. Everything here is
 generated data, not measurements.
@@ -13,7 +13,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from spavis.build import build_shards
+from spavis.shards import build_shards
 from spavis.genes import Vocabulary, load_vocabulary
 from spavis.simulate import write_simulated_slice
 

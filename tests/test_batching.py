@@ -1,6 +1,6 @@
 """Spatial groups (Algorithm 2) and the shards -> token batch loader, on hand-written shards.
 
-The shards are written here with the public shard schema (spavis.build.schema) from
+The shards are written here with the public shard schema (spavis.shards.schema) from
 generated lattices; they are read back only through spavis.corpus, as stamp does.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def lattice_slide(slide_id: str, rows: int, cols: int, rng, *, k: int = 10, hole
 
 def write_hand_corpus(root: Path, files: list[list[pa.Table]]) -> Path:
     """Shard directory with genes.parquet + data/expression/part-NNNNN.parquet (public schema)."""
-    from spavis.build import schema as S
+    from spavis.format import schema as S
 
     rng = np.random.default_rng(0)
     (root / S.EXPRESSION_DIR).mkdir(parents=True)
@@ -222,8 +222,8 @@ def test_rank_files_partition():
 
 
 def test_real_shards_from_generated_slice(tmp_path):
-    """spavis.simulate (generated) -> spavis.build.build_shards -> tokenizer, groups and loader."""
-    from spavis.build import build_shards
+    """spavis.simulate (generated) -> spavis.shards.build_shards -> tokenizer, groups and loader."""
+    from spavis.shards import build_shards
     from spavis.corpus import open_corpus
     from spavis.simulate import write_simulated_slice
 

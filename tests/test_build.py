@@ -17,8 +17,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from spavis.build import build_shards, info, validate
-from spavis.build.schema import EXPRESSION_SCHEMA, GENES_SCHEMA, SLIDES_SCHEMA
+from spavis.shards import build_shards, info, validate
+from spavis.format.schema import EXPRESSION_SCHEMA, GENES_SCHEMA, SLIDES_SCHEMA
 from spavis.corpus import open_corpus, rows_to_csr
 from spavis.errors import SpavisError
 
@@ -206,7 +206,7 @@ def test_zarr_matches_parquet(corpus):
 def test_zarr_writes_are_byte_identical_to_anndata(tmp_path, corpus):
     import anndata as ad
 
-    from spavis.build.prepare import write_zarr_store
+    from spavis.shards.prepare import write_zarr_store
 
     a = ad.read_zarr(corpus / "zarr" / "gen_0.zarr")
     write_zarr_store(a, tmp_path / "ours.zarr")
@@ -249,8 +249,8 @@ def test_validate_detects_tampering(corpus, tmp_path):
     # consistent checksums but Zarr X differs from the Parquet rows -> caught by the deep check
     import anndata as ad
 
-    from spavis.build.prepare import write_zarr_store
-    from spavis.build.write import tree_sha256
+    from spavis.shards.prepare import write_zarr_store
+    from spavis.shards.write import tree_sha256
 
     bad2 = tmp_path / "bad2"
     shutil.copytree(corpus, bad2)

@@ -12,7 +12,7 @@ from spavis.errors import SpavisError
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
-    from spavis.build import build_shards
+    from spavis.shards import build_shards
     from spavis.genes import Vocabulary, load_vocabulary
     from spavis.simulate import write_simulated_slice
 

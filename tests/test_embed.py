@@ -40,7 +40,7 @@ def test_embed_cli_parquet_and_zarr(tmp_path):
     assert np.allclose(a.obsm["X_stamp"], direct, atol=1e-5)
     assert a.X.nnz > 0  # X untouched
     # the corpus stays valid: embeddings added under obsm['X_*'] are not part of the build digest
-    from spavis.build import validate
+    from spavis.shards import validate
 
     assert validate(corpus).ok, validate(corpus).errors
 

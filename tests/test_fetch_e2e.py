@@ -33,7 +33,7 @@ def geo_env(shared_data, tmp_path):
 
 
 def test_fetch_then_build_shards_through_the_cli(geo_env, tmp_path):
-    pytest.importorskip("spavis.build")
+    pytest.importorskip("spavis.shards")
     pd = pytest.importorskip("pandas")
     g, env = geo_env
     cache = tmp_path / "cache"

@@ -155,7 +155,7 @@ def test_stimage_fetch_by_manifest_row(tmp_path, monkeypatch, shared_data):
 
 
 def test_fetched_hest_slice_builds_into_shards(hub, heart_rows, tmp_path):
-    build = pytest.importorskip("spavis.build")
+    build = pytest.importorskip("spavis.shards")
     corpus = pytest.importorskip("spavis.corpus")
     rows, _ = heart_rows
     cache = tmp_path / "cache"

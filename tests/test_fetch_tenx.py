@@ -162,7 +162,7 @@ def test_unsafe_pack_is_refused(cdn, rows, fixture, tmp_path, kind):
 
 
 def test_cli_fetch_then_build_shards(cdn, rows, tmp_path):
-    pytest.importorskip("spavis.build")
+    pytest.importorskip("spavis.shards")
     runner = CliRunner()
     cache, out = tmp_path / "cache", tmp_path / "corpus"
     manifest = write_manifest(rows, tmp_path / "m.csv")

@@ -1,7 +1,7 @@
 """Evidence that pretraining learns, on a GENERATED slice with known domains (spavis.simulate).
 
 A short fixed-seed CPU run of the tiny config (stage 1, IGR) through the public entry points
-(``spavis.build.build_shards`` -> ``stamp.train.pretrain`` -> ``stamp.embed.embed_corpus``):
+(``spavis.shards.build_shards`` -> ``stamp.train.pretrain`` -> ``stamp.embed.embed_corpus``):
 masked-token accuracy must beat the gene-frequency baseline on the same masked positions, and
 KMeans on the trained embeddings must recover the domains better (ARI) than on the randomly
 initialised encoder it started from. Margins were checked on seeds 0, 1, 2 (docs/learning.md).

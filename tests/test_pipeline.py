@@ -27,7 +27,7 @@ def _files(root: Path) -> dict[str, bytes]:
 
 def test_snakemake_pipeline_matches_build_shards(tmp_path, shared_data):
     pytest.importorskip("snakemake")
-    build = pytest.importorskip("spavis.build")
+    build = pytest.importorskip("spavis.shards")
     rows = [r for r in load_manifest(ROOT / "manifests" / "hest-v1.csv") if r.organ == "heart"][:2]
     meta = pd.read_csv(shared_data / "manifests" / "hest_v1_1_0_metadata.csv", encoding="utf-8-sig")
     meta = meta.set_index("id", drop=False)

@@ -9,7 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from stamp.cli_tokenize import register, tokenize_corpus
+from stamp.cli.tokenize import register, tokenize_corpus
 from stamp.tokenizer import GeneTokenizer
 from test_batching import lattice_slide, write_hand_corpus
 

@@ -1,4 +1,4 @@
-"""`spavis build-shards`, `spavis validate`, `spavis info` (thin wrappers over spavis.build)."""
+"""`spavis build-shards`, `spavis validate`, `spavis info` (thin wrappers over spavis.shards)."""
 from __future__ import annotations
 
 import json
@@ -37,7 +37,7 @@ def build_shards_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Build a harmonized, sharded Parquet + Zarr corpus (resumable; a re-run with the same inputs is a no-op)."""
-    from spavis.build import build_shards
+    from spavis.shards import build_shards
 
     start = time.perf_counter()
     result = build_shards(
@@ -68,7 +68,7 @@ def validate_cmd(
     quick: bool = typer.Option(False, "--quick", help="Skip the Parquet-vs-Zarr and gene-sum recomputation."),
 ) -> None:
     """Re-check checksums, schema and Parquet-vs-Zarr consistency; exit 1 on any mismatch."""
-    from spavis.build import validate
+    from spavis.shards import validate
 
     report = validate(directory, deep=not quick)
     report.raise_for_errors()
@@ -83,7 +83,7 @@ def info_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Summarize a corpus: slides, spots, vocabulary, parameters, sources, organs, conditions."""
-    from spavis.build import info
+    from spavis.shards import info
 
     data = info(directory)
     if as_json:

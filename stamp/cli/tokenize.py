@@ -1,7 +1,7 @@
 """`stamp tokenize`: pre-tokenize a corpus into spot_id + input_ids Parquet (as Geneformer users do).
 
 ``tokenize_corpus`` is the public function; ``register(app)`` adds the thin typer command
-to the ``stamp`` app (stamp/cli.py calls it). Output: one row per spot, ``spot_id``
+to the ``stamp`` app (stamp/cli/__init__.py calls it). Output: one row per spot, ``spot_id``
 (string) and ``input_ids`` (list<int32>, the tokenizer's full padded row: ``max_length``
 ids, padded with the tokenizer's ``pad_value``); the tokenizer config is stored in the
 Parquet schema metadata under ``stamp.tokenizer``. Streams one slide at a time (memory
@@ -39,7 +39,7 @@ def tokenize_corpus(
     """Tokenize every spot of a corpus (dir or Hub id) into ``out`` (Parquet). Returns a summary."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from spavis.corpus import open_corpus
+    from spavis.format import open_corpus
 
     corpus = data if hasattr(data, "iter_slides") else open_corpus(data)
     if tokenizer is None:
@@ -83,7 +83,7 @@ def register(app) -> None:
     """Add ``stamp tokenize`` to a typer app."""
     import typer
 
-    from stamp._cli import err_console, friendly_errors
+    from stamp.cli._common import err_console, friendly_errors
 
     @app.command("tokenize")
     @friendly_errors

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from spavis import __version__
-from spavis.build.discover import SliceInput, hash_input
-from spavis.build.schema import (
+from spavis.shards.discover import SliceInput, hash_input
+from spavis.format.schema import (
     EXPRESSION_SCHEMA,
     PARQUET_WRITE_OPTIONS,
     ROW_GROUP_SIZE,

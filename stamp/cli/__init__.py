@@ -1,13 +1,12 @@
 """The ``stamp`` command line: thin typer wrappers over stamp.train / stamp.hub / stamp.embed."""
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from stamp._cli import err_console, friendly_errors
+from stamp.cli._common import err_console, friendly_errors
 
 app = typer.Typer(name="stamp", help="STAMP gene encoder: tokenize, pretrain, publish, embed.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -93,12 +92,7 @@ def embed_cmd(
     err_console.print(f"embeddings written to {path}")
 
 
-try:
-    importlib.import_module("stamp.cli_tokenize").register(app)
-except ModuleNotFoundError as exc:  # tokenize command not written yet
-    if exc.name != "stamp.cli_tokenize":
-        raise
+from stamp.cli.tokenize import register as _register_tokenize  # noqa: E402
 
+_register_tokenize(app)
 
-if __name__ == "__main__":
-    app()

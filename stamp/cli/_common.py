@@ -7,19 +7,19 @@ from typing import Callable, TypeVar
 
 from rich.console import Console
 
-from spavis.corpus import CorpusError, SpavisError
+from spavis.format import CorpusError, SpavisError
 from stamp.errors import StampError
 
 F = TypeVar("F", bound=Callable)
 err_console = Console(stderr=True)
 
-# Errors that reach a stamp command from the shard reader (spavis.corpus, its one public module).
+# Errors that reach a stamp command from the shard reader (spavis.format, its one public module).
 CORPUS_ERRORS: tuple[type[BaseException], ...] = (CorpusError, SpavisError)
 FRIENDLY_ERRORS = (StampError, *CORPUS_ERRORS)
 
 
 def friendly_errors(func: F) -> F:
-    """Print a StampError (or an error of spavis.corpus) as ``error: <message>`` and exit with status 1."""
+    """Print a StampError (or an error of spavis.format) as ``error: <message>`` and exit with status 1."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from spavis.build import schema as S
+from spavis.format import schema as S
 from spavis.errors import ValidationError
 
 

@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spavis import __version__
-from spavis.build import schema as S
-from spavis.build.card import render_card
-from spavis.build.prepare import (  # noqa: F401  (file_sha256/tree_sha256 are re-exported)
+from spavis.format import schema as S
+from spavis.shards.card import render_card
+from spavis.shards.prepare import (  # noqa: F401  (file_sha256/tree_sha256 are re-exported)
     DONE_FILE,
     ROWS_FILE,
     SLIDE_FILE,

@@ -16,12 +16,12 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from spavis.build.discover import SliceInput, discover_inputs, hash_inputs
-from spavis.build.info import info
-from spavis.build.prepare import prepare_slice, resolve_vocab, slide_metadata
-from spavis.build.schema import MANIFEST_FILE
-from spavis.build.validate import ValidationReport, validate
-from spavis.build.write import (
+from spavis.shards.discover import SliceInput, discover_inputs, hash_inputs
+from spavis.shards.info import info
+from spavis.shards.prepare import prepare_slice, resolve_vocab, slide_metadata
+from spavis.format.schema import MANIFEST_FILE
+from spavis.shards.validate import ValidationReport, validate
+from spavis.shards.write import (
     DEFAULT_MAX_SPOTS_PER_SHARD,
     build_key,
     input_entry,

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from spavis.build import schema as S
+from spavis.format import schema as S
 from spavis.errors import ValidationError
 
 _MAX_ERRORS = 50
@@ -56,7 +56,7 @@ def _schema_matches(actual, expected) -> bool:
 
 def validate(out: str | os.PathLike, *, deep: bool = True) -> ValidationReport:
     """Check a corpus directory; ``deep`` also compares Parquet with Zarr and recomputes gene sums."""
-    from spavis.build.write import file_sha256, tree_sha256
+    from spavis.shards.write import file_sha256, tree_sha256
 
     root = Path(out)
     rep = ValidationReport(root)
@@ -126,8 +126,8 @@ def validate(out: str | os.PathLike, *, deep: bool = True) -> ValidationReport:
 
 
 def _check_rows(root: Path, expr_files: list[str], genes, rep: ValidationReport, deep: bool) -> None:
-    from spavis.build.prepare import gene_sums
-    from spavis.corpus import _iter_file_slides, rows_to_csr
+    from spavis.shards.prepare import gene_sums
+    from spavis.format.corpus import _iter_file_slides, rows_to_csr
 
     slides = pq.read_table(root / S.SLIDES_FILE).to_pylist()
     expected = {s["slide_id"]: s for s in slides}

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from spavis import __version__
-from spavis.build import schema as S
+from spavis.format import schema as S
 
 GENERATED_SOURCES = ("generated", "simulated", "spavis.simulate")
 

@@ -1,0 +1,252 @@
+"""The public read API of the spavis shard format (what STAMP and users rely on).
+
+A corpus is a directory written by ``spavis build-shards`` (or the same files on the
+Hugging Face Hub)::
+
+    from spavis.format import open_corpus, rows_to_csr
+    corpus = open_corpus("shards/")                 # or "org/name" on the Hub
+    corpus.genes                                    # vocabulary + exact nonzero means
+    for table in corpus.iter_slides(columns=["gene_index", "counts", "neighbors"]):
+        X = rows_to_csr(table, len(corpus.genes))   # spots x genes, raw counts
+    ds = corpus.load(streaming=True)                # datasets.IterableDataset of spots
+
+Hub corpora are fetched with ``huggingface_hub.snapshot_download`` restricted to the files
+asked for (metadata first, expression shards only when needed, Zarr stores never unless
+``zarr_path`` is called).
+"""
+from __future__ import annotations
+
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from spavis.format import schema as S
+from spavis.errors import SpavisError
+
+__all__ = [
+    "Corpus", "CorpusError", "SpavisError", "open_corpus", "rows_to_csr", "EXPRESSION_COLUMNS",
+]  # SpavisError: base of every error spavis raises, re-exported for readers of the corpus
+
+
+class CorpusError(SpavisError):
+    """A corpus cannot be opened or read (missing files, corrupt shard, bad argument)."""
+
+EXPRESSION_COLUMNS = tuple(S.EXPRESSION_SCHEMA.names)
+_META_PATTERNS = [S.CARD_FILE, S.MANIFEST_FILE, S.GENES_FILE, S.SLIDES_FILE]
+
+
+class Corpus:
+    """A shard directory (local, or a local snapshot of a Hub dataset)."""
+
+    def __init__(self, root: str | os.PathLike, *, repo_id: str | None = None, revision: str | None = None):
+        self.root = Path(root)
+        self.repo_id = repo_id
+        self.revision = revision
+        if not (self.root / S.GENES_FILE).is_file():
+            where = repo_id or str(self.root)
+            raise CorpusError(
+                f"{where}: no {S.GENES_FILE} here, so it is not a spavis corpus; "
+                "point open_corpus at the --out directory of `spavis build-shards`."
+            )
+
+    def __repr__(self) -> str:
+        where = f"{self.repo_id}@{self.revision or 'main'}" if self.repo_id else str(self.root)
+        return f"Corpus({where!r})"
+
+    # ------------------------------------------------------------------ metadata
+    @cached_property
+    def manifest(self) -> dict[str, Any]:
+        """manifest.json (empty dict when absent)."""
+        path = self.root / S.MANIFEST_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    @cached_property
+    def genes(self):
+        """genes.parquet as a pandas DataFrame in vocabulary order (row i = gene_index i)."""
+        return pq.read_table(self.root / S.GENES_FILE).to_pandas()
+
+    @cached_property
+    def slides(self):
+        """slides.parquet as a pandas DataFrame (one row per slide, sorted by slide_id)."""
+        return pq.read_table(self.root / S.SLIDES_FILE).to_pandas()
+
+    @property
+    def n_genes(self) -> int:
+        return int(pq.ParquetFile(self.root / S.GENES_FILE).metadata.num_rows)
+
+    @property
+    def n_spots(self) -> int:
+        return int(sum(pq.ParquetFile(f).metadata.num_rows for f in self.expression_files))
+
+    @property
+    def vocabulary(self) -> dict[str, Any]:
+        """Name, checksum and size of the vocabulary the corpus is indexed by."""
+        return dict(self.manifest.get("vocabulary") or {"n_genes": self.n_genes})
+
+    # ------------------------------------------------------------------ data
+    @cached_property
+    def expression_files(self) -> list[str]:
+        """Local paths of the expression shards, in order (downloaded on first use for Hub corpora)."""
+        if self.repo_id is not None:
+            _snapshot(self.repo_id, self.revision, [f"{S.EXPRESSION_DIR}/*.parquet"])
+        files = sorted(str(p) for p in (self.root / S.EXPRESSION_DIR).glob("*.parquet"))
+        if not files:
+            raise CorpusError(f"{self.root}: no {S.EXPRESSION_DIR}/*.parquet; the corpus is incomplete.")
+        return files
+
+    def zarr_path(self, slide_id: str) -> Path:
+        """Local path of ``zarr/<slide_id>.zarr`` (downloaded on demand for Hub corpora)."""
+        rel = f"{S.ZARR_DIR}/{slide_id}.zarr"
+        if self.repo_id is not None and not (self.root / rel).exists():
+            _snapshot(self.repo_id, self.revision, [f"{rel}/*", f"{rel}/**"])
+        path = self.root / rel
+        if not path.exists():
+            raise CorpusError(f"{self.root}: no Zarr store for slide {slide_id!r}; check corpus.slides.slide_id.")
+        return path
+
+    def read_slide_zarr(self, slide_id: str):
+        """The slide as AnnData (X raw counts in vocabulary columns, spatial graph in obsp)."""
+        import anndata as ad
+
+        return ad.read_zarr(self.zarr_path(slide_id))
+
+    def load(self, streaming: bool = False, **kwargs: Any):
+        """The spots as ``datasets.Dataset`` (or ``IterableDataset`` when streaming).
+
+        Hub corpora stream straight from the Hub; otherwise the local shards are used.
+        """
+        import datasets
+
+        if self.repo_id is not None and streaming:
+            return datasets.load_dataset(self.repo_id, revision=self.revision, split="train", streaming=True, **kwargs)
+        return datasets.load_dataset(
+            "parquet", data_files={"train": self.expression_files}, split="train", streaming=streaming, **kwargs
+        )
+
+    def iter_slides(
+        self,
+        files: Sequence[str | os.PathLike] | None = None,
+        columns: Sequence[str] | None = None,
+        slide_ids: Iterable[str] | None = None,
+    ) -> Iterator[pa.Table]:
+        """Yield one ``pyarrow.Table`` per slide (rows in spot_index order), one slide in memory at a time.
+
+        ``files`` restricts to some expression shards (e.g. one per data-loader worker);
+        ``columns`` selects columns (``slide_id`` is always included); ``slide_ids`` filters.
+        """
+        wanted = set(slide_ids) if slide_ids is not None else None
+        cols = None
+        if columns is not None:
+            unknown = [c for c in columns if c not in EXPRESSION_COLUMNS]
+            if unknown:
+                raise CorpusError(f"unknown expression column(s) {unknown}; choose from {list(EXPRESSION_COLUMNS)}.")
+            cols = list(dict.fromkeys(["slide_id", *columns]))
+        for f in files if files is not None else self.expression_files:
+            yield from _iter_file_slides(Path(f), cols, wanted)
+
+
+def _iter_file_slides(path: Path, columns: list[str] | None, wanted: set[str] | None) -> Iterator[pa.Table]:
+    pf = pq.ParquetFile(path)
+    buffer: list[pa.Table] = []
+    current: str | None = None
+    for rg in range(pf.num_row_groups):
+        if wanted is not None and not _row_group_may_hold(pf, rg, wanted):
+            continue
+        table = pf.read_row_group(rg, columns=columns)
+        sid = table.column("slide_id")
+        # split the row group into runs of equal slide_id (row groups normally hold one slide)
+        values = sid.to_numpy(zero_copy_only=False)
+        cuts = np.flatnonzero(values[1:] != values[:-1]) + 1
+        starts = np.concatenate([[0], cuts])
+        ends = np.concatenate([cuts, [len(values)]])
+        for a, b in zip(starts, ends):
+            run_id = str(values[a])
+            part = table.slice(a, b - a)
+            if current is not None and run_id != current:
+                if wanted is None or current in wanted:
+                    yield pa.concat_tables(buffer)
+                buffer = []
+            current = run_id
+            buffer.append(part)
+    if buffer and (wanted is None or current in wanted):
+        yield pa.concat_tables(buffer)
+
+
+def _row_group_may_hold(pf: pq.ParquetFile, rg: int, wanted: set[str]) -> bool:
+    col = pf.schema_arrow.get_field_index("slide_id")
+    stats = pf.metadata.row_group(rg).column(col).statistics
+    if stats is None or not stats.has_min_max:
+        return True
+    return any(stats.min <= w <= stats.max for w in wanted)
+
+
+def rows_to_csr(
+    rows: pa.Table | pa.RecordBatch | Mapping[str, Any],
+    n_genes: int,
+    *,
+    values: str = "counts",
+) -> sp.csr_matrix:
+    """Spots x genes CSR (float32) from ``gene_index`` + ``counts`` lists.
+
+    Accepts a pyarrow Table/RecordBatch or a ``datasets`` batch (dict of lists).
+    """
+    if isinstance(rows, Mapping):
+        idx_col = pa.array(rows["gene_index"], pa.list_(pa.int32()))
+        val_col = pa.array(rows[values], pa.list_(pa.float32()))
+    else:
+        idx_col = rows.column("gene_index")
+        val_col = rows.column(values)
+    if isinstance(idx_col, pa.ChunkedArray):
+        idx_col = idx_col.combine_chunks()
+        val_col = val_col.combine_chunks()
+    lengths = pc.list_value_length(idx_col).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    vlengths = pc.list_value_length(val_col).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if not np.array_equal(lengths, vlengths):
+        raise CorpusError(f"gene_index and {values} lists differ in length; the shard is corrupt (run spavis validate).")
+    indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    indices = pc.list_flatten(idx_col).to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    data = pc.list_flatten(val_col).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if indices.size and (indices.min() < 0 or indices.max() >= n_genes):
+        raise CorpusError(f"gene_index out of range for a {n_genes}-gene vocabulary; pass len(corpus.genes).")
+    return sp.csr_matrix((data, indices, indptr), shape=(len(lengths), int(n_genes)))
+
+
+def _snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
+    """Download only ``patterns`` of a Hub dataset into the shared HF cache; return the snapshot folder."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(repo_id=repo_id, repo_type="dataset", revision=revision, allow_patterns=patterns)
+    except Exception as exc:  # huggingface_hub raises many types; name the repo and the fix
+        raise CorpusError(
+            f"{repo_id}: cannot download from the Hugging Face Hub ({type(exc).__name__}: {exc}); "
+            "check the dataset id, revision, your network and HF_TOKEN for private datasets."
+        ) from exc
+    return Path(path)
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+
+
+def open_corpus(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Corpus:
+    """Open a local shard directory or a Hub dataset id (``org/name``, optional ``revision``)."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.exists():
+        return Corpus(path)
+    text = str(path_or_repo_id)
+    if not _looks_like_repo_id(text):
+        raise CorpusError(f"{text}: no such directory and not a Hub dataset id (org/name).")
+    root = _snapshot(text, revision, _META_PATTERNS)
+    # the snapshot folder is named after the commit: pin it so later downloads match
+    return Corpus(root, repo_id=text, revision=root.name)
