@@ -16,15 +16,25 @@ for _var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
 import pytest  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHARED = PROJECT_ROOT.parent / "shared" / "data"
+# Small real public fixtures copied from ../shared/data (same layout; sources and licenses in
+# tests/data/README.md and DATA_CARD.md), so the suite runs on a plain `git clone`.
+FIXTURES = PROJECT_ROOT / "tests" / "data"
+# The full raw tables, needed only by tests that rebuild package data from its sources.
+RAW_SOURCES = PROJECT_ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """Real public fixtures in ../shared/data (read-only)."""
-    if not SHARED.is_dir():
-        pytest.skip("../shared/data is not present")
-    return SHARED
+def real_data() -> Path:
+    """Real public fixtures bundled in tests/data (read them, never write)."""
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def raw_sources() -> Path:
+    """The full raw source tables in ../shared/data, for package-data rebuild tests only."""
+    if not RAW_SOURCES.is_dir():
+        pytest.skip("rebuilds package data from the raw tables in ../shared/data, which are not beside this clone")
+    return RAW_SOURCES
 
 
 @pytest.fixture(autouse=True)

@@ -281,10 +281,9 @@ def test_cli_determinism_workers_order_and_noop(corpus, inputs, tmp_path):
     assert res.exit_code == 0, res.output
     assert tree_digest(out) == tree_digest(corpus)
     before = (out / "manifest.json").stat().st_mtime_ns
-    t0 = time.perf_counter()
     build_shards(inputs["args"], out, vocab=inputs["vocab"], min_genes=MIN_GENES, k_neighbors=K,
                  max_spots_per_shard=450)
-    assert (out / "manifest.json").stat().st_mtime_ns == before and time.perf_counter() - t0 < 10
+    assert (out / "manifest.json").stat().st_mtime_ns == before  # a no-op: nothing rewritten
     res = CliRunner().invoke(app, ["info", str(out)])
     assert res.exit_code == 0 and "test-360" in res.output and "geo 1" in res.output
     assert info(out)["n_slides"] == 3
@@ -326,7 +325,7 @@ def _no_output(parent: Path, name: str) -> bool:
     return not (parent / name).exists() and not list(parent.glob(f"{name}.tmp-*"))
 
 
-def test_bad_inputs_fail_cleanly(inputs, tmp_path, shared_data):
+def test_bad_inputs_fail_cleanly(inputs, tmp_path, real_data):
     good = inputs["slices"][0]
     trunc = tmp_path / "truncated"
     shutil.copytree(good, trunc)
@@ -336,7 +335,7 @@ def test_bad_inputs_fail_cleanly(inputs, tmp_path, shared_data):
         build_shards([good, trunc], tmp_path / "o1", vocab=inputs["vocab"], min_genes=MIN_GENES)
     assert _no_output(tmp_path, "o1")
 
-    mouse = shared_data / "visium" / "mouse_brain_v1_subset"
+    mouse = real_data / "visium" / "mouse_brain_v1_subset"
     with pytest.raises(SpavisError, match="not human"):
         build_shards([mouse], tmp_path / "o2", vocab=inputs["vocab"], min_genes=1)
     assert _no_output(tmp_path, "o2")
@@ -364,9 +363,9 @@ def test_bad_inputs_fail_cleanly(inputs, tmp_path, shared_data):
         build_shards([good, dup], tmp_path / "o5", vocab=inputs["vocab"])
 
 
-def test_real_human_slice_builds(shared_data, tmp_path):
+def test_real_human_slice_builds(real_data, tmp_path):
     """The bundled real 100-gene subsample: 2-14 vocabulary genes per spot, so --min-genes must be low."""
-    heart = shared_data / "visium" / "human_heart_v1_subsample"
+    heart = real_data / "visium" / "human_heart_v1_subsample"
     out = build_shards([heart], tmp_path / "heart", vocab="stamp-v1", min_genes=2, k_neighbors=K)
     c = open_corpus(out)
     s = c.slides.iloc[0]

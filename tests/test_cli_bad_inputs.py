@@ -70,8 +70,8 @@ def dirs(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def heart(shared_data) -> Path:
-    return shared_data / "visium" / HEART
+def heart(real_data) -> Path:
+    return real_data / "visium" / HEART
 
 
 def assert_no_output(run: Path) -> None:
@@ -146,9 +146,9 @@ def test_empty_matrix(heart, dirs):
     assert_no_output(run)
 
 
-def test_mouse_is_not_human(shared_data, dirs):
+def test_mouse_is_not_human(real_data, dirs):
     _, run = dirs
-    mouse = shared_data / "visium" / "mouse_brain_v1_subset"
+    mouse = real_data / "visium" / "mouse_brain_v1_subset"
     msg = error_line(build([mouse], run / "corpus"))
     assert "mouse_brain_v1_subset" in msg and re.search(r"not human", msg, re.I)
     assert_no_output(run)

@@ -23,9 +23,9 @@ def _spavis(*args: str, env: dict, timeout: float = 240) -> subprocess.Completed
 
 
 @pytest.fixture
-def geo_env(shared_data, tmp_path):
+def geo_env(real_data, tmp_path):
     with FileServer() as srv:
-        g = FakeGEO(srv, shared_data).build()
+        g = FakeGEO(srv, real_data).build()
         env = dict(os.environ, SPAVIS_GEO_URL=g.base, SPAVIS_CACHE=str(tmp_path / "cache"),
                    SPAVIS_FETCH_BACKOFF="0.01", SPAVIS_FETCH_MAX_WAIT="0.1", SPAVIS_NO_PROGRESS="1",
                    NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")

@@ -15,9 +15,9 @@ from spavis.sources.sidecar import read_sidecar
 
 
 @pytest.fixture
-def fake_geo(shared_data, monkeypatch):
+def fake_geo(real_data, monkeypatch):
     with FileServer() as srv:
-        g = FakeGEO(srv, shared_data).build()
+        g = FakeGEO(srv, real_data).build()
         monkeypatch.setenv("SPAVIS_GEO_URL", g.base)
         monkeypatch.setenv("SPAVIS_FETCH_BACKOFF", "0.01")
         monkeypatch.setenv("SPAVIS_FETCH_MAX_WAIT", "0.2")

@@ -17,18 +17,18 @@ HEST_REPO, STIMAGE_REPO = "MahmoodLab/hest", "jiawennnn/STimage-1K4M"
 
 
 @pytest.fixture(scope="module")
-def heart_rows(shared_data):
+def heart_rows(real_data):
     """Two real human-heart HEST rows (manifest + their real metadata)."""
-    meta = pd.read_csv(shared_data / "manifests" / "hest_v1_1_0_metadata.csv", encoding="utf-8-sig")
+    meta = pd.read_csv(real_data / "manifests" / "hest_v1_1_0_metadata.csv", encoding="utf-8-sig")
     meta = meta.set_index("id", drop=False)
     rows = [r for r in load_manifest("manifests/hest-v1.csv") if r.organ == "heart"][:2]
     return rows, {r.slide_id: meta.loc[r.slide_id].to_dict() for r in rows}
 
 
 @pytest.fixture(scope="module")
-def hest_files(shared_data, heart_rows):
+def hest_files(real_data, heart_rows):
     rows, meta = heart_rows
-    heart = shared_data / "visium" / "human_heart_v1_subsample"
+    heart = real_data / "visium" / "human_heart_v1_subsample"
     files = {}
     for r in rows:
         files.update(hest_sample_files(heart, r.slide_id, meta[r.slide_id]))
@@ -124,25 +124,25 @@ def test_hest_corrupt_body_leaves_nothing(hub, heart_rows, tmp_path):
     assert not list((tmp_path / "cache").rglob(f"st/{sid}.h5ad"))
 
 
-def test_hest_unknown_id_404_and_mouse_rejected(hub, shared_data, tmp_path):
+def test_hest_unknown_id_404_and_mouse_rejected(hub, real_data, tmp_path):
     with pytest.raises(FetchError, match=r"NOPE1.*404"):
         fetch("hest", ["NOPE1"], cache=tmp_path / "cache")
-    meta = pd.read_csv(shared_data / "manifests" / "hest_v1_1_0_metadata.csv", encoding="utf-8-sig")
+    meta = pd.read_csv(real_data / "manifests" / "hest_v1_1_0_metadata.csv", encoding="utf-8-sig")
     mouse = meta[meta.species == "Mus musculus"].iloc[0].to_dict()
-    files = hest_sample_files(shared_data / "visium" / "human_heart_v1_subsample", mouse["id"], mouse)
+    files = hest_sample_files(real_data / "visium" / "human_heart_v1_subsample", mouse["id"], mouse)
     hub.add_files(HEST_REPO, files, "dataset")
     with pytest.raises(FetchError, match="Mus musculus"):
         fetch("hest", [mouse["id"]], cache=tmp_path / "cache")
     assert not (tmp_path / "cache" / "hest" / mouse["id"]).exists()
 
 
-def test_stimage_fetch_by_manifest_row(tmp_path, monkeypatch, shared_data):
+def test_stimage_fetch_by_manifest_row(tmp_path, monkeypatch, real_data):
     rows = [r for r in load_manifest("manifests/stimage-v1.csv") if r.organ == "heart"][:1]
     slide = rows[0].slide_id
     monkeypatch.setenv("SPAVIS_NO_PROGRESS", "1")
     with FakeHub(tmp_path / "hub") as hub:
         hub.create_repo(STIMAGE_REPO, "dataset")
-        files = stimage_slide_files(shared_data / "visium" / "human_heart_v1_subsample", slide)
+        files = stimage_slide_files(real_data / "visium" / "human_heart_v1_subsample", slide)
         files[f"Visium/image/{slide}.png"] = b"\x89PNG\r\n\x1a\n" + bytes(100)
         hub.add_files(STIMAGE_REPO, files, "dataset")
         monkeypatch.setenv("HF_ENDPOINT", hub.url)

@@ -22,22 +22,22 @@ def _fast(monkeypatch):
 
 
 @pytest.fixture
-def fake_geo_tree(shared_data, monkeypatch):
+def fake_geo_tree(real_data, monkeypatch):
     with FileServer() as srv:
-        g = FakeGEO(srv, shared_data).build()
+        g = FakeGEO(srv, real_data).build()
         monkeypatch.setenv("SPAVIS_GEO_URL", g.base)
         yield g
 
 
-def _sodb(srv, shared_data, n):
-    data = h5ad_bytes(shared_data)
+def _sodb(srv, real_data, n):
+    data = h5ad_bytes(real_data)
     return FakeSODB(srv, {("ds1", f"exp{i}"): data[:-1] + bytes([i]) for i in range(n)})
 
 
 @pytest.mark.parametrize("workers", [1, 3])
-def test_slices_are_fetched_concurrently_within_the_bound(shared_data, monkeypatch, tmp_path, workers):
+def test_slices_are_fetched_concurrently_within_the_bound(real_data, monkeypatch, tmp_path, workers):
     with FileServer() as srv:
-        sodb = _sodb(srv, shared_data, 6)
+        sodb = _sodb(srv, real_data, 6)
         monkeypatch.setenv("SPAVIS_SODB_URL", sodb.base)
         srv.delays["*"] = 0.15
         srv.delays["/pysodb/download/ds1/exp0"] = 0.5  # the first slice finishes last
@@ -57,9 +57,9 @@ def test_geo_slices_and_their_files_share_one_bound(fake_geo_tree, tmp_path):
     assert srv.max_inflight == 2  # slice pool x file pool never exceeds --workers transfers
 
 
-def test_each_slice_is_still_locked_across_concurrent_fetches(shared_data, monkeypatch, tmp_path):
+def test_each_slice_is_still_locked_across_concurrent_fetches(real_data, monkeypatch, tmp_path):
     with FileServer() as srv:
-        sodb = _sodb(srv, shared_data, 3)
+        sodb = _sodb(srv, real_data, 3)
         monkeypatch.setenv("SPAVIS_SODB_URL", sodb.base)
         srv.delays["*"] = 0.1
         errors = run_concurrently(lambda: fetch("sodb", ["ds1"], cache=tmp_path, workers=3), 3)
@@ -68,9 +68,9 @@ def test_each_slice_is_still_locked_across_concurrent_fetches(shared_data, monke
         assert len(srv.gets(f"/pysodb/download/ds1/exp{i}")) == 1
 
 
-def test_one_failing_slice_keeps_the_others(shared_data, monkeypatch, tmp_path):
+def test_one_failing_slice_keeps_the_others(real_data, monkeypatch, tmp_path):
     with FileServer() as srv:
-        data = h5ad_bytes(shared_data)
+        data = h5ad_bytes(real_data)
         sodb = FakeSODB(srv, {("ds1", "good1"): data, ("ds1", "bad"): data, ("ds1", "good2"): data})
         monkeypatch.setenv("SPAVIS_SODB_URL", sodb.base)
         del srv.files["/pysodb/download/ds1/bad"]
@@ -94,8 +94,8 @@ def test_one_display_and_one_bound_reach_worker_threads():
     assert parallel._SLOTS.get() is None and download._BARS.get() is None
 
 
-def test_stomicsdb_sections_in_parallel(shared_data, monkeypatch, tmp_path):
-    data = h5ad_bytes(shared_data)
+def test_stomicsdb_sections_in_parallel(real_data, monkeypatch, tmp_path):
+    data = h5ad_bytes(real_data)
     with FileServer() as srv:
         cngb = FakeCNGB(srv, {f"STT0000001/Analysis/STSA0000001/STTS000000{i}": {f"S{i}.h5ad": data}
                               for i in range(1, 5)})

@@ -20,8 +20,8 @@ def _fast(monkeypatch):
     monkeypatch.setenv("SPAVIS_NO_PROGRESS", "1")
 
 
-def test_stomicsdb_project_lists_tree_and_fetches_each_section(shared_data, monkeypatch, tmp_path):
-    data = h5ad_bytes(shared_data)
+def test_stomicsdb_project_lists_tree_and_fetches_each_section(real_data, monkeypatch, tmp_path):
+    data = h5ad_bytes(real_data)
     with FileServer() as srv:
         cngb = FakeCNGB(srv, {
             "STT0000001/Analysis/STSA0000001/STTS0000001": {"A1.h5ad": data, "A1.tissue.gem.gz": b"g"},
@@ -43,8 +43,8 @@ def test_stomicsdb_project_lists_tree_and_fetches_each_section(shared_data, monk
             fetch("stomicsdb", ["STT0000009"], cache=tmp_path)
 
 
-def test_sodb_uses_pysodb_endpoints(shared_data, monkeypatch, tmp_path):
-    data = h5ad_bytes(shared_data)
+def test_sodb_uses_pysodb_endpoints(real_data, monkeypatch, tmp_path):
+    data = h5ad_bytes(real_data)
     with FileServer() as srv:
         sodb = FakeSODB(srv, {("maynard2021trans", "151673"): data, ("maynard2021trans", "151674"): data[:-1] + b"!",
                               ("other2022", "expA"): data})
@@ -70,8 +70,8 @@ def test_fetch_needs_ids_or_manifest(tmp_path):
         fetch("ncbi", ["x"], cache=tmp_path)
 
 
-def test_stomicsdb_verifies_md5_listings_published_in_the_tree(shared_data, monkeypatch, tmp_path):
-    data = h5ad_bytes(shared_data)
+def test_stomicsdb_verifies_md5_listings_published_in_the_tree(real_data, monkeypatch, tmp_path):
+    data = h5ad_bytes(real_data)
     md5 = hashlib.md5(data).hexdigest()
     other = data[::-1]
     with FileServer() as srv:

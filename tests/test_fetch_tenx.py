@@ -43,8 +43,8 @@ def spatial_pack(fixture: Path, bad: tarfile.TarInfo | None = None) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def fixture(shared_data) -> Path:
-    return shared_data / "visium" / "human_heart_v1_subsample"
+def fixture(real_data) -> Path:
+    return real_data / "visium" / "human_heart_v1_subsample"
 
 
 @pytest.fixture(scope="module")

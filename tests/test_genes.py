@@ -17,8 +17,8 @@ from spavis.genes import VocabularyError, harmonize, load_gene_table, load_vocab
 
 
 @pytest.fixture(scope="module")
-def genes_dir(shared_data):
-    return shared_data / "genes"
+def genes_dir(real_data):
+    return real_data / "genes"
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,8 @@ def hgnc(genes_dir) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def heart(shared_data):
-    return sc.read_10x_h5(shared_data / "visium" / "human_heart_v1_subsample" / "filtered_feature_bc_matrix.h5")
+def heart(real_data):
+    return sc.read_10x_h5(real_data / "visium" / "human_heart_v1_subsample" / "filtered_feature_bc_matrix.h5")
 
 
 def _adata(names, X, **var_cols):
@@ -172,8 +172,8 @@ def test_heart_fixture_report_and_matrix(heart, template_ids, gencode):
     np.testing.assert_array_equal(res.X.toarray(), dense)
 
 
-def test_mouse_fixture_is_not_human(shared_data):
-    mouse = sc.read_10x_h5(shared_data / "visium" / "mouse_brain_v1_subset" / "filtered_feature_bc_matrix.h5")
+def test_mouse_fixture_is_not_human(real_data):
+    mouse = sc.read_10x_h5(real_data / "visium" / "mouse_brain_v1_subset" / "filtered_feature_bc_matrix.h5")
     with pytest.raises(NotHumanError, match=r"mouse_brain.*not human.*mouse"):
         harmonize(mouse, "stamp-v1", slice_name="mouse_brain_v1_subset")
     # The same slice with symbols only ('Xkr4', 'Sox17', ...): still recognised as mouse.

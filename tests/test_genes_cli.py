@@ -96,9 +96,9 @@ def test_refresh_unreachable_is_a_clean_error(tmp_path, monkeypatch):
     assert not (tmp_path / "t.tsv.gz").exists()
 
 
-def test_build_table_reproduces_package_data(shared_data, tmp_path):
+def test_build_table_reproduces_package_data(raw_sources, tmp_path):
     """The shipped table and presets are exactly what the build script makes from ../shared."""
-    paths = build_all(shared_data / "genes", tmp_path)
+    paths = build_all(raw_sources / "genes", tmp_path)
     for path in paths.values():
         shipped = DATA_DIR / path.relative_to(tmp_path)
         assert path.read_bytes() == shipped.read_bytes(), shipped

@@ -16,8 +16,8 @@ from spavis.manifests import (ROW_SCHEMA, ManifestError, ManifestRow, load_manif
 MANIFESTS = ("hest-v1", "stimage-v1", "geo-v1", "tenx-v1")
 
 
-def test_committed_manifests_are_current(shared_data, tmp_path):
-    out = subprocess.run([sys.executable, "manifests/build_manifests.py", "--src", str(shared_data / "manifests"),
+def test_committed_manifests_are_current(raw_sources, tmp_path):
+    out = subprocess.run([sys.executable, "manifests/build_manifests.py", "--src", str(raw_sources / "manifests"),
                           "--check"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(open("manifests/schema.json").read()) == ROW_SCHEMA
@@ -31,8 +31,8 @@ def test_committed_manifest_valid(name):
     assert len({r.slide_id for r in rows}) == len(rows)
 
 
-def test_counts_match_source_tables(shared_data):
-    hest = pd.read_csv(shared_data / "manifests" / "hest_v1_1_0_metadata.csv", encoding="utf-8-sig")
+def test_counts_match_source_tables(raw_sources):
+    hest = pd.read_csv(raw_sources / "manifests" / "hest_v1_1_0_metadata.csv", encoding="utf-8-sig")
     want = hest[(hest.st_technology == "Visium") & (hest.species == "Homo sapiens")]
     rows = load_manifest("manifests/hest-v1.csv")
     assert sorted(r.slide_id for r in rows) == sorted(want.id)
@@ -42,7 +42,7 @@ def test_counts_match_source_tables(shared_data):
     assert tenx152.expected_files == ["st/TENX152.h5ad", "metadata/TENX152.json"]
     geo = load_manifest("manifests/geo-v1.csv")
     assert all(r.accession[0].startswith("GSE") and r.accession[1] == r.slide_id for r in geo)
-    st = pd.read_csv(shared_data / "manifests" / "stimage1k4m_meta_all_gene02122025.csv")
+    st = pd.read_csv(raw_sources / "manifests" / "stimage1k4m_meta_all_gene02122025.csv")
     n_st = ((st.tech == "Visium") & (st.species == "human")).sum()
     assert len(load_manifest("manifests/stimage-v1.csv")) == n_st
     assert summarize(rows)["by_source"] == {"hest": len(want)}

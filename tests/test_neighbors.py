@@ -50,8 +50,8 @@ def test_ties_are_broken_by_spot_index_on_the_hex_lattice():
     np.testing.assert_allclose(g.distances[interior][:, :6], SPOT_SPACING_UM, rtol=1e-6)
 
 
-def test_real_v1_pixels_give_100um_spacing(shared_data):
-    folder = shared_data / "visium" / "human_heart_v1_subsample" / "spatial"
+def test_real_v1_pixels_give_100um_spacing(real_data):
+    folder = real_data / "visium" / "human_heart_v1_subsample" / "spatial"
     pos = pd.read_csv(folder / "tissue_positions_list.csv", header=None,
                       names=["barcode", "in_tissue", "array_row", "array_col", "pxl_row", "pxl_col"])
     sf = json.loads((folder / "scalefactors_json.json").read_text())

@@ -25,17 +25,17 @@ def _files(root: Path) -> dict[str, bytes]:
             if p.name in keep or "data/expression" in p.as_posix()}
 
 
-def test_snakemake_pipeline_matches_build_shards(tmp_path, shared_data):
+def test_snakemake_pipeline_matches_build_shards(tmp_path, real_data):
     pytest.importorskip("snakemake")
     build = pytest.importorskip("spavis.shards")
     rows = [r for r in load_manifest(ROOT / "manifests" / "hest-v1.csv") if r.organ == "heart"][:2]
-    meta = pd.read_csv(shared_data / "manifests" / "hest_v1_1_0_metadata.csv", encoding="utf-8-sig")
+    meta = pd.read_csv(real_data / "manifests" / "hest_v1_1_0_metadata.csv", encoding="utf-8-sig")
     meta = meta.set_index("id", drop=False)
     manifest = write_manifest(rows, tmp_path / "heart.csv")
     with FakeHub(tmp_path / "hub") as hub:
         hub.create_repo("MahmoodLab/hest", "dataset")
         for r in rows:
-            hub.add_files("MahmoodLab/hest", hest_sample_files(shared_data / "visium" / "human_heart_v1_subsample",
+            hub.add_files("MahmoodLab/hest", hest_sample_files(real_data / "visium" / "human_heart_v1_subsample",
                                                                r.slide_id, meta.loc[r.slide_id].to_dict()),
                           "dataset")
         env = hub.env(tmp_path)

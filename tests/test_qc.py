@@ -11,8 +11,8 @@ from spavis.readers import read_slice
 
 
 @pytest.fixture()
-def heart(shared_data):
-    return read_slice(shared_data / "visium" / "human_heart_v1_subsample")
+def heart(real_data):
+    return read_slice(real_data / "visium" / "human_heart_v1_subsample")
 
 
 def test_paper_threshold_drops_every_heart_spot(heart):

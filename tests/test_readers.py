@@ -23,8 +23,8 @@ POS_COLS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullre
 
 
 @pytest.fixture(scope="module")
-def heart_dir(shared_data) -> Path:
-    return shared_data / "visium" / "human_heart_v1_subsample"
+def heart_dir(real_data) -> Path:
+    return real_data / "visium" / "human_heart_v1_subsample"
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +81,10 @@ def test_heart_h5_matches_contract_and_scanpy(heart, heart_dir):
 
 
 @pytest.mark.filterwarnings("ignore:Use `squidpy.read.visium`:FutureWarning")
-def test_mouse_old_h5_layout_reads(shared_data):
+def test_mouse_old_h5_layout_reads(real_data):
     import scanpy as sc
 
-    folder = shared_data / "visium" / "mouse_brain_v1_subset"
+    folder = real_data / "visium" / "mouse_brain_v1_subset"
     with pytest.raises(KeyError):  # the reason this fixture exists
         sc.read_visium(folder)
     a = read_slice(folder)
@@ -98,8 +98,8 @@ def test_mouse_old_h5_layout_reads(shared_data):
     assert a.obs["in_tissue"].all() and np.isfinite(a.obsm["spatial"]).all()
 
 
-def test_mouse_processed_h5ad(shared_data):
-    folder = shared_data / "visium" / "mouse_brain_processed"
+def test_mouse_processed_h5ad(real_data):
+    folder = real_data / "visium" / "mouse_brain_processed"
     a = read_slice(folder)
     src = ad.read_h5ad(folder / "test_data.h5ad")
     assert a.shape == src.shape == (49, 1999)
@@ -116,14 +116,14 @@ def test_bundled_demo_is_the_real_heart(heart):
     assert "CC BY 4.0" in (demo_slice_path().parent / "ATTRIBUTION.md").read_text()
 
 
-def test_inputs_are_never_modified(shared_data, tmp_path):
+def test_inputs_are_never_modified(real_data, tmp_path):
     for name in ("human_heart_v1_subsample", "mouse_brain_v1_subset", "mouse_brain_processed"):
         folder = tmp_path / name
-        shutil.copytree(shared_data / "visium" / name, folder)
+        shutil.copytree(real_data / "visium" / name, folder)
         before = tree_digest(folder)
         read_slice(folder)
         assert tree_digest(folder) == before
-        assert sorted(p.name for p in folder.rglob("*")) == sorted(p.name for p in (shared_data / "visium" / name).rglob("*"))
+        assert sorted(p.name for p in folder.rglob("*")) == sorted(p.name for p in (real_data / "visium" / name).rglob("*"))
 
 
 # ---------------------------------------------------------------- layouts built from the real heart

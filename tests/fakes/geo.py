@@ -1,6 +1,6 @@
 """A loopback GEO: the real file-tree layout, real SOFT text adapted to spatial series.
 
-* ``GSE146540`` (real SOFT text from ../shared/data/geo/soft/GSE146540, 6 human samples):
+* ``GSE146540`` (real SOFT text from tests/data/geo/soft/GSE146540, 6 human samples):
   two samples get real Visium files built from the real 10x human heart fixture, served
   loose and gzip'd with ``GSMnnnn_`` prefixes (GSM4391934 as an mtx triplet, GSM4391935 as
   ``filtered_feature_bc_matrix.h5``); the other four keep their real ``NONE``.
