@@ -35,6 +35,12 @@ def build_shards_cmd(
         None, "--work-dir", help="Keep prepared slices here (default: a temporary .spavis-work-* next to --out)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    obs_columns: Optional[str] = typer.Option(
+        None, "--obs-columns", help="Annotation columns to carry into the rows and Zarr obs, e.g. layer,region."
+    ),
+    annotations: Optional[Path] = typer.Option(
+        None, "--annotations", help="CSV keyed by barcode (or spot_id; optional slide_id) holding --obs-columns."
+    ),
 ) -> None:
     """Build a harmonized, sharded Parquet + Zarr corpus (resumable; a re-run with the same inputs is a no-op)."""
     from spavis.shards import build_shards
@@ -50,6 +56,8 @@ def build_shards_cmd(
         workers=workers,
         work_dir=work_dir,
         progress=not quiet,
+        obs_columns=obs_columns,
+        annotations=annotations,
     )
     manifest = json.loads((result / "manifest.json").read_text())
     s = manifest["summary"]

@@ -87,6 +87,11 @@ class Corpus:
         return int(sum(pq.ParquetFile(f).metadata.num_rows for f in self.expression_files))
 
     @property
+    def annotation_columns(self) -> tuple[str, ...]:
+        """Annotation columns (``build-shards --obs-columns``) appended after the fixed expression schema."""
+        return tuple((self.manifest.get("parameters") or {}).get("obs_columns") or ())
+
+    @property
     def vocabulary(self) -> dict[str, Any]:
         """Name, checksum and size of the vocabulary the corpus is indexed by."""
         return dict(self.manifest.get("vocabulary") or {"n_genes": self.n_genes})
@@ -145,9 +150,10 @@ class Corpus:
         wanted = set(slide_ids) if slide_ids is not None else None
         cols = None
         if columns is not None:
-            unknown = [c for c in columns if c not in EXPRESSION_COLUMNS]
+            known = EXPRESSION_COLUMNS + self.annotation_columns
+            unknown = [c for c in columns if c not in known]
             if unknown:
-                raise CorpusError(f"unknown expression column(s) {unknown}; choose from {list(EXPRESSION_COLUMNS)}.")
+                raise CorpusError(f"unknown expression column(s) {unknown}; choose from {list(known)}.")
             cols = list(dict.fromkeys(["slide_id", *columns]))
         for f in files if files is not None else self.expression_files:
             yield from _iter_file_slides(Path(f), cols, wanted)

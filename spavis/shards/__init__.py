@@ -54,6 +54,23 @@ def build_params(vocab, min_genes: int, k_neighbors: int, max_spots_per_shard: i
     }
 
 
+def _annotation_params(params: dict[str, Any], obs_columns, annotations) -> tuple[tuple[str, ...], dict | None]:
+    """Record --obs-columns / --annotations in ``params`` (they decide the bytes); prepare_slice's args."""
+    from spavis.shards.annotations import AnnotationError, annotations_param, parse_obs_columns
+
+    columns = parse_obs_columns(obs_columns)
+    if annotations is not None and not columns:
+        raise AnnotationError("--annotations needs --obs-columns naming the columns to take from it")
+    if not columns:
+        return (), None
+    recorded = annotations_param(annotations)
+    params["obs_columns"] = list(columns)
+    if recorded is not None:
+        params["annotations"] = recorded
+        return columns, {"path": str(Path(annotations).resolve()), **recorded}
+    return columns, None
+
+
 def is_up_to_date(out: Path, vocab, params: dict[str, Any], slices: Sequence[SliceInput]) -> bool:
     """True when ``out`` already holds a corpus built from exactly these inputs and parameters."""
     try:
@@ -91,8 +108,13 @@ def build_shards(
     workers: int = 1,
     work_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    obs_columns: str | Sequence[str] | None = None,
+    annotations: str | os.PathLike | None = None,
 ) -> Path:
     """Build (or resume, or skip when up to date) the corpus for ``inputs`` in ``out``.
+
+    ``obs_columns`` ("layer,region") carries annotation columns into the rows and the Zarr obs,
+    from ``annotations`` (a CSV keyed by barcode) or the slides' own obs (spavis.shards.annotations).
 
     Prepared slices go to ``work_dir`` (default ``<out parent>/.spavis-work-<out name>``,
     removed after success; a given ``work_dir`` is kept for later incremental builds).
@@ -102,6 +124,7 @@ def build_shards(
     slices = discover_inputs(inputs)
     slices = hash_inputs(slices, workers)
     params = build_params(vocab_obj, min_genes, k_neighbors, max_spots_per_shard)
+    obs_columns, annotations = _annotation_params(params, obs_columns, annotations)
     if is_up_to_date(out, vocab_obj, params, slices):
         return out
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).is_file())):
@@ -114,7 +137,7 @@ def build_shards(
     work.mkdir(parents=True, exist_ok=True)
     try:
         _build_locked(slices, out, work, vocab, vocab_obj, params, min_genes, k_neighbors,
-                      max_spots_per_shard, workers, progress)
+                      max_spots_per_shard, workers, progress, obs_columns, annotations)
     except BaseException:
         # keep prepared slices for a resumed build; drop a default work dir holding none
         if default_work and not list(work.glob("*/prepared.json")):
@@ -126,7 +149,7 @@ def build_shards(
 
 
 def _build_locked(slices, out, work, vocab, vocab_obj, params, min_genes, k_neighbors,
-                  max_spots_per_shard, workers, progress) -> None:
+                  max_spots_per_shard, workers, progress, obs_columns=(), annotations=None) -> None:
     from filelock import FileLock
 
     with FileLock(str(work / ".lock")):
@@ -139,7 +162,8 @@ def _build_locked(slices, out, work, vocab, vocab_obj, params, min_genes, k_neig
         with _progress(progress) as bar:
             task = bar.add_task("prepare slices", total=len(slices), current="")
             wtask = bar.add_task("write shards", total=len(slices), current="")
-            prepared = _prepared_in_order(slices, work, vocab_arg, min_genes, k_neighbors, workers, bar, task)
+            prepared = _prepared_in_order(slices, work, vocab_arg, min_genes, k_neighbors, workers, bar, task,
+                                          obs_columns, annotations)
             try:
                 write_corpus_in_order(
                     prepared,
@@ -154,13 +178,16 @@ def _build_locked(slices, out, work, vocab, vocab_obj, params, min_genes, k_neig
             bar.update(wtask, completed=len(slices), current="done")
 
 
-def _prepared_in_order(slices, work, vocab, min_genes, k_neighbors, workers, bar, task):
+def _prepared_in_order(slices, work, vocab, min_genes, k_neighbors, workers, bar, task,
+                       obs_columns=(), annotations=None):
     """Yield each slice's prepared dir in slide_id order, as soon as it and its predecessors are ready.
 
     With several workers the slices are submitted in slide_id order to spawned processes;
     a failure of any slice is raised at the next step, not only when its turn comes.
     """
     kwargs = {"vocab": vocab, "min_genes": min_genes, "k_neighbors": k_neighbors}
+    if obs_columns:
+        kwargs |= {"obs_columns": obs_columns, "annotations": annotations}
     if workers <= 1 or len(slices) <= 1:
         for s in slices:
             bar.update(task, current=s.slide_id)

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from spavis import __version__
+from spavis.shards.annotations import append_columns, labelled_counts, obs_frame_columns, slice_annotations
 from spavis.shards.discover import SliceInput, hash_input
 from spavis.format.schema import (
     EXPRESSION_SCHEMA,
@@ -64,9 +65,11 @@ def resolve_vocab(vocab: Any):
     return vocab
 
 
-def prepare_key(s: SliceInput, vocab: Any, min_genes: int, k_neighbors: int) -> dict[str, Any]:
+def prepare_key(s: SliceInput, vocab: Any, min_genes: int, k_neighbors: int,
+                obs_columns: tuple[str, ...] = (), annotations: dict | None = None) -> dict[str, Any]:
     """What a prepared slice depends on; a mismatch means it is prepared again."""
-    return {
+    extra = {"obs_columns": list(obs_columns), "annotations_sha256": (annotations or {}).get("sha256")} if obs_columns else {}
+    return extra | {
         "format": PREPARED_FORMAT,
         "spavis_version": __version__,
         "slide_id": s.slide_id,
@@ -98,21 +101,27 @@ def prepare_slice(
     vocab: Any,
     min_genes: int = 100,
     k_neighbors: int = 8,
+    obs_columns: tuple[str, ...] = (),
+    annotations: dict | None = None,
 ) -> Path:
-    """Prepare one slice into ``work_dir/<slide_id>/`` atomically; skip it when already done."""
+    """Prepare one slice into ``work_dir/<slide_id>/`` atomically; skip it when already done.
+
+    ``obs_columns`` / ``annotations`` ({path, sha256} of a CSV): see spavis.shards.annotations.
+    """
     s = hash_input(slice_input)
     vocab = resolve_vocab(vocab)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     dest = work_dir / s.slide_id
-    key = prepare_key(s, vocab, min_genes, k_neighbors)
+    obs_columns = tuple(obs_columns)
+    key = prepare_key(s, vocab, min_genes, k_neighbors, obs_columns, annotations)
     if is_prepared(dest, key):
         return dest
 
     tmp = work_dir / f".tmp-{s.slide_id}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        n_kept = _prepare_into(tmp, s, vocab, min_genes, k_neighbors)
+        n_kept = _prepare_into(tmp, s, vocab, min_genes, k_neighbors, obs_columns, annotations)
         # the store is hard-linked into the corpus unchanged: hash it here, in the worker,
         # so the (serial) merge does not have to
         digest, n_files = tree_sha256(tmp / ZARR_DIR)
@@ -208,7 +217,8 @@ def _qc(adata, X, min_genes: int, slide_id: str):
     return np.asarray(res.keep, dtype=bool), res.to_dict(), bool(res.counts_are_integer)
 
 
-def _prepare_into(tmp: Path, s: SliceInput, vocab, min_genes: int, k_neighbors: int) -> int:
+def _prepare_into(tmp: Path, s: SliceInput, vocab, min_genes: int, k_neighbors: int,
+                  obs_columns: tuple[str, ...] = (), annotations: dict | None = None) -> int:
     from spavis.genes import harmonize
     from spavis.readers import read_slice
 
@@ -257,15 +267,19 @@ def _prepare_into(tmp: Path, s: SliceInput, vocab, min_genes: int, k_neighbors: 
     n_genes = np.diff(X.indptr).astype(np.int32)
 
     rows = _rows_table(s.slide_id, barcodes, X, totals, n_genes, array_row, array_col, pxl_row, pxl_col, graph)
+    labels = slice_annotations(s.slide_id, s.root, s.data_path, barcodes, obs_columns, annotations)
+    rows = append_columns(rows, labels)
     write_rows(rows, tmp / ROWS_FILE)
     pq.write_table(_gene_stats(X, totals), tmp / STATS_FILE, **PARQUET_WRITE_OPTIONS)
 
     has_coords = graph.method != "none"
     report = res.report.to_dict() if hasattr(res.report, "to_dict") else dict(res.report)
     slide = _slide_record(s, counters, n_input, int(in_tissue.sum()), n, has_coords, is_integer, graph.method, report)
+    if obs_columns:
+        slide["annotations"] = labelled_counts(labels)
     (tmp / SLIDE_FILE).write_text(json_dumps(slide))
     _write_zarr(tmp / ZARR_DIR, s, adata, vocab, barcodes, X, totals, n_genes,
-                array_row, array_col, pxl_row, pxl_col, graph, k_neighbors, slide)
+                array_row, array_col, pxl_row, pxl_col, graph, k_neighbors, slide, labels)
     return n
 
 
@@ -448,7 +462,7 @@ def _vocab_var(vocab):
 
 
 def _write_zarr(path, s, adata, vocab, barcodes, X, totals, n_genes,
-                array_row, array_col, pxl_row, pxl_col, graph, k_neighbors, slide) -> None:
+                array_row, array_col, pxl_row, pxl_col, graph, k_neighbors, slide, labels=None) -> None:
     import anndata as ad
     import pandas as pd
 
@@ -465,6 +479,8 @@ def _write_zarr(path, s, adata, vocab, barcodes, X, totals, n_genes,
         },
         index=pd.Index([f"{s.slide_id}:{b}" for b in barcodes], dtype=object),
     )
+    for name, col in obs_frame_columns(labels or {}).items():
+        obs[name] = col
     out = ad.AnnData(X=X, obs=obs, var=_vocab_var(vocab).copy())
     if graph.method in ("pixels", "pixels-estimated"):
         out.obsm["spatial"] = np.column_stack([pxl_col, pxl_row]).astype(np.float64)

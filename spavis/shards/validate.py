@@ -56,6 +56,7 @@ def _schema_matches(actual, expected) -> bool:
 
 def validate(out: str | os.PathLike, *, deep: bool = True) -> ValidationReport:
     """Check a corpus directory; ``deep`` also compares Parquet with Zarr and recomputes gene sums."""
+    from spavis.shards.annotations import expression_schema
     from spavis.shards.write import file_sha256, tree_sha256
 
     root = Path(out)
@@ -106,7 +107,7 @@ def validate(out: str | os.PathLike, *, deep: bool = True) -> ValidationReport:
     # 2. schemas
     expr_files = sorted(k for k in listed if k.startswith(S.EXPRESSION_DIR + "/"))
     for rel, expected in [(S.GENES_FILE, S.GENES_SCHEMA), (S.SLIDES_FILE, S.SLIDES_SCHEMA)] + [
-        (f, S.EXPRESSION_SCHEMA) for f in expr_files
+        (f, expression_schema((manifest.get("parameters") or {}).get("obs_columns") or ())) for f in expr_files
     ]:
         if rel not in listed:
             rep.error(f"{root / rel}: missing from manifest.json")

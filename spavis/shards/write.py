@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from spavis import __version__
 from spavis.format import schema as S
+from spavis.shards.annotations import check_coverage, expression_schema
 from spavis.shards.card import render_card
 from spavis.shards.prepare import (  # noqa: F401  (file_sha256/tree_sha256 are re-exported)
     DONE_FILE,
@@ -192,6 +193,7 @@ def _write_into(tmp, items, vocab, params, max_spots, progress) -> None:
     shard_rows: list[int] = []
     zarr_outputs: list[dict[str, Any]] = []
     writer = None
+    expr_schema = expression_schema(params.get("obs_columns") or ())  # + --obs-columns annotations
     try:
         for d, slide in items:
             sid, n = slide["slide_id"], slide["n_spots_kept"]
@@ -201,11 +203,11 @@ def _write_into(tmp, items, vocab, params, max_spots, progress) -> None:
                     if writer is not None:
                         writer.close()
                     shard_rows.append(0)
-                    writer = pq.ParquetWriter(tmp / _shard_name(len(shard_rows) - 1, 5), S.EXPRESSION_SCHEMA,
+                    writer = pq.ParquetWriter(tmp / _shard_name(len(shard_rows) - 1, 5), expr_schema,
                                               **S.PARQUET_WRITE_OPTIONS)
                 location[sid] = (len(shard_rows) - 1, shard_rows[-1])
                 for batch in iter_rows(d / ROWS_FILE):
-                    writer.write_table(pa.Table.from_batches([batch], schema=S.EXPRESSION_SCHEMA),
+                    writer.write_table(pa.Table.from_batches([batch], schema=expr_schema),
                                        row_group_size=S.ROW_GROUP_SIZE)
                     shard_rows[-1] += batch.num_rows
             dest = tmp / S.ZARR_DIR / f"{sid}.zarr"
@@ -221,6 +223,7 @@ def _write_into(tmp, items, vocab, params, max_spots, progress) -> None:
             writer.close()
     slides = [s for _, s in done]
     _check_not_empty(slides)
+    check_coverage(slides, params.get("obs_columns") or ())
 
     width = max(5, len(str(len(shard_rows))))
     outputs: list[dict[str, Any]] = []
@@ -288,6 +291,7 @@ def build_manifest(vocab, params, slides, outputs, stats) -> dict[str, Any]:
         "inputs": inputs,
         "slides": [
             {"slide_id": s["slide_id"], "mapping_report": s.get("mapping_report"), "qc": s.get("qc")}
+            | ({"annotations": s["annotations"]} if "annotations" in s else {})
             for s in slides
         ],
         "outputs": outputs,
