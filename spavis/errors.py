@@ -1,5 +1,22 @@
-"""Errors users see. Each message names the offending file or slice and says how to fix it."""
+"""Every error class spavis raises on purpose, plus the one-line wording of OS errors.
+
+Each message names the offending file or slice and says how to fix it. The CLIs print
+these as one line without a traceback (set ``SPAVIS_DEBUG=1`` or pass ``--debug`` to see
+it). Standard library only: ``stamp`` imports this module too (``describe_os_error``,
+``debug_enabled``), so both command lines word permission and disk-full errors alike.
+"""
 from __future__ import annotations
+
+import errno
+import os
+
+__all__ = [
+    "SpavisError", "ReaderError", "QCError", "GeneMappingError", "NotHumanError", "FetchError",
+    "UnsafeArchiveError", "ValidationError", "CorpusError", "ManifestError", "VocabularyError",
+    "GeneTableError", "BiomartError", "BuildError", "SpavisWarning", "describe_os_error", "debug_enabled", "DEBUG_ENV",
+]
+
+DEBUG_ENV = "SPAVIS_DEBUG"
 
 
 class SpavisError(Exception):
@@ -26,5 +43,101 @@ class FetchError(SpavisError):
     """A download failed in a way retrying will not fix (404, gated, checksum, disk full)."""
 
 
+class UnsafeArchiveError(FetchError):
+    """An archive member would escape the extraction folder, is a link/device, or is too large."""
+
+
 class ValidationError(SpavisError):
     """A shard directory does not match its manifest or schema."""
+
+
+class CorpusError(SpavisError):
+    """A corpus cannot be opened or read (missing or resized files, corrupt shard, bad argument)."""
+
+
+class ManifestError(SpavisError):
+    """A slice manifest (manifests/*.tsv) is malformed."""
+
+
+class VocabularyError(SpavisError):
+    """A vocabulary preset or vocab.json cannot be loaded."""
+
+
+class GeneTableError(SpavisError):
+    """The gene table (pinned or refreshed) is missing or malformed."""
+
+
+class BiomartError(SpavisError):
+    """Ensembl BioMart cannot be reached or returned something unusable."""
+
+
+class SpavisWarning(UserWarning):
+    """Something was built with less than the input promised (no graph, estimated scale, duplicates)."""
+
+
+class BuildError(SpavisError):
+    """build-shards cannot proceed (inputs, output folder, duplicate slices, workers)."""
+
+
+class PublishError(SpavisError):
+    """`spavis publish` cannot put a corpus on the Hub (integrity, license, token, interrupted upload)."""
+
+
+_WHAT = {
+    errno.EACCES: ("permission denied", "check the permissions of the path, or choose one you can {verb}"),
+    errno.EPERM: ("operation not permitted", "check the permissions of the path, or choose one you can {verb}"),
+    errno.EROFS: ("read-only file system", "choose a writable location"),
+    errno.ENOSPC: ("no space left on the device", "free some space or choose another location "
+                   "(output folder, --work-dir, $SPAVIS_CACHE, $TMPDIR)"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space within your quota or choose another location"),
+    errno.ENOENT: ("no such file or folder", "check the path"),
+    errno.ENOTDIR: ("not a folder", "check the path"),
+    errno.EISDIR: ("is a folder, expected a file", "check the path"),
+}
+_MESSAGES = {  # libraries (pyarrow, h5py, zarr) often raise OSError without errno, only this text
+    "no space left on device": errno.ENOSPC,
+    "disk quota exceeded": errno.EDQUOT,
+    "permission denied": errno.EACCES,
+    "read-only file system": errno.EROFS,
+}
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in _WHAT:
+            return exc.errno
+        text = str(exc).lower()
+        for needle, code in _MESSAGES.items():
+            if needle in text:
+                return code
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def describe_os_error(exc: BaseException, *, action: str = "access") -> str | None:
+    """One line for an OS-level failure (permission, disk full, read-only, missing path), else None.
+
+    Looks through ``__cause__``/``__context__`` and at the message text, since pyarrow, h5py
+    and zarr re-raise OS errors with the errno only in the text. ``action`` ("read",
+    "write") completes the advice.
+    """
+    code = _errno_of(exc)
+    if code is None:
+        return None
+    what, fix = _WHAT[code]
+    path = None
+    e: BaseException | None = exc
+    while e is not None and path is None:
+        path = getattr(e, "filename", None)
+        e = e.__cause__ or e.__context__
+    verb = "write" if action == "write" else ("read" if action == "read" else "use")
+    where = f"{path}: " if path else ""
+    detail = "" if path else f" ({str(exc).strip().splitlines()[0][:200]})" if str(exc).strip() else ""
+    return f"{where}{what}{detail}; {fix.format(verb=verb)}."
+
+
+def debug_enabled() -> bool:
+    """True when ``SPAVIS_DEBUG`` is set to a true value (1/true/yes): show tracebacks."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")

@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from spavis.errors import SpavisError
+from spavis.errors import ManifestError, SpavisError  # noqa: F401
+from spavis.format.io import atomic_write_text
 
 COLUMNS = ("slide_id", "source", "accession", "organ", "species", "condition", "technology",
            "license", "citation", "expected_files", "checksums", "extra")
@@ -60,9 +61,6 @@ ROW_SCHEMA: dict[str, Any] = {
     },
 }
 
-
-class ManifestError(SpavisError):
-    """A manifest file cannot be read or has invalid rows (the message names file and rows)."""
 
 
 @dataclass
@@ -218,9 +216,7 @@ def write_manifest(rows: Iterable[ManifestRow], path: str | os.PathLike, *,
     writer.writeheader()
     for row in rows:
         writer.writerow(row.to_record())
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buf.getvalue(), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, buf.getvalue())
     return path
 
 

@@ -19,9 +19,9 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
+from spavis.format.schema import SPACERANGER_SPOT_DIAMETER_UM, SPOT_SPACING_UM  # noqa: F401
+
 SPOT_DIAMETER_UM = 55.0  # physical capture spot
-SPACERANGER_SPOT_DIAMETER_UM = 65.0  # what spot_diameter_fullres measures in pixels
-SPOT_SPACING_UM = 100.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,43 @@ def knn(coords_um: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         todo = todo[truncated]
         kq = min(n, kq * 2)
     return out_idx.astype(np.int32), out_dst.astype(np.float32)
+
+
+def pixel_scale(
+    pxl_row: np.ndarray | None,
+    pxl_col: np.ndarray | None,
+    array_row: np.ndarray | None,
+    array_col: np.ndarray | None,
+    spot_diameter_fullres: float | None,
+) -> tuple[float | None, str | None]:
+    """Micrometres per full-resolution pixel and how it was found (``UM_PER_PX_METHODS``).
+
+    ``"scalefactors"``: 65 µm / spot_diameter_fullres; ``"lattice"``: pixel distances of
+    spots compared with their Visium lattice distances; ``"spot-spacing"``: the median
+    nearest-neighbour gap taken as the 100 µm centre spacing. ``(None, None)`` without
+    finite pixel coordinates for every spot.
+    """
+    if pxl_row is None or pxl_col is None:
+        return None, None
+    pr = np.asarray(pxl_row, dtype=np.float64)
+    pc = np.asarray(pxl_col, dtype=np.float64)
+    if not pr.size or not (np.isfinite(pr).all() and np.isfinite(pc).all()):
+        return None, None
+    if spot_diameter_fullres and np.isfinite(spot_diameter_fullres) and spot_diameter_fullres > 0:
+        return SPACERANGER_SPOT_DIAMETER_UM / float(spot_diameter_fullres), "scalefactors"
+    if pr.size < 2:
+        return None, None
+    xy = np.column_stack([pc, pr])
+    d, j = cKDTree(xy).query(xy, k=2)
+    gap_px, nearest = d[:, 1], j[:, 1]
+    if _lattice_known(array_row, array_col):
+        lat = lattice_to_um(np.asarray(array_row), np.asarray(array_col))
+        gap_um = np.linalg.norm(lat - lat[nearest], axis=1)
+        ok = (gap_px > 0) & (gap_um > 0)
+        if ok.any():
+            return float(np.median(gap_um[ok] / gap_px[ok])), "lattice"
+    gap = float(np.median(gap_px))
+    return (SPOT_SPACING_UM / gap, "spot-spacing") if gap > 0 else (None, None)
 
 
 def slide_coordinates_um(

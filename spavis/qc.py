@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from spavis.errors import QCError
+from spavis.errors import QCError, SpavisWarning
 
 DEFAULT_MIN_GENES = 100
+FLOAT32_EXACT_MAX = 2**24  # = spavis.format.schema.FLOAT32_EXACT_MAX (kept import-light here)
 
 
 @dataclass
@@ -28,6 +29,8 @@ class QCResult:
     has_coordinates: bool
     min_genes: int
     warnings: list[str] = field(default_factory=list)
+    max_count: float = 0.0  # largest count of the harmonized matrix
+    counts_exceed_float32: bool = False  # a count >= 2**24: float32 may have rounded it
 
     def to_dict(self) -> dict:
         """Counters only (no per-spot arrays), e.g. for slides.parquet / manifest."""
@@ -98,7 +101,18 @@ def apply_qc(
             "recorded as processed data, not raw UMI counts."
         )
         notes.append(msg)
-        warnings.warn(msg, UserWarning, stacklevel=2)
+        warnings.warn(msg, SpavisWarning, stacklevel=2)
+    max_count = float(vals.max()) if vals.size else 0.0
+    exceeds = max_count >= FLOAT32_EXACT_MAX
+    if exceeds:
+        n_big = int((vals >= FLOAT32_EXACT_MAX).sum())
+        msg = (
+            f"{name}: {n_big} count(s) reach 2^24 = {FLOAT32_EXACT_MAX} (max {max_count:.0f}); float32 "
+            "cannot hold such integers exactly, so they may be off by a few units. Recorded as "
+            "counts_exceed_float32 in slides.parquet; check that the matrix holds UMI counts."
+        )
+        notes.append(msg)
+        warnings.warn(msg, SpavisWarning, stacklevel=2)
 
     in_tissue = (
         adata.obs["in_tissue"].to_numpy(dtype=bool) if "in_tissue" in adata.obs else np.ones(n, bool)
@@ -126,7 +140,13 @@ def apply_qc(
     else:
         notes.append(f"{name}: no spot coordinates; spots are kept but the slice gets no neighbour graph.")
     n_kept = int(keep.sum())
-    if n_kept == 0:
+    if n_kept == 0 and not in_tissue.any():
+        notes.append(
+            f"{name}: no spot is marked in tissue (the in_tissue column of the positions file is all 0, "
+            "or no barcode of the matrix is in it), so the slice contributes no spots. Check that the "
+            "positions file belongs to this slice."
+        )
+    elif n_kept == 0:
         notes.append(
             f"{name}: no spot passes QC (in tissue and >= {min_genes} detected vocabulary genes; "
             f"the best spot has {int(n_genes.max()) if n else 0}). Lower --min-genes for small gene panels."
@@ -134,5 +154,53 @@ def apply_qc(
     return QCResult(
         keep=keep, n_genes=n_genes, n_spots_input=n, n_spots_in_tissue=int(in_tissue.sum()),
         n_spots_kept=n_kept, counts_are_integer=counts_are_integer, has_coordinates=has_coordinates,
-        min_genes=int(min_genes), warnings=notes,
+        min_genes=int(min_genes), warnings=notes, max_count=max_count, counts_exceed_float32=bool(exceeds),
     )
+
+
+def geometry_report(
+    adata,
+    graph_method: str,
+    pxl_row: np.ndarray | None,
+    pxl_col: np.ndarray | None,
+    array_row: np.ndarray | None,
+    array_col: np.ndarray | None,
+    spot_diameter_fullres: float | None,
+    *,
+    slice_name: str,
+) -> dict:
+    """µm per pixel of a slice and a warning for each thing its geometry lacks.
+
+    Returns ``{"um_per_px", "um_per_px_method", "warnings"}`` for slides.parquet: the
+    reader's notes (unreadable positions / scale factors) plus what the build loses because
+    of them (neighbour graph, µm scale). Each warning is also emitted as a SpavisWarning.
+    """
+    from spavis.neighbors import pixel_scale
+
+    um, how = pixel_scale(pxl_row, pxl_col, array_row, array_col, spot_diameter_fullres)
+    meta = adata.uns.get("spavis", {}) if hasattr(adata, "uns") else {}
+    notes = [f"{slice_name}: {w}" for w in list(meta.get("warnings", []) if isinstance(meta, dict) else [])]
+    raw = meta.get("spot_diameter_fullres") if isinstance(meta, dict) else None
+    if raw is not None and how != "scalefactors" and um is not None:
+        lack = f"spot_diameter_fullres={raw} is not a positive number"
+    else:
+        lack = "no scale factors (spatial/scalefactors_json.json)"
+    if graph_method == "none":
+        new = (f"{slice_name}: no spot positions (tissue positions missing or unreadable): the slice has no "
+               "neighbour graph (spatial training skips it) and no µm scale; its spots are kept.")
+    elif um is None and graph_method == "lattice":
+        new = (f"{slice_name}: no pixel coordinates: the neighbour graph uses the array lattice (100 µm "
+               "spacing), and there is no µm-per-pixel scale (images cannot be placed on the spots).")
+    elif how == "lattice":
+        new = (f"{slice_name}: {lack}: the neighbour graph uses the array lattice and µm per pixel "
+               f"({um:.4f}) is estimated from pixel vs lattice distances.")
+    elif how == "spot-spacing":
+        new = (f"{slice_name}: {lack} and no array lattice: the graph and µm per pixel ({um:.4f}) are "
+               "estimated by taking the median spot gap as 100 µm.")
+    else:
+        new = None
+    if new is not None:
+        notes.append(new)
+    for note in notes:
+        warnings.warn(note, SpavisWarning, stacklevel=2)
+    return {"um_per_px": um, "um_per_px_method": how, "warnings": notes}

@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 
 from spavis.cli import app
-from spavis.cli._common import err_console, friendly_errors
+from spavis.cli._common import err_console, friendly_errors, positive_float
 
 
 @app.command("simulate")
@@ -14,9 +14,9 @@ from spavis.cli._common import err_console, friendly_errors
 def simulate_cmd(
     out: Path = typer.Argument(..., help="Folder that receives one sub-folder per generated slice."),
     n_slices: int = typer.Option(1, "--n-slices", "-n", min=1, help="How many slices to generate."),
-    seed: int = typer.Option(0, "--seed", help="Base seed; slice i uses seed + i."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Base seed; slice i uses seed + i."),
     n_domains: int = typer.Option(5, "--n-domains", min=1, help="Spatial domains per slice."),
-    median_umis: float = typer.Option(6000.0, "--median-umis", help="Median UMIs per spot."),
+    median_umis: float = typer.Option(6000.0, "--median-umis", callback=positive_float, help="Median UMIs per spot."),
     prefix: str = typer.Option("generated", "--prefix", help="Slide ids are PREFIX_000, PREFIX_001, ..."),
 ) -> None:
     """Write GENERATED (not real) Visium v1 slices over the stamp-v1 human genes.

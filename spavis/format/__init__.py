@@ -1,21 +1,43 @@
-"""The spavis shard format: one dependency-light module that writers and readers share.
+"""The spavis shard format: one dependency-light package that writers and readers share.
 
-``spavis.format.schema`` holds the file names, Arrow schemas and keys; ``spavis.format.corpus``
-is the read API (``open_corpus``). It imports nothing of fetch (``spavis.sources``) or build
-(``spavis.shards``): ``stamp`` and users depend on this package only.
+- ``spavis.format.schema``: file names, Arrow schemas, Zarr/obsp/uns keys, geometry constants;
+- ``spavis.format.corpus``: the read API (``open_corpus``, ``Corpus``, ``rows_to_csr``,
+  ``iter_file_slides``), with the manifest size check done on open;
+- ``spavis.format.io``: atomic writes, sha256, umask-respecting file modes (standard library only).
+
+It imports nothing of fetch (``spavis.sources``) or build (``spavis.shards``): ``stamp`` and
+users depend on this package only. Names load lazily, so ``import spavis.format.io`` stays
+free of pyarrow/scipy (the downloader uses it).
 """
 from __future__ import annotations
 
-from spavis.format import schema
-from spavis.format.corpus import (
-    EXPRESSION_COLUMNS,
-    Corpus,
-    CorpusError,
-    SpavisError,
-    open_corpus,
-    rows_to_csr,
-)
+import importlib
+from typing import Any
 
 __all__ = [
-    "schema", "Corpus", "CorpusError", "SpavisError", "open_corpus", "rows_to_csr", "EXPRESSION_COLUMNS",
+    "schema", "io", "Corpus", "CorpusError", "SpavisError", "open_corpus", "rows_to_csr",
+    "iter_file_slides", "EXPRESSION_COLUMNS", "decode_image",
 ]
+
+_LAZY = {
+    "Corpus": "spavis.format.corpus",
+    "open_corpus": "spavis.format.corpus",
+    "rows_to_csr": "spavis.format.corpus",
+    "iter_file_slides": "spavis.format.corpus",
+    "decode_image": "spavis.format.corpus",
+    "EXPRESSION_COLUMNS": "spavis.format.corpus",
+    "CorpusError": "spavis.errors",
+    "SpavisError": "spavis.errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("schema", "io", "corpus"):
+        return importlib.import_module(f"spavis.format.{name}")
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'spavis.format' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(__all__) | {"corpus"})

@@ -29,18 +29,17 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from spavis.format import schema as S
-from spavis.errors import SpavisError
+from spavis.errors import CorpusError, SpavisError
 
 __all__ = [
-    "Corpus", "CorpusError", "SpavisError", "open_corpus", "rows_to_csr", "EXPRESSION_COLUMNS",
+    "Corpus", "CorpusError", "SpavisError", "open_corpus", "rows_to_csr", "iter_file_slides", "EXPRESSION_COLUMNS",
+    "decode_image",
 ]  # SpavisError: base of every error spavis raises, re-exported for readers of the corpus
 
 
-class CorpusError(SpavisError):
-    """A corpus cannot be opened or read (missing files, corrupt shard, bad argument)."""
-
 EXPRESSION_COLUMNS = tuple(S.EXPRESSION_SCHEMA.names)
 _META_PATTERNS = [S.CARD_FILE, S.MANIFEST_FILE, S.GENES_FILE, S.SLIDES_FILE]
+_META_KINDS = ("genes", "slides")  # checked on open; other kinds when first used
 
 
 class Corpus:
@@ -56,6 +55,8 @@ class Corpus:
                 f"{where}: no {S.GENES_FILE} here, so it is not a spavis corpus; "
                 "point open_corpus at the --out directory of `spavis build-shards`."
             )
+        # cheap integrity check of what is local now; expression shards when first used
+        self.check(kinds=_META_KINDS)
 
     def __repr__(self) -> str:
         where = f"{self.repo_id}@{self.revision or 'main'}" if self.repo_id else str(self.root)
@@ -66,25 +67,73 @@ class Corpus:
     def manifest(self) -> dict[str, Any]:
         """manifest.json (empty dict when absent)."""
         path = self.root / S.MANIFEST_FILE
-        return json.loads(path.read_text()) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except ValueError as exc:
+            raise CorpusError(f"{path}: not valid JSON ({exc}); rebuild the corpus or download it again.") from None
+
+    def check(self, kinds: Iterable[str] | None = None) -> None:
+        """Raise CorpusError when files manifest.json lists are missing, resized or joined by strays.
+
+        Cheap (sizes, no hashing; ``spavis validate`` does the full check). ``kinds`` limits
+        it to some output kinds (``"expression"``, ``"genes"``, ``"slides"``, ``"zarr"``, ...);
+        Zarr stores are only checked for presence (users add embeddings to them). A corpus
+        without manifest.json is not checked.
+        """
+        outputs = self.manifest.get("outputs")
+        if not outputs:
+            return
+        wanted = None if kinds is None else set(kinds)
+        problems: list[str] = []
+        listed_dirs: dict[str, set[str]] = {}
+        for entry in outputs:
+            kind, rel = entry.get("kind"), str(entry.get("path", ""))
+            if kind == "card" or (wanted is not None and kind not in wanted):
+                continue
+            listed_dirs.setdefault(str(Path(rel).parent), set()).add(Path(rel).name)
+            p = self.root / rel
+            if not p.exists():
+                problems.append(f"{rel} is missing")
+            elif kind != "zarr" and entry.get("size") is not None and p.is_file():
+                size = p.stat().st_size
+                if size != entry["size"]:
+                    problems.append(f"{rel} has {size} bytes, manifest.json says {entry['size']}")
+        if wanted is None or "expression" in wanted:  # a stray shard would silently join training data
+            listed = listed_dirs.get(S.EXPRESSION_DIR, set())
+            for p in sorted((self.root / S.EXPRESSION_DIR).glob("*.parquet")):
+                if p.name not in listed:
+                    problems.append(f"{S.EXPRESSION_DIR}/{p.name} is not listed in manifest.json (a stray file)")
+        if problems:
+            head = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            where = self.repo_id or str(self.root)
+            raise CorpusError(
+                f"{where}: the corpus does not match its manifest.json: {head}. Rebuild it with "
+                "`spavis build-shards` (or download it again; remove files you added); "
+                "`spavis validate` lists every problem."
+            )
 
     @cached_property
     def genes(self):
         """genes.parquet as a pandas DataFrame in vocabulary order (row i = gene_index i)."""
-        return pq.read_table(self.root / S.GENES_FILE).to_pandas()
+        return _read_table(self.root / S.GENES_FILE).to_pandas()
 
     @cached_property
     def slides(self):
         """slides.parquet as a pandas DataFrame (one row per slide, sorted by slide_id)."""
-        return pq.read_table(self.root / S.SLIDES_FILE).to_pandas()
+        return _read_table(self.root / S.SLIDES_FILE).to_pandas()
 
     @property
     def n_genes(self) -> int:
-        return int(pq.ParquetFile(self.root / S.GENES_FILE).metadata.num_rows)
+        return int(_parquet_file(self.root / S.GENES_FILE).metadata.num_rows)
 
     @property
     def n_spots(self) -> int:
-        return int(sum(pq.ParquetFile(f).metadata.num_rows for f in self.expression_files))
+        rows = [o.get("rows") for o in self.manifest.get("outputs") or [] if o.get("kind") == "expression"]
+        if self.repo_id is not None and rows and None not in rows:
+            return int(sum(rows))  # a Hub corpus is not downloaded just to count its spots
+        return int(sum(_parquet_file(f).metadata.num_rows for f in self.expression_files))
 
     @property
     def annotation_columns(self) -> tuple[str, ...]:
@@ -99,10 +148,20 @@ class Corpus:
     # ------------------------------------------------------------------ data
     @cached_property
     def expression_files(self) -> list[str]:
-        """Local paths of the expression shards, in order (downloaded on first use for Hub corpora)."""
-        if self.repo_id is not None:
+        """Local paths of the expression shards, in order.
+
+        Hub corpora: the paths inside the local snapshot, each downloaded when ``iter_slides``
+        first reads it (so a reader that touches one slide downloads one shard).
+        """
+        listed = [o["path"] for o in self.manifest.get("outputs") or [] if o.get("kind") == "expression"]
+        if self.repo_id is not None and not listed:  # no manifest to list them: fetch them all
             _snapshot(self.repo_id, self.revision, [f"{S.EXPRESSION_DIR}/*.parquet"])
-        files = sorted(str(p) for p in (self.root / S.EXPRESSION_DIR).glob("*.parquet"))
+        if self.repo_id is None or not listed:
+            self.check(kinds=("expression",))
+        if listed:
+            files = sorted(str(self.root / rel) for rel in listed)
+        else:
+            files = sorted(str(p) for p in (self.root / S.EXPRESSION_DIR).glob("*.parquet"))
         if not files:
             raise CorpusError(f"{self.root}: no {S.EXPRESSION_DIR}/*.parquet; the corpus is incomplete.")
         return files
@@ -130,8 +189,9 @@ class Corpus:
         """
         import datasets
 
-        if self.repo_id is not None and streaming:
-            return datasets.load_dataset(self.repo_id, revision=self.revision, split="train", streaming=True, **kwargs)
+        if self.repo_id is not None:
+            return datasets.load_dataset(self.repo_id, revision=self.revision, split="train", streaming=streaming,
+                                         **kwargs)
         return datasets.load_dataset(
             "parquet", data_files={"train": self.expression_files}, split="train", streaming=streaming, **kwargs
         )
@@ -155,11 +215,161 @@ class Corpus:
             if unknown:
                 raise CorpusError(f"unknown expression column(s) {unknown}; choose from {list(known)}.")
             cols = list(dict.fromkeys(["slide_id", *columns]))
+        if files is None and self.repo_id is not None and wanted is not None and "expression_file" in self.slides:
+            holding = self.slides.loc[self.slides["slide_id"].isin(wanted), "expression_file"].dropna()
+            files = sorted({str(self.root / rel) for rel in holding})  # only the shards holding these slides
         for f in files if files is not None else self.expression_files:
-            yield from _iter_file_slides(Path(f), cols, wanted)
+            yield from _iter_file_slides(self._local(Path(f)), cols, wanted)
+
+    # ------------------------------------------------------------------ paired images
+    @property
+    def has_images(self) -> bool:
+        """True when the corpus holds H&E patches (``build-shards --with-images``)."""
+        outputs = self.manifest.get("outputs")
+        if outputs:
+            return any(o.get("kind") == "paired" for o in outputs)
+        return any((self.root / S.PAIRED_DIR).glob("*.parquet"))
+
+    @cached_property
+    def paired_files(self) -> list[str]:
+        """Local paths of ``data/paired/part-*.parquet`` (part N pairs with expression part N)."""
+        listed = [o["path"] for o in self.manifest.get("outputs") or [] if o.get("kind") == "paired"]
+        if self.repo_id is not None and not listed and not self.manifest.get("outputs"):
+            _snapshot(self.repo_id, self.revision, [f"{S.PAIRED_DIR}/*.parquet"])
+        if listed:
+            files = sorted(str(self.root / rel) for rel in listed)
+        else:
+            files = sorted(str(p) for p in (self.root / S.PAIRED_DIR).glob("*.parquet"))
+        if not files:
+            where = self.repo_id or str(self.root)
+            raise CorpusError(f"{where}: no image patches ({S.PAIRED_DIR}/*.parquet); build the corpus with "
+                              "`spavis build-shards --with-images` from slices that have an H&E image.")
+        return files
+
+    def iter_paired(
+        self,
+        columns: Sequence[str] | None = None,
+        files: Sequence[str | os.PathLike] | None = None,
+        slide_ids: Iterable[str] | None = None,
+    ) -> Iterator[pa.Table]:
+        """Yield one ``pyarrow.Table`` of patches per imaged slide, rows in expression order.
+
+        Columns: ``spot_id``, ``slide_id``, ``patch``/``region`` (``{"bytes": PNG, "path": None}``,
+        decode with :func:`decode_image`), ``region_cell`` (0-8), ``um_per_px``, ``upsampled``, ``padded``.
+        """
+        cols = None
+        if columns is not None:
+            unknown = [c for c in columns if c not in S.PAIRED_SCHEMA.names]
+            if unknown:
+                raise CorpusError(f"unknown paired column(s) {unknown}; choose from {S.PAIRED_SCHEMA.names}.")
+            cols = list(dict.fromkeys(["slide_id", *columns]))
+        wanted = set(slide_ids) if slide_ids is not None else None
+        for f in files if files is not None else self.paired_files:
+            yield from _iter_file_slides(self._local(Path(f)), cols, wanted)
+
+    def images_zarr(self, slide_id: str):
+        """The slide's ``images/`` Zarr group (``patch``/``region`` uint8 (n, 224, 224, 3), ``region_cell``,
+        ``upsampled``, ``padded``), read-only and lazy."""
+        import zarr
+
+        path = self.zarr_path(slide_id) / S.IMAGES_GROUP
+        if not path.exists():
+            raise CorpusError(f"{self.root}: slide {slide_id!r} has no images/ group; it had no H&E image "
+                              "or the corpus was built without --with-images.")
+        return zarr.open_group(str(path), mode="r", zarr_format=2)
+
+    def _local(self, path: Path) -> Path:
+        """``path`` itself; for a Hub corpus, downloaded first (that one file) when not there yet."""
+        if self.repo_id is None or path.exists():
+            return path
+        try:
+            rel = path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path
+        from spavis.format.hub import download
+
+        download(self.repo_id, self.revision, rel)  # lands in this same snapshot folder (revision = commit)
+        return path
+
+
+def decode_image(value: Any) -> np.ndarray:
+    """An image cell of the paired table (PNG bytes, ``{"bytes": ...}``, a PIL image or an array)
+    as a uint8 (H, W, 3) RGB array."""
+    from PIL import Image
+
+    if isinstance(value, Mapping):
+        value = value.get("bytes")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        import io
+
+        try:
+            with Image.open(io.BytesIO(bytes(value))) as im:
+                return np.asarray(im.convert("RGB"))
+        except OSError as exc:
+            raise CorpusError(f"an image cell is not a readable PNG ({exc}); run `spavis validate`.") from None
+    if isinstance(value, Image.Image):
+        return np.asarray(value.convert("RGB"))
+    arr = np.asarray(value)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise CorpusError(f"cannot decode an image from {type(value).__name__} {getattr(arr, 'shape', '')}.")
+    return arr
+
+
+def iter_file_slides(
+    path: str | os.PathLike,
+    columns: Sequence[str] | None = None,
+    slide_ids: Iterable[str] | None = None,
+) -> Iterator[pa.Table]:
+    """Yield one ``pyarrow.Table`` per slide run of ONE expression shard, in file order.
+
+    The building block of :meth:`Corpus.iter_slides`, public for checkers (``spavis
+    validate``) and per-file workers. ``columns`` None = all (``slide_id`` is always
+    read); ``slide_ids`` filters (row groups are skipped by their statistics). A slide
+    that appears twice in a file yields two tables (validate reports that).
+    """
+    cols = None if columns is None else list(dict.fromkeys(["slide_id", *columns]))
+    yield from _iter_file_slides(Path(path), cols, None if slide_ids is None else set(slide_ids))
+
+
+_OS_PROBLEMS = (PermissionError, FileNotFoundError, IsADirectoryError)
+
+
+def _corrupt(path: Path, exc: BaseException) -> CorpusError:
+    return CorpusError(
+        f"{path}: not a readable Parquet file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+        "the file is corrupt or truncated: rebuild the corpus or download it again "
+        "(`spavis validate` checks every file)."
+    )
+
+
+def _parquet_file(path: str | os.PathLike) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except _OS_PROBLEMS:
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        raise _corrupt(Path(path), exc) from None
+
+
+def _read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns)
+    except _OS_PROBLEMS:
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        raise _corrupt(path, exc) from None
 
 
 def _iter_file_slides(path: Path, columns: list[str] | None, wanted: set[str] | None) -> Iterator[pa.Table]:
+    try:
+        yield from _iter_file_slides_unchecked(path, columns, wanted)
+    except _OS_PROBLEMS:
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        raise _corrupt(path, exc) from None
+
+
+def _iter_file_slides_unchecked(path: Path, columns: list[str] | None, wanted: set[str] | None) -> Iterator[pa.Table]:
     pf = pq.ParquetFile(path)
     buffer: list[pa.Table] = []
     current: str | None = None
@@ -228,16 +438,9 @@ def rows_to_csr(
 
 def _snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     """Download only ``patterns`` of a Hub dataset into the shared HF cache; return the snapshot folder."""
-    from huggingface_hub import snapshot_download
+    from spavis.format.hub import snapshot
 
-    try:
-        path = snapshot_download(repo_id=repo_id, repo_type="dataset", revision=revision, allow_patterns=patterns)
-    except Exception as exc:  # huggingface_hub raises many types; name the repo and the fix
-        raise CorpusError(
-            f"{repo_id}: cannot download from the Hugging Face Hub ({type(exc).__name__}: {exc}); "
-            "check the dataset id, revision, your network and HF_TOKEN for private datasets."
-        ) from exc
-    return Path(path)
+    return snapshot(repo_id, revision, patterns)  # one clear line for gated, missing repo or revision
 
 
 def _looks_like_repo_id(text: str) -> bool:

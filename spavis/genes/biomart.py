@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import pandas as pd
 
-from spavis.errors import SpavisError
+from spavis.errors import BiomartError, SpavisError  # noqa: F401
 from spavis.genes.table import TABLE_COLUMNS, TABLE_PATH, load_gene_table
 
 DEFAULT_URL = "http://www.ensembl.org/biomart/martservice"
@@ -22,9 +22,6 @@ DATASET = "hsapiens_gene_ensembl"
 ATTRIBUTES = ["ensembl_gene_id", "external_gene_name", "gene_biotype", "chromosome_name",
               "external_synonym"]
 
-
-class BiomartError(SpavisError):
-    """Ensembl BioMart could not be reached or answered something unusable."""
 
 
 def biomart_url() -> str:
@@ -125,10 +122,11 @@ def table_from_biomart(rows: pd.DataFrame) -> pd.DataFrame:
 
 def refresh_gene_table(out: str | Path | None = None, *, url: str | None = None) -> tuple[Path, int, str]:
     """Fetch, convert and atomically write a refreshed table. Returns (path, n_genes, mart release)."""
-    from spavis.genes.build_table import _atomic_write, table_bytes
+    from spavis.format.io import atomic_write_bytes
+    from spavis.genes.build_table import table_bytes
 
     rows, release = fetch_biomart_genes(url)
     table = table_from_biomart(rows)
     path = Path(out) if out else default_refresh_path()
-    _atomic_write(path, table_bytes(table))
+    atomic_write_bytes(path, table_bytes(table))
     return path, len(table), release

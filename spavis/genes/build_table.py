@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import io
-import os
 import re
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from spavis.format.io import atomic_write_bytes
 from spavis.genes.vocab import Vocabulary
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
@@ -189,21 +188,6 @@ def build_gencode_vocab(table: pd.DataFrame) -> Vocabulary:
         ensembl_ids=list(keep["ensembl_id"]), symbols=list(keep["symbol"]))
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs must be readable like any file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def table_bytes(table: pd.DataFrame) -> bytes:
     """TSV gzip'd with mtime=0 so the same table gives the same bytes."""
     buf = io.BytesIO()
@@ -223,9 +207,9 @@ def build_all(shared: Path, out: Path = DATA_DIR) -> dict[str, Path]:
     paths = {"table": out / "genes" / "human_genes.tsv.gz",
              "stamp-v1": out / "vocab" / "stamp-v1.json",
              "gencode48-pc-mt": out / "vocab" / "gencode48-pc-mt.json"}
-    _atomic_write(paths["table"], table_bytes(table))
-    _atomic_write(paths["stamp-v1"], build_stamp_vocab(shared, table).to_json().encode())
-    _atomic_write(paths["gencode48-pc-mt"], build_gencode_vocab(table).to_json().encode())
+    atomic_write_bytes(paths["table"], table_bytes(table))
+    atomic_write_bytes(paths["stamp-v1"], build_stamp_vocab(shared, table).to_json().encode())
+    atomic_write_bytes(paths["gencode48-pc-mt"], build_gencode_vocab(table).to_json().encode())
     return paths
 
 

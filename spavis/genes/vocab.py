@@ -13,15 +13,13 @@ from typing import Sequence
 
 import numpy as np
 
-from spavis.errors import SpavisError
+from spavis.errors import SpavisError, VocabularyError  # noqa: F401
+from spavis.format.io import atomic_write_text
 
 DEFAULT_PRESET = "stamp-v1"
 PRESETS = ("stamp-v1", "gencode48-pc-mt")
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # package data
 
-
-class VocabularyError(SpavisError):
-    """A vocabulary name or vocab.json file is unknown or malformed."""
 
 
 class Vocabulary:
@@ -79,11 +77,7 @@ class Vocabulary:
 
     def write(self, path: str | Path) -> Path:
         """Write vocab.json atomically."""
-        from spavis.genes.build_table import _atomic_write
-
-        path = Path(path)
-        _atomic_write(path, self.to_json().encode("utf-8"))
-        return path
+        return atomic_write_text(Path(path), self.to_json())
 
     @classmethod
     def from_dict(cls, d: dict, origin: str = "<dict>") -> "Vocabulary":

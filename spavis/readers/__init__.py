@@ -6,11 +6,12 @@ STimage-1K4M csv triplets, and plain `.h5ad`. Inputs are only ever opened read-o
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import anndata as ad
 
-from spavis.errors import ReaderError
+from spavis.errors import ReaderError, SpavisWarning
 from spavis.readers._assemble import assemble
 from spavis.readers._find import classify, find_slice_files
 from spavis.readers.h5ad import read_h5ad_slice
@@ -35,8 +36,9 @@ def _read_spaceranger(files, source: Path) -> ad.AnnData:
         X, bc, ids, names = read_mtx(mtx, bcf, ftf)
         reader, matrix_file = "10x-mtx", mtx.parent if mtx.name.lower().startswith("matrix") else mtx
     gids = [i if i.startswith("ENS") else "" for i in map(str, ids)]
-    positions = read_positions(files.positions) if files.positions else None
-    sf = read_scalefactors(files.scalefactors) if files.scalefactors else {}
+    notes: list[str] = []  # what is unusable; the build says what that costs (graph, µm scale)
+    positions = _optional(read_positions, files.positions, "tissue positions", notes)
+    sf = _optional(read_scalefactors, files.scalefactors, "scale factors", notes) or {}
     img = read_lowres(files.lowres) if files.lowres else None
     if source.is_dir():
         library_id = source.name
@@ -50,7 +52,21 @@ def _read_spaceranger(files, source: Path) -> ad.AnnData:
         X, bc, feature_ids, gene_ids=gids, gene_symbols=symbols, positions=positions,
         scalefactors=sf, lowres=img, library_id=library_id, reader=reader, source_path=source,
         matrix_file=matrix_file, positions_file=files.positions,
+        extra_uns={"warnings": notes} if notes else None,
     )
+
+
+def _optional(read, path, what: str, notes: list[str]):
+    """Read a spatial side file; an unreadable one is noted (and warned about), not fatal."""
+    if path is None:
+        return None
+    try:
+        return read(path)
+    except ReaderError as exc:
+        msg = f"{what} unusable, ignored ({exc})"
+        notes.append(msg)
+        warnings.warn(msg, SpavisWarning, stacklevel=3)
+        return None
 
 
 def read_slice(path: str | Path) -> ad.AnnData:

@@ -11,12 +11,14 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
-from spavis.errors import ReaderError, SpavisError
+from spavis.errors import ReaderError, SpavisError, SpavisWarning
+from spavis.format.io import sha256_file as _sha256_file
 from spavis.sources.sidecar import FIELDS as SIDECAR_FIELDS
 from spavis.sources.sidecar import SIDECAR_NAME, read_sidecar
 
@@ -59,11 +61,7 @@ class SliceInput:
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     """Streamed sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    return _sha256_file(path, chunk_size=chunk)
 
 
 def _list_files(root: Path) -> tuple[str, ...]:
@@ -198,12 +196,44 @@ def discover_inputs(inputs: Iterable[str | os.PathLike]) -> list[SliceInput]:
     for s in slices:
         other = by_id.get(s.slide_id)
         if other is not None and other.root != s.root:
-            raise SpavisError(
-                f"slide_id {s.slide_id!r} is used by both {other.root} and {s.root}; "
-                "rename one of them (or its slice.json slide_id) so every slide id is unique."
-            )
+            if not _same_slice(other, s):
+                raise SpavisError(
+                    f"slide_id {s.slide_id!r} is used by both {other.root} and {s.root}; "
+                    "rename one of them (or its slice.json slide_id) so every slide id is unique."
+                )
+            warnings.warn(f"{s.root}: the same slice as {other.root} (a link or an identical copy); "
+                          f"counted once as {s.slide_id!r}.", SpavisWarning, stacklevel=2)
+            continue
         by_id[s.slide_id] = s
     return [by_id[k] for k in sorted(by_id)]
+
+
+def _same_slice(a: SliceInput, b: SliceInput) -> bool:
+    """Same files reached twice: one resolved path (a symlink), or identical content (a copy)."""
+    if a.root.resolve() == b.root.resolve():
+        return True
+    if a.files != b.files:
+        return False
+    return hash_input(a).input_sha256 == hash_input(b).input_sha256
+
+
+def drop_duplicate_inputs(slices: list[SliceInput]) -> list[SliceInput]:
+    """Keep one slice per ``input_sha256`` (the first by slide_id), warning about the others.
+
+    A slice reached through a symlink or copied under another name would otherwise be
+    counted twice, biasing gene statistics and leaking between training and evaluation.
+    """
+    kept: dict[str, SliceInput] = {}
+    # the real folder wins over a symlink to it, then the first slide_id
+    for s in sorted(slices, key=lambda s: (s.root.is_symlink(), s.slide_id)):
+        first = kept.get(s.input_sha256)
+        if first is not None:
+            warnings.warn(
+                f"{s.root}: the same files as {first.root} (same input_sha256, a link or a copy); "
+                f"counted once as slide {first.slide_id!r}, {s.slide_id!r} is skipped.", SpavisWarning, stacklevel=2)
+            continue
+        kept[s.input_sha256] = s
+    return sorted(kept.values(), key=lambda s: s.slide_id)
 
 
 def hash_input(s: SliceInput) -> SliceInput:

@@ -16,7 +16,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from spavis.format import schema as S
-from spavis.errors import ValidationError
+from spavis.format.corpus import iter_file_slides, rows_to_csr
+from spavis.format.io import sha256_file, tree_sha256
+from spavis.errors import SpavisError, ValidationError
 
 _MAX_ERRORS = 50
 
@@ -57,8 +59,6 @@ def _schema_matches(actual, expected) -> bool:
 def validate(out: str | os.PathLike, *, deep: bool = True) -> ValidationReport:
     """Check a corpus directory; ``deep`` also compares Parquet with Zarr and recomputes gene sums."""
     from spavis.shards.annotations import expression_schema
-    from spavis.shards.write import file_sha256, tree_sha256
-
     root = Path(out)
     rep = ValidationReport(root)
     mpath = root / S.MANIFEST_FILE
@@ -82,7 +82,7 @@ def validate(out: str | os.PathLike, *, deep: bool = True) -> ValidationReport:
         if not p.exists():
             rep.error(f"{p}: listed in manifest.json but missing")
             continue
-        digest = tree_sha256(p)[0] if p.is_dir() else file_sha256(p)
+        digest = tree_sha256(p, include=S.zarr_build_file)[0] if p.is_dir() else sha256_file(p)
         if digest != entry.get("sha256"):
             rep.error(f"{p}: sha256 {digest[:12]}… does not match manifest.json ({str(entry.get('sha256'))[:12]}…)")
         rows = entry.get("rows")
@@ -128,7 +128,6 @@ def validate(out: str | os.PathLike, *, deep: bool = True) -> ValidationReport:
 
 def _check_rows(root: Path, expr_files: list[str], genes, rep: ValidationReport, deep: bool) -> None:
     from spavis.shards.prepare import gene_sums
-    from spavis.format.corpus import _iter_file_slides, rows_to_csr
 
     slides = pq.read_table(root / S.SLIDES_FILE).to_pylist()
     expected = {s["slide_id"]: s for s in slides}
@@ -138,48 +137,51 @@ def _check_rows(root: Path, expr_files: list[str], genes, rep: ValidationReport,
     sum_raw = np.zeros(n_genes, np.float64)
     sum_cp10k = np.zeros(n_genes, np.float64)
     for rel in expr_files:
-        for table in _iter_file_slides(root / rel, None, None):
-            sid = table.column("slide_id")[0].as_py()
-            where = f"{root / rel} slide {sid!r}"
-            if sid in seen:
-                rep.error(f"{where}: rows are not contiguous (slide appears twice)")
-                continue
-            seen.add(sid)
-            meta = expected.get(sid)
-            if meta is None:
-                rep.error(f"{where}: slide missing from slides.parquet")
-                continue
-            n = table.num_rows
-            if n != meta["n_spots_kept"] or meta["expression_file"] != rel:
-                rep.error(f"{where}: {n} rows in this file, slides.parquet says {meta['n_spots_kept']} "
-                          f"in {meta['expression_file']}")
-            if not np.array_equal(table.column("spot_index").to_numpy(), np.arange(n)):
-                rep.error(f"{where}: spot_index is not 0..{n - 1} in order")
-            barcodes = table.column("barcode").to_pylist()
-            if table.column("spot_id").to_pylist() != [f"{sid}:{b}" for b in barcodes]:
-                rep.error(f"{where}: spot_id is not '<slide_id>:<barcode>'")
-            try:
-                X = rows_to_csr(table, n_genes)
-            except Exception as exc:
-                rep.error(f"{where}: {exc}")
-                continue
-            if np.any((np.diff(X.indices.astype(np.int64)) <= 0) & ~_row_starts(X)):
-                rep.error(f"{where}: gene_index lists are not strictly ascending")
-            if not np.array_equal(np.diff(X.indptr), table.column("n_genes").to_numpy()):
-                rep.error(f"{where}: n_genes does not match the gene_index lists")
-            totals = np.asarray(X.sum(axis=1, dtype=np.float64)).reshape(-1)
-            if not np.allclose(totals.astype(np.float32), table.column("total_counts").to_numpy(), rtol=1e-6):
-                rep.error(f"{where}: total_counts does not match the counts lists")
-            nbrs = table.column("neighbors")
-            flat = np.asarray(nbrs.combine_chunks().flatten().to_numpy(), dtype=np.int64)
-            if flat.size and (flat.min() < 0 or flat.max() >= n):
-                rep.error(f"{where}: neighbors point outside the slide")
-            if deep:
-                a, b, c = gene_sums(X, totals)
-                nnz += a
-                sum_raw += b
-                sum_cp10k += c
-                _check_zarr(root, sid, table, X, rep)
+        try:  # a corrupt shard is one error (CorpusError), not a traceback
+            for table in iter_file_slides(root / rel):
+                sid = table.column("slide_id")[0].as_py()
+                where = f"{root / rel} slide {sid!r}"
+                if sid in seen:
+                    rep.error(f"{where}: rows are not contiguous (slide appears twice)")
+                    continue
+                seen.add(sid)
+                meta = expected.get(sid)
+                if meta is None:
+                    rep.error(f"{where}: slide missing from slides.parquet")
+                    continue
+                n = table.num_rows
+                if n != meta["n_spots_kept"] or meta["expression_file"] != rel:
+                    rep.error(f"{where}: {n} rows in this file, slides.parquet says {meta['n_spots_kept']} "
+                              f"in {meta['expression_file']}")
+                if not np.array_equal(table.column("spot_index").to_numpy(), np.arange(n)):
+                    rep.error(f"{where}: spot_index is not 0..{n - 1} in order")
+                barcodes = table.column("barcode").to_pylist()
+                if table.column("spot_id").to_pylist() != [f"{sid}:{b}" for b in barcodes]:
+                    rep.error(f"{where}: spot_id is not '<slide_id>:<barcode>'")
+                try:
+                    X = rows_to_csr(table, n_genes)
+                except Exception as exc:
+                    rep.error(f"{where}: {exc}")
+                    continue
+                if np.any((np.diff(X.indices.astype(np.int64)) <= 0) & ~_row_starts(X)):
+                    rep.error(f"{where}: gene_index lists are not strictly ascending")
+                if not np.array_equal(np.diff(X.indptr), table.column("n_genes").to_numpy()):
+                    rep.error(f"{where}: n_genes does not match the gene_index lists")
+                totals = np.asarray(X.sum(axis=1, dtype=np.float64)).reshape(-1)
+                if not np.allclose(totals.astype(np.float32), table.column("total_counts").to_numpy(), rtol=1e-6):
+                    rep.error(f"{where}: total_counts does not match the counts lists")
+                nbrs = table.column("neighbors")
+                flat = np.asarray(nbrs.combine_chunks().flatten().to_numpy(), dtype=np.int64)
+                if flat.size and (flat.min() < 0 or flat.max() >= n):
+                    rep.error(f"{where}: neighbors point outside the slide")
+                if deep:
+                    a, b, c = gene_sums(X, totals)
+                    nnz += a
+                    sum_raw += b
+                    sum_cp10k += c
+                    _check_zarr(root, sid, table, X, rep)
+        except SpavisError as exc:
+            rep.error(str(exc))
     rep.checked["slides"] = len(seen)
     for sid, meta in expected.items():
         if meta["n_spots_kept"] > 0 and sid not in seen:

@@ -14,20 +14,17 @@ import os
 import posixpath
 import stat
 import tarfile
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, Iterable, Mapping
 
-from spavis.errors import FetchError
+from spavis.errors import FetchError, UnsafeArchiveError  # noqa: F401
+from spavis.format.io import temp_sibling
 
 DEFAULT_MAX_BYTES = 50 * 1024**3  # 50 GB: larger than any single Visium series we know
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip")
 
-
-class UnsafeArchiveError(FetchError):
-    """An archive member would escape the destination or is not a regular file/folder."""
 
 
 @dataclass(frozen=True)
@@ -194,7 +191,8 @@ def safe_extract(
 
 def _extract_file(open_src: Callable[[], IO[bytes]], m: Member, target: Path, path: Path,
                   budget: list[int]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = temp_sibling(target)  # umask mode (mkstemp would leave extracted files 0600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     written = 0
     try:
         with os.fdopen(fd, "wb") as fh, open_src() as src:

@@ -16,8 +16,6 @@ goes through ``fetch_file``:
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import email.utils
 import errno
 import hashlib
@@ -33,7 +31,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 import requests
 
 from spavis.errors import FetchError
+from spavis.format.io import hash_file as _hash_file
 from spavis.sources.parallel import run_ordered, slot
+from spavis.sources.progress import _BARS, _Bars, progress_display  # noqa: F401  (re-exported)
 
 CHUNK = 1 << 20
 STREAM_CHUNK = 1 << 16  # small enough that a dropped connection keeps what arrived
@@ -123,14 +123,10 @@ def thread_session() -> requests.Session:
 
 def hash_file(path: Path, *, md5: bool = False) -> tuple[str, str | None]:
     """sha256 (and optionally md5) hex digests of a file, streamed."""
-    h = hashlib.sha256()
-    m = hashlib.md5() if md5 else None
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-            if m is not None:
-                m.update(chunk)
-    return h.hexdigest(), (m.hexdigest() if m is not None else None)
+    if md5:
+        sha, md5_hex = _hash_file(path, hashlib.sha256(), hashlib.md5())
+        return sha, md5_hex
+    return _hash_file(path, hashlib.sha256())[0], None
 
 
 def _retry_after(resp: requests.Response) -> float | None:
@@ -410,81 +406,6 @@ def download_many(jobs: Sequence[Job], *, workers: int = 4, policy: RetryPolicy 
                 bar.finish(task)
 
         return run_ordered(run, jobs, workers, name="spavis-dl")
-
-
-class _Bars:
-    """A thread-safe façade over one rich Progress (or nothing when quiet)."""
-
-    def __init__(self, progress):
-        self._p = progress
-        self._lock = threading.Lock()
-
-    def add(self, name: str, total: int | None, *, kind: str = "bytes"):
-        if self._p is None:
-            return None
-        with self._lock:
-            return self._p.add_task(name, total=total, count=(kind == "count"))
-
-    def advance(self, task, advance: int, total: int | None) -> None:
-        if self._p is None or task is None:
-            return
-        with self._lock:
-            if total is not None:
-                self._p.update(task, total=total)
-            self._p.advance(task, advance)
-
-    def finish(self, task) -> None:
-        if self._p is None or task is None:
-            return
-        with self._lock:
-            self._p.remove_task(task)
-
-
-_BARS: contextvars.ContextVar[_Bars | None] = contextvars.ContextVar("spavis_progress", default=None)
-
-
-@contextlib.contextmanager
-def progress_display(show: bool | None = None) -> Iterator[_Bars]:
-    """Rich progress bars on stderr; off when not a terminal (unless SPAVIS_PROGRESS=1) or
-    when SPAVIS_NO_PROGRESS is set.
-
-    Re-entrant: inside an open display (also in worker threads started with a copied
-    context) the same display is reused, so a whole fetch shows one set of bars.
-    """
-    outer = _BARS.get()
-    if outer is not None:
-        yield outer
-        return
-    from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn, TextColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
-
-    class _Amount(ProgressColumn):
-        """Bytes for files, 'n/total' for the slice counter."""
-
-        _bytes = DownloadColumn()
-
-        def render(self, task):
-            if task.fields.get("count"):
-                return f"{int(task.completed)}/{int(task.total or 0)}"
-            return self._bytes.render(task)
-
-    console = Console(stderr=True)
-    if show is None:  # SPAVIS_PROGRESS=1 forces bars (e.g. CI logs); SPAVIS_NO_PROGRESS=1 hides them
-        show = ((console.is_terminal or os.environ.get("SPAVIS_PROGRESS") == "1")
-                and not os.environ.get("SPAVIS_NO_PROGRESS"))
-    with contextlib.ExitStack() as stack:
-        prog = None
-        if show:
-            prog = stack.enter_context(Progress(TextColumn("{task.description}"), BarColumn(), _Amount(),
-                                                TransferSpeedColumn(), TimeRemainingColumn(),
-                                                console=console, transient=True))
-        bars = _Bars(prog)
-        token = _BARS.set(bars)
-        try:
-            yield bars
-        finally:
-            _BARS.reset(token)
 
 
 def iter_records(records: Iterable[FileRecord], root: Path) -> dict[str, dict]:

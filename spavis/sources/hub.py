@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from spavis.errors import FetchError
+from spavis.format.io import hash_file
 from spavis.sources import sidecar
 from spavis.sources.parallel import SliceTask, slot
 
@@ -144,13 +145,8 @@ def remote_files(repo_id: str, paths: Sequence[str], revision: str, *, what: str
 
 def _hash(path: Path) -> tuple[str, str]:
     """(sha256, git blob sha1) of a file, streamed."""
-    sha = hashlib.sha256()
-    git = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            sha.update(block)
-            git.update(block)
-    return sha.hexdigest(), git.hexdigest()
+    sha, git = hash_file(path, hashlib.sha256(), hashlib.sha1(b"blob %d\0" % path.stat().st_size))
+    return sha, git
 
 
 def _resolve_url(repo_id: str, path: str, revision: str) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
 
 from spavis.errors import FetchError
+from spavis.sources.progress import progress_display
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -104,8 +105,6 @@ def run_slices(tasks: Sequence[SliceTask], workers: int) -> list[Path]:
     Returns the slice folders in task order, without repeats (two tasks naming one slice,
     e.g. from a SubSeries and its SuperSeries, serialize on the slice lock).
     """
-    from spavis.sources.download import progress_display
-
     with download_slots(workers), progress_display() as bars:
         task = bars.add(f"slices ({len(tasks)})", len(tasks), kind="count") if len(tasks) > 1 else None
         try:

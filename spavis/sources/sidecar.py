@@ -9,12 +9,12 @@ import contextlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from spavis.errors import FetchError
+from spavis.format.io import atomic_open
 
 SIDECAR_NAME = "slice.json"
 CONDITIONS = ("cancer", "diseased", "healthy", "treated", "unknown")
@@ -52,17 +52,9 @@ def write_sidecar(folder: str | os.PathLike, **fields: Any) -> Path:
     record["files"] = {name: dict(meta) for name, meta in sorted(dict(record["files"]).items())}
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / SIDECAR_NAME
-    fd, tmp = tempfile.mkstemp(prefix=".slice.", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(record, fh, indent=2, ensure_ascii=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(target, "w", fsync=True, encoding="utf-8") as fh:
+        json.dump(record, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
     return target
 
 
