@@ -42,12 +42,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from stamp.constants import D_MAX_UM, GROUP_SIZE, GROUPS_PER_BATCH
+from stamp.constants import VISIUM_SPACING_UM as _SPACING_UM
 from stamp.errors import BatchingError
-
-GROUP_SIZE = 9
-GROUPS_PER_BATCH = 24
-D_MAX_UM = 400.0
-_SPACING_UM = 100.0
 
 
 def _list_matrix(column: pa.ChunkedArray | pa.Array, fill: float, dtype) -> np.ndarray:

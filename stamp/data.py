@@ -1,16 +1,22 @@
 """Shards -> token batches for training and embedding: streaming, shuffled, DDP-aware, resumable.
 
 ``TokenBatchLoader`` reads a corpus (local shard directory or Hub dataset id, through
-``spavis.format``) one slide at a time and yields dicts of torch tensors:
+``spavis.format``) one slide at a time and yields one typed :class:`Batch` from loader to
+objective (training) and to ``stamp embed``:
 
-* ``mode="spots"`` (stage 1, independent spots; also embedding): ``input_ids`` (B, L) int64
-  and ``spot_ids`` (list of B str).
+* ``mode="spots"`` (stage 1, independent spots; also embedding): ``input_ids`` (B, L) int64,
+  ``spot_ids``, ``slide_ids``, ``spot_index``; ``groups`` is None.
 * ``mode="spatial"`` (stage 2, Algorithm 2): batches of ``groups_per_batch`` groups (24 x 9
-  = 216 spots): ``input_ids`` (G*9, L) with group g in rows 9g..9g+8 (seed first),
-  ``groups`` (G, 9) int64 row indices into ``input_ids``, and ``spot_ids``.
+  = 216 spots): ``groups`` (G, 9) int64 row indices into ``input_ids`` (seed first). The
+  objective reads ``groups``; it never infers groups from row order.
 
 ``input_ids`` are model inputs: the first ``context_length`` tokens, padded with PAD=1
-(stamp-v1 tokenizers pad with 0; that is remapped here).
+(stamp-v1 tokenizers pad with 0; that is remapped here). This is the one place where token
+rows are cut to the model context.
+
+No loop without progress: an epoch that yields no batch (fewer spots than one batch, no
+spatial group within ``d_max_um``) raises :class:`~stamp.errors.DataError` with the numbers
+and the fix, instead of re-reading the data forever.
 
 Order and determinism: each epoch shuffles the shard files with ``(seed, epoch)``; rank r
 of ``world_size`` reads files ``r, r + world_size, ...`` of that order (so ranks never read
@@ -25,22 +31,75 @@ Memory is bounded by the shuffle buffer: slides are released once all their unit
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import scipy.sparse as sp
 
-from stamp.batching import D_MAX_UM, GROUP_SIZE, GROUPS_PER_BATCH, spatial_groups
+from stamp.batching import spatial_groups
+from stamp.constants import D_MAX_UM, GROUP_SIZE, GROUPS_PER_BATCH
 from stamp.errors import DataError
 from stamp.tokenizer import NATIVE_MAX_LENGTH, GeneTokenizer, table_to_csr, to_model_input_ids
 
 logger = logging.getLogger(__name__)
 
 MODES = ("spots", "spatial")
-_SPOT_COLUMNS = ["spot_id", "gene_index", "counts"]
-_SPATIAL_COLUMNS = _SPOT_COLUMNS + ["spot_index", "neighbors", "neighbor_distances",
+_SPOT_COLUMNS = ["spot_id", "slide_id", "spot_index", "gene_index", "counts"]
+_SPATIAL_COLUMNS = _SPOT_COLUMNS + ["neighbors", "neighbor_distances",
                                     "pxl_row", "pxl_col", "array_row", "array_col"]
+
+
+@dataclass
+class Batch:
+    """One batch of token rows, the single type passed from the loader to the objective / embedder.
+
+    ``input_ids``: (B, L) int64 model inputs (cut to the context, PAD-padded);
+    ``spot_ids`` / ``slide_ids``: B strings; ``spot_index``: (B,) int64 row of each spot in its
+    slide's Zarr store; ``groups``: (G, group_size) int64 rows of ``input_ids``, seed first
+    (spatial batches) or None.
+    """
+
+    input_ids: Any
+    spot_ids: list[str]
+    slide_ids: list[str] = field(default_factory=list)
+    spot_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    groups: Any = None
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def __getitem__(self, key: str) -> Any:  # dict-style access of older callers: batch["input_ids"]
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def to(self, device: Any) -> "Batch":
+        """The same batch with its tensors on ``device``."""
+        groups = self.groups.to(device) if self.groups is not None else None
+        return replace(self, input_ids=self.input_ids.to(device), groups=groups)
+
+
+def no_progress_error(what: str, *, rank: int, spots: int, slides: int, batch_units: int,
+                      groups: int | None = None, group_size: int = GROUP_SIZE,
+                      d_max_um: float | None = None) -> DataError:
+    """The error an epoch-repeating loader raises when one epoch yields no batch (it never would)."""
+    where = f"{what} (rank {rank})" if rank else what
+    if groups is None:
+        return DataError(
+            f"{where}: one epoch holds {spots} spots in {slides} slide(s), fewer than one batch of "
+            f"{batch_units} spots, so no batch can ever be formed; lower --batch-size to at most {max(spots, 1)} "
+            "or train on a larger corpus"
+        )
+    return DataError(
+        f"{where}: found {groups} spatial groups of {group_size} spots within D_max={d_max_um:g} µm among "
+        f"{spots} spots in {slides} slide(s), but a batch needs {batch_units} groups "
+        f"({batch_units * group_size} spots), so no batch can ever be formed; "
+        + (f"lower --batch-size to {max(groups, 1) * group_size} or less (a multiple of {group_size})"
+           if groups else f"raise --max-distance-um, or rebuild the shards with `spavis build-shards "
+                          f"--k-neighbors 16`")
+        + " or train on a larger corpus"
+    )
 
 
 def rank_files(files: Sequence[str], rank: int, world_size: int, *, seed: int = 0, epoch: int = 0,
@@ -63,6 +122,8 @@ def rank_files(files: Sequence[str], rank: int, world_size: int, *, seed: int = 
 class _Slide:
     csr: sp.csr_matrix
     spot_ids: np.ndarray
+    slide_ids: np.ndarray
+    spot_index: np.ndarray
 
 
 class TokenBatchLoader:
@@ -109,6 +170,7 @@ class TokenBatchLoader:
         unit = group_size if mode == "spatial" else 1
         self.buffer_units = max(self.units_per_batch, shuffle_buffer // unit) if shuffle else self.units_per_batch
         self._epoch, self._batch = 0, 0
+        self._stats = {"spots": 0, "slides": 0, "groups": 0}
         self.files = list(data.expression_files)
         rank_files(self.files, rank, world_size)  # fail early on too few shards
 
@@ -124,15 +186,25 @@ class TokenBatchLoader:
         self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
 
     # -- iteration
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         while self.epochs is None or self._epoch < self.epochs:
             skip = self._batch
+            planned = 0
+            self._stats = {"spots": 0, "slides": 0, "groups": 0}
             for i, plan in enumerate(self._plan(self._epoch)):
+                planned += 1
                 if i < skip:
                     continue
                 batch = self._materialize(plan)
                 self._batch = i + 1
                 yield batch
+            if planned == 0 and (self.epochs is None or self.epochs > 1 or self.drop_last):
+                st = self._stats
+                raise no_progress_error(
+                    str(getattr(self.corpus, "repo_id", None) or getattr(self.corpus, "root", None) or "the corpus"),
+                    rank=self.rank, spots=st["spots"], slides=st["slides"], batch_units=self.units_per_batch,
+                    groups=st["groups"] if self.mode == "spatial" else None, group_size=self.group_size,
+                    d_max_um=self.d_max_um)
             self._epoch, self._batch = self._epoch + 1, 0
 
     def _units(self, epoch: int) -> Iterator[tuple[_Slide, np.ndarray]]:
@@ -141,12 +213,17 @@ class TokenBatchLoader:
         columns = _SPATIAL_COLUMNS if self.mode == "spatial" else _SPOT_COLUMNS
         n_genes = self.tokenizer.n_genes
         for table in self.corpus.iter_slides(files=files, columns=columns):
-            slide = _Slide(table_to_csr(table, n_genes), table.column("spot_id").to_numpy(zero_copy_only=False))
+            slide = _Slide(table_to_csr(table, n_genes), table.column("spot_id").to_numpy(zero_copy_only=False),
+                           table.column("slide_id").to_numpy(zero_copy_only=False),
+                           table.column("spot_index").to_numpy(zero_copy_only=False).astype(np.int64))
             if self.mode == "spatial":
                 rows = spatial_groups(table, group_size=self.group_size, d_max_um=self.d_max_um,
                                       seed=self.seed, epoch=epoch)
             else:
                 rows = np.arange(table.num_rows, dtype=np.int64)[:, None]
+            self._stats["spots"] += table.num_rows
+            self._stats["slides"] += 1
+            self._stats["groups"] += len(rows) if self.mode == "spatial" else 0
             for r in rows:
                 yield slide, r
 
@@ -174,7 +251,7 @@ class TokenBatchLoader:
                 yield from drain(final=False)
         yield from drain(final=True)
 
-    def _materialize(self, units: list[tuple[_Slide, np.ndarray]]) -> dict[str, Any]:
+    def _materialize(self, units: list[tuple[_Slide, np.ndarray]]) -> Batch:
         import torch
 
         rows = np.concatenate([r for _, r in units])
@@ -184,20 +261,24 @@ class TokenBatchLoader:
         for u, (slide, _) in enumerate(units):
             by_slide.setdefault(id(slide), []).append(u)
             slides[id(slide)] = slide
-        positions, parts, spot_ids = [], [], np.empty(rows.size, dtype=object)
+        positions, parts = [], []
+        spot_ids, slide_ids = np.empty(rows.size, dtype=object), np.empty(rows.size, dtype=object)
+        spot_index = np.empty(rows.size, dtype=np.int64)
         for key, us in by_slide.items():
             pos = np.flatnonzero(np.isin(slide_of, us))
             positions.append(pos)
-            parts.append(slides[key].csr[rows[pos]])
-            spot_ids[pos] = slides[key].spot_ids[rows[pos]]
+            slide = slides[key]
+            parts.append(slide.csr[rows[pos]])
+            spot_ids[pos] = slide.spot_ids[rows[pos]]
+            slide_ids[pos] = slide.slide_ids[rows[pos]]
+            spot_index[pos] = slide.spot_index[rows[pos]]
         ids = self.tokenizer.encode_csr(sp.vstack(parts, format="csr"))
         out = np.empty_like(ids)
         out[np.concatenate(positions)] = ids
-        batch: dict[str, Any] = {
-            "input_ids": torch.from_numpy(
-                to_model_input_ids(out, self.tokenizer.pad_value, self.context_length).astype(np.int64)),
-            "spot_ids": spot_ids.tolist(),
-        }
-        if self.mode == "spatial":
-            batch["groups"] = torch.arange(rows.size, dtype=torch.int64).reshape(len(units), self.group_size)
-        return batch
+        input_ids = torch.from_numpy(to_model_input_ids(out, self.tokenizer.pad_value, self.context_length)
+                                     .astype(np.int64))
+        groups = None
+        if self.mode == "spatial":  # units are whole groups, laid out seed first; the objective reads these
+            groups = torch.arange(rows.size, dtype=torch.int64).reshape(len(units), self.group_size)
+        return Batch(input_ids=input_ids, spot_ids=spot_ids.tolist(), slide_ids=slide_ids.tolist(),
+                     spot_index=spot_index, groups=groups)

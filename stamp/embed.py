@@ -1,13 +1,31 @@
-"""``stamp embed``: one embedding per spot of a shard corpus, streamed slide by slide.
+"""``stamp embed``: one embedding per spot of a shard corpus, streamed through the training loader.
+
+Batches come from :class:`stamp.data.TokenBatchLoader` (``mode="spots"``, corpus order,
+one pass, last batch kept), the same loader and the same typed :class:`~stamp.data.Batch`
+as pretraining, so tokens are cut to the context in one place.
 
 Output Parquet: ``spot_id`` (string) + ``embedding`` (list<float32>), rows in corpus order,
-written to a temp file and renamed at the end (no partial file on failure). With
-``zarr=True`` each slide's store ``DIR/zarr/<slide_id>.zarr`` also gets ``obsm['X_stamp']``
-(rows in ``spot_index`` order); only that element is written, ``X`` is not touched, and
-only once every spot is embedded and every store checked (a failure changes no store).
+written to a hidden temp file and renamed at the end (no partial file on failure); its
+schema metadata ``stamp.model`` records which model wrote it.
+
+``zarr=True`` also gives each slide store ``DIR/zarr/<slide_id>.zarr`` an ``obsm['X_stamp']``
+(rows in ``spot_index`` order) — for all slides or for none:
+
+1. stage: every store gets ``obsm/X_stamp.staging/g/X_stamp``, filled batch by batch. The
+   staging folder has no Zarr metadata of its own, so readers (zarr, anndata) do not see
+   it, and ``spavis validate`` ignores ``obsm/X_*``;
+2. once every spot of every slide is written (and the Parquet is complete), swap: each
+   store's old ``X_stamp`` is moved aside, the staged one renamed in, consolidated metadata
+   rewritten. Renames only, so this takes milliseconds for the whole corpus.
+
+A failure in step 1 changes no store (staging is removed); an interruption in step 2 is
+completed by rerunning the command (it re-stages and swaps every slide). ``X_stamp`` records
+the model that wrote it in its attributes (``stamp_model``, ``stamp_model_sha256``), so a
+reader can tell which model wrote each slide.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,21 +34,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from spavis.format.io import apply_umask, remove_tree, sha256_file, temp_sibling
 from stamp.errors import EmbedError
 
 OBSM_KEY = "X_stamp"
+STAGING = f"{OBSM_KEY}.staging"
 
 
 def load_model(model: str | os.PathLike, device: str | torch.device | None = None):
-    """(encoder in eval mode, tokenizer) from a local folder (RUN, RUN/model) or a Hub repo id."""
+    """(encoder in eval mode, tokenizer) from a local folder (RUN, RUN/model) or a Hub repo id.
+
+    A Hub id is fetched once (``stamp.hub.resolve_model_source``; fails at once when the Hub
+    cannot be reached), then both are read from that folder.
+    """
+    from stamp.hub import resolve_model_source
     from stamp.model import StampGeneEncoder
     from stamp.tokenizer import GeneTokenizer
 
-    source = str(model)
-    path = Path(source)
-    if path.is_dir() and (path / "model" / "model.safetensors").is_file():
-        source = str(path / "model")
-    encoder = StampGeneEncoder.from_pretrained(source)
+    source = resolve_model_source(model)
+    encoder = StampGeneEncoder.from_pretrained(str(source))
     tokenizer = GeneTokenizer.from_pretrained(source)
     if encoder.config.vocab_size != tokenizer.vocab_size:
         raise EmbedError(
@@ -41,67 +63,93 @@ def load_model(model: str | os.PathLike, device: str | torch.device | None = Non
     return encoder.to(dev).eval(), tokenizer
 
 
-def _store_n_obs(store: Path, spot_index: np.ndarray) -> int:
-    """Spots in a slide store; an error unless the shards' spot_index values cover exactly them."""
+def model_record(model: str | os.PathLike) -> dict[str, str]:
+    """Which model wrote an embedding: the id as given, its resolved folder and its weights' sha256."""
+    from stamp.hub import resolve_model_source
+
+    folder = resolve_model_source(model)
+    weights = folder / "model.safetensors"
+    return {"stamp_model": str(model), "stamp_model_dir": str(folder.resolve()),
+            "stamp_model_sha256": sha256_file(weights) if weights.is_file() else ""}
+
+
+def _store_n_obs(store: Path) -> int:
     import zarr
 
     group = zarr.open_group(str(store), mode="r", use_consolidated=False)
-    n_obs = int(group["obs"][group["obs"].attrs["_index"]].shape[0])
-    if spot_index.size != n_obs or spot_index.max(initial=-1) >= n_obs:
-        raise EmbedError(f"{store}: holds {n_obs} spots but the shards list {spot_index.size}; rebuild the corpus")
-    return n_obs
+    return int(group["obs"][group["obs"].attrs["_index"]].shape[0])
 
 
-def _write_obsm(store: Path, spot_index: np.ndarray, emb: np.ndarray) -> None:
-    import zarr
-    from anndata.io import write_elem
+class _Staging:
+    """The staged ``X_stamp`` of every slide store (step 1 of the module docstring)."""
 
-    n_obs = _store_n_obs(store, spot_index)
-    consolidated = (store / ".zmetadata").is_file() or (store / "zarr.json").is_file()
-    group = zarr.open_group(str(store), mode="r+", use_consolidated=False)
-    full = np.zeros((n_obs, emb.shape[1]), dtype=np.float32)
-    full[spot_index] = emb
-    obsm = group.require_group("obsm")
-    if OBSM_KEY in obsm:
-        del obsm[OBSM_KEY]
-    write_elem(obsm, OBSM_KEY, full)
-    if consolidated:  # keep readers that trust consolidated metadata (anndata.read_zarr) in sync
-        zarr.consolidate_metadata(str(store))
+    def __init__(self, corpus, width: int, record: dict[str, str]) -> None:
+        import zarr
+        from anndata.io import write_elem
+
+        self.stores: dict[str, Path] = {}
+        self.arrays: dict[str, object] = {}
+        self.seen: dict[str, np.ndarray] = {}
+        self.record = record
+        try:
+            for sid in corpus.slides["slide_id"].astype(str):
+                store = corpus.zarr_path(sid)
+                n_obs = _store_n_obs(store)
+                stage = store / "obsm" / STAGING
+                remove_tree(stage)  # a previous, interrupted run
+                stage.mkdir(parents=True)
+                group = zarr.open_group(str(stage / "g"), mode="w", zarr_format=_zarr_format(store))
+                write_elem(group, OBSM_KEY, np.zeros((n_obs, width), dtype=np.float32))
+                self.stores[sid] = store
+                self.arrays[sid] = group[OBSM_KEY]
+                self.seen[sid] = np.zeros(n_obs, dtype=bool)
+        except BaseException:
+            self.discard()
+            raise
+
+    def write(self, slide_ids: list[str], spot_index: np.ndarray, emb: np.ndarray) -> None:
+        sids = np.asarray(slide_ids, dtype=object)
+        for sid in dict.fromkeys(slide_ids):
+            rows = np.flatnonzero(sids == sid)
+            idx = spot_index[rows]
+            seen = self.seen.get(sid)
+            if seen is None or idx.max(initial=-1) >= seen.size:
+                raise EmbedError(f"{self.stores.get(sid, sid)}: the shards list spots of slide {sid} that its "
+                                 "Zarr store does not hold; rebuild the corpus (spavis build-shards)")
+            order = np.argsort(idx)
+            self.arrays[sid].oindex[idx[order], :] = emb[rows[order]]
+            seen[idx] = True
+
+    def check_complete(self) -> None:
+        for sid, seen in self.seen.items():
+            if not seen.all():
+                raise EmbedError(f"{self.stores[sid]}: {int((~seen).sum())} of {seen.size} spots of slide {sid} are "
+                                 "not in the shards; rebuild the corpus so shards and Zarr stores agree")
+
+    def swap(self) -> None:
+        """Step 2: move each staged X_stamp into place (renames), record the model, consolidate."""
+        import zarr
+
+        for sid, store in self.stores.items():
+            stage = store / "obsm" / STAGING
+            staged = stage / "g" / OBSM_KEY
+            self.arrays[sid].attrs.update(self.record)
+            apply_umask(staged, recursive=True)
+            final = store / "obsm" / OBSM_KEY
+            if final.exists():
+                os.replace(final, temp_sibling(stage / "old", "old"))
+            os.replace(staged, final)
+            if (store / ".zmetadata").is_file() or (store / "zarr.json").is_file():
+                zarr.consolidate_metadata(str(store))  # readers that trust consolidated metadata stay in sync
+            remove_tree(stage)
+
+    def discard(self) -> None:
+        for store in self.stores.values():
+            remove_tree(store / "obsm" / STAGING)
 
 
-def _slide_embeddings(parquet: Path, slides: list[tuple[str, np.ndarray]], width: int):
-    """(slide_id, spot_index, embeddings) per slide, read back in order from the finished Parquet."""
-    import pyarrow.compute as pc
-
-    batches = pq.ParquetFile(parquet).iter_batches(columns=["embedding"], batch_size=8192)
-    pending: list[np.ndarray] = []
-    have = 0
-    for slide_id, spot_index in slides:
-        while have < spot_index.size:
-            col = next(batches).column(0)
-            pending.append(pc.list_flatten(col).to_numpy(zero_copy_only=False).reshape(len(col), width))
-            have += len(col)
-        block = np.concatenate(pending)
-        yield slide_id, spot_index, block[: spot_index.size]
-        rest = block[spot_index.size:]
-        pending, have = ([rest] if len(rest) else []), len(rest)
-
-
-def _write_stores(corpus, parquet: Path, slides: list[tuple[str, np.ndarray]], width: int) -> None:
-    """obsm['X_stamp'] for every slide, after checking every store (a slide may span shards)."""
-    merged: dict[str, list[np.ndarray]] = {}
-    for sid, idx in slides:
-        merged.setdefault(sid, []).append(idx)
-    stores = {sid: corpus.zarr_path(sid) for sid in merged}
-    for sid, parts in merged.items():  # check every store before changing any
-        _store_n_obs(stores[sid], np.concatenate(parts))
-    last = {sid: i for i, (sid, _) in enumerate(slides)}
-    pieces: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-    for i, (sid, idx, emb) in enumerate(_slide_embeddings(parquet, slides, width)):
-        pieces.setdefault(sid, []).append((idx, emb))
-        if last[sid] == i:
-            parts = pieces.pop(sid)
-            _write_obsm(stores[sid], np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+def _zarr_format(store: Path) -> int:
+    return 3 if (store / "zarr.json").is_file() else 2
 
 
 def embed_corpus(
@@ -116,13 +164,12 @@ def embed_corpus(
 ) -> Path:
     """Embed every spot of ``data`` (shard dir or Hub dataset id) with ``model``; returns ``out``.
 
-    With ``zarr=True`` the slide stores get ``obsm['X_stamp']`` only after every spot was
-    embedded (read back from the finished Parquet), so a failure part-way changes no store.
+    With ``zarr=True`` every slide store gets ``obsm['X_stamp']``, all or none (module docstring).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from spavis.format import open_corpus
-    from stamp.tokenizer import to_model_input_ids
+    from stamp.data import TokenBatchLoader
 
     if batch_size < 1:
         raise EmbedError(f"batch size must be at least 1, got {batch_size}")
@@ -139,34 +186,38 @@ def embed_corpus(
             f"{data}: its {len(genes)}-gene vocabulary differs from the model's {tokenizer.n_genes} genes; "
             "build the shards with the vocabulary the model was trained on"
         )
+    record = model_record(model)
+    loader = TokenBatchLoader(corpus, tokenizer, mode="spots", batch_size=batch_size, shuffle=False, epochs=1,
+                              drop_last=False, context_length=encoder.config.context_length)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    schema = pa.schema([("spot_id", pa.string()), ("embedding", pa.list_(pa.float32()))])
-    context = encoder.config.context_length
-    columns = ["spot_id", "gene_index", "counts"] + (["spot_index"] if zarr else [])
-    slides: list[tuple[str, np.ndarray]] = []  # (slide_id, spot_index) in output order, for --zarr
+    tmp = temp_sibling(out)
+    schema = pa.schema([("spot_id", pa.string()), ("embedding", pa.list_(pa.float32()))],
+                       metadata={"stamp.model": json.dumps(record, sort_keys=True)})
     bar = Progress(TextColumn("[bold]embed"), BarColumn(), MofNCompleteColumn(), TextColumn("spots"),
                    TimeRemainingColumn(), disable=not progress)
+    staging = _Staging(corpus, encoder.config.hidden_size, record) if zarr else None
     try:
         with bar, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             task = bar.add_task("embed", total=corpus.n_spots)
-            for table in corpus.iter_slides(columns=columns):
-                for start in range(0, table.num_rows, batch_size):
-                    chunk = table.slice(start, batch_size)
-                    ids = to_model_input_ids(tokenizer.encode_table(chunk), tokenizer.pad_value, context)
-                    emb = encoder.embed(torch.from_numpy(ids.astype(np.int64))).float().cpu().numpy()
-                    flat = pa.array(emb.ravel(), pa.float32())
-                    offsets = pa.array(np.arange(0, emb.size + 1, emb.shape[1], dtype=np.int32))
-                    writer.write_table(pa.table({"spot_id": chunk.column("spot_id"),
-                                                 "embedding": pa.ListArray.from_arrays(offsets, flat)}, schema=schema))
-                    bar.advance(task, chunk.num_rows)
-                if zarr and table.num_rows:
-                    slides.append((str(table.column("slide_id")[0]),
-                                   table.column("spot_index").to_numpy().astype(np.int64)))
-        if zarr:
-            _write_stores(corpus, tmp, slides, encoder.config.hidden_size)
+            for batch in loader:
+                emb = encoder.embed(batch.input_ids).float().cpu().numpy()
+                flat = pa.array(emb.ravel(), pa.float32())
+                offsets = pa.array(np.arange(0, emb.size + 1, emb.shape[1], dtype=np.int32))
+                writer.write_table(pa.table({"spot_id": pa.array(batch.spot_ids, pa.string()),
+                                             "embedding": pa.ListArray.from_arrays(offsets, flat)}, schema=schema))
+                if staging is not None:
+                    staging.write(batch.slide_ids, batch.spot_index, emb)
+                bar.advance(task, len(batch))
+        if staging is not None:
+            staging.check_complete()
         os.replace(tmp, out)
+    except BaseException:
+        if staging is not None:
+            staging.discard()
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+    if staging is not None:
+        staging.swap()
     return out

@@ -1,13 +1,17 @@
-"""Errors users of ``stamp`` can hit. Each message names the file / slide / repo and the fix.
+"""Every error class ``stamp`` raises on purpose. Each message names the file / slide / repo and the fix.
 
 ``stamp`` keeps its own hierarchy (it reads spavis shards only through ``spavis.format``),
 so ``except StampError`` catches every error stamp raises on purpose. Errors raised while
 *reading* a corpus come from ``spavis.format``; ``stamp.cli._common.CORPUS_ERRORS`` names them and
-the ``stamp`` CLI prints both kinds the same way.
+the ``stamp`` CLI prints both kinds the same way (one line, no traceback; ``--debug`` or
+``STAMP_DEBUG=1`` shows it).
 """
 from __future__ import annotations
 
-__all__ = ["StampError", "BatchingError", "DataError", "EmbedError", "PublishError"]
+__all__ = [
+    "StampError", "BatchingError", "DataError", "EmbedError", "PublishError", "TrainingError",
+    "ModelConfigError", "TokenizerError", "ModelNotFoundError", "UsageError", "StorageError",
+]
 
 
 class StampError(Exception):
@@ -19,7 +23,8 @@ class BatchingError(StampError):
 
 
 class DataError(StampError):
-    """The corpus cannot feed the loader as configured (too few shards for the ranks, ...)."""
+    """The corpus cannot feed the loader as configured (too few shards for the ranks, fewer spots
+    than one batch, no spatial group within D_max ...)."""
 
 
 class EmbedError(StampError):
@@ -28,3 +33,27 @@ class EmbedError(StampError):
 
 class PublishError(StampError):
     """A run cannot be published (no model folder, missing files, Hub refused)."""
+
+
+class TrainingError(StampError):
+    """Pretraining cannot start or continue (bad run folder, changed options on resume, diverged loss)."""
+
+
+class ModelConfigError(StampError):
+    """A model config name, file or value is unusable."""
+
+
+class TokenizerError(StampError):
+    """Bad tokenizer input: means file of the wrong length, unknown mode, negative counts."""
+
+
+class ModelNotFoundError(StampError):
+    """A model id is neither a local model folder nor a reachable Hugging Face Hub repo."""
+
+
+class UsageError(StampError):
+    """A command-line value is out of range (lr <= 0, --max-steps 0, batch size < 1 ...)."""
+
+
+class StorageError(StampError):
+    """A file cannot be written or read: permission denied, disk full, quota exceeded, read-only."""

@@ -25,6 +25,15 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _corpus_revision(data: dict) -> str:
+    """The Hub corpus commit the model was trained on (a line of the card), if it came from the Hub."""
+    if not data.get("hub_id") or not data.get("hub_revision"):
+        return ""
+    rev = data["hub_revision"]
+    return (f"\n- corpus revision: [`{data['hub_id']}@{rev}`](https://huggingface.co/datasets/{data['hub_id']}/tree/{rev})"
+            f" (`datasets.load_dataset(\"{data['hub_id']}\", revision=\"{rev}\")`)")
+
+
 def model_card(info: dict, config: dict) -> str:
     """Markdown model card (HF YAML header + sections) from run info and the model config."""
     data = info.get("data", {})
@@ -74,7 +83,7 @@ or `stamp embed --model REPO_ID --data SHARD_DIR --out embeddings.parquet`.
 ## Training data
 
 - corpus: `{data.get('source', '?')}` ({_fmt(data.get('n_spots', '?'))} spots,
-  {_fmt(data.get('n_slides', '?'))} slides, {_fmt(data.get('n_genes', '?'))} genes){generated}
+  {_fmt(data.get('n_slides', '?'))} slides, {_fmt(data.get('n_genes', '?'))} genes){generated}{_corpus_revision(data)}
 - data licenses: {', '.join(licenses) if licenses else 'see the corpus card'}
 
 ## Training
@@ -121,6 +130,67 @@ def write_model_card(model_dir: str | Path, info: dict) -> Path:
     path = model_dir / CARD_NAME
     path.write_text(model_card(info, config))
     return path
+
+
+def looks_like_repo_id(text: str) -> bool:
+    """``ORG/NAME`` with Hub-legal characters (and not an existing local path)."""
+    import re
+
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}", text)) and not Path(text).exists()
+
+
+def snapshot(repo_id: str, *, revision: str | None = None, token: str | None = None,
+             cache_dir: str | os.PathLike | None = None, allow_patterns: list[str] | None = None) -> Path:
+    """A local snapshot of a Hub model repo, or :class:`ModelNotFoundError` at once.
+
+    One metadata request (``snapshot_download``; no retry loop, unlike per-file downloads
+    that retry for ~30 s when the network is down); ``HF_HUB_OFFLINE=1`` uses the cache only.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from stamp.errors import ModelNotFoundError
+
+    if not looks_like_repo_id(str(repo_id)):
+        raise ModelNotFoundError(
+            f"{repo_id!r} is neither a local model folder nor a Hub repo id (ORG/NAME); "
+            "check the path (a run folder, its model/ folder) or the repo id"
+        )
+    try:
+        return Path(snapshot_download(str(repo_id), repo_type="model", revision=revision, token=token,
+                                      cache_dir=cache_dir, allow_patterns=allow_patterns, etag_timeout=5))
+    except (RepositoryNotFoundError, GatedRepoError) as exc:
+        raise ModelNotFoundError(
+            f"{repo_id} is not a local folder and the Hub has no model repo of that name you can read "
+            f"({type(exc).__name__}); check the id, or log in (`hf auth login`) for a private repo"
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelNotFoundError(f"{repo_id} has no revision {revision!r} on the Hub; check --revision") from None
+    except LocalEntryNotFoundError as exc:
+        cause = exc.__cause__ or exc.__context__
+        reason = "offline mode (HF_HUB_OFFLINE=1) and not in the cache" if constants.HF_HUB_OFFLINE else (
+            f"{type(cause).__name__}: {cause}" if cause else "the Hub cannot be reached")
+        raise ModelNotFoundError(
+            f"{repo_id} is not a local folder and cannot be fetched from {constants.ENDPOINT} ({reason}); "
+            "pass a local model folder, or check the network / HF_ENDPOINT"
+        ) from None
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", "?")
+        raise ModelNotFoundError(f"{repo_id}: the Hub answered HTTP {status}; check the id and your token") from None
+
+
+def resolve_model_source(model: str | os.PathLike) -> Path:
+    """The local folder holding a model: ``RUN`` -> ``RUN/model``, a model folder, or a Hub snapshot."""
+    path = Path(model)
+    if path.is_dir():
+        return resolve_model_dir(path)
+    return snapshot(str(model))
 
 
 def resolve_model_dir(run_or_model: str | Path) -> Path:

@@ -1,0 +1,25 @@
+"""The one home of stamp's shared constants: the token-id layout and the spatial-group geometry.
+
+Token ids: 0 MASK, 1 PAD, 2 CLS, 3..29 reserved, gene ``i`` of the vocabulary -> ``i + 30``
+(the layout of the released STAMP / Nicheformer encoders, so embedding tables are
+interchangeable). These are the *defaults* of :class:`stamp.model.StampConfig`; code that
+has a model reads the ids from ``model.config`` (``mask_token_id``, ``pad_token_id``,
+``cls_token_id``, ``n_reserved``), the tokenizer writes them into ``tokenizer_config.json``.
+
+Spatial groups (the paper's Algorithm 2): a seed and its 8 nearest spots, 24 groups per
+batch, groups spanning more than ``D_MAX_UM`` dropped (see :mod:`stamp.batching`).
+"""
+from __future__ import annotations
+
+MASK_ID = 0
+PAD_ID = 1
+CLS_ID = 2
+N_RESERVED = 30  # gene token id = vocabulary index + N_RESERVED
+
+GROUP_SIZE = 9
+GROUPS_PER_BATCH = 24
+D_MAX_UM = 400.0
+VISIUM_SPACING_UM = 100.0
+
+__all__ = ["MASK_ID", "PAD_ID", "CLS_ID", "N_RESERVED", "GROUP_SIZE", "GROUPS_PER_BATCH", "D_MAX_UM",
+           "VISIUM_SPACING_UM"]
