@@ -23,17 +23,10 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from stamp.errors import StampError  # old local name; the base is stamp's own StampError
+from stamp.constants import CLS_ID, MASK_ID, N_RESERVED, PAD_ID
+from stamp.errors import ModelConfigError
 
-MASK_ID = 0
-PAD_ID = 1
-CLS_ID = 2
-N_RESERVED = 30
 POOLINGS = ("mean", "stamp-v1")
-
-
-class ModelConfigError(StampError):
-    """A model config name, file or value is unusable."""
 
 
 @dataclass

@@ -26,10 +26,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from stamp.errors import StampError  # old local name; the base is stamp's own StampError
+from spavis.format.io import apply_umask, atomic_write_text, make_temp_dir, publish_dir, remove_tree
+
+from stamp.constants import GROUP_SIZE
+from stamp.data import Batch
+from stamp.errors import DataError, TrainingError
 from stamp import checkpoint as ckpt
 from stamp.model import StampGeneEncoder, create_model
-from stamp.objectives import compute_loss, mask_tokens
+from stamp.objectives import StampForPretraining
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +41,6 @@ STAGES = ("gene", "spatial")
 ARGS_FILE = "train_args.json"
 METRICS_FILE = "metrics.jsonl"
 RUN_INFO = "run.json"
-GROUP_SIZE = 9
-
-
-class TrainingError(StampError):
-    """Pretraining cannot start or continue (bad run folder, diverged loss, data too small)."""
-
 
 @dataclass
 class PretrainArgs:
@@ -151,26 +149,95 @@ def make_loader(corpus, tokenizer, args: PretrainArgs, context_length: int, d: D
 
 
 # ----------------------------------------------------------------------------- run folder
+# Options that belong to one invocation, not to the run: they may differ on --resume.
+# (max_steps may change too: the new value is recorded and the schedule follows it.)
+INVOCATION_FIELDS = ("resume", "stop_after", "progress", "device", "save_every", "keep_checkpoints", "max_steps")
+PATH_FIELDS = ("data", "init", "config")
+
+
+def _absolute(value: str | None, base: Path | None = None) -> str | None:
+    """A local path as an absolute path (relative ones against ``base`` or the cwd); Hub ids and
+    preset names unchanged."""
+    if value is None:
+        return None
+    from stamp.model import preset_names
+
+    if str(value) in preset_names():  # presets win over same-named files, as load_config does
+        return str(value)
+    p = Path(str(value)).expanduser()
+    if not p.is_absolute() and base is not None and (base / p).exists():
+        return str((base / p).resolve())
+    if p.exists():
+        return str(p.resolve())
+    return str(value)
+
+
+def normalize_paths(args: PretrainArgs) -> PretrainArgs:
+    """``args`` with ``out`` and local ``data``/``init``/``config`` paths absolute (stored so in the run)."""
+    args.out = str(Path(args.out).expanduser().resolve())
+    for name in PATH_FIELDS:
+        setattr(args, name, _absolute(getattr(args, name)))
+    return args
+
+
+def read_run_args(out: str | os.PathLike) -> dict:
+    """The options a run was started with (RUN/train_args.json); paths stored relative (runs made
+    before paths were stored absolute) are resolved against the run folder's parent."""
+    run = Path(out)
+    saved = run / ARGS_FILE
+    if not saved.is_file():
+        raise TrainingError(f"{run}: nothing to resume (no {ARGS_FILE}); start without --resume")
+    try:
+        stored = json.loads(saved.read_text())
+    except json.JSONDecodeError as exc:
+        raise TrainingError(f"{saved}: not valid JSON ({exc}); the run folder is damaged, start a new --out") from None
+    for name in PATH_FIELDS:
+        stored[name] = _absolute(stored.get(name), run.resolve().parent)
+    known = set(PretrainArgs.__dataclass_fields__)
+    return {k: v for k, v in stored.items() if k in known}
+
+
+def resume_differences(stored: dict, args: PretrainArgs) -> list[str]:
+    """``--option stored (now given)`` for every run-defining option that differs."""
+    diffs = []
+    for name, value in asdict(args).items():
+        if name in INVOCATION_FIELDS or name == "out" or name not in stored:
+            continue
+        if stored[name] != value:
+            diffs.append(f"--{name.replace('_', '-')} {stored[name]!r} (now {value!r})")
+    return diffs
+
+
 def _prepare_run(args: PretrainArgs, d: Dist) -> tuple[PretrainArgs, Path | None]:
+    args = normalize_paths(args)
     out = Path(args.out)
     saved = out / ARGS_FILE
     latest = ckpt.latest_checkpoint(out)
     if args.resume:
-        if not saved.is_file():
-            raise TrainingError(f"{out}: nothing to resume (no {ARGS_FILE}); start without --resume")
-        stored = json.loads(saved.read_text())
-        keep = {k: getattr(args, k) for k in ("max_steps", "progress", "save_every", "device")
-                if getattr(args, k) is not None}
-        keep["stop_after"] = args.stop_after  # a stop point belongs to one invocation
-        args = PretrainArgs(**{**stored, **keep, "resume": True})
-        return args, latest
+        stored = read_run_args(out)
+        diffs = resume_differences(stored, args)
+        if diffs:
+            raise TrainingError(
+                f"{out} was started with other options: {'; '.join(diffs)}. Resume with the run's options "
+                "(only --max-steps may change), or start a new run in another --out"
+            )
+        merged = {**stored, "out": args.out, "resume": True}
+        for name in INVOCATION_FIELDS:
+            value = getattr(args, name)
+            if value is not None or name == "stop_after":  # a stop point belongs to one invocation
+                merged[name] = value
+        new = PretrainArgs(**merged)
+        if d.main and new.max_steps != stored.get("max_steps"):
+            record = {**json.loads(saved.read_text()), **{k: stored[k] for k in PATH_FIELDS},
+                      "max_steps": new.max_steps}
+            atomic_write_text(saved, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        return new, latest
     if latest is not None or (out / "model").exists():
         raise TrainingError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{ARGS_FILE}.tmp"
-        tmp.write_text(json.dumps(asdict(args), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, saved)
+        apply_umask(out)
+        atomic_write_text(saved, json.dumps(asdict(args), indent=2, sort_keys=True) + "\n")
         (out / METRICS_FILE).unlink(missing_ok=True)
     d.barrier()
     return args, None
@@ -181,29 +248,47 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
 
 def _load_tokenizer(args: PretrainArgs, corpus, context_length: int):
     from stamp.tokenizer import GeneTokenizer
 
     if args.init:
-        from stamp.hub import resolve_model_dir
+        from stamp.hub import resolve_model_source
 
-        model_dir = resolve_model_dir(args.init)
+        model_dir = resolve_model_source(args.init)
         if (model_dir / "tokenizer_config.json").is_file():
             return GeneTokenizer.from_pretrained(model_dir)
     return GeneTokenizer.from_corpus(corpus, max_length=context_length)
 
 
+def _check_vocabulary(args: PretrainArgs, tokenizer, corpus) -> None:
+    """The tokenizer (of --init, or built from the corpus) must have the corpus's genes in its order:
+    compared by checksum, not by length (two vocabularies of one size give garbage silently)."""
+    from stamp.tokenizer import vocabulary_sha256
+
+    genes = corpus.genes["ensembl_id"].astype(str).tolist()
+    if tokenizer.gene_ids == genes:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(tokenizer.gene_ids, genes)) if a != b), min(len(genes),
+                                                                                            tokenizer.n_genes))
+    where = (f"gene {first}: {tokenizer.gene_ids[first] if first < tokenizer.n_genes else '-'} vs "
+             f"{genes[first] if first < len(genes) else '-'}")
+    raise TrainingError(
+        f"the vocabulary of {args.init or 'the tokenizer'} ({tokenizer.n_genes} genes, sha256 "
+        f"{tokenizer.vocab_sha256[:12]}) differs from that of {args.data} ({len(genes)} genes, sha256 "
+        f"{vocabulary_sha256(genes)[:12]}; first difference at {where}); stage 2 must use shards built with "
+        "the same vocabulary as stage 1 (`spavis build-shards --vocab`)"
+    )
+
+
 def _build_model(args: PretrainArgs, n_genes: int) -> StampGeneEncoder:
     torch.manual_seed(args.seed)
     if args.init:
-        from stamp.hub import resolve_model_dir
+        from stamp.hub import resolve_model_source
 
-        return create_model(resolve_model_dir(args.init), n_genes=n_genes)
+        return create_model(resolve_model_source(args.init), n_genes=n_genes)
     return create_model(args.config, n_genes=n_genes)
 
 
@@ -222,17 +307,16 @@ def _write_model(run: Path, model: StampGeneEncoder, tokenizer, info: dict) -> P
     from stamp.hub import write_model_card
 
     final = run / "model"
-    tmp = run / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_model_card(tmp, info)
-    old = run / ".model.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    tmp = make_temp_dir(final)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_model_card(tmp, info)
+        apply_umask(tmp, recursive=True)  # savers that go through mkstemp would leave 0600 files
+        publish_dir(tmp, final)
+    except BaseException:
+        remove_tree(tmp)
+        raise
     return final
 
 
@@ -241,16 +325,31 @@ def _data_info(corpus, args: PretrainArgs, n_spots: int) -> dict:
     licenses = sorted({str(x) for x in slides["license"].dropna()}) if "license" in slides else []
     if "license" in slides and slides["license"].isna().any():  # local slices: say so, never drop them
         licenses.append(f"unknown ({int(slides['license'].isna().sum())} slide(s) without a recorded license)")
-    generated = bool(len(slides)) and "source" in slides and bool((slides["source"] == "generated").all())
+    fraction = generated_fraction(slides)
     return {
         "source": str(args.data),
         "hub_id": getattr(corpus, "repo_id", None),
+        # the exact corpus commit (open_corpus pins a Hub id to one), so the model card can point at it
+        "hub_revision": getattr(corpus, "revision", None) if getattr(corpus, "repo_id", None) else None,
         "n_spots": n_spots,
         "n_slides": int(len(slides)),
         "n_genes": int(len(corpus.genes)),
         "licenses": licenses,
-        "generated": generated,
+        "generated": fraction == 1.0,  # every spot generated (spavis.simulate), none measured
+        "generated_fraction": fraction,  # share of spots from generated slices (0.0: all measured)
     }
+
+
+def generated_fraction(slides) -> float:
+    """Share of a corpus's spots that come from generated slices (``slides.parquet`` source == "generated")."""
+    if not len(slides) or "source" not in slides:
+        return 0.0
+    gen = (slides["source"] == "generated").to_numpy()
+    if "n_spots_kept" in slides and slides["n_spots_kept"].notna().all():
+        counts = slides["n_spots_kept"].to_numpy(dtype=np.float64)
+        if counts.sum() > 0:
+            return round(float(counts[gen].sum() / counts.sum()), 6)
+    return round(float(gen.mean()), 6)
 
 
 # ----------------------------------------------------------------------------- main loop
@@ -287,11 +386,7 @@ def _pretrain(args: PretrainArgs, d: Dist, open_corpus, on_step) -> Path:
     model = _build_model(args, n_genes)
     context = model.config.context_length
     tokenizer = _load_tokenizer(args, corpus, context)
-    if tokenizer.n_genes != n_genes:
-        raise TrainingError(
-            f"tokenizer of {args.init} has {tokenizer.n_genes} genes but {args.data} has {n_genes}; "
-            "stage 2 must use a corpus with the same vocabulary as stage 1"
-        )
+    _check_vocabulary(args, tokenizer, corpus)
     spatial = args.stage == "spatial"
     model.cgr_head.requires_grad_(spatial)
     model.to(device)
@@ -326,10 +421,11 @@ def _pretrain(args: PretrainArgs, d: Dist, open_corpus, on_step) -> Path:
         _truncate_metrics(run / METRICS_FILE, 0)
     d.barrier()
 
-    forward: Callable = model
-    if d.world > 1:
+    pretraining = StampForPretraining(model, spatial=spatial, cgr_targets=args.cgr_targets, mask_prob=args.mask_prob)
+    forward: Callable = pretraining
+    if d.world > 1:  # DDP runs the encoder and both heads in one forward
         forward = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            pretraining, device_ids=[device.index] if device.type == "cuda" else None
         )
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -341,14 +437,31 @@ def _pretrain(args: PretrainArgs, d: Dist, open_corpus, on_step) -> Path:
     metrics_path = run / METRICS_FILE
     stop_at = min(total, args.stop_after) if args.stop_after else total
 
-    def next_batch() -> torch.Tensor:
+    def next_batch() -> Batch:
         try:
-            return next(stream)["input_ids"]
+            return next(stream)
         except StopIteration:
             raise TrainingError(
                 f"{args.data}: rank {d.rank} got no batch from its shards; the data is smaller than one "
                 f"batch of {args.micro_batch()} spots (lower --batch-size)"
             ) from None
+
+    # No loop without progress: every rank fetches its first batch before any collective, so a
+    # corpus too small for one batch stops at once on every rank (with the loader's numbers).
+    pending: list[Batch] = []
+    failure: Exception | None = None
+    try:
+        pending.append(next_batch())
+    except (DataError, TrainingError) as exc:
+        failure = exc
+    if d.world > 1:
+        flag = torch.tensor([1.0 if failure else 0.0], device=device)
+        dist.all_reduce(flag)
+        if failure is None and flag.item() > 0:
+            failure = TrainingError(f"{args.data}: another rank cannot form a batch (see its error); "
+                                    "lower --batch-size or use fewer processes")
+    if failure is not None:
+        raise failure
 
     def save(at_step: int) -> None:
         stage_dir = ckpt.staging_dir(run, at_step)
@@ -379,16 +492,16 @@ def _pretrain(args: PretrainArgs, d: Dist, open_corpus, on_step) -> Path:
             sums = torch.zeros(5, dtype=torch.float64)  # loss, igr, cgr, correct, masked
             n_spots = 0
             for micro in range(args.grad_accum):
-                ids = next_batch().to(torch.long)
-                masked = mask_tokens(ids, vocab_size=model.config.vocab_size, n_reserved=model.config.n_reserved,
-                                     mask_prob=args.mask_prob, generator=gen)
+                batch = pending.pop() if pending else next_batch()
+                ids = batch.input_ids
+                masked = pretraining.mask(ids, generator=gen)
                 sync = contextlib.nullcontext()
                 if d.world > 1 and micro < args.grad_accum - 1:
                     sync = forward.no_sync()
                 with sync:
                     with autocast:
-                        out = compute_loss(model, ids, masked, spatial=spatial, group_size=GROUP_SIZE,
-                                           cgr_targets=args.cgr_targets, forward=forward)
+                        out = forward(ids.to(device), masked.input_ids.to(device), masked.labels.to(device),
+                                      batch.groups)
                     (out.loss / args.grad_accum).backward()
                 sums += torch.tensor([out.loss.item(), out.igr_loss.item(),
                                       out.cgr_loss.item() if out.cgr_loss is not None else 0.0,
@@ -454,8 +567,6 @@ def _pretrain(args: PretrainArgs, d: Dist, open_corpus, on_step) -> Path:
     model_dir = run / "model"
     if d.main:
         model_dir = _write_model(run, model, tokenizer, info)
-        tmp = run / f".{RUN_INFO}.tmp"
-        tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, run / RUN_INFO)
+        atomic_write_text(run / RUN_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
     d.barrier()
     return model_dir
