@@ -9,6 +9,9 @@ def __getattr__(name: str):
         "GeneTokenizer": ("stamp.tokenizer", "GeneTokenizer"),
         "StampGeneEncoder": ("stamp.model", "StampGeneEncoder"),
         "StampConfig": ("stamp.model", "StampConfig"),
+        "StampModel": ("stamp.multimodal", "StampModel"),
+        "list_pretrained": ("stamp.registry", "list_pretrained"),
+        "create_model": ("stamp.registry", "create_model"),
     }
     if name in lazy:
         import importlib

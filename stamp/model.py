@@ -52,6 +52,7 @@ class StampConfig:
     mask_token_id: int = MASK_ID
     pad_token_id: int = PAD_ID
     cls_token_id: int = CLS_ID
+    heads: bool = True  # False: inference-only encoder without the IGR/CGR heads (converted releases)
 
     @property
     def vocab_size(self) -> int:
@@ -171,8 +172,8 @@ class StampGeneEncoder(
         self.positional_embedding = nn.Embedding(c.context_length, c.hidden_size)
         self.layers = nn.ModuleList(EncoderBlock(c) for _ in range(c.num_layers))
         self.dropout = nn.Dropout(c.dropout)
-        self.mlm_head = nn.Linear(c.hidden_size, c.vocab_size)
-        self.cgr_head = nn.Linear(c.hidden_size, c.vocab_size)
+        self.mlm_head = nn.Linear(c.hidden_size, c.vocab_size) if c.heads else None
+        self.cgr_head = nn.Linear(c.hidden_size, c.vocab_size) if c.heads else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -189,6 +190,14 @@ class StampGeneEncoder(
                 if module.padding_idx is not None:
                     with torch.no_grad():
                         module.weight[module.padding_idx].zero_()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "StampGeneEncoder":
+        """A registry name (``stamp-v1-gene``; ``stamp-v1`` gives its gene encoder), a Hub repo id or a folder."""
+        from stamp.registry import registry_path
+
+        source = registry_path(pretrained_model_name_or_path, component="gene", **kwargs)
+        return super().from_pretrained(source, *args, **kwargs)
 
     @property
     def device(self) -> torch.device:

@@ -388,6 +388,9 @@ def _pretrain(args: PretrainArgs, d: Dist, open_corpus, on_step) -> Path:
     tokenizer = _load_tokenizer(args, corpus, context)
     _check_vocabulary(args, tokenizer, corpus)
     spatial = args.stage == "spatial"
+    if not model.config.heads:
+        raise TrainingError(f"{args.init}: an inference-only encoder (config heads=false, e.g. a converted release) "
+                            "has no IGR/CGR heads to pretrain; start from a pretraining run or a preset config")
     model.cgr_head.requires_grad_(spatial)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -96,3 +96,8 @@ from stamp.cli.tokenize import register as _register_tokenize  # noqa: E402
 
 _register_tokenize(app)
 
+
+from stamp.cli.zoo import register as _register_zoo  # noqa: E402
+
+_register_zoo(app)
+

@@ -1,0 +1,290 @@
+"""The model zoo (issue 8): registry, strict + safe conversion of the released checkpoint, and
+equivalence with an independent reference of the authors' forward pass (tests/reference_stamp.py).
+
+Sizes are small (width 32, 2 layers, a 2-block ViT at 64 px) but the gene vocabulary is the real
+20,310-gene stamp-v1 one, so the embedding table has the released n_tokens + 5 layout and the
+tokenizer files are the real ones. Real sizes: benchmarks/convert_real_size.py.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from stamp.convert import ConvertError, convert_released, load_state_dict
+from stamp.registry import PretrainedError, get_pretrained, list_pretrained, load_tokenizer, resolve_pretrained
+from tests.reference_stamp import ReferenceStamp, randomize_, reference_tokenize, uni_vit_kwargs
+
+N_GENES = 20310
+N_TOKENS = N_GENES + 30
+GENE = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, context_length=64)
+VISION = dict(name="test-uni-small", arch="vit_tiny_patch16_224", img_size=64, patch_size=16, init_values=1e-5,
+              dynamic_img_size=True, model_kwargs=dict(embed_dim=32, depth=2, num_heads=2), weights=None,
+              region_grid=3, csp_window=2, csp_stride=1)
+EMBED = 16
+TOKEN = "hf_fake_granted_token"
+
+
+def small_entries() -> dict:
+    """Registry entries of the same form as stamp/pretrained.json, at test sizes."""
+    full = json.loads((__import__("importlib.resources").resources.files("stamp") / "pretrained.json").read_text())
+    models = full["models"]
+    for name in ("stamp-v1", "stamp-v1-gene"):
+        models[name]["gene_config"] = {**models[name]["gene_config"], **GENE}
+        models[name]["embed_dim"] = EMBED
+    models["stamp-v1"]["vision_config"] = VISION
+    return models
+
+
+def small_entry(name: str):
+    return dataclasses.replace(get_pretrained(name), gene_config=small_entries()[name]["gene_config"],
+                               vision_config=small_entries()[name]["vision_config"], embed_dim=EMBED)
+
+
+def make_reference(seed: int = 0) -> ReferenceStamp:
+    torch.manual_seed(seed)
+    vit = uni_vit_kwargs(model_name="vit_tiny_patch16_224", img_size=64, embed_dim=32, depth=2, num_heads=2)
+    ref = ReferenceStamp(n_tokens=N_TOKENS, dim=32, heads=4, ffn=64, layers=2, context=64, vit=vit, out_dim=EMBED)
+    return randomize_(ref, seed).eval()
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """(reference model, path of its state dict saved as the released pytorch_model.bin)."""
+    ref = make_reference()
+    path = tmp_path_factory.mktemp("release") / "pytorch_model.bin"
+    torch.save(ref.state_dict(), path)
+    return ref, path
+
+
+@pytest.fixture(scope="module")
+def means_file(tmp_path_factory):
+    rng = np.random.default_rng(3)
+    means = rng.gamma(2.0, 1.5, N_GENES) + 0.4  # values around x.5: the half-up rounding matters
+    means[rng.choice(N_GENES, 100, replace=False)] = np.nan
+    path = tmp_path_factory.mktemp("means") / "Visium_mean.npy"
+    np.save(path, means)
+    return path
+
+
+def counts_matrix(n_spots: int = 12, seed: int = 1) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_spots):
+        k = 20 if i == 0 else int(rng.integers(40, 400))  # spot 0: fewer genes than the context (padding)
+        cols = rng.choice(N_GENES, k, replace=False)
+        rows.append(sp.csr_matrix((rng.negative_binomial(2, 0.4, k).astype(np.float32) + 1, (np.zeros(k, int), cols)),
+                                  shape=(1, N_GENES)))
+    return sp.vstack(rows).tocsr()
+
+
+def assert_same_tokens_up_to_ties(ours: np.ndarray, theirs: np.ndarray, counts, means) -> None:
+    """Equal token rows, except that genes of exactly equal count/mean ratio may come in any order
+    (the released code's float path decides those; the project breaks ties by vocabulary index)."""
+    from fractions import Fraction
+
+    m = np.nan_to_num(means)
+    m = np.where(m % 1 >= 0.5, np.ceil(m), np.floor(m))
+    m[m == 0] = 1
+    dense = np.asarray(counts.todense())
+    for i in range(ours.shape[0]):
+        canon = []
+        for row in (ours[i], theirs[i]):
+            ids = row[row != 0]
+            values = [Fraction(int(dense[i, t - 30])) / int(m[t - 30]) for t in ids]
+            assert all(a >= b for a, b in zip(values, values[1:])), f"spot {i}: not ranked by count / mean"
+            canon.append(sorted(zip((-v for v in values), ids.tolist())))
+        assert canon[0] == canon[1], f"spot {i}: different tokens"
+
+
+# ----------------------------------------------------------------------------- registry
+def test_registry_entries_are_complete():
+    assert {"stamp-v1", "stamp-v1-gene"} <= set(list_pretrained())
+    full, gene = get_pretrained("stamp-v1"), get_pretrained("stamp-v1-gene")
+    assert (full.component, gene.component) == ("full", "gene")
+    assert full.format == gene.format == "stamp-released" and full.hub_id == "minghaofdu/STAMP"
+    assert full.gated and "huggingface.co/minghaofdu/STAMP" in full.terms_url and "@" in full.citation
+    assert full.gene_config == gene.gene_config and full.gene_config["pooling"] == "stamp-v1"
+    assert full.tokenizer["mode"] == "stamp-v1" and full.tokenizer["vocabulary"] == "stamp-v1"
+    with pytest.raises(PretrainedError, match="known: stamp-v1"):
+        get_pretrained("stamp-v2")
+
+
+def test_reference_has_the_released_514_tensors():
+    """The reference at the released sizes (meta device: no memory) has the issue's 514 tensors."""
+    with torch.device("meta"):
+        ref = ReferenceStamp(n_tokens=N_TOKENS, dim=512, heads=16, ffn=1024, layers=12, context=1500,
+                             vit=uni_vit_kwargs())
+    sd = ref.state_dict()
+    assert len(sd) == 514
+    assert tuple(sd["spot_backbone.embeddings.weight"].shape) == (20345, 512)
+    assert tuple(sd["spot_backbone.classifier_head.weight"].shape) == (20340, 512)
+    assert tuple(sd["visual_backbone.p_visual"].shape) == (1, 1, 1024)
+    assert tuple(sd["patch_projection.weight"].shape) == (512, 1024)
+    assert sum(k.startswith("spot_backbone.encoder_layer.") for k in sd) == 12
+
+
+# ----------------------------------------------------------------------------- equivalence
+def test_converted_full_model_reproduces_reference(released, means_file, tmp_path):
+    from stamp.multimodal import StampModel
+    from stamp.tokenizer import to_model_input_ids
+
+    ref, path = released
+    report = convert_released(path, tmp_path / "out", name=small_entry("stamp-v1"), means=means_file)
+    n_src = len(torch.load(path, weights_only=True))
+    assert report.n_source == n_src and len(report.mapped) + len(report.unused) == n_src
+    assert {u["source"].split(".")[1] for u in report.unused} == {"encoder_layer", "classifier_head"}
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"config.json", "model.safetensors", "vocab.json", "tokenizer_config.json", "gene_means.safetensors",
+            "README.md", "conversion.json"} <= files
+    model = StampModel.from_pretrained(str(tmp_path / "out")).eval()
+
+    # tokens: the project's stamp-v1 tokenizer (from the converted folder) == the released rules
+    counts = counts_matrix()
+    tok = load_tokenizer(tmp_path / "out")
+    ours = to_model_input_ids(tok.encode_csr(counts), tok.pad_value, GENE["context_length"])
+    theirs = reference_tokenize(counts, np.load(means_file))
+    assert_same_tokens_up_to_ties(tok.encode_csr(counts), theirs, counts, np.load(means_file))
+    assert (ours == 1).any(), "spot 0 must be padded so that the stamp-v1 pooling over padding is exercised"
+
+    with torch.no_grad():
+        got = model.encode_gene(torch.from_numpy(ours).long())
+        want = ref.encode_gene(torch.from_numpy(ours).long())
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(model.encode_image(pixels), ref.encode_image(pixels), rtol=0, atol=1e-5)
+        # a wrong mapping would not be close: a model with another seed is far away
+        assert (model.encode_image(pixels) - make_reference(9).encode_image(pixels)).abs().max() > 1e-2
+    assert model.logit_scale.item() == ref.logit_scale.item()
+
+
+def test_lightning_wrapper_and_module_prefix_gene_only(released, tmp_path):
+    from stamp.model import StampGeneEncoder
+
+    ref, _ = released
+    ckpt = {"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}, "epoch": 7, "global_step": 1234,
+            "pytorch-lightning_version": "2.1.0", "hyper_parameters": {"lr": 1e-4, "extract_layers": [11]}}
+    path = tmp_path / "last.ckpt"
+    torch.save(ckpt, path)
+    sd, notes = load_state_dict(path)
+    assert any("Lightning" in n for n in notes) and any("module." in n for n in notes)
+    report = convert_released(path, tmp_path / "gene", name=small_entry("stamp-v1-gene"))
+    reasons = {u["reason"] for u in report.unused}
+    assert any("image encoder" in r for r in reasons)
+    enc = StampGeneEncoder.from_pretrained(str(tmp_path / "gene")).eval()
+    assert enc.mlm_head is None and enc.config.pooling == "stamp-v1"
+    ids = torch.randint(30, N_TOKENS, (4, 64), generator=torch.Generator().manual_seed(2))
+    ids[1, 30:] = 0
+    with torch.no_grad():
+        want = ref.spot_backbone.features(ids)
+        got = enc.embed(torch.where(ids == 0, 1, ids))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    with pytest.raises(PretrainedError, match="--means"):  # the released means are not redistributed
+        load_tokenizer(tmp_path / "gene")
+
+
+# ----------------------------------------------------------------------------- safety + strictness
+class _Payload:
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(_Payload.target),))
+
+
+def test_pickled_code_is_refused_and_never_run(tmp_path):
+    _Payload.target = str(tmp_path / "pwned")
+    path = tmp_path / "evil.bin"
+    torch.save({"spot_backbone.embeddings.weight": torch.zeros(2, 2), "x": _Payload()}, path)
+    torch.save({"state_dict": {"a": torch.zeros(1)}, "hparams": argparse.Namespace(lr=1)}, tmp_path / "ns.ckpt")
+    for bad in (path, tmp_path / "ns.ckpt"):
+        with pytest.raises(ConvertError, match="refusing to unpickle"):
+            convert_released(bad, tmp_path / "out", name=small_entry("stamp-v1-gene"))
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda sd: sd.pop("spot_backbone.encoder.layers.1.linear2.weight"),
+     r"missing .*spot_backbone\.encoder\.layers\.1\.linear2\.weight"),
+    (lambda sd: sd.__setitem__("spot_backbone.embeddings.weight", torch.zeros(N_TOKENS + 6, 32)),
+     r"spot_backbone\.embeddings\.weight has shape \(20346, 32\), expected \(20345, 32\)"),
+    (lambda sd: sd.__setitem__("visual_backbone.p_visual", torch.zeros(1, 2, 32)),
+     r"visual_backbone\.p_visual has shape \(1, 2, 32\)"),
+    (lambda sd: sd.__setitem__("spot_backbone.adapter.weight", torch.zeros(3)),
+     r"not part of the released STAMP layout: spot_backbone\.adapter\.weight"),
+])
+def test_strict_mapping_names_the_bad_tensor(released, tmp_path, damage, message):
+    ref, _ = released
+    sd = dict(ref.state_dict())
+    damage(sd)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(sd, path)
+    with pytest.raises(ConvertError, match=message):
+        convert_released(path, tmp_path / "out", name=small_entry("stamp-v1"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+# ----------------------------------------------------------------------------- Hub + registry path
+def test_from_pretrained_registry_name_via_gated_fake_hub(released, tmp_path, monkeypatch):
+    from stamp.model import StampGeneEncoder
+    from stamp.multimodal import StampModel
+    from tests.fakes.hub import FakeHub
+
+    ref, path = released
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"models": small_entries()}))
+    monkeypatch.setenv("STAMP_REGISTRY", str(registry))
+    monkeypatch.setenv("STAMP_CACHE", str(tmp_path / "converted"))
+    with FakeHub(tmp_path / "hub") as hub:
+        hub.create_repo("minghaofdu/STAMP", "model", gated=True)
+        hub.add_files("minghaofdu/STAMP", {"pytorch_model.bin": path, "README.md": "# STAMP\n"})
+        hub.activate(monkeypatch, cache_dir=tmp_path / "hf")
+        with pytest.raises(PretrainedError, match=r"gated: accept its terms at https://huggingface.co/minghaofdu/STAMP"
+                                                  r".*hf auth login"):
+            StampModel.from_pretrained("stamp-v1")
+        with pytest.raises(PretrainedError, match="hf auth login"):
+            StampModel.from_pretrained("stamp-v1", token="hf_not_granted")
+        hub.grant("minghaofdu/STAMP", TOKEN, repo_type="model")
+        model = StampModel.from_pretrained("stamp-v1", token=TOKEN).eval()
+        pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            torch.testing.assert_close(model.encode_image(pixels), ref.encode_image(pixels), rtol=0, atol=1e-5)
+        converted = resolve_pretrained("stamp-v1", token=TOKEN)
+        assert converted.is_relative_to(tmp_path / "converted")
+        stamp_before = (converted / "model.safetensors").stat().st_mtime_ns
+        StampModel.from_pretrained("stamp-v1", token=TOKEN)  # second load: reads the converted file
+        assert (converted / "model.safetensors").stat().st_mtime_ns == stamp_before
+        gene = StampGeneEncoder.from_pretrained("stamp-v1", token=TOKEN)  # the gene part of the full entry
+        assert type(gene) is StampGeneEncoder and gene.config.hidden_size == 32
+        import stamp
+
+        assert type(stamp.create_model("stamp-v1-gene")) is StampGeneEncoder  # converted already: no token needed
+        with pytest.raises(PretrainedError, match="not found"):
+            resolve_pretrained("nobody/nothing")
+
+
+def test_cli_models_and_convert(released, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from stamp.cli import app
+
+    _, path = released
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"models": small_entries()}))
+    monkeypatch.setenv("STAMP_REGISTRY", str(registry))
+    runner = CliRunner()
+    res = runner.invoke(app, ["models"])
+    assert res.exit_code == 0 and "stamp-v1-gene" in res.output and "minghaofdu/STAMP" in res.output
+    res = runner.invoke(app, ["convert", "--from", "stamp-released", str(path), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert "deliberately unused" in res.output and "visual_backbone.base_model.* -> vision_encoder.trunk.*" in res.output
+    card = (tmp_path / "o" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: stamp\nlicense: other") and "Visium_mean.npy" in card
+    res = runner.invoke(app, ["convert", "--from", "stamp-released", str(path), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "already exists" in res.output
+    res = runner.invoke(app, ["convert", "--from", "timm", str(path), "--out", str(tmp_path / "p")])
+    assert res.exit_code == 1 and "stamp-released" in res.output
