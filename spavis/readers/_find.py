@@ -7,17 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spavis.errors import ReaderError
+from spavis.spaceranger import FILES
 
-# kind -> name endings (matched case-insensitively after dropping a trailing .gz)
-_ENDINGS: dict[str, tuple[str, ...]] = {
-    "h5": ("filtered_feature_bc_matrix.h5", "filtered_gene_bc_matrices_h5.h5", "raw_feature_bc_matrix.h5"),
-    "mtx": ("matrix.mtx",),
-    "barcodes": ("barcodes.tsv",),
-    "features": ("features.tsv", "genes.tsv"),
-    "positions": ("tissue_positions_list.csv", "tissue_positions.csv", "tissue_positions.parquet"),
-    "scalefactors": ("scalefactors_json.json",),
-    "lowres": ("tissue_lowres_image.png", "tissue_lowres_image.jpg"),
-}
+# kind -> name endings (matched case-insensitively after dropping a trailing .gz), preferred first
+_ENDINGS: dict[str, tuple[str, ...]] = {k: v for k, v in FILES.items() if k != "hires"}
 _GSM_RE = re.compile(r"^(GSM\d+)")
 _MAX_DEPTH = 3
 

@@ -10,6 +10,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from spavis.errors import ReaderError
+from spavis.spaceranger import LOWRES_IMAGE, SPATIAL_DIR
 from spavis.readers._assemble import ENSEMBL_RE, assemble, split_gene_ids
 from spavis.readers.tenx import normalize_positions, read_lowres, read_positions
 
@@ -121,7 +122,7 @@ def read_h5ad_slice(path: Path, root: Path | None = None) -> ad.AnnData:
     positions = _positions_from_obs(a)
     positions_file: Path | str = f"{path} (obs/obsm)"
     folder = root or path.parent
-    near = sorted(folder.glob("*tissue_positions*")) + sorted(folder.glob("spatial/*tissue_positions*"))
+    near = sorted(folder.glob("*tissue_positions*")) + sorted(folder.glob(f"{SPATIAL_DIR}/*tissue_positions*"))
     sidecar_pos = next((p for p in near if p.suffix in (".csv", ".gz", ".parquet")), None)
     if sidecar_pos is not None:
         extra = read_positions(sidecar_pos)
@@ -133,7 +134,7 @@ def read_h5ad_slice(path: Path, root: Path | None = None) -> ad.AnnData:
                 positions[col] = positions[col].fillna(extra[col])
     lib, sf, img = _image(a)
     if img is None:
-        near = sorted(folder.glob("*tissue_lowres_image.png*")) + sorted(folder.glob("spatial/*tissue_lowres_image.png*"))
+        near = sorted(folder.glob(f"*{LOWRES_IMAGE}*")) + sorted(folder.glob(f"{SPATIAL_DIR}/*{LOWRES_IMAGE}*"))
         lowres = near[0] if near else None
         img = read_lowres(lowres) if lowres is not None else None
     spot_diam = sf.get("spot_diameter_fullres")

@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 from spavis.errors import ReaderError, SpavisError, SpavisWarning
 from spavis.format.io import sha256_file as _sha256_file
+from spavis.spaceranger import INTERNAL_DIRS
 from spavis.sources.sidecar import FIELDS as SIDECAR_FIELDS
 from spavis.sources.sidecar import SIDECAR_NAME, read_sidecar
 
@@ -135,7 +136,6 @@ def _sidecar_folders(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-_SPACERANGER_DIRS = {"spatial", "filtered_feature_bc_matrix", "raw_feature_bc_matrix", "outs", "analysis"}
 _DATA_FILE = re.compile(r"(\.h5ad|\.h5|_count\.csv(\.gz)?|matrix\.mtx(\.gz)?)$", re.IGNORECASE)
 
 
@@ -165,7 +165,7 @@ def _local_collection(folder: Path) -> list[Path]:
     children = [c for c in sorted(folder.iterdir()) if not _IGNORED.search(c.name)]
     if any(c.is_file() and _DATA_FILE.search(c.name) for c in children):
         return []
-    if any(c.is_dir() and c.name.lower() in _SPACERANGER_DIRS for c in children):
+    if any(c.is_dir() and c.name.lower() in INTERNAL_DIRS for c in children):
         return []
     slices = [c for c in children if c.is_dir() and _has_data(c)]
     return slices if len(slices) >= 2 else []

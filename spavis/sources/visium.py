@@ -13,19 +13,21 @@ from pathlib import PurePosixPath
 from typing import Iterable
 
 from spavis.errors import FetchError
+from spavis import spaceranger as SR
+from spavis.spaceranger import ending_pattern
 
 _PACK = r"\.(?:tar|tgz|zip)"  # after a trailing ".gz" is dropped: .tar.gz -> .tar
 # Visium file roles, matched on the file name without ".gz" (GEO adds GSM/sample prefixes).
-ROLES: dict[str, str] = {
-    "h5": r"filtered_feature_bc_matrix\.h5",
-    "h5_raw": r"raw_feature_bc_matrix\.h5",
-    "barcodes": r"barcodes\.tsv",
-    "features": r"(?:features|genes)\.tsv",
-    "matrix": r"matrix\.mtx",
-    "positions": r"tissue_positions(?:_list)?\.(?:csv|parquet)",
-    "scalefactors": r"scalefactors_json\.json",
-    "lowres": r"tissue_lowres_image\.png",
-    "hires": r"tissue_hires_image\.png",
+ROLES: dict[str, str] = {  # file names from the one Space Ranger table (spavis.spaceranger)
+    "h5": ending_pattern([SR.MATRIX_H5]),
+    "h5_raw": ending_pattern([SR.RAW_MATRIX_H5]),
+    "barcodes": ending_pattern(SR.FILES["barcodes"]),
+    "features": ending_pattern(SR.FILES["features"]),
+    "matrix": ending_pattern(SR.FILES["mtx"]),
+    "positions": ending_pattern(SR.FILES["positions"]),
+    "scalefactors": ending_pattern(SR.FILES["scalefactors"]),
+    "lowres": ending_pattern([SR.LOWRES_IMAGE]),
+    "hires": ending_pattern(SR.FILES["hires"]),
     "mtx_pack": r"filtered_(?:feature_bc_matrix|gene_bc_matrices)" + _PACK,
     "raw_mtx_pack": r"raw_(?:feature_bc_matrix|gene_bc_matrices)" + _PACK,
     "spatial_pack": r"spatial" + _PACK,
@@ -34,9 +36,9 @@ _ROLE_RE = {role: re.compile(r"(?:^|[_.\-/])" + pat + r"$", re.I) for role, pat 
 
 # pack role -> (folder inside the slice, roles taken from the pack)
 PACKS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "spatial_pack": ("spatial", ("positions", "scalefactors", "lowres", "hires")),
-    "mtx_pack": ("filtered_feature_bc_matrix", ("barcodes", "features", "matrix")),
-    "raw_mtx_pack": ("raw_feature_bc_matrix", ("barcodes", "features", "matrix")),
+    "spatial_pack": (SR.SPATIAL_DIR, ("positions", "scalefactors", "lowres", "hires")),
+    "mtx_pack": (SR.MATRIX_DIR, ("barcodes", "features", "matrix")),
+    "raw_mtx_pack": (SR.RAW_MATRIX_DIR, ("barcodes", "features", "matrix")),
 }
 MATRIX_ROLES = ("h5", "matrix", "h5_raw")
 
