@@ -1,0 +1,280 @@
+"""``StampModel``: the gene encoder and the vision encoder aligned in one embedding space.
+
+Both encoders, four projections to ``embed_dim`` (512: ``spot``, ``patch``, ``region``,
+``positioning``) and one learnable logit scale (initialised at log(1/0.07), clamped at
+log(100) as open_clip does). ``save_pretrained``/``from_pretrained`` come from
+``PyTorchModelHubMixin``: ``config.json`` (:class:`StampModelConfig`: gene config, vision
+config, embed_dim) + ``model.safetensors``. Building from a config never downloads trunk
+weights: the saved tensors are the weights.
+
+Deliberately no ``from __future__ import annotations``: the mixin reads the ``config``
+annotation at class creation to (de)serialise the config.
+"""
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from stamp.alignment import AlignLosses, alignment_losses
+from stamp.errors import ModelConfigError
+from stamp.model import StampConfig, StampGeneEncoder
+from stamp.vision import ImageTransform, VisionConfig, VisionEncoder, load_vision_config, to_pixels
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+LOGIT_SCALE_MAX = math.log(100.0)
+PROJECTIONS = ("spot_projection", "patch_projection", "region_projection", "positioning_projection")
+
+
+@dataclass
+class StampModelConfig:
+    """Everything that defines a :class:`StampModel` (the repo's ``config.json``).
+
+    The gene pooling that feeds ``spot_projection`` is ``gene.pooling`` (``stamp-v1``
+    reproduces the released one: positions 3..end of the last layer, padding included).
+    """
+
+    gene: StampConfig = field(default_factory=StampConfig)
+    vision: VisionConfig = field(default_factory=lambda: load_vision_config("uni"))
+    embed_dim: int = 512
+    projection_bias: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gene, dict):
+            self.gene = StampConfig.from_dict(self.gene)
+        if isinstance(self.vision, (dict, str)):
+            self.vision = load_vision_config(self.vision)
+        if self.embed_dim < 1:
+            raise ModelConfigError(f"embed_dim must be positive, got {self.embed_dim}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class StampModel(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="stamp",
+    tags=["spatial-transcriptomics", "visium", "stamp", "pathology", "image-gene-alignment"],
+    repo_url="https://arxiv.org/abs/2602.13944",
+    license="bsd-3-clause",
+):
+    """STAMP: gene encoder + pathology vision encoder + projections + logit scale.
+
+    ``encode_gene(input_ids)`` and ``encode_image(pixels)`` return L2-normalised (B, embed_dim)
+    embeddings; ``image_transform`` turns a PIL image / uint8 array into model pixels.
+    """
+
+    def __init__(self, config: StampModelConfig = None) -> None:  # type: ignore[assignment]
+        super().__init__()
+        if config is None:
+            config = StampModelConfig()
+        if isinstance(config, dict):
+            config = StampModelConfig(**config)
+        self.config = config
+        c = config
+        self.gene_encoder = StampGeneEncoder(c.gene)
+        self.vision_encoder = VisionEncoder(c.vision)
+        g, v, e, bias = c.gene.hidden_size, self.vision_encoder.dim, c.embed_dim, c.projection_bias
+        self.spot_projection = nn.Linear(g, e, bias=bias)
+        self.patch_projection = nn.Linear(v, e, bias=bias)
+        self.region_projection = nn.Linear(v, e, bias=bias)
+        self.positioning_projection = nn.Linear(v, e, bias=bias)
+        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path], *args, **kwargs) -> "StampModel":
+        """A registry name (``stamp-v1``, see ``stamp models``), a local model folder (``RUN`` or
+        ``RUN/model``) or a Hub repo id."""
+        from stamp.registry import registry_path
+
+        pretrained_model_name_or_path = registry_path(pretrained_model_name_or_path, component="full", **kwargs)
+        path = Path(str(pretrained_model_name_or_path)).expanduser()
+        if path.is_dir() and (path / "model" / "config.json").is_file():
+            pretrained_model_name_or_path = str(path / "model")
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    @property
+    def image_transform(self) -> ImageTransform:
+        """PIL image or uint8 (H, W, 3) -> (3, S, S): resize, [0, 1], ImageNet mean/std (as released)."""
+        return ImageTransform(self.config.vision)
+
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) -> normalised model pixels on the model's device."""
+        return to_pixels(torch.as_tensor(images).to(self.device), self.config.vision)
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
+
+    def clamp_logit_scale(self) -> None:
+        """In-place clamp to [0, log(100)] after each optimizer step, as open_clip."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+
+    # ------------------------------------------------------------------ encoders
+    def gene_features(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Pooled last layer of the gene encoder (B, hidden) -- before ``spot_projection``."""
+        hidden = self.gene_encoder(input_ids)
+        return self.gene_encoder.pool(hidden, input_ids)
+
+    def encode_gene(self, input_ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Spot embeddings (B, embed_dim) from model token ids (B, L)."""
+        z = self.spot_projection(self.gene_features(input_ids).to(self.spot_projection.weight.dtype))
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Patch embeddings (B, embed_dim) from normalised pixels (B, 3, S, S) (see ``image_transform``)."""
+        z = self.patch_projection(self.vision_encoder(pixels.to(self.device)).pooled)
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def encode_region(self, region: torch.Tensor, patch: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Region embeddings (B, embed_dim), the region's pretext token describing ``patch``."""
+        z = self.region_projection(self.vision_encoder(region, region_of=patch).pooled)
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def forward(self, input_ids: torch.Tensor, patch: torch.Tensor, region: torch.Tensor,
+                region_cell: torch.Tensor, *, gather_with_grad: bool = False) -> AlignLosses:
+        """The four alignment losses for one batch (pixels normalised, see :meth:`pixels`)."""
+        spot = self.encode_gene(input_ids)
+        patch_emb = self.encode_image(patch)
+        out = self.vision_encoder(region, region_of=patch)
+        region_emb = F.normalize(self.region_projection(out.pooled), dim=-1)
+        cells = self.positioning_projection(self.vision_encoder.region_cells(out.grid))
+        pretext = self.positioning_projection(out.pretext)
+        return alignment_losses(spot, patch_emb, region_emb, cells, pretext, region_cell, self.scale(),
+                                gather_with_grad=gather_with_grad)
+
+    def freeze(self, *, gene: bool = False, vision_trunk: bool = False) -> None:
+        """Frozen parts get no gradients; the gene heads (MLM/CGR) never train in this stage."""
+        self.gene_encoder.requires_grad_(not gene)
+        for head in ("mlm_head", "cgr_head"):
+            if getattr(self.gene_encoder, head, None) is not None:
+                getattr(self.gene_encoder, head).requires_grad_(False)
+        self.vision_encoder.trunk.requires_grad_(not vision_trunk)
+
+
+def create_stamp_model(gene_encoder: StampGeneEncoder, vision_encoder: VisionEncoder,
+                       embed_dim: int = 512) -> StampModel:
+    """A StampModel holding these (already initialised) encoders; projections freshly initialised."""
+    if getattr(gene_encoder, "mlm_head", None) is not None or getattr(gene_encoder, "cgr_head", None) is not None:
+        # the pretraining heads (IGR/CGR) play no part in alignment or inference: drop them
+        gene_encoder.mlm_head = None
+        gene_encoder.cgr_head = None
+        gene_encoder.config = StampConfig.from_dict({**gene_encoder.config.to_dict(), "heads": False})
+    cfg = StampModelConfig(gene=gene_encoder.config, vision=vision_encoder.config, embed_dim=embed_dim)
+    with torch.device("meta"):
+        model = StampModel(cfg)
+    model.gene_encoder = gene_encoder
+    model.vision_encoder = vision_encoder
+    for name in PROJECTIONS:
+        layer = getattr(model, name)
+        fresh = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        setattr(model, name, fresh)
+    model.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+    return model
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def stamp_model_card(info: dict, config: dict) -> str:
+    """Markdown card (HF YAML header + sections) for an aligned StampModel, from the run info."""
+    data = info.get("data", {})
+    vision = info.get("vision", {})
+    licenses = sorted({str(x) for x in data.get("licenses", []) if x})
+    header = ["---", "library_name: stamp", f"license: {info.get('license', 'other')}", "tags:",
+              "- spatial-transcriptomics", "- visium", "- pathology", "- stamp", "- image-gene-alignment",
+              "- model_hub_mixin", "- pytorch_model_hub_mixin"]
+    datasets = sorted({s.get("data") for s in info.get("stages", []) if s.get("data") and "/" in str(s.get("data"))
+                       and not str(s.get("data")).startswith((".", "/"))})
+    if datasets:
+        header += ["datasets:"] + [f"- {x}" for x in datasets]
+    header.append("---")
+    stage_rows = "\n".join(
+        f"| {i + 1} | {s.get('stage')} | {s.get('steps')} | `{s.get('data')}` |"
+        f" {'yes' if s.get('generated') else 'no' if s.get('generated') is not None else '?'} |"
+        for i, s in enumerate(info.get("stages", [])))
+    train_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in info.get("train", {}).items())
+    metric_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in info.get("final_metrics", {}).items()) or "| (none) | |"
+    generated = (" **Some training data were generated (spavis.simulate), not measured.**"
+                 if any(s.get("generated") for s in info.get("stages", [])) else "")
+    gene = config.get("gene", {})
+    vis = config.get("vision", {})
+    body = f"""
+# STAMP (gene encoder aligned with a pathology image encoder)
+
+Spot expression and H&E patches embedded in one {config.get('embed_dim')}-dimensional space,
+trained with the `stamp` package (STAMP, arXiv:2602.13944): gene encoder
+({gene.get('num_layers')} layers, width {gene.get('hidden_size')}, pooling `{gene.get('pooling')}`) and vision
+encoder `{vis.get('arch')}` ({vis.get('name')} config; trunk weights at the start: `{vision.get('weights')}`),
+aligned with the patch-spot, region-spot, patch-region and cross-scale positioning losses.
+
+## Usage
+
+```python
+from stamp import GeneTokenizer
+from stamp.multimodal import StampModel
+model = StampModel.from_pretrained("REPO_ID").eval()
+tokenizer = GeneTokenizer.from_pretrained("REPO_ID")
+pixels = model.image_transform(pil_image)[None]    # resize {vis.get('img_size')}, ImageNet mean/std
+image_embedding = model.encode_image(pixels)        # L2-normalised
+gene_embedding = model.encode_gene(input_ids)       # input_ids from the tokenizer
+```
+
+or `stamp embed --model REPO_ID --data SHARD_DIR --modality fused --out emb.parquet`
+(`--images FOLDER` for plain image files).
+
+## Training stages
+
+| # | stage | steps | data | generated |
+|---|---|---|---|---|
+{stage_rows}
+
+Alignment corpus: `{data.get('source', '?')}` ({_fmt(data.get('n_spots', '?'))} paired spots,
+{_fmt(data.get('n_slides', '?'))} slides).{generated} Data licenses:
+{', '.join(licenses) if licenses else 'see the corpus card'}. Vision trunk frozen:
+{vision.get('trunk_frozen')}; gene encoder frozen: {info.get('gene_frozen')}.
+
+| setting | value |
+|---|---|
+{train_rows}
+
+## Metrics (last logged step)
+
+| metric | value |
+|---|---|
+{metric_rows}
+
+## Intended use and limitations
+
+Research use: retrieval between H&E patches and spot expression, image features that carry
+molecular signal, fused embeddings for domain annotation. Not for clinical decisions. The
+image encoder's starting weights may carry their own terms (UNI: MahmoodLab's licence);
+weights are derived from the training data, whose licenses are listed above.
+"""
+    return "\n".join(header) + "\n" + body.lstrip("\n")
+
+
+def write_stamp_model_card(model_dir, info: dict) -> Path:
+    """Write ``model_dir/README.md`` from run info and ``model_dir/config.json``."""
+    import json
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    path = model_dir / "README.md"
+    path.write_text(stamp_model_card(info, config))
+    return path
+
+
+__all__ = ["StampModel", "StampModelConfig", "create_stamp_model", "stamp_model_card", "write_stamp_model_card",
+           "LOGIT_SCALE_INIT", "LOGIT_SCALE_MAX"]

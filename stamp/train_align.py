@@ -1,0 +1,370 @@
+"""``stamp pretrain --stage align``: stage 3, aligning the gene encoder with a pathology ViT.
+
+Starts from a stage-2 run (``--init RUN2``: its gene encoder and tokenizer) and a vision
+encoder (``--vision uni|tiny|CONFIG.json|WEIGHTS.safetensors``), trains the four losses of
+:mod:`stamp.alignment` on a paired corpus, and writes ``RUN3/model`` as a
+:class:`stamp.multimodal.StampModel` (config.json + model.safetensors + tokenizer files +
+model card naming the data and every stage that trained it).
+
+The run contract is the gene stages' one (:mod:`stamp.train`): ``train_args.json`` fixed at
+the start, pickle-free checkpoints (:mod:`stamp.checkpoint`) written atomically every
+``save_every`` steps, exact ``resume`` (the paired loader's plan is a pure function of
+(seed, rank, epoch), the checkpoint stores its position and the RNG states),
+``metrics.jsonl`` (one line per step; lines after a resumed step are dropped and recomputed),
+``torchrun`` for several GPUs or nodes (contrastive candidates gathered over all ranks), and a
+NaN/inf loss stops the run without saving. Defaults follow the paper (sec. 4.1) and the
+released code: AdamW lr 1e-4, weight decay 1e-3, warm-up then cosine, batch 256, gradient
+accumulation 2, 30 epochs.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from stamp import checkpoint as ckpt
+from stamp.errors import TrainingError
+from stamp.train import ARGS_FILE, METRICS_FILE, RUN_INFO, Dist, init_distributed, lr_at
+
+logger = logging.getLogger(__name__)
+
+STAGE = "align"
+
+
+@dataclass
+class AlignArgs:
+    """Everything that defines an alignment run (saved to RUN/train_args.json)."""
+
+    data: str
+    out: str
+    init: Optional[str] = None  # stage-2 run or model folder (required for a new run)
+    vision: str = "uni"
+    vision_weights: Optional[str] = None  # None: the config's default weights; "none": random init
+    embed_dim: int = 512
+    freeze_gene: bool = False
+    freeze_vision: bool = False
+    epochs: int = 30
+    max_steps: Optional[int] = None  # None: `epochs` passes over this rank's paired spots
+    batch_size: int = 256
+    grad_accum: int = 2
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 1000
+    weight_decay: float = 1e-3
+    clip_norm: float = 1.0
+    gather_with_grad: bool = False
+    save_every: int = 1000
+    keep_checkpoints: Optional[int] = 3
+    seed: int = 0
+    resume: bool = False
+    stop_after: Optional[int] = None
+    progress: bool = True
+    device: Optional[str] = None
+    loader_threads: int = 4
+    stage: str = STAGE
+    extra: dict = field(default_factory=dict)
+
+
+def _prepare_run(args: AlignArgs, d: Dist) -> tuple[AlignArgs, Optional[Path]]:
+    out = Path(args.out)
+    saved = out / ARGS_FILE
+    latest = ckpt.latest_checkpoint(out)
+    if args.resume:
+        if not saved.is_file():
+            raise TrainingError(f"{out}: nothing to resume (no {ARGS_FILE}); start without --resume")
+        stored = json.loads(saved.read_text())
+        if stored.get("stage") != STAGE:
+            raise TrainingError(f"{out} is a {stored.get('stage')!r} run; resume it with --stage {stored.get('stage')}")
+        keep = {k: getattr(args, k) for k in ("progress", "save_every", "device", "loader_threads")}
+        keep["stop_after"] = args.stop_after
+        return AlignArgs(**{**stored, **keep, "resume": True}), latest
+    if latest is not None or (out / "model").exists():
+        raise TrainingError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
+    if not args.init:
+        raise TrainingError("--stage align needs --init RUN2 (a stage-2 run or model folder with its tokenizer)")
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{ARGS_FILE}.tmp"
+        tmp.write_text(json.dumps(asdict(args), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, saved)
+        (out / METRICS_FILE).unlink(missing_ok=True)
+    d.barrier()
+    return args, None
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    os.replace(tmp, path)
+
+
+def _lineage(init_dir: Path) -> list[dict]:
+    """The stages behind a model folder, oldest first (from run.json files up the --init chain)."""
+    chain: list[dict] = []
+    seen = set()
+    model_dir = init_dir
+    while model_dir is not None and str(model_dir) not in seen:
+        seen.add(str(model_dir))
+        info_path = model_dir.parent / RUN_INFO if model_dir.name == "model" else model_dir / RUN_INFO
+        if not info_path.is_file():
+            break
+        info = json.loads(info_path.read_text())
+        chain.append({"stage": info.get("stage"), "steps": info.get("steps"),
+                      "data": (info.get("data") or {}).get("source"), "generated": (info.get("data") or {}).get("generated")})
+        nxt = info.get("init")
+        if not nxt:
+            break
+        p = Path(nxt)
+        model_dir = p / "model" if (p / "model").is_dir() else p
+    return chain[::-1]
+
+
+def build_model(args: AlignArgs, n_genes: int):
+    """(StampModel, tokenizer, init folder): gene encoder + tokenizer from --init, vision from --vision."""
+    from stamp.hub import resolve_model_dir
+    from stamp.model import create_model
+    from stamp.multimodal import create_stamp_model
+    from stamp.tokenizer import GeneTokenizer
+    from stamp.vision import create_vision_encoder
+
+    torch.manual_seed(args.seed)
+    init_dir = resolve_model_dir(args.init)
+    gene = create_model(init_dir, n_genes=n_genes)
+    if not (init_dir / "tokenizer_config.json").is_file():
+        raise TrainingError(f"{init_dir}: no tokenizer files; --init must be a stamp pretrain run (stage 2)")
+    tokenizer = GeneTokenizer.from_pretrained(init_dir)
+    weights = args.vision_weights
+    vision = create_vision_encoder(args.vision, weights=None if weights in (None, "none") else weights,
+                                   pretrained=weights != "none")
+    return create_stamp_model(gene, vision, embed_dim=args.embed_dim), tokenizer, init_dir
+
+
+def _data_info(corpus, args: AlignArgs, n_spots: int) -> dict:
+    slides = corpus.slides
+    licenses = sorted({str(x) for x in slides["license"].dropna()}) if "license" in slides else []
+    if "license" in slides and slides["license"].isna().any():
+        licenses.append(f"unknown ({int(slides['license'].isna().sum())} slide(s) without a recorded license)")
+    generated = bool(len(slides)) and "source" in slides and bool((slides["source"] == "generated").all())
+    return {"source": str(args.data), "hub_id": getattr(corpus, "repo_id", None), "n_spots": n_spots,
+            "n_slides": int(len(slides)), "n_genes": int(len(corpus.genes)), "licenses": licenses,
+            "generated": generated, "paired": True}
+
+
+def align(args: AlignArgs, *, on_step: Optional[Callable[[dict], None]] = None) -> Path:
+    """Run (or resume) the alignment stage; returns the ``RUN/model`` folder."""
+    from spavis.format import open_corpus
+
+    d = init_distributed()
+    try:
+        return _align(args, d, open_corpus, on_step)
+    finally:
+        if d.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _pick_device(args: AlignArgs, d: Dist) -> torch.device:
+    if args.device:
+        return torch.device(args.device)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(d.local_rank)
+        return torch.device("cuda", d.local_rank)
+    return torch.device("cpu")
+
+
+def _align(args: AlignArgs, d: Dist, open_corpus, on_step) -> Path:
+    from stamp.paired_data import PairedBatchLoader
+
+    args, resume_from = _prepare_run(args, d)
+    for name in ("batch_size", "grad_accum", "epochs"):
+        if getattr(args, name) < 1:
+            raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    run = Path(args.out)
+    device = _pick_device(args, d)
+    corpus = open_corpus(args.data)
+    n_genes = int(len(corpus.genes))
+    model, tokenizer, init_dir = build_model(args, n_genes)
+    if tokenizer.n_genes != n_genes:
+        raise TrainingError(
+            f"the tokenizer of {args.init} has {tokenizer.n_genes} genes but {args.data} has {n_genes}; "
+            "align on a corpus built with the vocabulary of stages 1-2"
+        )
+    model.freeze(gene=args.freeze_gene, vision_trunk=args.freeze_vision)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    loader = PairedBatchLoader(corpus, tokenizer, batch_size=args.batch_size,
+                               context_length=model.config.gene.context_length, seed=args.seed,
+                               rank=d.rank, world_size=d.world, epochs=None, threads=args.loader_threads)
+    n_spots_total = loader.n_spots
+    if args.max_steps is None:
+        per_epoch = max(1, loader.n_batches(0) // args.grad_accum)
+        args.max_steps = per_epoch * args.epochs
+    total = int(args.max_steps)
+
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + d.rank)
+    step, spots_seen = 0, 0
+    if resume_from is not None:
+        ckpt.load_model_weights(model, resume_from)
+        ckpt.load_optimizer(optimizer, resume_from)
+        ckpt.restore_rng(resume_from, d.rank, gen)
+        state = ckpt.read_state(resume_from)
+        if state.get("world", 1) != d.world:
+            raise TrainingError(f"{resume_from} was written by {state.get('world')} processes; resume with the same number")
+        pos = ckpt.read_position(resume_from, d.rank)
+        step, spots_seen = state["step"], pos["spots_seen"]
+        loader.load_state_dict(pos["loader"])
+        if d.main:
+            _truncate_metrics(run / METRICS_FILE, step)
+    elif args.resume and d.main:
+        _truncate_metrics(run / METRICS_FILE, 0)
+    d.barrier()
+
+    forward: Callable = model
+    if d.world > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    stream = iter(loader)
+    data_info = _data_info(corpus, args, n_spots_total)
+    last_metrics: dict = {}
+    metrics_path = run / METRICS_FILE
+    stop_at = min(total, args.stop_after) if args.stop_after else total
+
+    def save(at_step: int) -> None:
+        stage_dir = ckpt.staging_dir(run, at_step)
+        if d.main:
+            shutil.rmtree(stage_dir, ignore_errors=True)
+        d.barrier()
+        ckpt.write_rank_part(stage_dir, d.rank, {"loader": loader.state_dict(), "spots_seen": spots_seen}, gen)
+        if d.main:
+            ckpt.write_main_part(stage_dir, model, optimizer, {})
+        d.barrier()
+        if d.main:
+            ckpt.finalize(run, at_step, {"step": at_step, "world": d.world, "stage": STAGE,
+                                         "schedule": {"name": "linear-warmup-cosine", "lr": args.lr,
+                                                      "min_lr": args.min_lr, "warmup": args.warmup_steps,
+                                                      "total": total},
+                                         "metrics": last_metrics}, keep=args.keep_checkpoints)
+        d.barrier()
+
+    model.train()
+    while step < stop_at:
+        t0 = time.perf_counter()
+        lr = lr_at(step + 1, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup_steps, total=total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums = torch.zeros(7, dtype=torch.float64)  # loss, ps, rs, pr, csp, correct, total
+        n_spots = 0
+        for micro in range(args.grad_accum):
+            batch = next(stream)
+            sync = forward.no_sync() if d.world > 1 and micro < args.grad_accum - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    out = forward(batch.input_ids.to(device), model.pixels(batch.patch), model.pixels(batch.region),
+                                  batch.region_cell.to(device), gather_with_grad=args.gather_with_grad)
+                (out.loss / args.grad_accum).backward()
+            sums += torch.tensor([out.loss.item(), out.ps.item(), out.rs.item(), out.pr.item(), out.csp.item(),
+                                  out.csp_correct, out.csp_total], dtype=torch.float64)
+            n_spots += len(batch)
+        spots_seen += n_spots
+        if d.world > 1:
+            sums = sums.to(device)
+            dist.all_reduce(sums)
+            sums = sums.cpu()
+            sums[:5] /= d.world
+            counted = torch.tensor([n_spots], dtype=torch.float64, device=device)
+            dist.all_reduce(counted)
+            n_spots = int(counted.item())
+        loss = float(sums[0]) / args.grad_accum
+        if not math.isfinite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            last = ckpt.latest_checkpoint(run)
+            raise TrainingError(
+                f"loss became {loss} at step {step + 1} of {run}; training stopped without saving. "
+                f"Last good checkpoint: {last or 'none'}. Lower --lr or raise --warmup-steps, then "
+                "--resume from it (or restart)."
+            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.clamp_logit_scale()
+        step += 1
+        dt = time.perf_counter() - t0
+        last_metrics = {
+            "step": step, "loss": loss,
+            "ps_loss": float(sums[1]) / args.grad_accum, "rs_loss": float(sums[2]) / args.grad_accum,
+            "pr_loss": float(sums[3]) / args.grad_accum, "csp_loss": float(sums[4]) / args.grad_accum,
+            "csp_acc": float(sums[5] / sums[6]) if sums[6] > 0 else None,
+            "logit_scale": float(model.logit_scale.detach().exp()), "lr": lr, "grad_norm": float(grad_norm),
+            "spots": n_spots, "spots_per_s": n_spots / dt if dt > 0 else None,
+            "epoch": loader.state_dict()["epoch"],
+        }
+        if d.main:
+            with metrics_path.open("a") as fh:
+                fh.write(json.dumps(last_metrics) + "\n")
+            if args.progress:
+                logger.info("step %d/%d loss %.4f csp_acc %s", step, stop_at, loss, last_metrics["csp_acc"])
+        if on_step is not None:
+            on_step(last_metrics)
+        if step % args.save_every == 0 or step == stop_at:
+            save(step)
+
+    info = {
+        "stage": STAGE, "steps": step, "total_steps": total, "spots_seen": spots_seen * d.world,
+        "init": str(args.init), "stages": _lineage(init_dir) + [{"stage": STAGE, "steps": step, "data": str(args.data),
+                                                              "generated": data_info["generated"]}],
+        "vision": {"config": model.config.vision.name, "arch": model.config.vision.arch,
+                   "weights": "random" if args.vision_weights == "none"
+                   else (args.vision_weights or model.config.vision.weights or "random"),
+                   "trunk_frozen": args.freeze_vision},
+        "gene_frozen": args.freeze_gene, "data": data_info,
+        "train": {k: v for k, v in asdict(args).items()
+                  if k in ("vision", "embed_dim", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps",
+                           "weight_decay", "clip_norm", "epochs", "seed", "max_steps", "freeze_gene",
+                           "freeze_vision", "gather_with_grad")} | {"world_size": d.world},
+        "final_metrics": {k: v for k, v in last_metrics.items() if v is not None and k != "step"},
+        "license": "other",
+    }
+    model_dir = run / "model"
+    if d.main:
+        model_dir = _write_model(run, model, tokenizer, info)
+        tmp = run / f".{RUN_INFO}.tmp"
+        tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, run / RUN_INFO)
+    d.barrier()
+    return model_dir
+
+
+def _write_model(run: Path, model, tokenizer, info: dict) -> Path:
+    """RUN/model: config.json + model.safetensors + tokenizer files + README card (atomic swap)."""
+    from stamp.multimodal import write_stamp_model_card
+
+    final = run / "model"
+    tmp = run / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_stamp_model_card(tmp, info)
+    old = run / ".model.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+__all__ = ["AlignArgs", "align", "build_model", "STAGE"]

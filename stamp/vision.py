@@ -1,0 +1,381 @@
+"""STAMP vision encoder: a timm ViT with the cross-scale *pretext token*.
+
+Why a wrapper and not a plain timm model: STAMP inserts one extra token right after the
+ViT's prefix tokens (CLS and any register tokens, ``trunk.num_prefix_tokens``; the
+released code hard-coded position 1, which breaks ViTs with registers such as UNI2-h).
+
+* For a **patch** image the token is a learned vector (``pretext``).
+* For a **region** image (3x wider, same pixel count) it describes *which patch* the
+  region is asked about: the patch resized to one ViT patch (16 x 16) sent through the
+  trunk's patch-embedding projection and norm, then ``region_proj``; the learned vector
+  is added times zero, as released, so both paths share one code path.
+
+The token gets no position embedding. Outputs per image (:class:`VisionOutput`): the
+pooled token (the trunk's own pooling -- CLS, or the mean of the non-prefix tokens for
+avg-pool models -- computed without the pretext token), the pretext token's output, and
+the grid tokens (B, H, W, C) that the CSP objective pools into 3 x 3 cells.
+
+Configs are JSON data in ``stamp/configs/vision-<name>.json`` (``uni``: UNI's ViT-L/16;
+``tiny``: a small random ViT for CPU runs and tests). Weights of the trunk are loaded
+separately (:func:`load_trunk_weights`) so that building a model from a saved config
+never downloads anything.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stamp.errors import ModelConfigError, StampError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+UNI_REPO = "MahmoodLab/UNI"
+VISION_PREFIX = "vision-"
+
+
+class VisionWeightsError(StampError):
+    """Vision trunk weights cannot be fetched or do not fit the architecture."""
+
+
+class RegionGridError(ModelConfigError):
+    """The region's token grid cannot be pooled into the 3 x 3 cells the CSP objective needs."""
+
+
+@dataclass
+class VisionConfig:
+    """Architecture of :class:`VisionEncoder` (serialised inside the StampModel config).
+
+    ``arch`` + ``model_kwargs`` go to ``timm.create_model``; ``weights`` is the default
+    source of pretrained trunk weights (``hf-hub:ORG/NAME`` or a file), used only by
+    :func:`load_trunk_weights`. ``csp_window``/``csp_stride``: ``avg_pool2d`` over the
+    region's token grid giving ``region_grid`` x ``region_grid`` cells (UNI: 14 x 14
+    tokens, window 6, stride 4, as released).
+    """
+
+    name: str = "custom"
+    arch: str = "vit_large_patch16_224"
+    img_size: int = 224
+    patch_size: int = 16
+    init_values: Optional[float] = 1e-5
+    dynamic_img_size: bool = True
+    model_kwargs: dict = field(default_factory=dict)
+    weights: Optional[str] = None
+    region_grid: int = 3
+    csp_window: int = 6
+    csp_stride: int = 4
+    mean: list = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list = field(default_factory=lambda: list(IMAGENET_STD))
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    def validate(self) -> "VisionConfig":
+        if self.img_size % self.patch_size:
+            raise ModelConfigError(
+                f"vision img_size {self.img_size} is not a multiple of patch_size {self.patch_size}; fix the config"
+            )
+        check_region_grid(self.grid_size, self.csp_window, self.csp_stride, self.region_grid)
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ModelConfigError("vision mean/std must hold 3 values (RGB)")
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VisionConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModelConfigError(f"unknown vision config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data).validate()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_region_grid(grid: int, window: int, stride: int, cells: int = 3) -> None:
+    """Raise :class:`RegionGridError` unless ``avg_pool2d(window, stride)`` maps ``grid`` to ``cells``."""
+    if window < 1 or stride < 1 or grid < window or (grid - window) % stride or (grid - window) // stride + 1 != cells:
+        raise RegionGridError(
+            f"a {grid}x{grid} token grid pooled with window {window}, stride {stride} does not give "
+            f"{cells}x{cells} region cells; set csp_window/csp_stride in the vision config so that "
+            f"(grid - window) / stride + 1 = {cells} (UNI: 14 tokens, window 6, stride 4)"
+        )
+
+
+def vision_preset_names() -> list[str]:
+    root = resources.files("stamp") / "configs"
+    return sorted(p.name[len(VISION_PREFIX):-5] for p in root.iterdir()
+                  if p.name.startswith(VISION_PREFIX) and p.name.endswith(".json"))
+
+
+def load_vision_config(name_or_path: Union[str, Path, dict, VisionConfig]) -> VisionConfig:
+    """A shipped preset (``uni``, ``tiny``), a JSON file of :class:`VisionConfig` fields, or a dict."""
+    if isinstance(name_or_path, VisionConfig):
+        return name_or_path.validate()
+    if isinstance(name_or_path, dict):
+        return VisionConfig.from_dict(name_or_path)
+    name = str(name_or_path)
+    if name in vision_preset_names():
+        text = (resources.files("stamp") / "configs" / f"{VISION_PREFIX}{name}.json").read_text()
+        where = f"stamp/configs/{VISION_PREFIX}{name}.json"
+    else:
+        path = Path(name)
+        if not path.is_file() or path.suffix != ".json":
+            raise ModelConfigError(
+                f"vision config {name!r} is neither a preset {vision_preset_names()} nor a JSON file"
+            )
+        text, where = path.read_text(), str(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelConfigError(f"{where}: not valid JSON ({exc}); fix the file") from exc
+    return VisionConfig.from_dict(data.get("vision", data))
+
+
+class VisionOutput(NamedTuple):
+    pooled: torch.Tensor  # (B, C)
+    pretext: torch.Tensor  # (B, C) the pretext token's output
+    grid: torch.Tensor  # (B, H, W, C)
+
+
+def _trunc_normal(t: torch.Tensor) -> None:
+    if t.device.type != "meta":
+        nn.init.trunc_normal_(t, std=0.02)
+
+
+class VisionEncoder(nn.Module):
+    """``trunk`` (timm ViT) + ``pretext`` (learned vector) + ``region_proj`` (see module docstring)."""
+
+    def __init__(self, config: Union[VisionConfig, dict, str] = "tiny") -> None:
+        super().__init__()
+        import timm
+
+        self.config = load_vision_config(config)
+        c = self.config
+        kwargs: dict[str, Any] = dict(pretrained=False, img_size=c.img_size, patch_size=c.patch_size,
+                                      num_classes=0, dynamic_img_size=c.dynamic_img_size, **c.model_kwargs)
+        if c.init_values is not None:
+            kwargs["init_values"] = c.init_values
+        try:
+            self.trunk = timm.create_model(c.arch, **kwargs)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ModelConfigError(f"timm cannot build {c.arch!r} with {kwargs}: {exc}") from exc
+        if not hasattr(self.trunk, "patch_embed") or not hasattr(self.trunk, "_pos_embed"):
+            raise ModelConfigError(f"{c.arch!r} is not a timm VisionTransformer; STAMP needs a ViT trunk")
+        self.dim = int(self.trunk.embed_dim)
+        self.num_prefix_tokens = int(getattr(self.trunk, "num_prefix_tokens", 1))
+        self.pretext = nn.Parameter(torch.zeros(self.dim))
+        self.region_proj = nn.Linear(self.dim, self.dim)
+        _trunc_normal(self.pretext)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pretext.device
+
+    def region_pretext(self, patch: torch.Tensor) -> torch.Tensor:
+        """(B, C) pretext tokens for region inputs: the patch shrunk to one ViT patch, embedded."""
+        ps = self.trunk.patch_embed.patch_size
+        small = F.interpolate(patch, size=tuple(ps), mode="bilinear", align_corners=False, antialias=True)
+        tok = self.trunk.patch_embed.proj(small).flatten(1)  # conv -> (B, C, 1, 1) -> (B, C)
+        tok = self.trunk.patch_embed.norm(tok)
+        return self.pretext * 0 + self.region_proj(tok)
+
+    def forward(self, pixels: torch.Tensor, region_of: Optional[torch.Tensor] = None) -> VisionOutput:
+        """Encode normalised pixels (B, 3, H, W); ``region_of``: the patches these regions hold."""
+        t = self.trunk
+        x = t.patch_embed(pixels)
+        if x.dim() == 4:  # dynamic_img_size: (B, H, W, C)
+            h, w = x.shape[1], x.shape[2]
+        else:
+            h, w = t.patch_embed.grid_size
+        x = t._pos_embed(x)
+        x = t.patch_drop(x)
+        x = t.norm_pre(x)
+        b = x.shape[0]
+        if region_of is None:
+            token = self.pretext.to(x.dtype).expand(b, -1)
+        else:
+            token = self.region_pretext(region_of).to(x.dtype)
+        n = self.num_prefix_tokens
+        x = torch.cat([x[:, :n], token[:, None], x[:, n:]], dim=1)
+        x = t.blocks(x)
+        x = t.norm(x)
+        pooled = t.forward_head(torch.cat([x[:, :n], x[:, n + 1:]], dim=1), pre_logits=True)
+        grid = x[:, n + 1:].reshape(b, h, w, -1)
+        return VisionOutput(pooled, x[:, n], grid)
+
+    def region_cells(self, grid: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) grid tokens -> (B, 9, C) cell tokens, row-major (released: window 6, stride 4)."""
+        c = self.config
+        check_region_grid(grid.shape[1], c.csp_window, c.csp_stride, c.region_grid)
+        if grid.shape[1] != grid.shape[2]:
+            raise RegionGridError(f"region token grid {tuple(grid.shape[1:3])} is not square; use square regions")
+        pooled = F.avg_pool2d(grid.permute(0, 3, 1, 2), kernel_size=c.csp_window, stride=c.csp_stride)
+        return pooled.flatten(2).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- pixels
+def to_pixels(images: Union[torch.Tensor, np.ndarray], config: VisionConfig) -> torch.Tensor:
+    """uint8 RGB images (B, H, W, 3) -> normalised float (B, 3, S, S) at the config's size.
+
+    The released inference: resize to 224 (bilinear), scale to [0, 1], ImageNet mean/std.
+    """
+    x = torch.as_tensor(images)
+    if x.dim() == 3:
+        x = x[None]
+    if x.dim() != 4 or x.shape[-1] != 3:
+        raise ModelConfigError(f"images must be (batch, height, width, 3) RGB, got shape {tuple(x.shape)}")
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    size = config.img_size
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(config.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(config.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class ImageTransform:
+    """PIL image / uint8 array (H, W, 3) -> normalised tensor (3, S, S); grayscale/RGBA converted to RGB."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        self.config = config
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        if hasattr(image, "convert"):  # PIL
+            image = np.asarray(image.convert("RGB"))
+        arr = np.asarray(image)
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=2)
+        if arr.ndim == 3 and arr.shape[2] == 4:
+            arr = arr[..., :3]
+        if arr.dtype != np.uint8:
+            raise ModelConfigError(f"images must be uint8 RGB, got {arr.dtype}")
+        return to_pixels(arr, self.config)[0]
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"ImageTransform(resize={c.img_size}, mean={c.mean}, std={c.std})"
+
+
+# ----------------------------------------------------------------------------- weights
+def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for wrapper in ("state_dict", "model"):
+        if wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "visual_backbone.base_model.", "trunk."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise VisionWeightsError(f"{path}: no such weights file; pass a .safetensors (or .bin/.pth) file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise VisionWeightsError(f"{path}: not a readable safetensors file ({exc}); re-download it") from exc
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise VisionWeightsError(
+            f"{path}: cannot be read safely as tensors ({type(exc).__name__}); only safetensors or "
+            "weights-only PyTorch files are accepted (convert it with safetensors)"
+        ) from exc
+
+
+def _download_hub(repo_id: str) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    last: Exception | None = None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        try:
+            return Path(hf_hub_download(repo_id, filename))
+        except GatedRepoError:
+            raise VisionWeightsError(
+                f"{repo_id} is gated: accept its terms at https://huggingface.co/{repo_id} and log in "
+                "(`hf auth login` or HF_TOKEN), then retry"
+            ) from None
+        except EntryNotFoundError as exc:
+            last = exc
+        except (RepositoryNotFoundError, HfHubHTTPError) as exc:
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            if status in (401, 403) or isinstance(exc, RepositoryNotFoundError):
+                raise VisionWeightsError(
+                    f"{repo_id}: access refused (HTTP {status or 401}); it is gated: accept its terms at "
+                    f"https://huggingface.co/{repo_id} and log in (`hf auth login` or HF_TOKEN), then retry"
+                ) from None
+            raise VisionWeightsError(f"{repo_id}: download failed (HTTP {status}); check your network") from None
+        except Exception as exc:  # connection errors come in many types
+            raise VisionWeightsError(f"{repo_id}: download failed ({type(exc).__name__}: {exc})") from None
+    raise VisionWeightsError(f"{repo_id}: holds neither model.safetensors nor pytorch_model.bin ({last})")
+
+
+def load_trunk_weights(encoder: VisionEncoder, source: Optional[str] = None) -> str:
+    """Load pretrained trunk weights (``hf-hub:ORG/NAME`` or a local file); returns the source used.
+
+    Every trunk tensor must be present with its shape (a clear error names the first misfit).
+    """
+    source = source or encoder.config.weights
+    if not source:
+        raise VisionWeightsError(f"vision config {encoder.config.name!r} names no weights; pass a weights file")
+    path = _download_hub(source[len("hf-hub:"):]) if source.startswith("hf-hub:") else Path(source).expanduser()
+    state = _strip(_read_weights(path))
+    own = encoder.trunk.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise VisionWeightsError(
+            f"{source}: {len(missing)} trunk tensor(s) missing (first: {missing[0]}); the file does not hold a "
+            f"{encoder.config.arch} (pick the matching --vision config)"
+        )
+    for key, value in own.items():
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise VisionWeightsError(
+                f"{source}: tensor {key} has shape {tuple(state[key].shape)}, the {encoder.config.arch} trunk "
+                f"needs {tuple(value.shape)}; pick the matching --vision config"
+            )
+    encoder.trunk.load_state_dict({k: state[k] for k in own}, strict=True)
+    return source
+
+
+def create_vision_encoder(spec: str = "tiny", *, weights: Optional[str] = None, pretrained: bool = True) -> VisionEncoder:
+    """``--vision`` value -> encoder: a preset (``uni``, ``tiny``), a config JSON, or a weights file.
+
+    A weights file (``.safetensors``/``.bin``/``.pth``) means UNI's architecture with those
+    weights. ``pretrained`` loads the config's default weights (``uni``: ``hf-hub:MahmoodLab/UNI``).
+    """
+    path = Path(spec)
+    if path.suffix in (".safetensors", ".bin", ".pth", ".pt"):
+        cfg, weights = load_vision_config("uni"), weights or str(path)
+    else:
+        cfg = load_vision_config(spec)
+    encoder = VisionEncoder(cfg)
+    if weights or (pretrained and cfg.weights):
+        load_trunk_weights(encoder, weights)
+    return encoder
+
+
+def count_vision_parameters(encoder: VisionEncoder) -> int:
+    return sum(p.numel() for p in encoder.trunk.parameters())
+
+
+__all__ = [
+    "VisionConfig", "VisionEncoder", "VisionOutput", "ImageTransform", "VisionWeightsError", "RegionGridError",
+    "load_vision_config", "vision_preset_names", "load_trunk_weights", "create_vision_encoder", "to_pixels",
+    "check_region_grid", "count_vision_parameters", "IMAGENET_MEAN", "IMAGENET_STD",
+]
