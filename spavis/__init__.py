@@ -1,7 +1,8 @@
 """spavis: curate public 10x Visium slices into one harmonized, sharded corpus.
 
 The flat API mirrors the pipeline: ``fetch`` -> ``read_slice`` -> ``harmonize`` ->
-``build_shards`` -> ``open_corpus``.
+``build_shards`` -> ``validate`` -> ``open_corpus``. Names load on first use, so
+``import spavis`` stays fast and never pulls in the downloader or the builder.
 """
 from __future__ import annotations
 
@@ -9,23 +10,32 @@ __version__ = "0.1.0"
 
 from spavis.errors import SpavisError  # noqa: F401
 
+_LAZY: dict[str, tuple[str, str]] = {
+    "fetch": ("spavis.sources", "fetch"),
+    "read_slice": ("spavis.readers", "read_slice"),
+    "load_vocabulary": ("spavis.genes", "load_vocabulary"),
+    "harmonize": ("spavis.genes", "harmonize"),
+    "build_shards": ("spavis.shards", "build_shards"),
+    "validate": ("spavis.shards", "validate"),
+    "info": ("spavis.shards", "info"),
+    "open_corpus": ("spavis.format", "open_corpus"),
+    "Corpus": ("spavis.format", "Corpus"),
+    "rows_to_csr": ("spavis.format", "rows_to_csr"),
+    "simulate_slice": ("spavis.simulate", "simulate_slice"),
+    "write_simulated_slice": ("spavis.simulate", "write_simulated_slice"),
+    "load_manifest": ("spavis.manifests", "load_manifest"),
+}
+__all__ = ["__version__", "SpavisError", *_LAZY]
+
 
 def __getattr__(name: str):
-    # Lazy re-exports keep `import spavis` fast and avoid import cycles.
-    lazy = {
-        "read_slice": ("spavis.readers", "read_slice"),
-        "load_vocabulary": ("spavis.genes", "load_vocabulary"),
-        "harmonize": ("spavis.genes", "harmonize"),
-        "build_shards": ("spavis.shards", "build_shards"),
-        "validate": ("spavis.shards", "validate"),
-        "info": ("spavis.shards", "info"),
-        "open_corpus": ("spavis.format", "open_corpus"),
-        "fetch": ("spavis.sources", "fetch"),
-        "simulate_slice": ("spavis.simulate", "simulate_slice"),
-    }
-    if name in lazy:
+    if name in _LAZY:
         import importlib
 
-        module, attr = lazy[name]
+        module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'spavis' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -4,18 +4,32 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
+# What users call, loaded on first use so `import stamp` stays fast (no torch until needed).
+_LAZY: dict[str, tuple[str, str]] = {
+    "GeneTokenizer": ("stamp.tokenizer", "GeneTokenizer"),
+    "StampGeneEncoder": ("stamp.model", "StampGeneEncoder"),
+    "StampConfig": ("stamp.model", "StampConfig"),
+    "StampModel": ("stamp.multimodal", "StampModel"),
+    "list_pretrained": ("stamp.registry", "list_pretrained"),
+    "create_model": ("stamp.registry", "create_model"),
+    "pretrain": ("stamp.train", "pretrain"),
+    "PretrainArgs": ("stamp.train", "PretrainArgs"),
+    "embed_corpus": ("stamp.embed", "embed_corpus"),
+    "load_model": ("stamp.embed", "load_model"),
+    "StampError": ("stamp.errors", "StampError"),
+    "open_corpus": ("spavis.format", "open_corpus"),
+}
+__all__ = ["__version__", *_LAZY]
+
+
 def __getattr__(name: str):
-    lazy = {
-        "GeneTokenizer": ("stamp.tokenizer", "GeneTokenizer"),
-        "StampGeneEncoder": ("stamp.model", "StampGeneEncoder"),
-        "StampConfig": ("stamp.model", "StampConfig"),
-        "StampModel": ("stamp.multimodal", "StampModel"),
-        "list_pretrained": ("stamp.registry", "list_pretrained"),
-        "create_model": ("stamp.registry", "create_model"),
-    }
-    if name in lazy:
+    if name in _LAZY:
         import importlib
 
-        module, attr = lazy[name]
+        module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'stamp' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -222,9 +222,9 @@ def _check_zarr(root: Path, sid: str, table, X, rep: ValidationReport) -> None:
     Z = adata.X.tocsr() if hasattr(adata.X, "tocsr") else None
     if Z is None or (Z != X).nnz:
         rep.error(f"{where}: X differs from the Parquet counts")
-    D = adata.obsp.get("spatial_distances")
+    D = adata.obsp.get(S.OBSP_DISTANCES)
     if D is None:
-        rep.error(f"{where}: obsp['spatial_distances'] missing")
+        rep.error(f"{where}: obsp['{S.OBSP_DISTANCES}'] missing")
         return
     nbrs = table.column("neighbors").combine_chunks()
     dist = table.column("neighbor_distances").combine_chunks()
@@ -237,4 +237,4 @@ def _check_zarr(root: Path, sid: str, table, X, rep: ValidationReport) -> None:
         shape=D.shape,
     )
     if (sp.csr_matrix(D, dtype=np.float32) != P).nnz:
-        rep.error(f"{where}: obsp['spatial_distances'] differs from Parquet neighbors/neighbor_distances")
+        rep.error(f"{where}: obsp['{S.OBSP_DISTANCES}'] differs from Parquet neighbors/neighbor_distances")
