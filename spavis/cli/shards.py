@@ -72,13 +72,21 @@ def build_shards_cmd(
 @app.command("validate")
 @friendly_errors
 def validate_cmd(
-    directory: Path = typer.Argument(..., help="A build-shards output directory."),
+    directory: Path = typer.Argument(..., help="A build-shards output directory, or a Hub dataset ORG/NAME."),
     quick: bool = typer.Option(False, "--quick", help="Skip the Parquet-vs-Zarr and gene-sum recomputation."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub corpora: branch, tag or commit."),
+    deep: bool = typer.Option(False, "--deep", help="Hub corpora: download the revision and check everything."),
 ) -> None:
     """Re-check checksums, schema and Parquet-vs-Zarr consistency; exit 1 on any mismatch."""
+    from spavis.format.hub import looks_like_repo_id
     from spavis.shards import validate
 
-    report = validate(directory, deep=not quick)
+    if not directory.exists() and looks_like_repo_id(str(directory)):
+        from spavis.publish import validate_hub
+
+        report = validate_hub(str(directory), revision, deep=deep)
+    else:
+        report = validate(directory, deep=not quick)
     report.raise_for_errors()
     checked = ", ".join(f"{v} {k}" for k, v in report.checked.items())
     console.print(f"[green]✓[/] {directory}: valid ({checked})", highlight=False)

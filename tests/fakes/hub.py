@@ -6,7 +6,8 @@ It replays the routes the installed clients use (read from their source):
 * ``GET  /api/{type}s/{repo}/tree/{rev}[/{path}]``                  listing, ``recursive``/``expand``,
   cursor pagination through a ``Link: <...>; rel="next"`` header
 * ``POST /api/{type}s/{repo}/paths-info/{rev}``                    form ``paths=…&expand=…``
-* ``GET  /api/{type}s/{repo}/refs`` and ``/commits/{rev}``
+* ``GET  /api/{type}s/{repo}/refs`` and ``/commits/{rev}``; ``POST /api/{type}s/{repo}/tag/{rev}``
+  (``{"tag": …}``; 409 when it exists) and ``DELETE /api/{type}s/{repo}/tag/{tag}``
 * ``HEAD|GET /{datasets/}{repo}/resolve/{rev}/{path}``             ETag, X-Repo-Commit, Content-Length,
   X-Linked-Etag/X-Linked-Size (LFS files: etag = sha256), Range -> 206, 404 EntryNotFound
 * ``POST /api/repos/create``, ``/api/validate-yaml``, ``GET /api/whoami-v2``
@@ -16,13 +17,16 @@ It replays the routes the installed clients use (read from their source):
 
 Gated repos answer like the real Hub: resolve without a token -> 401 ``X-Error-Code: GatedRepo``;
 with a token that was not granted -> 403 GatedRepo. Repo info and listings stay public (as on the Hub).
+Private repos answer 401 ``RepoNotFound`` to every request without a token (the Hub hides them).
+Tags (``create_tag``) resolve like branches; commits to a tag are refused.
 Blobs live on disk under ``root/blobs/<sha256>``; repo histories live in memory.
 
 Faults (for downloader tests): ``hub.add_fault(path_contains, kind, ...)`` where kind is
 ``"status"`` (answer ``status`` with optional Retry-After), ``"drop"`` (send headers and half the
 body, then close), ``"truncate"`` (send fewer bytes than Content-Length, then close) or
 ``"corrupt"`` (flip bytes in the body). Each fault fires ``times`` times, for GET only unless
-``methods`` says otherwise.
+``methods`` says otherwise, after letting the first ``after`` matching requests through (so
+``add_fault("/commit/main", status=500, methods=("POST",), after=2)`` fails the third commit).
 
 How to point the clients at it (they read ``HF_ENDPOINT`` once, at import):
 
@@ -113,7 +117,8 @@ class _Repo:
     private: bool = False
     gated: bool = False
     commits: dict[str, _Commit] = field(default_factory=dict)
-    refs: dict[str, str] = field(default_factory=dict)  # branch/tag/pr ref -> commit oid
+    refs: dict[str, str] = field(default_factory=dict)  # branch/pr ref -> commit oid
+    tags: dict[str, str] = field(default_factory=dict)  # tag name -> commit oid
     n_prs: int = 0
 
 
@@ -127,7 +132,9 @@ class Fault:
     times: int = 1
     retry_after: int | None = None
     methods: tuple[str, ...] = ("GET",)
+    after: int = 0  # matching requests let through before the fault starts firing
     fired: int = 0
+    seen: int = 0
 
 
 class _HubError(Exception):
@@ -298,6 +305,12 @@ class FakeHub:
         rev = unquote(rev)
         if rev in repo.refs:
             return repo.refs[rev]
+        if rev in repo.tags:
+            return repo.tags[rev]
+        if rev.startswith("refs/tags/") and rev[len("refs/tags/"):] in repo.tags:
+            return repo.tags[rev[len("refs/tags/"):]]
+        if rev.startswith("refs/heads/") and rev[len("refs/heads/"):] in repo.refs:
+            return repo.refs[rev[len("refs/heads/"):]]
         if re.fullmatch(r"[0-9a-f]{40}", rev) and rev in repo.commits:
             return rev
         raise _HubError(404, "RevisionNotFound", f"Invalid rev id: {rev}")
@@ -336,6 +349,27 @@ class FakeHub:
         repo.refs[revision] = digest
         return digest
 
+    def tags(self, repo_id: str, repo_type: str = "model") -> dict[str, str]:
+        """Tag name -> commit oid."""
+        return dict(self._repo(repo_type, repo_id).tags)
+
+    def commits(self, repo_id: str, repo_type: str = "model", revision: str = "main") -> list[str]:
+        """Titles of the commits reachable from ``revision``, oldest first."""
+        repo = self._repo(repo_type, repo_id)
+        commit = repo.commits[self._resolve_rev(repo, revision)]
+        titles = []
+        while commit is not None:
+            titles.append(commit.title)
+            commit = repo.commits.get(commit.parent) if commit.parent else None
+        return titles[::-1]
+
+    def _check_private(self, repo: _Repo, token: str | None) -> None:
+        if repo.private and not token:
+            raise _HubError(401, "RepoNotFound", f"Repository Not Found for url: {repo.repo_id}. Please make sure "
+                                                 "you specified the correct `repo_id` and `repo_type`. If you are "
+                                                 "trying to access a private or gated repo, make sure you are "
+                                                 "authenticated.")
+
     def _check_gate(self, repo: _Repo, token: str | None) -> None:
         if not repo.gated:
             return
@@ -352,6 +386,9 @@ class FakeHub:
         with self._lock:
             for fault in self.faults:
                 if fault.fired < fault.times and method in fault.methods and fault.path_contains in unquote(path):
+                    fault.seen += 1
+                    if fault.seen <= fault.after:
+                        continue
                     fault.fired += 1
                     return fault
         return None
@@ -570,6 +607,7 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.hub
         with hub._lock:
             repo = hub._repo(repo_type, repo_id)
+        hub._check_private(repo, self._token())
         parts = rest.split("/", 1)
         action, tail = parts[0], (parts[1] if len(parts) > 1 else "")
         if action in ("", "revision") and method == "GET":
@@ -596,7 +634,8 @@ class _Handler(BaseHTTPRequestHandler):
             branches = [{"name": r, "ref": f"refs/heads/{r}", "targetCommit": c}
                         for r, c in repo.refs.items() if not r.startswith("refs/")]
             prs = [{"name": r, "ref": r, "targetCommit": c} for r, c in repo.refs.items() if r.startswith("refs/pr/")]
-            out = {"branches": branches, "tags": [], "converts": []}
+            tags = [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": c} for t, c in sorted(repo.tags.items())]
+            out = {"branches": branches, "tags": tags, "converts": []}
             if "include_prs" in self.query:
                 out["pullRequests"] = prs
             return self._json(200, out)
@@ -612,6 +651,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._preupload(repo, tail)
         if action == "commit" and method == "POST":
             return self._commit(repo, unquote(tail))
+        if action == "tag" and method in ("POST", "DELETE"):
+            return self._tag(method, repo, unquote(tail))
         raise _HubError(404, None, f"Unknown route /api/{repo_type}s/{repo_id}/{rest}")
 
     def _info(self, repo: _Repo, head: str) -> dict:
@@ -657,6 +698,7 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.hub
         with hub._lock:
             repo = hub._repo(repo_type, repo_id)
+            hub._check_private(repo, self._token())
             head = hub._resolve_rev(repo, rev)
             hub._check_gate(repo, self._token())
             entry = repo.commits[head].tree.get(path)
@@ -700,6 +742,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body[: max(1, len(body) // 2)])
         self.wfile.flush()
         self.close_connection = True  # drop/truncate: fewer bytes than announced, then close
+
+    def _tag(self, method: str, repo: _Repo, rev: str) -> None:
+        if not self._token():
+            raise _HubError(401, None, "Invalid credentials in Authorization header")
+        hub = self.hub
+        with hub._lock:
+            if method == "DELETE":
+                if rev not in repo.tags:
+                    raise _HubError(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+                del repo.tags[rev]
+                return self._json(200, {})
+            payload = json.loads(self._body() or b"{}")
+            tag = str(payload.get("tag") or "")
+            if not tag or tag in repo.refs:
+                raise _HubError(400, None, f"Invalid tag name: {tag!r}")
+            if tag in repo.tags:
+                raise _HubError(409, None, f"Tag {tag} already exists")
+            repo.tags[tag] = hub._resolve_rev(repo, rev)
+        self._json(200, {})
 
     def _preupload(self, repo: _Repo, rev: str) -> None:
         if not self._token():

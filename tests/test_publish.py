@@ -1,0 +1,235 @@
+"""spavis publish / validate ORG/NAME / open_corpus by id, against the loopback Hub (real clients, with LFS).
+
+Corpora are built from GENERATED slices (spavis.simulate); two of them carry slice.json records
+of a HEST-like and a 10x-like source so the license rules have something to decide.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from fakes.hub import WRITE_TOKEN, FakeHub
+from spavis.errors import CorpusError, PublishError, SpavisError
+from spavis.format import open_corpus
+from spavis.publish import build_tag, corpus_files, publish, validate_hub
+from spavis.shards.card import LICENSE_ORDER, most_restrictive, normalize_license
+
+SLIDES = [  # slide_id, source, license (None = a local slice without a recorded license)
+    ("gen_0", None, None),
+    ("HEST01", "hest", "CC BY-NC-SA 4.0 (HEST-1k)"),
+    ("TENX01", "tenx", "CC BY 4.0 (10x Genomics)"),
+]
+
+
+def _build(root: Path, slides, *, max_spots: int = 60) -> Path:
+    from spavis.genes import Vocabulary, load_vocabulary
+    from spavis.shards import build_shards
+    from spavis.simulate import write_simulated_slice
+    from spavis.sources.sidecar import write_sidecar
+
+    stamp = load_vocabulary("stamp-v1")
+    ids = [str(e) for e in stamp.ensembl_ids if str(e).startswith("ENSG")][:120]
+    root.mkdir(parents=True, exist_ok=True)
+    vocab = Vocabulary("test-120", ids, [stamp.symbols[stamp.index[e]] for e in ids]).write(root / "vocab.json")
+    folders = []
+    for i, (sid, source, lic) in enumerate(slides):
+        folder = root / "in" / sid
+        folders.append(folder)
+        write_simulated_slice(folder, genes=ids, tissue_fraction=0.03, seed=i, median_umis=800, max_row=20)
+        if source:
+            write_sidecar(folder, slide_id=sid, source=source, license=lic, citation=f"{source} et al. (2024)",
+                          organ="heart", condition="healthy")
+    return build_shards(folders, root / "out", vocab=str(vocab), min_genes=10, k_neighbors=4,
+                        max_spots_per_shard=max_spots)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return _build(tmp_path_factory.mktemp("pub"), SLIDES)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    with FakeHub(tmp_path / "hub") as h:
+        h.activate(monkeypatch, cache_dir=tmp_path / "hf")
+        yield h
+
+
+def _uploads(hub, since: int = 0) -> list[str]:
+    return [p.rsplit("/", 1)[1] for m, p in hub.requests[since:] if m == "PUT" and p.startswith("/_lfs/upload/")]
+
+
+def _rows(ds) -> list[dict]:
+    return [dict(r) for r in ds]
+
+
+# ----------------------------------------------------------------------------- licenses and card
+def test_license_normalization_and_order():
+    assert normalize_license("CC BY-NC-SA 4.0 (HEST-1k)") == "cc-by-nc-sa-4.0"
+    assert normalize_license("MIT (STimage-1K4M)") == "mit"
+    assert normalize_license("CC BY 4.0 (10x Genomics)") == "cc-by-4.0"
+    assert normalize_license("CC0-1.0") == "cc0-1.0"
+    assert normalize_license(None) == normalize_license("  ") == "unknown"
+    assert normalize_license("GEO public data, see original publication") == "other"
+    assert most_restrictive(["cc0-1.0", "mit", "cc-by-4.0"]) == "cc-by-4.0"
+    assert most_restrictive(["mit", "cc-by-nc-sa-4.0", "cc-by-4.0"]) == "cc-by-nc-sa-4.0"
+    assert most_restrictive(["cc-by-sa-4.0", "cc-by-nc-4.0"]) == "cc-by-nc-sa-4.0"  # both terms hold
+    assert most_restrictive(["cc-by-4.0", "other"]) == "other"
+    assert most_restrictive(["mit", "unknown"]) == "other"
+    assert LICENSE_ORDER.index("cc-by") < LICENSE_ORDER.index("cc-by-nc-sa") < LICENSE_ORDER.index("other")
+
+
+def test_card_is_complete_for_the_hub(corpus):
+    import datasets
+
+    card = (corpus / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert [c["config_name"] for c in front["configs"]][:3] == ["default", "genes", "slides"]
+    # gen_0 has CC0 (generated), HEST01 CC BY-NC-SA, TENX01 CC BY: the most restrictive wins
+    assert front["license"] == "cc-by-nc-sa-4.0"
+    infos = {i["config_name"]: i for i in front["dataset_info"]}
+    names = [f["name"] for f in infos["default"]["features"]]
+    assert names == pq.read_schema(next((corpus / "data" / "expression").glob("*.parquet"))).names
+    assert {"hest", "tenx", "generated"} <= {line.split("|")[1].strip() for line in card.splitlines()
+                                              if line.startswith("| ") and line.count("|") == 6}
+    assert "hest et al. (2024)" in card and "tenx et al. (2024)" in card  # every source cited
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    assert manifest["vocabulary"]["checksum"] in card and "## Limitations" in card
+    # datasets reads the card's features and configs
+    genes = datasets.load_dataset(str(corpus), "genes", split="train")
+    assert genes.features["ensembl_id"].dtype == "string" and len(genes) == 120
+
+
+# ----------------------------------------------------------------------------- publish and read back
+def test_publish_tag_load_stream_and_lazy_open(corpus, hub, tmp_path):
+    import datasets
+
+    res = publish(corpus, "org/visium", token=WRITE_TOKEN, max_files_per_commit=100, revision_tag="v1.0")
+    files = corpus_files(corpus)
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    assert res.tag == build_tag(manifest) == f"build-{manifest['build_key']}"
+    assert res.n_uploaded == len(files) and res.n_commits > 2 and res.license == "cc-by-nc-sa-4.0"
+    assert hub.tags("org/visium", "dataset") == {res.tag: res.commit, "v1.0": res.commit}
+    assert hub.head("org/visium", "dataset") == res.commit
+    assert set(hub.list_files("org/visium", "dataset")) == set(files) | {".gitattributes"}
+    titles = hub.commits("org/visium", "dataset")
+    assert titles[-1].startswith("spavis publish: card and manifest")  # card + manifest go last
+    big = next(p for p in files if p.startswith("data/expression/"))
+    assert hashlib.sha256(files[big].read_bytes()).hexdigest() in _uploads(hub)  # went through LFS
+
+    # lazy (fresh cache): opening reads metadata only; one slide downloads the one shard holding it
+    c = open_corpus("org/visium", revision=res.tag)
+    assert c.repo_id == "org/visium" and c.revision == res.commit
+    assert not (c.root / "data").exists() and not (c.root / "zarr").exists()
+    assert c.n_spots == sum(o["rows"] for o in manifest["outputs"] if o["kind"] == "expression")
+    assert not (c.root / "data").exists()
+    target = c.slides.set_index("slide_id").loc["TENX01", "expression_file"]
+    (table,) = list(c.iter_slides(slide_ids=["TENX01"]))
+    got = sorted(p.relative_to(c.root).as_posix() for p in (c.root / "data").rglob("*.parquet"))
+    assert got == [target] and len(manifest["outputs"]) > 4
+    local_table = next(open_corpus(corpus).iter_slides(slide_ids=["TENX01"]))
+    assert table.equals(local_table)
+
+    # the same rows by id, downloaded and streamed, as from the local folder
+    local = datasets.load_dataset(str(corpus), split="train")
+    remote = datasets.load_dataset("org/visium", split="train", revision=res.tag)
+    assert remote.num_rows == local.num_rows and remote[:]["spot_id"] == local[:]["spot_id"]
+    assert remote[:]["counts"] == local[:]["counts"]
+    streamed = datasets.load_dataset("org/visium", split="train", streaming=True)
+    assert [r["spot_id"] for r in streamed] == local[:]["spot_id"]
+
+    # publishing again: nothing to upload, no commit, same tag
+    before, n_commits = len(hub.requests), len(hub.commits("org/visium", "dataset"))
+    again = publish(corpus, "org/visium", token=WRITE_TOKEN, max_files_per_commit=100)
+    assert again.n_uploaded == 0 and again.n_commits == 0 and again.commit == res.commit
+    assert _uploads(hub, before) == [] and len(hub.commits("org/visium", "dataset")) == n_commits
+
+    # validate by id: clean, then a tampered file on the Hub is reported
+    rep = validate_hub("org/visium", res.tag)
+    assert rep.ok, rep.errors
+    hub.add_files("org/visium", {"genes.parquet": b"PAR1 not really"}, "dataset", message="tamper")
+    bad = validate_hub("org/visium")
+    assert not bad.ok and any("genes.parquet" in e for e in bad.errors)
+    assert validate_hub("org/visium", res.tag).ok  # the tag still names the good bytes
+
+
+def test_interrupted_publish_resumes_with_only_the_missing_files(corpus, hub):
+    files = corpus_files(corpus)
+    # the Hub fails the 3rd commit (after two batches were committed)
+    hub.add_fault("/commit/main", "status", status=500, methods=("POST",), after=2)
+    with pytest.raises(PublishError, match=r"stopped after 2 of \d+ commit\(s\).*run the same command again"):
+        publish(corpus, "org/resume", token=WRITE_TOKEN, max_files_per_commit=40)
+    on_hub = set(hub.list_files("org/resume", "dataset")) - {".gitattributes"}
+    assert len(on_hub) == 80 < len(files)
+    assert "manifest.json" not in on_hub and not hub.tags("org/resume", "dataset")  # no half-announced version
+
+    first = len(hub.requests)
+    res = publish(corpus, "org/resume", token=WRITE_TOKEN, max_files_per_commit=40)
+    assert res.n_uploaded == len(files) - len(on_hub)
+    assert set(hub.list_files("org/resume", "dataset")) == set(files) | {".gitattributes"}
+    # nothing already committed was sent again
+    committed = {hashlib.sha256(files[p].read_bytes()).hexdigest() for p in on_hub}
+    assert not committed & set(_uploads(hub, first))
+    assert hub.tags("org/resume", "dataset") == {res.tag: res.commit}
+    assert validate_hub("org/resume").ok
+
+
+def test_unknown_license_needs_the_flag_and_local_dir_layout(tmp_path, hub):
+    corpus = _build(tmp_path / "c", [("LOCAL1", "local", None)])
+    with pytest.raises(PublishError, match="no recorded license.*--allow-unknown-license"):
+        publish(corpus, "org/unknown", token=WRITE_TOKEN)
+    assert ("dataset", "org/unknown") not in hub.repos  # refused before touching the Hub
+    card = (corpus / "README.md").read_text()
+    assert "without a recorded license" in card and "`LOCAL1`" in card
+    res = publish(corpus, local_dir=tmp_path / "repo", allow_unknown_license=True)
+    assert res.unknown_license_slides == ["LOCAL1"] and res.license == "other"
+    out = corpus_files(tmp_path / "repo")
+    assert out.keys() == corpus_files(corpus).keys()
+    assert all(out[k].read_bytes() == v.read_bytes() for k, v in corpus_files(corpus).items())
+    assert publish(corpus, local_dir=tmp_path / "repo", allow_unknown_license=True).n_uploaded == 0
+    # a corpus that no longer matches its manifest is not published
+    (corpus / "genes.parquet").write_bytes(b"changed")
+    with pytest.raises(PublishError, match="genes.parquet"):
+        publish(corpus, "org/unknown", token=WRITE_TOKEN, allow_unknown_license=True)
+
+
+def test_gated_corpus_and_missing_revision_are_one_clear_line(corpus, hub):
+    hub.create_repo("org/gated", repo_type="dataset", gated=True)
+    hub.add_files("org/gated", corpus_files(corpus), "dataset")
+    with pytest.raises(CorpusError) as info:
+        open_corpus("org/gated")
+    msg = str(info.value)
+    assert "gated" in msg and "hf auth login" in msg and "\n" not in msg and WRITE_TOKEN not in msg
+
+    hub.create_repo("org/open", repo_type="dataset")
+    hub.add_files("org/open", corpus_files(corpus), "dataset")
+    with pytest.raises(CorpusError, match=r"org/open has no revision 'v9' \(it has: main\)"):
+        open_corpus("org/open", revision="v9")
+    with pytest.raises(SpavisError, match="no revision 'v9'"):
+        validate_hub("org/open", "v9")
+    with pytest.raises(CorpusError, match="no such dataset"):
+        open_corpus("org/nothing")
+
+
+def test_cli_publish_and_validate_by_id(corpus, tmp_path):
+    with FakeHub(tmp_path / "hub") as hub:
+        env = hub.env(tmp_path)
+        env["HF_TOKEN"] = WRITE_TOKEN
+        run = [str(Path(sys.executable).parent / "spavis")]  # the console script
+        out = subprocess.run(run + ["publish", str(corpus), "--repo-id", "org/cli", "--files-per-commit", "50"],
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "tag build-" in out.stderr and WRITE_TOKEN not in out.stdout + out.stderr
+        env.pop("HF_TOKEN")
+        ok = subprocess.run(run + ["validate", "org/cli"], env=env, capture_output=True, text=True, timeout=120)
+        assert ok.returncode == 0 and "valid" in ok.stdout, ok.stdout + ok.stderr
+        bad = subprocess.run(run + ["validate", "org/cli", "--revision", "nope"], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert bad.returncode == 1 and "no revision 'nope'" in bad.stderr and "Traceback" not in bad.stderr
