@@ -233,3 +233,30 @@ def test_cli_publish_and_validate_by_id(corpus, tmp_path):
         bad = subprocess.run(run + ["validate", "org/cli", "--revision", "nope"], env=env, capture_output=True,
                              text=True, timeout=120)
         assert bad.returncode == 1 and "no revision 'nope'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_pretrain_from_a_hub_corpus_is_lazy_and_records_the_revision(tmp_path, hub):
+    pytest.importorskip("torch")
+    from stamp.data import TokenBatchLoader
+    from stamp.tokenizer import GeneTokenizer
+    from stamp.train import PretrainArgs, pretrain
+    from stamp_helpers import make_corpus
+
+    root, _ = make_corpus(tmp_path / "shards", slides=3, n_genes=120, max_row=16)  # one slide per shard
+    res = publish(root, "org/stamp-corpus", token=WRITE_TOKEN)
+    snap = tmp_path / "hf" / "hub" / "datasets--org--stamp-corpus" / "snapshots" / res.commit
+    corpus = open_corpus("org/stamp-corpus")
+    loader = TokenBatchLoader(corpus, GeneTokenizer.from_corpus(corpus, max_length=64), batch_size=8,
+                              shuffle_buffer=8, context_length=64)
+    assert not (snap / "data").exists()  # built from metadata only
+    next(iter(loader))
+    fetched = list((snap / "data" / "expression").glob("*.parquet"))
+    assert len(fetched) == 1 and not (snap / "zarr").exists()  # the first batch needed one shard of three
+
+    run = tmp_path / "run"
+    model = pretrain(PretrainArgs(stage="gene", data="org/stamp-corpus", out=str(run), config="tiny", max_steps=2,
+                                  batch_size=8, warmup_steps=1, save_every=2, progress=False, seed=0))
+    info = json.loads((run / "run.json").read_text())
+    assert info["data"]["hub_id"] == "org/stamp-corpus" and info["data"]["hub_revision"] == res.commit
+    card = (Path(model) / "README.md").read_text()
+    assert f"org/stamp-corpus@{res.commit}" in card and "- org/stamp-corpus" in card
