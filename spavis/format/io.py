@@ -165,9 +165,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = Fals
             if fsync:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+            # a failed write() names no file; name the target so the one-line error can
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
 
 

@@ -224,13 +224,15 @@ def drop_duplicate_inputs(slices: list[SliceInput]) -> list[SliceInput]:
     counted twice, biasing gene statistics and leaking between training and evaluation.
     """
     kept: dict[str, SliceInput] = {}
-    # the real folder wins over a symlink to it, then the first slide_id
-    for s in sorted(slices, key=lambda s: (s.root.is_symlink(), s.slide_id)):
+    # the name of the real folder wins over the name of a link to it, then the first slide_id
+    for s in sorted(slices, key=lambda s: (s.slide_id != _local_id(s.root), s.slide_id)):
         first = kept.get(s.input_sha256)
         if first is not None:
+            how = "the same folder reached through a link" if s.root == first.root else "a copy"
             warnings.warn(
-                f"{s.root}: the same files as {first.root} (same input_sha256, a link or a copy); "
-                f"counted once as slide {first.slide_id!r}, {s.slide_id!r} is skipped.", SpavisWarning, stacklevel=2)
+                f"slide {s.slide_id!r} ({s.root}) has the same input files as slide {first.slide_id!r} "
+                f"({first.root}): {how} (same input_sha256). It is counted once, as {first.slide_id!r}.",
+                SpavisWarning, stacklevel=2)
             continue
         kept[s.input_sha256] = s
     return sorted(kept.values(), key=lambda s: s.slide_id)
