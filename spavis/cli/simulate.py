@@ -18,6 +18,11 @@ def simulate_cmd(
     n_domains: int = typer.Option(5, "--n-domains", min=1, help="Spatial domains per slice."),
     median_umis: float = typer.Option(6000.0, "--median-umis", callback=positive_float, help="Median UMIs per spot."),
     prefix: str = typer.Option("generated", "--prefix", help="Slide ids are PREFIX_000, PREFIX_001, ..."),
+    with_image: bool = typer.Option(
+        False, "--with-image",
+        help="Also write image.tif: a GENERATED full-resolution H&E-like pyramidal TIFF whose texture follows "
+             "each spot's domain (for build-shards --with-images).",
+    ),
 ) -> None:
     """Write GENERATED (not real) Visium v1 slices over the stamp-v1 human genes.
 
@@ -34,5 +39,5 @@ def simulate_cmd(
             err_console.print(f"{folder} exists, kept")
             continue
         write_simulated_slice(folder, slide_id=slide_id, seed=seed + i, n_domains=n_domains,
-                              median_umis=median_umis)
+                              median_umis=median_umis, he_image=with_image)
         err_console.print(f"GENERATED slice written: {folder}")

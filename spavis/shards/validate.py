@@ -123,6 +123,11 @@ def validate(out: str | os.PathLike, *, deep: bool = True) -> ValidationReport:
 
     # 3. rows per slide, (deep) Zarr and gene sums
     _check_rows(root, expr_files, genes, rep, deep)
+    # 4. paired images (build-shards --with-images): spot order, labels, flags, (deep) Zarr
+    if not rep.errors:
+        from spavis.shards.images import check_paired
+
+        check_paired(root, listed, rep, deep)
     return rep
 
 

@@ -1,0 +1,351 @@
+"""Lazy access to a slide's H&E image and exact-geometry patch extraction.
+
+Why this shape:
+- Whole-slide images (HEST ``wsis/<id>.tif``, Space Ranger ``--image`` inputs) are multi-GB
+  pyramidal TIFFs. They are opened with ``tifffile`` as a Zarr store (``aszarr``): only the
+  tiles under a requested window are decoded, and the pyramid level closest to (but not
+  coarser than) the wanted scale is used, so a 3 GB slide is never loaded whole.
+- Decoded windows are kept in a small LRU cache of fixed blocks: spots come in barcode
+  order (spatially random), and neighbouring patches share tiles.
+- PNG/JPEG images (Space Ranger hires/lowres, STimage PNGs) have no tiles; they are decoded
+  once (PIL), which is what their size allows.
+- Geometry is exact: a window is resampled by PIL with a float source box, so the centre
+  of the output is the requested point to a fraction of a source pixel (no rounding to the
+  grid); outside the image is filled with white (glass) and reported as padding.
+- Channels are RGB. Grayscale is replicated, RGBA drops alpha, planar (CYX) is transposed;
+  each conversion is reported in ``ImageSource.notes``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from spavis.errors import SpavisError
+
+PAD_VALUE = 255  # glass: what surrounds tissue on an H&E slide
+BLOCK_PX = 1024  # cache granularity (level pixels)
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".svs", ".ome.tif", ".ome.tiff")
+DEFAULT_CACHE_MB = float(os.environ.get("SPAVIS_IMAGE_CACHE_MB", "512"))
+
+
+class ImageError(SpavisError):
+    """A slide image cannot be used (unreadable, truncated, does not cover the spots, no calibration)."""
+
+
+@dataclass
+class Level:
+    """One resolution of an image: an array-like (H, W, C) and its downsample factor vs level 0."""
+
+    data: Any  # zarr array or numpy array; indexed [y0:y1, x0:x1, ...]
+    height: int
+    width: int
+    factor: float  # level-0 pixels per level pixel
+    layout: str = "YXS"  # YXS (interleaved), YX (gray), SYX (planar)
+    channels: int = 3
+
+
+@dataclass
+class ImageSource:
+    """An opened image: its levels (finest first), the file, and any conversion notes."""
+
+    path: Path
+    levels: list[Level]
+    notes: list[str] = field(default_factory=list)
+    _handle: Any = None
+
+    @property
+    def height(self) -> int:
+        return self.levels[0].height
+
+    @property
+    def width(self) -> int:
+        return self.levels[0].width
+
+    def close(self) -> None:
+        if self._handle is not None:
+            try:
+                self._handle.close()
+            except Exception:  # noqa: BLE001 — closing must never mask the real error
+                pass
+            self._handle = None
+
+    def __enter__(self) -> "ImageSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def choose_level(self, um_per_px0: float, target_um: float) -> int:
+        """The coarsest level still at least as fine as ``target_um`` (finest when none is).
+
+        Coarser than needed would lose resolution; finer decodes more tiles for nothing.
+        """
+        best = 0
+        for i, lv in enumerate(self.levels):
+            if um_per_px0 * lv.factor <= target_um * 1.01:
+                best = i
+        return best
+
+
+def open_image(path: str | os.PathLike) -> ImageSource:
+    """Open a TIFF lazily (tifffile + Zarr store) or decode a PNG/JPEG; ImageError on bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: image file not found; fetch it again (spavis fetch --with-images).")
+    name = path.name.lower()
+    if name.endswith(TIFF_SUFFIXES):
+        return _open_tiff(path)
+    return _open_pil(path)
+
+
+def _layout(shape: tuple[int, ...], axes: str, where: Path) -> tuple[str, int, int, int]:
+    axes = axes.upper()
+    if axes in ("YX",) and len(shape) == 2:
+        return "YX", shape[0], shape[1], 1
+    if axes.endswith("YXS") and len(shape) >= 3 and all(s == 1 for s in shape[:-3]):
+        return "YXS", shape[-3], shape[-2], shape[-1]
+    if axes.endswith(("CYX", "SYX")) and len(shape) >= 3 and all(s == 1 for s in shape[:-3]):
+        return "SYX", shape[-2], shape[-1], shape[-3]
+    raise ImageError(f"{where}: image axes {axes} {shape} are not a 2-D RGB/gray picture; "
+                     "export the H&E as an RGB TIFF.")
+
+
+@contextmanager
+def _quiet_tifffile():
+    """tifffile logs what it tolerates (e.g. a corrupted tag list); we raise one clear error instead."""
+    log = logging.getLogger("tifffile")
+    before = log.disabled
+    log.disabled = True
+    try:
+        yield
+    finally:
+        log.disabled = before
+
+
+def _open_tiff(path: Path) -> ImageSource:
+    import tifffile
+    import zarr
+
+    try:
+        with _quiet_tifffile():
+            tf = tifffile.TiffFile(path)
+            series = tf.series[0] if tf.series else None
+    except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, ...
+        raise ImageError(f"{path}: unreadable TIFF ({type(exc).__name__}: {exc}); the file is truncated "
+                         "or not a TIFF, download it again.") from None
+    if series is None:
+        tf.close()
+        raise ImageError(f"{path}: the TIFF holds no image; the file is truncated or not a TIFF, download it again.")
+    try:
+        group = zarr.open(series.aszarr(), mode="r")
+        arrays = [group[str(i)] for i in range(len(series.levels))] if hasattr(group, "keys") else [group]
+        levels, notes = [], []
+        w0 = None
+        for arr, lv in zip(arrays, series.levels):
+            layout, h, w, c = _layout(tuple(arr.shape), lv.axes, path)
+            w0 = w0 or w
+            if arr.ndim > (2 if layout == "YX" else 3):  # drop leading singleton axes
+                arr = _Squeeze(arr, arr.ndim - (2 if layout == "YX" else 3))
+            levels.append(Level(arr, h, w, w0 / w, layout, c))
+        if np.dtype(series.dtype) != np.uint8:
+            notes.append(f"{np.dtype(series.dtype)} pixels rescaled to 8-bit")
+    except ImageError:
+        tf.close()
+        raise
+    except Exception as exc:
+        tf.close()
+        raise ImageError(f"{path}: unreadable TIFF ({type(exc).__name__}: {exc}); download it again.") from None
+    _check_complete(tf, series, path)
+    src = ImageSource(path, levels, notes, tf)
+    _note_channels(src)
+    return src
+
+
+def _check_complete(tf, series, path: Path) -> None:
+    """Fail at open, not half-way through a slide, when tiles point past the end of the file."""
+    size = path.stat().st_size
+    for lv in series.levels:
+        for page in lv.pages:
+            if page is None or not hasattr(page, "dataoffsets"):
+                continue
+            ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts) if c]
+            if ends and max(ends) > size:
+                tf.close()
+                raise ImageError(f"{path}: truncated TIFF (its tiles end at byte {max(ends):,}, the file has "
+                                 f"{size:,}); download it again.")
+
+
+class _Squeeze:
+    """Index an array with leading singleton axes as if they were not there."""
+
+    def __init__(self, arr, lead: int):
+        self.arr = arr
+        self.lead = lead
+
+    def __getitem__(self, key):
+        return self.arr[(0,) * self.lead + tuple(key)]
+
+
+def _open_pil(path: Path) -> ImageSource:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, im.width * im.height + 1)
+            mode = im.mode
+            im.load()
+            arr = np.asarray(im if mode in ("RGB", "L", "RGBA", "LA") else im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{path}: unreadable image ({exc}); the file is truncated or corrupt, "
+                         "download it again.") from None
+    src = ImageSource(path, [Level(arr, arr.shape[0], arr.shape[1], 1.0,
+                                   "YX" if arr.ndim == 2 else "YXS", 1 if arr.ndim == 2 else arr.shape[2])])
+    if mode not in ("RGB", "L", "RGBA", "LA"):
+        src.notes.append(f"{mode} image converted to RGB")
+    _note_channels(src)
+    return src
+
+
+def from_array(arr: np.ndarray, path: str = "<array>") -> ImageSource:
+    """An in-memory image (e.g. the lowres picture a reader already decoded)."""
+    arr = np.asarray(arr)
+    if arr.dtype != np.uint8:
+        scale = 255.0 if arr.size and float(np.nanmax(arr)) <= 1.0 else 1.0
+        arr = np.clip(np.nan_to_num(arr) * scale, 0, 255).astype(np.uint8)
+    layout = "YX" if arr.ndim == 2 else "YXS"
+    src = ImageSource(Path(path), [Level(arr, arr.shape[0], arr.shape[1], 1.0, layout,
+                                         1 if arr.ndim == 2 else arr.shape[2])])
+    _note_channels(src)
+    return src
+
+
+def _note_channels(src: ImageSource) -> None:
+    lv = src.levels[0]
+    if lv.channels == 1 or lv.layout == "YX":
+        src.notes.append("grayscale image converted to RGB (channel replicated)")
+    elif lv.channels == 2:
+        src.notes.append("gray+alpha image converted to RGB (alpha dropped)")
+    elif lv.channels == 4:
+        src.notes.append("RGBA image converted to RGB (alpha dropped)")
+    elif lv.channels != 3:
+        raise ImageError(f"{src.path}: {lv.channels} channels; an H&E image has 3 (RGB).")
+    if lv.layout == "SYX":
+        src.notes.append("planar (channel-first) TIFF read as interleaved RGB")
+
+
+def _to_rgb(block: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "SYX":
+        block = np.moveaxis(block, 0, -1)
+    if block.dtype != np.uint8:
+        info_max = np.iinfo(block.dtype).max if np.issubdtype(block.dtype, np.integer) else 1.0
+        block = np.clip(block.astype(np.float64) * (255.0 / info_max), 0, 255).astype(np.uint8)
+    if block.ndim == 2:
+        block = block[:, :, None]
+    c = block.shape[2]
+    if c == 1 or c == 2:
+        return np.repeat(block[:, :, :1], 3, axis=2)
+    return np.ascontiguousarray(block[:, :, :3])
+
+
+class WindowReader:
+    """Read RGB windows of one level with padding outside the image; decoded blocks are cached (LRU)."""
+
+    def __init__(self, source: ImageSource, level: int = 0, cache_mb: float = DEFAULT_CACHE_MB):
+        self.source = source
+        self.level = source.levels[level]
+        self.max_blocks = max(4, int(cache_mb * 2**20 // (BLOCK_PX * BLOCK_PX * 3)))
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._in_memory = isinstance(self.level.data, np.ndarray)
+
+    def _block(self, by: int, bx: int) -> np.ndarray:
+        key = (by, bx)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        lv = self.level
+        y0, x0 = by * BLOCK_PX, bx * BLOCK_PX
+        y1, x1 = min(y0 + BLOCK_PX, lv.height), min(x0 + BLOCK_PX, lv.width)
+        block = _to_rgb(self._raw(y0, y1, x0, x1), lv.layout)
+        self._cache[key] = block
+        if len(self._cache) > self.max_blocks:
+            self._cache.popitem(last=False)
+        return block
+
+    def _raw(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        lv = self.level
+        try:
+            with _quiet_tifffile():
+                if lv.layout == "SYX":
+                    return np.asarray(lv.data[:, y0:y1, x0:x1])
+                return np.asarray(lv.data[y0:y1, x0:x1])
+        except Exception as exc:  # a truncated file fails here, tile by tile
+            raise ImageError(f"{self.source.path}: cannot decode pixels {x0}..{x1} x {y0}..{y1} "
+                             f"({type(exc).__name__}: {exc}); the file is truncated or corrupt, "
+                             "download it again.") from None
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels [y0, y1) x [x0, x1) of the level as uint8 RGB; outside the image = PAD_VALUE."""
+        lv = self.level
+        out = np.full((y1 - y0, x1 - x0, 3), PAD_VALUE, np.uint8)
+        cy0, cy1 = max(y0, 0), min(y1, lv.height)
+        cx0, cx1 = max(x0, 0), min(x1, lv.width)
+        if cy0 >= cy1 or cx0 >= cx1:
+            return out
+        if self._in_memory:
+            out[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = _to_rgb(np.asarray(lv.data[cy0:cy1, cx0:cx1]), lv.layout)
+            return out
+        for by in range(cy0 // BLOCK_PX, (cy1 - 1) // BLOCK_PX + 1):
+            for bx in range(cx0 // BLOCK_PX, (cx1 - 1) // BLOCK_PX + 1):
+                blk = self._block(by, bx)
+                gy0, gx0 = by * BLOCK_PX, bx * BLOCK_PX
+                sy0, sy1 = max(cy0, gy0), min(cy1, gy0 + blk.shape[0])
+                sx0, sx1 = max(cx0, gx0), min(cx1, gx0 + blk.shape[1])
+                out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = blk[sy0 - gy0:sy1 - gy0, sx0 - gx0:sx1 - gx0]
+        return out
+
+
+def resample(reader: WindowReader, cx: float, cy: float, half: float, size: int) -> tuple[np.ndarray, bool]:
+    """A ``size`` x ``size`` RGB image of the square of half-width ``half`` (level pixels) centred
+    on the continuous point (cx, cy) (pixel i covers [i, i+1)), and whether it needed padding.
+
+    PIL's resize takes a float source box, so the geometry is exact (no snapping to the grid)
+    and a reduction is anti-aliased.
+    """
+    from PIL import Image
+
+    lv = reader.level
+    left, top, right, bottom = cx - half, cy - half, cx + half, cy + half
+    padded = left < -1e-6 or top < -1e-6 or right > lv.width + 1e-6 or bottom > lv.height + 1e-6
+    if not all(map(math.isfinite, (left, top, right, bottom))):
+        return np.full((size, size, 3), PAD_VALUE, np.uint8), True
+    x0, y0 = math.floor(left) - 2, math.floor(top) - 2
+    x1, y1 = math.ceil(right) + 2, math.ceil(bottom) + 2
+    window = reader.read(y0, y1, x0, x1)
+    im = Image.fromarray(window)
+    box = (left - x0, top - y0, right - x0, bottom - y0)
+    return np.asarray(im.resize((size, size), Image.BILINEAR, box=box)), padded
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    """PNG bytes of an RGB uint8 array (deterministic: fixed zlib level 1, no metadata)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)  # level 6: 4x slower, 8% smaller
+    return buf.getvalue()
+
+
+def level_scales(source: ImageSource, um_per_px0: float) -> Sequence[float]:
+    """µm per pixel of every level, given level 0's."""
+    return [um_per_px0 * lv.factor for lv in source.levels]

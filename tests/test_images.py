@@ -1,0 +1,241 @@
+"""`build-shards --with-images`: patch/region geometry, border handling, formats and bad images.
+
+The geometry test draws a dark 5 x 5 px marker at every spot's centre pixel of a synthetic
+4000 x 4000 pyramidal TIFF (tiled, 2 levels: 0.25 and 0.5 µm/px, written with tifffile) and
+finds the markers again in the patches and regions the build cut: expected positions come
+from the geometry alone (patch centre at 111.5 px; region cell centres at (c + 0.5) * 224/3 - 0.5).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import scipy.sparse as sp
+
+from spavis.format import open_corpus
+from spavis.format import schema as S
+from spavis.format.corpus import decode_image
+from spavis.images import ImageError
+from spavis.shards import build_shards
+from spavis.shards.validate import validate
+from spavis.shards.images import drawn_cells
+
+tifffile = pytest.importorskip("tifffile")
+
+UM0 = 0.25  # µm per level-0 pixel of the synthetic slide
+SIZE = 4000
+# spot centres (µm, (x, y)), every pair > 280 µm apart on some axis (a region reaches 280 µm
+# from its spot, so each region shows one marker): four interior spots, one 60 µm from the
+# left edge (its region must move right: column 0), one 20 µm from it (the patch leaves the
+# image: padded), one 60 µm from the bottom-right corner (cell 8)
+SPOTS_UM = [(350, 350), (650, 350), (350, 650), (650, 650), (60, 500), (20, 880), (940, 940)]
+ODD = [(3, 1), (1, 7), (5, 3), (7, 5), (1, 1), (3, 3), (5, 5)]  # odd pixel offsets: level 1 is not aligned
+
+
+def _spots_px() -> np.ndarray:
+    return np.array([(x / UM0 + ox, y / UM0 + oy) for (x, y), (ox, oy) in zip(SPOTS_UM, ODD)], np.int64)
+
+
+def _write_tiff(path: Path, img: np.ndarray, levels: int = 2) -> None:
+    photometric = "rgb" if img.ndim == 3 and img.shape[2] in (3, 4) else "minisblack"
+    extra = {"extrasamples": ["unassalpha"]} if img.ndim == 3 and img.shape[2] == 4 else {}
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(img, tile=(256, 256), photometric=photometric, compression="zlib", subifds=levels - 1, **extra)
+        level = img
+        for _ in range(levels - 1):  # 2 x 2 box filter: keeps the marker centroids exact
+            h, w = level.shape[0] // 2 * 2, level.shape[1] // 2 * 2
+            blocks = level[:h, :w].reshape(h // 2, 2, w // 2, 2, *level.shape[2:]).astype(np.float64)
+            level = blocks.mean(axis=(1, 3)).round().astype(np.uint8)
+            tw.write(level, tile=(256, 256), photometric=photometric, compression="zlib", subfiletype=1, **extra)
+
+
+def _marker_image(channels: int = 3, size: int = SIZE) -> np.ndarray:
+    img = np.full((size, size, channels), 255, np.uint8) if channels > 1 else np.full((size, size), 255, np.uint8)
+    for x, y in _spots_px():
+        if 0 <= x < size and 0 <= y < size:
+            img[max(y - 2, 0):y + 3, max(x - 2, 0):x + 3, ...] = 0
+    if channels == 4:
+        img[:, :, 3] = 255
+    return img
+
+
+def _make_slice(folder: Path, *, calibrated: bool = True, image: np.ndarray | None = None,
+                tiff_levels: int = 2) -> Path:
+    """A plain .h5ad slice (7 spots, 20 vocabulary genes) + image.tif in ``folder``."""
+    from spavis.genes import load_vocabulary
+
+    folder.mkdir(parents=True)
+    ids = [str(x) for x in load_vocabulary("stamp-v1").ensembl_ids[:20]]
+    px = _spots_px()
+    n = len(px)
+    rng = np.random.default_rng(0)
+    X = sp.csr_matrix(rng.integers(1, 5, size=(n, len(ids))).astype(np.float32))
+    obs = pd.DataFrame({"in_tissue": np.ones(n, np.int64),
+                        "pxl_col_in_fullres": px[:, 0].astype(np.float64),
+                        "pxl_row_in_fullres": px[:, 1].astype(np.float64)},
+                       index=[f"AAAC{i:04d}-1" for i in range(n)])
+    a = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=ids))
+    if calibrated:  # Space Ranger's calibration: spot_diameter_fullres = pixels per 65 µm
+        a.uns["spatial"] = {"lib": {"scalefactors": {"spot_diameter_fullres": 65.0 / UM0}}}
+    a.write_h5ad(folder / "slice.h5ad")
+    _write_tiff(folder / "image.tif", _marker_image() if image is None else image, tiff_levels)
+    return folder
+
+
+def _centroid(img: np.ndarray) -> tuple[float, float]:
+    dark = 255.0 - img.astype(np.float64).mean(axis=2)
+    dark[dark < 8] = 0  # interpolation ripples are not the marker
+    ys, xs = np.mgrid[0:img.shape[0], 0:img.shape[1]]
+    return float((dark * xs).sum() / dark.sum()), float((dark * ys).sum() / dark.sum())
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    _make_slice(root / "markers")
+    return build_shards([root / "markers"], root / "corpus", min_genes=1, with_images=True)
+
+
+def test_patch_centre_is_the_spot_centre_and_regions_hold_the_patch_in_their_cell(built):
+    corpus = open_corpus(built)
+    assert corpus.has_images
+    (table,) = list(corpus.iter_paired())
+    rows = table.to_pylist()
+    expr = next(corpus.iter_slides(columns=["spot_id"])).column("spot_id").to_pylist()
+    assert [r["spot_id"] for r in rows] == expr  # same spots, same order as the expression rows
+    step = S.PATCH_PX / S.REGION_GRID
+    by_barcode = {f"AAAC{i:04d}-1": i for i in range(len(SPOTS_UM))}
+    drawn = drawn_cells([r["spot_id"] for r in rows])
+    for r, want in zip(rows, drawn):
+        i = by_barcode[r["spot_id"].split(":", 1)[1]]
+        patch, region = decode_image(r["patch"]), decode_image(r["region"])
+        assert patch.shape == region.shape == (224, 224, 3)
+        assert 0 <= r["region_cell"] <= 8
+        assert r["um_per_px"] == pytest.approx(0.5)  # level 1 of the pyramid: exactly the patch scale
+        assert r["upsampled"] is False
+        if i == 5:  # 20 µm from the left edge: the patch leaves the image
+            assert r["padded"] is True
+            continue
+        assert r["padded"] is False
+        cx, cy = _centroid(patch)
+        # within one level-0 source pixel (0.25 µm = 0.5 output pixel) of the spot centre
+        assert abs(cx - 111.5) <= 0.5 and abs(cy - 111.5) <= 0.5, (i, cx, cy)
+        row, col = divmod(r["region_cell"], 3)
+        rx, ry = _centroid(region)
+        assert abs(rx - ((col + 0.5) * step - 0.5)) <= 0.5 and abs(ry - ((row + 0.5) * step - 0.5)) <= 0.5
+        if i < 4:
+            assert r["region_cell"] == want  # interior: the drawn cell is kept
+        elif i == 4:
+            assert col == 0  # the region moved inside the image; the label followed
+        elif i == 6:
+            assert r["region_cell"] == 8
+
+
+def test_slides_zarr_and_datasets_agree(built):
+    import datasets
+    import zarr
+
+    slides = pq.read_table(built / S.SLIDES_FILE).to_pylist()
+    (slide,) = slides
+    assert slide["image_file"] == "image.tif" and slide["image_kind"] == "wsi"
+    assert slide["image_um_per_px"] == pytest.approx(0.5)
+    assert slide["n_patches_padded"] == 1 and slide["n_patches_upsampled"] == 0
+    corpus = open_corpus(built)
+    table = next(corpus.iter_paired())
+    g = corpus.images_zarr("markers")
+    assert isinstance(g, zarr.Group)
+    assert g["patch"].shape == (table.num_rows, 224, 224, 3) and g["patch"].dtype == np.uint8
+    for i, r in enumerate(table.to_pylist()):
+        assert np.array_equal(g["patch"][i], decode_image(r["patch"]))
+        assert np.array_equal(g["region"][i], decode_image(r["region"]))
+    assert g["region_cell"][:].tolist() == table.column("region_cell").to_pylist()
+    assert g["padded"][:].tolist() == table.column("padded").to_pylist()
+    datasets.disable_progress_bars()
+    ds = datasets.load_dataset(str(built), "paired", split="train")
+    first = ds[0]
+    assert first["patch"].size == (224, 224) and first["patch"].mode == "RGB"
+    assert np.array_equal(np.asarray(first["patch"]), decode_image(table.column("patch")[0].as_py()))
+    report = validate(built)
+    assert report.ok, report.errors
+
+
+def test_builds_are_byte_identical(built, tmp_path):
+    again = build_shards([built.parent / "markers"], tmp_path / "again", min_genes=1, with_images=True)
+    rel = f"{S.PAIRED_DIR}/part-00000.parquet"
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(again / rel) == digest(built / rel)
+    m1, m2 = (json.loads((d / S.MANIFEST_FILE).read_text()) for d in (built, again))
+    assert [o["sha256"] for o in m1["outputs"]] == [o["sha256"] for o in m2["outputs"]]
+
+
+def test_lowres_fallback_flags_every_patch_upsampled(tmp_path):
+    heart = Path(__file__).parents[1] / "spavis" / "data" / "demo" / "human_heart_v1_subsample"
+    out = build_shards([heart], tmp_path / "heart", min_genes=1, with_images=True)
+    (slide,) = pq.read_table(out / S.SLIDES_FILE).to_pylist()
+    assert slide["image_kind"] == "lowres"
+    # 65 µm / spot_diameter_fullres / tissue_lowres_scalef, from the slice's own scalefactors
+    sf = json.loads((heart / "spatial" / "scalefactors_json.json").read_text())
+    assert slide["image_um_per_px"] == pytest.approx(65.0 / sf["spot_diameter_fullres"] / sf["tissue_lowres_scalef"])
+    assert slide["n_patches_upsampled"] == slide["n_spots_kept"] > 0
+    assert any("upsampled" in w for w in slide["warnings"])
+    table = next(open_corpus(out).iter_paired(columns=["upsampled", "padded", "region_cell"]))
+    assert all(table.column("upsampled").to_pylist())
+
+
+@pytest.mark.parametrize("channels,note", [(1, "grayscale"), (4, "RGBA")])
+def test_gray_and_rgba_images_are_converted_and_said(tmp_path, channels, note):
+    _make_slice(tmp_path / "s", image=_marker_image(channels), tiff_levels=1)
+    with pytest.warns(UserWarning, match=note):
+        out = build_shards([tmp_path / "s"], tmp_path / "out", min_genes=1, with_images=True)
+    (slide,) = pq.read_table(out / S.SLIDES_FILE).to_pylist()
+    assert any(note in w for w in slide["warnings"])
+    row = next(open_corpus(out).iter_paired()).to_pylist()[0]
+    assert decode_image(row["patch"]).shape == (224, 224, 3)
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+@pytest.mark.parametrize("case,message", [
+    ("small", "does not cover"),
+    ("truncated", "truncated"),
+    ("uncalibrated", "no calibration"),
+])
+def test_bad_images_fail_with_one_clear_error_and_no_output(tmp_path, case, message):
+    if case == "small":
+        _make_slice(tmp_path / "s", image=_marker_image(size=1000))
+    elif case == "truncated":
+        _make_slice(tmp_path / "s")
+        _truncate(tmp_path / "s" / "image.tif")
+    else:
+        _make_slice(tmp_path / "s", calibrated=False)
+    with pytest.raises(ImageError, match=message):
+        build_shards([tmp_path / "s"], tmp_path / "out", min_genes=1, with_images=True)
+    assert not (tmp_path / "out").exists()
+    left = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".spavis-lock"))  # the build's lock
+    assert left == ["s"]  # no partial output, no stray work dir
+
+
+def test_cli_prints_one_line_for_a_bad_image(tmp_path):
+    _make_slice(tmp_path / "s")
+    _truncate(tmp_path / "s" / "image.tif")
+    spavis = Path(sys.executable).with_name("spavis")
+    res = subprocess.run([str(spavis), "build-shards", str(tmp_path / "s"), "--out", str(tmp_path / "out"),
+                          "--min-genes", "1", "--with-images", "--quiet"],
+                         capture_output=True, text=True, timeout=180, env=dict(os.environ))
+    assert res.returncode == 1
+    errors = [line for line in res.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "image.tif" in errors[0] and "download it again" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()
