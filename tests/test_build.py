@@ -357,8 +357,10 @@ def test_bad_inputs_fail_cleanly(inputs, tmp_path, real_data):
         build_shards([good], foreign, vocab=inputs["vocab"], min_genes=MIN_GENES)
     assert (foreign / "notes.txt").read_text() == "keep me"
 
-    dup = tmp_path / "dups" / "gen_0"
+    dup = tmp_path / "dups" / "gen_0"  # same slide_id, other files (an identical copy is counted once)
     shutil.copytree(good, dup)
+    with open(dup / "spatial" / "scalefactors_json.json", "a") as fh:
+        fh.write("\n")
     with pytest.raises(SpavisError, match="unique"):
         build_shards([good, dup], tmp_path / "o5", vocab=inputs["vocab"])
 

@@ -12,6 +12,9 @@ from rich.table import Table
 
 from spavis.cli import app
 from spavis.cli._common import friendly_errors
+from spavis.shards.config import BuildConfig
+
+_DEFAULTS = BuildConfig()
 
 console = Console()
 err = Console(stderr=True)
@@ -24,13 +27,18 @@ def build_shards_cmd(
         ..., help="Slice folders/files, or folders of fetched slices (each with slice.json)."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Output corpus directory."),
-    vocab: str = typer.Option("stamp-v1", "--vocab", help="Vocabulary preset (stamp-v1, gencode48-pc-mt) or vocab.json."),
-    min_genes: int = typer.Option(100, "--min-genes", help="Drop spots with fewer detected vocabulary genes."),
-    k_neighbors: int = typer.Option(8, "--k-neighbors", help="Spatial neighbours stored per spot."),
+    vocab: str = typer.Option(_DEFAULTS.vocab, "--vocab", help="Vocabulary preset (stamp-v1, gencode48-pc-mt) or vocab.json."),
+    min_genes: int = typer.Option(_DEFAULTS.min_genes, "--min-genes", min=0, help="Drop spots with fewer detected vocabulary genes."),
+    k_neighbors: int = typer.Option(_DEFAULTS.k_neighbors, "--k-neighbors", min=1, help="Spatial neighbours stored per spot."),
     max_spots_per_shard: int = typer.Option(
-        50_000, "--max-spots-per-shard", help="Spots per Parquet file (a slide never spans two files)."
+        _DEFAULTS.max_spots_per_shard, "--max-spots-per-shard", min=1, help="Spots per Parquet file (a slide never spans two files)."
     ),
-    workers: int = typer.Option(1, "--workers", "-j", help="Slices prepared in parallel (processes)."),
+    workers: int = typer.Option(
+        1, "--workers", "-j", min=1, help="Worker processes preparing slices and writing shards (same bytes for any N)."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing corpus at --out that was built from other slices."
+    ),
     work_dir: Optional[Path] = typer.Option(
         None, "--work-dir", help="Keep prepared slices here (default: a temporary .spavis-work-* next to --out)."
     ),
@@ -41,24 +49,36 @@ def build_shards_cmd(
     annotations: Optional[Path] = typer.Option(
         None, "--annotations", help="CSV keyed by barcode (or spot_id; optional slide_id) holding --obs-columns."
     ),
+    with_images: bool = typer.Option(
+        False, "--with-images",
+        help="Also cut a 224 px patch (112 µm, 0.5 µm/px) and region (336 µm) per spot from each slide's H&E "
+             "image into data/paired/ and the Zarr images/ group.",
+    ),
 ) -> None:
     """Build a harmonized, sharded Parquet + Zarr corpus (resumable; a re-run with the same inputs is a no-op)."""
     from spavis.shards import build_shards
 
     start = time.perf_counter()
-    result = build_shards(
-        inputs,
-        out,
-        vocab=vocab,
-        min_genes=min_genes,
-        k_neighbors=k_neighbors,
-        max_spots_per_shard=max_spots_per_shard,
-        workers=workers,
-        work_dir=work_dir,
-        progress=not quiet,
-        obs_columns=obs_columns,
-        annotations=annotations,
-    )
+    config = BuildConfig(vocab=vocab, min_genes=min_genes, k_neighbors=k_neighbors,
+                         max_spots_per_shard=max_spots_per_shard)
+    try:
+        result = build_shards(
+            inputs,
+            out,
+            config,
+            workers=workers,
+            work_dir=work_dir,
+            progress=not quiet,
+            overwrite=overwrite,
+            obs_columns=obs_columns,
+            annotations=annotations,
+            with_images=with_images,
+        )
+    except KeyboardInterrupt as exc:  # Ctrl-C: the workers are already stopped; one line, status 130
+        kept = getattr(exc, "spavis_work_dir", None)
+        tail = f"; prepared slices kept in {kept[0]} ({kept[1]:,.1f} MB): rerun to resume" if kept else ""
+        err.print(f"interrupted: {out} left unchanged{tail}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     manifest = json.loads((result / "manifest.json").read_text())
     s = manifest["summary"]
     err.print(
@@ -67,6 +87,11 @@ def build_shards_cmd(
         f"({time.perf_counter() - start:.1f} s)",
         highlight=False,
     )
+    if with_images:
+        from spavis.shards.images import image_summary
+
+        for line in image_summary(result):
+            err.print(f"  {line}", highlight=False, markup=False)
 
 
 @app.command("validate")

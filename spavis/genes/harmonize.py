@@ -188,10 +188,18 @@ def _relabel_columns(X: sp.csr_matrix, col: np.ndarray, n_cols: int) -> sp.csr_m
     """``X @ mapping`` when every vocabulary column receives at most one feature.
 
     Nothing is summed then, so the product only moves each feature's column to its
-    vocabulary position (dropping features outside the vocabulary, and zeros). Done as a
-    column gather in CSC (contiguous copies) and one CSC -> CSR conversion, which yields
-    sorted indices without the product's per-row accumulator or a per-row sort.
+    vocabulary position (dropping features outside the vocabulary, and zeros).
+
+    When the features already come in vocabulary order (the kept columns increase), the
+    CSR arrays are relabelled in place of a copy: indices stay sorted, no CSC round trip.
+    Otherwise (real Space Ranger files list genes by genome position, the vocabularies by
+    Ensembl id) a column gather in CSC plus one CSC -> CSR conversion (two counting-sort
+    passes) sorts them: on an 11 M-nonzero slide with scrambled order it took 0.33 s
+    against 0.58 s for relabelling in CSR and sorting each row (scipy ``sort_indices``).
     """
+    mapped = col[col >= 0]
+    if mapped.size == 0 or np.all(mapped[1:] > mapped[:-1]):
+        return _relabel_monotonic(X, col, n_cols)
     feats = np.flatnonzero(col >= 0)
     feats = feats[np.argsort(col[feats], kind="stable")]  # features in vocabulary order
     Xc = X.tocsc()[:, feats]
@@ -202,6 +210,23 @@ def _relabel_columns(X: sp.csr_matrix, col: np.ndarray, n_cols: int) -> sp.csr_m
     out = sp.csc_matrix((Xc.data, Xc.indices, indptr.astype(Xc.indptr.dtype, copy=False)),
                         shape=(X.shape[0], n_cols))
     return out.tocsr()
+
+
+def _relabel_monotonic(X: sp.csr_matrix, col: np.ndarray, n_cols: int) -> sp.csr_matrix:
+    """Column relabelling in CSR for an increasing feature -> column map (rows stay sorted)."""
+    lookup = col.astype(np.int32 if n_cols < 2**31 else np.int64)
+    new = lookup[X.indices]
+    keep = new >= 0
+    keep &= X.data != 0
+    if keep.all():
+        data, indices, indptr = X.data, new, X.indptr
+    else:
+        data, indices = X.data[keep], new[keep]
+        kept_before = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+        indptr = kept_before[X.indptr]
+    out = sp.csr_matrix((data, indices, indptr), shape=(X.shape[0], n_cols), copy=False)
+    out.has_sorted_indices = True
+    return out
 
 
 def _examples(names, match, eid, candidates, in_vocab, resolved, table: GeneTable) -> dict[str, list[str]]:

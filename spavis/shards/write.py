@@ -1,13 +1,11 @@
 """Merge prepared slices into the final corpus directory, atomically and deterministically.
 
-Slides are taken in slide_id order whatever order they were prepared in; each slide's
-rows are streamed batch by batch into the shard writers (memory does not grow with the
-number of slides); per-gene float64 sums are merged in the same fixed order, so
-genes.parquet is identical whatever the shard size, worker count or input order.
-
-The writer consumes slides one at a time (``write_corpus_in_order``), so ``build_shards``
-feeds it each slide as soon as it and every slide before it are prepared: the Parquet
-encoding of early slides overlaps the preparation of later ones in the worker processes.
+Slides are taken in slide_id order whatever order they were prepared in. Shard boundaries
+are planned from the slides' spot counts alone (greedy, in slide_id order), so each
+expression file is an independent job: ``write_shard`` encodes and hashes one whole file
+and ``build_shards`` runs these jobs in its worker processes as soon as a file's slides are
+prepared. Per-gene float64 sums are merged in slide_id order in the main process, so
+every output byte is the same whatever the shard size, worker count or input order.
 """
 from __future__ import annotations
 
@@ -16,8 +14,9 @@ import json
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +26,7 @@ from spavis import __version__
 from spavis.format import schema as S
 from spavis.shards.annotations import check_coverage, expression_schema
 from spavis.shards.card import render_card
+from spavis.shards.images import PairedShards
 from spavis.shards.prepare import (  # noqa: F401  (file_sha256/tree_sha256 are re-exported)
     DONE_FILE,
     ROWS_FILE,
@@ -35,13 +35,13 @@ from spavis.shards.prepare import (  # noqa: F401  (file_sha256/tree_sha256 are 
     ZARR_DIR,
     file_sha256,
     iter_rows,
+    read_zarr_csr,
     resolve_vocab,
     tree_sha256,
     tree_size,
 )
 from spavis.errors import SpavisError
-
-DEFAULT_MAX_SPOTS_PER_SHARD = 50_000
+from spavis.shards.config import DEFAULT_MAX_SPOTS_PER_SHARD
 
 
 def _link_or_copy_tree(src: Path, dest: Path) -> None:
@@ -112,13 +112,28 @@ def write_corpus(
     max_spots_per_shard: int = DEFAULT_MAX_SPOTS_PER_SHARD,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write the corpus for ``prepared_dirs`` to ``out`` (built in ``out.tmp-*``, then renamed)."""
+    """Write the corpus for ``prepared_dirs`` to ``out`` (built in ``out.tmp-*``, then renamed).
+
+    Shards are written one after the other here; ``build_shards`` runs the same
+    ``CorpusWriter`` with its shard jobs spread over worker processes (same bytes).
+    """
     vocab = resolve_vocab(vocab)
     out = Path(out)
     items = _load_prepared(prepared_dirs, vocab)
     _check_not_empty([s for _, s in items])
-    _check_out(out, max_spots_per_shard)
-    return _write_atomically(iter(items), out, vocab, params, max_spots_per_shard, progress)
+    writer = CorpusWriter(out, vocab=vocab, params=params, max_spots_per_shard=max_spots_per_shard)
+    try:
+        for d, _slide in items:
+            for job in writer.add(d):
+                writer.shard_done(write_shard(job))
+            if progress:
+                progress(_slide["slide_id"])
+        for job in writer.finish():
+            writer.shard_done(write_shard(job))
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def write_corpus_in_order(
@@ -130,127 +145,249 @@ def write_corpus_in_order(
     max_spots_per_shard: int = DEFAULT_MAX_SPOTS_PER_SHARD,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """``write_corpus`` for prepared slices that arrive one by one, already in slide_id order.
-
-    ``prepared_dirs`` may be a generator that blocks until the next slide is prepared;
-    each slide is written as soon as it arrives (same bytes as ``write_corpus``).
-    """
+    """``write_corpus`` for prepared slices that arrive one by one, already in slide_id order."""
     vocab = resolve_vocab(vocab)
-    out = Path(out)
-    _check_out(out, max_spots_per_shard)
-
-    def items():
-        last = None
-        for raw in prepared_dirs:
-            d, slide = _load_one(raw, vocab)
-            if last is not None and slide["slide_id"] <= last[1]["slide_id"]:
-                _check_unique([last, (d, slide)])
-                raise SpavisError(f"{d}: prepared slices must come in slide_id order (after {last[0]}).")
-            last = (d, slide)
-            yield d, slide
-
-    return _write_atomically(items(), out, vocab, params, max_spots_per_shard, progress)
-
-
-def _write_atomically(items, out: Path, vocab, params, max_spots, progress) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    writer = CorpusWriter(Path(out), vocab=vocab, params=params, max_spots_per_shard=max_spots_per_shard)
     try:
-        _write_into(tmp, items, vocab, dict(params or {}), max_spots, progress)
-        if out.exists():
-            old = out.parent / f"{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        for raw in prepared_dirs:
+            for job in writer.add(raw):
+                writer.shard_done(write_shard(job))
+            if progress:
+                progress(writer.slides[-1]["slide_id"])
+        for job in writer.finish():
+            writer.shard_done(write_shard(job))
+        return writer.commit()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        writer.abort()
         raise
-    return out
 
 
 def _shard_name(i: int, width: int) -> str:
     return f"{S.EXPRESSION_DIR}/part-{i:0{width}d}.parquet"
 
 
-def _write_into(tmp, items, vocab, params, max_spots, progress) -> None:
-    """Stream ``items`` ((prepared dir, slide record) in slide_id order) into ``tmp``.
+@dataclass(frozen=True)
+class ShardJob:
+    """One expression file to write: its number and the prepared slides it holds, in order."""
 
-    Shards are packed greedily as slides arrive: a slide with spots starts a new file when
-    it would push the current one past ``max_spots`` (a slide never spans two files, a
-    larger slide gets a file of its own, slides without spots are in no file). A file is named with the 5-digit minimum width and renamed at the end in the
-    rare case (100,000+ files) that the final count needs a wider number.
+    tmp: str
+    part: int
+    slides: tuple[str, ...]
+    obs_columns: tuple[str, ...] = ()
+
+
+def plan_shards(spot_counts: Sequence[int], max_spots: int) -> list[list[int]]:
+    """Greedy shard plan over slides in slide_id order: lists of slide positions per file.
+
+    A slide never spans two files; a slide that would push the current file past
+    ``max_spots`` starts the next one (a larger slide gets a file of its own); slides
+    without spots are in no file. Depends only on the counts, so workers cannot change it.
     """
-    say = progress or (lambda _msg: None)
-    expr_dir = tmp / S.EXPRESSION_DIR
-    expr_dir.mkdir(parents=True)
-    (tmp / S.ZARR_DIR).mkdir()
+    planner = _Planner(max_spots)
+    shards = [s for i, n in enumerate(spot_counts) if (s := planner.add(i, n))]
+    return shards + ([last] if (last := planner.finish()) else [])
 
-    done: list[tuple[Path, dict]] = []
-    location: dict[str, tuple[int, int]] = {}  # slide_id -> (shard number, row offset)
-    shard_rows: list[int] = []
-    zarr_outputs: list[dict[str, Any]] = []
-    writer = None
-    expr_schema = expression_schema(params.get("obs_columns") or ())  # + --obs-columns annotations
+
+class _Planner:
+    def __init__(self, max_spots: int):
+        self.max_spots = max_spots
+        self.current: list[int] = []
+        self.rows = 0
+
+    def add(self, i: int, n: int) -> list[int] | None:
+        """Place slide ``i`` with ``n`` spots; returns the file it closed, if any."""
+        if n <= 0:
+            return None
+        closed = None
+        if self.current and self.rows + n > self.max_spots:
+            closed, self.current, self.rows = self.current, [], 0
+        self.current.append(i)
+        self.rows += n
+        return closed
+
+    def finish(self) -> list[int] | None:
+        closed, self.current, self.rows = self.current, [], 0
+        return closed or None
+
+
+def _count_arrays(offsets: np.ndarray, indices: np.ndarray, data: np.ndarray) -> tuple[pa.Array, pa.Array]:
+    off = pa.array(offsets, pa.int32())
+    return (pa.ListArray.from_arrays(off, pa.array(indices, pa.int32())),
+            pa.ListArray.from_arrays(off, pa.array(data, pa.float32())))
+
+
+def write_shard(job: ShardJob) -> dict[str, Any]:
+    """Write one expression file (and its paired-image file) from prepared slides; runs in a worker.
+
+    Per slide, the per-spot columns stream from ``spots.arrow`` in ROW_GROUP_SIZE batches and
+    the counts come from the slide's Zarr ``X`` (written once, by ``prepare_slice``); each batch
+    becomes one row group. Returns the manifest entries with sha256 and size (hashed here,
+    in parallel, rather than by the main process).
+    """
+    tmp = Path(job.tmp)
+    rel = _shard_name(job.part, 5)
+    schema = expression_schema(job.obs_columns)
+    paired = PairedShards(tmp)
+    offsets: list[tuple[str, int]] = []
+    rows = 0
+    writer = pq.ParquetWriter(tmp / rel, schema, **S.PARQUET_WRITE_OPTIONS)
     try:
-        for d, slide in items:
-            sid, n = slide["slide_id"], slide["n_spots_kept"]
-            done.append((d, slide))
-            if n > 0:
-                if writer is None or shard_rows[-1] + n > max_spots:
-                    if writer is not None:
-                        writer.close()
-                    shard_rows.append(0)
-                    writer = pq.ParquetWriter(tmp / _shard_name(len(shard_rows) - 1, 5), expr_schema,
-                                              **S.PARQUET_WRITE_OPTIONS)
-                location[sid] = (len(shard_rows) - 1, shard_rows[-1])
-                for batch in iter_rows(d / ROWS_FILE):
-                    writer.write_table(pa.Table.from_batches([batch], schema=expr_schema),
-                                       row_group_size=S.ROW_GROUP_SIZE)
-                    shard_rows[-1] += batch.num_rows
-            dest = tmp / S.ZARR_DIR / f"{sid}.zarr"
-            _link_or_copy_tree(d / ZARR_DIR, dest)
-            digest = slide.pop("_zarr_digest", None) or {}
-            if not digest:
-                digest["sha256"], digest["n_files"] = tree_sha256(dest)
-                digest["size"] = tree_size(dest)
-            zarr_outputs.append({"path": f"{S.ZARR_DIR}/{sid}.zarr", "kind": "zarr", "rows": n, **digest})
-            say(sid)
+        for raw in job.slides:
+            d = Path(raw)
+            data, indices, indptr = read_zarr_csr(d / ZARR_DIR / "X")
+            offsets.append((str(raw), rows))
+            start = 0
+            for batch in iter_rows(d / ROWS_FILE):
+                stop = start + batch.num_rows
+                a, b = int(indptr[start]), int(indptr[stop])
+                genes, counts = _count_arrays(indptr[start: stop + 1] - a, indices[a:b], data[a:b])
+                columns = [genes if f.name == "gene_index" else counts if f.name == "counts"
+                           else batch.column(f.name) for f in schema]
+                writer.write_table(pa.Table.from_arrays(columns, schema=schema), row_group_size=S.ROW_GROUP_SIZE)
+                start = stop
+            if start != len(indptr) - 1:
+                raise SpavisError(f"{d}: {ROWS_FILE} has {start} rows but the Zarr X has {len(indptr) - 1}; "
+                                  "delete this prepared slice and build again.")
+            rows += start
+            paired.add(d, job.part)
     finally:
-        if writer is not None:
-            writer.close()
-    slides = [s for _, s in done]
-    _check_not_empty(slides)
-    check_coverage(slides, params.get("obs_columns") or ())
-
-    width = max(5, len(str(len(shard_rows))))
-    outputs: list[dict[str, Any]] = []
-    for i, rows in enumerate(shard_rows):
-        rel = _shard_name(i, width)
-        if width != 5:
-            os.replace(tmp / _shard_name(i, 5), tmp / rel)
-        outputs.append({"path": rel, "kind": "expression", "rows": rows})
-    shard_file = {sid: (_shard_name(i, width), offset) for sid, (i, offset) in location.items()}
-
-    genes = _merge_gene_stats(done, vocab)
-    pq.write_table(genes, tmp / S.GENES_FILE, row_group_size=len(vocab) or 1, **S.PARQUET_WRITE_OPTIONS)
-    outputs.append({"path": S.GENES_FILE, "kind": "genes", "rows": genes.num_rows})
-
-    slides_table = _slides_table(slides, shard_file)
-    pq.write_table(slides_table, tmp / S.SLIDES_FILE, **S.PARQUET_WRITE_OPTIONS)
-    outputs.append({"path": S.SLIDES_FILE, "kind": "slides", "rows": slides_table.num_rows})
-
-    stats = _summary(slides, genes, len(shard_rows))
-    (tmp / S.CARD_FILE).write_text(render_card(vocab=vocab, params=params, stats=stats, slides=slides), encoding="utf-8")
-    outputs.append({"path": S.CARD_FILE, "kind": "card", "rows": None})
-
-    for entry in outputs:
+        writer.close()
+        paired.close()
+    entries = [{"path": rel, "kind": "expression", "rows": rows}] + paired.outputs(5)
+    for entry in entries:
         p = tmp / entry["path"]
         entry["sha256"] = file_sha256(p)
         entry["size"] = p.stat().st_size
-    outputs = sorted(outputs + zarr_outputs, key=lambda e: e["path"])
+    return {"part": job.part, "entries": entries, "offsets": offsets}
+
+
+class CorpusWriter:
+    """One corpus being written into ``OUT.tmp-*``: slides arrive in slide_id order, shards go out as jobs.
+
+    ``add`` takes a prepared slice (hard-links its Zarr store) and returns the shard jobs
+    that became complete (a shard is complete once the next slide with spots does not
+    fit); ``finish`` returns the last one. The caller runs each job (``write_shard``, here
+    or in a worker) and hands the result to ``shard_done``; ``commit`` writes genes,
+    slides, card and manifest and renames the folder into place; ``abort`` removes it.
+    """
+
+    def __init__(self, out: Path, *, vocab: Any, params: dict[str, Any] | None, max_spots_per_shard: int):
+        self.out = Path(out)
+        self.vocab = resolve_vocab(vocab)
+        self.params = dict(params or {})
+        self.max_spots = int(max_spots_per_shard)
+        _check_out(self.out, self.max_spots)
+        self.obs_columns = tuple(self.params.get("obs_columns") or ())
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out.parent / f"{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir()
+        (self.tmp / S.EXPRESSION_DIR).mkdir(parents=True)
+        (self.tmp / S.ZARR_DIR).mkdir()
+        self.items: list[tuple[Path, dict]] = []
+        self._planner = _Planner(self.max_spots)
+        self._parts = 0
+        self._results: dict[int, dict] = {}
+        self._zarr_outputs: list[dict[str, Any]] = []
+
+    @property
+    def n_parts(self) -> int:
+        """Expression files planned so far (all of them after ``finish``)."""
+        return self._parts
+
+    @property
+    def slides(self) -> list[dict]:
+        return [s for _, s in self.items]
+
+    def _job(self, positions: list[int]) -> ShardJob:
+        job = ShardJob(str(self.tmp), self._parts, tuple(str(self.items[i][0]) for i in positions), self.obs_columns)
+        self._parts += 1
+        return job
+
+    def add(self, prepared: str | os.PathLike) -> list[ShardJob]:
+        d, slide = _load_one(prepared, self.vocab)
+        if self.items and slide["slide_id"] <= self.items[-1][1]["slide_id"]:
+            _check_unique([self.items[-1], (d, slide)])
+            raise SpavisError(f"{d}: prepared slices must come in slide_id order (after {self.items[-1][0]}).")
+        self.items.append((d, slide))
+        sid, n = slide["slide_id"], slide["n_spots_kept"]
+        dest = self.tmp / S.ZARR_DIR / f"{sid}.zarr"
+        _link_or_copy_tree(d / ZARR_DIR, dest)
+        digest = slide.pop("_zarr_digest", None) or {}
+        if not digest:
+            digest["sha256"], digest["n_files"] = tree_sha256(dest)
+            digest["size"] = tree_size(dest)
+        self._zarr_outputs.append({"path": f"{S.ZARR_DIR}/{sid}.zarr", "kind": "zarr", "rows": n, **digest})
+        closed = self._planner.add(len(self.items) - 1, n)
+        return [self._job(closed)] if closed else []
+
+    def finish(self) -> list[ShardJob]:
+        last = self._planner.finish()
+        return [self._job(last)] if last else []
+
+    def shard_done(self, result: dict[str, Any]) -> None:
+        self._results[result["part"]] = result
+
+    def commit(self) -> Path:
+        _check_not_empty(self.slides)
+        missing = [i for i in range(self._parts) if i not in self._results]
+        if missing:
+            raise SpavisError(f"{self.tmp}: expression files {missing[:5]} were not written.")
+        _finish_into(self.tmp, self.items, [self._results[i] for i in range(self._parts)],
+                     self._zarr_outputs, self.vocab, self.params)
+        _publish(self.tmp, self.out)
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f"{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _finish_into(tmp: Path, items, results, zarr_outputs, vocab, params) -> None:
+    """Everything but the shards: file names, genes, slides, card and manifest (main process)."""
+    slides = [s for _, s in items]
+    check_coverage(slides, params.get("obs_columns") or ())
+    width = max(5, len(str(len(results))))  # 5 digits unless there are 100,000+ files
+    outputs: list[dict[str, Any]] = []
+    shard_file: dict[str, tuple[str, int]] = {}
+    by_dir = {str(d): s["slide_id"] for d, s in items}
+    for res in results:
+        for entry in res["entries"]:
+            rel = entry["path"].replace(f"part-{res['part']:05d}", f"part-{res['part']:0{width}d}")
+            if rel != entry["path"]:
+                os.replace(tmp / entry["path"], tmp / rel)
+            outputs.append(dict(entry, path=rel))
+        name = _shard_name(res["part"], width)
+        for dirname, offset in res["offsets"]:
+            shard_file[by_dir[dirname]] = (name, offset)
+    has_paired = any(e["kind"] == "paired" for e in outputs)
+
+    genes = _merge_gene_stats(items, vocab)
+    pq.write_table(genes, tmp / S.GENES_FILE, row_group_size=len(vocab) or 1, **S.PARQUET_WRITE_OPTIONS)
+    tail = [{"path": S.GENES_FILE, "kind": "genes", "rows": genes.num_rows}]
+
+    slides_table = _slides_table(slides, shard_file)
+    pq.write_table(slides_table, tmp / S.SLIDES_FILE, **S.PARQUET_WRITE_OPTIONS)
+    tail.append({"path": S.SLIDES_FILE, "kind": "slides", "rows": slides_table.num_rows})
+
+    stats = _summary(slides, genes, len(results))
+    (tmp / S.CARD_FILE).write_text(render_card(vocab=vocab, params=params, stats=stats, slides=slides,
+                                               paired=has_paired), encoding="utf-8")
+    tail.append({"path": S.CARD_FILE, "kind": "card", "rows": None})
+
+    for entry in tail:
+        p = tmp / entry["path"]
+        entry["sha256"] = file_sha256(p)
+        entry["size"] = p.stat().st_size
+    outputs = sorted(outputs + tail + zarr_outputs, key=lambda e: e["path"])
     manifest = build_manifest(vocab, params, slides, outputs, stats)
     (tmp / S.MANIFEST_FILE).write_text(S.json_dumps(manifest), encoding="utf-8")
 

@@ -1,0 +1,341 @@
+"""`spavis build-shards`: discover -> prepare each slice -> write the shards, in worker processes.
+
+The Snakemake pipeline calls the same steps one by one; ``build_shards`` chains them with
+a resumable work directory so a killed build continues where it stopped and a re-run with
+unchanged inputs and parameters does nothing. One scheduler feeds one pool of workers
+(``--workers``; 1 = everything inline): slices are prepared in slide_id order, and as soon
+as the slides of an expression file are prepared (its boundaries follow from spot counts
+alone) that whole file is encoded, written and hashed by a worker too. The main process
+only links Zarr stores, merges gene sums and writes the small metadata files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from spavis.errors import BuildError, SpavisError
+from spavis.format.schema import MANIFEST_FILE, ZARR_CONSOLIDATED, zarr_build_file
+from spavis.shards.config import DEFAULT_MAX_SPOTS_PER_SHARD, BuildConfig
+from spavis.shards.discover import SliceInput, discover_inputs, drop_duplicate_inputs, hash_inputs
+from spavis.shards.info import info
+from spavis.shards.prepare import prepare_slice, resolve_vocab, slide_metadata, tree_size
+from spavis.shards.validate import ValidationReport, validate
+from spavis.shards.workers import broken_pool_error, make_pool, refuse_spawned_reimport
+from spavis.shards.write import (
+    CorpusWriter,
+    build_key,
+    input_entry,
+    plan_shards,
+    write_corpus,
+    write_corpus_in_order,
+    write_shard,
+)
+
+__all__ = ["build_shards", "build_params", "is_up_to_date", "LOCK_TIMEOUT_S"]
+
+LOCK_TIMEOUT_S = 2.0  # a second build into the same --out (or work dir) waits this long, then fails
+
+
+def build_params(vocab, min_genes: int, k_neighbors: int, max_spots_per_shard: int) -> dict[str, Any]:
+    """The parameters that decide the output bytes (workers and input order do not)."""
+    return BuildConfig(vocab, min_genes, k_neighbors, max_spots_per_shard).params(vocab)
+
+
+def _annotation_params(params: dict[str, Any], obs_columns, annotations) -> tuple[tuple[str, ...], dict | None]:
+    """Record --obs-columns / --annotations in ``params`` (they decide the bytes); prepare_slice's args."""
+    from spavis.shards.annotations import AnnotationError, annotations_param, parse_obs_columns
+
+    columns = parse_obs_columns(obs_columns)
+    if annotations is not None and not columns:
+        raise AnnotationError("--annotations needs --obs-columns naming the columns to take from it")
+    if not columns:
+        return (), None
+    recorded = annotations_param(annotations)
+    params["obs_columns"] = list(columns)
+    if recorded is not None:
+        params["annotations"] = recorded
+        return columns, {"path": str(Path(annotations).resolve()), **recorded}
+    return columns, None
+
+
+def is_up_to_date(out: Path, vocab, params: dict[str, Any], slices: Sequence[SliceInput]) -> bool:
+    """True when ``out`` already holds a corpus built from exactly these inputs and parameters."""
+    try:
+        manifest = json.loads((Path(out) / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    entries = [input_entry(s.slide_id, "", s.input_sha256, [], slide_metadata(s)) for s in slices]
+    return manifest.get("build_key") == build_key(vocab, params, entries)
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[current]}"),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def build_shards(
+    inputs: Iterable[str | os.PathLike],
+    out: str | os.PathLike,
+    config: BuildConfig | None = None,
+    *,
+    vocab: Any = None,
+    min_genes: int | None = None,
+    k_neighbors: int | None = None,
+    max_spots_per_shard: int | None = None,
+    workers: int = 1,
+    work_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+    obs_columns: str | Sequence[str] | None = None,
+    annotations: str | os.PathLike | None = None,
+    with_images: bool = False,
+) -> Path:
+    """Build (or resume, or skip when up to date) the corpus for ``inputs`` in ``out``.
+
+    Settings come from ``config`` (a ``BuildConfig``; default: its defaults), overridden by
+    the keyword arguments that are given. ``workers`` processes prepare slices and write
+    shards (the bytes do not depend on it).
+
+    ``with_images`` adds a 224 px patch (112 µm) and region (336 µm) per spot of every slide
+    with an H&E image: ``data/paired/`` + the Zarr ``images/`` group (spavis.shards.images).
+
+    ``obs_columns`` ("layer,region") carries annotation columns into the rows and the Zarr obs,
+    from ``annotations`` (a CSV keyed by barcode) or the slides' own obs (spavis.shards.annotations).
+
+    An existing corpus at ``out`` is replaced only when it was built from the same slides
+    (or a subset of them: adding slides is fine) unless ``overwrite``; files in it that the
+    build did not write (notes, embeddings added later) stop the build, whatever ``overwrite``.
+    A second build into the same ``out`` fails after ``LOCK_TIMEOUT_S`` while one runs.
+
+    Prepared slices go to ``work_dir`` (default ``<out parent>/.spavis-work-<out name>``,
+    removed after success; a given ``work_dir`` is kept for later incremental builds). After a
+    failure or Ctrl-C the default work dir is kept only if it holds prepared slices (a rerun
+    resumes from them); the error then says where it is and how big.
+    """
+    refuse_spawned_reimport()
+    cfg = (config or BuildConfig()).replace(vocab=vocab, min_genes=min_genes, k_neighbors=k_neighbors,
+                                           max_spots_per_shard=max_spots_per_shard)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise BuildError(f"--workers must be an integer of at least 1 (got {workers!r}).")
+    vocab_obj = resolve_vocab(cfg.vocab)
+    out = Path(out).expanduser().resolve()
+    slices = discover_inputs(inputs)
+    slices = drop_duplicate_inputs(hash_inputs(slices, workers))  # a linked/copied slice counts once
+    params = cfg.params(vocab_obj)
+    obs_columns, annotations = _annotation_params(params, obs_columns, annotations)
+    if with_images:  # recorded only when asked: image-less builds keep their bytes and keys
+        params["with_images"] = True
+    if is_up_to_date(out, vocab_obj, params, slices):
+        return out
+    _check_out_dir(out)
+
+    with _lock(out.parent / f".{out.name}.spavis-lock", f"another build-shards is writing {out}"):
+        if is_up_to_date(out, vocab_obj, params, slices):  # the build we waited for made it
+            return out
+        _check_replace(out, slices, overwrite)
+        default_work = work_dir is None
+        work = Path(work_dir) if work_dir is not None else out.parent / f".spavis-work-{out.name}"
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            with _lock(work / ".lock", f"another build-shards is using the work dir {work}"):
+                _build(slices, out, work, cfg, vocab_obj, params, workers, progress,
+                       obs_columns, annotations, bool(params.get("with_images")))
+        except BaseException as exc:
+            _report_work_dir(exc, work, default_work)
+            raise
+        if default_work:
+            shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _lock(path: Path, what: str):
+    """A file lock that gives up after LOCK_TIMEOUT_S with one line naming the lock."""
+    import contextlib
+
+    from filelock import FileLock, Timeout
+
+    @contextlib.contextmanager
+    def held():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path))
+        try:
+            lock.acquire(timeout=LOCK_TIMEOUT_S)
+        except Timeout:
+            raise BuildError(f"{what} (lock {path} is held); wait for it to finish, or build into "
+                             "another --out / --work-dir.") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    return held()
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).is_file())):
+        raise BuildError(f"{out}: exists and is not a spavis corpus; choose an empty or new --out.")
+
+
+def _check_replace(out: Path, slices: Sequence[SliceInput], overwrite: bool) -> None:
+    """Refuse to replace a corpus of other slides (without --overwrite) or one holding files we did not write."""
+    _check_out_dir(out)
+    try:
+        manifest = json.loads((out / MANIFEST_FILE).read_text())
+    except FileNotFoundError:
+        return  # absent or an empty folder
+    except (OSError, ValueError) as exc:
+        if not overwrite:
+            raise BuildError(f"{out / MANIFEST_FILE}: unreadable ({exc}); pass --overwrite to replace this "
+                             "corpus, or choose another --out.") from None
+        manifest = {}
+    old = {i.get("slide_id"): i.get("sha256") for i in manifest.get("inputs", [])}
+    new = {s.slide_id: s.input_sha256 for s in slices}
+    removed = sorted(k for k in old if k not in new)
+    changed = sorted(k for k in old if k in new and old[k] != new[k])
+    if (removed or changed) and not overwrite:
+        parts = []
+        if removed:
+            parts.append(f"{len(removed)} of its {len(old)} slides are not among the inputs (e.g. {removed[0]})")
+        if changed:
+            parts.append(f"{len(changed)} slides have other input files (e.g. {changed[0]})")
+        raise BuildError(f"{out}: holds a corpus built from other inputs: {'; '.join(parts)}. Pass --overwrite "
+                         "to replace it, or choose another --out.")
+    foreign = _foreign_files(out, manifest)
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise BuildError(f"{out}: holds files the build did not write ({', '.join(foreign[:3])}{more}); "
+                         "move them out of the corpus folder first (a rebuild never deletes them).")
+
+
+def _foreign_files(out: Path, manifest: dict) -> list[str]:
+    """Files under ``out`` that no build wrote (not in the manifest, not build files of a listed Zarr store)."""
+    files, stores = set(), set()
+    for entry in manifest.get("outputs", []):
+        (stores if entry.get("kind") == "zarr" else files).add(entry.get("path"))
+    files.add(MANIFEST_FILE)
+    found = []
+    for p in sorted(out.rglob("*")):
+        if p.is_dir():
+            continue
+        rel = p.relative_to(out).as_posix()
+        if rel in files:
+            continue
+        store = next((s for s in stores if rel.startswith(s + "/")), None)
+        if store is not None:
+            inner = rel[len(store) + 1:]
+            if zarr_build_file(inner) or inner == ZARR_CONSOLIDATED:
+                continue
+        found.append(rel)
+    return found
+
+
+def _report_work_dir(exc: BaseException, work: Path, default_work: bool) -> None:
+    """After a failure: drop a default work dir that holds nothing to resume from, else say where it is."""
+    if default_work and not list(work.glob("*/prepared.json")):
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    size = tree_size(work) / 1e6
+    note = (f"prepared slices are kept in {work} ({size:,.1f} MB): a rerun resumes from them; "
+            "delete the folder to start over.")
+    exc.spavis_work_dir = (str(work), size)  # type: ignore[attr-defined]
+    if isinstance(exc, SpavisError) and exc.args and isinstance(exc.args[0], str):
+        exc.args = (f"{exc.args[0]} ({note})", *exc.args[1:])
+    elif hasattr(exc, "add_note") and not isinstance(exc, KeyboardInterrupt):
+        exc.add_note(note)
+
+
+def _build(slices, out, work, cfg, vocab_obj, params, workers, progress, obs_columns=(), annotations=None,
+           with_images=False) -> None:
+    for stale in out.parent.glob(f"{out.name}.tmp-*"):  # left by a killed build; we hold the out lock
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in work.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    # the vocabulary travels to workers by name/path when it has one (cheap to pickle)
+    vocab_arg = cfg.vocab if isinstance(cfg.vocab, (str, os.PathLike)) else vocab_obj
+    kwargs: dict[str, Any] = {"vocab": vocab_arg, "min_genes": cfg.min_genes, "k_neighbors": cfg.k_neighbors}
+    if obs_columns:
+        kwargs |= {"obs_columns": obs_columns, "annotations": annotations}
+    if with_images:
+        kwargs["with_images"] = True
+    writer = CorpusWriter(out, vocab=vocab_obj, params=params, max_spots_per_shard=cfg.max_spots_per_shard)
+    pool = make_pool(min(workers, max(1, len(slices))))
+    try:
+        with _progress(progress) as bar:
+            _schedule(slices, work, kwargs, writer, pool, workers, bar)
+        pool.close()
+        writer.commit()
+    except BrokenProcessPool as exc:
+        pool.stop()
+        writer.abort()
+        raise broken_pool_error(exc) from None
+    except BaseException:
+        pool.stop()  # Ctrl-C or a failed slice: kill the workers now, wait for none
+        writer.abort()
+        raise
+
+
+def _schedule(slices, work, kwargs, writer: CorpusWriter, pool, workers: int, bar) -> None:
+    """Run prepare and shard jobs on ``pool``, at most ``workers`` at a time, shard jobs first.
+
+    Slices are prepared in slide_id order; each prepared slice is handed to the writer in
+    that order, and every expression file it completes becomes a job right away, so
+    encoding overlaps preparation and memory stays one slide (or one shard) per worker.
+    """
+    ptask = bar.add_task("prepare slices", total=len(slices), current="")
+    wtask = bar.add_task("write shards", total=None, current="")
+    todo = deque(slices)
+    jobs: deque = deque()
+    prepared: dict[int, str] = {}
+    position = {s.slide_id: i for i, s in enumerate(slices)}
+    next_slide = 0
+    running: dict[Any, tuple[str, Any]] = {}
+    written = 0
+    while todo or jobs or running:
+        while len(running) < workers and (jobs or todo):
+            if jobs:
+                job = jobs.popleft()
+                running[pool.submit(write_shard, job)] = ("shard", job)
+            else:
+                s = todo.popleft()
+                bar.update(ptask, current=s.slide_id)
+                running[pool.submit(prepare_slice, s, work, **kwargs)] = ("slice", s)
+        done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+        for fut in sorted(done, key=lambda f: _order(running[f], position)):
+            kind, what = running.pop(fut)
+            result = fut.result()  # a failed job raises here: the build stops
+            if kind == "shard":
+                writer.shard_done(result)
+                written += 1
+                bar.update(wtask, completed=written, current=f"part {what.part}")
+                continue
+            prepared[position[what.slide_id]] = str(result)
+            bar.update(ptask, advance=1, current=what.slide_id)
+            while next_slide in prepared:
+                jobs.extend(writer.add(prepared.pop(next_slide)))
+                next_slide += 1
+            if next_slide == len(slices):
+                jobs.extend(writer.finish())
+                next_slide += 1
+                bar.update(wtask, total=writer.n_parts)
+
+
+def _order(entry: tuple[str, Any], position: dict[str, int]) -> tuple[int, int]:
+    kind, what = entry
+    return (0, what.part) if kind == "shard" else (1, position[what.slide_id])

@@ -1,0 +1,142 @@
+"""Worker processes for build-shards: spawned, deaf to Ctrl-C, and dying with their parent.
+
+Why each rule:
+- ``spawn``: forking a parent that already runs pyarrow / zarr / BLAS threads can deadlock.
+- Ctrl-C in a terminal reaches the whole process group. Workers ignore SIGINT (they are
+  started with it blocked, so not even their start-up imports see it) and the parent,
+  which alone turns it into ``KeyboardInterrupt``, stops them: one line, no worker
+  tracebacks, no half-finished pool shutdown to wait for.
+- A killed parent (SIGKILL, OOM killer) cannot clean up, so each worker asks the kernel to
+  kill it when the parent dies (Linux ``PR_SET_PDEATHSIG``) and, elsewhere, a watcher
+  thread exits when the parent pid changes.
+- Spawn re-runs an unguarded script's top level in every worker; ``refuse_spawned_reimport``
+  stops that re-run with one line instead of a second build that waits for the first's lock.
+"""
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable
+
+from spavis.errors import BuildError
+
+_PR_SET_PDEATHSIG = 1
+MAIN_GUARD_HINT = (
+    "build_shards(workers>1) was called while a worker process re-imported your script: "
+    "put the call under `if __name__ == \"__main__\":` (or use workers=1)."
+)
+
+
+def refuse_spawned_reimport() -> None:
+    """Exit a spawned worker that is running an unguarded script's top level (one stderr line)."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        sys.stderr.write(f"spavis: {MAIN_GUARD_HINT}\n")
+        sys.stderr.flush()
+        raise SystemExit(1)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+    if not sys.platform.startswith("linux"):
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="spavis-parent-watch", daemon=True).start()
+
+
+def _init_worker(parent_pid: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _die_with_parent(parent_pid)
+
+
+@contextlib.contextmanager
+def _sigint_blocked():
+    """Block SIGINT while processes start, so they inherit it blocked (delivered here afterwards)."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class InlinePool:
+    """The pool interface, running each task at submit (``--workers 1``: no processes, same code path)."""
+
+    def submit(self, fn: Callable, *args: Any, **kwargs: Any) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except Exception as exc:  # KeyboardInterrupt/SystemExit propagate at once
+            fut.set_exception(exc)
+        return fut
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class WorkerPool:
+    """A spawned ``ProcessPoolExecutor`` whose workers ignore Ctrl-C and die with the parent."""
+
+    def __init__(self, workers: int):
+        with _sigint_blocked():
+            self._ex = ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(os.getpid(),),
+            )
+
+    def submit(self, fn: Callable, *args: Any, **kwargs: Any) -> Future:
+        with _sigint_blocked():  # submit may start a worker process
+            return self._ex.submit(fn, *args, **kwargs)
+
+    def stop(self) -> None:
+        """Kill the workers now (after an error or Ctrl-C): queued tasks are dropped, none is waited for."""
+        procs = list((getattr(self._ex, "_processes", None) or {}).values())
+        for p in procs:
+            with contextlib.suppress(Exception):
+                p.kill()
+        self._ex.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
+            with contextlib.suppress(Exception):
+                p.join(timeout=5)
+
+    def close(self) -> None:
+        self._ex.shutdown(wait=True)
+
+
+def make_pool(workers: int) -> InlinePool | WorkerPool:
+    return InlinePool() if workers <= 1 else WorkerPool(workers)
+
+
+def broken_pool_error(exc: BrokenProcessPool) -> BuildError:
+    return BuildError(
+        "a worker process stopped unexpectedly (killed, out of memory, or it could not start); "
+        f"rerun to resume, or use fewer --workers. If build_shards runs from a script: {MAIN_GUARD_HINT}"
+    )
