@@ -10,6 +10,7 @@ app = typer.Typer(
     help="Curate 10x Visium slices into a harmonized, sharded Parquet + Zarr corpus.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    pretty_exceptions_short=True,
 )
 
 
@@ -17,8 +18,14 @@ app = typer.Typer(
 @app.callback()
 def _main(
     version: bool = typer.Option(False, "--version", help="Print the spavis version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (same as SPAVIS_DEBUG=1)."),
 ) -> None:
     """Curate 10x Visium slices into a harmonized, sharded Parquet + Zarr corpus."""
+    from spavis.cli._common import enable_debug, show_warnings
+
+    if debug:
+        enable_debug()
+    show_warnings()
     if version:
         from spavis import __version__
 
