@@ -22,13 +22,15 @@ no unlisted files; ``deep=True`` downloads the revision and runs the full local 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyarrow.parquet as pq
 
@@ -258,8 +260,22 @@ def publish(
         say(f"{local_dir}: {'wrote' if result.n_uploaded else 'already holds'} {len(files)} files")
     if repo_id is None:
         return result
-    return _publish_hub(root, repo_id, files, shas, manifest, result, private=private, token=token,
-                        max_files=max_files_per_commit, max_bytes=max_bytes_per_commit, say=say)
+    with _no_hf_progress_bars():  # one line per commit (echo) instead of a bar per Zarr chunk
+        return _publish_hub(root, repo_id, files, shas, manifest, result, private=private, token=token,
+                            max_files=max_files_per_commit, max_bytes=max_bytes_per_commit, say=say)
+
+
+@contextlib.contextmanager
+def _no_hf_progress_bars() -> Iterator[None]:
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
 
 
 def _publish_hub(root, repo_id, files, shas, manifest, result: PublishResult, *, private, token,
@@ -387,12 +403,15 @@ def validate_hub(repo_id: str, revision: str | None = None, *, deep: bool = Fals
         rep.error(f"{S.MANIFEST_FILE}: missing; this revision is not a complete spavis corpus")
         return rep
     manifest = json.loads(H.download(repo_id, commit, S.MANIFEST_FILE).read_text())
+    # LFS files carry their sha256 in the listing; small regular files (Zarr metadata, the card)
+    # are downloaded, a few at a time, and hashed
+    regular = sorted(p for p, f in tree.items() if f.lfs is None and p != S.MANIFEST_FILE and p not in _HUB_ONLY)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        hashed = dict(zip(regular, pool.map(lambda rel: sha256_file(H.download(repo_id, commit, rel)), regular)))
 
     def sha_of(rel: str) -> str:
         f = tree[rel]
-        if f.lfs is not None:
-            return f.lfs.sha256
-        return sha256_file(H.download(repo_id, commit, rel))
+        return f.lfs.sha256 if f.lfs is not None else hashed[rel]
 
     covered = {S.MANIFEST_FILE, *_HUB_ONLY}
     for entry in manifest.get("outputs", []):

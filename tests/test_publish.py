@@ -107,6 +107,28 @@ def test_card_is_complete_for_the_hub(corpus):
     assert genes.features["ensembl_id"].dtype == "string" and len(genes) == 120
 
 
+def test_card_features_follow_annotations_and_paired_images():
+    from spavis.genes import Vocabulary
+    from spavis.shards.card import render_card
+
+    vocab = Vocabulary("v2", ["ENSG00000000003", "ENSG00000000005"], ["TSPAN6", "TNMD"])
+    stats = {"n_slides": 2, "n_spots": 10, "n_spots_input": 12, "n_expression_files": 1, "n_genes_detected": 2,
+             "sources": {"geo": 1, "stimage": 1}, "organs": {"skin": 2}}
+    slides = [{"slide_id": "A", "source": "geo", "license": "GEO public data, see original publication",
+               "citation": "GEO et al.", "n_spots_kept": 4},
+              {"slide_id": "B", "source": "stimage", "license": "MIT (STimage-1K4M)", "citation": "Chen et al.",
+               "n_spots_kept": 6}]
+    card = render_card(vocab=vocab, params={"obs_columns": ["domain"]}, stats=stats, slides=slides, paired=True)
+    front = yaml.safe_load(card.split("---")[1])
+    infos = {i["config_name"]: i["features"] for i in front["dataset_info"]}
+    assert infos["default"][-1] == {"name": "domain", "dtype": "string"}
+    assert {"name": "patch", "dtype": "image"} in infos["paired"]
+    assert [c["config_name"] for c in front["configs"]] == ["default", "genes", "slides", "paired"]
+    # recorded terms that are no standard license: "other", with the per-slide terms in the card
+    assert front["license"] == "other" and front["license_name"] == "per-slide"
+    assert "GEO public data, see original publication" in card and "Chen et al." in card
+
+
 # ----------------------------------------------------------------------------- publish and read back
 def test_publish_tag_load_stream_and_lazy_open(corpus, hub, tmp_path):
     import datasets
@@ -170,13 +192,24 @@ def test_interrupted_publish_resumes_with_only_the_missing_files(corpus, hub):
     assert len(on_hub) == 80 < len(files)
     assert "manifest.json" not in on_hub and not hub.tags("org/resume", "dataset")  # no half-announced version
 
-    first = len(hub.requests)
+    # the rerun is cut too: an LFS upload fails midway through its first batch (HTTP 403: not retried)
+    second = len(hub.requests)
+    hub.add_fault("/_lfs/upload/", "status", status=403, methods=("PUT",), after=3)
+    with pytest.raises(PublishError, match=r"stopped after \d+ of \d+ commit\(s\).*Error while uploading.*run the "
+                                           r"same command again"):
+        publish(corpus, "org/resume", token=WRITE_TOKEN, max_files_per_commit=40)
+    committed = {hashlib.sha256(files[p].read_bytes()).hexdigest() for p in on_hub}
+    assert len(_uploads(hub, second)) >= 4 and not committed & set(_uploads(hub, second))
+    on_hub = set(hub.list_files("org/resume", "dataset")) - {".gitattributes"}
+    assert "manifest.json" not in on_hub
+    stored = {p.name for p in (hub.root / "blobs").iterdir()}  # LFS objects the Hub keeps
+
+    third = len(hub.requests)
     res = publish(corpus, "org/resume", token=WRITE_TOKEN, max_files_per_commit=40)
     assert res.n_uploaded == len(files) - len(on_hub)
     assert set(hub.list_files("org/resume", "dataset")) == set(files) | {".gitattributes"}
-    # nothing already committed was sent again
-    committed = {hashlib.sha256(files[p].read_bytes()).hexdigest() for p in on_hub}
-    assert not committed & set(_uploads(hub, first))
+    # nothing already committed, nor any LFS object uploaded before the cut, was sent again
+    assert _uploads(hub, third) and not stored & set(_uploads(hub, third))
     assert hub.tags("org/resume", "dataset") == {res.tag: res.commit}
     assert validate_hub("org/resume").ok
 
@@ -194,6 +227,11 @@ def test_unknown_license_needs_the_flag_and_local_dir_layout(tmp_path, hub):
     assert out.keys() == corpus_files(corpus).keys()
     assert all(out[k].read_bytes() == v.read_bytes() for k, v in corpus_files(corpus).items())
     assert publish(corpus, local_dir=tmp_path / "repo", allow_unknown_license=True).n_uploaded == 0
+    # --private: created private; a reader without a token gets one line naming the fix
+    publish(corpus, "org/private", private=True, token=WRITE_TOKEN, allow_unknown_license=True)
+    assert hub.repos[("dataset", "org/private")].private
+    with pytest.raises(CorpusError, match="or it is private.*HF_TOKEN"):
+        open_corpus("org/private")
     # a corpus that no longer matches its manifest is not published
     (corpus / "genes.parquet").write_bytes(b"changed")
     with pytest.raises(PublishError, match="genes.parquet"):

@@ -150,7 +150,10 @@ def render_card(*, vocab, params: dict[str, Any], stats: dict[str, Any], slides:
         {"config_name": "genes", "data_files": [{"split": "train", "path": S.GENES_FILE}]},
         {"config_name": "slides", "data_files": [{"split": "train", "path": S.SLIDES_FILE}]},
     ]
-    infos = [_features_yaml(S.EXPRESSION_SCHEMA, "default"), _features_yaml(S.GENES_SCHEMA, "genes"),
+    from spavis.shards.annotations import expression_schema
+
+    expression = expression_schema(params.get("obs_columns") or ())  # + --obs-columns annotations
+    infos = [_features_yaml(expression, "default"), _features_yaml(S.GENES_SCHEMA, "genes"),
              _features_yaml(S.SLIDES_SCHEMA, "slides")]
     paired_dir = getattr(S, "PAIRED_DIR", "data/paired")
     if paired:
