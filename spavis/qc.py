@@ -13,9 +13,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from spavis.errors import QCError, SpavisWarning
+from spavis.format import schema as S
 
 DEFAULT_MIN_GENES = 100
-FLOAT32_EXACT_MAX = 2**24  # = spavis.format.schema.FLOAT32_EXACT_MAX (kept import-light here)
+FLOAT32_EXACT_MAX = S.FLOAT32_EXACT_MAX
 
 
 @dataclass
@@ -79,7 +80,7 @@ def apply_qc(
     ``X_vocab``: the harmonized spots x vocabulary matrix (any scipy sparse or dense array).
     Raises QCError for an empty matrix or NaN / infinite / negative counts.
     """
-    name = slice_name or str(adata.uns.get("spavis", {}).get("source_path", "slice"))
+    name = slice_name or str(adata.uns.get(S.UNS_SPAVIS, {}).get("source_path", "slice"))
     X_vocab = sp.csr_matrix(X_vocab)
     n = adata.n_obs
     if n == 0 or adata.n_vars == 0:
@@ -129,7 +130,7 @@ def apply_qc(
         n_genes = row_nnz.astype(np.int32)
     keep = in_tissue & (n_genes >= min_genes)
 
-    xy = adata.obsm["spatial"] if "spatial" in adata.obsm else None
+    xy = adata.obsm[S.OBSM_SPATIAL] if S.OBSM_SPATIAL in adata.obsm else None
     has_coordinates = xy is not None and bool(np.isfinite(np.asarray(xy, dtype=np.float64)).all(axis=1).any())
     if has_coordinates:
         finite = np.isfinite(np.asarray(xy, dtype=np.float64)).all(axis=1)
@@ -178,7 +179,7 @@ def geometry_report(
     from spavis.neighbors import pixel_scale
 
     um, how = pixel_scale(pxl_row, pxl_col, array_row, array_col, spot_diameter_fullres)
-    meta = adata.uns.get("spavis", {}) if hasattr(adata, "uns") else {}
+    meta = adata.uns.get(S.UNS_SPAVIS, {}) if hasattr(adata, "uns") else {}
     notes = [f"{slice_name}: {w}" for w in list(meta.get("warnings", []) if isinstance(meta, dict) else [])]
     raw = meta.get("spot_diameter_fullres") if isinstance(meta, dict) else None
     if raw is not None and how != "scalefactors" and um is not None:

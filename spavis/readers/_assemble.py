@@ -16,6 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from spavis.errors import ReaderError
+from spavis.format import schema as S
 
 ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 _CORE_BARCODE_RE = re.compile(r"([ACGTN]{12,})")
@@ -152,14 +153,14 @@ def assemble(
         adata.var_names_make_unique()
     has_xy = bool(np.isfinite(obs["pxl_row"].to_numpy()).any())
     if has_xy:
-        adata.obsm["spatial"] = np.column_stack(
+        adata.obsm[S.OBSM_SPATIAL] = np.column_stack(
             [obs["pxl_col"].to_numpy(np.float64), obs["pxl_row"].to_numpy(np.float64)]
         )
     if scalefactors or lowres is not None:
         entry: dict[str, Any] = {"scalefactors": dict(scalefactors or {}), "images": {}, "metadata": {}}
         if lowres is not None:
             entry["images"]["lowres"] = lowres
-        adata.uns["spatial"] = {library_id: entry}
+        adata.uns[S.UNS_SPATIAL] = {library_id: entry}
     if spot_diameter_fullres is None and scalefactors:
         spot_diameter_fullres = scalefactors.get("spot_diameter_fullres")
     uns = {
@@ -170,5 +171,5 @@ def assemble(
         "n_spots_without_position": n_missing,
     }
     uns.update(extra_uns or {})
-    adata.uns["spavis"] = uns
+    adata.uns[S.UNS_SPAVIS] = uns
     return adata

@@ -10,6 +10,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from spavis.errors import ReaderError
+from spavis.format import schema as S
 from spavis.spaceranger import LOWRES_IMAGE, SPATIAL_DIR
 from spavis.readers._assemble import ENSEMBL_RE, assemble, split_gene_ids
 from spavis.readers.tenx import normalize_positions, read_lowres, read_positions
@@ -76,8 +77,8 @@ def _positions_from_obs(a: ad.AnnData) -> pd.DataFrame | None:
     ):
         if src in cols:
             df[dst] = obs[cols[src]].to_numpy()
-    if "pxl_row" not in df and "spatial" in a.obsm:
-        xy = np.asarray(a.obsm["spatial"], dtype=np.float64)
+    if "pxl_row" not in df and S.OBSM_SPATIAL in a.obsm:
+        xy = np.asarray(a.obsm[S.OBSM_SPATIAL], dtype=np.float64)
         if xy.ndim == 2 and xy.shape[1] >= 2:
             df["pxl_col"], df["pxl_row"] = xy[:, 0], xy[:, 1]
     if len(df.columns) == 1:
@@ -87,7 +88,7 @@ def _positions_from_obs(a: ad.AnnData) -> pd.DataFrame | None:
 
 def _image(a: ad.AnnData) -> tuple[str, dict, np.ndarray | None]:
     """(library_id, scalefactors, lowres) from uns['spatial']; a small image stands in for lowres."""
-    spatial = a.uns.get("spatial")
+    spatial = a.uns.get(S.UNS_SPATIAL)
     if not isinstance(spatial, dict) or not spatial:
         return "library", {}, None
     lib = sorted(spatial)[0]
