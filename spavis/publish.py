@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -237,6 +238,11 @@ def publish(
         raise PublishError("give --repo-id ORG/NAME (the Hub) or --local-dir DIR (a folder), or both.")
     if repo_id is not None and not H.looks_like_repo_id(repo_id):
         raise PublishError(f"{repo_id!r} is not a Hub dataset id; use ORG/NAME.")
+    if revision_tag is not None and (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", revision_tag)
+                                     or re.fullmatch(r"[0-9a-f]{40}", revision_tag) or revision_tag == BRANCH
+                                     or revision_tag.startswith(TAG_PREFIX)):
+        raise PublishError(f"--revision-tag {revision_tag!r}: use letters, digits, '.', '_' or '-' (e.g. v1.0), "
+                           f"not a commit id, {BRANCH!r} or a name starting with {TAG_PREFIX!r}.")
     if max_files_per_commit < 1 or max_bytes_per_commit < 1:
         raise PublishError("--files-per-commit and the bytes per commit must be at least 1.")
     if not root.is_dir():
@@ -296,6 +302,10 @@ def _publish_hub(root, repo_id, files, shas, manifest, result: PublishResult, *,
         raise _publish_error(exc, repo_id, "before uploading anything") from None
     missing = [rel for rel in files if not _same(remote.get(rel), files[rel], shas[rel])]
     stale = sorted(p for p in remote if p not in files and p not in _HUB_ONLY)
+    if stale and S.MANIFEST_FILE not in remote:  # not a spavis corpus: its files are not ours to delete
+        shown = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+        raise PublishError(f"{repo_id} already holds files that are not part of this corpus ({shown}) and is not "
+                           "a spavis corpus; publish to a new dataset id (nothing was uploaded).")
     data = [rel for rel in missing if rel not in _FINAL]
     final = [rel for rel in missing if rel in _FINAL]
     batches = _batches(data, files, max_files, max_bytes)

@@ -214,7 +214,9 @@ def test_interrupted_publish_resumes_with_only_the_missing_files(corpus, hub):
     assert validate_hub("org/resume").ok
 
 
-def test_unknown_license_needs_the_flag_and_local_dir_layout(tmp_path, hub):
+def test_versions_unknown_license_local_dir_private_and_refusals(corpus, tmp_path, hub):
+    first = publish(corpus, "org/versions", token=WRITE_TOKEN)
+    big = corpus
     corpus = _build(tmp_path / "c", [("LOCAL1", "local", None)])
     with pytest.raises(PublishError, match="no recorded license.*--allow-unknown-license"):
         publish(corpus, "org/unknown", token=WRITE_TOKEN)
@@ -232,6 +234,21 @@ def test_unknown_license_needs_the_flag_and_local_dir_layout(tmp_path, hub):
     assert hub.repos[("dataset", "org/private")].private
     with pytest.raises(CorpusError, match="or it is private.*HF_TOKEN"):
         open_corpus("org/private")
+    # a new version of a published corpus: old files removed in the final commit, each tag keeps its bytes
+    second = publish(corpus, "org/versions", token=WRITE_TOKEN, allow_unknown_license=True)
+    assert second.n_deleted > 0 and second.tag != first.tag
+    assert set(hub.list_files("org/versions", "dataset")) == set(corpus_files(corpus)) | {".gitattributes"}
+    assert set(hub.list_files("org/versions", "dataset", revision=first.tag)) == set(corpus_files(big)) | {
+        ".gitattributes"}
+    assert validate_hub("org/versions", first.tag).ok and validate_hub("org/versions").ok
+    # a dataset that holds something else is not overwritten; a bad tag name is refused up front
+    hub.create_repo("org/other", repo_type="dataset")
+    hub.add_files("org/other", {"notes.txt": "mine"}, "dataset")
+    with pytest.raises(PublishError, match="not part of this corpus.*notes.txt"):
+        publish(corpus, "org/other", token=WRITE_TOKEN, allow_unknown_license=True)
+    assert hub.list_files("org/other", "dataset") == [".gitattributes", "notes.txt"]
+    with pytest.raises(PublishError, match="--revision-tag"):
+        publish(corpus, "org/x", token=WRITE_TOKEN, allow_unknown_license=True, revision_tag="main")
     # a corpus that no longer matches its manifest is not published
     (corpus / "genes.parquet").write_bytes(b"changed")
     with pytest.raises(PublishError, match="genes.parquet"):
