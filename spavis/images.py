@@ -101,9 +101,24 @@ def open_image(path: str | os.PathLike) -> ImageSource:
     if not path.is_file():
         raise ImageError(f"{path}: image file not found; fetch it again (spavis fetch --with-images).")
     name = path.name.lower()
+    if name.endswith(".gz"):  # GEO ships images gzipped: no tiles to seek, so decompress once
+        return _open_gzip(path, name[:-3])
     if name.endswith(TIFF_SUFFIXES):
         return _open_tiff(path)
     return _open_pil(path)
+
+
+def _open_gzip(path: Path, inner: str) -> ImageSource:
+    import gzip
+    import io
+
+    try:
+        with gzip.open(path, "rb") as fh:
+            data = io.BytesIO(fh.read())
+    except (OSError, EOFError) as exc:
+        raise ImageError(f"{path}: unreadable gzip ({exc}); the file is truncated, download it again.") from None
+    src = _open_tiff(path, data) if inner.endswith(TIFF_SUFFIXES) else _open_pil(path, data)
+    return src
 
 
 def _layout(shape: tuple[int, ...], axes: str, where: Path) -> tuple[str, int, int, int]:
@@ -130,13 +145,13 @@ def _quiet_tifffile():
         log.disabled = before
 
 
-def _open_tiff(path: Path) -> ImageSource:
+def _open_tiff(path: Path, data=None) -> ImageSource:
     import tifffile
     import zarr
 
     try:
         with _quiet_tifffile():
-            tf = tifffile.TiffFile(path)
+            tf = tifffile.TiffFile(path if data is None else data)
             series = tf.series[0] if tf.series else None
     except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, ...
         raise ImageError(f"{path}: unreadable TIFF ({type(exc).__name__}: {exc}); the file is truncated "
@@ -154,7 +169,7 @@ def _open_tiff(path: Path) -> ImageSource:
             w0 = w0 or w
             if arr.ndim > (2 if layout == "YX" else 3):  # drop leading singleton axes
                 arr = _Squeeze(arr, arr.ndim - (2 if layout == "YX" else 3))
-            levels.append(Level(arr, h, w, w0 / w, layout, c))
+            levels.append(Level(arr, h, w, _factor(w0, w), layout, c))
         if np.dtype(series.dtype) != np.uint8:
             notes.append(f"{np.dtype(series.dtype)} pixels rescaled to 8-bit")
     except ImageError:
@@ -163,7 +178,8 @@ def _open_tiff(path: Path) -> ImageSource:
     except Exception as exc:
         tf.close()
         raise ImageError(f"{path}: unreadable TIFF ({type(exc).__name__}: {exc}); download it again.") from None
-    _check_complete(tf, series, path)
+    if data is None:
+        _check_complete(tf, series, path)
     src = ImageSource(path, levels, notes, tf)
     _note_channels(src)
     return src
@@ -183,6 +199,13 @@ def _check_complete(tf, series, path: Path) -> None:
                                  f"{size:,}); download it again.")
 
 
+def _factor(w0: int, w: int) -> float:
+    """Level-0 pixels per level pixel: the integer k a pyramid used (w = floor or ceil of w0 / k),
+    not w0 / w, which is off by up to a pixel at the far edge of a large slide."""
+    k = round(w0 / w)
+    return float(k) if k >= 1 and w in (w0 // k, -(-w0 // k)) else w0 / w
+
+
 class _Squeeze:
     """Index an array with leading singleton axes as if they were not there."""
 
@@ -194,11 +217,11 @@ class _Squeeze:
         return self.arr[(0,) * self.lead + tuple(key)]
 
 
-def _open_pil(path: Path) -> ImageSource:
+def _open_pil(path: Path, data=None) -> ImageSource:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path if data is None else data) as im:
             Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, im.width * im.height + 1)
             mode = im.mode
             im.load()

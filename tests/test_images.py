@@ -1,7 +1,7 @@
 """`build-shards --with-images`: patch/region geometry, border handling, formats and bad images.
 
 The geometry test draws a dark 5 x 5 px marker at every spot's centre pixel of a synthetic
-4000 x 4000 pyramidal TIFF (tiled, 2 levels: 0.25 and 0.5 µm/px, written with tifffile) and
+4000 x 4000 pyramidal TIFF (tiled, 3 levels: 0.25, 0.5 and 1 µm/px, written with tifffile) and
 finds the markers again in the patches and regions the build cut: expected positions come
 from the geometry alone (patch centre at 111.5 px; region cell centres at (c + 0.5) * 224/3 - 0.5).
 """
@@ -69,7 +69,7 @@ def _marker_image(channels: int = 3, size: int = SIZE) -> np.ndarray:
 
 
 def _make_slice(folder: Path, *, calibrated: bool = True, image: np.ndarray | None = None,
-                tiff_levels: int = 2) -> Path:
+                tiff_levels: int = 3) -> Path:
     """A plain .h5ad slice (7 spots, 20 vocabulary genes) + image.tif in ``folder``."""
     from spavis.genes import load_vocabulary
 
@@ -215,11 +215,11 @@ def _truncate(path: Path) -> None:
 def test_bad_images_fail_with_one_clear_error_and_no_output(tmp_path, case, message):
     if case == "small":
         _make_slice(tmp_path / "s", image=_marker_image(size=1000))
-    elif case == "truncated":
-        _make_slice(tmp_path / "s")
+    elif case == "truncated":  # small, so a missed truncation would fail on coverage instead
+        _make_slice(tmp_path / "s", image=_marker_image(size=1000), tiff_levels=1)
         _truncate(tmp_path / "s" / "image.tif")
     else:
-        _make_slice(tmp_path / "s", calibrated=False)
+        _make_slice(tmp_path / "s", calibrated=False, image=_marker_image(size=1000), tiff_levels=1)
     with pytest.raises(ImageError, match=message):
         build_shards([tmp_path / "s"], tmp_path / "out", min_genes=1, with_images=True)
     assert not (tmp_path / "out").exists()
@@ -228,7 +228,7 @@ def test_bad_images_fail_with_one_clear_error_and_no_output(tmp_path, case, mess
 
 
 def test_cli_prints_one_line_for_a_bad_image(tmp_path):
-    _make_slice(tmp_path / "s")
+    _make_slice(tmp_path / "s", image=_marker_image(size=1000), tiff_levels=1)
     _truncate(tmp_path / "s" / "image.tif")
     spavis = Path(sys.executable).with_name("spavis")
     res = subprocess.run([str(spavis), "build-shards", str(tmp_path / "s"), "--out", str(tmp_path / "out"),

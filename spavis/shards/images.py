@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from spavis.errors import SpavisWarning
 from spavis.format import schema as S
 from spavis.images import (
+    DEFAULT_CACHE_MB,
     TIFF_SUFFIXES,
     ImageError,
     ImageSource,
@@ -241,23 +242,25 @@ def prepare_images(tmp: Path, s, adata, slide: dict, barcodes, pxl_row, pxl_col,
     um_full, _how = cal
     spot_ids = [f"{s.slide_id}:{b}" for b in barcodes]
     with img.open() as src:
-        um0 = um_full / img.scale
-        li = src.choose_level(um0, TARGET_UM_PER_PX)
-        lv = src.levels[li]
-        um = um0 * lv.factor
-        # continuous edge coordinates (pixel i covers [i, i+1)) of the spot centres in the level
-        ex = (np.asarray(pxl_col, np.float64) + 0.5) * img.scale / lv.factor
-        ey = (np.asarray(pxl_row, np.float64) + 0.5) * img.scale / lv.factor
-        _check_covers(s.slide_id, img, src, ex * lv.factor, ey * lv.factor)
-        step = S.PATCH_UM / um
-        half_patch, half_region = step / 2, step * S.REGION_SCALE / 2
+        um0 = um_full / img.scale  # µm per level-0 image pixel
+        # continuous edge coordinates (pixel i covers [i, i+1)) of the spot centres, level 0
+        ex = (np.asarray(pxl_col, np.float64) + 0.5) * img.scale
+        ey = (np.asarray(pxl_row, np.float64) + 0.5) * img.scale
+        _check_covers(s.slide_id, img, src, ex, ey)
+        step = S.PATCH_UM / um0  # level-0 pixels per patch width (= one region cell)
         finite = np.isfinite(ex) & np.isfinite(ey)
         cells = fit_cells(drawn_cells(spot_ids), np.where(finite, ex, 0), np.where(finite, ey, 0),
-                          lv.width, lv.height, step, half_region)
+                          src.width, src.height, step, step * S.REGION_SCALE / 2)
+        # patches from the level closest to 0.5 µm/px, regions (1.5 µm/px once resized) from theirs
+        li_patch = src.choose_level(um0, TARGET_UM_PER_PX)
+        li_region = src.choose_level(um0, TARGET_UM_PER_PX * S.REGION_SCALE)
+        um = um0 * src.levels[li_patch].factor
         upsampled = um / TARGET_UM_PER_PX > S.UPSAMPLE_FLAG
-        reader = WindowReader(src, li)
-        n_pad = _write_pairs(tmp / PAIRED_FILE, zarr_path, reader, s.slide_id, spot_ids, ex, ey, cells,
-                             half_patch, half_region, step, um, upsampled)
+        patch_reader = WindowReader(src, li_patch, cache_mb=DEFAULT_CACHE_MB / 2)
+        region_reader = (patch_reader if li_region == li_patch
+                         else WindowReader(src, li_region, cache_mb=DEFAULT_CACHE_MB / 2))
+        n_pad = _write_pairs(tmp / PAIRED_FILE, zarr_path, patch_reader, region_reader, s.slide_id, spot_ids,
+                             ex, ey, cells, step, um, upsampled)
         notes = list(src.notes)
     if upsampled:
         notes.append(f"image resolution {um:.2f} µm/px is below the {TARGET_UM_PER_PX} µm/px of a patch: "
@@ -283,14 +286,16 @@ def _check_covers(slide_id: str, img: SlideImage, src: ImageSource, ex0: np.ndar
             f"x={ex0[i]:.0f}, y={ey0[i]:.0f} px); it is not this slide's image or its scale factor is wrong.")
 
 
-def _write_pairs(path: Path, zarr_path: Path, reader: WindowReader, slide_id: str, spot_ids: list[str],
-                 ex, ey, cells, half_patch, half_region, step, um, upsampled) -> int:
+def _write_pairs(path: Path, zarr_path: Path, patch_reader: WindowReader, region_reader: WindowReader,
+                 slide_id: str, spot_ids: list[str], ex, ey, cells, step, um, upsampled) -> int:
+    """Cut, then write chunk by chunk (64 spots); ``ex``/``ey``/``step`` in level-0 pixels."""
     import numcodecs
     import zarr
 
     n = len(spot_ids)
     px, chunk, g = S.PATCH_PX, S.ZARR_IMAGE_CHUNK, S.REGION_GRID
     mid = (g - 1) / 2
+    fp, fr = patch_reader.level.factor, region_reader.level.factor
     root = zarr.open_group(str(zarr_path), mode="a", zarr_format=2)
     grp = root.create_group(S.IMAGES_GROUP)
     comp = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
@@ -310,9 +315,9 @@ def _write_pairs(path: Path, zarr_path: Path, reader: WindowReader, slide_id: st
             regions = np.empty_like(patches)
             for j, i in enumerate(range(a, b)):
                 col, row = int(cells[i]) % g, int(cells[i]) // g
-                patches[j], p1 = resample(reader, ex[i], ey[i], half_patch, px)
-                regions[j], p2 = resample(reader, ex[i] + (mid - col) * step, ey[i] + (mid - row) * step,
-                                          half_region, px)
+                patches[j], p1 = resample(patch_reader, ex[i] / fp, ey[i] / fp, step / 2 / fp, px)
+                regions[j], p2 = resample(region_reader, (ex[i] + (mid - col) * step) / fr,
+                                          (ey[i] + (mid - row) * step) / fr, step * S.REGION_SCALE / 2 / fr, px)
                 padded_all[i] = p1 or p2
             arr["patch"][a:b] = patches
             arr["region"][a:b] = regions
