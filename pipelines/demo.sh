@@ -54,4 +54,19 @@ a = anndata.read_zarr(f"{sys.argv[1]}/corpus/zarr/human_heart_v1_subsample.zarr"
 print(f"embeddings.parquet: {t.num_rows} spots x {len(t['embedding'][0])} dims; "
       f"zarr obsm['X_stamp'] {a.obsm['X_stamp'].shape}")
 PY
+step "6. Paired H&E patches from the real heart slice (build-shards --with-images)"
+echo "   only the 600 px lowres H&E is bundled (the release's hires image is a black placeholder), so every"
+echo "   112 µm patch is upsampled from a few pixels and flagged; a HEST/Space Ranger full-res image avoids that"
+spavis build-shards "$HEART" --out "$OUT/heart-images" --min-genes 1 --with-images --quiet
+spavis validate "$OUT/heart-images"
+python - "$OUT/heart-images" <<'PY'
+import sys, datasets
+datasets.disable_progress_bars()
+ds = datasets.load_dataset(sys.argv[1], "paired", split="train")
+r = ds[0]
+print(f"datasets.load_dataset(..., 'paired') -> {ds.num_rows} spots: patch {r['patch'].size} {r['patch'].mode}, "
+      f"region {r['region'].size}, region_cell {r['region_cell']}, {r['um_per_px']:.2f} µm/px source, "
+      f"upsampled {sum(ds['upsampled'])}/{ds.num_rows}, padded {sum(ds['padded'])}")
+PY
+
 step "Demo finished: outputs in $OUT/"
