@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import warnings
 
 __all__ = [
     "SpavisError", "ReaderError", "QCError", "GeneMappingError", "NotHumanError", "FetchError",
@@ -73,6 +74,18 @@ class BiomartError(SpavisError):
 
 class SpavisWarning(UserWarning):
     """Something was built with less than the input promised (no graph, estimated scale, duplicates)."""
+
+
+def _format_warning(message, category, filename, lineno, line=None):  # noqa: ANN001
+    if issubclass(category, SpavisWarning) and not debug_enabled():
+        return f"warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+# SpavisWarnings read as one "warning: ..." line in every process, worker processes of
+# build-shards included (Python's format adds the file, line and source of warnings.warn).
+_python_format_warning = warnings.formatwarning
+warnings.formatwarning = _format_warning
 
 
 class BuildError(SpavisError):
