@@ -267,6 +267,9 @@ def _build(slices, out, work, cfg, vocab_obj, params, workers, progress, obs_col
         shutil.rmtree(stale, ignore_errors=True)
     for stale in work.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
+    # old copies renamed aside by spavis.format.io.publish_dir when a kill hit the swap
+    for stale in [*out.parent.glob(f".{out.name}.old-*"), *work.glob(".*.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     # the vocabulary travels to workers by name/path when it has one (cheap to pickle)
     vocab_arg = cfg.vocab if isinstance(cfg.vocab, (str, os.PathLike)) else vocab_obj
     kwargs: dict[str, Any] = {"vocab": vocab_arg, "min_genes": cfg.min_genes, "k_neighbors": cfg.k_neighbors}

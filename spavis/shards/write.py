@@ -41,6 +41,7 @@ from spavis.shards.prepare import (  # noqa: F401  (file_sha256/tree_sha256 are 
     tree_size,
 )
 from spavis.errors import SpavisError
+from spavis.format.io import publish_dir
 from spavis.shards.config import DEFAULT_MAX_SPOTS_PER_SHARD
 
 
@@ -216,6 +217,18 @@ def _count_arrays(offsets: np.ndarray, indices: np.ndarray, data: np.ndarray) ->
             pa.ListArray.from_arrays(off, pa.array(data, pa.float32())))
 
 
+def expression_write_options(schema: pa.Schema) -> dict[str, Any]:
+    """Parquet settings of expression files: the format's, with dictionary encoding on string columns only.
+
+    Measured on a 7,759-spot shard of generated slides (docs/shards.md): dictionary pages on
+    every column made the file 17 % larger (48.9 vs 41.7 MB) and encoding ~10 % slower, with
+    no measurable gain reading gene_index/counts; spot ids, slide ids, barcodes and
+    annotation labels repeat or share prefixes, so they keep it.
+    """
+    strings = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+    return dict(S.PARQUET_WRITE_OPTIONS, use_dictionary=strings)
+
+
 def write_shard(job: ShardJob) -> dict[str, Any]:
     """Write one expression file (and its paired-image file) from prepared slides; runs in a worker.
 
@@ -230,7 +243,7 @@ def write_shard(job: ShardJob) -> dict[str, Any]:
     paired = PairedShards(tmp)
     offsets: list[tuple[str, int]] = []
     rows = 0
-    writer = pq.ParquetWriter(tmp / rel, schema, **S.PARQUET_WRITE_OPTIONS)
+    writer = pq.ParquetWriter(tmp / rel, schema, **expression_write_options(schema))
     try:
         for raw in job.slides:
             d = Path(raw)
@@ -342,13 +355,7 @@ class CorpusWriter:
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f"{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    publish_dir(tmp, out)  # an old corpus is renamed aside, the new one renamed in, the old removed
 
 
 def _finish_into(tmp: Path, items, results, zarr_outputs, vocab, params) -> None:
