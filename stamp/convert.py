@@ -20,13 +20,11 @@ Why this module exists instead of ``load_state_dict(strict=False)`` (what their 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from spavis.format.io import make_temp_dir, sha256_file
 from stamp.errors import StampError
 from stamp.registry import CONVERTED_MARKER, PretrainedEntry, get_pretrained, write_tokenizer_files
 
@@ -306,11 +305,7 @@ def write_safetensors(path: str | os.PathLike, producers: dict[str, Callable[[],
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def _write_config(model: torch.nn.Module, folder: Path) -> None:
@@ -381,7 +376,7 @@ def convert_released(
                                        source_name=source_id or src.name, target_name=f"{type(model).__name__} ({name})")
     report.notes = notes + report.notes
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = make_temp_dir(out)  # umask mode (mkdtemp's 0700 would make the model private)
     try:
         write_safetensors(tmp / "model.safetensors", producers,
                           {"format": "pt", "converted_from": source_id or src.name, "stamp_registry_name": name})

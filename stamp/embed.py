@@ -41,19 +41,21 @@ OBSM_KEY = "X_stamp"
 STAGING = f"{OBSM_KEY}.staging"
 
 
-def load_model(model: str | os.PathLike, device: str | torch.device | None = None):
+def load_model(model: str | os.PathLike, device: str | torch.device | None = None,
+               means: str | os.PathLike | None = None):
     """(encoder in eval mode, tokenizer) from a local folder (RUN, RUN/model) or a Hub repo id.
 
     A Hub id is fetched once (``stamp.hub.resolve_model_source``; fails at once when the Hub
-    cannot be reached), then both are read from that folder.
+    cannot be reached), then both are read from that folder. ``means``: a gene means file for
+    models whose tokenizer ships none (converted releases: the released ``Visium_mean.npy``).
     """
     from stamp.hub import resolve_model_source
     from stamp.model import StampGeneEncoder
-    from stamp.tokenizer import GeneTokenizer
+    from stamp.registry import load_tokenizer
 
     source = resolve_model_source(model)
     encoder = StampGeneEncoder.from_pretrained(str(source))
-    tokenizer = GeneTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(source, means)
     if encoder.config.vocab_size != tokenizer.vocab_size:
         raise EmbedError(
             f"{model}: the encoder has {encoder.config.n_genes} genes but the tokenizer files {tokenizer.n_genes}; "
@@ -161,8 +163,11 @@ def embed_corpus(
     zarr: bool = False,
     device: str | None = None,
     progress: bool = True,
+    means: str | os.PathLike | None = None,
 ) -> Path:
     """Embed every spot of ``data`` (shard dir or Hub dataset id) with ``model``; returns ``out``.
+
+    ``means``: gene means file for models whose tokenizer ships none (``stamp-v1-gene``).
 
     With ``zarr=True`` every slide store gets ``obsm['X_stamp']``, all or none (module docstring).
     """
@@ -179,7 +184,7 @@ def embed_corpus(
             f"{data}: --zarr writes into the corpus's Zarr stores, which needs a local shard directory; "
             "download the corpus (e.g. `hf download --repo-type dataset`) and pass its folder"
         )
-    encoder, tokenizer = load_model(model, device)
+    encoder, tokenizer = load_model(model, device, means)
     genes = corpus.genes["ensembl_id"].astype(str).tolist()
     if genes != list(tokenizer.gene_ids):
         raise EmbedError(

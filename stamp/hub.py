@@ -186,10 +186,15 @@ def snapshot(repo_id: str, *, revision: str | None = None, token: str | None = N
 
 
 def resolve_model_source(model: str | os.PathLike) -> Path:
-    """The local folder holding a model: ``RUN`` -> ``RUN/model``, a model folder, or a Hub snapshot."""
+    """The local folder holding a model: ``RUN`` -> ``RUN/model``, a model folder, a registry name
+    (``stamp-v1``: converted once into the cache, see stamp.registry), or a Hub snapshot."""
     path = Path(model)
     if path.is_dir():
         return resolve_model_dir(path)
+    from stamp.registry import is_pretrained, resolve_pretrained
+
+    if is_pretrained(str(model)):
+        return resolve_pretrained(str(model))
     return snapshot(str(model))
 
 

@@ -85,21 +85,29 @@ def counts_matrix(n_spots: int = 12, seed: int = 1) -> sp.csr_matrix:
 
 def assert_same_tokens_up_to_ties(ours: np.ndarray, theirs: np.ndarray, counts, means) -> None:
     """Equal token rows, except that genes of exactly equal count/mean ratio may come in any order
-    (the released code's float path decides those; the project breaks ties by vocabulary index)."""
-    from fractions import Fraction
+    (the released code's float path decides those; the project breaks ties by vocabulary index).
 
+    Ratios of small integers are compared as float64 quotients: correctly rounded division maps equal
+    ratios to equal floats, and distinct ones (counts < 2**20, means < 2**10) stay far apart.
+    """
     m = np.nan_to_num(means)
     m = np.where(m % 1 >= 0.5, np.ceil(m), np.floor(m))
     m[m == 0] = 1
-    dense = np.asarray(counts.todense())
+    counts = sp.csr_matrix(counts)
     for i in range(ours.shape[0]):
+        row = np.asarray(counts[i].todense()).ravel()
         canon = []
-        for row in (ours[i], theirs[i]):
-            ids = row[row != 0]
-            values = [Fraction(int(dense[i, t - 30])) / int(m[t - 30]) for t in ids]
-            assert all(a >= b for a, b in zip(values, values[1:])), f"spot {i}: not ranked by count / mean"
-            canon.append(sorted(zip((-v for v in values), ids.tolist())))
-        assert canon[0] == canon[1], f"spot {i}: different tokens"
+        for tokens in (ours[i], theirs[i]):
+            genes = tokens[tokens != 0] - 30
+            values = row[genes].astype(np.float64) / m[genes]
+            assert (np.diff(values) <= 0).all(), f"spot {i}: not ranked by count / mean"
+            order = np.lexsort((genes, -values))
+            canon.append((values[order], genes[order]))
+        (v0, g0), (v1, g1) = canon
+        np.testing.assert_array_equal(v0, v1, err_msg=f"spot {i}: different ranked values")
+        # a full row (> max_len genes) may cut its last tie group at a different gene: same values, any ids
+        keep = v0 != v0[-1] if (ours[i] != 0).all() else np.ones(v0.size, bool)
+        np.testing.assert_array_equal(g0[keep], g1[keep], err_msg=f"spot {i}: different tokens")
 
 
 # ----------------------------------------------------------------------------- registry
@@ -288,3 +296,57 @@ def test_cli_models_and_convert(released, tmp_path, monkeypatch):
     assert res.exit_code == 1 and "already exists" in res.output
     res = runner.invoke(app, ["convert", "--from", "timm", str(path), "--out", str(tmp_path / "p")])
     assert res.exit_code == 1 and "stamp-released" in res.output
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def stamp_v1_corpus(tmp_path_factory):
+    """A small GENERATED corpus on the full stamp-v1 vocabulary (the released model's 20,310 genes)."""
+    from spavis.shards import build_shards
+    from spavis.simulate import write_simulated_slice
+
+    base = tmp_path_factory.mktemp("corpus")
+    write_simulated_slice(base / "in" / "gen0", seed=0, with_image=False, max_row=3)
+    build_shards([base / "in" / "gen0"], base / "shards", vocab="stamp-v1", min_genes=5)
+    return base / "shards"
+
+
+def test_embed_stamp_v1_gene_end_to_end(released, means_file, stamp_v1_corpus, tmp_path, monkeypatch):
+    """embed_corpus("stamp-v1-gene", means=...) through the registry and the gated fake Hub equals the
+    reference fed with the released tokenizer's tokens of the same spots."""
+    import pyarrow.parquet as pq
+
+    from spavis.format import open_corpus, rows_to_csr
+    from stamp.embed import embed_corpus
+    from tests.fakes.hub import FakeHub
+
+    ref, path = released
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"models": small_entries()}))
+    monkeypatch.setenv("STAMP_REGISTRY", str(registry))
+    with FakeHub(tmp_path / "hub") as hub:
+        hub.create_repo("minghaofdu/STAMP", "model")
+        hub.add_files("minghaofdu/STAMP", {"pytorch_model.bin": path})
+        hub.activate(monkeypatch, cache_dir=tmp_path / "hf")
+        with pytest.raises(PretrainedError, match="--means"):
+            embed_corpus("stamp-v1-gene", stamp_v1_corpus, tmp_path / "e.parquet", device="cpu", progress=False)
+        assert not (tmp_path / "e.parquet").exists()
+        out = embed_corpus("stamp-v1-gene", stamp_v1_corpus, tmp_path / "e.parquet", device="cpu", progress=False,
+                           means=means_file)
+    table = pq.read_table(out)
+    corpus = open_corpus(stamp_v1_corpus)
+    rows = [t for t in corpus.iter_slides(columns=["spot_id", "gene_index", "counts"])]
+    spot_ids = [s for t in rows for s in t.column("spot_id").to_pylist()]
+    assert table.column("spot_id").to_pylist() == spot_ids and len(spot_ids) > 20
+    counts = sp.vstack([rows_to_csr(t, N_GENES) for t in rows]).tocsr()
+    from stamp.registry import load_tokenizer, resolve_pretrained
+    from stamp.tokenizer import to_model_input_ids
+
+    tok = load_tokenizer(resolve_pretrained("stamp-v1-gene"), means_file)
+    raw = tok.encode_csr(counts)
+    assert_same_tokens_up_to_ties(raw, reference_tokenize(counts, np.load(means_file)), counts, np.load(means_file))
+    ours = torch.from_numpy(to_model_input_ids(raw, tok.pad_value, GENE["context_length"]).astype(np.int64))
+    got = torch.tensor(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)))
+    with torch.no_grad():
+        want = ref.spot_backbone.features(ours)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
