@@ -114,33 +114,39 @@ def _load_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
+def _by_store(paths) -> dict[str, dict[str, str]]:
+    """``{"zarr/<id>.zarr": {path inside the store: path in the repo}}`` in one pass (no n_slides x n_files scan)."""
+    out: dict[str, dict[str, str]] = {}
+    for rel in paths:
+        parts = rel.split("/", 2)
+        if len(parts) == 3 and parts[0] == S.ZARR_DIR:
+            out.setdefault(f"{parts[0]}/{parts[1]}", {})[parts[2]] = rel
+    return out
+
+
 def _check_local(root: Path, manifest: dict[str, Any], files: dict[str, Path]) -> dict[str, str]:
-    """sha256 of every file, checked against manifest.json (each byte is hashed once)."""
-    shas: dict[str, str] = {}
+    """sha256 of every file, checked against manifest.json (each byte is hashed once, a few files at a time)."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
+        shas = dict(zip(files, pool.map(sha256_file, files.values())))
     problems: list[str] = []
-    listed = {o["path"]: o for o in manifest.get("outputs", [])}
-    for rel, entry in listed.items():
-        p = root / rel
-        if entry.get("kind") == "zarr" or p.is_dir():
-            prefix = rel + "/"
-            inner = {r[len(prefix):]: sha256_file(q) for r, q in files.items() if r.startswith(prefix)}
-            shas.update({prefix + k: v for k, v in inner.items()})
+    stores = _by_store(files)
+    covered = {S.MANIFEST_FILE}
+    for entry in manifest.get("outputs", []):
+        rel = entry["path"]
+        if entry.get("kind") == "zarr" or (root / rel).is_dir():
+            inner = stores.get(rel, {})
+            covered.update(inner.values())
             if not inner:
                 problems.append(f"{rel} is missing")
-            elif _zarr_digest(inner) != entry.get("sha256"):
+            elif _zarr_digest({k: shas[v] for k, v in inner.items()}) != entry.get("sha256"):
                 problems.append(f"{rel} differs from manifest.json")
-        elif not p.is_file():
-            problems.append(f"{rel} is missing")
-        else:
-            shas[rel] = sha256_file(p)
-            if shas[rel] != entry.get("sha256"):
-                problems.append(f"{rel}: sha256 differs from manifest.json")
-    for rel, p in files.items():
-        if rel in shas:
             continue
-        if rel != S.MANIFEST_FILE:
-            problems.append(f"{rel} is not listed in manifest.json")
-        shas[rel] = sha256_file(p)
+        covered.add(rel)
+        if rel not in shas:
+            problems.append(f"{rel} is missing")
+        elif shas[rel] != entry.get("sha256"):
+            problems.append(f"{rel}: sha256 differs from manifest.json")
+    problems += [f"{rel} is not listed in manifest.json" for rel in files if rel not in covered]
     if problems:
         head = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise PublishError(f"{root}: does not match its manifest.json ({head}); nothing was published. "
@@ -424,11 +430,11 @@ def validate_hub(repo_id: str, revision: str | None = None, *, deep: bool = Fals
         return f.lfs.sha256 if f.lfs is not None else hashed[rel]
 
     covered = {S.MANIFEST_FILE, *_HUB_ONLY}
+    stores = _by_store(tree)
     for entry in manifest.get("outputs", []):
         rel = entry["path"]
         if entry.get("kind") == "zarr":
-            prefix = rel + "/"
-            inner = {p[len(prefix):]: p for p in tree if p.startswith(prefix)}
+            inner = stores.get(rel, {})
             covered.update(inner.values())
             if not inner:
                 rep.error(f"{rel}: listed in manifest.json but missing")
