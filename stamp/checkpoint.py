@@ -15,7 +15,6 @@ Nothing is ever read with ``torch.load``.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from spavis.format.io import publish_dir
 
 STATE_FILE = "trainer_state.json"
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -119,9 +120,7 @@ def finalize(run: Path, step: int, state: dict, keep: int | None = None) -> Path
     stage = staging_dir(run, step)
     _write_json(stage / STATE_FILE, state)
     final = checkpoint_root(run) / f"step-{step}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(stage, final)
+    publish_dir(stage, final)  # an existing step-N is swapped out, never half-deleted
     if keep:
         for _, old in list_checkpoints(run)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

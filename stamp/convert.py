@@ -356,9 +356,13 @@ def convert_released(
     means: str | os.PathLike | None = None,
     overwrite: bool = False,
     source_id: str | None = None,
+    load_name: str | None = None,
 ) -> MappingReport:
     """Convert a released checkpoint file into ``out`` (config.json, model.safetensors, tokenizer files,
-    README.md, conversion.json) for registry entry ``name``; returns the mapping report."""
+    README.md, conversion.json) for registry entry ``name``; returns the mapping report.
+
+    ``load_name``: what the model card's snippet loads (default: the registry name; ``stamp
+    convert`` passes the output folder)."""
     t0 = time.perf_counter()
     entry = name if isinstance(name, PretrainedEntry) else get_pretrained(name)
     name = entry.name
@@ -384,7 +388,8 @@ def convert_released(
         write_tokenizer_files(tmp, entry, means)
         report.source_sha256 = _sha256(src)
         report.seconds = time.perf_counter() - t0
-        (tmp / "README.md").write_text(converted_model_card(entry, report, has_means=means is not None))
+        (tmp / "README.md").write_text(converted_model_card(entry, report, has_means=means is not None,
+                                                             load_name=load_name))
         (tmp / CONVERTED_MARKER).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -416,12 +421,11 @@ def converted_model_card(entry: PretrainedEntry, report: MappingReport | None = 
     usage_py = [
         "```python",
         "import torch",
-        "from stamp.registry import load_tokenizer, resolve_pretrained",
-        f"from stamp import {cls}",
-        f'model = {cls}.from_pretrained("{load_name}").eval()',
-        f'tokenizer = load_tokenizer(resolve_pretrained("{load_name}"){means_arg})',
-        "from stamp.tokenizer import to_model_input_ids",
         "import scipy.sparse as sp",
+        f"from stamp import {cls}, load_tokenizer",
+        "from stamp.tokenizer import to_model_input_ids",
+        f'model = {cls}.from_pretrained("{load_name}").eval()',
+        f'tokenizer = load_tokenizer("{load_name}"{means_arg})',
         "counts = sp.random(4, tokenizer.n_genes, density=0.05, format=\"csr\", random_state=0) * 10  # spots x genes",
         "ids = to_model_input_ids(tokenizer.encode_csr(counts), tokenizer.pad_value, "
         + ("model.config.gene.context_length)" if full else "model.config.context_length)"),
