@@ -3,9 +3,11 @@
 The texture of every pixel follows the spatial domain of the nearest in-tissue spot, so a
 model that sees only a patch can tell domains apart (what patch -> spot retrieval needs):
 per domain an eosin tint, a nuclei density and size, and a fibre direction and period.
-Nuclei are discs placed by hashing global cell coordinates, so tiles join seamlessly and
-the same seed gives the same bytes. The picture is written tile by tile as a pyramidal,
-JPEG-compressed TIFF (as HEST and scanners do), so memory stays at one tile row.
+Each domain's texture is rendered once as a seamless 768 px tile (nuclei discs placed by
+hashing cell coordinates, a whole number of fibre periods) and every image pixel gathers
+from the texture of its domain, so a whole slide costs about as much as copying it; the
+same seed gives the same bytes. The picture is written tile by tile as a pyramidal,
+JPEG-compressed TIFF (as HEST and scanners do), so memory stays at one tile.
 """
 from __future__ import annotations
 
@@ -73,10 +75,10 @@ def domain_texture(k: int, size: int, *, um_per_px: float, styles: dict[str, np.
 class TextureBank:
     """One pre-rendered texture per domain (plus glass), tiled over the image: each output pixel
     is one gather, so a whole-slide picture costs about as much as copying it. The period
-    (BANK_PX pixels, ~740 µm at Visium's 0.72 µm/px) is wider than a region."""
+    (768 px, ~560 µm at Visium's 0.72 µm/px) is wider than a region (336 µm)."""
 
     def __init__(self, n_domains: int, *, um_per_px: float, styles: dict[str, np.ndarray], seed: int,
-                 size: int = 1024):
+                 size: int = 768):
         self.size = size
         bank = [domain_texture(k, size, um_per_px=um_per_px, styles=styles, seed=seed) for k in range(n_domains)]
         glass = np.broadcast_to(GLASS, (size, size, 3))
@@ -86,6 +88,8 @@ class TextureBank:
         h, w = dom.shape
         yy = ((y0 + np.arange(h)) % self.size)[:, None]
         xx = ((x0 + np.arange(w)) % self.size)[None, :]
+        if (dom < 0).all():  # glass only (most tiles of a capture area's margin)
+            return np.broadcast_to(self.bank[-1, 0, 0], (h, w, 3)).copy()
         d = np.where(dom < 0, self.bank.shape[0] - 1, dom)
         return self.bank[d, yy, xx]
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -18,6 +19,10 @@ def simulate_cmd(
     n_domains: int = typer.Option(5, "--n-domains", min=1, help="Spatial domains per slice."),
     median_umis: float = typer.Option(6000.0, "--median-umis", callback=positive_float, help="Median UMIs per spot."),
     prefix: str = typer.Option("generated", "--prefix", help="Slide ids are PREFIX_000, PREFIX_001, ..."),
+    max_row: Optional[int] = typer.Option(
+        None, "--max-row", min=1, max=78,
+        help="Keep only lattice rows below this (a strip of the capture area): small slices for quick runs.",
+    ),
     with_image: bool = typer.Option(
         False, "--with-image",
         help="Also write image.tif: a GENERATED full-resolution H&E-like pyramidal TIFF whose texture follows "
@@ -39,5 +44,5 @@ def simulate_cmd(
             err_console.print(f"{folder} exists, kept")
             continue
         write_simulated_slice(folder, slide_id=slide_id, seed=seed + i, n_domains=n_domains,
-                              median_umis=median_umis, he_image=with_image)
+                              median_umis=median_umis, he_image=with_image, max_row=max_row)
         err_console.print(f"GENERATED slice written: {folder}")
