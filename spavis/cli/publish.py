@@ -30,8 +30,7 @@ def publish_cmd(
 ) -> None:
     """Upload a corpus to the Hugging Face Hub in resumable commits and tag it build-<build_key>.
 
-    An interrupted publish, run again, uploads only what is missing. The token comes from
-    HF_TOKEN or `hf auth login` and is never printed.
+    An interrupted publish, run again, uploads only what is missing. The token comes from HF_TOKEN or `hf auth login` and is never printed.
     """
     from spavis.publish import publish
 
