@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from spavis.format.io import atomic_write_text
 from stamp.errors import PublishError
 
 CARD_NAME = "README.md"
@@ -59,7 +60,14 @@ def model_card(info: dict, config: dict) -> str:
     cfg_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in config.items())
     train_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in train.items())
     metric_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items()) or "| (none) | |"
-    generated = " **The training data were generated (spavis.simulate), not measured.**" if data.get("generated") else ""
+    fraction = data.get("generated_fraction", 1.0 if data.get("generated") else 0.0) or 0.0
+    if fraction >= 1.0:
+        generated = " **The training data were generated (spavis.simulate), not measured.**"
+    elif fraction > 0.0:
+        generated = (f" **{fraction:.1%} of the training spots were generated (spavis.simulate), not measured;**"
+                     " the rest are measurements.")
+    else:
+        generated = ""
     body = f"""
 # STAMP gene encoder ({info.get('stage', '?')} stage)
 
@@ -128,7 +136,7 @@ def write_model_card(model_dir: str | Path, info: dict) -> Path:
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     path = model_dir / CARD_NAME
-    path.write_text(model_card(info, config))
+    atomic_write_text(path, model_card(info, config))
     return path
 
 
@@ -222,7 +230,8 @@ def export_model(run_or_model: str | Path, dest: str | Path, *, overwrite: bool 
     ``GeneTokenizer.from_pretrained(dest)``, and can be uploaded later as is.
     """
     import shutil
-    import tempfile
+
+    from spavis.format.io import atomic_dir
 
     model_dir = resolve_model_dir(run_or_model)
     if not (model_dir / CARD_NAME).is_file():
@@ -235,16 +244,9 @@ def export_model(run_or_model: str | Path, dest: str | Path, *, overwrite: bool 
     if dest.resolve() == model_dir.resolve() or dest.resolve() in model_dir.resolve().parents:
         raise PublishError(f"{dest} holds the run being published ({model_dir}); choose a folder outside it")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as staging:  # hidden sibling, umask modes, swapped in when complete
         for item in _model_files(model_dir):
-            shutil.copy2(item, staging / item.name)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            shutil.copyfile(item, staging / item.name)
     return dest
 
 

@@ -71,6 +71,30 @@ class PretrainArgs:
     device: str | None = None
     extra: dict = field(default_factory=dict)
 
+    # (field, predicate, what it must be): the Python API checks what the CLI callbacks check
+    _RULES = (("max_steps", lambda v: v >= 1, ">= 1"), ("batch_size", lambda v: v >= 1, ">= 1"),
+              ("grad_accum", lambda v: v >= 1, ">= 1"), ("lr", lambda v: 0 < v < math.inf, "> 0"),
+              ("min_lr", lambda v: 0 <= v < math.inf, ">= 0"), ("warmup_steps", lambda v: v >= 0, ">= 0"),
+              ("weight_decay", lambda v: 0 <= v < math.inf, ">= 0"), ("clip_norm", lambda v: 0 < v < math.inf, "> 0"),
+              ("mask_prob", lambda v: 0 < v < 1, "in (0, 1)"), ("max_distance_um", lambda v: 0 < v < math.inf, "> 0"),
+              ("save_every", lambda v: v >= 1, ">= 1"), ("keep_checkpoints", lambda v: v >= 1, ">= 1"),
+              ("seed", lambda v: v >= 0, ">= 0"), ("stop_after", lambda v: v >= 1, ">= 1"))
+
+    def validate(self) -> "PretrainArgs":
+        """Raise :class:`~stamp.errors.UsageError` naming every out-of-range number."""
+        from stamp.errors import UsageError
+
+        bad = [f"--{name.replace('_', '-')} {getattr(self, name)!r} must be {wanted}"
+               for name, ok, wanted in self._RULES
+               if getattr(self, name) is not None and not ok(getattr(self, name))]
+        if self.stage not in STAGES:
+            bad.append(f"--stage {self.stage!r} must be one of {', '.join(STAGES)}")
+        if self.cgr_targets not in ("masked", "all"):
+            bad.append(f"--cgr-targets {self.cgr_targets!r} must be 'masked' or 'all'")
+        if bad:
+            raise UsageError("; ".join(bad))
+        return self
+
     def micro_batch(self) -> int:
         if self.batch_size is not None:
             return int(self.batch_size)
@@ -361,8 +385,7 @@ def pretrain(args: PretrainArgs, *, on_step: Callable[[dict], None] | None = Non
     """
     from spavis.format import open_corpus
 
-    if args.stage not in STAGES:
-        raise TrainingError(f"unknown stage {args.stage!r}; use 'gene' or 'spatial'")
+    args.validate()
     if args.stage == "spatial" and not args.init and not args.resume:
         logger.warning("spatial stage without --init: training IGR + CGR from a random encoder")
     d = init_distributed()

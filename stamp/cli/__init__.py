@@ -6,46 +6,18 @@ from typing import Optional
 
 import typer
 
-from stamp.cli._common import err_console, friendly_errors
+from stamp.cli._common import enable_debug, err_console, friendly_errors, positive_int, setup_logging
 
 app = typer.Typer(name="stamp", help="STAMP gene encoder: tokenize, pretrain, publish, embed.",
-                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+                  no_args_is_help=True, pretty_exceptions_show_locals=False, pretty_exceptions_short=True)
 
 
-@app.command("pretrain")
-@friendly_errors
-def pretrain_cmd(
-    stage: str = typer.Option(..., "--stage", help="gene (IGR, independent spots) or spatial (IGR + CGR)."),
-    data: str = typer.Option(..., "--data", help="Shard directory or Hub dataset id."),
-    out: Path = typer.Option(..., "--out", help="Run folder (checkpoints, metrics.jsonl, model/)."),
-    config: str = typer.Option("base", "--config", help="base, tiny or a config JSON file."),
-    init: Optional[str] = typer.Option(None, "--init", help="Start from a run or model folder (stage 2: RUN1)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (default: one pass)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Spots per micro-batch and process "
-                                             "(default 128; spatial 216 = 24 groups of 9)."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate."),
-    min_lr: float = typer.Option(1e-5, "--min-lr", help="Learning-rate floor of the cosine schedule."),
-    warmup_steps: int = typer.Option(5000, "--warmup-steps", help="Linear warm-up steps."),
-    weight_decay: float = typer.Option(1e-4, "--weight-decay"),
-    clip_norm: float = typer.Option(1.0, "--clip-norm", help="Gradient clipping (global L2 norm)."),
-    save_every: int = typer.Option(1000, "--save-every", help="Checkpoint every N steps."),
-    seed: int = typer.Option(0, "--seed"),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    stop_after: Optional[int] = typer.Option(None, "--stop-after", help="Stop (with a checkpoint) after this "
-                                             "step without changing the schedule (preemptible jobs)."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
-) -> None:
-    """Pretrain the gene encoder (run it under `torchrun` for several GPUs or nodes)."""
-    from stamp.train import PretrainArgs, pretrain
-
-    args = PretrainArgs(stage=stage, data=data, out=str(out), config=config, init=init, max_steps=max_steps,
-                        batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr,
-                        warmup_steps=warmup_steps, weight_decay=weight_decay, clip_norm=clip_norm,
-                        save_every=save_every, seed=seed, resume=resume, stop_after=stop_after,
-                        progress=not no_progress)
-    model_dir = pretrain(args)
-    err_console.print(f"model written to {model_dir}")
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (same as STAMP_DEBUG=1).")) -> None:
+    """STAMP gene encoder: tokenize, pretrain, publish, embed."""
+    if debug:
+        enable_debug()
+    setup_logging()
 
 
 @app.command("publish")
@@ -80,11 +52,11 @@ def embed_cmd(
     data: str = typer.Option(..., "--data", help="Shard directory or Hub dataset id."),
     out: Path = typer.Option(..., "--out", help="Output Parquet (spot_id, embedding)."),
     zarr: bool = typer.Option(False, "--zarr", help="Also write obsm['X_stamp'] into DATA/zarr/<slide>.zarr."),
-    batch_size: int = typer.Option(256, "--batch-size"),
+    batch_size: int = typer.Option(256, "--batch-size", callback=positive_int),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:
-    """One embedding per spot (mean of the last layer over the spot's gene tokens)."""
+    """One embedding per spot (mean of the last layer over the spot's gene tokens); --zarr: all slides or none."""
     from stamp.embed import embed_corpus
 
     path = embed_corpus(model, data, out, batch_size=batch_size, zarr=zarr, device=device,
@@ -92,7 +64,10 @@ def embed_cmd(
     err_console.print(f"embeddings written to {path}")
 
 
+from stamp.cli.pretrain import register as _register_pretrain  # noqa: E402
 from stamp.cli.tokenize import register as _register_tokenize  # noqa: E402
+
+_register_pretrain(app)
 
 _register_tokenize(app)
 

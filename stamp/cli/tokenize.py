@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from spavis.format.io import temp_sibling
 from stamp.tokenizer import MEAN_COLUMNS, GeneTokenizer
 
 logger = logging.getLogger(__name__)
@@ -52,8 +52,7 @@ def tokenize_corpus(
                        metadata={"stamp.tokenizer": json.dumps(tokenizer.config())})
     n_spots = n_empty = 0
     total = corpus.n_spots
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
-    os.close(fd)
+    tmp = temp_sibling(out, "part")
     try:
         columns = Progress(TextColumn("tokenize"), BarColumn(), MofNCompleteColumn(), TextColumn("spots"),
                            TimeRemainingColumn(), disable=not progress, transient=True)
@@ -83,7 +82,7 @@ def register(app) -> None:
     """Add ``stamp tokenize`` to a typer app."""
     import typer
 
-    from stamp.cli._common import err_console, friendly_errors
+    from stamp.cli._common import err_console, friendly_errors, positive_int
 
     @app.command("tokenize")
     @friendly_errors
@@ -93,7 +92,8 @@ def register(app) -> None:
         mean: str = typer.Option("nonzero_mean_cp10k", "--mean", help=f"Gene mean column: {' or '.join(MEAN_COLUMNS)}."),
         compat: Optional[str] = typer.Option(None, "--compat", help="'stamp-v1': reproduce the released STAMP tokenizer."),
         means: Optional[Path] = typer.Option(None, "--means", help="Means file (.npy/.csv/.txt/.parquet), one per vocabulary gene."),
-        max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens kept per spot (1500; stamp-v1: 4096)."),
+        max_length: Optional[int] = typer.Option(None, "--max-length", callback=positive_int,
+                                                 help="Tokens kept per spot (1500; stamp-v1: 4096)."),
     ) -> None:
         """Rank-tokenize every spot of a corpus into a Parquet file."""
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
