@@ -12,6 +12,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "StampModel": ("stamp.multimodal", "StampModel"),
     "list_pretrained": ("stamp.registry", "list_pretrained"),
     "create_model": ("stamp.registry", "create_model"),
+    "load_tokenizer": ("stamp.registry", "load_tokenizer"),
     "pretrain": ("stamp.train", "pretrain"),
     "PretrainArgs": ("stamp.train", "PretrainArgs"),
     "embed_corpus": ("stamp.embed", "embed_corpus"),

@@ -269,11 +269,14 @@ def write_tokenizer_files(folder: str | os.PathLike, entry: PretrainedEntry,
         (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def load_tokenizer(folder: str | os.PathLike, means: str | os.PathLike | None = None):
-    """The GeneTokenizer of a model folder; ``means`` (a means file) replaces / supplies its means."""
+def load_tokenizer(model: str | os.PathLike, means: str | os.PathLike | None = None):
+    """The GeneTokenizer of a model (registry name, Hub repo id or folder); ``means`` (a means file)
+    replaces / supplies its means (converted releases ship none: the released file is not redistributable)."""
     from stamp.tokenizer import CONFIG_FILE, MEANS_FILE, VOCAB_FILE, GeneTokenizer, load_means_file
 
-    folder = Path(folder)
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        folder = resolve_pretrained(model)
     if means is None:
         cfg_path = folder / CONFIG_FILE
         if cfg_path.is_file() and not (folder / MEANS_FILE).is_file():

@@ -350,3 +350,23 @@ def test_embed_stamp_v1_gene_end_to_end(released, means_file, stamp_v1_corpus, t
     with torch.no_grad():
         want = ref.spot_backbone.features(ours)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_converted_card_snippet_runs_as_written(released, means_file, tmp_path, monkeypatch):
+    """The card's python block (from_pretrained + tokenizer + both encoders) runs unchanged."""
+    import re
+    import shutil
+
+    _, path = released
+    out = tmp_path / "converted"
+    convert_released(path, out, name=small_entry("stamp-v1"), load_name=str(out))
+    card = (out / "README.md").read_text()
+    assert re.search(r"^license: other$", card, re.M) and "library_name: stamp" in card and "- pathology" in card
+    assert "@inproceedings{han2026stamp" in card and "sha256" in card
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    shutil.copy(means_file, tmp_path / "Visium_mean.npy")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own generated snippet
+    assert tuple(scope["gene"].shape) == (4, EMBED) and tuple(scope["image"].shape) == (2, EMBED)
+    torch.testing.assert_close(scope["gene"].norm(dim=-1), torch.ones(4))

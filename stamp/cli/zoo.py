@@ -58,6 +58,7 @@ def register(app) -> None:
             if not (path / entry.file).is_file():
                 raise ConvertError(f"{path}: folder without {entry.file}; pass the checkpoint file itself")
             path = path / entry.file
-        report = convert_released(path, out, name=entry, means=means, overwrite=overwrite, source_id=source_id)
+        report = convert_released(path, out, name=entry, means=means, overwrite=overwrite, source_id=source_id,
+                                  load_name=str(out))
         print(report.summary())
         err_console.print(f"converted to {out} (load it with from_pretrained({str(out)!r}))")
