@@ -310,7 +310,7 @@ def test_pretrain_from_a_hub_corpus_is_lazy_and_records_the_revision(tmp_path, h
     assert len(fetched) == 1 and not (snap / "zarr").exists()  # the first batch needed one shard of three
 
     run = tmp_path / "run"
-    model = pretrain(PretrainArgs(stage="gene", data="org/stamp-corpus", out=str(run), config="tiny", max_steps=2,
+    model = pretrain(PretrainArgs(stage="gene", data=f"org/stamp-corpus@{res.tag}", out=str(run), config="tiny", max_steps=2,
                                   batch_size=8, warmup_steps=1, save_every=2, progress=False, seed=0))
     info = json.loads((run / "run.json").read_text())
     assert info["data"]["hub_id"] == "org/stamp-corpus" and info["data"]["hub_revision"] == res.commit

@@ -449,11 +449,20 @@ def _looks_like_repo_id(text: str) -> bool:
 
 
 def open_corpus(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Corpus:
-    """Open a local shard directory or a Hub dataset id (``org/name``, optional ``revision``)."""
+    """Open a local shard directory or a Hub dataset id (``org/name``, optional ``revision``).
+
+    ``org/name@rev`` names a revision (branch, tag such as ``build-<build_key>``, or commit) in one
+    string, for tools that take a single ``--data`` argument.
+    """
     path = Path(path_or_repo_id).expanduser()
     if path.exists():
         return Corpus(path)
     text = str(path_or_repo_id)
+    if "@" in text and _looks_like_repo_id(text.split("@", 1)[0]):
+        text, at = text.split("@", 1)
+        if revision is not None and revision != at:
+            raise CorpusError(f"{path_or_repo_id}: names revision {at!r} but revision={revision!r} was also given.")
+        revision = at or None
     if not _looks_like_repo_id(text):
         raise CorpusError(f"{text}: no such directory and not a Hub dataset id (org/name).")
     root = _snapshot(text, revision, _META_PATTERNS)
