@@ -69,7 +69,7 @@ def _marker_image(channels: int = 3, size: int = SIZE) -> np.ndarray:
 
 
 def _make_slice(folder: Path, *, calibrated: bool = True, image: np.ndarray | None = None,
-                tiff_levels: int = 3) -> Path:
+                tiff_levels: int = 3, lowres_of: int | None = None) -> Path:
     """A plain .h5ad slice (7 spots, 20 vocabulary genes) + image.tif in ``folder``."""
     from spavis.genes import load_vocabulary
 
@@ -86,6 +86,9 @@ def _make_slice(folder: Path, *, calibrated: bool = True, image: np.ndarray | No
     a = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=ids))
     if calibrated:  # Space Ranger's calibration: spot_diameter_fullres = pixels per 65 µm
         a.uns["spatial"] = {"lib": {"scalefactors": {"spot_diameter_fullres": 65.0 / UM0}}}
+    if lowres_of:  # a 600 px lowres picture of a lowres_of-px full-resolution image, as Space Ranger writes
+        a.uns["spatial"]["lib"]["scalefactors"]["tissue_lowres_scalef"] = 600 / lowres_of
+        a.uns["spatial"]["lib"]["images"] = {"lowres": np.full((600, 600, 3), 200, np.uint8)}
     a.write_h5ad(folder / "slice.h5ad")
     _write_tiff(folder / "image.tif", _marker_image() if image is None else image, tiff_levels)
     return folder
@@ -211,6 +214,7 @@ def _truncate(path: Path) -> None:
     ("small", "does not cover"),
     ("truncated", "truncated"),
     ("uncalibrated", "no calibration"),
+    ("other slide", "not this slide's full-resolution image"),
 ])
 def test_bad_images_fail_with_one_clear_error_and_no_output(tmp_path, case, message):
     if case == "small":
@@ -218,8 +222,10 @@ def test_bad_images_fail_with_one_clear_error_and_no_output(tmp_path, case, mess
     elif case == "truncated":  # small, so a missed truncation would fail on coverage instead
         _make_slice(tmp_path / "s", image=_marker_image(size=1000), tiff_levels=1)
         _truncate(tmp_path / "s" / "image.tif")
-    else:
+    elif case == "uncalibrated":
         _make_slice(tmp_path / "s", calibrated=False, image=_marker_image(size=1000), tiff_levels=1)
+    else:  # covers the spots, but the scale factors describe a 5000 px image
+        _make_slice(tmp_path / "s", tiff_levels=1, lowres_of=5000)
     with pytest.raises(ImageError, match=message):
         build_shards([tmp_path / "s"], tmp_path / "out", min_genes=1, with_images=True)
     assert not (tmp_path / "out").exists()

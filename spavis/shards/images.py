@@ -247,6 +247,8 @@ def prepare_images(tmp: Path, s, adata, slide: dict, barcodes, pxl_row, pxl_col,
         ex = (np.asarray(pxl_col, np.float64) + 0.5) * img.scale
         ey = (np.asarray(pxl_row, np.float64) + 0.5) * img.scale
         _check_covers(s.slide_id, img, src, ex, ey)
+        if img.scale == 1.0:
+            _check_matches_lowres(s.slide_id, img, src, adata)
         step = S.PATCH_UM / um0  # level-0 pixels per patch width (= one region cell)
         finite = np.isfinite(ex) & np.isfinite(ey)
         cells = fit_cells(drawn_cells(spot_ids), np.where(finite, ex, 0), np.where(finite, ey, 0),
@@ -284,6 +286,22 @@ def _check_covers(slide_id: str, img: SlideImage, src: ImageSource, ex0: np.ndar
             f"{slide_id}: image {img.name} ({src.width}x{src.height} px, {img.kind}, {img.scale:g} px per "
             f"full-res px) does not cover {int(out.sum())} of {int(finite.sum())} spots (e.g. a spot at "
             f"x={ex0[i]:.0f}, y={ey0[i]:.0f} px); it is not this slide's image or its scale factor is wrong.")
+
+
+def _check_matches_lowres(slide_id: str, img: SlideImage, src: ImageSource, adata) -> None:
+    """A full-resolution image must be the one the scale factors describe: the lowres picture is
+    that image scaled by tissue_lowres_scalef (Space Ranger, HEST), so their sizes must agree."""
+    lowres = (_spatial_entry(adata).get("images") or {}).get("lowres")
+    scalef = _scalefactors(adata).get("tissue_lowres_scalef")
+    if lowres is None or not scalef:
+        return
+    expected = max(np.shape(lowres)[:2]) / scalef
+    actual = max(src.width, src.height)
+    if abs(actual - expected) > 0.03 * expected + 2 / scalef:
+        raise ImageError(
+            f"{slide_id}: image {img.name} is {src.width}x{src.height} px but the slide's lowres image and "
+            f"tissue_lowres_scalef={scalef:g} describe a full-resolution image of about {expected:.0f} px; "
+            "it is not this slide's full-resolution image: remove it or replace it with the right one.")
 
 
 def _write_pairs(path: Path, zarr_path: Path, patch_reader: WindowReader, region_reader: WindowReader,
