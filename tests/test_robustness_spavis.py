@@ -282,3 +282,20 @@ def test_validate_names_a_missing_and_a_corrupt_shard(built, tmp_path):
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert f"{shards[0]}: listed in manifest.json but missing" in res.stderr + res.stdout
     assert f"{shards[1]}: sha256" in res.stderr + res.stdout
+
+
+def test_empty_in_tissue_set_says_so(slices, tmp_path):
+    import pandas as pd
+
+    from spavis.spaceranger import POSITIONS, SPATIAL_DIR
+
+    src = tmp_path / "notissue"
+    shutil.copytree(slices / "a", src)
+    pos_file = src / SPATIAL_DIR / POSITIONS
+    pos = pd.read_csv(pos_file)
+    pos["in_tissue"] = 0
+    pos.to_csv(pos_file, index=False)
+    res = run(["build-shards", src, "--out", tmp_path / "o", "-q"])
+    line = assert_one_line_error(res, "no spot of any slide is marked in tissue", "notissue", "positions file")
+    assert "--min-genes" not in line
+    assert not (tmp_path / "o").exists()

@@ -98,6 +98,14 @@ def _check_not_empty(slides: list[dict]) -> None:
     if not slides:
         raise SpavisError("no prepared slices to write; give build-shards at least one slice.")
     if sum(s["n_spots_kept"] for s in slides) == 0:
+        no_tissue = [s["slide_id"] for s in slides if not s.get("n_spots_in_tissue")]
+        if len(no_tissue) == len(slides):  # --min-genes cannot help: say what is wrong
+            raise SpavisError(
+                f"no spot of any slide is marked in tissue ({', '.join(no_tissue[:5])}"
+                f"{', ...' if len(no_tissue) > 5 else ''}), so the corpus would be empty: the in_tissue "
+                "column of the positions files is all 0 or lists none of the matrix barcodes; check that "
+                "each positions file belongs to its slice."
+            )
         raise SpavisError(
             "no spot of any slide passed QC, so the corpus would be empty; lower --min-genes "
             "(the number of detected vocabulary genes a spot needs) or check the inputs."
@@ -112,27 +120,34 @@ def write_corpus(
     params: dict[str, Any] | None = None,
     max_spots_per_shard: int = DEFAULT_MAX_SPOTS_PER_SHARD,
     progress: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> Path:
     """Write the corpus for ``prepared_dirs`` to ``out`` (built in ``out.tmp-*``, then renamed).
 
-    Shards are written one after the other here; ``build_shards`` runs the same
-    ``CorpusWriter`` with its shard jobs spread over worker processes (same bytes).
+    ``workers`` processes write the expression files (the Snakefile's write job passes its
+    threads); the bytes are the same for any number.
     """
+    from spavis.shards.workers import make_pool
+
     vocab = resolve_vocab(vocab)
     out = Path(out)
     items = _load_prepared(prepared_dirs, vocab)
     _check_not_empty([s for _, s in items])
     writer = CorpusWriter(out, vocab=vocab, params=params, max_spots_per_shard=max_spots_per_shard)
+    pool = make_pool(workers)
     try:
-        for d, _slide in items:
-            for job in writer.add(d):
-                writer.shard_done(write_shard(job))
+        jobs = []
+        for d, slide in items:
+            jobs += writer.add(d)
             if progress:
-                progress(_slide["slide_id"])
-        for job in writer.finish():
-            writer.shard_done(write_shard(job))
+                progress(slide["slide_id"])
+        jobs += writer.finish()
+        for fut in [pool.submit(write_shard, job) for job in jobs]:
+            writer.shard_done(fut.result())
+        pool.close()
         return writer.commit()
     except BaseException:
+        pool.stop()
         writer.abort()
         raise
 
