@@ -410,7 +410,8 @@ def validate_hub(repo_id: str, revision: str | None = None, *, deep: bool = Fals
     except Exception as exc:
         raise H.hub_error(exc, repo_id, revision) from None
     if deep:
-        path = H.snapshot(repo_id, commit, ["*"])
+        tops = sorted({p.split("/", 1)[0] + ("/*" if "/" in p else "") for p in tree if p not in _HUB_ONLY})
+        path = H.snapshot(repo_id, commit, tops)  # everything but the Hub's own .gitattributes
         rep = validate(path, deep=True)
         rep.path = Path(f"{repo_id}@{commit}")
         return rep

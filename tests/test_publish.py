@@ -181,6 +181,8 @@ def test_publish_tag_load_stream_and_lazy_open(corpus, hub, tmp_path):
     bad = validate_hub("org/visium")
     assert not bad.ok and any("genes.parquet" in e for e in bad.errors)
     assert validate_hub("org/visium", res.tag).ok  # the tag still names the good bytes
+    deep = validate_hub("org/visium", res.tag, deep=True)  # downloaded: schemas, rows, Zarr vs Parquet, sums
+    assert deep.ok and deep.checked["slides"] == 3, deep.errors
 
 
 def test_interrupted_publish_resumes_with_only_the_missing_files(corpus, hub):
@@ -248,6 +250,8 @@ def test_versions_unknown_license_local_dir_private_and_refusals(corpus, tmp_pat
     with pytest.raises(PublishError, match="not part of this corpus.*notes.txt"):
         publish(corpus, "org/other", token=WRITE_TOKEN, allow_unknown_license=True)
     assert hub.list_files("org/other", "dataset") == [".gitattributes", "notes.txt"]
+    with pytest.raises(PublishError, match="no Hugging Face token.*hf auth login"):
+        publish(corpus, "org/x", allow_unknown_license=True)  # no HF_TOKEN, no login in this test
     with pytest.raises(PublishError, match="--revision-tag"):
         publish(corpus, "org/x", token=WRITE_TOKEN, allow_unknown_license=True, revision_tag="main")
     # a corpus that no longer matches its manifest is not published
