@@ -202,7 +202,12 @@ def _publish_local(root: Path, files: dict[str, Path], local_dir: Path) -> int:
     local_dir = Path(local_dir)
     if local_dir.resolve() == root.resolve() or root.resolve() in local_dir.resolve().parents:
         raise PublishError(f"{local_dir}: --local-dir must be outside the corpus {root}.")
+    if local_dir.exists() and not local_dir.is_dir():
+        raise PublishError(f"{local_dir}: exists and is not a folder; choose another --local-dir.")
     existing = corpus_files(local_dir) if local_dir.is_dir() else {}
+    if local_dir.is_dir() and any(local_dir.iterdir()) and not (local_dir / S.MANIFEST_FILE).is_file():
+        raise PublishError(f"{local_dir}: not empty and not a published corpus (no {S.MANIFEST_FILE}); it would be "
+                           "replaced, so choose a new or empty --local-dir.")
     if existing.keys() == files.keys() and all(
             existing[r].stat().st_size == p.stat().st_size for r, p in files.items()) and (
             (local_dir / S.MANIFEST_FILE).read_bytes() == (root / S.MANIFEST_FILE).read_bytes()):

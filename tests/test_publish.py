@@ -232,6 +232,11 @@ def test_versions_unknown_license_local_dir_private_and_refusals(corpus, tmp_pat
     assert out.keys() == corpus_files(corpus).keys()
     assert all(out[k].read_bytes() == v.read_bytes() for k, v in corpus_files(corpus).items())
     assert publish(corpus, local_dir=tmp_path / "repo", allow_unknown_license=True).n_uploaded == 0
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "mine.txt").write_text("keep me")
+    with pytest.raises(PublishError, match="not empty and not a published corpus"):
+        publish(corpus, local_dir=tmp_path / "docs", allow_unknown_license=True)
+    assert (tmp_path / "docs" / "mine.txt").read_text() == "keep me"
     # --private: created private; a reader without a token gets one line naming the fix
     publish(corpus, "org/private", private=True, token=WRITE_TOKEN, allow_unknown_license=True)
     assert hub.repos[("dataset", "org/private")].private
