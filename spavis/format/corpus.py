@@ -236,6 +236,8 @@ class Corpus:
         listed = [o["path"] for o in self.manifest.get("outputs") or [] if o.get("kind") == "paired"]
         if self.repo_id is not None and not listed and not self.manifest.get("outputs"):
             _snapshot(self.repo_id, self.revision, [f"{S.PAIRED_DIR}/*.parquet"])
+        if self.repo_id is None:
+            self.check(kinds=("paired",))  # present with their recorded sizes (Hub files: downloaded on use)
         if listed:
             files = sorted(str(self.root / rel) for rel in listed)
         else:
