@@ -80,10 +80,15 @@ last layer over non-pad positions).
 ## Usage
 
 ```python
+import scipy.sparse as sp
+import torch
 from stamp import GeneTokenizer, StampGeneEncoder
+from stamp.tokenizer import to_model_input_ids
 tokenizer = GeneTokenizer.from_pretrained("REPO_ID")
 model = StampGeneEncoder.from_pretrained("REPO_ID").eval()
-embeddings = model.embed(input_ids)        # input_ids from the tokenizer, (spots, length)
+counts = sp.random(4, tokenizer.n_genes, density=0.05, format="csr", random_state=0) * 10  # spots x genes, raw counts
+input_ids = to_model_input_ids(tokenizer.encode_csr(counts), tokenizer.pad_value, model.config.context_length)
+embeddings = model.embed(torch.from_numpy(input_ids))  # (4, hidden_size)
 ```
 
 or `stamp embed --model REPO_ID --data SHARD_DIR --out embeddings.parquet`.
@@ -223,11 +228,55 @@ def _model_files(model_dir: Path) -> list[Path]:
     return [p for p in sorted(model_dir.iterdir()) if p.is_file() and not p.name.startswith(".")]
 
 
-def export_model(run_or_model: str | Path, dest: str | Path, *, overwrite: bool = False) -> Path:
+EVAL_HEADING = "## Evaluation"
+
+
+def evaluation_section(results: Any = ()) -> str:
+    """``## Evaluation`` of a model card from ``stamp evaluate`` outputs (folders or results.csv files):
+    mean +- sd over folds per task, method and model (baselines included, best in bold)."""
+    import pandas as pd
+
+    from stamp.evaluate.results import markdown
+
+    frames = []
+    for item in results or ():
+        path = Path(item)
+        csv = path / "results.csv" if path.is_dir() else path
+        if not csv.is_file():
+            raise PublishError(f"{path}: no results.csv; pass the --out folder of `stamp evaluate`")
+        frames.append(pd.read_csv(csv))
+    if not frames:
+        return ""
+    text = markdown(pd.concat(frames, ignore_index=True), title="Evaluation",
+                    notes=["`stamp evaluate` on the corpora named in its results; folds and baselines as listed"])
+    return "\n".join(("#" + line) if line.startswith("#") else line for line in text.splitlines()).rstrip() + "\n"
+
+
+def finalize_card(card: str, load_id: str, evaluation: Any = ()) -> str:
+    """The card as published: ``REPO_ID`` -> where it loads from; an ``## Evaluation`` section from
+    ``stamp evaluate`` results replaces any existing one (placed before the limitations section)."""
+    card = card.replace("REPO_ID", load_id)
+    section = evaluation_section(evaluation)
+    if not section:
+        return card
+    lines = card.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.strip() == EVAL_HEADING), None)
+    if start is not None:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        del lines[start:end]
+    else:
+        start = next((i for i, line in enumerate(lines) if line.startswith("## Intended use")), len(lines))
+    lines.insert(start, section + "\n")
+    return "".join(lines)
+
+
+def export_model(run_or_model: str | Path, dest: str | Path, *, overwrite: bool = False,
+                 evaluation: Any = ()) -> Path:
     """Publish to a local folder: the exact file set ``publish`` uploads, copied atomically.
 
     The folder loads with ``StampGeneEncoder.from_pretrained(dest)`` and
-    ``GeneTokenizer.from_pretrained(dest)``, and can be uploaded later as is.
+    ``GeneTokenizer.from_pretrained(dest)``, and can be uploaded later as is. The card's snippet
+    loads ``dest``; ``evaluation``: ``stamp evaluate`` output folders whose results go into the card.
     """
     import shutil
 
@@ -244,9 +293,12 @@ def export_model(run_or_model: str | Path, dest: str | Path, *, overwrite: bool 
     if dest.resolve() == model_dir.resolve() or dest.resolve() in model_dir.resolve().parents:
         raise PublishError(f"{dest} holds the run being published ({model_dir}); choose a folder outside it")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    card = finalize_card((model_dir / CARD_NAME).read_text(), str(dest), evaluation)
     with atomic_dir(dest) as staging:  # hidden sibling, umask modes, swapped in when complete
         for item in _model_files(model_dir):
-            shutil.copyfile(item, staging / item.name)
+            if item.name != CARD_NAME:
+                shutil.copyfile(item, staging / item.name)
+        (staging / CARD_NAME).write_text(card)
     return dest
 
 
@@ -258,10 +310,12 @@ def publish(
     token: str | None = None,
     revision: str | None = None,
     commit_message: str = "Upload STAMP gene encoder",
+    evaluation: Any = (),
 ) -> str:
     """Create ``repo_id`` if needed and upload the model folder in one commit; returns the commit URL.
 
-    The model card's usage snippet names the repo (``REPO_ID`` in the run's card becomes ``repo_id``).
+    The model card's usage snippet names the repo (``REPO_ID`` in the run's card becomes ``repo_id``);
+    ``evaluation``: ``stamp evaluate`` output folders whose results go into the card.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
@@ -270,7 +324,7 @@ def publish(
     card_path = model_dir / CARD_NAME
     if not card_path.is_file():
         raise PublishError(f"{model_dir}: no {CARD_NAME} model card; re-run pretraining to regenerate it")
-    card = card_path.read_text().replace("REPO_ID", repo_id)
+    card = finalize_card(card_path.read_text(), repo_id, evaluation)
     operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
                   for p in _model_files(model_dir) if p.name != CARD_NAME]
     operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode()))

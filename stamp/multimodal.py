@@ -222,13 +222,21 @@ aligned with the patch-spot, region-spot, patch-region and cross-scale positioni
 ## Usage
 
 ```python
-from stamp import GeneTokenizer
-from stamp.multimodal import StampModel
+import numpy as np
+import scipy.sparse as sp
+import torch
+from PIL import Image
+from stamp import GeneTokenizer, StampModel
+from stamp.tokenizer import to_model_input_ids
 model = StampModel.from_pretrained("REPO_ID").eval()
 tokenizer = GeneTokenizer.from_pretrained("REPO_ID")
-pixels = model.image_transform(pil_image)[None]    # resize {vis.get('img_size')}, ImageNet mean/std
-image_embedding = model.encode_image(pixels)        # L2-normalised
-gene_embedding = model.encode_gene(input_ids)       # input_ids from the tokenizer
+patch = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))  # an H&E patch
+pixels = model.image_transform(patch)[None]         # resize {vis.get('img_size')}, ImageNet mean/std
+counts = sp.random(4, tokenizer.n_genes, density=0.05, format="csr", random_state=0) * 10  # spots x genes
+input_ids = to_model_input_ids(tokenizer.encode_csr(counts), tokenizer.pad_value, model.config.gene.context_length)
+with torch.no_grad():
+    image_embedding = model.encode_image(pixels)                     # (1, embed_dim), L2-normalised
+    gene_embedding = model.encode_gene(torch.from_numpy(input_ids))  # (4, embed_dim), L2-normalised
 ```
 
 or `stamp embed --model REPO_ID --data SHARD_DIR --modality fused --out emb.parquet`

@@ -370,3 +370,73 @@ def test_converted_card_snippet_runs_as_written(released, means_file, tmp_path, 
     exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own generated snippet
     assert tuple(scope["gene"].shape) == (4, EMBED) and tuple(scope["image"].shape) == (2, EMBED)
     torch.testing.assert_close(scope["gene"].norm(dim=-1), torch.ones(4))
+
+
+def test_published_gene_card_has_eval_numbers_and_a_snippet_that_runs(tmp_path, monkeypatch):
+    """stamp publish --local-dir --eval: the card gains the `stamp evaluate` table and its snippet runs."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from stamp.cli import app
+    from stamp.evaluate.results import write_results
+    from stamp.hub import write_model_card
+    from stamp.model import StampConfig, StampGeneEncoder
+    from stamp.registry import _vocabulary
+    from stamp.tokenizer import GeneTokenizer
+
+    genes, _ = _vocabulary("stamp-v1")
+    model_dir = tmp_path / "run" / "model"
+    torch.manual_seed(0)
+    StampGeneEncoder(StampConfig(n_genes=300, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                                 context_length=32)).save_pretrained(model_dir)
+    GeneTokenizer(genes[:300], np.linspace(1, 3, 300)).save_pretrained(model_dir)
+    write_model_card(model_dir, {"stage": "gene", "license": "cc-by-4.0", "steps": 10,
+                                 "data": {"source": "gen", "hub_id": "org/corpus", "n_spots": 100}})
+    rows = [{"task": "cluster", "method": "leiden", "model": "org/stamp-tiny", "kind": "stamp", "fold": f,
+             "scheme": "per-slide", "ari": 0.41 + 0.02 * f, "nmi": 0.5, "silhouette": 0.1} for f in range(3)]
+    rows += [{"task": "cluster", "method": "leiden", "model": "pca-hvg", "kind": "baseline", "fold": f,
+              "scheme": "per-slide", "ari": 0.2, "nmi": 0.3, "silhouette": 0.05} for f in range(3)]
+    (tmp_path / "eval").mkdir()
+    write_results(tmp_path / "eval", rows, title="t")
+    res = CliRunner().invoke(app, ["publish", str(tmp_path / "run"), "--local-dir", str(tmp_path / "pub"),
+                                   "--eval", str(tmp_path / "eval")])
+    assert res.exit_code == 0, res.output
+    card = (tmp_path / "pub" / "README.md").read_text()
+    assert "library_name: stamp" in card and "license: cc-by-4.0" in card and "- org/corpus" in card
+    assert "## Evaluation" in card and "0.430 ± 0.020" in card and "pca-hvg" in card
+    assert card.index("## Evaluation") < card.index("## Intended use") and "REPO_ID" not in card
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the card's own snippet
+    assert tuple(scope["embeddings"].shape) == (4, 16) and torch.isfinite(scope["embeddings"]).all()
+    res = CliRunner().invoke(app, ["publish", str(tmp_path / "run"), "--local-dir", str(tmp_path / "p2"),
+                                   "--eval", str(tmp_path / "nothing")])
+    assert res.exit_code == 1 and "results.csv" in res.output and not (tmp_path / "p2").exists()
+
+
+def test_published_stamp_model_card_snippet_runs(tmp_path):
+    """An aligned StampModel's card (stamp.multimodal) exported with publish --local-dir: the snippet runs."""
+    import re
+
+    from stamp.hub import export_model
+    from stamp.model import StampConfig
+    from stamp.multimodal import StampModel, StampModelConfig, write_stamp_model_card
+    from stamp.registry import _vocabulary
+    from stamp.tokenizer import GeneTokenizer
+
+    genes, _ = _vocabulary("stamp-v1")
+    folder = tmp_path / "run" / "model"
+    torch.manual_seed(0)
+    gene = StampConfig(n_genes=200, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                       context_length=32, heads=False)
+    StampModel(StampModelConfig(gene=gene, vision="tiny", embed_dim=8)).save_pretrained(folder)
+    GeneTokenizer(genes[:200], np.linspace(1, 3, 200)).save_pretrained(folder)
+    write_stamp_model_card(folder, {"license": "cc-by-4.0", "stages": [{"stage": "align", "steps": 5,
+                                                                        "data": "org/paired", "generated": True}]})
+    card = (export_model(tmp_path / "run", tmp_path / "pub") / "README.md").read_text()
+    assert "library_name: stamp" in card and "- org/paired" in card
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the card's own snippet
+    assert tuple(scope["image_embedding"].shape) == (1, 8) and tuple(scope["gene_embedding"].shape) == (4, 8)
