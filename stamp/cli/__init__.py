@@ -31,6 +31,8 @@ def publish_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="With --local-dir: replace an existing folder."),
     private: bool = typer.Option(False, "--private"),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to."),
+    evaluation: Optional[list[Path]] = typer.Option(None, "--eval", help="`stamp evaluate --out` folder whose "
+                                                    "results go into the model card (repeatable)."),
 ) -> None:
     """Upload RUN/model (weights, config, tokenizer, model card) to the Hugging Face Hub, or to --local-dir."""
     from stamp.hub import PublishError, export_model, publish
@@ -38,10 +40,10 @@ def publish_cmd(
     if (repo_id is None) == (local_dir is None):
         raise PublishError("pass exactly one of --repo-id ORG/NAME (Hub) or --local-dir DIR (local folder)")
     if local_dir is not None:
-        path = export_model(run, local_dir, overwrite=overwrite)
+        path = export_model(run, local_dir, overwrite=overwrite, evaluation=evaluation or ())
         err_console.print(f"published to {path} (load it with from_pretrained({str(path)!r}))")
         return
-    url = publish(run, repo_id, private=private, revision=revision)
+    url = publish(run, repo_id, private=private, revision=revision, evaluation=evaluation or ())
     err_console.print(f"published {repo_id}: {url}")
 
 
