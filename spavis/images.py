@@ -36,6 +36,21 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".svs", ".ome.tif", ".ome.tiff")
 DEFAULT_CACHE_MB = float(os.environ.get("SPAVIS_IMAGE_CACHE_MB", "512"))
 
 
+# Space Ranger outputs and QC pictures that are not the microscope image it was given (--image)
+NOT_FULLRES = ("tissue_hires_image", "tissue_lowres_image", "aligned_fiducials", "detected_tissue_image",
+               "cytassist_image", "aligned_tissue_image", "spot_image", "tissue_image_qc", "fiducial")
+FULLRES_SUFFIXES = TIFF_SUFFIXES + (".jpg", ".jpeg")
+
+
+def is_fullres_image_name(name: str) -> bool:
+    """True for a file name that looks like a full-resolution H&E (TIFF/JPEG, gzip'd or not),
+    not one of Space Ranger's derived pictures. Used by discovery and by fetch (GEO)."""
+    low = name.rsplit("/", 1)[-1].lower()
+    if low.endswith(".gz"):
+        low = low[:-3]
+    return low.endswith(FULLRES_SUFFIXES) and not any(t in low for t in NOT_FULLRES)
+
+
 class ImageError(SpavisError):
     """A slide image cannot be used (unreadable, truncated, does not cover the spots, no calibration)."""
 
@@ -60,6 +75,7 @@ class ImageSource:
     levels: list[Level]
     notes: list[str] = field(default_factory=list)
     _handle: Any = None
+    _temp: Path | None = None  # an inflated copy of a gzip'd TIFF, removed on close
 
     @property
     def height(self) -> int:
@@ -76,6 +92,9 @@ class ImageSource:
             except Exception:  # noqa: BLE001 — closing must never mask the real error
                 pass
             self._handle = None
+        if self._temp is not None:
+            self._temp.unlink(missing_ok=True)
+            self._temp = None
 
     def __enter__(self) -> "ImageSource":
         return self
@@ -109,15 +128,35 @@ def open_image(path: str | os.PathLike) -> ImageSource:
 
 
 def _open_gzip(path: Path, inner: str) -> ImageSource:
+    """A gzip'd TIFF is inflated to a temporary file (read lazily, deleted on close); a gzip'd
+    PNG/JPEG is decoded from memory like any PNG/JPEG."""
     import gzip
     import io
+    import shutil
+    import tempfile
 
+    tmp = None
     try:
         with gzip.open(path, "rb") as fh:
-            data = io.BytesIO(fh.read())
+            if inner.endswith(TIFF_SUFFIXES):
+                fd, tmp = tempfile.mkstemp(suffix=".tif", prefix="spavis-image-")
+                with os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(fh, out, 1 << 22)
+                data = None
+            else:
+                data = io.BytesIO(fh.read())
     except (OSError, EOFError) as exc:
+        if tmp:
+            os.unlink(tmp)
         raise ImageError(f"{path}: unreadable gzip ({exc}); the file is truncated, download it again.") from None
-    src = _open_tiff(path, data) if inner.endswith(TIFF_SUFFIXES) else _open_pil(path, data)
+    if data is not None:
+        return _open_pil(path, data)
+    try:
+        src = _open_tiff(Path(tmp))
+    except ImageError as exc:
+        os.unlink(tmp)
+        raise ImageError(str(exc).replace(tmp, str(path))) from None
+    src.path, src._temp = path, Path(tmp)
     return src
 
 
@@ -145,13 +184,13 @@ def _quiet_tifffile():
         log.disabled = before
 
 
-def _open_tiff(path: Path, data=None) -> ImageSource:
+def _open_tiff(path: Path) -> ImageSource:
     import tifffile
     import zarr
 
     try:
         with _quiet_tifffile():
-            tf = tifffile.TiffFile(path if data is None else data)
+            tf = tifffile.TiffFile(path)
             series = tf.series[0] if tf.series else None
     except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, ...
         raise ImageError(f"{path}: unreadable TIFF ({type(exc).__name__}: {exc}); the file is truncated "
@@ -178,8 +217,7 @@ def _open_tiff(path: Path, data=None) -> ImageSource:
     except Exception as exc:
         tf.close()
         raise ImageError(f"{path}: unreadable TIFF ({type(exc).__name__}: {exc}); download it again.") from None
-    if data is None:
-        _check_complete(tf, series, path)
+    _check_complete(tf, series, path)
     src = ImageSource(path, levels, notes, tf)
     _note_channels(src)
     return src

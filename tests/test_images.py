@@ -272,3 +272,15 @@ def test_generated_he_image_is_deterministic_and_its_texture_follows_the_domains
     centroids = np.stack([feats[labels == n].mean(axis=0) for n in names])
     pred = np.array(names)[np.argmin(((feats[:, None, :] - centroids[None]) ** 2).sum(-1), axis=1)]
     assert (pred == labels).mean() > 1 / len(names) + 0.3
+
+
+def test_fetch_and_discovery_pick_the_microscope_image_not_space_ranger_pictures():
+    """GEO --with-images also fetches a sample's full-resolution H&E (Space Ranger's --image input)."""
+    from spavis.sources.geo import _fullres_images
+
+    listing = ["GSM1_filtered_feature_bc_matrix.h5", "GSM1_tissue_positions_list.csv.gz",
+               "GSM1_tissue_hires_image.png.gz", "GSM1_tissue_lowres_image.png.gz",
+               "GSM1_aligned_fiducials.jpg.gz", "GSM1_detected_tissue_image.jpg.gz", "GSM1_scalefactors_json.json.gz",
+               "GSM1_HE_image.tif.gz"]
+    assert _fullres_images(listing) == {"fullres_image_0": "GSM1_HE_image.tif.gz"}
+    assert _fullres_images(listing[:-1]) == {}

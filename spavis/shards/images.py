@@ -36,16 +36,13 @@ from spavis.images import (
     WindowReader,
     encode_png,
     from_array,
+    is_fullres_image_name,
     open_image,
     resample,
 )
 
 PAIRED_FILE = "paired.arrow"  # in a prepared slice folder
 TARGET_UM_PER_PX = S.PATCH_UM / S.PATCH_PX
-# Space Ranger outputs that are not the full-resolution input image
-_NOT_FULLRES = ("tissue_hires_image", "tissue_lowres_image", "aligned_fiducials", "detected_tissue_image",
-                "cytassist_image", "aligned_tissue_image", "spot_image", "tissue_image_qc")
-_FULLRES_EXT = TIFF_SUFFIXES + (".jpg", ".jpeg", ".png")
 # how slides.parquet um_per_px was found: these measure the slide; "spot-spacing" (the median
 # nearest-neighbour gap taken as 100 µm) is a guess, too weak to cut 112 µm patches by
 CALIBRATED_METHODS = ("scalefactors", "lattice")
@@ -108,14 +105,10 @@ def _fullres_candidates(s, adata) -> list[Path]:
         stem = data.name[: -len(".h5ad")]
         paths += [data.parent.parent / "wsis" / f"{stem}{ext}" for ext in (".tif", ".tiff")]
     for p in paths:
-        low = p.name.lower()
-        if low.endswith(".gz"):
-            low = low[:-3]
-        if not low.endswith(_FULLRES_EXT) or any(t in low for t in _NOT_FULLRES) or not p.is_file():
-            continue
-        if low.endswith(".png") and "wsis" not in p.parts and "image" not in p.parent.name:
-            continue  # a loose PNG is a plot, not the microscope image
-        found.append(p)
+        # a loose PNG is a plot or a Space Ranger picture; STimage's full image is a PNG in image/
+        stimage_png = p.name.lower().endswith(".png") and p.parent.name == "image"
+        if (is_fullres_image_name(p.name) or stimage_png) and p.is_file():
+            found.append(p)
     return sorted(set(found), key=lambda p: (-p.stat().st_size, str(p)))
 
 

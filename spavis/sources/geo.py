@@ -300,8 +300,11 @@ def _select_samples(series: Series, wanted: dict[str, Any], cache: Path,
                 _human_or_raise(s, gse)
             skipped_species[g] = s.organism
             continue
-        loose = visium_set([u.rsplit("/", 1)[-1] for u in s.supplementary], with_images=with_images)
+        names = [u.rsplit("/", 1)[-1] for u in s.supplementary]
+        loose = visium_set(names, with_images=with_images)
         if loose:
+            if with_images:
+                loose.update(_fullres_images(names))
             plans.append((s, loose, "loose"))
             continue
         if series.raw_tar_url:
@@ -310,6 +313,8 @@ def _select_samples(series: Series, wanted: dict[str, Any], cache: Path,
             mine = [m for m in tar_members if m.rsplit("/", 1)[-1].upper().startswith(g + "_")]
             packed = visium_set(mine, with_images=with_images)
             if packed:
+                if with_images:
+                    packed.update(_fullres_images(mine))
                 plans.append((s, packed, "tar"))
                 continue
         if explicit:
@@ -323,6 +328,15 @@ def _select_samples(series: Series, wanted: dict[str, Any], cache: Path,
     for g, org in skipped_species.items():
         log.warning("%s (%s) skipped: %s is not %s", g, gse, org, HUMAN)
     return plans
+
+
+def _fullres_images(names: list[str]) -> dict[str, str]:
+    """The sample's full-resolution H&E (Space Ranger's --image input) when the submitter
+    uploaded it (``GSMnnnn_*.tif[.gz]`` / ``.jpg[.gz]``), for ``--with-images``."""
+    from spavis.images import is_fullres_image_name
+
+    found = sorted(n for n in names if is_fullres_image_name(n))
+    return {f"fullres_image_{i}": n for i, n in enumerate(found)}
 
 
 def _raw_tar(series: Series, cache: Path) -> Path:
