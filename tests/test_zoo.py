@@ -440,3 +440,25 @@ def test_published_stamp_model_card_snippet_runs(tmp_path):
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the card's own snippet
     assert tuple(scope["image_embedding"].shape) == (1, 8) and tuple(scope["gene_embedding"].shape) == (4, 8)
+
+
+def test_create_model_loads_published_repo_ids_without_registry_entry(tmp_path, monkeypatch):
+    """stamp.create_model / from_pretrained on a repo published by `stamp publish` (no registry entry)."""
+    import stamp
+    from stamp.model import StampConfig, StampGeneEncoder
+    from tests.fakes.hub import FakeHub
+
+    torch.manual_seed(0)
+    enc = StampGeneEncoder(StampConfig(n_genes=50, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                                       context_length=16))
+    enc.save_pretrained(tmp_path / "m")
+    with FakeHub(tmp_path / "hub") as hub:
+        hub.create_repo("org/stamp-tiny", "model")
+        hub.add_files("org/stamp-tiny", {p.name: p for p in (tmp_path / "m").iterdir()})
+        hub.activate(monkeypatch, cache_dir=tmp_path / "hf")
+        got = stamp.create_model("org/stamp-tiny")
+        assert type(got) is StampGeneEncoder
+        torch.testing.assert_close(got.embeddings.weight, enc.embeddings.weight, rtol=0, atol=0)
+        assert stamp.create_model("tiny").config.hidden_size == 64  # presets still build fresh encoders
+        with pytest.raises(PretrainedError, match="not found"):
+            stamp.create_model("org/missing")
