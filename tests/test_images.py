@@ -69,7 +69,7 @@ def _marker_image(channels: int = 3, size: int = SIZE) -> np.ndarray:
 
 
 def _make_slice(folder: Path, *, calibrated: bool = True, image: np.ndarray | None = None,
-                tiff_levels: int = 3, lowres_of: int | None = None) -> Path:
+                tiff_levels: int = 3, lowres_of: int | None = None, hest_um: float | None = None) -> Path:
     """A plain .h5ad slice (7 spots, 20 vocabulary genes) + image.tif in ``folder``."""
     from spavis.genes import load_vocabulary
 
@@ -89,7 +89,11 @@ def _make_slice(folder: Path, *, calibrated: bool = True, image: np.ndarray | No
     if lowres_of:  # a 600 px lowres picture of a lowres_of-px full-resolution image, as Space Ranger writes
         a.uns["spatial"]["lib"]["scalefactors"]["tissue_lowres_scalef"] = 600 / lowres_of
         a.uns["spatial"]["lib"]["images"] = {"lowres": np.full((600, 600, 3), 200, np.uint8)}
-    a.write_h5ad(folder / "slice.h5ad")
+    name = "slice"
+    if hest_um is not None:  # HEST-1k: st/<id>.h5ad + metadata/<id>.json with the scanner's µm/px
+        name = "TENX999"
+        (folder / f"{name}.json").write_text(json.dumps({"pixel_size_um_estimated": hest_um}))
+    a.write_h5ad(folder / f"{name}.h5ad")
     _write_tiff(folder / "image.tif", _marker_image() if image is None else image, tiff_levels)
     return folder
 
@@ -284,3 +288,13 @@ def test_fetch_and_discovery_pick_the_microscope_image_not_space_ranger_pictures
                "GSM1_HE_image.tif.gz"]
     assert _fullres_images(listing) == {"fullres_image_0": "GSM1_HE_image.tif.gz"}
     assert _fullres_images(listing[:-1]) == {}
+
+
+def test_hest_metadata_calibrates_a_slide_without_scale_factors(tmp_path):
+    _make_slice(tmp_path / "s", calibrated=False, hest_um=UM0, image=_marker_image(), tiff_levels=2)
+    out = build_shards([tmp_path / "s"], tmp_path / "out", min_genes=1, with_images=True)
+    (slide,) = pq.read_table(out / S.SLIDES_FILE).to_pylist()
+    assert slide["image_um_per_px"] == pytest.approx(2 * UM0)  # level 1 of the pyramid
+    row = next(open_corpus(out).iter_paired()).to_pylist()[0]
+    cx, cy = _centroid(decode_image(row["patch"]))
+    assert abs(cx - 111.5) <= 0.5 and abs(cy - 111.5) <= 0.5
