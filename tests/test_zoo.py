@@ -462,3 +462,75 @@ def test_create_model_loads_published_repo_ids_without_registry_entry(tmp_path, 
         assert stamp.create_model("tiny").config.hidden_size == 64  # presets still build fresh encoders
         with pytest.raises(PretrainedError, match="not found"):
             stamp.create_model("org/missing")
+
+
+@pytest.fixture(scope="module")
+def stamp_v1_paired_corpus(tmp_path_factory):
+    """A small GENERATED corpus with H&E patches (--with-images) on the full stamp-v1 vocabulary."""
+    from spavis.shards import build_shards
+    from spavis.simulate import write_simulated_slice
+
+    base = tmp_path_factory.mktemp("paired")
+    write_simulated_slice(base / "in" / "gen0", seed=1, with_image=True, max_row=3)
+    build_shards([base / "in" / "gen0"], base / "shards", vocab="stamp-v1", min_genes=5, with_images=True)
+    return base / "shards"
+
+
+def test_stamp_embed_stamp_v1_fused_end_to_end(released, means_file, stamp_v1_paired_corpus, tmp_path, monkeypatch):
+    """`stamp embed --model stamp-v1 --modality fused --means F` (registry -> gated fake Hub -> conversion ->
+    paired shards) equals [reference gene embedding | reference image embedding] spot by spot."""
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from spavis.format import decode_image, open_corpus, rows_to_csr
+    from stamp.cli import app
+    from stamp.tokenizer import to_model_input_ids
+    from stamp.vision import load_vision_config, to_pixels
+    from tests.fakes.hub import FakeHub
+
+    ref, path = released
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"models": small_entries()}))
+    monkeypatch.setenv("STAMP_REGISTRY", str(registry))
+    out = tmp_path / "emb.parquet"
+    args = ["embed", "--model", "stamp-v1", "--data", str(stamp_v1_paired_corpus), "--modality", "fused",
+            "--out", str(out), "--device", "cpu", "--no-progress"]
+    with FakeHub(tmp_path / "hub") as hub:
+        hub.create_repo("minghaofdu/STAMP", "model", gated=True)
+        hub.add_files("minghaofdu/STAMP", {"pytorch_model.bin": path})
+        hub.activate(monkeypatch, cache_dir=tmp_path / "hf")
+        runner = CliRunner()
+        res = runner.invoke(app, args + ["--means", str(means_file)])
+        assert res.exit_code == 1 and "gated" in res.output and "hf auth login" in res.output, res.output
+        hub.grant("minghaofdu/STAMP", TOKEN, repo_type="model")
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_DISABLE_IMPLICIT_TOKEN", False)
+        res = runner.invoke(app, args)
+        assert res.exit_code == 1 and "--means" in res.output and not out.exists(), res.output
+        res = runner.invoke(app, args + ["--means", str(means_file)])
+        assert res.exit_code == 0, res.output
+    table = pq.read_table(out)
+    corpus = open_corpus(stamp_v1_paired_corpus)
+    paired = pa_concat([t for t in corpus.iter_paired(columns=["spot_id", "patch"])])
+    expr = pa_concat([t for t in corpus.iter_slides(columns=["spot_id", "gene_index", "counts"])])
+    assert table.column("spot_id").to_pylist() == paired.column("spot_id").to_pylist()
+    order = {s: i for i, s in enumerate(expr.column("spot_id").to_pylist())}
+    rows = [order[s] for s in paired.column("spot_id").to_pylist()]
+    counts = rows_to_csr(expr, N_GENES)[rows]
+    from stamp.registry import load_tokenizer
+
+    tok = load_tokenizer("stamp-v1", means_file)
+    ids = torch.from_numpy(to_model_input_ids(tok.encode_csr(counts), tok.pad_value, GENE["context_length"]))
+    patches = np.stack([decode_image(v) for v in paired.column("patch").to_pylist()])
+    pixels = to_pixels(patches, load_vision_config(VISION))
+    got = torch.tensor(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)))
+    with torch.no_grad():
+        want = torch.cat([ref.encode_gene(ids.long()), ref.encode_image(pixels)], dim=1)
+    assert got.shape == (len(rows), 2 * EMBED)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def pa_concat(tables):
+    import pyarrow as pa
+
+    return pa.concat_tables(tables)
