@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,8 @@ TAG_PREFIX = "build-"
 MAX_FILES_PER_COMMIT = 256
 MAX_BYTES_PER_COMMIT = 8 * 1024**3
 BRANCH = "main"
+RETRY_STATUSES = (429, 503)  # the Hub did not make the commit: waiting and repeating it is safe
+MAX_WAIT_S = 60.0
 _FINAL = (S.CARD_FILE, S.MANIFEST_FILE)  # written last: they describe the data already uploaded
 _HUB_ONLY = (".gitattributes",)  # files the Hub keeps that a corpus does not have
 
@@ -327,8 +330,7 @@ def _publish_hub(root, repo_id, files, shas, manifest, result: PublishResult, *,
     try:
         for i, batch in enumerate(batches, 1):
             ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(files[rel])) for rel in batch]
-            info = api.create_commit(repo_id, ops, repo_type=H.REPO_TYPE, revision=BRANCH, parent_commit=head,
-                                     commit_message=f"spavis publish: data {i}/{len(batches)} ({len(batch)} files)")
+            info = _commit(api, repo_id, ops, head, f"spavis publish: data {i}/{len(batches)} ({len(batch)} files)", say)
             head, done = info.oid, done + 1
             result.n_uploaded += len(batch)
             result.bytes_uploaded += sum(files[r].stat().st_size for r in batch)
@@ -336,8 +338,7 @@ def _publish_hub(root, repo_id, files, shas, manifest, result: PublishResult, *,
         if final or stale:
             ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(files[rel])) for rel in final]
             ops += [CommitOperationDelete(path_in_repo=rel) for rel in stale]
-            info = api.create_commit(repo_id, ops, repo_type=H.REPO_TYPE, revision=BRANCH, parent_commit=head,
-                                     commit_message=f"spavis publish: card and manifest of {result.tag}")
+            info = _commit(api, repo_id, ops, head, f"spavis publish: card and manifest of {result.tag}", say)
             head, done = info.oid, done + 1
             result.n_uploaded += len(final)
             result.bytes_uploaded += sum(files[r].stat().st_size for r in final)
@@ -352,6 +353,31 @@ def _publish_hub(root, repo_id, files, shas, manifest, result: PublishResult, *,
     result.url = f"{H.endpoint()}/datasets/{repo_id}/tree/{result.tag}"
     say(f"{repo_id}@{head[:12]} tagged {result.tag}" + (f" and {result.extra_tag}" if result.extra_tag else ""))
     return result
+
+
+def _commit(api, repo_id: str, ops: list, parent: str, message: str, say: Callable[[str], None]):
+    """``create_commit`` on ``main`` after ``parent``, waiting out rate limits (429) and 503s.
+
+    Those answers mean the commit was not made, so repeating it is safe; anything else (a 500
+    may or may not have landed) stops the publish, and a rerun compares with the Hub again.
+    """
+    from huggingface_hub.errors import HfHubHTTPError
+
+    retries = int(os.environ.get("SPAVIS_PUBLISH_RETRIES", "5"))
+    for attempt in range(retries + 1):
+        try:
+            return api.create_commit(repo_id, ops, repo_type=H.REPO_TYPE, revision=BRANCH, parent_commit=parent,
+                                     commit_message=message)
+        except HfHubHTTPError as exc:
+            response = getattr(exc, "response", None)
+            status = getattr(response, "status_code", None)
+            if status not in RETRY_STATUSES or attempt == retries:
+                raise
+            after = (response.headers.get("Retry-After") if response is not None else None) or ""
+            wait = min(float(after) if after.strip().isdigit() else 2.0 * 2**attempt, MAX_WAIT_S)
+            say(f"the Hub answered HTTP {status}; retrying the commit in {wait:.0f} s ({attempt + 1}/{retries})")
+            time.sleep(wait)
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def _ensure_tag(api, repo_id: str, tag: str, commit: str) -> None:

@@ -187,12 +187,14 @@ def test_publish_tag_load_stream_and_lazy_open(corpus, hub, tmp_path):
 
 def test_interrupted_publish_resumes_with_only_the_missing_files(corpus, hub):
     files = corpus_files(corpus)
+    # a rate limit (429 + Retry-After) is waited out, not an interruption
+    rate = hub.add_fault("/commit/main", "status", status=429, retry_after=0, methods=("POST",), after=1)
     # the Hub fails the 3rd commit (after two batches were committed)
     hub.add_fault("/commit/main", "status", status=500, methods=("POST",), after=2)
     with pytest.raises(PublishError, match=r"stopped after 2 of \d+ commit\(s\).*run the same command again"):
         publish(corpus, "org/resume", token=WRITE_TOKEN, max_files_per_commit=40)
     on_hub = set(hub.list_files("org/resume", "dataset")) - {".gitattributes"}
-    assert len(on_hub) == 80 < len(files)
+    assert rate.fired == 1 and len(on_hub) == 80 < len(files)
     assert "manifest.json" not in on_hub and not hub.tags("org/resume", "dataset")  # no half-announced version
 
     # the rerun is cut too: an LFS upload fails midway through its first batch (HTTP 403: not retried)
