@@ -1,19 +1,26 @@
-"""Benchmark `spavis build-shards` against the path users take today, in the same run.
+"""Benchmark `spavis build-shards` against two same-run baselines.
 
-Baseline: ``scanpy.read_visium`` per slice + ``anndata.concat`` + ``write_h5ad`` (no gene
-harmonization, no QC, no neighbour graph, one file holding every slide in memory).
+Baselines, both single-process:
+- scanpy: ``scanpy.read_visium`` per slice + ``anndata.concat`` + ``write_h5ad`` (the path
+  users take today: no gene harmonization, QC or neighbour graph, every slide in memory);
+- lower bound: ``h5py`` reads each slice's count matrix and ``pyarrow`` writes the same
+  expression columns (spot_id, slide_id, barcode, spot_index, gene_index, counts,
+  total_counts, n_genes) with the same Parquet settings (zstd 3, 1,024-row groups,
+  dictionary on strings): the I/O and encoding floor of any builder.
 spavis: ``build_shards`` (read, harmonize to stamp-v1, QC, k-NN graph, Parquet + Zarr,
-manifest with sha256) with one worker (the baseline's process model), and again with
-``--workers N`` (default 2) spawned worker processes; the baseline has no parallel mode.
-Peak RSS of the parallel case is the largest single process (main or one worker).
+manifest with sha256) with one worker, and again with ``--workers N`` (default 2).
 
-Inputs are GENERATED Visium slices (``spavis.simulate``, written as Space Ranger folders),
-not real data. Each case runs in its own subprocess; peak RSS is that process's
-``ru_maxrss`` (from ``os.wait4``), so cases do not share memory or imports.
+Targets (issue 11): 1 worker >= 0.5x the lower bound; N=2 workers >= 1.6x 1 worker on 2
+free cores. Memory: "tree" = peak of the summed RSS of the process and all its children
+(sampled every 50 ms; psutil, else /proc), "largest" = the largest single process
+(``ru_maxrss``). Inputs are GENERATED Visium slices (``spavis.simulate``), not real data.
+Each case runs in its own subprocess. Other load on the machine skews the speeds: the
+1-minute load average is printed with each row.
 
     python benchmarks/build_shards.py                # 1, 10 and 50 slices, spavis with 1 and 2 workers
     python benchmarks/build_shards.py --workers 4    # parallel case with 4 workers (0: skip it)
     python benchmarks/build_shards.py --quick        # 1 and 3 small slices
+    python benchmarks/build_shards.py --sizes 4 --workers 2 --json out.json
 """
 from __future__ import annotations
 
@@ -49,14 +56,56 @@ def _generate(folder: Path, n: int, tissue_fraction: float | None) -> list[Path]
 def _case_spavis(inputs: list[str], out: str, workers: int) -> dict:
     import spavis.genes  # noqa: F401  (imports outside the timed region, as for the baseline)
     import spavis.readers  # noqa: F401
-    from spavis.shards import build_shards
+    from spavis.shards import BuildConfig, build_shards
 
     t0 = time.perf_counter()
-    build_shards(inputs, out, vocab="stamp-v1", min_genes=100, k_neighbors=8, workers=workers)
+    build_shards(inputs, out, BuildConfig(), workers=workers)  # the build-shards defaults
     wall = time.perf_counter() - t0
     manifest = json.loads((Path(out) / "manifest.json").read_text())
     return {"wall_s": wall, "spots_in": manifest["summary"]["n_spots_input"],
             "spots_out": manifest["summary"]["n_spots"]}
+
+
+def _case_lower_bound(inputs: list[str], out: str) -> dict:
+    """h5py read + pyarrow write of the expression columns: the floor of any builder."""
+    import h5py
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from spavis.format import schema as S
+
+    t0 = time.perf_counter()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    fields = ["spot_id", "slide_id", "barcode", "spot_index", "gene_index", "counts", "total_counts", "n_genes"]
+    schema = pa.schema([S.EXPRESSION_SCHEMA.field(f) for f in fields])
+    options = dict(S.PARQUET_WRITE_OPTIONS, use_dictionary=["spot_id", "slide_id", "barcode"])
+    n_spots = 0
+    with pq.ParquetWriter(Path(out) / "part-00000.parquet", schema, **options) as writer:
+        for path in inputs:
+            sid = Path(path).name
+            with h5py.File(Path(path) / "filtered_feature_bc_matrix.h5", "r") as f:
+                m = f["matrix"]
+                data = m["data"][:].astype(np.float32)
+                indices = m["indices"][:].astype(np.int32)
+                indptr = m["indptr"][:].astype(np.int64)
+                barcodes = [b.decode() for b in m["barcodes"][:]]
+            n = len(barcodes)
+            totals = np.add.reduceat(data, indptr[:-1]) if data.size else np.zeros(n, np.float32)
+            totals[np.diff(indptr) == 0] = 0
+            for a in range(0, n, S.ROW_GROUP_SIZE):
+                b = min(n, a + S.ROW_GROUP_SIZE)
+                off = pa.array((indptr[a: b + 1] - indptr[a]).astype(np.int32))
+                lo, hi = int(indptr[a]), int(indptr[b])
+                cols = [pa.array([f"{sid}:{x}" for x in barcodes[a:b]], pa.string()), pa.array([sid] * (b - a)),
+                        pa.array(barcodes[a:b], pa.string()), pa.array(np.arange(a, b, dtype=np.int32)),
+                        pa.ListArray.from_arrays(off, pa.array(indices[lo:hi])),
+                        pa.ListArray.from_arrays(off, pa.array(data[lo:hi])),
+                        pa.array(totals[a:b].astype(np.float32)), pa.array(np.diff(indptr[a: b + 1]).astype(np.int32))]
+                writer.write_table(pa.Table.from_arrays(cols, schema=schema), row_group_size=S.ROW_GROUP_SIZE)
+            n_spots += n
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "spots_in": n_spots, "spots_out": n_spots}
 
 
 def _case_baseline(inputs: list[str], out: str) -> dict:
@@ -79,17 +128,71 @@ def _case_baseline(inputs: list[str], out: str) -> dict:
     return {"wall_s": wall, "spots_in": int(merged.n_obs), "spots_out": int(merged.n_obs)}
 
 
+def _tree_rss(pid: int) -> int:
+    """Summed RSS (bytes) of ``pid`` and all its descendants (psutil, else /proc)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return 0
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, frontier = {pid}, {pid}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier} - tree
+        tree |= frontier
+    total = 0
+    for p in tree:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
 def _run_case(case: str, inputs: list[Path], out: Path, workers: int) -> dict:
     """Run one case in a fresh interpreter; return its timing and peak RSS (MiB).
 
-    ``ru_maxrss`` of ``wait4`` is the child's own peak, and for spawned workers the largest
-    of the (waited-for) grandchildren's: the peak of the biggest single process.
+    ``ru_maxrss`` of ``wait4`` is the largest single process (the child or a waited-for
+    grandchild); the tree peak is sampled every 50 ms while the case runs.
     """
+    import threading
+
     cmd = [sys.executable, str(HERE), "--_case", case, "--_out", str(out), "--workers", str(workers),
            "--_inputs", *map(str, inputs)]
     with tempfile.TemporaryFile("w+") as err:  # a file, so a chatty stderr cannot block the child
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        peak = [0]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.05):
+                peak[0] = max(peak[0], _tree_rss(proc.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         stdout = proc.stdout.read()
+        stop.set()
+        sampler.join()
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
@@ -97,10 +200,26 @@ def _run_case(case: str, inputs: list[Path], out: Path, workers: int) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{case} failed ({proc.returncode}):\n{stderr[-3000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
-    result["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
+    result["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux: the largest single process
+    result["tree_rss_mib"] = peak[0] / 2**20
     result["spots_per_s"] = result["spots_in"] / result["wall_s"]
     result["workers"] = workers if case == "spavis" else 1
     return result
+
+
+def _format_row(row: dict, workers: int) -> str:
+    """One markdown table row: spots/s, ratios against the same-run baselines, memory."""
+    base, low, one = row["baseline"], row["lower_bound"], row["spavis"]
+    cells = [f"{row['n_slides']}", f"{base['spots_in']:,}",
+             f"{base['spots_per_s']:,.0f}", f"{low['spots_per_s']:,.0f}",
+             f"{one['spots_per_s']:,.0f} (x{one['spots_per_s'] / low['spots_per_s']:.2f} lower bound, "
+             f"x{one['spots_per_s'] / base['spots_per_s']:.2f} scanpy)"]
+    par = row.get("spavis_parallel")
+    if par:
+        cells.append(f"{par['spots_per_s']:,.0f} (x{par['spots_per_s'] / one['spots_per_s']:.2f} 1 worker)")
+    mem = [f"{r['tree_rss_mib']:,.0f}/{r['peak_rss_mib']:,.0f}" for r in (base, low, one, par) if r]
+    cells += [" ".join(mem), f"{row['load_avg_1min']:.1f}"]
+    return "| " + " | ".join(cells) + " |"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,8 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args._case:  # inside the measured subprocess
-        fn = _case_spavis if args._case == "spavis" else _case_baseline
-        res = fn(args._inputs, args._out, args.workers) if args._case == "spavis" else fn(args._inputs, args._out)
+        if args._case == "spavis":
+            res = _case_spavis(args._inputs, args._out, args.workers)
+        elif args._case == "lower_bound":
+            res = _case_lower_bound(args._inputs, args._out)
+        else:
+            res = _case_baseline(args._inputs, args._out)
         print(json.dumps(res))
         return 0
 
@@ -128,32 +251,30 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         all_inputs = _generate(work / "inputs", max(sizes), tissue_fraction)
+        print(f"| slides | spots | scanpy spots/s | lower bound spots/s | spavis 1 worker spots/s | "
+              + (f"spavis {args.workers} workers spots/s | " if args.workers > 1 else "")
+              + "RSS MiB tree/largest (scanpy, lower bound, 1 w" + (f", {args.workers} w" if args.workers > 1 else "")
+              + ") | load |", flush=True)
+        print("|" + "---|" * (8 if args.workers > 1 else 7), flush=True)
         for n in sizes:
             inputs = all_inputs[:n]
-            base = _run_case("baseline", inputs, work / f"baseline_{n}.h5ad", 1)
-            row = {"n_slides": n, "baseline": base, "spavis": _run_case("spavis", inputs, work / f"shards_{n}", 1)}
+            row = {"n_slides": n,
+                   "baseline": _run_case("baseline", inputs, work / f"baseline_{n}.h5ad", 1),
+                   "lower_bound": _run_case("lower_bound", inputs, work / f"lower_{n}", 1),
+                   "spavis": _run_case("spavis", inputs, work / f"shards_{n}", 1)}
             if args.workers > 1:
                 row["spavis_parallel"] = _run_case("spavis", inputs, work / f"shards_{n}_w{args.workers}", args.workers)
-            rows.append(row)
-            parts = [f"{n:>3} slides | {base['spots_in']:>7,} spots | scanpy+concat+h5ad "
-                     f"{base['spots_per_s']:>7,.0f} spots/s {base['peak_rss_mib']:>6,.0f} MiB"]
-            for key, label in (("spavis", "spavis 1 worker"), ("spavis_parallel", f"spavis {args.workers} workers")):
-                if key in row:
-                    r = row[key]
-                    parts.append(f"{label} {r['spots_per_s']:>7,.0f} spots/s {r['peak_rss_mib']:>6,.0f} MiB "
-                                 f"(speed x{r['spots_per_s'] / base['spots_per_s']:.2f}, "
-                                 f"memory x{r['peak_rss_mib'] / base['peak_rss_mib']:.2f})")
             row["load_avg_1min"] = os.getloadavg()[0]  # other processes on the machine skew the speeds
-            parts.append(f"load {row['load_avg_1min']:.1f}")
-            print(" | ".join(parts), flush=True)
+            rows.append(row)
+            print(_format_row(row, args.workers), flush=True)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
-        for name in [k for k in ("baseline", "spavis", "spavis_parallel") if k in first and k in last]:
+        for name in [k for k in ("baseline", "lower_bound", "spavis", "spavis_parallel") if k in first and k in last]:
             growth = last[name]["peak_rss_mib"] / first[name]["peak_rss_mib"]
-            print(f"peak RSS growth {first['n_slides']} -> {last['n_slides']} slides: {name} x{growth:.2f}")
+            print(f"largest-process RSS growth {first['n_slides']} -> {last['n_slides']} slides: {name} x{growth:.2f}")
     print("inputs are GENERATED slices (spavis.simulate); spavis also harmonizes, QCs, builds the k-NN graph, "
           "writes Parquet + Zarr and hashes every file; the baseline does none of that.")
     if args.json:
