@@ -73,6 +73,7 @@ class VisionConfig:
     csp_stride: int = 4
     mean: list = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list = field(default_factory=lambda: list(IMAGENET_STD))
+    channel_order: str = "rgb"  # "bgr": channels swapped before normalising, as the released STAMP pipeline (OpenCV)
 
     @property
     def grid_size(self) -> int:
@@ -86,6 +87,8 @@ class VisionConfig:
         check_region_grid(self.grid_size, self.csp_window, self.csp_stride, self.region_grid)
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ModelConfigError("vision mean/std must hold 3 values (RGB)")
+        if self.channel_order not in ("rgb", "bgr"):
+            raise ModelConfigError(f"vision channel_order {self.channel_order!r} must be 'rgb' or 'bgr'")
         return self
 
     @classmethod
@@ -233,6 +236,8 @@ def to_pixels(images: Union[torch.Tensor, np.ndarray], config: VisionConfig) -> 
         x = x[None]
     if x.dim() != 4 or x.shape[-1] != 3:
         raise ModelConfigError(f"images must be (batch, height, width, 3) RGB, got shape {tuple(x.shape)}")
+    if config.channel_order == "bgr":  # the released STAMP cut patches with OpenCV and fed them as BGR
+        x = x.flip(-1)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
     size = config.img_size
     if x.shape[-2:] != (size, size):

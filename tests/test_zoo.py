@@ -37,7 +37,8 @@ def small_entries() -> dict:
     for name in ("stamp-v1", "stamp-v1-gene"):
         models[name]["gene_config"] = {**models[name]["gene_config"], **GENE}
         models[name]["embed_dim"] = EMBED
-    models["stamp-v1"]["vision_config"] = VISION
+    # the shipped channel order (bgr: the released pipeline fed OpenCV's BGR patches) with test sizes
+    models["stamp-v1"]["vision_config"] = {**VISION, "channel_order": models["stamp-v1"]["vision_config"]["channel_order"]}
     return models
 
 
@@ -522,7 +523,9 @@ def test_stamp_embed_stamp_v1_fused_end_to_end(released, means_file, stamp_v1_pa
     tok = load_tokenizer("stamp-v1", means_file)
     ids = torch.from_numpy(to_model_input_ids(tok.encode_csr(counts), tok.pad_value, GENE["context_length"]))
     patches = np.stack([decode_image(v) for v in paired.column("patch").to_pylist()])
-    pixels = to_pixels(patches, load_vision_config(VISION))
+    assert small_entries()["stamp-v1"]["vision_config"]["channel_order"] == "bgr"
+    # the released script: OpenCV crops (BGR arrays) -> ToTensor -> ImageNet mean/std, channels never swapped
+    pixels = to_pixels(np.ascontiguousarray(patches[..., ::-1]), load_vision_config(VISION))
     got = torch.tensor(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)))
     with torch.no_grad():
         want = torch.cat([ref.encode_gene(ids.long()), ref.encode_image(pixels)], dim=1)
