@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from spavis.format.io import apply_umask, atomic_dir, atomic_write_text
 from stamp import checkpoint as ckpt
 from stamp.errors import TrainingError
 from stamp.train import ARGS_FILE, METRICS_FILE, RUN_INFO, Dist, init_distributed, lr_at
@@ -94,9 +94,7 @@ def _prepare_run(args: AlignArgs, d: Dist) -> tuple[AlignArgs, Optional[Path]]:
         raise TrainingError("--stage align needs --init RUN2 (a stage-2 run or model folder with its tokenizer)")
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{ARGS_FILE}.tmp"
-        tmp.write_text(json.dumps(asdict(args), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, saved)
+        atomic_write_text(saved, json.dumps(asdict(args), indent=2, sort_keys=True) + "\n")
         (out / METRICS_FILE).unlink(missing_ok=True)
     d.barrier()
     return args, None
@@ -106,9 +104,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
 
 def _lineage(init_dir: Path) -> list[dict]:
@@ -341,9 +337,7 @@ def _align(args: AlignArgs, d: Dist, open_corpus, on_step) -> Path:
     model_dir = run / "model"
     if d.main:
         model_dir = _write_model(run, model, tokenizer, info)
-        tmp = run / f".{RUN_INFO}.tmp"
-        tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, run / RUN_INFO)
+        atomic_write_text(run / RUN_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
     d.barrier()
     return model_dir
 
@@ -353,17 +347,11 @@ def _write_model(run: Path, model, tokenizer, info: dict) -> Path:
     from stamp.multimodal import write_stamp_model_card
 
     final = run / "model"
-    tmp = run / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_stamp_model_card(tmp, info)
-    old = run / ".model.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(final) as tmp:  # staged beside RUN/model, swapped in whole (umask modes)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_stamp_model_card(tmp, info)
+        apply_umask(tmp, recursive=True)  # savers that go through mkstemp would leave 0600 files
     return final
 
 
