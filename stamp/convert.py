@@ -479,7 +479,7 @@ Command line: `{cli}`
 """ + (f"""- image encoder: timm `{(entry.vision_config or {}).get('arch')}` (UNI architecture) with the pretext token
   inserted after CLS; pooled = CLS output; images 224 x 224, ImageNet mean/std
 - projections to {entry.embed_dim} (spot, patch, region, positioning) and the logit scale
-- note: the released inference cut patches with OpenCV, i.e. it fed BGR-ordered pixels; `stamp` feeds RGB
+- channel order: the released inference cut patches with OpenCV and fed BGR-ordered pixels; this conversion keeps that (`channel_order: bgr`), so RGB images given to `image_transform` / `pixels` are swapped as the authors did
 """ if full else "") + f"""
 ## Training (by the authors)
 

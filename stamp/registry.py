@@ -148,14 +148,26 @@ def hub_error(repo_id: str, exc: BaseException, terms_url: str | None = None) ->
         return PretrainedError(f"{repo_id}: repository not found or not accessible; check the id, and if it is "
                                f"gated or private accept its terms at {page} and log in with `hf auth login`")
     if isinstance(exc, EntryNotFoundError):
-        return PretrainedError(f"{repo_id}: {exc.args[0].splitlines()[0] if exc.args else 'file not found'}; "
-                               "the repo does not hold the expected file")
+        return PretrainedError(f"{repo_id}: the repo does not hold the expected file{_repo_files_hint(repo_id)}; "
+                               f"point a ${EXTRA_REGISTRY_ENV} entry's 'file' at the right one")
     if isinstance(exc, LocalEntryNotFoundError):
         return PretrainedError(f"{repo_id}: not in the local cache and the Hub is unreachable; connect or set "
                                "HF_ENDPOINT, or pass a local folder")
     if isinstance(exc, HfHubHTTPError):
         return PretrainedError(f"{repo_id}: the Hub answered HTTP {status}; retry later or check HF_ENDPOINT")
     return PretrainedError(f"{repo_id}: download failed ({type(exc).__name__}: {exc})")
+
+
+def _repo_files_hint(repo_id: str) -> str:
+    """`` (it holds: a.bin, b.ckpt)`` - the repo's checkpoint-like files, when they can be listed."""
+    try:
+        from huggingface_hub import HfApi
+
+        files = [f for f in HfApi().list_repo_files(repo_id)
+                 if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".safetensors"))]
+    except Exception:  # listing is a courtesy: any failure just drops the hint
+        return ""
+    return f" (it holds: {', '.join(files[:8])})" if files else " (it holds no checkpoint file)"
 
 
 def _download(repo_id: str, filename: str | None, *, revision: str | None, token: str | None,

@@ -537,3 +537,18 @@ def pa_concat(tables):
     import pyarrow as pa
 
     return pa.concat_tables(tables)
+
+
+def test_registry_file_missing_from_repo_names_what_is_there(released, tmp_path, monkeypatch):
+    from tests.fakes.hub import FakeHub
+
+    _, path = released
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"models": small_entries()}))
+    monkeypatch.setenv("STAMP_REGISTRY", str(registry))
+    with FakeHub(tmp_path / "hub") as hub:
+        hub.create_repo("minghaofdu/STAMP", "model")
+        hub.add_files("minghaofdu/STAMP", {"stamp_weights.ckpt": path})
+        hub.activate(monkeypatch, cache_dir=tmp_path / "hf")
+        with pytest.raises(PretrainedError, match=r"expected file \(it holds: stamp_weights\.ckpt\).*STAMP_REGISTRY"):
+            resolve_pretrained("stamp-v1")
