@@ -65,6 +65,7 @@ def _marker_image(channels: int = 3, size: int = SIZE) -> np.ndarray:
             img[max(y - 2, 0):y + 3, max(x - 2, 0):x + 3, ...] = 0
     if channels == 4:
         img[:, :, 3] = 255
+    img[0, 0] = 128  # not one colour even where no spot falls (a blank image counts as no image)
     return img
 
 
@@ -298,3 +299,18 @@ def test_hest_metadata_calibrates_a_slide_without_scale_factors(tmp_path):
     row = next(open_corpus(out).iter_paired()).to_pylist()[0]
     cx, cy = _centroid(decode_image(row["patch"]))
     assert abs(cx - 111.5) <= 0.5 and abs(cy - 111.5) <= 0.5
+
+
+def test_real_slice_skips_the_black_hires_placeholder_and_uses_the_lowres(real_data, tmp_path):
+    """REAL 10x V1_Human_Heart files: its tissue_hires_image.png is all black (as released), so
+    the lowres picture is used, said in a warning, and every patch is flagged upsampled."""
+    heart = real_data / "visium" / "human_heart_v1_subsample"
+    assert (heart / "spatial" / "tissue_hires_image.png").is_file()
+    with pytest.warns(UserWarning, match="placeholder"):
+        out = build_shards([heart], tmp_path / "out", min_genes=1, with_images=True)
+    (slide,) = pq.read_table(out / S.SLIDES_FILE).to_pylist()
+    assert slide["image_kind"] == "lowres" and slide["image_file"] == "spatial/tissue_lowres_image.png"
+    assert any("placeholder" in w for w in slide["warnings"])
+    assert slide["n_patches_upsampled"] == slide["n_spots_kept"]
+    patch = decode_image(next(open_corpus(out).iter_paired(columns=["patch"])).column("patch")[0].as_py())
+    assert patch.std() > 5  # real tissue colours, not the black placeholder

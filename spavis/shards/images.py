@@ -112,8 +112,8 @@ def _fullres_candidates(s, adata) -> list[Path]:
     return sorted(set(found), key=lambda p: (-p.stat().st_size, str(p)))
 
 
-def find_slide_image(s, adata) -> SlideImage | None:
-    """The finest image the slice offers, or None when it has none."""
+def slide_images(s, adata) -> list[SlideImage]:
+    """Every image the slice offers, finest first: full-resolution, hires, lowres."""
     root = Path(s.root)
     base = root if root.is_dir() else root.parent
 
@@ -123,21 +123,38 @@ def find_slide_image(s, adata) -> SlideImage | None:
         except ValueError:
             return p.name
 
+    out = []
     full = _fullres_candidates(s, adata)
     if full:
         p = full[0]
         kind = "wsi" if p.name.lower().endswith(TIFF_SUFFIXES) else "fullres"
-        return SlideImage(kind, rel(p), 1.0, path=p)
+        out.append(SlideImage(kind, rel(p), 1.0, path=p))
     sf = _scalefactors(adata)
-    hires = [p for p in _files(root, s.files) if "tissue_hires_image" in p.name.lower()]
+    hires = sorted(p for p in _files(root, s.files) if "tissue_hires_image" in p.name.lower())
     if hires and sf.get("tissue_hires_scalef"):
-        return SlideImage("hires", rel(sorted(hires)[0]), sf["tissue_hires_scalef"], path=sorted(hires)[0])
+        out.append(SlideImage("hires", rel(hires[0]), sf["tissue_hires_scalef"], path=hires[0]))
     lowres = (_spatial_entry(adata).get("images") or {}).get("lowres")
     if lowres is not None and sf.get("tissue_lowres_scalef"):
-        files = [p for p in _files(root, s.files) if "tissue_lowres_image" in p.name.lower()]
-        name = rel(sorted(files)[0]) if files else "uns/spatial/images/lowres"
-        return SlideImage("lowres", name, sf["tissue_lowres_scalef"], array=np.asarray(lowres))
-    return None
+        files = sorted(p for p in _files(root, s.files) if "tissue_lowres_image" in p.name.lower())
+        name = rel(files[0]) if files else "uns/spatial/images/lowres"
+        out.append(SlideImage("lowres", name, sf["tissue_lowres_scalef"], array=np.asarray(lowres)))
+    return out
+
+
+def find_slide_image(s, adata) -> SlideImage | None:
+    """The finest image the slice offers, or None when it has none."""
+    found = slide_images(s, adata)
+    return found[0] if found else None
+
+
+def _is_blank(src: ImageSource) -> bool:
+    """One colour all over (10x ships an all-black hires placeholder for some datasets): judged
+    on the coarsest level when it is small enough to read whole."""
+    lv = src.levels[-1]
+    if lv.height * lv.width > 4096 * 4096:
+        return False
+    block = WindowReader(src, len(src.levels) - 1).read(0, lv.height, 0, lv.width)
+    return bool(block.size) and int(block.max()) == int(block.min())
 
 
 def calibration(adata, slide: dict) -> tuple[float, str] | None:
@@ -217,7 +234,17 @@ def prepare_images(tmp: Path, s, adata, slide: dict, barcodes, pxl_row, pxl_col,
     a slide without calibration; the caller's temporary folder then disappears whole.
     """
     none = dict.fromkeys(_IMAGE_ATTRS)
-    img = find_slide_image(s, adata)
+    skipped = []
+    for img in slide_images(s, adata):
+        with img.open() as probe:
+            if not _is_blank(probe):
+                break
+        skipped.append(f"{img.name} is one colour (a placeholder, not an H&E); skipped")
+    else:
+        img = None
+    for note in skipped:
+        warnings.warn(f"{s.slide_id}: {note}", SpavisWarning, stacklevel=2)
+        slide["warnings"] = list(slide.get("warnings") or []) + [f"image: {note}"]
     if img is None:
         return none
     n = len(barcodes)
