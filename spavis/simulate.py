@@ -19,7 +19,6 @@ import functools
 import json
 import os
 import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from spavis.errors import SpavisError
+from spavis import spaceranger as SR
+from spavis.format.io import atomic_write_bytes, make_temp_dir
 
 N_ROWS, N_COLS = 78, 128
 SPOT_SPACING_UM = 100.0
@@ -103,6 +104,20 @@ def _resolve_genes(genes: int | Sequence[str] | None) -> np.ndarray:
     return arr.astype(object)
 
 
+def _check_params(**values) -> None:
+    """Negative or non-finite generator settings are a clear error, not a numpy traceback."""
+    rules = {"median_umis": (lambda v: v > 0, "> 0"), "pixel_size_um": (lambda v: v > 0, "> 0"),
+             "library_sigma": (lambda v: v >= 0, ">= 0"), "dispersion": (lambda v: v >= 0, ">= 0"),
+             "n_markers": (lambda v: v >= 0, ">= 0"), "seed": (lambda v: v >= 0, ">= 0"),
+             "tissue_fraction": (lambda v: 0 < v <= 1, "in (0, 1]")}
+    for name, value in values.items():
+        if value is None:
+            continue
+        ok, wanted = rules[name]
+        if not (np.isfinite(value) and ok(value)):
+            raise SpavisError(f"simulate: {name}={value}; it must be {wanted}.")
+
+
 def _simulate(
     slide_id: str,
     genes: int | Sequence[str] | None,
@@ -121,6 +136,8 @@ def _simulate(
 ) -> tuple[ad.AnnData, pd.DataFrame]:
     if n_domains < 1:
         raise SpavisError(f"simulate: n_domains={n_domains}; need at least 1.")
+    _check_params(median_umis=median_umis, library_sigma=library_sigma, n_markers=n_markers,
+                  dispersion=dispersion, pixel_size_um=pixel_size_um, tissue_fraction=tissue_fraction, seed=seed)
     if seed is None:
         seed = zlib.crc32(slide_id.encode())
     rng = np.random.default_rng(seed)
@@ -318,13 +335,17 @@ def simulate_slice(
 
 def _write_10x_h5(path: Path, adata: ad.AnnData, genome: str = "GRCh38") -> None:
     """10x v3 feature-barcode HDF5 (CSC genes x barcodes == CSR barcodes x genes); no
-    timestamps, so the same slice gives the same bytes."""
+    timestamps, so the same slice gives the same bytes. Built in memory, then written by
+    Python: a full disk is then a plain OSError, not an HDF5 handle that crashes at exit."""
+    import io
+
     import h5py
 
     X = adata.X.tocsr()
     enc = lambda a: np.asarray(a, dtype="S")  # noqa: E731
     opts = {"compression": "gzip", "compression_opts": 1, "shuffle": True, "track_times": False}
-    with h5py.File(path, "w", track_order=False) as f:
+    buf = io.BytesIO()
+    with h5py.File(buf, "w", track_order=False) as f:
         f.attrs["filetype"] = np.array([b"matrix"])
         f.attrs["library_ids"] = np.array([b"generated"])
         f.attrs["original_gem_groups"] = np.array([1], dtype=np.int64)
@@ -346,6 +367,25 @@ def _write_10x_h5(path: Path, adata: ad.AnnData, genome: str = "GRCh38") -> None
         ft.create_dataset("genome", data=enc([genome] * len(ids)), **opts)
         ft.create_dataset("id", data=enc(ids), **opts)
         ft.create_dataset("name", data=enc(names), **opts)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+HE_IMAGE_NAME = "image.tif"  # the generated full-resolution H&E of write_simulated_slice(he_image=True)
+
+
+def _write_he_image(path: Path, adata, pixel_size_um: float, seed: int | None, slide_id: str) -> None:
+    """Generated H&E whose texture follows each spot's domain (spavis.images_synthetic), at the
+    coordinates' pixel size: as wide as the lowres picture's capture area, as tall as the
+    in-tissue spots plus 400 µm (a strip stays small)."""
+    from spavis.images_synthetic import write_he_tiff
+
+    margin = 400.0 / pixel_size_um
+    height = int(np.ceil(adata.obs["pxl_row"].max() + margin))
+    # as wide as the capture-area picture the lowres image and its scale factor describe
+    sf = adata.uns["spatial"][slide_id]["scalefactors"]
+    width = max(int(round(600.0 / sf["tissue_lowres_scalef"])), int(np.ceil(adata.obs["pxl_col"].max() + margin)))
+    seed = int(seed) if seed is not None else zlib.crc32(slide_id.encode())
+    write_he_tiff(path, adata, um_per_px=pixel_size_um, height=height, width=width, seed=seed)
 
 
 def write_simulated_slice(out_dir: str | Path, slide_id: str | None = None, **kwargs) -> Path:
@@ -353,7 +393,9 @@ def write_simulated_slice(out_dir: str | Path, slide_id: str | None = None, **kw
     ``filtered_feature_bc_matrix.h5`` (10x v3 HDF5), ``spatial/tissue_positions.csv`` (with
     header, all 4,992 spots), ``spatial/scalefactors_json.json``, ``spatial/tissue_lowres_image.png``
     and ``generated.json`` saying the data are generated. Written to a temp folder, then moved,
-    so a failure leaves nothing behind. ``kwargs`` go to :func:`simulate_slice`.
+    so a failure leaves nothing behind. ``kwargs`` go to :func:`simulate_slice`, except
+    ``he_image=True``: also write ``image.tif``, a GENERATED full-resolution H&E-like pyramidal
+    TIFF whose texture depends on each spot's domain (for ``build-shards --with-images``).
     """
     from PIL import Image
 
@@ -369,19 +411,22 @@ def write_simulated_slice(out_dir: str | Path, slide_id: str | None = None, **kw
         pixel_size_um=kwargs.pop("pixel_size_um", PIXEL_SIZE_UM), with_image=kwargs.pop("with_image", True),
         max_row=kwargs.pop("max_row", None), marker_lfc=kwargs.pop("marker_lfc", 2.5),
     )
+    he_image = bool(kwargs.pop("he_image", False))
     if kwargs:
         raise TypeError(f"write_simulated_slice: unknown arguments {sorted(kwargs)}")
     adata, positions = _simulate(slide_id, **sim_args)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = make_temp_dir(out_dir)  # umask mode: generated slices are shared like any output
     try:
-        (tmp / "spatial").mkdir()
-        _write_10x_h5(tmp / "filtered_feature_bc_matrix.h5", adata)
-        positions.to_csv(tmp / "spatial" / "tissue_positions.csv", index=False)
+        (tmp / SR.SPATIAL_DIR).mkdir()
+        _write_10x_h5(tmp / SR.MATRIX_H5, adata)
+        positions.to_csv(tmp / SR.SPATIAL_DIR / SR.POSITIONS, index=False)
         lib = adata.uns["spatial"][slide_id]
-        (tmp / "spatial" / "scalefactors_json.json").write_text(json.dumps(lib["scalefactors"], indent=1, sort_keys=True))
+        (tmp / SR.SPATIAL_DIR / SR.SCALEFACTORS).write_text(json.dumps(lib["scalefactors"], indent=1, sort_keys=True))
         if "lowres" in lib["images"]:
-            Image.fromarray(lib["images"]["lowres"]).save(tmp / "spatial" / "tissue_lowres_image.png", optimize=False)
+            Image.fromarray(lib["images"]["lowres"]).save(tmp / SR.SPATIAL_DIR / SR.LOWRES_IMAGE, optimize=False)
+        if he_image:  # a full-resolution H&E-like TIFF, as Space Ranger's --image input
+            _write_he_image(tmp / HE_IMAGE_NAME, adata, sim_args["pixel_size_um"], sim_args["seed"], slide_id)
         marker = {
             "generated": True, "label": GENERATED_LABEL, "slide_id": slide_id, "generator": "spavis.simulate",
             "params": json.loads(adata.uns["spavis"]["simulation_params_json"]),
