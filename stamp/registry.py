@@ -16,6 +16,7 @@ terms page and ``hf auth login``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from stamp.errors import StampError
+
+logger = logging.getLogger(__name__)
 
 REGISTRY_FILE = "pretrained.json"
 FORMATS = ("stamp", "stamp-released")
@@ -230,8 +233,15 @@ def _converted(entry: PretrainedEntry, *, revision: str | None, token: str | Non
                     terms_url=entry.terms_url)
     commit = src.parent.name  # hf cache: .../snapshots/<commit>/<file>
     out = converted_cache_root() / entry.hub_id.replace("/", "--") / commit / entry.name
-    if not (out / CONVERTED_MARKER).is_file():
-        convert_released(src, out, name=entry.name, overwrite=True, source_id=f"{entry.hub_id}@{commit}")
+    if (out / CONVERTED_MARKER).is_file():
+        return out
+    from filelock import FileLock  # huggingface_hub's own dependency
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):  # one conversion at a time; the others then find it done
+        if not (out / CONVERTED_MARKER).is_file():
+            logger.info("converting %s (%s) once into %s", entry.name, entry.hub_id, out)
+            convert_released(src, out, name=entry.name, overwrite=True, source_id=f"{entry.hub_id}@{commit}")
     return out
 
 
