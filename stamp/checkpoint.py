@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from spavis.format.io import publish_dir
+from spavis.format.io import apply_umask, publish_dir
 
 STATE_FILE = "trainer_state.json"
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -119,6 +119,7 @@ def finalize(run: Path, step: int, state: dict, keep: int | None = None) -> Path
     """Write trainer_state.json last, then atomically rename the staging folder."""
     stage = staging_dir(run, step)
     _write_json(stage / STATE_FILE, state)
+    apply_umask(stage, recursive=True)  # safetensors' save_file leaves 0600 files
     final = checkpoint_root(run) / f"step-{step}"
     publish_dir(stage, final)  # an existing step-N is swapped out, never half-deleted
     if keep:
