@@ -17,7 +17,6 @@ The columns are appended after the fixed expression schema and added to the Zarr
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from functools import lru_cache
@@ -28,6 +27,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from spavis.format.io import sha256_file
 from spavis.errors import SpavisError
 from spavis.format.schema import EXPRESSION_SCHEMA
 
@@ -65,11 +65,7 @@ def expression_schema(obs_columns: Sequence[str] = ()) -> pa.Schema:
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def annotations_param(path: str | Path | None) -> dict | None:
