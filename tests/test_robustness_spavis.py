@@ -299,3 +299,10 @@ def test_empty_in_tissue_set_says_so(slices, tmp_path):
     line = assert_one_line_error(res, "no spot of any slide is marked in tissue", "notissue", "positions file")
     assert "--min-genes" not in line
     assert not (tmp_path / "o").exists()
+
+
+def test_disk_full_single_file_writer_names_the_file(full_disk_ok, tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    res = run(["genes", "vocab", "stamp-v1", "--out", mount / "vocab.json"], prefix=_full_disk_prefix(mount, "64k"))
+    assert_one_line_error(res, "vocab.json", "no space left on the device")
