@@ -159,7 +159,11 @@ def _check_local(root: Path, manifest: dict[str, Any], files: dict[str, Path]) -
 
 def _licenses(root: Path) -> tuple[str, list[str]]:
     """(corpus license, slide ids without a recorded license)."""
-    table = pq.read_table(root / S.SLIDES_FILE, columns=["slide_id", "license"]).to_pylist()
+    try:
+        table = pq.read_table(root / S.SLIDES_FILE, columns=["slide_id", "license"]).to_pylist()
+    except (OSError, ValueError) as exc:  # missing or corrupt: the integrity check would say so too
+        raise PublishError(f"{root / S.SLIDES_FILE}: unreadable ({type(exc).__name__}); rebuild the corpus with "
+                           "`spavis build-shards`.") from None
     ids = [normalize_license(r["license"]) for r in table]
     unknown = [r["slide_id"] for r, lic in zip(table, ids) if lic == UNKNOWN_LICENSE]
     return most_restrictive(ids), unknown
@@ -263,16 +267,16 @@ def publish(
         raise PublishError(f"{root}: no such corpus folder; pass the --out folder of `spavis build-shards`.")
     manifest = _load_manifest(root)
     tag = build_tag(manifest)
-    files = corpus_files(root)
-    say(f"checking {len(files)} files of {root} against {S.MANIFEST_FILE}")
-    shas = _check_local(root, manifest, files)
-    corpus_license, unknown = _licenses(root)
+    corpus_license, unknown = _licenses(root)  # cheap: before hashing the whole corpus
     if unknown and not allow_unknown_license:
         shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
         raise PublishError(
             f"{root}: {len(unknown)} slide(s) have no recorded license ({shown}); record one in their "
             "slice.json (`license`) and rebuild, or pass --allow-unknown-license to publish them listed as "
             "unknown in the dataset card.")
+    files = corpus_files(root)
+    say(f"checking {len(files)} files of {root} against {S.MANIFEST_FILE}")
+    shas = _check_local(root, manifest, files)
     result = PublishResult(repo_id, Path(local_dir) if local_dir is not None else None, None, tag, revision_tag,
                            corpus_license, len(files), 0, 0, unknown_license_slides=unknown)
     if local_dir is not None:
