@@ -19,7 +19,7 @@ N_RESERVED = 30  # gene token id = vocabulary index + N_RESERVED
 GROUP_SIZE = 9
 GROUPS_PER_BATCH = 24
 D_MAX_UM = 400.0
-VISIUM_SPACING_UM = 100.0
+from spavis.format.schema import SPOT_SPACING_UM as VISIUM_SPACING_UM  # noqa: E402  (one definition)
 
 __all__ = ["MASK_ID", "PAD_ID", "CLS_ID", "N_RESERVED", "GROUP_SIZE", "GROUPS_PER_BATCH", "D_MAX_UM",
            "VISIUM_SPACING_UM"]
