@@ -237,6 +237,7 @@ def publish(
     *,
     local_dir: str | os.PathLike | None = None,
     private: bool = False,
+    gated: str | None = None,
     revision_tag: str | None = None,
     allow_unknown_license: bool = False,
     token: str | None = None,
@@ -248,7 +249,8 @@ def publish(
 
     Returns a :class:`PublishResult`; raises :class:`PublishError` (nothing half-announced: the
     card and manifest go last) with the fix in one line. ``token`` None uses HF_TOKEN or the
-    login of ``hf auth login``; it is never printed.
+    login of ``hf auth login``; it is never printed. ``gated`` ("auto" or "manual") makes readers
+    accept the dataset's terms on the Hub first (as HEST-1k does).
     """
     say = echo or (lambda _msg: None)
     root = Path(corpus)
@@ -261,6 +263,8 @@ def publish(
                                      or revision_tag.startswith(TAG_PREFIX)):
         raise PublishError(f"--revision-tag {revision_tag!r}: use letters, digits, '.', '_' or '-' (e.g. v1.0), "
                            f"not a commit id, {BRANCH!r} or a name starting with {TAG_PREFIX!r}.")
+    if gated not in (None, "auto", "manual"):
+        raise PublishError(f"--gated {gated!r}: use 'auto' (access granted on request) or 'manual' (you approve).")
     if max_files_per_commit < 1 or max_bytes_per_commit < 1:
         raise PublishError("--files-per-commit and the bytes per commit must be at least 1.")
     if not root.is_dir():
@@ -285,7 +289,7 @@ def publish(
     if repo_id is None:
         return result
     with _no_hf_progress_bars():  # one line per commit (echo) instead of a bar per Zarr chunk
-        return _publish_hub(root, repo_id, files, shas, manifest, result, private=private, token=token,
+        return _publish_hub(root, repo_id, files, shas, manifest, result, private=private, gated=gated, token=token,
                             max_files=max_files_per_commit, max_bytes=max_bytes_per_commit, say=say)
 
 
@@ -302,7 +306,7 @@ def _no_hf_progress_bars() -> Iterator[None]:
             enable_progress_bars()
 
 
-def _publish_hub(root, repo_id, files, shas, manifest, result: PublishResult, *, private, token,
+def _publish_hub(root, repo_id, files, shas, manifest, result: PublishResult, *, private, gated, token,
                  max_files, max_bytes, say) -> PublishResult:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, get_token
 
@@ -313,6 +317,8 @@ def _publish_hub(root, repo_id, files, shas, manifest, result: PublishResult, *,
     api = H.api(token=token)
     try:
         api.create_repo(repo_id, repo_type=H.REPO_TYPE, private=private or None, exist_ok=True)
+        if gated is not None:
+            api.update_repo_settings(repo_id, repo_type=H.REPO_TYPE, gated=gated)
         head = api.repo_info(repo_id, repo_type=H.REPO_TYPE, revision=BRANCH).sha
         remote = {f.path: f for f in api.list_repo_tree(repo_id, repo_type=H.REPO_TYPE, revision=head,
                                                         recursive=True) if hasattr(f, "blob_id")}

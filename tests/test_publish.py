@@ -268,12 +268,14 @@ def test_versions_unknown_license_local_dir_private_and_refusals(corpus, tmp_pat
 
 
 def test_gated_corpus_and_missing_revision_are_one_clear_line(corpus, hub):
-    hub.create_repo("org/gated", repo_type="dataset", gated=True)
-    hub.add_files("org/gated", corpus_files(corpus), "dataset")
+    res = publish(corpus, "org/gated", token=WRITE_TOKEN, gated="manual")
+    assert hub.repos[("dataset", "org/gated")].gated
     with pytest.raises(CorpusError) as info:
         open_corpus("org/gated")
     msg = str(info.value)
     assert "gated" in msg and "hf auth login" in msg and "\n" not in msg and WRITE_TOKEN not in msg
+    with pytest.raises(CorpusError, match="gated"):
+        open_corpus(f"org/gated@{res.tag}")
 
     hub.create_repo("org/open", repo_type="dataset")
     hub.add_files("org/open", corpus_files(corpus), "dataset")

@@ -19,6 +19,8 @@ def publish_cmd(
     corpus: Path = typer.Argument(..., help="A `spavis build-shards` output folder."),
     repo_id: Optional[str] = typer.Option(None, "--repo-id", help="Hub dataset ORG/NAME (created if needed)."),
     private: bool = typer.Option(False, "--private", help="Create the dataset private (ignored if it exists)."),
+    gated: Optional[str] = typer.Option(
+        None, "--gated", help="Readers must accept the dataset's terms on the Hub: auto or manual approval."),
     revision_tag: Optional[str] = typer.Option(
         None, "--revision-tag", help="Also tag the published commit with this name (e.g. v1.0)."),
     allow_unknown_license: bool = typer.Option(
@@ -34,7 +36,7 @@ def publish_cmd(
     """
     from spavis.publish import publish
 
-    res = publish(corpus, repo_id, local_dir=local_dir, private=private, revision_tag=revision_tag,
+    res = publish(corpus, repo_id, local_dir=local_dir, private=private, gated=gated, revision_tag=revision_tag,
                   allow_unknown_license=allow_unknown_license, max_files_per_commit=files_per_commit,
                   echo=None if quiet else (lambda msg: err.print(msg, highlight=False)))
     if res.unknown_license_slides:

@@ -10,7 +10,8 @@ It replays the routes the installed clients use (read from their source):
   (``{"tag": …}``; 409 when it exists) and ``DELETE /api/{type}s/{repo}/tag/{tag}``
 * ``HEAD|GET /{datasets/}{repo}/resolve/{rev}/{path}``             ETag, X-Repo-Commit, Content-Length,
   X-Linked-Etag/X-Linked-Size (LFS files: etag = sha256), Range -> 206, 404 EntryNotFound
-* ``POST /api/repos/create``, ``/api/validate-yaml``, ``GET /api/whoami-v2``
+* ``POST /api/repos/create``, ``/api/validate-yaml``, ``GET /api/whoami-v2``,
+  ``PUT /api/{type}s/{repo}/settings`` (``gated``, ``visibility``/``private``)
 * ``POST /api/{type}s/{repo}/preupload/{rev}`` (answers ``lfs`` for binary/large files, else ``regular``)
 * ``POST /{datasets/}{repo}.git/info/lfs/objects/batch`` + ``PUT /_lfs/upload/{oid}`` + ``POST /_lfs/verify``
 * ``POST /api/{type}s/{repo}/commit/{rev}`` (NDJSON: header, file, lfsFile, deletedFile, deletedFolder)
@@ -651,6 +652,18 @@ class _Handler(BaseHTTPRequestHandler):
             return self._preupload(repo, tail)
         if action == "commit" and method == "POST":
             return self._commit(repo, unquote(tail))
+        if action == "settings" and method == "PUT":
+            if not self._token():
+                raise _HubError(401, None, "Invalid credentials in Authorization header")
+            payload = json.loads(self._body() or b"{}")
+            with hub._lock:
+                if "gated" in payload:
+                    repo.gated = payload["gated"] not in (False, "false", None)
+                if "visibility" in payload:
+                    repo.private = payload["visibility"] == "private"
+                elif "private" in payload:
+                    repo.private = bool(payload["private"])
+            return self._json(200, {})
         if action == "tag" and method in ("POST", "DELETE"):
             return self._tag(method, repo, unquote(tail))
         raise _HubError(404, None, f"Unknown route /api/{repo_type}s/{repo_id}/{rest}")
