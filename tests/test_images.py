@@ -1,7 +1,7 @@
 """`build-shards --with-images`: patch/region geometry, border handling, formats and bad images.
 
 The geometry test draws a dark 5 x 5 px marker at every spot's centre pixel of a synthetic
-4000 x 4000 pyramidal TIFF (tiled, 3 levels: 0.25, 0.5 and 1 µm/px, written with tifffile) and
+2000 x 2000 pyramidal TIFF (tiled, 3 levels: 0.5, 1 and 2 µm/px, written with tifffile) and
 finds the markers again in the patches and regions the build cut: expected positions come
 from the geometry alone (patch centre at 111.5 px; region cell centres at (c + 0.5) * 224/3 - 0.5).
 """
@@ -31,8 +31,8 @@ from spavis.shards.images import drawn_cells
 
 tifffile = pytest.importorskip("tifffile")
 
-UM0 = 0.25  # µm per level-0 pixel of the synthetic slide
-SIZE = 4000
+UM0 = 0.5  # µm per level-0 pixel of the synthetic slide (the patch scale)
+SIZE = 2000
 # spot centres (µm, (x, y)), every pair > 280 µm apart on some axis (a region reaches 280 µm
 # from its spot, so each region shows one marker): four interior spots, one 60 µm from the
 # left edge (its region must move right: column 0), one 20 µm from it (the patch leaves the
@@ -128,14 +128,14 @@ def test_patch_centre_is_the_spot_centre_and_regions_hold_the_patch_in_their_cel
         patch, region = decode_image(r["patch"]), decode_image(r["region"])
         assert patch.shape == region.shape == (224, 224, 3)
         assert 0 <= r["region_cell"] <= 8
-        assert r["um_per_px"] == pytest.approx(0.5)  # level 1 of the pyramid: exactly the patch scale
+        assert r["um_per_px"] == pytest.approx(0.5)  # level 0: exactly the patch scale
         assert r["upsampled"] is False
         if i == 5:  # 20 µm from the left edge: the patch leaves the image
             assert r["padded"] is True
             continue
         assert r["padded"] is False
         cx, cy = _centroid(patch)
-        # within one level-0 source pixel (0.25 µm = 0.5 output pixel) of the spot centre
+        # within half a source pixel (0.25 µm = 0.5 output pixel) of the spot centre
         assert abs(cx - 111.5) <= 0.5 and abs(cy - 111.5) <= 0.5, (i, cx, cy)
         row, col = divmod(r["region_cell"], 3)
         rx, ry = _centroid(region)
@@ -148,7 +148,7 @@ def test_patch_centre_is_the_spot_centre_and_regions_hold_the_patch_in_their_cel
             assert r["region_cell"] == 8
 
 
-def test_slides_zarr_and_datasets_agree(built):
+def test_slides_zarr_and_datasets_agree(built, tmp_path):
     import datasets
     import zarr
 
@@ -168,7 +168,8 @@ def test_slides_zarr_and_datasets_agree(built):
     assert g["region_cell"][:].tolist() == table.column("region_cell").to_pylist()
     assert g["padded"][:].tolist() == table.column("padded").to_pylist()
     datasets.disable_progress_bars()
-    ds = datasets.load_dataset(str(built), "paired", split="train")
+    # own cache_dir: datasets may be imported (its cache path fixed) before HF_DATASETS_CACHE is set
+    ds = datasets.load_dataset(str(built), "paired", split="train", cache_dir=str(tmp_path / "hf"))
     first = ds[0]
     assert first["patch"].size == (224, 224) and first["patch"].mode == "RGB"
     assert np.array_equal(np.asarray(first["patch"]), decode_image(table.column("patch")[0].as_py()))
@@ -295,7 +296,7 @@ def test_hest_metadata_calibrates_a_slide_without_scale_factors(tmp_path):
     _make_slice(tmp_path / "s", calibrated=False, hest_um=UM0, image=_marker_image(), tiff_levels=2)
     out = build_shards([tmp_path / "s"], tmp_path / "out", min_genes=1, with_images=True)
     (slide,) = pq.read_table(out / S.SLIDES_FILE).to_pylist()
-    assert slide["image_um_per_px"] == pytest.approx(2 * UM0)  # level 1 of the pyramid
+    assert slide["image_um_per_px"] == pytest.approx(UM0)
     row = next(open_corpus(out).iter_paired()).to_pylist()[0]
     cx, cy = _centroid(decode_image(row["patch"]))
     assert abs(cx - 111.5) <= 0.5 and abs(cy - 111.5) <= 0.5
