@@ -442,6 +442,8 @@ def converted_model_card(entry: PretrainedEntry, report: MappingReport | None = 
     usage_py.append("```")
     cli = (f"stamp embed --model {load_name} --data SHARDS --modality fused --means Visium_mean.npy --out emb.parquet"
            if full else f"stamp embed --model {load_name} --data SHARDS --means Visium_mean.npy --out emb.parquet")
+    g = entry.gene_config
+    means_note = "is included here" if has_means else "is not redistributable: download it yourself and pass it"
     mapped = len(report.mapped) if report else "?"
     unused = len(report.unused) if report else "?"
     n_src = report.n_source if report else "?"
@@ -465,7 +467,7 @@ The code that converted and loads it (`stamp`) is BSD-3-Clause.
 
 The tokenizer follows the released rules (`mode="stamp-v1"`: ranked gene ratios against the
 released per-gene means, up to 4,096 tokens, the model reads 1,500). The released means file
-(`Visium_mean.npy`, {entry.tokenizer.get('means', '')}) {'is included here' if has_means else 'is not redistributable: download it yourself and pass it'}.
+(`Visium_mean.npy`, {entry.tokenizer.get('means', '')}) {means_note}.
 
 {chr(10).join(usage_py)}
 
@@ -473,13 +475,15 @@ Command line: `{cli}`
 
 ## Architecture
 
-- gene encoder: {entry.gene_config.get('num_layers')} post-LN Transformer layers, width {entry.gene_config.get('hidden_size')},
-  {entry.gene_config.get('n_genes')} genes + {entry.gene_config.get('n_reserved')} reserved ids, context {entry.gene_config.get('context_length')};
-  pooling `{entry.gene_config.get('pooling')}` (the released one: last layer, mean over positions 3..end, padding included)
+- gene encoder: {g.get('num_layers')} post-LN Transformer layers, width {g.get('hidden_size')},
+  {g.get('n_genes')} genes + {g.get('n_reserved')} reserved ids, context {g.get('context_length')};
+  pooling `{g.get('pooling')}` (the released one: last layer, mean over positions 3..end, padding included)
 """ + (f"""- image encoder: timm `{(entry.vision_config or {}).get('arch')}` (UNI architecture) with the pretext token
   inserted after CLS; pooled = CLS output; images 224 x 224, ImageNet mean/std
 - projections to {entry.embed_dim} (spot, patch, region, positioning) and the logit scale
-- channel order: the released inference cut patches with OpenCV and fed BGR-ordered pixels; this conversion keeps that (`channel_order: bgr`), so RGB images given to `image_transform` / `pixels` are swapped as the authors did
+- channel order: the released inference cut patches with OpenCV and fed BGR-ordered pixels; this
+  conversion keeps that (`channel_order: bgr`): RGB images given to `image_transform` / `pixels`
+  are swapped as the authors did
 """ if full else "") + f"""
 ## Training (by the authors)
 
