@@ -55,6 +55,12 @@ class Corpus:
                 f"{where}: no {S.GENES_FILE} here, so it is not a spavis corpus; "
                 "point open_corpus at the --out directory of `spavis build-shards`."
             )
+        version = self.manifest.get("format_version")
+        if isinstance(version, int) and version > S.FORMAT_VERSION:
+            raise CorpusError(
+                f"{repo_id or self.root}: shard format v{version} is newer than this spavis reads "
+                f"(v{S.FORMAT_VERSION}); upgrade spavis (pip install -U spavis-stamp)."
+            )
         # cheap integrity check of what is local now; expression shards when first used
         self.check(kinds=_META_KINDS)
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 from spavis.format.io import json_dumps  # noqa: F401  (canonical JSON of every metadata file)
 
 FORMAT_NAME = "spavis-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: slides.parquet um_per_px, um_per_px_method, max_count, counts_exceed_float32, warnings
 
 EXPRESSION_DIR = "data/expression"
 GENES_FILE = "genes.parquet"
@@ -18,7 +18,7 @@ MANIFEST_FILE = "manifest.json"
 CARD_FILE = "README.md"
 EXPRESSION_GLOB = f"{EXPRESSION_DIR}/*.parquet"
 # manifest.json "outputs" entries: {"path", "kind", "size", "sha256", "rows"?, "n_files"?}
-OUTPUT_KINDS = ("expression", "genes", "slides", "zarr", "card", "paired")
+OUTPUT_KINDS = ("expression", "genes", "slides", "zarr", "card", "paired", "figure")
 
 # AnnData keys inside zarr/<slide_id>.zarr (squidpy conventions, so squidpy/scanpy read them as is)
 OBSM_SPATIAL = "spatial"  # (x, y) = (pxl_col, pxl_row) full-resolution pixels

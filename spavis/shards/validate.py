@@ -73,6 +73,10 @@ def validate(out: str | os.PathLike, *, deep: bool = True) -> ValidationReport:
     if manifest.get("format") != S.FORMAT_NAME:
         rep.error(f"{mpath}: format is {manifest.get('format')!r}, expected {S.FORMAT_NAME!r}")
         return rep
+    if manifest.get("format_version") != S.FORMAT_VERSION:
+        rep.error(f"{mpath}: shard format v{manifest.get('format_version')}, this spavis checks "
+                  f"v{S.FORMAT_VERSION}; rebuild the corpus with this spavis (`spavis build-shards`)")
+        return rep
 
     # 1. checksums, row counts, unexpected files
     listed = {}
