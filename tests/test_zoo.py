@@ -552,3 +552,26 @@ def test_registry_file_missing_from_repo_names_what_is_there(released, tmp_path,
         hub.activate(monkeypatch, cache_dir=tmp_path / "hf")
         with pytest.raises(PretrainedError, match=r"expected file \(it holds: stamp_weights\.ckpt\).*STAMP_REGISTRY"):
             resolve_pretrained("stamp-v1")
+
+
+def test_concurrent_loads_convert_once(released, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from stamp.model import StampGeneEncoder
+    from tests.fakes.hub import FakeHub
+    from tests.fakes.http import run_concurrently
+
+    _, path = released
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"models": small_entries()}))
+    monkeypatch.setenv("STAMP_REGISTRY", str(registry))
+    monkeypatch.setenv("STAMP_CACHE", str(tmp_path / "converted"))
+    with FakeHub(tmp_path / "hub") as hub:
+        hub.create_repo("minghaofdu/STAMP", "model")
+        hub.add_files("minghaofdu/STAMP", {"pytorch_model.bin": path})
+        hub.activate(monkeypatch, cache_dir=tmp_path / "hf")
+        with caplog.at_level(logging.INFO, logger="stamp.registry"):
+            assert run_concurrently(lambda: StampGeneEncoder.from_pretrained("stamp-v1-gene"), n=3) == []
+    assert sum("converting stamp-v1-gene" in r.getMessage() for r in caplog.records) == 1
+    folders = [p for p in (tmp_path / "converted").rglob("*") if p.is_dir() and p.name.startswith(".")]
+    assert folders == []  # no temp folder left behind
