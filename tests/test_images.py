@@ -315,3 +315,37 @@ def test_real_slice_skips_the_black_hires_placeholder_and_uses_the_lowres(real_d
     assert slide["n_patches_upsampled"] == slide["n_spots_kept"]
     patch = decode_image(next(open_corpus(out).iter_paired(columns=["patch"])).column("patch")[0].as_py())
     assert patch.std() > 5  # real tissue colours, not the black placeholder
+
+
+@pytest.mark.parametrize("tamper,message", [
+    ("reverse", "spot_id differs from the expression rows"),
+    ("cell 9", "region_cell outside 0..8"),
+    ("unpad", "padded count differs"),
+])
+def test_validate_catches_paired_rows_that_disagree(built, tmp_path, tamper, message):
+    """Edits with a consistent manifest (sha256 and size updated), so only the paired checks can see them."""
+    import shutil
+
+    import pyarrow as pa
+
+    root = tmp_path / "corpus"
+    shutil.copytree(built, root)
+    rel = f"{S.PAIRED_DIR}/part-00000.parquet"
+    table = pq.read_table(root / rel)
+    if tamper == "reverse":
+        table = table.take(list(range(table.num_rows))[::-1])
+    elif tamper == "cell 9":
+        table = table.set_column(table.schema.get_field_index("region_cell"), "region_cell",
+                                 pa.array([9] * table.num_rows, pa.int8()))
+    else:
+        table = table.set_column(table.schema.get_field_index("padded"), "padded",
+                                 pa.array([False] * table.num_rows, pa.bool_()))
+    pq.write_table(table.cast(S.PAIRED_SCHEMA), root / rel)
+    manifest = json.loads((root / S.MANIFEST_FILE).read_text())
+    for entry in manifest["outputs"]:
+        if entry["path"] == rel:
+            entry["sha256"] = hashlib.sha256((root / rel).read_bytes()).hexdigest()
+            entry["size"] = (root / rel).stat().st_size
+    (root / S.MANIFEST_FILE).write_text(json.dumps(manifest))
+    report = validate(root, deep=False)
+    assert not report.ok and any(message in e for e in report.errors), report.errors
