@@ -92,6 +92,7 @@ class _Staging:
         self.stores: dict[str, Path] = {}
         self.arrays: dict[str, object] = {}
         self.seen: dict[str, np.ndarray] = {}
+        self.pending: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         self.record = record
         try:
             for sid in corpus.slides["slide_id"].astype(str):
@@ -110,19 +111,36 @@ class _Staging:
             raise
 
     def write(self, slide_ids: list[str], spot_index: np.ndarray, emb: np.ndarray) -> None:
+        """Buffer a batch's rows; a slide's rows go to its staged array (one write) once the
+        batches move on to other slides (corpus order keeps a slide's spots together)."""
         sids = np.asarray(slide_ids, dtype=object)
-        for sid in dict.fromkeys(slide_ids):
+        present = list(dict.fromkeys(slide_ids))
+        for sid in [k for k in self.pending if k not in present]:
+            self._flush(sid)
+        for sid in present:
             rows = np.flatnonzero(sids == sid)
-            idx = spot_index[rows]
-            seen = self.seen.get(sid)
-            if seen is None or idx.max(initial=-1) >= seen.size:
-                raise EmbedError(f"{self.stores.get(sid, sid)}: the shards list spots of slide {sid} that its "
-                                 "Zarr store does not hold; rebuild the corpus (spavis build-shards)")
-            order = np.argsort(idx)
-            self.arrays[sid].oindex[idx[order], :] = emb[rows[order]]
-            seen[idx] = True
+            self.pending.setdefault(sid, []).append((spot_index[rows], emb[rows]))
+
+    def _flush(self, sid: str) -> None:
+        parts = self.pending.pop(sid, [])
+        if not parts:
+            return
+        idx = np.concatenate([p[0] for p in parts])
+        emb = np.concatenate([p[1] for p in parts])
+        seen = self.seen.get(sid)
+        if seen is None or idx.max(initial=-1) >= seen.size:
+            raise EmbedError(f"{self.stores.get(sid, sid)}: the shards list spots of slide {sid} that its "
+                             "Zarr store does not hold; rebuild the corpus (spavis build-shards)")
+        order = np.argsort(idx)
+        if not seen.any() and np.array_equal(idx[order], np.arange(seen.size)):
+            self.arrays[sid][...] = emb[order]  # the whole slide at once (the usual case)
+        else:
+            self.arrays[sid].oindex[idx[order], :] = emb[order]
+        seen[idx] = True
 
     def check_complete(self) -> None:
+        for sid in list(self.pending):
+            self._flush(sid)
         for sid, seen in self.seen.items():
             if not seen.all():
                 raise EmbedError(f"{self.stores[sid]}: {int((~seen).sum())} of {seen.size} spots of slide {sid} are "
