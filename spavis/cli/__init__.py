@@ -34,7 +34,7 @@ def _main(
 
 
 # Each module registers its commands on `app` when imported.
-for _name in ("genes", "shards", "fetch", "manifest", "simulate", "publish"):
+for _name in ("genes", "shards", "fetch", "manifest", "simulate", "publish", "report"):
     try:
         importlib.import_module(f"spavis.cli.{_name}")
     except ModuleNotFoundError as exc:  # a command group not written yet

@@ -45,12 +45,21 @@ def validate_cmd(files: List[Path] = typer.Argument(..., help="Manifest CSV/TSV 
 @manifest_app.command("summary")
 @friendly_errors
 def summary_cmd(files: List[Path] = typer.Argument(..., help="Manifest file(s)."),
-                as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+                as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+                plot: Optional[Path] = typer.Option(
+                    None, "--plot", help="Also write a composition PNG (slices by source, organ, condition) "
+                    "into this folder, e.g. docs/figures.")) -> None:
     """Corpus composition (slices by source, organ, condition, license) of the given manifests."""
     from spavis.manifests import load_manifest, summarize
 
     rows = [r for f in files for r in load_manifest(f)]
     summary = summarize(rows)
+    if plot is not None:
+        from spavis.report import manifest_figures
+
+        name = "+".join(Path(str(f)).stem for f in files) if len(files) <= 4 else "manifests"
+        for path in manifest_figures(rows, plot, name=name):
+            Console(stderr=True).print(f"figure written to {path}", highlight=False)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return

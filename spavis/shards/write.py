@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from spavis import __version__
 from spavis.format import schema as S
+from spavis.report import card_section, write_card_figures
 from spavis.shards.annotations import check_coverage, expression_schema
 from spavis.shards.card import render_card
 from spavis.shards.images import PairedShards
@@ -400,9 +401,10 @@ def _finish_into(tmp: Path, items, results, zarr_outputs, vocab, params) -> None
     pq.write_table(slides_table, tmp / S.SLIDES_FILE, **S.PARQUET_WRITE_OPTIONS)
     tail.append({"path": S.SLIDES_FILE, "kind": "slides", "rows": slides_table.num_rows})
 
+    tail += write_card_figures(tmp)  # spavis.report: the card's composition figure (kind "figure")
     stats = _summary(slides, genes, len(results))
     (tmp / S.CARD_FILE).write_text(render_card(vocab=vocab, params=params, stats=stats, slides=slides,
-                                               paired=has_paired), encoding="utf-8")
+                                               paired=has_paired) + card_section(tail), encoding="utf-8")
     tail.append({"path": S.CARD_FILE, "kind": "card", "rows": None})
 
     for entry in tail:

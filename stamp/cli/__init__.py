@@ -73,8 +73,11 @@ _register_pretrain(app)
 
 _register_tokenize(app)
 
+from stamp.cli.evaluate import register as _register_evaluate  # noqa: E402
+
+_register_evaluate(app)
+
 
 from stamp.cli.zoo import register as _register_zoo  # noqa: E402
 
 _register_zoo(app)
-

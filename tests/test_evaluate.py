@@ -1,0 +1,188 @@
+"""stamp evaluate: metrics against sklearn / scipy, fold logic, labels through the build, and the
+evidence that the protocols rank a pretrained encoder above its random initialisation.
+
+All slices here are GENERATED (spavis.simulate) with known spatial domains.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import scipy.stats
+from sklearn.metrics import (
+    adjusted_rand_score,
+    balanced_accuracy_score,
+    f1_score,
+    normalized_mutual_info_score,
+    silhouette_score,
+)
+from typer.testing import CliRunner
+
+from stamp.evaluate.heads import knn_regression
+from stamp.evaluate.metrics import (
+    classification_metrics,
+    cluster_metrics,
+    expression_metrics,
+    pearson_per_gene,
+    top_genes,
+)
+from stamp.evaluate.splits import carve_validation, make_folds
+from stamp_helpers import gene_subset
+
+RNG = np.random.default_rng(7)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_classification_and_cluster_metrics_match_sklearn():
+    y = RNG.integers(0, 4, 200)
+    p = np.where(RNG.random(200) < 0.6, y, RNG.integers(0, 4, 200))
+    got = classification_metrics(y, p)
+    assert got["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, p))
+    assert got["weighted_f1"] == pytest.approx(f1_score(y, p, average="weighted"))
+
+    X = RNG.normal(size=(200, 5)) + y[:, None]
+    c = cluster_metrics(y.astype(str), p, X)
+    assert c["ari"] == pytest.approx(adjusted_rand_score(y, p))
+    assert c["nmi"] == pytest.approx(normalized_mutual_info_score(y, p))
+    assert c["silhouette"] == pytest.approx(silhouette_score(X, y.astype(str)))
+    assert np.isnan(cluster_metrics(["a"] * 5, [0, 1, 0, 1, 0], RNG.normal(size=(5, 2)))["silhouette"])
+
+
+def test_expression_metrics_match_scipy():
+    Y = RNG.poisson(3, size=(60, 30)).astype(float)
+    P = Y + RNG.normal(0, 1.5, size=Y.shape)
+    Y[:, 4] = 2.0  # constant gene: Pearson undefined -> NaN, left out of the means
+    r = pearson_per_gene(Y, P)
+    for j in range(Y.shape[1]):
+        if j == 4:
+            assert np.isnan(r[j])
+        else:
+            assert r[j] == pytest.approx(scipy.stats.pearsonr(Y[:, j], P[:, j])[0], abs=1e-10)
+    hvg, heg = top_genes(Y, np.arange(29, -1, -1), n=10)
+    assert list(hvg) == list(range(29, 19, -1))
+    assert set(heg) == set(np.argsort(-Y.mean(0), kind="stable")[:10])
+    m = expression_metrics(Y, P, hvg, heg)
+    union = np.union1d(hvg, heg)
+    assert m["mse"] == pytest.approx(((Y[:, union] - P[:, union]) ** 2).mean())
+    pv = [scipy.stats.pearsonr(Y[:, j], P[:, j])[0] for j in hvg if j != 4]
+    assert m["pcc_v"] == pytest.approx(np.mean(pv))
+    pe = [scipy.stats.pearsonr(Y[:, j], P[:, j])[0] for j in heg if j != 4]
+    assert m["pcc_e"] == pytest.approx(np.mean(pe))
+
+
+def test_knn_regression_is_similarity_weighted_top_k():
+    ref, expr, query = RNG.normal(size=(40, 6)), RNG.random((40, 3)), RNG.normal(size=(7, 6))
+    got = knn_regression(ref, expr, query, k=5)
+    rn = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    qn = query / np.linalg.norm(query, axis=1, keepdims=True)
+    for i, s in enumerate(qn @ rn.T):
+        top = np.argsort(-s)[:5]
+        w = np.clip(s[top], 0, None)
+        want = (w[:, None] * expr[top]).sum(0) / w.sum() if w.sum() > 0 else expr[top].mean(0)
+        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- folds
+
+
+def test_leave_one_slide_out_never_shares_a_slide():
+    slides = np.repeat(np.array(["a", "b", "c"]), [30, 20, 25])
+    rows = np.flatnonzero(RNG.random(len(slides)) < 0.8)  # only labelled spots take part
+    folds = make_folds(slides, rows=rows)
+    assert [f.name for f in folds] == ["a", "b", "c"]
+    tested = []
+    for f in folds:
+        assert f.scheme == "leave-one-slide-out"
+        assert set(slides[f.train]).isdisjoint(slides[f.test])
+        assert set(f.train) | set(f.test) == set(rows)
+        fit, val = carve_validation(f.train, seed=1)
+        assert set(fit).isdisjoint(val) and set(fit) | set(val) == set(f.train)
+        assert set(slides[val]).isdisjoint(slides[f.test])
+        tested += list(f.test)
+    assert sorted(tested) == sorted(rows)
+
+
+def test_single_slide_uses_seeded_stratified_five_fold():
+    slides = np.array(["s"] * 100)
+    labels = np.array(["x"] * 60 + ["y"] * 40, dtype=object)
+    folds = make_folds(slides, labels, seed=3)
+    assert len(folds) == 5 and folds[0].scheme == "5-fold"
+    tested = np.concatenate([f.test for f in folds])
+    assert sorted(tested) == list(range(100))  # every spot tested exactly once
+    for f in folds:
+        assert set(f.train).isdisjoint(f.test)
+        assert (labels[f.test] == "x").sum() == 12  # stratified
+    again = make_folds(slides, labels, seed=3)
+    assert all(np.array_equal(a.test, b.test) for a, b in zip(folds, again))
+
+
+# ----------------------------------------------------------------------------- labels through the build
+
+
+def _generated(tmp: Path, n: int, n_genes: int = 120) -> list[Path]:
+    from spavis.simulate import write_simulated_slice
+
+    vocab = gene_subset(n_genes)
+    return [write_simulated_slice(tmp / "in" / f"gen{s}", genes=list(vocab.ensembl_ids), symbols=list(vocab.symbols),
+                                  seed=s, n_domains=3, with_image=False, max_row=12, n_markers=12)
+            for s in range(n)]
+
+
+def test_obs_columns_travel_through_the_build(tmp_path):
+    import anndata as ad
+
+    from spavis.format import open_corpus
+    from spavis.shards import build_shards, validate
+
+    folders = _generated(tmp_path, 2)
+    truth = json.loads((folders[0] / "generated.json").read_text())["domains"]
+    first = sorted(truth)[:20]
+    pd.DataFrame({"slide_id": "gen0", "barcode": first, "region": [f"r{i % 2}" for i in range(20)]}).to_csv(
+        tmp_path / "ann.csv", index=False)
+    out = build_shards(folders, tmp_path / "c", vocab=gene_subset(120), min_genes=5, obs_columns="domain,region",
+                       annotations=tmp_path / "ann.csv")
+    assert validate(out).ok
+    corpus = open_corpus(out)
+    assert corpus.annotation_columns == ("domain", "region")
+    assert corpus.manifest["parameters"]["obs_columns"] == ["domain", "region"]
+    tables = {t.column("slide_id")[0].as_py(): t for t in corpus.iter_slides(columns=["barcode", "domain", "region"])}
+    t0 = tables["gen0"]
+    assert t0.column("domain").to_pylist() == [truth[b] for b in t0.column("barcode").to_pylist()]
+    region = dict(zip(t0.column("barcode").to_pylist(), t0.column("region").to_pylist()))
+    kept = [b for b in first if b in region]
+    assert kept and all(region[b] == f"r{first.index(b) % 2}" for b in kept)
+    assert sum(v is not None for v in region.values()) == len(kept)  # the rest is null, not a class
+    assert tables["gen1"].column("region").null_count == tables["gen1"].num_rows  # CSV rows name gen0 only
+    obs = ad.read_zarr(out / "zarr" / "gen0.zarr").obs
+    assert obs["domain"].astype(str).tolist() == t0.column("domain").to_pylist()
+    assert obs["region"].isna().sum() == t0.num_rows - len(kept)
+    # the annotations decide the bytes: a changed CSV is not "up to date"
+    before = json.loads((out / "manifest.json").read_text())["build_key"]
+    pd.DataFrame({"barcode": first, "region": "z"}).to_csv(tmp_path / "ann.csv", index=False)
+    build_shards(folders, out, vocab=gene_subset(120), min_genes=5, obs_columns="domain,region",
+                 annotations=tmp_path / "ann.csv")
+    assert json.loads((out / "manifest.json").read_text())["build_key"] != before
+    assert set(pq.read_table(out / "data/expression/part-00000.parquet", columns=["region"]).column(0).drop_null()
+               .to_pylist()) == {"z"}
+
+
+def test_unknown_obs_column_is_an_error(tmp_path):
+    from spavis.cli import app as spavis_app
+
+    folders = _generated(tmp_path, 1)
+    res = CliRunner().invoke(spavis_app, ["build-shards", str(folders[0]), "--out", str(tmp_path / "c"),
+                                          "--vocab", str(_vocab_json(tmp_path)), "--min-genes", "5",
+                                          "--obs-columns", "layer", "-q"])
+    assert res.exit_code == 1
+    assert "layer" in res.output and "no slide has this column" in res.output
+    assert "Traceback" not in res.output
+
+
+def _vocab_json(tmp: Path) -> Path:
+    return gene_subset(120).write(tmp / "vocab.json")
