@@ -297,6 +297,11 @@ class Corpus:
         from spavis.format.hub import download
 
         download(self.repo_id, self.revision, rel)  # lands in this same snapshot folder (revision = commit)
+        listed = next((o for o in self.manifest.get("outputs") or [] if o.get("path") == rel), None)
+        if listed is not None and listed.get("size") is not None and path.stat().st_size != listed["size"]:
+            raise CorpusError(f"{self.repo_id}@{self.revision}: {rel} has {path.stat().st_size} bytes, manifest.json "
+                              f"says {listed['size']}; the published corpus is damaged (`spavis validate "
+                              f"{self.repo_id} --revision {self.revision}`).")
         return path
 
 
