@@ -300,19 +300,7 @@ def test_cli_models_and_convert(released, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def stamp_v1_corpus(tmp_path_factory):
-    """A small GENERATED corpus on the full stamp-v1 vocabulary (the released model's 20,310 genes)."""
-    from spavis.shards import build_shards
-    from spavis.simulate import write_simulated_slice
-
-    base = tmp_path_factory.mktemp("corpus")
-    write_simulated_slice(base / "in" / "gen0", seed=0, with_image=False, max_row=3)
-    build_shards([base / "in" / "gen0"], base / "shards", vocab="stamp-v1", min_genes=5)
-    return base / "shards"
-
-
-def test_embed_stamp_v1_gene_end_to_end(released, means_file, stamp_v1_corpus, tmp_path, monkeypatch):
+def test_embed_stamp_v1_gene_end_to_end(released, means_file, stamp_v1_paired_corpus, tmp_path, monkeypatch):
     """embed_corpus("stamp-v1-gene", means=...) through the registry and the gated fake Hub equals the
     reference fed with the released tokenizer's tokens of the same spots."""
     import pyarrow.parquet as pq
@@ -330,12 +318,12 @@ def test_embed_stamp_v1_gene_end_to_end(released, means_file, stamp_v1_corpus, t
         hub.add_files("minghaofdu/STAMP", {"pytorch_model.bin": path})
         hub.activate(monkeypatch, cache_dir=tmp_path / "hf")
         with pytest.raises(PretrainedError, match="--means"):
-            embed_corpus("stamp-v1-gene", stamp_v1_corpus, tmp_path / "e.parquet", device="cpu", progress=False)
+            embed_corpus("stamp-v1-gene", stamp_v1_paired_corpus, tmp_path / "e.parquet", device="cpu", progress=False)
         assert not (tmp_path / "e.parquet").exists()
-        out = embed_corpus("stamp-v1-gene", stamp_v1_corpus, tmp_path / "e.parquet", device="cpu", progress=False,
+        out = embed_corpus("stamp-v1-gene", stamp_v1_paired_corpus, tmp_path / "e.parquet", device="cpu", progress=False,
                            means=means_file)
     table = pq.read_table(out)
-    corpus = open_corpus(stamp_v1_corpus)
+    corpus = open_corpus(stamp_v1_paired_corpus)
     rows = [t for t in corpus.iter_slides(columns=["spot_id", "gene_index", "counts"])]
     spot_ids = [s for t in rows for s in t.column("spot_id").to_pylist()]
     assert table.column("spot_id").to_pylist() == spot_ids and len(spot_ids) > 20
