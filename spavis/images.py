@@ -33,7 +33,17 @@ from spavis.errors import SpavisError
 PAD_VALUE = 255  # glass: what surrounds tissue on an H&E slide
 BLOCK_PX = 1024  # cache granularity (level pixels)
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".svs", ".ome.tif", ".ome.tiff")
-DEFAULT_CACHE_MB = float(os.environ.get("SPAVIS_IMAGE_CACHE_MB", "512"))
+CACHE_ENV = "SPAVIS_IMAGE_CACHE_MB"  # decoded-block cache per opened slide (default 512 MB)
+
+
+def cache_budget_mb() -> float:
+    """The block cache budget, read at call time (like every spavis setting)."""
+    try:
+        value = float(os.environ.get(CACHE_ENV, "512"))
+    except ValueError:
+        raise ImageError(f"{CACHE_ENV}={os.environ.get(CACHE_ENV)!r} is not a number of megabytes; "
+                         "set it to e.g. 512 or unset it.") from None
+    return max(value, 16.0)
 
 
 # Space Ranger outputs and QC pictures that are not the microscope image it was given (--image)
@@ -319,10 +329,11 @@ def _to_rgb(block: np.ndarray, layout: str) -> np.ndarray:
 class WindowReader:
     """Read RGB windows of one level with padding outside the image; decoded blocks are cached (LRU)."""
 
-    def __init__(self, source: ImageSource, level: int = 0, cache_mb: float = DEFAULT_CACHE_MB):
+    def __init__(self, source: ImageSource, level: int = 0, cache_mb: float | None = None):
         self.source = source
         self.level = source.levels[level]
-        self.max_blocks = max(4, int(cache_mb * 2**20 // (BLOCK_PX * BLOCK_PX * 3)))
+        budget = cache_budget_mb() if cache_mb is None else cache_mb
+        self.max_blocks = max(4, int(budget * 2**20 // (BLOCK_PX * BLOCK_PX * 3)))
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._in_memory = isinstance(self.level.data, np.ndarray)
 

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from spavis.errors import SpavisWarning
 from spavis.format import schema as S
 from spavis.images import (
-    DEFAULT_CACHE_MB,
+    cache_budget_mb,
     TIFF_SUFFIXES,
     ImageError,
     ImageSource,
@@ -278,9 +278,10 @@ def prepare_images(tmp: Path, s, adata, slide: dict, barcodes, pxl_row, pxl_col,
         li_region = src.choose_level(um0, TARGET_UM_PER_PX * S.REGION_SCALE)
         um = um0 * src.levels[li_patch].factor
         upsampled = um / TARGET_UM_PER_PX > S.UPSAMPLE_FLAG
-        patch_reader = WindowReader(src, li_patch, cache_mb=DEFAULT_CACHE_MB / 2)
+        budget = cache_budget_mb() / (1 if li_region == li_patch else 2)
+        patch_reader = WindowReader(src, li_patch, cache_mb=budget)
         region_reader = (patch_reader if li_region == li_patch
-                         else WindowReader(src, li_region, cache_mb=DEFAULT_CACHE_MB / 2))
+                         else WindowReader(src, li_region, cache_mb=budget))
         n_pad = _write_pairs(tmp / PAIRED_FILE, zarr_path, patch_reader, region_reader, s.slide_id, spot_ids,
                              ex, ey, cells, step, um, upsampled)
         notes = list(src.notes)
