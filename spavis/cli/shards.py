@@ -146,6 +146,8 @@ def info_cmd(
         ("parameters", ", ".join(f"{k}={v}" for k, v in (data["parameters"] or {}).items())),
         ("without coordinates", str(data["slides_without_coordinates"])),
         ("non-integer counts", str(data["slides_with_noninteger_counts"])),
+        ("without µm/px scale", str(data.get("slides_without_um_per_px"))),
+        ("with warnings", str(data.get("slides_with_warnings"))),
     ]
     for key in ("sources", "organs", "conditions", "species"):
         rows.append((key, ", ".join(f"{k} {v}" for k, v in data[key].items())))

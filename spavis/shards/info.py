@@ -43,12 +43,20 @@ def info(out: str | os.PathLike) -> dict[str, Any]:
         "mean_genes_per_spot": float(genes["nnz"].sum() / kept.sum()) if kept.sum() else 0.0,
         "slides_without_coordinates": int((~slides["has_coordinates"]).sum()),
         "slides_with_noninteger_counts": int((~slides["counts_are_integer"]).sum()),
+        # format v2 columns (absent in v1 corpora)
+        "slides_without_um_per_px": _count(slides, "um_per_px", lambda c: c.isna()),
+        "slides_with_counts_above_float32": _count(slides, "counts_exceed_float32", lambda c: c.fillna(False).astype(bool)),
+        "slides_with_warnings": _count(slides, "warnings", lambda c: c.map(lambda w: w is not None and len(w) > 0)),
         "size_bytes": int(sum(o.get("size") or 0 for o in outputs)),
         "sources": _value_counts(slides["source"]),
         "organs": _value_counts(slides["organ"].fillna("unknown")),
         "conditions": _value_counts(slides["condition"]),
         "species": _value_counts(slides["species"].fillna("unknown")),
     }
+
+
+def _count(slides, column: str, predicate) -> int | None:
+    return int(predicate(slides[column]).sum()) if column in slides.columns else None
 
 
 def _quantiles(values: np.ndarray) -> dict[str, float]:
