@@ -232,8 +232,9 @@ def test_debug_switch_shows_the_traceback(corpus, tmp_path):
     one_line_error(stamp(*argv))
 
 
-def test_permission_denied_run_folder_is_one_line(corpus, tmp_path):
-    """A run folder the user cannot create: mode 0555 (non-root) or an immutable folder (root ignores modes)."""
+def test_permission_denied_run_folder_and_output_are_one_line(corpus, gene_run, tmp_path):
+    """A run folder / output the user cannot create: mode 0555 (non-root) or an immutable folder (root
+    ignores modes)."""
     locked = tmp_path / "locked"
     locked.mkdir()
     if os.geteuid() == 0:
@@ -245,12 +246,17 @@ def test_permission_denied_run_folder_is_one_line(corpus, tmp_path):
     try:
         res = stamp("pretrain", "--stage", "gene", "--data", str(corpus), "--out", str(locked / "run"),
                     "--config", "tiny", "--max-steps", "1", "--no-progress")
+        emb = stamp("embed", "--model", str(gene_run), "--data", str(corpus), "--out", str(locked / "e.parquet"),
+                    "--device", "cpu", "--no-progress")
     finally:
         if os.geteuid() == 0:
             subprocess.run(["chattr", "-i", str(locked)], capture_output=True)
         os.chmod(locked, 0o755)
     text = one_line_error(res)
     assert ("permission denied" in text or "operation not permitted" in text) and str(locked / "run") in text
+    text = one_line_error(emb)
+    assert ("permission denied" in text or "operation not permitted" in text) and str(locked) in text
+    assert not list(locked.iterdir())
 
 
 def test_disk_full_is_one_line():
