@@ -77,14 +77,19 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
         try:
             obj = _torch_load(path)
         except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            detail = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            if detail is None:
+                raise ConvertError(f"{path}: not a PyTorch checkpoint (or a corrupt one): the unpickler cannot read "
+                                   "it; download it again") from None
             raise ConvertError(
-                f"{path}: refusing to unpickle it: it holds objects other than tensors and plain containers "
-                f"({first[:160]}). Loading it would run code from the file. If you trust the file, re-save only its "
-                "weights (torch.save(torch.load(f, weights_only=False)['state_dict'], 'weights.bin')) and convert that"
+                f"{path}: refusing to unpickle it: it holds {detail.group(1)}, not only tensors and plain containers, "
+                "and loading it would run code from the file. If you trust the file, re-save only its weights "
+                "(torch.save(torch.load(f, weights_only=False)['state_dict'], 'weights.bin')) and convert that"
             ) from None
         except Exception as exc:
-            raise ConvertError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise ConvertError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {first}); is it "
+                               "truncated or corrupt? download it again") from None
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
             notes.append("Lightning checkpoint: read its 'state_dict'")

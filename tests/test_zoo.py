@@ -214,6 +214,11 @@ def test_pickled_code_is_refused_and_never_run(tmp_path):
         with pytest.raises(ConvertError, match="refusing to unpickle"):
             convert_released(bad, tmp_path / "out", name=small_entry("stamp-v1-gene"))
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
+    (tmp_path / "garbage.bin").write_bytes(b"not a checkpoint at all")
+    (tmp_path / "cut.bin").write_bytes(path.read_bytes()[:300])
+    for bad, message in ((tmp_path / "garbage.bin", "not a PyTorch checkpoint"), (tmp_path / "cut.bin", "corrupt")):
+        with pytest.raises(ConvertError, match=message):
+            convert_released(bad, tmp_path / "out", name=small_entry("stamp-v1-gene"))
 
 
 @pytest.mark.parametrize("damage, message", [
