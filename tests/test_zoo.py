@@ -568,3 +568,29 @@ def test_concurrent_loads_convert_once(released, tmp_path, monkeypatch, caplog):
     assert sum("converting stamp-v1-gene" in r.getMessage() for r in caplog.records) == 1
     folders = [p for p in (tmp_path / "converted").rglob("*") if p.is_dir() and p.name.startswith(".")]
     assert folders == []  # no temp folder left behind
+
+
+def test_cli_convert_from_hub_repo_id(released, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from stamp.cli import app
+    from stamp.model import StampGeneEncoder
+    from tests.fakes.hub import FakeHub
+
+    ref, path = released
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"models": small_entries()}))
+    monkeypatch.setenv("STAMP_REGISTRY", str(registry))
+    with FakeHub(tmp_path / "hub") as hub:
+        hub.create_repo("minghaofdu/STAMP", "model")
+        hub.add_files("minghaofdu/STAMP", {"pytorch_model.bin": path})
+        hub.activate(monkeypatch, cache_dir=tmp_path / "hf")
+        res = CliRunner().invoke(app, ["convert", "--from", "stamp-released", "minghaofdu/STAMP", "--name",
+                                       "stamp-v1-gene", "--out", str(tmp_path / "g")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "g" / "conversion.json").read_text())
+    assert report["source"].startswith("minghaofdu/STAMP@") and report["n_source"] == len(ref.state_dict())
+    ids = torch.randint(30, N_TOKENS, (2, 64), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got = StampGeneEncoder.from_pretrained(str(tmp_path / "g")).eval().embed(ids)
+        torch.testing.assert_close(got, ref.spot_backbone.features(ids), rtol=0, atol=1e-5)
