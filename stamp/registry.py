@@ -356,14 +356,6 @@ def create_model(name_or_path: Any, **overrides: Any):
     return create_gene_model(name_or_path, **overrides)
 
 
-def pretrained_card_info(entry: PretrainedEntry) -> dict:
-    """What a model card needs from an entry (kept in one place for stamp.convert and stamp.hub)."""
-    return {"name": entry.name, "hub_id": entry.hub_id, "license": entry.license,
-            "license_name": entry.license_name, "license_note": entry.license_note, "terms_url": entry.terms_url,
-            "paper": entry.paper, "code": entry.code, "datasets": list(entry.datasets), "training": entry.training,
-            "citation": entry.citation, "description": entry.description, "component": entry.component}
-
-
 __all__ = ["PretrainedEntry", "PretrainedError", "list_pretrained", "get_pretrained", "is_pretrained",
            "resolve_pretrained", "converted_cache_root", "hub_error", "write_tokenizer_files", "load_tokenizer",
            "registry_path", "create_model",
