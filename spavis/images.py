@@ -36,6 +36,20 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".svs", ".ome.tif", ".ome.tiff")
 CACHE_ENV = "SPAVIS_IMAGE_CACHE_MB"  # decoded-block cache per opened slide (default 512 MB)
 
 
+THREADS_ENV = "SPAVIS_IMAGE_THREADS"  # threads resizing + PNG-encoding a slide's cuts (default min(4, CPUs))
+
+
+def image_threads() -> int:
+    """Threads for the GIL-free part of a cut (PIL resize, zlib), read at call time."""
+    raw = os.environ.get(THREADS_ENV)
+    if raw is None:
+        return max(1, min(4, os.cpu_count() or 1))
+    try:
+        return max(1, int(raw))
+    except ValueError:
+        raise ImageError(f"{THREADS_ENV}={raw!r} is not a number of threads; set it to e.g. 4 or unset it.") from None
+
+
 def cache_budget_mb() -> float:
     """The block cache budget, read at call time (like every spavis setting)."""
     try:
@@ -385,26 +399,43 @@ class WindowReader:
         return out
 
 
-def resample(reader: WindowReader, cx: float, cy: float, half: float, size: int) -> tuple[np.ndarray, bool]:
-    """A ``size`` x ``size`` RGB image of the square of half-width ``half`` (level pixels) centred
-    on the continuous point (cx, cy) (pixel i covers [i, i+1)), and whether it needed padding.
+@dataclass
+class Window:
+    """Source pixels around one cut (read from the level) and the float box to resample."""
 
-    PIL's resize takes a float source box, so the geometry is exact (no snapping to the grid)
-    and a reduction is anti-aliased.
-    """
-    from PIL import Image
+    pixels: np.ndarray | None  # None: the centre is not finite (no position): all padding
+    box: tuple[float, float, float, float]
+    padded: bool
 
+
+def read_window(reader: WindowReader, cx: float, cy: float, half: float) -> Window:
+    """The pixels under the square of half-width ``half`` (level pixels) centred on the continuous
+    point (cx, cy) (pixel i covers [i, i+1)), with a 2 px margin for the resampling filter."""
     lv = reader.level
     left, top, right, bottom = cx - half, cy - half, cx + half, cy + half
-    padded = left < -1e-6 or top < -1e-6 or right > lv.width + 1e-6 or bottom > lv.height + 1e-6
     if not all(map(math.isfinite, (left, top, right, bottom))):
-        return np.full((size, size, 3), PAD_VALUE, np.uint8), True
+        return Window(None, (0.0, 0.0, 0.0, 0.0), True)
+    padded = left < -1e-6 or top < -1e-6 or right > lv.width + 1e-6 or bottom > lv.height + 1e-6
     x0, y0 = math.floor(left) - 2, math.floor(top) - 2
     x1, y1 = math.ceil(right) + 2, math.ceil(bottom) + 2
-    window = reader.read(y0, y1, x0, x1)
-    im = Image.fromarray(window)
-    box = (left - x0, top - y0, right - x0, bottom - y0)
-    return np.asarray(im.resize((size, size), Image.BILINEAR, box=box)), padded
+    return Window(reader.read(y0, y1, x0, x1), (left - x0, top - y0, right - x0, bottom - y0), padded)
+
+
+def resize_window(window: Window, size: int) -> np.ndarray:
+    """``size`` x ``size`` RGB of the window's box. PIL's resize takes a float source box, so the
+    geometry is exact (no snapping to the grid) and a reduction is anti-aliased. Releases the
+    GIL, so windows can be resized on threads."""
+    from PIL import Image
+
+    if window.pixels is None:
+        return np.full((size, size, 3), PAD_VALUE, np.uint8)
+    return np.asarray(Image.fromarray(window.pixels).resize((size, size), Image.BILINEAR, box=window.box))
+
+
+def resample(reader: WindowReader, cx: float, cy: float, half: float, size: int) -> tuple[np.ndarray, bool]:
+    """``read_window`` + ``resize_window``: the cut as an array, and whether it needed padding."""
+    w = read_window(reader, cx, cy, half)
+    return resize_window(w, size), w.padded
 
 
 def encode_png(arr: np.ndarray) -> bytes:

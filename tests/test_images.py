@@ -177,7 +177,9 @@ def test_slides_zarr_and_datasets_agree(built, tmp_path):
     assert report.ok, report.errors
 
 
-def test_builds_are_byte_identical(built, tmp_path):
+def test_builds_are_byte_identical(built, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPAVIS_IMAGE_THREADS", "1")  # the first build used several threads
+    monkeypatch.setenv("SPAVIS_IMAGE_CACHE_MB", "16")  # and a cache large enough to keep every block
     again = build_shards([built.parent / "markers"], tmp_path / "again", min_genes=1, with_images=True)
     rel = f"{S.PAIRED_DIR}/part-00000.parquet"
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731

@@ -14,10 +14,12 @@ follows; when no cell fits, the drawn one is kept, padded and flagged. Never -1,
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -37,8 +39,10 @@ from spavis.images import (
     encode_png,
     from_array,
     is_fullres_image_name,
+    image_threads,
     open_image,
-    resample,
+    read_window,
+    resize_window,
 )
 
 PAIRED_FILE = "paired.arrow"  # in a prepared slice folder
@@ -346,26 +350,34 @@ def _write_pairs(path: Path, zarr_path: Path, patch_reader: WindowReader, region
     flags = {}
     n_pad = 0
     options = pa.ipc.IpcWriteOptions(compression=None)  # PNG is already compressed
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, S.PAIRED_SCHEMA, options=options) as writer:
+    threads = image_threads()
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    with contextlib.ExitStack() as stack, pa.OSFile(str(path), "wb") as sink, \
+            pa.ipc.new_file(sink, S.PAIRED_SCHEMA, options=options) as writer:
+        if pool is not None:
+            stack.enter_context(pool)
         padded_all = np.zeros(n, bool)
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
-            patches = np.empty((b - a, px, px, 3), np.uint8)
-            regions = np.empty_like(patches)
-            for j, i in enumerate(range(a, b)):
+            windows = []  # reads stay on this thread: the block cache is not thread-safe
+            for i in range(a, b):
                 col, row = int(cells[i]) % g, int(cells[i]) // g
-                patches[j], p1 = resample(patch_reader, ex[i] / fp, ey[i] / fp, step / 2 / fp, px)
-                regions[j], p2 = resample(region_reader, (ex[i] + (mid - col) * step) / fr,
-                                          (ey[i] + (mid - row) * step) / fr, step * S.REGION_SCALE / 2 / fr, px)
-                padded_all[i] = p1 or p2
+                wp = read_window(patch_reader, ex[i] / fp, ey[i] / fp, step / 2 / fp)
+                wr = read_window(region_reader, (ex[i] + (mid - col) * step) / fr,
+                                 (ey[i] + (mid - row) * step) / fr, step * S.REGION_SCALE / 2 / fr)
+                windows += [wp, wr]
+                padded_all[i] = wp.padded or wr.padded
+            done = list(pool.map(_cut, windows) if pool is not None else map(_cut, windows))  # in order
+            patches = np.stack([d[0] for d in done[0::2]])
+            regions = np.stack([d[0] for d in done[1::2]])
             arr["patch"][a:b] = patches
             arr["region"][a:b] = regions
             batch = pa.record_batch(
                 [
                     pa.array(spot_ids[a:b], pa.string()),
                     pa.array([slide_id] * (b - a), pa.string()),
-                    _images(patches),
-                    _images(regions),
+                    _images([d[1] for d in done[0::2]]),
+                    _images([d[1] for d in done[1::2]]),
                     pa.array(cells[a:b], pa.int8()),
                     pa.array(np.full(b - a, um, np.float32), pa.float32()),
                     pa.array(np.full(b - a, upsampled, bool), pa.bool_()),
@@ -387,8 +399,13 @@ def _write_pairs(path: Path, zarr_path: Path, patch_reader: WindowReader, region
     return n_pad
 
 
-def _images(arrs: np.ndarray) -> pa.Array:
-    data = [encode_png(a) for a in arrs]
+def _cut(window) -> tuple[np.ndarray, bytes]:
+    """Resize one window to 224 px and encode it (both release the GIL: run on threads)."""
+    img = resize_window(window, S.PATCH_PX)
+    return img, encode_png(img)
+
+
+def _images(data: list[bytes]) -> pa.Array:
     return pa.StructArray.from_arrays(
         [pa.array(data, pa.binary()), pa.nulls(len(data), pa.string())], fields=list(S.IMAGE_TYPE)
     )
