@@ -14,7 +14,8 @@ Targets (issue 11): 1 worker >= 0.5x the lower bound; N=2 workers >= 1.6x 1 work
 free cores. Memory: "tree" = peak of the summed RSS of the process and all its children
 (sampled every 50 ms; psutil, else /proc), "largest" = the largest single process
 (``ru_maxrss``). Inputs are GENERATED Visium slices (``spavis.simulate``), not real data.
-Each case runs in its own subprocess. Other load on the machine skews the speeds: the
+Each case runs in its own subprocess. Other load on the machine skews the speeds (the CPU-seconds
+ratio, user+sys of the case and its workers, much less so): the
 1-minute load average is printed with each row.
 
     python benchmarks/build_shards.py                # 1, 10 and 50 slices, spavis with 1 and 2 workers
@@ -177,6 +178,10 @@ def _run_case(case: str, inputs: list[Path], out: Path, workers: int) -> dict:
     """
     import threading
 
+    if out.is_dir():  # a kept earlier run: the build would be a no-op
+        shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
     cmd = [sys.executable, str(HERE), "--_case", case, "--_out", str(out), "--workers", str(workers),
            "--_inputs", *map(str, inputs)]
     with tempfile.TemporaryFile("w+") as err:  # a file, so a chatty stderr cannot block the child
@@ -202,6 +207,8 @@ def _run_case(case: str, inputs: list[Path], out: Path, workers: int) -> dict:
     result = json.loads(stdout.strip().splitlines()[-1])
     result["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux: the largest single process
     result["tree_rss_mib"] = peak[0] / 2**20
+    # CPU seconds of the case and its waited-for children (the workers): less skewed by load than wall time
+    result["cpu_s"] = usage.ru_utime + usage.ru_stime
     result["spots_per_s"] = result["spots_in"] / result["wall_s"]
     result["workers"] = workers if case == "spavis" else 1
     return result
@@ -218,7 +225,8 @@ def _format_row(row: dict, workers: int) -> str:
     if par:
         cells.append(f"{par['spots_per_s']:,.0f} (x{par['spots_per_s'] / one['spots_per_s']:.2f} 1 worker)")
     mem = [f"{r['tree_rss_mib']:,.0f}/{r['peak_rss_mib']:,.0f}" for r in (base, low, one, par) if r]
-    cells += [" ".join(mem), f"{row['load_avg_1min']:.1f}"]
+    cpu = f"x{low['cpu_s'] / one['cpu_s']:.2f}"  # 1 worker vs lower bound, in CPU seconds per spot
+    cells += [" ".join(mem), cpu, f"{row['load_avg_1min']:.1f}"]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -254,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| slides | spots | scanpy spots/s | lower bound spots/s | spavis 1 worker spots/s | "
               + (f"spavis {args.workers} workers spots/s | " if args.workers > 1 else "")
               + "RSS MiB tree/largest (scanpy, lower bound, 1 w" + (f", {args.workers} w" if args.workers > 1 else "")
-              + ") | load |", flush=True)
-        print("|" + "---|" * (8 if args.workers > 1 else 7), flush=True)
+              + ") | 1 worker vs lower bound in CPU s | load |", flush=True)
+        print("|" + "---|" * (9 if args.workers > 1 else 8), flush=True)
         for n in sizes:
             inputs = all_inputs[:n]
             row = {"n_slides": n,

@@ -49,6 +49,27 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+def _session(sid: int) -> set[int]:
+    """Live processes of session ``sid`` (a build started with start_new_session: all its descendants)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[3]) == sid:
+                found.add(int(entry))
+    return found
+
+
+def _session_gone(sid: int, timeout: float = 15.0) -> set[int]:
+    deadline = time.time() + timeout
+    while _session(sid) and time.time() < deadline:
+        time.sleep(0.05)
+    return _session(sid)
+
+
 def _alive(pids: set[int]) -> set[int]:
     alive = set()
     for p in pids:
@@ -128,6 +149,7 @@ def test_ctrl_c_with_two_workers_exits_130_with_one_line(slices, tmp_path):
         lines = [line for line in stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("interrupted"), stderr
         assert not _wait_gone(kids), f"attempt {attempt}: worker processes outlived the build"
+        assert not _session_gone(proc.pid), f"attempt {attempt}: a process of the build's session is left"
         assert not out.exists() and not list(tmp_path.glob(f"out{attempt}.tmp-*"))
 
 
@@ -138,6 +160,7 @@ def test_sigkill_of_main_leaves_no_workers_and_rerun_is_identical(slices, tmp_pa
     os.kill(proc.pid, signal.SIGKILL)  # the main process only: its workers must notice
     proc.communicate(timeout=30)
     assert not _wait_gone(kids), "worker processes outlived a SIGKILLed build"
+    assert not _session_gone(proc.pid), "a process of the killed build's session is left"
     assert not out.exists()
 
     res = subprocess.run(_build_args([slices], out, "--workers", "2", "--work-dir", str(work)),

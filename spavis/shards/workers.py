@@ -1,14 +1,17 @@
-"""Worker processes for build-shards: spawned, deaf to Ctrl-C, and dying with their parent.
+"""Worker processes for build-shards: forked from a clean server, deaf to Ctrl-C, dying with the build.
 
 Why each rule:
-- ``spawn``: forking a parent that already runs pyarrow / zarr / BLAS threads can deadlock.
+- ``forkserver`` with the build modules preloaded: forking the busy main process (pyarrow /
+  zarr / BLAS threads) can deadlock, and ``spawn`` makes every worker pay ~2-4 s of imports
+  and gene-table indexes; the fork server (started clean, single-threaded) pays them once
+  and forks ready workers. ``spawn`` where there is no fork server.
 - Ctrl-C in a terminal reaches the whole process group. Workers ignore SIGINT (they are
   started with it blocked, so not even their start-up imports see it) and the parent,
   which alone turns it into ``KeyboardInterrupt``, stops them: one line, no worker
   tracebacks, no half-finished pool shutdown to wait for.
-- A killed parent (SIGKILL, OOM killer) cannot clean up, so each worker asks the kernel to
-  kill it when the parent dies (Linux ``PR_SET_PDEATHSIG``) and, elsewhere, a watcher
-  thread exits when the parent pid changes.
+- A killed build (SIGKILL, OOM killer) cannot clean up, so each worker watches the build's
+  main process (a Linux pidfd, else polling its pid) and exits the moment it is gone, and
+  asks the kernel to kill it when its own parent dies (Linux ``PR_SET_PDEATHSIG``).
 - Spawn re-runs an unguarded script's top level in every worker; ``refuse_spawned_reimport``
   stops that re-run with one line instead of a second build that waits for the first's lock.
 """
@@ -42,7 +45,17 @@ def refuse_spawned_reimport() -> None:
         raise SystemExit(1)
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _die_with_build(main_pid: int) -> None:
     if sys.platform.startswith("linux"):
         try:
             import ctypes
@@ -51,22 +64,44 @@ def _die_with_parent(parent_pid: int) -> None:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         except (OSError, AttributeError):
             pass
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+    pidfd = None
+    if hasattr(os, "pidfd_open"):
+        try:
+            pidfd = os.pidfd_open(main_pid)
+        except OSError:
+            pidfd = None
+    if not _pid_alive(main_pid):  # the build died before we could watch it
         os._exit(1)
-    if not sys.platform.startswith("linux"):
-        def watch() -> None:
-            while os.getppid() == parent_pid:
-                time.sleep(1.0)
-            os._exit(1)
 
-        threading.Thread(target=watch, name="spavis-parent-watch", daemon=True).start()
+    def watch() -> None:
+        if pidfd is not None:
+            import select
+
+            select.select([pidfd], [], [])  # readable when the process has exited
+        else:
+            while _pid_alive(main_pid):
+                time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="spavis-build-watch", daemon=True).start()
 
 
-def _init_worker(parent_pid: int) -> None:
+def _init_worker(main_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    _die_with_parent(parent_pid)
+    _die_with_build(main_pid)
+
+
+PRELOAD = ["spavis.shards._preload"]
+
+
+def _context():
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)  # not '__main__': the server never runs the user's script
+        return ctx
+    return multiprocessing.get_context("spawn")
 
 
 @contextlib.contextmanager
@@ -101,13 +136,13 @@ class InlinePool:
 
 
 class WorkerPool:
-    """A spawned ``ProcessPoolExecutor`` whose workers ignore Ctrl-C and die with the parent."""
+    """A ``ProcessPoolExecutor`` whose workers ignore Ctrl-C and die with the build."""
 
     def __init__(self, workers: int):
         with _sigint_blocked():
             self._ex = ProcessPoolExecutor(
                 max_workers=workers,
-                mp_context=multiprocessing.get_context("spawn"),
+                mp_context=_context(),
                 initializer=_init_worker,
                 initargs=(os.getpid(),),
             )
