@@ -58,7 +58,7 @@ def decode_png(value: Any) -> np.ndarray:
     if data is None:
         raise DataError("a paired row holds no image bytes; rebuild the shards with --with-images")
     with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
+        return np.array(im.convert("RGB"))  # writable (torch.from_numpy wants it)
 
 
 def paired_pairs(corpus) -> list[tuple[str, str]]:

@@ -167,6 +167,8 @@ class VisionEncoder(nn.Module):
                                       num_classes=0, dynamic_img_size=c.dynamic_img_size, **c.model_kwargs)
         if c.init_values is not None:
             kwargs["init_values"] = c.init_values
+        if torch.empty(0).device.type == "meta":  # shapes only: skip timm's (slow, pointless) init
+            kwargs["weight_init"] = "skip"
         try:
             self.trunk = timm.create_model(c.arch, **kwargs)
         except (RuntimeError, TypeError, ValueError) as exc:
@@ -231,6 +233,8 @@ def to_pixels(images: Union[torch.Tensor, np.ndarray], config: VisionConfig) -> 
 
     The released inference: resize to 224 (bilinear), scale to [0, 1], ImageNet mean/std.
     """
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = images.copy()  # PIL hands out read-only arrays; torch wants writable memory
     x = torch.as_tensor(images)
     if x.dim() == 3:
         x = x[None]

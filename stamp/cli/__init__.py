@@ -50,19 +50,43 @@ def publish_cmd(
 @app.command("embed")
 @friendly_errors
 def embed_cmd(
-    model: str = typer.Option(..., "--model", help="Model folder (RUN, RUN/model) or Hub repo id."),
-    data: str = typer.Option(..., "--data", help="Shard directory or Hub dataset id."),
+    model: str = typer.Option(..., "--model", help="Model folder (RUN, RUN/model), Hub repo id or registry "
+                              "name (see `stamp models`)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Shard directory or Hub dataset id."),
     out: Path = typer.Option(..., "--out", help="Output Parquet (spot_id, embedding)."),
+    modality: str = typer.Option("gene", "--modality", help="gene, image or fused (gene + image concatenated); "
+                                 "image/fused need an aligned model (stamp pretrain --stage align)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Embed the image files of this folder "
+                                          "(no expression; aligned model) instead of --data."),
     zarr: bool = typer.Option(False, "--zarr", help="Also write obsm['X_stamp'] into DATA/zarr/<slide>.zarr."),
     batch_size: int = typer.Option(256, "--batch-size", callback=positive_int),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
     no_progress: bool = typer.Option(False, "--no-progress"),
+    means: Optional[Path] = typer.Option(None, "--means", help="Gene means file for models whose tokenizer ships "
+                                         "none: the released Visium_mean.npy for stamp-v1 / stamp-v1-gene."),
 ) -> None:
     """One embedding per spot (mean of the last layer over the spot's gene tokens); --zarr: all slides or none."""
     from stamp.embed import embed_corpus
+    from stamp.embed_multimodal import MODALITIES, is_stamp_model
+    from stamp.errors import UsageError
 
+    if modality not in MODALITIES:
+        raise UsageError(f"--modality {modality!r} must be one of {', '.join(MODALITIES)}")
+    if (data is None) == (images is None):
+        raise UsageError("pass exactly one of --data SHARDS or --images FOLDER")
+    from stamp.hub import resolve_model_source
+
+    if images is not None or modality != "gene" or is_stamp_model(resolve_model_source(model)):
+        from stamp.cli.align import embed_multimodal
+
+        if zarr:
+            raise UsageError("--zarr writes gene-encoder embeddings only; drop it for aligned models")
+
+        embed_multimodal(model, data, images, out, modality=modality, batch_size=batch_size, device=device,
+                         progress=not no_progress, means=means)
+        return
     path = embed_corpus(model, data, out, batch_size=batch_size, zarr=zarr, device=device,
-                        progress=not no_progress)
+                        progress=not no_progress, means=means)
     err_console.print(f"embeddings written to {path}")
 
 
@@ -72,6 +96,7 @@ from stamp.cli.tokenize import register as _register_tokenize  # noqa: E402
 _register_pretrain(app)
 
 _register_tokenize(app)
+
 
 from stamp.cli.evaluate import register as _register_evaluate  # noqa: E402
 

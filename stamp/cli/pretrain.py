@@ -24,6 +24,8 @@ from stamp.cli._common import (
 )
 
 API_ONLY = ("extra",)  # PretrainArgs fields with no command-line option
+# options of --stage align only (stamp.train_align.AlignArgs), see stamp.cli.align
+from stamp.cli.align import ALIGN_OPTIONS  # noqa: E402
 RENAMED = {"progress": "no_progress"}  # field -> CLI parameter (inverted flag)
 RESUME_OPTIONAL = ("stage", "data")  # required, except with --resume (then read from the run)
 
@@ -31,8 +33,8 @@ RESUME_OPTIONAL = ("stage", "data")  # required, except with --resume (then read
 def _stage(value: Optional[str]) -> Optional[str]:
     from stamp.train import STAGES
 
-    if value is not None and value not in STAGES:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(STAGES)}.")
+    if value is not None and value not in (*STAGES, "align"):
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join((*STAGES, 'align'))}.")
     return value
 
 
@@ -94,8 +96,26 @@ def register(app: typer.Typer) -> None:
                                                       "the schedule (preemptible jobs)."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+        vision: Optional[str] = typer.Option(None, "--vision", help="align: uni, tiny, a vision config JSON or "
+                                                                    "a UNI weights file (default uni)."),
+        vision_weights: Optional[str] = typer.Option(None, "--vision-weights", help="align: trunk weights "
+                                                     "(hf-hub:ORG/NAME or a file; 'none' = random init)."),
+        freeze_gene: bool = typer.Option(False, "--freeze-gene", help="align: keep the gene encoder fixed."),
+        freeze_vision: bool = typer.Option(False, "--freeze-vision", help="align: keep the ViT trunk fixed."),
+        embed_dim: Optional[int] = typer.Option(None, "--embed-dim", callback=positive_int,
+                                                help="align: shared embedding width (default 512)."),
+        epochs: Optional[int] = typer.Option(None, "--epochs", callback=positive_int,
+                                             help="align: passes over the paired spots (default 30)."),
+        gather_with_grad: bool = typer.Option(False, "--gather-with-grad", help="align: gradients through "
+                                              "other ranks' embeddings too."),
     ) -> None:
-        """Pretrain the gene encoder (run it under `torchrun` for several GPUs or nodes)."""
+        """Pretrain the gene encoder (stages gene, spatial) or align it with a ViT (stage align)."""
+        from stamp.cli.align import is_align_run, run_align
+
+        if stage == "align" or (resume and stage is None and is_align_run(out)):
+            run_align(ctx)
+            return
+
         from stamp.train import PretrainArgs, pretrain, read_run_args
 
         values = dict(stage=stage, data=data, out=str(out), config=config, init=init, max_steps=max_steps,
