@@ -351,3 +351,31 @@ def test_validate_catches_paired_rows_that_disagree(built, tmp_path, tamper, mes
     (root / S.MANIFEST_FILE).write_text(json.dumps(manifest))
     report = validate(root, deep=False)
     assert not report.ok and any(message in e for e in report.errors), report.errors
+
+
+def test_stimage_slide_uses_its_full_png_image(tmp_path):
+    """STimage-1K4M layout (gene_exp/, coord/ with the spot radius in image pixels, image/<slide>.png)."""
+    from PIL import Image
+
+    from spavis.genes import load_vocabulary
+
+    slide = "GSE999_GSM999"
+    root = tmp_path / "Visium"
+    for sub in ("gene_exp", "coord", "image"):
+        (root / sub).mkdir(parents=True)
+    ids = [str(x) for x in load_vocabulary("stamp-v1").ensembl_ids[:20]]
+    px = _spots_px()
+    spots = [f"{slide}_AAAC{i:04d}-1" for i in range(len(px))]
+    counts = np.random.default_rng(1).integers(1, 5, size=(len(px), len(ids)))
+    pd.DataFrame(counts, index=spots, columns=ids).to_csv(root / "gene_exp" / f"{slide}_count.csv")
+    # r: the spot radius in image pixels; spavis reads 2r as Space Ranger's 65 µm spot_diameter_fullres
+    pd.DataFrame({"yaxis": px[:, 1], "xaxis": px[:, 0], "r": 65.0 / UM0 / 2}, index=spots).to_csv(
+        root / "coord" / f"{slide}_coord.csv")
+    Image.fromarray(_marker_image()).save(root / "image" / f"{slide}.png")
+    out = build_shards([root / "gene_exp" / f"{slide}_count.csv"], tmp_path / "out", min_genes=1, with_images=True)
+    (row,) = pq.read_table(out / S.SLIDES_FILE).to_pylist()
+    assert row["image_kind"] == "fullres" and row["image_file"].endswith(f"image/{slide}.png")
+    assert row["image_um_per_px"] == pytest.approx(UM0)
+    first = next(open_corpus(out).iter_paired()).to_pylist()[0]
+    cx, cy = _centroid(decode_image(first["patch"]))
+    assert abs(cx - 111.5) <= 0.5 and abs(cy - 111.5) <= 0.5

@@ -121,11 +121,8 @@ def slide_images(s, adata) -> list[SlideImage]:
     root = Path(s.root)
     base = root if root.is_dir() else root.parent
 
-    def rel(p: Path) -> str:
-        try:
-            return p.resolve().relative_to(base.resolve()).as_posix()
-        except ValueError:
-            return p.name
+    def rel(p: Path) -> str:  # as slides.parquet records it: relative to the slice's folder
+        return Path(os.path.relpath(p.resolve(), base.resolve())).as_posix()
 
     out = []
     full = _fullres_candidates(s, adata)
