@@ -347,3 +347,22 @@ def test_iter_file_slides_is_public_and_matches_iter_slides(small_corpus):
     assert {t.column("slide_id")[0].as_py() for t in per_file} == {"s0", "s1"}
     only = list(iter_file_slides(corpus.expression_files[0], slide_ids=["s1"]))
     assert all(t.column("slide_id")[0].as_py() == "s1" for t in only)
+
+
+def test_layering_stamp_reads_spavis_only_through_format_and_errors():
+    """stamp may import spavis.format(.*) and spavis.errors only; spavis never imports stamp."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    bad = []
+    for pkg, allowed in (("stamp", ("spavis.format", "spavis.errors")), ("spavis", ())):
+        for path in sorted((root / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level
+                         else [])
+                for name in names:
+                    other = "spavis" if pkg == "stamp" else "stamp"
+                    if (name == other or name.startswith(other + ".")) and not name.startswith(allowed or ("\0",)):
+                        bad.append(f"{path.relative_to(root)}: imports {name}")
+    assert bad == []
