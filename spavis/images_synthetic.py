@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 GLASS = np.array([243, 241, 244], np.float32)
+LABEL = "GENERATED H&E-like image (spavis.images_synthetic) - synthetic, not a real tissue scan"
 TILE = 256
 
 
@@ -151,6 +152,7 @@ def write_he_tiff(path: str | Path, adata, *, um_per_px: float, height: int, wid
             kw = dict(opts, resolution=(res / f, res / f), resolutionunit="CENTIMETER")
             if i == 0:
                 kw["subifds"] = len(shapes) - 1
+                kw["description"] = LABEL  # the file says what it is, wherever it is copied
             else:
                 kw["subfiletype"] = 1
             tw.write(tiles(h, w, f), shape=(h, w, 3), dtype=np.uint8, **kw)

@@ -268,6 +268,7 @@ def test_generated_he_image_is_deterministic_and_its_texture_follows_the_domains
     assert (a / HE_IMAGE_NAME).read_bytes() == (b / HE_IMAGE_NAME).read_bytes()
     with tifffile.TiffFile(a / HE_IMAGE_NAME) as tf:
         assert len(tf.series[0].levels) >= 2 and tf.pages[0].is_tiled
+        assert "GENERATED" in tf.pages[0].description
     out = build_shards([a], tmp_path / "out", min_genes=1, with_images=True)
     (slide,) = pq.read_table(out / S.SLIDES_FILE).to_pylist()
     assert slide["image_kind"] == "wsi" and slide["n_patches_upsampled"] == 0  # 0.72 µm/px: 1.45x, not > 2x
