@@ -5,8 +5,9 @@ Why this shape:
   pyramidal TIFFs. They are opened with ``tifffile`` as a Zarr store (``aszarr``): only the
   tiles under a requested window are decoded, and the pyramid level closest to (but not
   coarser than) the wanted scale is used, so a 3 GB slide is never loaded whole.
-- Decoded windows are kept in a small LRU cache of fixed blocks: spots come in barcode
-  order (spatially random), and neighbouring patches share tiles.
+- Decoded windows are kept in a small LRU cache of blocks aligned to the file's tiles (or
+  full-width bands for an untiled, stripped TIFF): spots come in barcode order (spatially
+  random), and neighbouring patches share tiles.
 - PNG/JPEG images (Space Ranger hires/lowres, STimage PNGs) have no tiles; they are decoded
   once (PIL), which is what their size allows.
 - Geometry is exact: a window is resampled by PIL with a float source box, so the centre
@@ -340,6 +341,23 @@ def _to_rgb(block: np.ndarray, layout: str) -> np.ndarray:
     return np.ascontiguousarray(block[:, :, :3])
 
 
+def _block_shape(level: Level) -> tuple[int, int]:
+    """Cache blocks aligned to the file's chunks: ~BLOCK_PX square blocks of whole tiles, or
+    full-width bands of whole strips for an untiled (stripped) TIFF, whose every read decodes
+    complete rows: square blocks would decode the same strips once per block column."""
+    chunks = getattr(level.data, "chunks", None) or getattr(getattr(level.data, "arr", None), "chunks", None)
+    if not chunks:
+        return BLOCK_PX, BLOCK_PX
+    if level.layout == "YXS":
+        ch, cw = chunks[-3], chunks[-2]
+    else:  # YX, or SYX (channel planes first)
+        ch, cw = chunks[-2], chunks[-1]
+    ch, cw = max(int(ch), 1), max(int(cw), 1)
+    bh = -(-BLOCK_PX // ch) * ch
+    bw = level.width if cw >= level.width else -(-BLOCK_PX // cw) * cw
+    return bh, bw
+
+
 class WindowReader:
     """Read RGB windows of one level with padding outside the image; decoded blocks are cached (LRU)."""
 
@@ -347,7 +365,8 @@ class WindowReader:
         self.source = source
         self.level = source.levels[level]
         budget = cache_budget_mb() if cache_mb is None else cache_mb
-        self.max_blocks = max(4, int(budget * 2**20 // (BLOCK_PX * BLOCK_PX * 3)))
+        self.block_h, self.block_w = _block_shape(self.level)
+        self.max_blocks = max(4, int(budget * 2**20 // (self.block_h * self.block_w * 3)))
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._in_memory = isinstance(self.level.data, np.ndarray)
 
@@ -358,8 +377,8 @@ class WindowReader:
             self._cache.move_to_end(key)
             return hit
         lv = self.level
-        y0, x0 = by * BLOCK_PX, bx * BLOCK_PX
-        y1, x1 = min(y0 + BLOCK_PX, lv.height), min(x0 + BLOCK_PX, lv.width)
+        y0, x0 = by * self.block_h, bx * self.block_w
+        y1, x1 = min(y0 + self.block_h, lv.height), min(x0 + self.block_w, lv.width)
         block = _to_rgb(self._raw(y0, y1, x0, x1), lv.layout)
         self._cache[key] = block
         if len(self._cache) > self.max_blocks:
@@ -389,10 +408,11 @@ class WindowReader:
         if self._in_memory:
             out[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = _to_rgb(np.asarray(lv.data[cy0:cy1, cx0:cx1]), lv.layout)
             return out
-        for by in range(cy0 // BLOCK_PX, (cy1 - 1) // BLOCK_PX + 1):
-            for bx in range(cx0 // BLOCK_PX, (cx1 - 1) // BLOCK_PX + 1):
+        bh, bw = self.block_h, self.block_w
+        for by in range(cy0 // bh, (cy1 - 1) // bh + 1):
+            for bx in range(cx0 // bw, (cx1 - 1) // bw + 1):
                 blk = self._block(by, bx)
-                gy0, gx0 = by * BLOCK_PX, bx * BLOCK_PX
+                gy0, gx0 = by * bh, bx * bw
                 sy0, sy1 = max(cy0, gy0), min(cy1, gy0 + blk.shape[0])
                 sx0, sx1 = max(cx0, gx0), min(cx1, gx0 + blk.shape[1])
                 out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = blk[sy0 - gy0:sy1 - gy0, sx0 - gx0:sx1 - gx0]

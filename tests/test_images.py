@@ -380,3 +380,26 @@ def test_stimage_slide_uses_its_full_png_image(tmp_path):
     first = next(open_corpus(out).iter_paired()).to_pylist()[0]
     cx, cy = _centroid(decode_image(first["patch"]))
     assert abs(cx - 111.5) <= 0.5 and abs(cy - 111.5) <= 0.5
+
+
+@pytest.mark.parametrize("layout", ["tiled", "stripped", "planar"])
+def test_window_reads_match_the_pixels_for_every_tiff_layout(tmp_path, layout):
+    """Windows (inside, across and beyond the border) equal numpy slices of the written image."""
+    from spavis.images import PAD_VALUE, WindowReader, open_image
+
+    img = np.random.default_rng(2).integers(0, 255, (1500, 2600, 3), dtype=np.uint8)
+    path = tmp_path / "x.tif"
+    if layout == "tiled":
+        tifffile.imwrite(path, img, photometric="rgb", tile=(256, 256), compression="zlib")
+    elif layout == "stripped":
+        tifffile.imwrite(path, img, photometric="rgb", rowsperstrip=16)
+    else:
+        tifffile.imwrite(path, np.moveaxis(img, -1, 0), photometric="rgb", planarconfig="separate")
+    with open_image(path) as src:
+        reader = WindowReader(src, 0, cache_mb=16)
+        for y0, y1, x0, x1 in [(100, 400, 2000, 2500), (1400, 1600, 2500, 2700), (-50, 30, -20, 40)]:
+            got = reader.read(y0, y1, x0, x1)
+            want = np.full((y1 - y0, x1 - x0, 3), PAD_VALUE, np.uint8)
+            cy0, cx0 = max(y0, 0), max(x0, 0)
+            want[cy0 - y0:min(y1, 1500) - y0, cx0 - x0:min(x1, 2600) - x0] = img[cy0:y1, cx0:x1]
+            assert np.array_equal(got, want)
