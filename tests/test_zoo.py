@@ -503,6 +503,22 @@ def test_stamp_embed_stamp_v1_fused_end_to_end(released, means_file, stamp_v1_pa
         assert res.exit_code == 1 and "--means" in res.output and not out.exists(), res.output
         res = runner.invoke(app, args + ["--means", str(means_file)])
         assert res.exit_code == 0, res.output
+        # plain image files need no expression and no means
+        from PIL import Image
+
+        rgb = np.random.default_rng(0).integers(0, 256, (2, 80, 80, 3), dtype=np.uint8)
+        (tmp_path / "imgs").mkdir()
+        for i, arr in enumerate(rgb):
+            Image.fromarray(arr).save(tmp_path / "imgs" / f"p{i}.png")
+        res = runner.invoke(app, ["embed", "--model", "stamp-v1", "--images", str(tmp_path / "imgs"), "--out",
+                                  str(tmp_path / "img.parquet"), "--device", "cpu", "--no-progress"])
+        assert res.exit_code == 0, res.output
+    img = pq.read_table(tmp_path / "img.parquet")
+    assert img.column("image").to_pylist() == ["p0.png", "p1.png"]
+    with torch.no_grad():
+        want_img = ref.encode_image(to_pixels(np.ascontiguousarray(rgb[..., ::-1]), load_vision_config(VISION)))
+    torch.testing.assert_close(torch.tensor(np.stack(img.column("embedding").to_numpy(zero_copy_only=False))),
+                               want_img, rtol=0, atol=1e-5)
     table = pq.read_table(out)
     corpus = open_corpus(stamp_v1_paired_corpus)
     paired = pa_concat([t for t in corpus.iter_paired(columns=["spot_id", "patch"])])
