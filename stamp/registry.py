@@ -86,9 +86,11 @@ class PretrainedEntry:
 
     def row(self) -> dict[str, Any]:
         """The columns ``stamp models`` prints."""
+        converted = (converted_cache_root() / self.hub_id.replace("/", "--")).glob(f"*/{self.name}/{CONVERTED_MARKER}")
         return {"name": self.name, "component": self.component, "hub_id": self.hub_id, "file": self.file,
                 "format": self.format, "license": self.license_name or self.license,
-                "gated": "yes" if self.gated else "no"}
+                "gated": "yes" if self.gated else "no",
+                "converted": "yes" if self.format == "stamp" or any(converted) else "no"}
 
 
 def _registry() -> dict[str, PretrainedEntry]:

@@ -253,6 +253,7 @@ def test_from_pretrained_registry_name_via_gated_fake_hub(released, tmp_path, mo
     registry.write_text(json.dumps({"models": small_entries()}))
     monkeypatch.setenv("STAMP_REGISTRY", str(registry))
     monkeypatch.setenv("STAMP_CACHE", str(tmp_path / "converted"))
+    assert get_pretrained("stamp-v1").row()["converted"] == "no"
     with FakeHub(tmp_path / "hub") as hub:
         hub.create_repo("minghaofdu/STAMP", "model", gated=True)
         hub.add_files("minghaofdu/STAMP", {"pytorch_model.bin": path, "README.md": "# STAMP\n"})
@@ -269,6 +270,7 @@ def test_from_pretrained_registry_name_via_gated_fake_hub(released, tmp_path, mo
             torch.testing.assert_close(model.encode_image(pixels), ref.encode_image(pixels), rtol=0, atol=1e-5)
         converted = resolve_pretrained("stamp-v1", token=TOKEN)
         assert converted.is_relative_to(tmp_path / "converted")
+        assert get_pretrained("stamp-v1").row()["converted"] == "yes"
         stamp_before = (converted / "model.safetensors").stat().st_mtime_ns
         StampModel.from_pretrained("stamp-v1", token=TOKEN)  # second load: reads the converted file
         assert (converted / "model.safetensors").stat().st_mtime_ns == stamp_before
