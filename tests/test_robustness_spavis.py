@@ -306,3 +306,10 @@ def test_disk_full_single_file_writer_names_the_file(full_disk_ok, tmp_path):
     mount.mkdir()
     res = run(["genes", "vocab", "stamp-v1", "--out", mount / "vocab.json"], prefix=_full_disk_prefix(mount, "64k"))
     assert_one_line_error(res, "vocab.json", "no space left on the device")
+
+
+def test_version_needs_no_command():
+    import spavis
+
+    res = run(["--version"])
+    assert res.returncode == 0 and res.stdout.strip() == spavis.__version__, res.stderr

@@ -15,9 +15,18 @@ app = typer.Typer(
 
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from spavis import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
-    version: bool = typer.Option(False, "--version", help="Print the spavis version and exit."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the spavis version and exit."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (same as SPAVIS_DEBUG=1)."),
 ) -> None:
     """Curate 10x Visium slices into a harmonized, sharded Parquet + Zarr corpus."""
@@ -26,11 +35,6 @@ def _main(
     if debug:
         enable_debug()
     show_warnings()
-    if version:
-        from spavis import __version__
-
-        typer.echo(__version__)
-        raise typer.Exit()
 
 
 # Each module registers its commands on `app` when imported.
