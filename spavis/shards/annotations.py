@@ -138,9 +138,14 @@ def _spaceranger_clusters(data_path: Path) -> pd.DataFrame | None:
 
 
 def _generated_domains(root: Path) -> pd.DataFrame | None:
-    marker = root / "generated.json" if root.is_dir() else None
-    if marker is None or not marker.is_file():
+    if not root.is_dir():
         return None
+    # the slice folder itself, or the one slice folder inside it (a folder holding one generated slice)
+    found = [root / "generated.json"] if (root / "generated.json").is_file() else sorted(
+        p for p in root.glob("*/generated.json") if p.is_file())
+    if len(found) != 1:
+        return None
+    marker = found[0]
     gen = json.loads(marker.read_text())
     if not gen.get("generated") or not isinstance(gen.get("domains"), dict):
         return None

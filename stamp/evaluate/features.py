@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,22 +81,28 @@ def encode(encoder, tokenizer, data: EvalData, *, batch_size: int = 256, progres
     return np.concatenate(out).astype(np.float32)
 
 
-def _multimodal():
-    """stamp.multimodal when the image side is installed (StampModel with encode_image), else None."""
-    try:
-        mod = importlib.import_module("stamp.multimodal")
-    except ImportError:
-        return None
-    return mod if hasattr(getattr(mod, "StampModel", None), "encode_image") else None
+def _load_gene_side(model: str, device: str):
+    """(gene encoder, tokenizer): a gene encoder, or the gene encoder inside an aligned StampModel
+    (its pooled output is StampModel.gene_features, the input of spot_projection)."""
+    from stamp.embed import load_model
+    from stamp.embed_multimodal import is_stamp_model, load_stamp_model
+    from stamp.hub import resolve_model_source
+
+    if is_stamp_model(resolve_model_source(model)):
+        net, tokenizer, folder = load_stamp_model(model, device)
+        if tokenizer is None:
+            raise EvaluateError(f"{folder}: no tokenizer files; gene features need them")
+        return net.gene_encoder.eval(), tokenizer
+    return load_model(model, device)
 
 
 def check_modality(modality: str) -> None:
     if modality not in MODALITIES:
         raise EvaluateError(f"--modality {modality!r}: choose one of {', '.join(MODALITIES)}")
-    if modality != "gene" and _multimodal() is None:
+    if modality != "gene":
         raise EvaluateError(
-            f"--modality {modality}: this installation has no image encoder (stamp.multimodal.StampModel."
-            "encode_image); evaluate gene features with --modality gene"
+            f"--modality {modality}: stamp evaluate scores gene features in this version (image / fused "
+            "features of an aligned StampModel: use `stamp embed --modality` for now); pass --modality gene"
         )
 
 
@@ -106,10 +111,9 @@ def model_features(model: str, data: EvalData, *, device: str | None = None, bat
     """Features of ``model`` (and, with ``with_random``, of the same architecture re-initialised)."""
     import torch
 
-    from stamp.embed import load_model
     from stamp.model import StampGeneEncoder
 
-    encoder, tokenizer = load_model(model, device or default_device())
+    encoder, tokenizer = _load_gene_side(model, device or default_device())
     _check_vocab(data, tokenizer, model)
     sets = [FeatureSet(model_name(model), "model", encode(encoder, tokenizer, data, batch_size=batch_size,
                                                              progress=progress))]
