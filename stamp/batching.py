@@ -18,9 +18,10 @@ Decisions
   keeps every such patch with ~15% margin for pixel-scale error and drops groups that
   reach across holes or tissue edges.
 * Pairwise distances need coordinates in µm. Expression rows carry ``pxl_row``/``pxl_col``
-  in full-resolution pixels and ``neighbor_distances`` in µm, so the µm-per-pixel factor is
-  the median over spots of ``neighbor_distances[0] / pixel distance to neighbors[0]``
-  (one factor per slide). Without pixels the Visium lattice is used (``array_col`` steps
+  in full-resolution pixels; the µm-per-pixel factor is the slide's ``um_per_px`` in
+  ``slides.parquet`` (one source, computed by spavis at build time). For corpora without
+  it, the factor is the median over spots of ``neighbor_distances[0] / pixel distance to
+  neighbors[0]`` (one factor per slide). Without pixels the Visium lattice is used (``array_col`` steps
   50 µm, ``array_row`` 50·√3 µm, as spavis.neighbors). Without either, the bound
   d(a, b) <= d(seed, a) + d(seed, b) from the stored distances stands in (conservative:
   it may drop a valid group, never keeps an invalid one).
@@ -91,15 +92,19 @@ def _neighbor_rows(table: pa.Table) -> np.ndarray:
     return np.where(valid, row_of[np.where(valid, nbr_spots, 0)], -1)
 
 
-def slide_coordinates_um(table: pa.Table, neighbor_rows: np.ndarray | None = None) -> np.ndarray | None:
+def slide_coordinates_um(table: pa.Table, neighbor_rows: np.ndarray | None = None, *,
+                         um_per_px: float | None = None) -> np.ndarray | None:
     """Spot centres (x, y) in µm for one slide's rows, or None when nothing locates them.
 
-    The pixel scale comes from each spot's nearest stored neighbour that is in ``table``
-    (``neighbor_rows``, from :func:`_neighbor_rows` when not given).
+    The pixel scale is the slide's ``um_per_px`` from ``slides.parquet`` when given (computed
+    once by spavis at build time); otherwise it comes from each spot's nearest stored
+    neighbour that is in ``table`` (``neighbor_rows``, from :func:`_neighbor_rows` when not given).
     """
     pr, pcol = _column(table, "pxl_row"), _column(table, "pxl_col")
     if pr is not None and pcol is not None and np.isfinite(pr).all() and np.isfinite(pcol).all():
         xy = np.column_stack([pcol, pr])
+        if um_per_px is not None and np.isfinite(um_per_px) and um_per_px > 0:
+            return xy * float(um_per_px)
         nbrs = _neighbor_rows(table) if neighbor_rows is None else neighbor_rows
         dists = _list_matrix(table.column("neighbor_distances"), np.nan, np.float64)
         if nbrs.shape[1] and dists.shape[1]:
@@ -130,11 +135,13 @@ def spatial_groups(
     d_max_um: float = D_MAX_UM,
     seed: int = 0,
     epoch: int = 0,
+    um_per_px: float | None = None,
 ) -> np.ndarray:
     """Algorithm 2 on one slide: int64 (n_groups, group_size) row positions, seed first.
 
     ``table`` holds one slide's expression rows (``spot_index``, ``neighbors``,
     ``neighbor_distances``; ``pxl_*``/``array_*`` for distances). Groups are disjoint.
+    ``um_per_px``: the slide's scale from ``slides.parquet`` (derived from the graph when None).
     """
     n = table.num_rows
     need = group_size - 1
@@ -151,7 +158,7 @@ def spatial_groups(
             f"slide {slide_id}: the shards store {nbrs.shape[1]} neighbours per spot but groups of "
             f"{group_size} need {need}; rebuild with `spavis build-shards --k-neighbors {need}` or more"
         )
-    coords = slide_coordinates_um(table, nbrs)
+    coords = slide_coordinates_um(table, nbrs, um_per_px=um_per_px)
     seed_dist = None if coords is not None else _list_matrix(table.column("neighbor_distances"), np.inf, np.float64)
     limit = float(d_max_um)
 

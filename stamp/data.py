@@ -118,6 +118,19 @@ def rank_files(files: Sequence[str], rank: int, world_size: int, *, seed: int = 
     return files[rank::world_size]
 
 
+def _slide_scales(corpus) -> dict[str, float]:
+    """slide_id -> µm per full-resolution pixel from slides.parquet (spavis computes it once at build
+    time); empty for corpora without the column (the scale is then derived from the neighbour graph)."""
+    try:
+        slides = corpus.slides
+    except FileNotFoundError:  # expression shards without slides.parquet (hand-made test corpora)
+        return {}
+    if "um_per_px" not in slides:
+        return {}
+    known = slides[slides["um_per_px"].notna()]
+    return dict(zip(known["slide_id"].astype(str), known["um_per_px"].astype(float)))
+
+
 @dataclass
 class _Slide:
     csr: sp.csr_matrix
@@ -172,6 +185,7 @@ class TokenBatchLoader:
         self._epoch, self._batch = 0, 0
         self._stats = {"spots": 0, "slides": 0, "groups": 0}
         self.files = list(data.expression_files)
+        self._um_per_px = _slide_scales(data) if mode == "spatial" else {}
         rank_files(self.files, rank, world_size)  # fail early on too few shards
 
     # -- resume
@@ -217,8 +231,9 @@ class TokenBatchLoader:
                            table.column("slide_id").to_numpy(zero_copy_only=False),
                            table.column("spot_index").to_numpy(zero_copy_only=False).astype(np.int64))
             if self.mode == "spatial":
+                sid = str(slide.slide_ids[0]) if table.num_rows else ""
                 rows = spatial_groups(table, group_size=self.group_size, d_max_um=self.d_max_um,
-                                      seed=self.seed, epoch=epoch)
+                                      seed=self.seed, epoch=epoch, um_per_px=self._um_per_px.get(sid))
             else:
                 rows = np.arange(table.num_rows, dtype=np.int64)[:, None]
             self._stats["spots"] += table.num_rows
