@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stamp.constants import D_MAX_UM, GROUP_SIZE, GROUPS_PER_BATCH
+from stamp.constants import D_MAX_UM, GROUP_SIZE, GROUPS_PER_BATCH  # noqa: F401 (re-exported)
 from stamp.constants import VISIUM_SPACING_UM as _SPACING_UM
 from stamp.errors import BatchingError
 

@@ -20,7 +20,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -401,8 +401,6 @@ def _pretrain(args: PretrainArgs, d: Dist, open_corpus, on_step) -> Path:
     run = Path(args.out)
     if args.stage == "spatial" and args.micro_batch() % GROUP_SIZE:
         raise TrainingError(f"--batch-size {args.micro_batch()} must be a multiple of {GROUP_SIZE} in the spatial stage")
-    if args.grad_accum < 1:
-        raise TrainingError("--grad-accum must be >= 1")
     device = pick_device(args, d)
     corpus = open_corpus(args.data)
     n_genes = int(len(corpus.genes))
