@@ -109,3 +109,25 @@ def test_cgr_uses_only_neighbours():
     assert torch.allclose(cgr_loss(m, h2, ids, labels), loss)
     with pytest.raises(ValueError):
         cgr_loss(m, h[:8], ids[:8], labels[:8])
+
+
+def test_cgr_reads_the_batch_groups_not_row_order():
+    """StampForPretraining takes groups from the typed batch: permuting rows (and groups with them)
+    gives the same losses; the same rows read as consecutive groups give a different CGR loss."""
+    from stamp.objectives import StampForPretraining
+
+    m = _model()
+    ids = torch.randint(30, 130, (18, 20))
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, :6] = ids[:, :6]
+    groups = torch.arange(18).view(2, 9)
+    pre = StampForPretraining(m, spatial=True)
+    out = pre(ids, ids, labels, groups)
+    perm = torch.randperm(18, generator=torch.Generator().manual_seed(1))
+    inv = torch.argsort(perm)
+    out_perm = pre(ids[perm], ids[perm], labels[perm], inv[groups])
+    assert torch.allclose(out.cgr_loss, out_perm.cgr_loss, atol=1e-5)
+    assert torch.allclose(out.igr_loss, out_perm.igr_loss, atol=1e-5)
+    assert not torch.allclose(pre(ids[perm], ids[perm], labels[perm], groups).cgr_loss, out.cgr_loss)
+    with pytest.raises(ValueError, match="groups"):
+        pre(ids, ids, labels, None)
