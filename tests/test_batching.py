@@ -273,3 +273,24 @@ def test_partial_slide_table_maps_neighbours_through_spot_index():
     # the groups of a partial table are those of the same spots however the rows are ordered
     again = spatial_groups(full.take(np.sort(keep)), seed=4)
     np.testing.assert_array_equal(np.sort(keep)[again], keep[groups])
+
+
+def test_endless_loader_without_a_batch_raises_instead_of_cycling(corpus_dir):
+    """An epoch that yields no batch stops an endless loader at once with the numbers (issue 10 item 1)."""
+    from spavis.corpus import open_corpus
+
+    corpus = open_corpus(corpus_dir)
+    tok = GeneTokenizer.from_corpus(corpus, max_length=40)
+    n = corpus.n_spots
+    spots = TokenBatchLoader(corpus, tok, batch_size=n + 1, epochs=None, context_length=48)
+    with pytest.raises(DataError, match=f"one epoch holds {n} spots in 4 slide.*fewer than one batch of {n + 1}"):
+        next(iter(spots))
+    spatial = TokenBatchLoader(corpus, tok, mode="spatial", groups_per_batch=4, epochs=None, context_length=48,
+                               d_max_um=150.0)  # 9 Visium spots never fit in 150 µm
+    with pytest.raises(DataError, match="found 0 spatial groups of 9 spots within D_max=150 µm"):
+        next(iter(spatial))
+    batch = next(iter(TokenBatchLoader(corpus, tok, mode="spatial", groups_per_batch=4, epochs=None,
+                                       context_length=48)))
+    assert batch.groups.shape == (4, 9) and len(batch.slide_ids) == len(batch) == 36
+    assert batch.spot_index.shape == (36,) and all(s.startswith(f"{sid}:") for s, sid in
+                                                    zip(batch.spot_ids, batch.slide_ids))
