@@ -22,6 +22,7 @@ ratio, user+sys of the case and its workers, much less so): the
     python benchmarks/build_shards.py --workers 4    # parallel case with 4 workers (0: skip it)
     python benchmarks/build_shards.py --quick        # 1 and 3 small slices
     python benchmarks/build_shards.py --sizes 4 --workers 2 --json out.json
+    python benchmarks/build_shards.py --sizes 8 --max-spots-per-shard 8000   # several files: --workers scaling
 """
 from __future__ import annotations
 
@@ -54,13 +55,14 @@ def _generate(folder: Path, n: int, tissue_fraction: float | None) -> list[Path]
     return out
 
 
-def _case_spavis(inputs: list[str], out: str, workers: int) -> dict:
+def _case_spavis(inputs: list[str], out: str, workers: int, max_spots: int | None = None) -> dict:
     import spavis.genes  # noqa: F401  (imports outside the timed region, as for the baseline)
     import spavis.readers  # noqa: F401
     from spavis.shards import BuildConfig, build_shards
 
     t0 = time.perf_counter()
-    build_shards(inputs, out, BuildConfig(), workers=workers)  # the build-shards defaults
+    # the build-shards defaults (a smaller shard size only when asked)
+    build_shards(inputs, out, BuildConfig(), max_spots_per_shard=max_spots, workers=workers)
     wall = time.perf_counter() - t0
     manifest = json.loads((Path(out) / "manifest.json").read_text())
     return {"wall_s": wall, "spots_in": manifest["summary"]["n_spots_input"],
@@ -129,8 +131,12 @@ def _case_baseline(inputs: list[str], out: str) -> dict:
     return {"wall_s": wall, "spots_in": int(merged.n_obs), "spots_out": int(merged.n_obs)}
 
 
-def _tree_rss(pid: int) -> int:
-    """Summed RSS (bytes) of ``pid`` and all its descendants (psutil, else /proc)."""
+def _tree_rss(pid: int, cpu: dict[int, float] | None = None) -> int:
+    """Summed RSS (bytes) of ``pid`` and all its descendants (psutil, else /proc).
+
+    ``cpu`` collects each process's CPU seconds (user + sys) as last seen: workers forked by
+    a fork server are not waited for by the case process, so its rusage misses them.
+    """
     try:
         import psutil
     except ImportError:
@@ -145,6 +151,9 @@ def _tree_rss(pid: int) -> int:
         for p in procs:
             try:
                 total += p.memory_info().rss
+                if cpu is not None:
+                    t = p.cpu_times()
+                    cpu[p.pid] = t.user + t.system
             except psutil.Error:
                 pass
         return total
@@ -170,7 +179,7 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def _run_case(case: str, inputs: list[Path], out: Path, workers: int) -> dict:
+def _run_case(case: str, inputs: list[Path], out: Path, workers: int, max_spots: int | None = None) -> dict:
     """Run one case in a fresh interpreter; return its timing and peak RSS (MiB).
 
     ``ru_maxrss`` of ``wait4`` is the largest single process (the child or a waited-for
@@ -183,15 +192,17 @@ def _run_case(case: str, inputs: list[Path], out: Path, workers: int) -> dict:
     elif out.exists():
         out.unlink()
     cmd = [sys.executable, str(HERE), "--_case", case, "--_out", str(out), "--workers", str(workers),
-           "--_inputs", *map(str, inputs)]
+           *(["--max-spots-per-shard", str(max_spots)] if max_spots else []), "--_inputs", *map(str, inputs)]
     with tempfile.TemporaryFile("w+") as err:  # a file, so a chatty stderr cannot block the child
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
         peak = [0]
         stop = threading.Event()
 
+        cpu: dict[int, float] = {}
+
         def sample() -> None:
             while not stop.wait(0.05):
-                peak[0] = max(peak[0], _tree_rss(proc.pid))
+                peak[0] = max(peak[0], _tree_rss(proc.pid, cpu))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -208,7 +219,7 @@ def _run_case(case: str, inputs: list[Path], out: Path, workers: int) -> dict:
     result["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux: the largest single process
     result["tree_rss_mib"] = peak[0] / 2**20
     # CPU seconds of the case and its waited-for children (the workers): less skewed by load than wall time
-    result["cpu_s"] = usage.ru_utime + usage.ru_stime
+    result["cpu_s"] = max(usage.ru_utime + usage.ru_stime, sum(cpu.values()))
     result["spots_per_s"] = result["spots_in"] / result["wall_s"]
     result["workers"] = workers if case == "spavis" else 1
     return result
@@ -236,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", type=int, nargs="*", help="Slide counts (default 1 10 50; --quick: 1 3).")
     ap.add_argument("--workers", type=int, default=2,
                     help="Workers of the parallel spavis case (default 2; 0 or 1: only the 1-worker case).")
+    ap.add_argument("--max-spots-per-shard", type=int, default=None,
+                    help="spavis cases only (default: the build-shards default, 50,000). A corpus smaller than "
+                         "one shard ends with one file encoded by one worker, so use a smaller value to see "
+                         "how --workers scales on a few slides.")
     ap.add_argument("--keep", type=Path, help="Keep generated inputs and outputs here.")
     ap.add_argument("--json", type=Path, help="Also write the results as JSON.")
     ap.add_argument("--_case", help=argparse.SUPPRESS)
@@ -245,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args._case:  # inside the measured subprocess
         if args._case == "spavis":
-            res = _case_spavis(args._inputs, args._out, args.workers)
+            res = _case_spavis(args._inputs, args._out, args.workers, args.max_spots_per_shard)
         elif args._case == "lower_bound":
             res = _case_lower_bound(args._inputs, args._out)
         else:
@@ -269,9 +284,10 @@ def main(argv: list[str] | None = None) -> int:
             row = {"n_slides": n,
                    "baseline": _run_case("baseline", inputs, work / f"baseline_{n}.h5ad", 1),
                    "lower_bound": _run_case("lower_bound", inputs, work / f"lower_{n}", 1),
-                   "spavis": _run_case("spavis", inputs, work / f"shards_{n}", 1)}
+                   "spavis": _run_case("spavis", inputs, work / f"shards_{n}", 1, args.max_spots_per_shard)}
             if args.workers > 1:
-                row["spavis_parallel"] = _run_case("spavis", inputs, work / f"shards_{n}_w{args.workers}", args.workers)
+                row["spavis_parallel"] = _run_case("spavis", inputs, work / f"shards_{n}_w{args.workers}",
+                                                   args.workers, args.max_spots_per_shard)
             row["load_avg_1min"] = os.getloadavg()[0]  # other processes on the machine skew the speeds
             rows.append(row)
             print(_format_row(row, args.workers), flush=True)
