@@ -69,4 +69,29 @@ print(f"datasets.load_dataset(..., 'paired') -> {ds.num_rows} spots: patch {r['p
       f"upsampled {sum(ds['upsampled'])}/{ds.num_rows}, padded {sum(ds['padded'])}")
 PY
 
+step "7. Stage 3 on CPU: align the stage-2 gene encoder with a tiny ViT (random init) on the paired heart patches"
+echo "   (the real model uses --vision uni: UNI's ViT-L/16, gated weights from hf-hub:MahmoodLab/UNI)"
+[ -f "$OUT/run-align/model/model.safetensors" ] || stamp pretrain --stage align --init "$OUT/run-spatial" \
+    --vision tiny --data "$OUT/heart-images" --out "$OUT/run-align" --max-steps 4 --batch-size 16 --grad-accum 1 \
+    --warmup-steps 1 --lr 1e-3 --save-every 2 --no-progress
+tail -n 1 "$OUT/run-align/metrics.jsonl"
+stamp publish "$OUT/run-align" --local-dir "$OUT/published-align" --overwrite
+python - "$OUT/published-align" <<'PY'
+import sys, numpy as np, torch
+from stamp import StampModel
+model = StampModel.from_pretrained(sys.argv[1]).eval()
+pixels = model.image_transform(np.full((300, 300, 3), 200, np.uint8))[None]
+with torch.no_grad():
+    emb = model.encode_image(pixels)
+print(f"StampModel.from_pretrained: {sum(p.numel() for p in model.parameters()):,} parameters; "
+      f"encode_image -> {tuple(emb.shape)}, norm {float(emb.norm()):.3f}")
+PY
+stamp embed --model "$OUT/published-align" --data "$OUT/heart-images" --modality fused --out "$OUT/fused.parquet" \
+    --no-progress
+python - "$OUT/fused.parquet" <<'PY'
+import sys, pyarrow.parquet as pq
+t = pq.read_table(sys.argv[1])
+print(f"fused (gene + image) embeddings: {t.num_rows} spots x {len(t['embedding'][0])} dims")
+PY
+
 step "Demo finished: outputs in $OUT/"

@@ -81,7 +81,7 @@ def test_pretext_token_sits_right_after_the_prefix_tokens(reg_tokens):
     assert tuple(out.grid.shape) == (2, 7, 7, enc.dim)
 
 
-def test_pooled_token_ignores_nothing_but_reads_cls():
+def test_pretext_vector_reaches_the_pretext_and_pooled_outputs():
     torch.manual_seed(0)
     enc = VisionEncoder("tiny").eval()
     px = torch.randn(3, 3, 112, 112)
@@ -92,6 +92,18 @@ def test_pooled_token_ignores_nothing_but_reads_cls():
     out2 = enc(px)
     assert not torch.allclose(out.pretext, out2.pretext)
     assert not torch.allclose(out.pooled, out2.pooled)
+    # tiny pools by averaging: the mean of the grid tokens only (not CLS, not the pretext token)
+    assert enc.trunk.global_pool == "avg"
+    torch.testing.assert_close(out2.pooled, enc.trunk.fc_norm(out2.grid.mean(dim=(1, 2))))
+    # UNI-style 'token' pooling reads CLS
+    cfg = load_vision_config("tiny").to_dict()
+    cfg["model_kwargs"] = {**cfg["model_kwargs"], "global_pool": "token"}
+    cls_enc = VisionEncoder(cfg).eval()
+    seen = {}
+    handle = cls_enc.trunk.norm.register_forward_hook(lambda m, a, o: seen.setdefault("x", o))
+    pooled = cls_enc(px).pooled
+    handle.remove()
+    torch.testing.assert_close(pooled, seen["x"][:, 0])
 
 
 def test_region_cells_are_the_released_windows():
