@@ -119,8 +119,8 @@ def build_shards(
     ``obs_columns`` ("layer,region") carries annotation columns into the rows and the Zarr obs,
     from ``annotations`` (a CSV keyed by barcode) or the slides' own obs (spavis.shards.annotations).
 
-    An existing corpus at ``out`` is replaced only when it was built from the same slides
-    (or a subset of them: adding slides is fine) unless ``overwrite``; files in it that the
+    An existing corpus at ``out`` is replaced only when each of its slides is among the inputs
+    with the same files (other parameters, or slides added), unless ``overwrite``; files in it that the
     build did not write (notes, embeddings added later) stop the build, whatever ``overwrite``.
     A second build into the same ``out`` fails after ``LOCK_TIMEOUT_S`` while one runs.
 
@@ -297,19 +297,23 @@ def _build(slices, out, work, cfg, vocab_obj, params, workers, progress, obs_col
 
 
 def _warm_up_card_imports() -> None:
-    """Import ``datasets`` (the card's feature YAML, ~2 s) in a thread while the workers run.
+    """Import what the commit needs in a thread while the workers run.
 
-    With workers the main process mostly waits, so the import is free there instead of
-    adding to the serial tail of the build.
+    ``datasets`` (the card's feature YAML, ~1-2 s) and matplotlib with the Agg backend (the
+    card's composition figure, ~1.5 s): with workers the main process mostly waits, so the
+    imports are free there instead of adding to the serial tail of the build.
     """
     import importlib
     import threading
 
     def load() -> None:
-        try:
-            importlib.import_module("datasets")
-        except Exception:  # the card reports a real import problem itself
-            pass
+        for name in ("datasets", "spavis.report"):
+            try:
+                module = importlib.import_module(name)
+                if name == "spavis.report" and hasattr(module, "_plt"):
+                    module._plt()  # matplotlib.use("Agg") + pyplot, as the figure will
+            except Exception:  # the commit reports a real import problem itself
+                pass
 
     threading.Thread(target=load, name="spavis-warm-imports", daemon=True).start()
 
