@@ -88,8 +88,8 @@ def main() -> None:
             torch.cuda.synchronize()
         model_sps = n_model * args.batch_size / (time.perf_counter() - t0)
     result = {"device": str(device), "batch_size": args.batch_size, "threads": args.threads,
-              "loader_spots_per_s": round(loader_sps, 1), "uni_spots_per_s": round(model_sps, 1),
-              "backward": not args.no_backward, "loader_over_model": round(loader_sps / model_sps, 2)}
+              "loader_spots_per_s": float(f"{loader_sps:.3g}"), "uni_spots_per_s": float(f"{model_sps:.3g}"),
+              "backward": not args.no_backward, "loader_over_model": float(f"{loader_sps / model_sps:.3g}")}
     print(json.dumps(result))
 
 

@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -70,7 +71,7 @@ class AlignArgs:
     stop_after: Optional[int] = None
     progress: bool = True
     device: Optional[str] = None
-    loader_threads: int = 4
+    loader_threads: int = 0  # PNG decoding threads per process; 0: one per CPU core (at most 16)
     stage: str = STAGE
     extra: dict = field(default_factory=dict)
 
@@ -203,7 +204,8 @@ def _align(args: AlignArgs, d: Dist, open_corpus, on_step) -> Path:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     loader = PairedBatchLoader(corpus, tokenizer, batch_size=args.batch_size,
                                context_length=model.config.gene.context_length, seed=args.seed,
-                               rank=d.rank, world_size=d.world, epochs=None, threads=args.loader_threads)
+                               rank=d.rank, world_size=d.world, epochs=None,
+                               threads=args.loader_threads or min(16, os.cpu_count() or 1))
     n_spots_total = loader.n_spots
     if args.max_steps is None:
         per_epoch = max(1, loader.n_batches(0) // args.grad_accum)
@@ -233,7 +235,10 @@ def _align(args: AlignArgs, d: Dist, open_corpus, on_step) -> Path:
         forward = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    stream = iter(loader)
+    from stamp.paired_data import prefetch
+
+    stream = prefetch(iter(loader), depth=2)
+    position = loader.state_dict()  # what the consumed batches leave (the prefetcher reads ahead)
     data_info = _data_info(corpus, args, n_spots_total)
     last_metrics: dict = {}
     metrics_path = run / METRICS_FILE
@@ -244,7 +249,7 @@ def _align(args: AlignArgs, d: Dist, open_corpus, on_step) -> Path:
         if d.main:
             shutil.rmtree(stage_dir, ignore_errors=True)
         d.barrier()
-        ckpt.write_rank_part(stage_dir, d.rank, {"loader": loader.state_dict(), "spots_seen": spots_seen}, gen)
+        ckpt.write_rank_part(stage_dir, d.rank, {"loader": position, "spots_seen": spots_seen}, gen)
         if d.main:
             ckpt.write_main_part(stage_dir, model, optimizer, {})
         d.barrier()
@@ -266,6 +271,7 @@ def _align(args: AlignArgs, d: Dist, open_corpus, on_step) -> Path:
         n_spots = 0
         for micro in range(args.grad_accum):
             batch = next(stream)
+            position = batch.position
             sync = forward.no_sync() if d.world > 1 and micro < args.grad_accum - 1 else contextlib.nullcontext()
             with sync:
                 with autocast:
@@ -306,7 +312,7 @@ def _align(args: AlignArgs, d: Dist, open_corpus, on_step) -> Path:
             "csp_acc": float(sums[5] / sums[6]) if sums[6] > 0 else None,
             "logit_scale": float(model.logit_scale.detach().exp()), "lr": lr, "grad_norm": float(grad_norm),
             "spots": n_spots, "spots_per_s": n_spots / dt if dt > 0 else None,
-            "epoch": loader.state_dict()["epoch"],
+            "epoch": position["epoch"],
         }
         if d.main:
             with metrics_path.open("a") as fh:
