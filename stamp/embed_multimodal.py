@@ -158,15 +158,13 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
-def read_image(path: Path) -> np.ndarray:
-    """An image file as uint8 RGB; grayscale / RGBA / palette images are converted (logged)."""
+def read_image(path: Path) -> tuple[np.ndarray, str]:
+    """An image file as uint8 RGB and its original mode; grayscale / RGBA / palette images are converted."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            if im.mode != "RGB":
-                logger.info("%s: %s image converted to RGB", path, im.mode)
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB")), im.mode
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise EmbedError(f"{path}: not a readable image ({exc}); remove or re-export it") from None
 
@@ -180,13 +178,25 @@ def embed_image_folder(model: str | os.PathLike, images: str | os.PathLike, out:
     transform = net.image_transform
     root = Path(images)
 
+    converted: dict[str, int] = {}
+
     def chunks() -> Iterator[tuple[list[str], np.ndarray]]:
         for a in range(0, len(files), batch_size):
             batch = files[a:a + batch_size]
-            pixels = torch.stack([transform(read_image(p)) for p in batch]).to(net.device)
+            arrays = []
+            for p in batch:
+                arr, mode = read_image(p)
+                if mode != "RGB":
+                    converted[mode] = converted.get(mode, 0) + 1
+                arrays.append(arr)
+            pixels = torch.stack([transform(x) for x in arrays]).to(net.device)
             yield [p.relative_to(root).as_posix() for p in batch], net.encode_image(pixels).float().cpu().numpy()
 
-    return _write(Path(out), "image", chunks())
+    path = _write(Path(out), "image", chunks())
+    if converted:
+        logger.warning("%d of %d images were not RGB (%s) and were converted to RGB", sum(converted.values()),
+                       len(files), ", ".join(f"{m}: {n}" for m, n in sorted(converted.items())))
+    return path
 
 
 __all__ = ["MODALITIES", "embed_paired_corpus", "embed_image_folder", "load_stamp_model", "is_stamp_model"]

@@ -177,7 +177,7 @@ def test_align_run_checkpoints_resumes_exactly_and_publishes(paired, tmp_path):
     assert tuple(emb.shape) == (1, 512) and math.isclose(float(emb.norm()), 1.0, rel_tol=1e-5)
 
 
-def test_embed_gene_image_fused_and_plain_images(paired, tmp_path):
+def test_embed_gene_image_fused_and_plain_images(paired, tmp_path, caplog):
     from PIL import Image
 
     from stamp.multimodal import StampModel
@@ -217,6 +217,7 @@ def test_embed_gene_image_fused_and_plain_images(paired, tmp_path):
     assert res.exit_code == 0, res.output
     table = pq.read_table(out)
     assert table.column("image").to_pylist() == ["a.png", "c.png", "sub/b.jpg"]
+    assert "2 of 3 images were not RGB (L: 1, RGBA: 1) and were converted to RGB" in caplog.text
     (folder / "d.png").write_bytes(b"\x89PNG truncated")
     res = CliRunner().invoke(__import__("stamp.cli", fromlist=["app"]).app,
                              ["embed", "--model", str(run), "--images", str(folder), "--out", str(tmp_path / "x.parquet")])
