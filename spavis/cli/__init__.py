@@ -39,8 +39,4 @@ def _main(
 
 # Each module registers its commands on `app` when imported.
 for _name in ("genes", "shards", "fetch", "manifest", "simulate", "publish", "report"):
-    try:
-        importlib.import_module(f"spavis.cli.{_name}")
-    except ModuleNotFoundError as exc:  # a command group not written yet
-        if exc.name != f"spavis.cli.{_name}":
-            raise
+    importlib.import_module(f"spavis.cli.{_name}")

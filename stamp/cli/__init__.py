@@ -8,13 +8,25 @@ import typer
 
 from stamp.cli._common import enable_debug, err_console, friendly_errors, positive_int, setup_logging
 
-app = typer.Typer(name="stamp", help="STAMP gene encoder: tokenize, pretrain, publish, embed.",
+app = typer.Typer(name="stamp", help="STAMP encoders: tokenize, pretrain (gene, spatial, align), evaluate, publish, embed, models.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False, pretty_exceptions_short=True)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from stamp import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (same as STAMP_DEBUG=1).")) -> None:
-    """STAMP gene encoder: tokenize, pretrain, publish, embed."""
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the stamp version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (same as STAMP_DEBUG=1)."),
+) -> None:
+    """STAMP encoders: tokenize, pretrain (gene, spatial, align), evaluate, publish, embed, models."""
     if debug:
         enable_debug()
     setup_logging()
@@ -65,7 +77,7 @@ def embed_cmd(
     means: Optional[Path] = typer.Option(None, "--means", help="Gene means file for models whose tokenizer ships "
                                          "none: the released Visium_mean.npy for stamp-v1 / stamp-v1-gene."),
 ) -> None:
-    """One embedding per spot (mean of the last layer over the spot's gene tokens); --zarr: all slides or none."""
+    """One embedding per spot (gene, image or fused) or per image file; --zarr: all slides or none."""
     from stamp.embed import embed_corpus
     from stamp.embed_multimodal import MODALITIES, is_stamp_model
     from stamp.errors import UsageError
@@ -90,19 +102,8 @@ def embed_cmd(
     err_console.print(f"embeddings written to {path}")
 
 
-from stamp.cli.pretrain import register as _register_pretrain  # noqa: E402
-from stamp.cli.tokenize import register as _register_tokenize  # noqa: E402
+# Each command module adds its commands to `app`.
+from stamp.cli import evaluate as _evaluate, pretrain as _pretrain, tokenize as _tokenize, zoo as _zoo  # noqa: E402
 
-_register_pretrain(app)
-
-_register_tokenize(app)
-
-
-from stamp.cli.evaluate import register as _register_evaluate  # noqa: E402
-
-_register_evaluate(app)
-
-
-from stamp.cli.zoo import register as _register_zoo  # noqa: E402
-
-_register_zoo(app)
+for _module in (_pretrain, _tokenize, _evaluate, _zoo):
+    _module.register(app)
