@@ -97,7 +97,24 @@ class StampModel(
         path = Path(str(pretrained_model_name_or_path)).expanduser()
         if path.is_dir() and (path / "model" / "config.json").is_file():
             pretrained_model_name_or_path = str(path / "model")
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        kwargs.setdefault("strict", True)  # a missing or unexpected tensor is an error, never a silent default
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except RuntimeError as exc:
+            if "state_dict" not in str(exc):
+                raise
+            detail = " ".join(str(exc).split())[:300]
+            raise ModelConfigError(
+                f"{pretrained_model_name_or_path}: model.safetensors does not fit its config.json ({detail}); "
+                "re-save the model or re-download it"
+            ) from None
+
+    @classmethod
+    def _from_pretrained(cls, *args, **kwargs) -> "StampModel":
+        from stamp.vision import skip_trunk_init
+
+        with skip_trunk_init():  # every tensor is read from the checkpoint next
+            return super()._from_pretrained(*args, **kwargs)
 
     @property
     def device(self) -> torch.device:

@@ -23,6 +23,8 @@ never downloads anything.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -143,6 +145,19 @@ def load_vision_config(name_or_path: Union[str, Path, dict, VisionConfig]) -> Vi
     return VisionConfig.from_dict(data.get("vision", data))
 
 
+_SKIP_INIT: ContextVar[bool] = ContextVar("stamp_vision_skip_init", default=False)
+
+
+@contextmanager
+def skip_trunk_init():
+    """Build trunks without timm's random init (seconds for ViT-L on CPU) when weights are loaded next."""
+    token = _SKIP_INIT.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_INIT.reset(token)
+
+
 class VisionOutput(NamedTuple):
     pooled: torch.Tensor  # (B, C)
     pretext: torch.Tensor  # (B, C) the pretext token's output
@@ -167,7 +182,7 @@ class VisionEncoder(nn.Module):
                                       num_classes=0, dynamic_img_size=c.dynamic_img_size, **c.model_kwargs)
         if c.init_values is not None:
             kwargs["init_values"] = c.init_values
-        if torch.empty(0).device.type == "meta":  # shapes only: skip timm's (slow, pointless) init
+        if torch.empty(0).device.type == "meta" or _SKIP_INIT.get():  # weights come later: skip timm's init
             kwargs["weight_init"] = "skip"
         try:
             self.trunk = timm.create_model(c.arch, **kwargs)

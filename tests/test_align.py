@@ -171,6 +171,17 @@ def test_align_run_checkpoints_resumes_exactly_and_publishes(paired, tmp_path):
     model = StampModel.from_pretrained(str(tmp_path / "pub")).eval()
     assert {"gene", "vision", "embed_dim"} <= set(json.loads((tmp_path / "pub" / "config.json").read_text()))
     assert model.gene_encoder.mlm_head is None and model.config.vision.name == "tiny"
+    from safetensors.torch import save_file
+
+    from stamp.errors import ModelConfigError
+
+    broken = dict(load_file(str(tmp_path / "pub" / "model.safetensors")))
+    broken.pop("logit_scale")
+    (tmp_path / "broken").mkdir()
+    save_file(broken, str(tmp_path / "broken" / "model.safetensors"))
+    (tmp_path / "broken" / "config.json").write_text((tmp_path / "pub" / "config.json").read_text())
+    with pytest.raises(ModelConfigError, match="logit_scale"):
+        StampModel.from_pretrained(str(tmp_path / "broken"))
     pixels = model.image_transform(np.zeros((50, 50, 3), np.uint8))[None]
     with torch.no_grad():
         emb = model.encode_image(pixels)
