@@ -242,6 +242,23 @@ def open_n_spots(corpus: Path) -> int:
     return open_corpus(corpus).n_spots
 
 
+def test_every_align_args_field_has_a_pretrain_option():
+    import dataclasses
+
+    import typer.main
+
+    from stamp.cli import app
+    from stamp.cli.align import ALIGN_API_ONLY, ALIGN_OPTIONS
+    from stamp.train import PretrainArgs
+    from stamp.train_align import AlignArgs
+
+    command = typer.main.get_command(app).commands["pretrain"]
+    params = {p.name for p in command.params}
+    fields = {f.name for f in dataclasses.fields(AlignArgs)} - set(ALIGN_API_ONLY)
+    assert {"no_progress" if f == "progress" else f for f in fields} <= params
+    assert set(ALIGN_OPTIONS) == fields - {f.name for f in dataclasses.fields(PretrainArgs)}
+
+
 def test_bad_align_inputs_fail_with_one_line(paired, tmp_path):
     from stamp.cli import app
 

@@ -17,7 +17,8 @@ import typer
 from stamp.cli._common import err_console
 
 ALIGN_OPTIONS = ("vision", "vision_weights", "freeze_gene", "freeze_vision", "embed_dim", "epochs",
-                 "gather_with_grad")  # pretrain options only stage 3 reads
+                 "gather_with_grad", "loader_threads")  # pretrain options only stage 3 reads
+ALIGN_API_ONLY = ("stage", "extra")  # AlignArgs fields with no option of their own
 GENE_ONLY = ("config", "mask_prob", "cgr_targets", "max_distance_um")  # pretrain options stage 3 refuses
 
 

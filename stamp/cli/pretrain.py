@@ -108,6 +108,9 @@ def register(app: typer.Typer) -> None:
                                              help="align: passes over the paired spots (default 30)."),
         gather_with_grad: bool = typer.Option(False, "--gather-with-grad", help="align: gradients through "
                                               "other ranks' embeddings too."),
+        loader_threads: Optional[int] = typer.Option(None, "--loader-threads", callback=non_negative_int,
+                                                     help="align: PNG decoding threads per process (default: "
+                                                          "one per core, at most 16)."),
     ) -> None:
         """Pretrain the gene encoder (stages gene, spatial) or align it with a ViT (stage align)."""
         from stamp.cli.align import is_align_run, run_align
