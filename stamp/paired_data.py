@@ -177,7 +177,8 @@ class PairedBatchLoader:
         cells = np.concatenate([images.column("region_cell").take(pa.array(rows)).to_numpy(zero_copy_only=False)
                                 for (images, _), rows in parts])
         if cells.size and (cells.min() < 0 or cells.max() > 8):
-            raise DataError(f"region_cell outside 0..8 in {self.pairs[0][0]}...; the paired shard is corrupt")
+            raise DataError(f"{self.corpus.root}: a paired shard holds region_cell outside 0..8; it is corrupt "
+                            "(run `spavis validate`, rebuild with --with-images)")
         values = [v for col in patches + regions for v in col.to_pylist()]
         decoded = list(pool.map(decode_png, values))
         n = len(decoded) // 2
