@@ -117,6 +117,29 @@ def _sigint_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+@contextlib.contextmanager
+def _quiet_resource_tracker():
+    """Start multiprocessing's resource tracker (if this creates it) without its leak warning.
+
+    After Ctrl-C the killed pool's queue semaphores may reach the tracker unreleased; it
+    unlinks them anyway, but would print a multi-line "leaked semaphore" warning after our
+    one-line message. The filter goes to the tracker process only (through its environment).
+    """
+    key, rule = "PYTHONWARNINGS", "ignore:resource_tracker:UserWarning"
+    old = os.environ.get(key)
+    os.environ[key] = f"{old},{rule}" if old else rule
+    try:
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+    yield
+
+
 class InlinePool:
     """The pool interface, running each task at submit (``--workers 1``: no processes, same code path)."""
 
@@ -139,7 +162,7 @@ class WorkerPool:
     """A ``ProcessPoolExecutor`` whose workers ignore Ctrl-C and die with the build."""
 
     def __init__(self, workers: int):
-        with _sigint_blocked():
+        with _sigint_blocked(), _quiet_resource_tracker():
             self._ex = ProcessPoolExecutor(
                 max_workers=workers,
                 mp_context=_context(),
