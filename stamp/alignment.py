@@ -89,7 +89,7 @@ def alignment_losses(
     region_cell: torch.Tensor,
     scale: torch.Tensor,
     *,
-    gather_with_grad: bool = False,
+    gather_with_grad: bool = True,
     weights: Optional[dict[str, float]] = None,
 ) -> AlignLosses:
     """All four losses from L2-normalised spot/patch/region embeddings (B, E), projected cells

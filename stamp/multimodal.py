@@ -159,7 +159,7 @@ class StampModel(
         return F.normalize(z, dim=-1) if normalize else z
 
     def forward(self, input_ids: torch.Tensor, patch: torch.Tensor, region: torch.Tensor,
-                region_cell: torch.Tensor, *, gather_with_grad: bool = False) -> AlignLosses:
+                region_cell: torch.Tensor, *, gather_with_grad: bool = True) -> AlignLosses:
         """The four alignment losses for one batch (pixels normalised, see :meth:`pixels`)."""
         spot = self.encode_gene(input_ids)
         patch_emb = self.encode_image(patch)

@@ -63,7 +63,7 @@ class AlignArgs:
     warmup_steps: int = 1000
     weight_decay: float = 1e-3
     clip_norm: float = 1.0
-    gather_with_grad: bool = False
+    gather_with_grad: bool = True  # exact gradient of the global-batch loss (open_clip --gather-with-grad)
     save_every: int = 1000
     keep_checkpoints: Optional[int] = 3
     seed: int = 0

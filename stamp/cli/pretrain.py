@@ -106,8 +106,9 @@ def register(app: typer.Typer) -> None:
                                                 help="align: shared embedding width (default 512)."),
         epochs: Optional[int] = typer.Option(None, "--epochs", callback=positive_int,
                                              help="align: passes over the paired spots (default 30)."),
-        gather_with_grad: bool = typer.Option(False, "--gather-with-grad", help="align: gradients through "
-                                              "other ranks' embeddings too."),
+        gather_with_grad: bool = typer.Option(True, "--gather-with-grad/--no-gather-with-grad",
+                                              help="align: gradients also through the other ranks' embeddings "
+                                                   "(the exact gradient of the global-batch loss)."),
         loader_threads: Optional[int] = typer.Option(None, "--loader-threads", callback=non_negative_int,
                                                      help="align: PNG decoding threads per process (default: "
                                                           "one per core, at most 16)."),
