@@ -227,9 +227,23 @@ def resume_differences(stored: dict, args: PretrainArgs) -> list[str]:
     for name, value in asdict(args).items():
         if name in INVOCATION_FIELDS or name == "out" or name not in stored:
             continue
+        if name == "data" and isinstance(value, str) and str(stored[name]).startswith(value + "@"):
+            continue  # a Hub corpus is pinned to the commit it started on; the bare id names the same run
         if stored[name] != value:
             diffs.append(f"--{name.replace('_', '-')} {stored[name]!r} (now {value!r})")
     return diffs
+
+
+def _pin_hub_revision(args: PretrainArgs, corpus, d: Dist) -> None:
+    """Record a Hub corpus as ``ORG/NAME@<commit>`` so ``--resume`` reads the bytes the run started on."""
+    repo_id, revision = getattr(corpus, "repo_id", None), getattr(corpus, "revision", None)
+    if not repo_id or not revision or "@" in str(args.data):
+        return
+    args.data = f"{repo_id}@{revision}"
+    saved = Path(args.out) / ARGS_FILE
+    if d.main and saved.is_file():
+        record = {**json.loads(saved.read_text()), "data": args.data}
+        atomic_write_text(saved, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def _prepare_run(args: PretrainArgs, d: Dist) -> tuple[PretrainArgs, Path | None]:
@@ -403,6 +417,7 @@ def _pretrain(args: PretrainArgs, d: Dist, open_corpus, on_step) -> Path:
         raise TrainingError(f"--batch-size {args.micro_batch()} must be a multiple of {GROUP_SIZE} in the spatial stage")
     device = pick_device(args, d)
     corpus = open_corpus(args.data)
+    _pin_hub_revision(args, corpus, d)
     n_genes = int(len(corpus.genes))
     model = _build_model(args, n_genes)
     context = model.config.context_length

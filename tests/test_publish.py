@@ -332,3 +332,14 @@ def test_pretrain_from_a_hub_corpus_is_lazy_and_records_the_revision(tmp_path, h
     assert info["data"]["hub_id"] == "org/stamp-corpus" and info["data"]["hub_revision"] == res.commit
     card = (Path(model) / "README.md").read_text()
     assert f"org/stamp-corpus@{res.commit}" in card and "- org/stamp-corpus" in card
+
+    # A run started from the bare id is pinned to the commit it read, so --resume reads the same bytes
+    # even after the corpus gets a new version, and resuming with the bare id is not a changed option.
+    run2 = tmp_path / "run2"
+    pretrain(PretrainArgs(stage="gene", data="org/stamp-corpus", out=str(run2), config="tiny", max_steps=2,
+                          batch_size=8, warmup_steps=1, save_every=2, progress=False, seed=0))
+    stored = json.loads((run2 / "train_args.json").read_text())
+    assert stored["data"] == f"org/stamp-corpus@{res.commit}"
+    pretrain(PretrainArgs(stage="gene", data="org/stamp-corpus", out=str(run2), config="tiny", max_steps=3,
+                          batch_size=8, warmup_steps=1, save_every=2, progress=False, seed=0, resume=True))
+    assert json.loads((run2 / "train_args.json").read_text())["max_steps"] == 3
