@@ -47,23 +47,6 @@ def build_params(vocab, min_genes: int, k_neighbors: int, max_spots_per_shard: i
     return BuildConfig(vocab, min_genes, k_neighbors, max_spots_per_shard).params(vocab)
 
 
-def _annotation_params(params: dict[str, Any], obs_columns, annotations) -> tuple[tuple[str, ...], dict | None]:
-    """Record --obs-columns / --annotations in ``params`` (they decide the bytes); prepare_slice's args."""
-    from spavis.shards.annotations import AnnotationError, annotations_param, parse_obs_columns
-
-    columns = parse_obs_columns(obs_columns)
-    if annotations is not None and not columns:
-        raise AnnotationError("--annotations needs --obs-columns naming the columns to take from it")
-    if not columns:
-        return (), None
-    recorded = annotations_param(annotations)
-    params["obs_columns"] = list(columns)
-    if recorded is not None:
-        params["annotations"] = recorded
-        return columns, {"path": str(Path(annotations).resolve()), **recorded}
-    return columns, None
-
-
 def is_up_to_date(out: Path, vocab, params: dict[str, Any], slices: Sequence[SliceInput]) -> bool:
     """True when ``out`` already holds a corpus built from exactly these inputs and parameters."""
     try:
@@ -131,7 +114,8 @@ def build_shards(
     """
     refuse_spawned_reimport()
     cfg = (config or BuildConfig()).replace(vocab=vocab, min_genes=min_genes, k_neighbors=k_neighbors,
-                                           max_spots_per_shard=max_spots_per_shard)
+                                           max_spots_per_shard=max_spots_per_shard, obs_columns=obs_columns,
+                                           annotations=annotations, with_images=with_images or None)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise BuildError(f"--workers must be an integer of at least 1 (got {workers!r}).")
     vocab_obj = resolve_vocab(cfg.vocab)
@@ -139,9 +123,6 @@ def build_shards(
     slices = discover_inputs(inputs)
     slices = drop_duplicate_inputs(hash_inputs(slices, workers))  # a linked/copied slice counts once
     params = cfg.params(vocab_obj)
-    obs_columns, annotations = _annotation_params(params, obs_columns, annotations)
-    if with_images:  # recorded only when asked: image-less builds keep their bytes and keys
-        params["with_images"] = True
     if is_up_to_date(out, vocab_obj, params, slices):
         return out
     _check_out_dir(out)
@@ -155,8 +136,7 @@ def build_shards(
         work.mkdir(parents=True, exist_ok=True)
         try:
             with _lock(work / ".lock", f"another build-shards is using the work dir {work}"):
-                _build(slices, out, work, cfg, vocab_obj, params, workers, progress,
-                       obs_columns, annotations, bool(params.get("with_images")))
+                _build(slices, out, work, cfg, vocab_obj, params, workers, progress)
         except BaseException as exc:
             _report_work_dir(exc, work, default_work)
             raise
@@ -261,8 +241,7 @@ def _report_work_dir(exc: BaseException, work: Path, default_work: bool) -> None
         exc.add_note(note)
 
 
-def _build(slices, out, work, cfg, vocab_obj, params, workers, progress, obs_columns=(), annotations=None,
-           with_images=False) -> None:
+def _build(slices, out, work, cfg, vocab_obj, params, workers, progress) -> None:
     for stale in out.parent.glob(f"{out.name}.tmp-*"):  # left by a killed build; we hold the out lock
         shutil.rmtree(stale, ignore_errors=True)
     for stale in work.glob(".tmp-*"):
@@ -272,11 +251,7 @@ def _build(slices, out, work, cfg, vocab_obj, params, workers, progress, obs_col
         shutil.rmtree(stale, ignore_errors=True)
     # the vocabulary travels to workers by name/path when it has one (cheap to pickle)
     vocab_arg = cfg.vocab if isinstance(cfg.vocab, (str, os.PathLike)) else vocab_obj
-    kwargs: dict[str, Any] = {"vocab": vocab_arg, "min_genes": cfg.min_genes, "k_neighbors": cfg.k_neighbors}
-    if obs_columns:
-        kwargs |= {"obs_columns": obs_columns, "annotations": annotations}
-    if with_images:
-        kwargs["with_images"] = True
+    kwargs = cfg.prepare_kwargs(vocab_arg)
     writer = CorpusWriter(out, vocab=vocab_obj, params=params, max_spots_per_shard=cfg.max_spots_per_shard)
     pool = make_pool(min(workers, max(1, len(slices))))
     if workers > 1:
