@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from stamp.errors import DataError, TrainingError
 from stamp import checkpoint as ckpt
 from stamp.model import StampGeneEncoder, create_model
 from stamp.objectives import StampForPretraining
+from stamp.training_loop import append_metrics, reduce_step_sums, resume_state, save_checkpoint, stop_if_not_finite
 
 logger = logging.getLogger(__name__)
 
@@ -281,14 +281,6 @@ def _prepare_run(args: PretrainArgs, d: Dist) -> tuple[PretrainArgs, Path | None
     return args, None
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines after ``step`` (they are recomputed identically on resume)."""
-    if not path.is_file():
-        return
-    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    atomic_write_text(path, "".join(ln + "\n" for ln in kept))
-
-
 def _load_tokenizer(args: PretrainArgs, corpus, context_length: int):
     from stamp.tokenizer import GeneTokenizer
 
@@ -441,24 +433,8 @@ def _pretrain(args: PretrainArgs, d: Dist, open_corpus, on_step) -> Path:
         logger.warning("warm-up (%d steps) is not shorter than the run (%d steps)", args.warmup_steps, total)
 
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + d.rank)
-    step, spots_seen = 0, 0
-    if resume_from is not None:
-        ckpt.load_model_weights(model, resume_from)
-        ckpt.load_optimizer(optimizer, resume_from)
-        ckpt.restore_rng(resume_from, d.rank, gen)
-        state = ckpt.read_state(resume_from)
-        if state.get("world", 1) != d.world:
-            raise TrainingError(
-                f"{resume_from} was written by {state.get('world')} processes; resume with the same number"
-            )
-        pos = ckpt.read_position(resume_from, d.rank)
-        step, spots_seen = state["step"], pos["spots_seen"]
-        loader.load_state_dict(pos["loader"])
-        if d.main:
-            _truncate_metrics(run / METRICS_FILE, step)
-    elif args.resume and d.main:
-        _truncate_metrics(run / METRICS_FILE, 0)
-    d.barrier()
+    step, spots_seen = resume_state(resume_from, resume=args.resume, model=model, optimizer=optimizer, gen=gen,
+                                    loader=loader, d=d, metrics_path=run / METRICS_FILE)
 
     pretraining = StampForPretraining(model, spatial=spatial, cgr_targets=args.cgr_targets, mask_prob=args.mask_prob)
     forward: Callable = pretraining
@@ -503,22 +479,12 @@ def _pretrain(args: PretrainArgs, d: Dist, open_corpus, on_step) -> Path:
         raise failure
 
     def save(at_step: int) -> None:
-        stage_dir = ckpt.staging_dir(run, at_step)
-        if d.main:
-            shutil.rmtree(stage_dir, ignore_errors=True)
-        d.barrier()
-        ckpt.write_rank_part(stage_dir, d.rank, {"loader": loader.state_dict(),
-                                                  "spots_seen": spots_seen}, gen)
-        if d.main:
-            ckpt.write_main_part(stage_dir, model, optimizer, {})
-        d.barrier()
-        if d.main:
-            ckpt.finalize(run, at_step, {"step": at_step, "world": d.world, "stage": args.stage,
-                                         "schedule": {"name": "linear-warmup-cosine-floor", "lr": args.lr,
-                                                      "min_lr": args.min_lr, "warmup": args.warmup_steps,
-                                                      "total": total},
-                                         "metrics": last_metrics}, keep=args.keep_checkpoints)
-        d.barrier()
+        save_checkpoint(run, at_step, d=d, model=model, optimizer=optimizer, gen=gen, position=loader.state_dict(),
+                        spots_seen=spots_seen, keep=args.keep_checkpoints,
+                        state={"stage": args.stage,
+                               "schedule": {"name": "linear-warmup-cosine-floor", "lr": args.lr,
+                                            "min_lr": args.min_lr, "warmup": args.warmup_steps, "total": total},
+                               "metrics": last_metrics})
 
     model.train()
     with _progress(args.progress and d.main, stop_at) as bar:
@@ -547,23 +513,9 @@ def _pretrain(args: PretrainArgs, d: Dist, open_corpus, on_step) -> Path:
                                       out.igr_correct, out.igr_total], dtype=torch.float64)
                 n_spots += ids.shape[0]
             spots_seen += n_spots
-            if d.world > 1:
-                sums = sums.to(device)
-                dist.all_reduce(sums)
-                sums = sums.cpu()
-                sums[:3] /= d.world
-                counted = torch.tensor([n_spots], dtype=torch.float64, device=device)
-                dist.all_reduce(counted)
-                n_spots = int(counted.item())
+            sums, n_spots = reduce_step_sums(sums, n_spots, n_mean=3, device=device, d=d)
             loss = float(sums[0]) / args.grad_accum
-            if not math.isfinite(loss):
-                optimizer.zero_grad(set_to_none=True)
-                last = ckpt.latest_checkpoint(run)
-                raise TrainingError(
-                    f"loss became {loss} at step {step + 1} of {run}; training stopped without saving. "
-                    f"Last good checkpoint: {last or 'none'}. Lower --lr or raise --warmup-steps, then "
-                    "--resume from it (or restart)."
-                )
+            stop_if_not_finite(loss, step, run, optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -582,8 +534,7 @@ def _pretrain(args: PretrainArgs, d: Dist, open_corpus, on_step) -> Path:
                 "epoch": loader.state_dict()["epoch"],
             }
             if d.main:
-                with metrics_path.open("a") as fh:
-                    fh.write(json.dumps(last_metrics) + "\n")
+                append_metrics(metrics_path, last_metrics)
                 bar.update(task, completed=step, loss=f"{loss:.4f}", sps=f"{last_metrics['spots_per_s']:.0f}")
             if on_step is not None:
                 on_step(last_metrics)

@@ -21,9 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +33,8 @@ import torch.distributed as dist
 from spavis.format.io import apply_umask, atomic_dir, atomic_write_text
 from stamp import checkpoint as ckpt
 from stamp.errors import TrainingError
-from stamp.train import ARGS_FILE, METRICS_FILE, RUN_INFO, Dist, init_distributed, lr_at
+from stamp.train import ARGS_FILE, METRICS_FILE, RUN_INFO, Dist, init_distributed, lr_at, pick_device
+from stamp.training_loop import append_metrics, reduce_step_sums, resume_state, save_checkpoint, stop_if_not_finite
 
 logger = logging.getLogger(__name__)
 
@@ -99,13 +98,6 @@ def _prepare_run(args: AlignArgs, d: Dist) -> tuple[AlignArgs, Optional[Path]]:
         (out / METRICS_FILE).unlink(missing_ok=True)
     d.barrier()
     return args, None
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    if not path.is_file():
-        return
-    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
 
 def _lineage(init_dir: Path) -> list[dict]:
@@ -172,15 +164,6 @@ def align(args: AlignArgs, *, on_step: Optional[Callable[[dict], None]] = None) 
             dist.destroy_process_group()
 
 
-def _pick_device(args: AlignArgs, d: Dist) -> torch.device:
-    if args.device:
-        return torch.device(args.device)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(d.local_rank)
-        return torch.device("cuda", d.local_rank)
-    return torch.device("cpu")
-
-
 def _align(args: AlignArgs, d: Dist, open_corpus, on_step) -> Path:
     from stamp.paired_data import PairedBatchLoader
 
@@ -189,7 +172,7 @@ def _align(args: AlignArgs, d: Dist, open_corpus, on_step) -> Path:
         if getattr(args, name) < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     run = Path(args.out)
-    device = _pick_device(args, d)
+    device = pick_device(args, d)
     corpus = open_corpus(args.data)
     n_genes = int(len(corpus.genes))
     model, tokenizer, init_dir = build_model(args, n_genes)
@@ -213,22 +196,8 @@ def _align(args: AlignArgs, d: Dist, open_corpus, on_step) -> Path:
     total = int(args.max_steps)
 
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + d.rank)
-    step, spots_seen = 0, 0
-    if resume_from is not None:
-        ckpt.load_model_weights(model, resume_from)
-        ckpt.load_optimizer(optimizer, resume_from)
-        ckpt.restore_rng(resume_from, d.rank, gen)
-        state = ckpt.read_state(resume_from)
-        if state.get("world", 1) != d.world:
-            raise TrainingError(f"{resume_from} was written by {state.get('world')} processes; resume with the same number")
-        pos = ckpt.read_position(resume_from, d.rank)
-        step, spots_seen = state["step"], pos["spots_seen"]
-        loader.load_state_dict(pos["loader"])
-        if d.main:
-            _truncate_metrics(run / METRICS_FILE, step)
-    elif args.resume and d.main:
-        _truncate_metrics(run / METRICS_FILE, 0)
-    d.barrier()
+    step, spots_seen = resume_state(resume_from, resume=args.resume, model=model, optimizer=optimizer, gen=gen,
+                                    loader=loader, d=d, metrics_path=run / METRICS_FILE)
 
     forward: Callable = model
     if d.world > 1:
@@ -245,21 +214,12 @@ def _align(args: AlignArgs, d: Dist, open_corpus, on_step) -> Path:
     stop_at = min(total, args.stop_after) if args.stop_after else total
 
     def save(at_step: int) -> None:
-        stage_dir = ckpt.staging_dir(run, at_step)
-        if d.main:
-            shutil.rmtree(stage_dir, ignore_errors=True)
-        d.barrier()
-        ckpt.write_rank_part(stage_dir, d.rank, {"loader": position, "spots_seen": spots_seen}, gen)
-        if d.main:
-            ckpt.write_main_part(stage_dir, model, optimizer, {})
-        d.barrier()
-        if d.main:
-            ckpt.finalize(run, at_step, {"step": at_step, "world": d.world, "stage": STAGE,
-                                         "schedule": {"name": "linear-warmup-cosine", "lr": args.lr,
-                                                      "min_lr": args.min_lr, "warmup": args.warmup_steps,
-                                                      "total": total},
-                                         "metrics": last_metrics}, keep=args.keep_checkpoints)
-        d.barrier()
+        save_checkpoint(run, at_step, d=d, model=model, optimizer=optimizer, gen=gen, position=position,
+                        spots_seen=spots_seen, keep=args.keep_checkpoints,
+                        state={"stage": STAGE,
+                               "schedule": {"name": "linear-warmup-cosine", "lr": args.lr,
+                                            "min_lr": args.min_lr, "warmup": args.warmup_steps, "total": total},
+                               "metrics": last_metrics})
 
     model.train()
     while step < stop_at:
@@ -282,23 +242,9 @@ def _align(args: AlignArgs, d: Dist, open_corpus, on_step) -> Path:
                                   out.csp_correct, out.csp_total], dtype=torch.float64)
             n_spots += len(batch)
         spots_seen += n_spots
-        if d.world > 1:
-            sums = sums.to(device)
-            dist.all_reduce(sums)
-            sums = sums.cpu()
-            sums[:5] /= d.world
-            counted = torch.tensor([n_spots], dtype=torch.float64, device=device)
-            dist.all_reduce(counted)
-            n_spots = int(counted.item())
+        sums, n_spots = reduce_step_sums(sums, n_spots, n_mean=5, device=device, d=d)
         loss = float(sums[0]) / args.grad_accum
-        if not math.isfinite(loss):
-            optimizer.zero_grad(set_to_none=True)
-            last = ckpt.latest_checkpoint(run)
-            raise TrainingError(
-                f"loss became {loss} at step {step + 1} of {run}; training stopped without saving. "
-                f"Last good checkpoint: {last or 'none'}. Lower --lr or raise --warmup-steps, then "
-                "--resume from it (or restart)."
-            )
+        stop_if_not_finite(loss, step, run, optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -315,8 +261,7 @@ def _align(args: AlignArgs, d: Dist, open_corpus, on_step) -> Path:
             "epoch": position["epoch"],
         }
         if d.main:
-            with metrics_path.open("a") as fh:
-                fh.write(json.dumps(last_metrics) + "\n")
+            append_metrics(metrics_path, last_metrics)
             if args.progress:
                 logger.info("step %d/%d loss %.4f csp_acc %s", step, stop_at, loss, last_metrics["csp_acc"])
         if on_step is not None:
