@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
     @app.command("evaluate")
     @friendly_errors
     def evaluate_cmd(
-        task: str = typer.Argument(..., help="linear-probe, cluster, predict-expression, or all."),
+        task: str = typer.Argument(..., help="linear-probe, cluster, predict-expression, several comma-separated, or all."),
         model: Optional[List[str]] = typer.Option(
             None, "--model", help="Model folder (RUN, RUN/model) or Hub repo id; repeat to compare several."),
         data: str = typer.Option(..., "--data", help="Evaluation corpus (shard directory or Hub dataset id)."),

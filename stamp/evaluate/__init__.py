@@ -76,7 +76,8 @@ def evaluate(task: str, models: Sequence[str | os.PathLike], data: str | os.Path
              label: str | None = None, modality: str = "gene", baselines: bool = True, seed: int = 0,
              device: str | None = None, batch_size: int = 256, figures: bool = True, progress: bool = True,
              knn_k: int = 50, n_hvgs: int = 5000):
-    """Run ``task`` (or ``"all"``) for every model plus the baselines; returns the results DataFrame.
+    """Run ``task`` (one, comma-separated ones, or ``"all"``) for every model plus the baselines; returns the
+    results DataFrame.
 
     Writes ``out/results.csv``, ``out/results.md`` and figures (each file atomically).
     """
@@ -86,7 +87,7 @@ def evaluate(task: str, models: Sequence[str | os.PathLike], data: str | os.Path
     from stamp.evaluate import figures as fig
     from stamp.evaluate.results import write_results
 
-    tasks = list(TASKS) if task == "all" else [task]
+    tasks = list(TASKS) if task == "all" else [t.strip() for t in task.split(",") if t.strip()]
     for t in tasks:
         if t not in TASKS:
             raise EvaluateError(f"unknown task {t!r}: choose one of {', '.join(TASKS)} or all")

@@ -55,7 +55,8 @@ def cluster_maps(out: Path, data, clusters: dict[str, np.ndarray], *, label: str
     """Per slide (first two): true labels next to each feature set's Leiden clusters."""
     plt = _plt()
     paths = []
-    for slide in [s for s in data.slides][:MAX_SLIDES]:
+    labelled = [s for s in data.slides if data.labelled[data.slide_ids == s].any()]  # the slides clustered
+    for slide in labelled[:MAX_SLIDES]:
         sel = data.slide_ids == slide
         names = list(clusters)
         fig, axes = plt.subplots(1, len(names) + 1, figsize=(3 * (len(names) + 1), 3.2), squeeze=False)
