@@ -19,13 +19,13 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from spavis.format.io import apply_umask, atomic_write_text, make_temp_dir, publish_dir, remove_tree
+from spavis.format.io import apply_umask, atomic_write_text
 
 from stamp.constants import GROUP_SIZE
 from stamp.data import Batch
@@ -33,7 +33,8 @@ from stamp.errors import DataError, TrainingError
 from stamp import checkpoint as ckpt
 from stamp.model import StampGeneEncoder, create_model
 from stamp.objectives import StampForPretraining
-from stamp.training_loop import append_metrics, reduce_step_sums, resume_state, save_checkpoint, stop_if_not_finite
+from stamp.training_loop import (append_metrics, corpus_licenses, reduce_step_sums, resume_state, save_checkpoint,
+                                 stop_if_not_finite, write_model_dir)
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +142,17 @@ def init_distributed() -> Dist:
         dist.init_process_group(backend=backend)
         owns = True
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
+
+
+@contextlib.contextmanager
+def distributed() -> Iterator[Dist]:
+    """:func:`init_distributed` for one run; the process group it created is destroyed afterwards."""
+    d = init_distributed()
+    try:
+        yield d
+    finally:
+        if d.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def pick_device(args: PretrainArgs, d: Dist) -> torch.device:
@@ -332,29 +344,9 @@ def _progress(enabled: bool, total: int):
     )
 
 
-def _write_model(run: Path, model: StampGeneEncoder, tokenizer, info: dict) -> Path:
-    """RUN/model: config.json + model.safetensors + tokenizer files + README card (atomic swap)."""
-    from stamp.hub import write_model_card
-
-    final = run / "model"
-    tmp = make_temp_dir(final)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_model_card(tmp, info)
-        apply_umask(tmp, recursive=True)  # savers that go through mkstemp would leave 0600 files
-        publish_dir(tmp, final)
-    except BaseException:
-        remove_tree(tmp)
-        raise
-    return final
-
-
 def _data_info(corpus, args: PretrainArgs, n_spots: int) -> dict:
     slides = corpus.slides
-    licenses = sorted({str(x) for x in slides["license"].dropna()}) if "license" in slides else []
-    if "license" in slides and slides["license"].isna().any():  # local slices: say so, never drop them
-        licenses.append(f"unknown ({int(slides['license'].isna().sum())} slide(s) without a recorded license)")
+    licenses = corpus_licenses(slides)
     fraction = generated_fraction(slides)
     return {
         "source": str(args.data),
@@ -394,12 +386,8 @@ def pretrain(args: PretrainArgs, *, on_step: Callable[[dict], None] | None = Non
     args.validate()
     if args.stage == "spatial" and not args.init and not args.resume:
         logger.warning("spatial stage without --init: training IGR + CGR from a random encoder")
-    d = init_distributed()
-    try:
+    with distributed() as d:
         return _pretrain(args, d, open_corpus, on_step)
-    finally:
-        if d.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _pretrain(args: PretrainArgs, d: Dist, open_corpus, on_step) -> Path:
@@ -556,7 +544,9 @@ def _pretrain(args: PretrainArgs, d: Dist, open_corpus, on_step) -> Path:
     }
     model_dir = run / "model"
     if d.main:
-        model_dir = _write_model(run, model, tokenizer, info)
+        from stamp.hub import write_model_card
+
+        model_dir = write_model_dir(run, model, tokenizer, info, write_model_card)
         atomic_write_text(run / RUN_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
     d.barrier()
     return model_dir

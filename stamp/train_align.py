@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
-from spavis.format.io import apply_umask, atomic_dir, atomic_write_text
+from spavis.format.io import atomic_write_text
 from stamp import checkpoint as ckpt
 from stamp.errors import TrainingError
-from stamp.train import ARGS_FILE, METRICS_FILE, RUN_INFO, Dist, init_distributed, lr_at, pick_device
-from stamp.training_loop import append_metrics, reduce_step_sums, resume_state, save_checkpoint, stop_if_not_finite
+from stamp.train import ARGS_FILE, METRICS_FILE, RUN_INFO, Dist, distributed, lr_at, pick_device
+from stamp.training_loop import (append_metrics, corpus_licenses, reduce_step_sums, resume_state, save_checkpoint,
+                                 stop_if_not_finite, write_model_dir)
 
 logger = logging.getLogger(__name__)
 
@@ -143,9 +143,7 @@ def build_model(args: AlignArgs, n_genes: int):
 
 def _data_info(corpus, args: AlignArgs, n_spots: int) -> dict:
     slides = corpus.slides
-    licenses = sorted({str(x) for x in slides["license"].dropna()}) if "license" in slides else []
-    if "license" in slides and slides["license"].isna().any():
-        licenses.append(f"unknown ({int(slides['license'].isna().sum())} slide(s) without a recorded license)")
+    licenses = corpus_licenses(slides)
     generated = bool(len(slides)) and "source" in slides and bool((slides["source"] == "generated").all())
     return {"source": str(args.data), "hub_id": getattr(corpus, "repo_id", None), "n_spots": n_spots,
             "n_slides": int(len(slides)), "n_genes": int(len(corpus.genes)), "licenses": licenses,
@@ -156,12 +154,8 @@ def align(args: AlignArgs, *, on_step: Optional[Callable[[dict], None]] = None) 
     """Run (or resume) the alignment stage; returns the ``RUN/model`` folder."""
     from spavis.format import open_corpus
 
-    d = init_distributed()
-    try:
+    with distributed() as d:
         return _align(args, d, open_corpus, on_step)
-    finally:
-        if d.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _align(args: AlignArgs, d: Dist, open_corpus, on_step) -> Path:
@@ -287,23 +281,12 @@ def _align(args: AlignArgs, d: Dist, open_corpus, on_step) -> Path:
     }
     model_dir = run / "model"
     if d.main:
-        model_dir = _write_model(run, model, tokenizer, info)
+        from stamp.multimodal import write_stamp_model_card
+
+        model_dir = write_model_dir(run, model, tokenizer, info, write_stamp_model_card)
         atomic_write_text(run / RUN_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
     d.barrier()
     return model_dir
-
-
-def _write_model(run: Path, model, tokenizer, info: dict) -> Path:
-    """RUN/model: config.json + model.safetensors + tokenizer files + README card (atomic swap)."""
-    from stamp.multimodal import write_stamp_model_card
-
-    final = run / "model"
-    with atomic_dir(final) as tmp:  # staged beside RUN/model, swapped in whole (umask modes)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_stamp_model_card(tmp, info)
-        apply_umask(tmp, recursive=True)  # savers that go through mkstemp would leave 0600 files
-    return final
 
 
 __all__ = ["AlignArgs", "align", "build_model", "STAGE"]

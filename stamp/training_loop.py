@@ -11,12 +11,12 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from spavis.format.io import atomic_write_text
+from spavis.format.io import apply_umask, atomic_dir, atomic_write_text
 from stamp import checkpoint as ckpt
 from stamp.errors import TrainingError
 
@@ -110,5 +110,26 @@ def stop_if_not_finite(loss: float, step: int, run: Path, optimizer: torch.optim
     )
 
 
-__all__ = ["append_metrics", "reduce_step_sums", "resume_state", "save_checkpoint", "stop_if_not_finite",
+def write_model_dir(run: Path, model: Any, tokenizer: Any, info: dict,
+                    write_card: Callable[[Path, dict], None]) -> Path:
+    """RUN/model: config.json + model.safetensors + tokenizer files + README card, staged beside
+    it and swapped in whole (never a half-written model folder)."""
+    final = run / "model"
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_card(tmp, info)
+        apply_umask(tmp, recursive=True)  # savers that go through mkstemp would leave 0600 files
+    return final
+
+
+def corpus_licenses(slides) -> list[str]:
+    """The licenses of a corpus's slides (for the model card); slides without one are counted, never dropped."""
+    licenses = sorted({str(x) for x in slides["license"].dropna()}) if "license" in slides else []
+    if "license" in slides and slides["license"].isna().any():
+        licenses.append(f"unknown ({int(slides['license'].isna().sum())} slide(s) without a recorded license)")
+    return licenses
+
+
+__all__ = ["corpus_licenses", "write_model_dir", "append_metrics", "reduce_step_sums", "resume_state", "save_checkpoint", "stop_if_not_finite",
            "truncate_metrics"]
