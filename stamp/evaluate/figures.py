@@ -32,7 +32,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _spatial(ax, xy: np.ndarray, values, *, title: str, categorical: bool, cmap: str = "viridis"):
+def _spatial(ax, xy: np.ndarray, values, *, title: str, categorical: bool, cmap: str = "viridis", lim=None):
     ok = np.isfinite(xy).all(axis=1)
     if categorical:
         cats = sorted({str(v) for v in values[ok] if v is not None and v != -1})
@@ -42,7 +42,9 @@ def _spatial(ax, xy: np.ndarray, values, *, title: str, categorical: bool, cmap:
         colors[c < 0] = (0.85, 0.85, 0.85, 1.0)  # unlabelled
         ax.scatter(xy[ok, 0], xy[ok, 1], c=colors, s=6, linewidths=0)
     else:
-        sc = ax.scatter(xy[ok, 0], xy[ok, 1], c=np.asarray(values, float)[ok], s=6, linewidths=0, cmap=cmap)
+        vmin, vmax = lim if lim is not None else (None, None)
+        sc = ax.scatter(xy[ok, 0], xy[ok, 1], c=np.asarray(values, float)[ok], s=6, linewidths=0, cmap=cmap,
+                        vmin=vmin, vmax=vmax)
         _plt().colorbar(sc, ax=ax, fraction=0.046, pad=0.02)
     ax.set_title(title, fontsize=8)
     ax.invert_yaxis()
@@ -105,7 +107,7 @@ def expression_maps(out: Path, data, extras: dict, *, describe) -> list[Path]:
             lim = (float(Y[test, g].min()), float(Y[test, g].max()))
             for c, (title, values) in enumerate([("measured", Y[test, g]), ("BLEEP top-K", preds["bleep"][:, g]),
                                                  ("MLP", preds["mlp"][:, g])]):
-                _spatial(axes[r, c], xy, np.clip(values, *lim), title=f"{sym}: {title}", categorical=False)
+                _spatial(axes[r, c], xy, np.clip(values, *lim), title=f"{sym}: {title}", categorical=False, lim=lim)
         fig.suptitle(f"{name}, held out: {describe(extras['fold'])}", fontsize=9)
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
         paths.append(_save(fig, out / f"expression_{safe}.png"))
