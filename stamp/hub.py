@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from spavis.format.io import atomic_write_text
 from stamp.errors import PublishError
@@ -20,10 +20,15 @@ CARD_NAME = "README.md"
 RUN_INFO = "run.json"
 
 
-def _fmt(value: Any) -> str:
+def card_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def card_rows(values: dict, empty: str = "") -> str:
+    """``| key | value |`` Markdown table rows of a model card (floats to 4 significant digits)."""
+    return "\n".join(f"| {k} | {card_value(v)} |" for k, v in values.items()) or empty
 
 
 def _corpus_revision(data: dict) -> str:
@@ -57,9 +62,7 @@ def model_card(info: dict, config: dict) -> str:
     if data.get("hub_id"):
         header += ["datasets:", f"- {data['hub_id']}"]
     header.append("---")
-    cfg_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in config.items())
-    train_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in train.items())
-    metric_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items()) or "| (none) | |"
+    cfg_rows, train_rows, metric_rows = card_rows(config), card_rows(train), card_rows(metrics, "| (none) | |")
     fraction = data.get("generated_fraction", 1.0 if data.get("generated") else 0.0) or 0.0
     if fraction >= 1.0:
         generated = " **The training data were generated (spavis.simulate), not measured.**"
@@ -95,14 +98,14 @@ or `stamp embed --model REPO_ID --data SHARD_DIR --out embeddings.parquet`.
 
 ## Training data
 
-- corpus: `{data.get('source', '?')}` ({_fmt(data.get('n_spots', '?'))} spots,
-  {_fmt(data.get('n_slides', '?'))} slides, {_fmt(data.get('n_genes', '?'))} genes){generated}{_corpus_revision(data)}
+- corpus: `{data.get('source', '?')}` ({card_value(data.get('n_spots', '?'))} spots,
+  {card_value(data.get('n_slides', '?'))} slides, {card_value(data.get('n_genes', '?'))} genes){generated}{_corpus_revision(data)}
 - data licenses: {', '.join(licenses) if licenses else 'see the corpus card'}
 
 ## Training
 
 - stage: {info.get('stage', '?')}; optimizer steps: {info.get('steps', '?')};
-  spots seen: {_fmt(info.get('spots_seen', '?'))}; initialised from: {info.get('init') or 'random'}
+  spots seen: {card_value(info.get('spots_seen', '?'))}; initialised from: {info.get('init') or 'random'}
 
 | setting | value |
 |---|---|
@@ -136,12 +139,13 @@ listed above; check them before redistribution. Code: BSD-3-Clause (`stamp`).
     return "\n".join(header) + "\n" + body.lstrip("\n")
 
 
-def write_model_card(model_dir: str | Path, info: dict) -> Path:
-    """Write ``model_dir/README.md`` from run info and ``model_dir/config.json``."""
+def write_model_card(model_dir: str | Path, info: dict, render: Callable[[dict, dict], str] = model_card) -> Path:
+    """Write ``model_dir/README.md`` from run info and ``model_dir/config.json`` (``render``: the card's
+    text from both; the gene encoder's :func:`model_card` unless given)."""
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     path = model_dir / CARD_NAME
-    atomic_write_text(path, model_card(info, config))
+    atomic_write_text(path, render(info, config))
     return path
 
 

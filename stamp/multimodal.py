@@ -200,12 +200,10 @@ def create_stamp_model(gene_encoder: StampGeneEncoder, vision_encoder: VisionEnc
     return model
 
 
-def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def stamp_model_card(info: dict, config: dict) -> str:
     """Markdown card (HF YAML header + sections) for an aligned StampModel, from the run info."""
+    from stamp.hub import card_rows, card_value
+
     data = info.get("data", {})
     vision = info.get("vision", {})
     licenses = sorted({str(x) for x in data.get("licenses", []) if x})
@@ -221,8 +219,8 @@ def stamp_model_card(info: dict, config: dict) -> str:
         f"| {i + 1} | {s.get('stage')} | {s.get('steps')} | `{s.get('data')}` |"
         f" {'yes' if s.get('generated') else 'no' if s.get('generated') is not None else '?'} |"
         for i, s in enumerate(info.get("stages", [])))
-    train_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in info.get("train", {}).items())
-    metric_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in info.get("final_metrics", {}).items()) or "| (none) | |"
+    train_rows = card_rows(info.get("train", {}))
+    metric_rows = card_rows(info.get("final_metrics", {}), "| (none) | |")
     generated = (" **Some training data were generated (spavis.simulate), not measured.**"
                  if any(s.get("generated") for s in info.get("stages", [])) else "")
     gene = config.get("gene", {})
@@ -265,8 +263,8 @@ or `stamp embed --model REPO_ID --data SHARD_DIR --modality fused --out emb.parq
 |---|---|---|---|---|
 {stage_rows}
 
-Alignment corpus: `{data.get('source', '?')}` ({_fmt(data.get('n_spots', '?'))} paired spots,
-{_fmt(data.get('n_slides', '?'))} slides).{generated} Data licenses:
+Alignment corpus: `{data.get('source', '?')}` ({card_value(data.get('n_spots', '?'))} paired spots,
+{card_value(data.get('n_slides', '?'))} slides).{generated} Data licenses:
 {', '.join(licenses) if licenses else 'see the corpus card'}. Vision trunk frozen:
 {vision.get('trunk_frozen')}; gene encoder frozen: {info.get('gene_frozen')}.
 
@@ -291,14 +289,10 @@ weights are derived from the training data, whose licenses are listed above.
 
 
 def write_stamp_model_card(model_dir, info: dict) -> Path:
-    """Write ``model_dir/README.md`` from run info and ``model_dir/config.json``."""
-    import json
+    """Write ``model_dir/README.md`` from run info and ``model_dir/config.json`` (atomically)."""
+    from stamp.hub import write_model_card
 
-    model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    path = model_dir / "README.md"
-    path.write_text(stamp_model_card(info, config))
-    return path
+    return write_model_card(model_dir, info, render=stamp_model_card)
 
 
 __all__ = ["StampModel", "StampModelConfig", "create_stamp_model", "stamp_model_card", "write_stamp_model_card",
