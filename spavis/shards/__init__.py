@@ -14,7 +14,6 @@ _EXPORTS = {
     "BuildConfig": "spavis.shards.config",
     "DEFAULT_MAX_SPOTS_PER_SHARD": "spavis.shards.config",
     "build_shards": "spavis.shards.builder",
-    "build_params": "spavis.shards.builder",
     "is_up_to_date": "spavis.shards.builder",
     "SliceInput": "spavis.shards.discover",
     "discover_inputs": "spavis.shards.discover",

@@ -37,14 +37,9 @@ from spavis.shards.write import (
     write_shard,
 )
 
-__all__ = ["build_shards", "build_params", "is_up_to_date", "LOCK_TIMEOUT_S"]
+__all__ = ["build_shards", "is_up_to_date", "LOCK_TIMEOUT_S"]
 
 LOCK_TIMEOUT_S = 2.0  # a second build into the same --out (or work dir) waits this long, then fails
-
-
-def build_params(vocab, min_genes: int, k_neighbors: int, max_spots_per_shard: int) -> dict[str, Any]:
-    """The parameters that decide the output bytes (workers and input order do not)."""
-    return BuildConfig(vocab, min_genes, k_neighbors, max_spots_per_shard).params(vocab)
 
 
 def is_up_to_date(out: Path, vocab, params: dict[str, Any], slices: Sequence[SliceInput]) -> bool:
