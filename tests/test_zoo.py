@@ -8,6 +8,7 @@ tokenizer files are the real ones. Real sizes: benchmarks/convert_real_size.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 
@@ -40,6 +41,25 @@ def small_entries() -> dict:
     # the shipped channel order (bgr: the released pipeline fed OpenCV's BGR patches) with test sizes
     models["stamp-v1"]["vision_config"] = {**VISION, "channel_order": models["stamp-v1"]["vision_config"]["channel_order"]}
     return models
+
+
+def use_small_registry(tmp_path, monkeypatch) -> None:
+    """Point ``STAMP_REGISTRY`` at a registry of the small test models (:func:`small_entries`)."""
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"models": small_entries()}))
+    monkeypatch.setenv("STAMP_REGISTRY", str(registry))
+
+
+@contextlib.contextmanager
+def stamp_repo_on_hub(tmp_path, monkeypatch, files: dict, gated: bool = False):
+    """A fake Hub serving ``minghaofdu/STAMP`` with ``files``, active for the real hub client."""
+    from tests.fakes.hub import FakeHub
+
+    with FakeHub(tmp_path / "hub") as hub:
+        hub.create_repo("minghaofdu/STAMP", "model", gated=gated)
+        hub.add_files("minghaofdu/STAMP", files)
+        hub.activate(monkeypatch, cache_dir=tmp_path / "hf")
+        yield hub
 
 
 def small_entry(name: str):
@@ -246,18 +266,13 @@ def test_strict_mapping_names_the_bad_tensor(released, tmp_path, damage, message
 def test_from_pretrained_registry_name_via_gated_fake_hub(released, tmp_path, monkeypatch):
     from stamp.model import StampGeneEncoder
     from stamp.multimodal import StampModel
-    from tests.fakes.hub import FakeHub
 
     ref, path = released
-    registry = tmp_path / "registry.json"
-    registry.write_text(json.dumps({"models": small_entries()}))
-    monkeypatch.setenv("STAMP_REGISTRY", str(registry))
+    use_small_registry(tmp_path, monkeypatch)
     monkeypatch.setenv("STAMP_CACHE", str(tmp_path / "converted"))
     assert get_pretrained("stamp-v1").row()["converted"] == "no"
-    with FakeHub(tmp_path / "hub") as hub:
-        hub.create_repo("minghaofdu/STAMP", "model", gated=True)
-        hub.add_files("minghaofdu/STAMP", {"pytorch_model.bin": path, "README.md": "# STAMP\n"})
-        hub.activate(monkeypatch, cache_dir=tmp_path / "hf")
+    files = {"pytorch_model.bin": path, "README.md": "# STAMP\n"}
+    with stamp_repo_on_hub(tmp_path, monkeypatch, files, gated=True) as hub:
         with pytest.raises(PretrainedError, match=r"gated: accept its terms at https://huggingface.co/minghaofdu/STAMP"
                                                   r".*hf auth login"):
             StampModel.from_pretrained("stamp-v1")
@@ -289,9 +304,7 @@ def test_cli_models_and_convert(released, tmp_path, monkeypatch):
     from stamp.cli import app
 
     _, path = released
-    registry = tmp_path / "registry.json"
-    registry.write_text(json.dumps({"models": small_entries()}))
-    monkeypatch.setenv("STAMP_REGISTRY", str(registry))
+    use_small_registry(tmp_path, monkeypatch)
     runner = CliRunner()
     res = runner.invoke(app, ["models"])
     assert res.exit_code == 0 and "stamp-v1-gene" in res.output and "minghaofdu/STAMP" in res.output
@@ -314,16 +327,10 @@ def test_embed_stamp_v1_gene_end_to_end(released, means_file, stamp_v1_paired_co
 
     from spavis.format import open_corpus, rows_to_csr
     from stamp.embed import embed_corpus
-    from tests.fakes.hub import FakeHub
 
     ref, path = released
-    registry = tmp_path / "registry.json"
-    registry.write_text(json.dumps({"models": small_entries()}))
-    monkeypatch.setenv("STAMP_REGISTRY", str(registry))
-    with FakeHub(tmp_path / "hub") as hub:
-        hub.create_repo("minghaofdu/STAMP", "model")
-        hub.add_files("minghaofdu/STAMP", {"pytorch_model.bin": path})
-        hub.activate(monkeypatch, cache_dir=tmp_path / "hf")
+    use_small_registry(tmp_path, monkeypatch)
+    with stamp_repo_on_hub(tmp_path, monkeypatch, {"pytorch_model.bin": path}):
         with pytest.raises(PretrainedError, match="--means"):
             embed_corpus("stamp-v1-gene", stamp_v1_paired_corpus, tmp_path / "e.parquet", device="cpu", progress=False)
         assert not (tmp_path / "e.parquet").exists()
@@ -482,19 +489,13 @@ def test_stamp_embed_stamp_v1_fused_end_to_end(released, means_file, stamp_v1_pa
     from stamp.cli import app
     from stamp.tokenizer import to_model_input_ids
     from stamp.vision import load_vision_config, to_pixels
-    from tests.fakes.hub import FakeHub
 
     ref, path = released
-    registry = tmp_path / "registry.json"
-    registry.write_text(json.dumps({"models": small_entries()}))
-    monkeypatch.setenv("STAMP_REGISTRY", str(registry))
+    use_small_registry(tmp_path, monkeypatch)
     out = tmp_path / "emb.parquet"
     args = ["embed", "--model", "stamp-v1", "--data", str(stamp_v1_paired_corpus), "--modality", "fused",
             "--out", str(out), "--device", "cpu", "--no-progress"]
-    with FakeHub(tmp_path / "hub") as hub:
-        hub.create_repo("minghaofdu/STAMP", "model", gated=True)
-        hub.add_files("minghaofdu/STAMP", {"pytorch_model.bin": path})
-        hub.activate(monkeypatch, cache_dir=tmp_path / "hf")
+    with stamp_repo_on_hub(tmp_path, monkeypatch, {"pytorch_model.bin": path}, gated=True) as hub:
         runner = CliRunner()
         res = runner.invoke(app, args + ["--means", str(means_file)])
         assert res.exit_code == 1 and "gated" in res.output and "hf auth login" in res.output, res.output
@@ -551,16 +552,9 @@ def pa_concat(tables):
 
 
 def test_registry_file_missing_from_repo_names_what_is_there(released, tmp_path, monkeypatch):
-    from tests.fakes.hub import FakeHub
-
     _, path = released
-    registry = tmp_path / "registry.json"
-    registry.write_text(json.dumps({"models": small_entries()}))
-    monkeypatch.setenv("STAMP_REGISTRY", str(registry))
-    with FakeHub(tmp_path / "hub") as hub:
-        hub.create_repo("minghaofdu/STAMP", "model")
-        hub.add_files("minghaofdu/STAMP", {"stamp_weights.ckpt": path})
-        hub.activate(monkeypatch, cache_dir=tmp_path / "hf")
+    use_small_registry(tmp_path, monkeypatch)
+    with stamp_repo_on_hub(tmp_path, monkeypatch, {"stamp_weights.ckpt": path}):
         with pytest.raises(PretrainedError, match=r"expected file \(it holds: stamp_weights\.ckpt\).*STAMP_REGISTRY"):
             resolve_pretrained("stamp-v1")
 
@@ -569,18 +563,12 @@ def test_concurrent_loads_convert_once(released, tmp_path, monkeypatch, caplog):
     import logging
 
     from stamp.model import StampGeneEncoder
-    from tests.fakes.hub import FakeHub
     from tests.fakes.http import run_concurrently
 
     _, path = released
-    registry = tmp_path / "registry.json"
-    registry.write_text(json.dumps({"models": small_entries()}))
-    monkeypatch.setenv("STAMP_REGISTRY", str(registry))
+    use_small_registry(tmp_path, monkeypatch)
     monkeypatch.setenv("STAMP_CACHE", str(tmp_path / "converted"))
-    with FakeHub(tmp_path / "hub") as hub:
-        hub.create_repo("minghaofdu/STAMP", "model")
-        hub.add_files("minghaofdu/STAMP", {"pytorch_model.bin": path})
-        hub.activate(monkeypatch, cache_dir=tmp_path / "hf")
+    with stamp_repo_on_hub(tmp_path, monkeypatch, {"pytorch_model.bin": path}):
         with caplog.at_level(logging.INFO, logger="stamp.registry"):
             assert run_concurrently(lambda: StampGeneEncoder.from_pretrained("stamp-v1-gene"), n=3) == []
     assert sum("converting stamp-v1-gene" in r.getMessage() for r in caplog.records) == 1
@@ -593,16 +581,10 @@ def test_cli_convert_from_hub_repo_id(released, tmp_path, monkeypatch):
 
     from stamp.cli import app
     from stamp.model import StampGeneEncoder
-    from tests.fakes.hub import FakeHub
 
     ref, path = released
-    registry = tmp_path / "registry.json"
-    registry.write_text(json.dumps({"models": small_entries()}))
-    monkeypatch.setenv("STAMP_REGISTRY", str(registry))
-    with FakeHub(tmp_path / "hub") as hub:
-        hub.create_repo("minghaofdu/STAMP", "model")
-        hub.add_files("minghaofdu/STAMP", {"pytorch_model.bin": path})
-        hub.activate(monkeypatch, cache_dir=tmp_path / "hf")
+    use_small_registry(tmp_path, monkeypatch)
+    with stamp_repo_on_hub(tmp_path, monkeypatch, {"pytorch_model.bin": path}):
         res = CliRunner().invoke(app, ["convert", "--from", "stamp-released", "minghaofdu/STAMP", "--name",
                                        "stamp-v1-gene", "--out", str(tmp_path / "g")])
     assert res.exit_code == 0, res.output
