@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from stamp_helpers import make_corpus
+from stamp_helpers import generated_domains, make_corpus, write_generated_slices
 
 PX = 224
 
@@ -117,30 +117,14 @@ def make_paired_corpus(root: Path, *, slides: int = 1, n_genes: int = 80, max_ro
     """A corpus built by the real pipeline from GENERATED slices with a generated H&E image:
     ``write_simulated_slice(..., he_image=True)`` (domains drive expression AND texture) then
     ``build_shards(..., with_images=True)``. Returns (root, {spot_id: domain number})."""
-    import json
-
     from spavis.shards import build_shards
-    from spavis.simulate import write_simulated_slice
-    from stamp_helpers import gene_subset
 
     root = Path(root)
-    vocab = gene_subset(n_genes)
-    inputs = root.parent / f".{root.name}-inputs"
-    folders = []
-    for k in range(slides):
-        folder = inputs / f"gen{k}"
-        if not folder.is_dir():
-            write_simulated_slice(folder, genes=list(vocab.ensembl_ids), symbols=list(vocab.symbols), seed=seed + k,
-                                  n_domains=n_domains, max_row=max_row, he_image=True,
-                                  n_markers=simulate_kwargs.pop("n_markers", max(10, n_genes // 10)), **simulate_kwargs)
-        folders.append(folder)
+    vocab, folders = write_generated_slices(root, slides=slides, n_genes=n_genes, seed=seed, n_domains=n_domains,
+                                            max_row=max_row, he_image=True, **simulate_kwargs)
     build_shards(folders, root, vocab=vocab, min_genes=min_genes, k_neighbors=8, max_spots_per_shard=1,
                  with_images=True)
-    domains: dict[str, int] = {}
-    for folder in folders:
-        truth = json.loads((folder / "generated.json").read_text())["domains"]
-        domains.update({f"{folder.name}:{bc}": int(str(d).rsplit("_", 1)[-1]) for bc, d in truth.items()})
-    return root, domains
+    return root, {k: int(str(d).rsplit("_", 1)[-1]) for k, d in generated_domains(folders).items()}
 
 
 def make_mosaic_corpus(root: Path, *, slides: int = 2, n_genes: int = 80, max_row: int = 6, n_domains: int = 4,

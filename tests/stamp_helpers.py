@@ -48,25 +48,41 @@ def make_corpus(
     ``marker_lfc``, ``median_umis``) go to :func:`spavis.simulate.write_simulated_slice`.
     """
     root = Path(root)
+    vocab, folders = write_generated_slices(root, slides=slides, n_genes=n_genes, seed=seed, n_domains=n_domains,
+                                            max_row=max_row, n_markers=n_markers, with_image=False,
+                                            tissue_fraction=tissue_fraction, **simulate_kwargs)
+    build_shards(folders, root, vocab=vocab, min_genes=min_genes, k_neighbors=k, max_spots_per_shard=1)
+    domains = generated_domains(folders)
+    kept = _spot_ids(root)
+    return root, {s: domains[s] for s in kept}
+
+
+def write_generated_slices(root: Path, *, slides: int, n_genes: int, seed: int, n_domains: int,
+                           max_row: int | None, n_markers: int | None = None,
+                           **simulate_kwargs) -> tuple[Vocabulary, list[Path]]:
+    """The generated input slices ``gen0``, ``gen1`` ... of a test corpus at ``root``: kept in a
+    hidden sibling folder, written once (a rebuild of the same corpus reuses them)."""
     vocab = gene_subset(n_genes)
-    inputs = root.parent / f".{root.name}-inputs"
+    inputs = Path(root).parent / f".{Path(root).name}-inputs"
     folders = []
     for s in range(slides):
         folder = inputs / f"gen{s}"
         if not folder.is_dir():
             write_simulated_slice(folder, genes=list(vocab.ensembl_ids), symbols=list(vocab.symbols),
-                                  seed=seed + s, n_domains=n_domains, with_image=False, max_row=max_row,
-                                  tissue_fraction=tissue_fraction,
+                                  seed=seed + s, n_domains=n_domains, max_row=max_row,
                                   n_markers=n_markers if n_markers is not None else max(10, n_genes // 10),
                                   **simulate_kwargs)
         folders.append(folder)
-    build_shards(folders, root, vocab=vocab, min_genes=min_genes, k_neighbors=k, max_spots_per_shard=1)
+    return vocab, folders
+
+
+def generated_domains(folders: list[Path]) -> dict[str, str]:
+    """{spot_id: true domain} of generated slices (their ``generated.json``)."""
     domains = {}
     for folder in folders:
         truth = json.loads((folder / "generated.json").read_text())["domains"]
         domains.update({f"{folder.name}:{bc}": d for bc, d in truth.items()})
-    kept = _spot_ids(root)
-    return root, {s: domains[s] for s in kept}
+    return domains
 
 
 def _spot_ids(root: Path) -> list[str]:
