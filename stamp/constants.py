@@ -1,4 +1,4 @@
-"""The one home of stamp's shared constants: the token-id layout and the spatial-group geometry.
+"""The one home of stamp's shared constants: the token-id layout the spatial-group geometry and the run-folder file names.
 
 Token ids: 0 MASK, 1 PAD, 2 CLS, 3..29 reserved, gene ``i`` of the vocabulary -> ``i + 30``
 (the layout of the released STAMP / Nicheformer encoders, so embedding tables are
@@ -19,7 +19,12 @@ N_RESERVED = 30  # gene token id = vocabulary index + N_RESERVED
 GROUP_SIZE = 9
 GROUPS_PER_BATCH = 24
 D_MAX_UM = 400.0
+# A run folder (``stamp pretrain --out RUN``): options fixed at the start, one metrics line per
+# step, and the run summary written with RUN/model (read back by publish and the next stage's --init).
+ARGS_FILE = "train_args.json"
+METRICS_FILE = "metrics.jsonl"
+RUN_INFO = "run.json"
 from spavis.format.schema import SPOT_SPACING_UM as VISIUM_SPACING_UM  # noqa: E402  (one definition)
 
 __all__ = ["MASK_ID", "PAD_ID", "CLS_ID", "N_RESERVED", "GROUP_SIZE", "GROUPS_PER_BATCH", "D_MAX_UM",
-           "VISIUM_SPACING_UM"]
+           "VISIUM_SPACING_UM", "ARGS_FILE", "METRICS_FILE", "RUN_INFO"]

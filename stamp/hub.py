@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from spavis.format.io import atomic_write_text
+from stamp.constants import RUN_INFO
 from stamp.errors import PublishError
 
 CARD_NAME = "README.md"
-RUN_INFO = "run.json"
 
 
 def card_value(value: Any) -> str:

@@ -27,21 +27,18 @@ import torch.distributed as dist
 
 from spavis.format.io import apply_umask, atomic_write_text
 
-from stamp.constants import GROUP_SIZE
+from stamp.constants import ARGS_FILE, GROUP_SIZE, METRICS_FILE, RUN_INFO
 from stamp.data import Batch
 from stamp.errors import DataError, TrainingError
 from stamp import checkpoint as ckpt
 from stamp.model import StampGeneEncoder, create_model
 from stamp.objectives import StampForPretraining
-from stamp.training_loop import (append_metrics, corpus_licenses, reduce_step_sums, resume_state, save_checkpoint,
-                                 stop_if_not_finite, write_model_dir)
+from stamp.training_loop import (append_metrics, corpus_licenses, finish_run, reduce_step_sums, resume_state,
+                                 save_checkpoint, stop_if_not_finite)
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("gene", "spatial")
-ARGS_FILE = "train_args.json"
-METRICS_FILE = "metrics.jsonl"
-RUN_INFO = "run.json"
 
 @dataclass
 class PretrainArgs:
@@ -542,11 +539,6 @@ def _pretrain(args: PretrainArgs, d: Dist, open_corpus, on_step) -> Path:
         "final_metrics": {k: v for k, v in last_metrics.items() if v is not None and k != "step"},
         "license": "other",
     }
-    model_dir = run / "model"
-    if d.main:
-        from stamp.hub import write_model_card
+    from stamp.hub import write_model_card
 
-        model_dir = write_model_dir(run, model, tokenizer, info, write_model_card)
-        atomic_write_text(run / RUN_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
-    d.barrier()
-    return model_dir
+    return finish_run(run, info, d=d, model=model, tokenizer=tokenizer, write_card=write_model_card)

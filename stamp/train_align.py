@@ -31,10 +31,11 @@ import torch
 
 from spavis.format.io import atomic_write_text
 from stamp import checkpoint as ckpt
+from stamp.constants import ARGS_FILE, METRICS_FILE, RUN_INFO
 from stamp.errors import TrainingError
-from stamp.train import ARGS_FILE, METRICS_FILE, RUN_INFO, Dist, distributed, lr_at, pick_device
-from stamp.training_loop import (append_metrics, corpus_licenses, reduce_step_sums, resume_state, save_checkpoint,
-                                 stop_if_not_finite, write_model_dir)
+from stamp.train import Dist, distributed, lr_at, pick_device
+from stamp.training_loop import (append_metrics, corpus_licenses, finish_run, reduce_step_sums, resume_state,
+                                 save_checkpoint, stop_if_not_finite)
 
 logger = logging.getLogger(__name__)
 
@@ -279,14 +280,9 @@ def _align(args: AlignArgs, d: Dist, open_corpus, on_step) -> Path:
         "final_metrics": {k: v for k, v in last_metrics.items() if v is not None and k != "step"},
         "license": "other",
     }
-    model_dir = run / "model"
-    if d.main:
-        from stamp.multimodal import write_stamp_model_card
+    from stamp.multimodal import write_stamp_model_card
 
-        model_dir = write_model_dir(run, model, tokenizer, info, write_stamp_model_card)
-        atomic_write_text(run / RUN_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
-    d.barrier()
-    return model_dir
+    return finish_run(run, info, d=d, model=model, tokenizer=tokenizer, write_card=write_stamp_model_card)
 
 
 __all__ = ["AlignArgs", "align", "build_model", "STAGE"]

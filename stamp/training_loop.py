@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from spavis.format.io import apply_umask, atomic_dir, atomic_write_text
 from stamp import checkpoint as ckpt
+from stamp.constants import RUN_INFO
 from stamp.errors import TrainingError
 
 
@@ -123,6 +124,18 @@ def write_model_dir(run: Path, model: Any, tokenizer: Any, info: dict,
     return final
 
 
+def finish_run(run: Path, info: dict, *, d: Any, model: Any, tokenizer: Any,
+               write_card: Callable[[Path, dict], None]) -> Path:
+    """Publish a finished run (main rank): ``RUN/model`` (:func:`write_model_dir`), then ``RUN/run.json``
+    (``info``: what the card and the next stage's ``--init`` read). Returns ``RUN/model``."""
+    model_dir = run / "model"
+    if d.main:
+        model_dir = write_model_dir(run, model, tokenizer, info, write_card)
+        atomic_write_text(run / RUN_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
+    d.barrier()
+    return model_dir
+
+
 def corpus_licenses(slides) -> list[str]:
     """The licenses of a corpus's slides (for the model card); slides without one are counted, never dropped."""
     licenses = sorted({str(x) for x in slides["license"].dropna()}) if "license" in slides else []
@@ -131,5 +144,5 @@ def corpus_licenses(slides) -> list[str]:
     return licenses
 
 
-__all__ = ["corpus_licenses", "write_model_dir", "append_metrics", "reduce_step_sums", "resume_state", "save_checkpoint", "stop_if_not_finite",
-           "truncate_metrics"]
+__all__ = ["append_metrics", "corpus_licenses", "finish_run", "reduce_step_sums", "resume_state", "save_checkpoint",
+           "stop_if_not_finite", "truncate_metrics", "write_model_dir"]
