@@ -262,3 +262,103 @@ def test_label_column_must_exist(tmp_path):
     assert res.exit_code == 1
     assert "no annotation column 'layer'" in res.output and "--obs-columns layer" in res.output
     assert "Traceback" not in res.output
+
+
+# ----------------------------------------------------------------------------- image / fused features
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory):
+    """Two GENERATED slides with domain labels; slide gen0 has H&E patches (domain textures), gen1 has
+    none; a tiny aligned StampModel (1 gene step + 1 align step) trained on them."""
+    from paired_helpers import _list_in_manifest, write_paired
+    from stamp_helpers import generated_domains, write_generated_slices
+
+    from spavis.format import schema as S
+    from spavis.shards import build_shards
+    from stamp.cli import app as stamp_app
+
+    root = tmp_path_factory.mktemp("evimg")
+    vocab, folders = write_generated_slices(root / "c", slides=2, n_genes=60, seed=5, n_domains=3, max_row=6,
+                                            with_image=False)
+    corpus = build_shards(folders, root / "c", vocab=vocab, min_genes=5, k_neighbors=8, max_spots_per_shard=1,
+                          obs_columns="domain")
+    domains = {k: int(str(v).rsplit("_", 1)[-1]) for k, v in generated_domains(folders).items()}
+    written = write_paired(corpus, domains, seed=5, n_domains=3)
+    keep = [p for p in written if pq.read_table(p, columns=["slide_id"]).column(0)[0].as_py() == "gen0"]
+    for p in written:
+        if p not in keep:
+            p.unlink()
+    _list_in_manifest(corpus, keep)  # gen1 is an un-imaged slide
+    runner = CliRunner()
+    res = runner.invoke(stamp_app, ["pretrain", "--stage", "gene", "--data", str(corpus), "--out", str(root / "g"),
+                                    "--config", "tiny", "--max-steps", "1", "--batch-size", "8", "--warmup-steps", "1",
+                                    "--no-progress"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(stamp_app, ["pretrain", "--stage", "align", "--init", str(root / "g"), "--vision", "tiny",
+                                    "--data", str(corpus), "--out", str(root / "a"), "--max-steps", "1",
+                                    "--batch-size", "4", "--warmup-steps", "1", "--no-progress"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    n_imaged = sum(pq.ParquetFile(p).metadata.num_rows for p in keep)
+    assert (corpus / S.PAIRED_DIR).is_dir()
+    return corpus, root / "a", root / "g", n_imaged
+
+
+def test_image_and_fused_features_come_before_the_projections(aligned):
+    import torch
+
+    from spavis.format import open_corpus
+    from stamp.evaluate.data import load_eval_data
+    from stamp.evaluate.features import image_spots, model_features
+    from stamp.multimodal import StampModel
+    from stamp.paired_data import decode_png
+
+    corpus_dir, run, _, n_imaged = aligned
+    corpus = open_corpus(corpus_dir)
+    ev = load_eval_data(corpus, "domain")
+    mask = image_spots(corpus, ev)
+    assert mask.sum() == n_imaged and set(ev.slide_ids[mask]) == {"gen0"} and not mask.all()
+    sub = ev.subset(mask)
+    assert sub.n_spots == n_imaged and sub.counts.shape[0] == n_imaged and sum(t.num_rows for t in sub.tables) > 0
+    img = model_features(str(run), sub, device="cpu", modality="image", corpus=corpus, with_random=True, seed=1)
+    fused = model_features(str(run), sub, device="cpu", modality="fused", corpus=corpus)
+    gene = model_features(str(run), sub, device="cpu", modality="gene")
+    assert [(s.kind, s.probe_lr) for s in img] == [("model", 1e-4), ("random-init", 1e-4)]
+    assert gene[0].probe_lr == 1e-3
+
+    model = StampModel.from_pretrained(str(run)).eval()
+    first = next(corpus.iter_paired(columns=["spot_id", "patch"]))
+    row = int(np.flatnonzero(sub.spot_ids == first.column("spot_id")[0].as_py())[0])
+    with torch.no_grad():
+        pooled = model.vision_encoder(model.pixels(torch.from_numpy(decode_png(first.column("patch")[0].as_py()))[None]))
+    want = pooled.pooled[0].numpy()
+    assert img[0].features.shape == (n_imaged, model.vision_encoder.dim)  # not embed_dim: before patch_projection
+    np.testing.assert_allclose(img[0].features[row], want, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(img[1].features, img[0].features)  # random-init: same shape, other weights
+    g, f = gene[0].features, fused[0].features
+    assert f.shape == (n_imaged, g.shape[1] + want.size)
+    np.testing.assert_allclose(f[row, :g.shape[1]], g[row] / np.linalg.norm(g[row]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(f[row, g.shape[1]:], want / np.linalg.norm(want), rtol=1e-4, atol=1e-5)
+
+
+def test_evaluate_image_modality_excludes_unimaged_spots_and_counts_them(aligned, tmp_path):
+    from stamp.cli import app as stamp_app
+
+    corpus, run, gene_run, n_imaged = aligned
+    res = CliRunner().invoke(stamp_app, ["evaluate", "cluster,linear-probe", "--model", str(run), "--data", str(corpus),
+                                         "--label", "domain", "--modality", "fused", "--out", str(tmp_path / "ev"),
+                                         "--device", "cpu", "--no-progress", "--no-figures"])
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(tmp_path / "ev" / "results.csv")
+    assert set(df["model"]) == {"a", "random-init", "pca"}
+    probe = df[df.task == "linear-probe"]
+    assert (probe.groupby("model")["n_test"].sum() == n_imaged).all()  # only gen0's imaged spots, 5-fold
+    assert set(df[df.task == "cluster"]["fold"]) == {"gen0"}
+    md = (tmp_path / "ev" / "results.md").read_text()
+    assert "spots have no H&E patch and are excluded" in md and f"other {n_imaged:,})" in md
+
+    # a gene-only encoder has no image side: one line, no traceback
+    res = CliRunner().invoke(stamp_app, ["evaluate", "cluster", "--model", str(gene_run), "--data", str(corpus),
+                                         "--label", "domain", "--modality", "image", "--out", str(tmp_path / "e2"),
+                                         "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 1 and "needs an aligned StampModel" in res.output and "Traceback" not in res.output

@@ -20,8 +20,9 @@ def register(app: typer.Typer) -> None:
         label: Optional[str] = typer.Option(
             None, "--label", help="Annotation column (build-shards --obs-columns); needed by linear-probe and cluster."),
         out: Path = typer.Option(..., "--out", help="Output folder: results.csv, results.md, figures."),
-        modality: str = typer.Option("gene", "--modality", help="gene, image or fused features (image/fused need a "
-                                     "StampModel and a corpus with images)."),
+        modality: str = typer.Option("gene", "--modality", help="gene, image or fused features (image/fused: an aligned "
+                                     "StampModel and a corpus built with --with-images; spots without a patch are "
+                                     "excluded and counted in results.md)."),
         no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip the random-init and PCA baselines."),
         seed: int = typer.Option(0, "--seed", help="Seeds folds, heads, Leiden and the random-init baseline."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Sequence
 
 from stamp.evaluate.data import EvalData, EvaluateError, load_eval_data
-from stamp.evaluate.features import MODALITIES, FeatureSet, check_modality, default_device, model_features, pca_features
+from stamp.evaluate.features import (
+    MODALITIES,
+    FeatureSet,
+    check_modality,
+    default_device,
+    image_spots,
+    model_features,
+    pca_features,
+)
 from stamp.evaluate.tasks import RUNNERS, TASKS, n_steps
 
 __all__ = ["evaluate", "EvaluateError", "EvalData", "FeatureSet", "TASKS", "MODALITIES", "load_eval_data",
@@ -34,16 +42,20 @@ def _progress(enabled: bool):
 
 
 def feature_sets(models: Sequence[str], data: EvalData, *, modality: str = "gene", device: str | None = None,
-                 seed: int = 0, baselines: bool = True, batch_size: int = 256, bar=None) -> list[FeatureSet]:
-    """Features of every model, then the baselines (random-init of the first model's architecture, PCA)."""
+                 seed: int = 0, baselines: bool = True, batch_size: int = 256, bar=None,
+                 corpus=None) -> list[FeatureSet]:
+    """Features of every model, then the baselines (random-init of the first model's architecture, PCA).
+
+    ``modality`` image / fused read patches from ``corpus`` (every spot of ``data`` must have one)."""
     check_modality(modality)
     sets: list[FeatureSet] = []
-    task = bar.add_task("features", total=data.n_spots * (len(models) + (1 if baselines and models else 0))) \
+    per_model = data.n_spots * (2 if modality == "fused" else 1)
+    task = bar.add_task("features", total=per_model * (len(models) + (1 if baselines and models else 0))) \
         if bar is not None else None
     tick = (lambda n: bar.advance(task, n)) if bar is not None else None
     for i, model in enumerate(models):
         got = model_features(model, data, device=device, batch_size=batch_size, seed=seed, progress=tick,
-                             with_random=baselines and i == 0, modality=modality)
+                             with_random=baselines and i == 0, modality=modality, corpus=corpus)
         sets.extend(got)
     if baselines:
         sets.append(pca_features(data, seed=seed))
@@ -96,18 +108,30 @@ def evaluate(task: str, models: Sequence[str | os.PathLike], data: str | os.Path
     device = device or default_device()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    check_modality(modality)
     corpus = open_corpus(data)
     ev = load_eval_data(corpus, label)
     describe = describe_slides(corpus)
     rows: list[dict] = []
-    notes = [f"corpus: {data} ({len(ev.slides)} slides, {ev.n_spots:,} spots; {describe('*')})",
-             f"labels: {label}" if label else "labels: none", f"features: {modality}; seed {seed}; device {device}",
-             "baselines: random-init = the first model's architecture with fresh weights (same tokenizer); "
-             "pca = 50 PCs of log-CP10K, top-2,000 Seurat v3 HVGs"]
+    notes = [f"corpus: {data} ({len(ev.slides)} slides, {ev.n_spots:,} spots; {describe('*')})"]
+    if modality != "gene" and models:
+        # spots without an H&E patch cannot have image features: every feature set (baselines
+        # included) is scored on the imaged spots only, so all rows share the same folds
+        imaged = image_spots(corpus, ev)
+        if not imaged.any():
+            raise EvaluateError(f"{data}: no spot has an H&E patch; --modality {modality} needs slides with images")
+        if not imaged.all():
+            notes.append(f"--modality {modality}: {int((~imaged).sum()):,} of {ev.n_spots:,} spots have no H&E "
+                         f"patch and are excluded (every model and baseline is scored on the other "
+                         f"{int(imaged.sum()):,})")
+            ev = ev.subset(imaged)
+    notes += [f"labels: {label}" if label else "labels: none", f"features: {modality}; seed {seed}; device {device}",
+              "baselines: random-init = the first model's architecture with fresh weights (same tokenizer); "
+              "pca = 50 PCs of log-CP10K, top-2,000 Seurat v3 HVGs (expression only, whatever the modality)"]
     with _progress(progress) as bar, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         sets = feature_sets([str(m) for m in models], ev, modality=modality, device=device, seed=seed,
-                            baselines=baselines, batch_size=batch_size, bar=bar)
+                            baselines=baselines, batch_size=batch_size, bar=bar, corpus=corpus)
         for t in tasks:
             ptask = bar.add_task(t, total=n_steps(t, ev, len(sets)))
             kwargs = {"k": knn_k, "n_hvgs": n_hvgs} if t == "predict-expression" else {}

@@ -44,6 +44,23 @@ class EvalData:
     def slides(self) -> list[str]:
         return list(dict.fromkeys(self.slide_ids.tolist()))
 
+    def subset(self, mask: np.ndarray) -> "EvalData":
+        """The spots where ``mask`` is True, in the same order (e.g. spots with an H&E patch)."""
+        import pyarrow.compute as pc
+
+        mask = np.asarray(mask, bool)
+        keep_ids = set(zip(self.slide_ids[mask].tolist(), self.spot_ids[mask].tolist()))
+        tables = []
+        for t in self.tables:
+            keys = zip(t.column("slide_id").to_pylist(), t.column("spot_id").to_pylist())
+            sel = pa.array([k in keep_ids for k in keys], pa.bool_())
+            if pc.any(sel).as_py():
+                tables.append(t.filter(sel))
+        return EvalData(spot_ids=self.spot_ids[mask], slide_ids=self.slide_ids[mask],
+                        labels=None if self.labels is None else self.labels[mask], xy=self.xy[mask],
+                        counts=self.counts[np.flatnonzero(mask)], gene_ids=self.gene_ids,
+                        gene_symbols=self.gene_symbols, tables=tables)
+
     @property
     def labelled(self) -> np.ndarray:
         """Boolean mask of spots with a label."""

@@ -1,11 +1,14 @@
 """Frozen spot features for every model compared in one run, plus the built-in baselines.
 
-- a given model: the spot embedding before any projection layer (the gene encoder's pooled
-  last layer, as ``stamp embed`` writes it; the paper probes these features);
+- a given model: the spot embedding before any projection layer (the paper probes these
+  features): ``gene`` = the gene encoder's pooled last layer (as ``stamp embed`` writes it);
+  for an aligned StampModel, ``image`` = the vision encoder's pooled token (before
+  ``patch_projection``) and ``fused`` = [gene, image], each part L2-normalised;
 - ``random-init``: the first model's architecture and tokenizer with freshly initialised
-  weights (seeded): what pretraining adds over the architecture alone;
+  weights (seeded; the whole StampModel for image / fused): what pretraining adds;
 - ``pca``: 50 principal components of log-CP10K expression of the 2,000 most variable genes
-  (Seurat v3 on raw counts): the classical pipeline without any encoder.
+  (Seurat v3 on raw counts): the classical pipeline without any encoder (expression only,
+  whatever the modality).
 """
 from __future__ import annotations
 
@@ -99,30 +102,121 @@ def _load_gene_side(model: str, device: str):
 def check_modality(modality: str) -> None:
     if modality not in MODALITIES:
         raise EvaluateError(f"--modality {modality!r}: choose one of {', '.join(MODALITIES)}")
-    if modality != "gene":
-        raise EvaluateError(
-            f"--modality {modality}: stamp evaluate scores gene features in this version (image / fused "
-            "features of an aligned StampModel: use `stamp embed --modality` for now); pass --modality gene"
-        )
+
+
+def image_spots(corpus, data: EvalData) -> np.ndarray:
+    """Boolean mask of the spots of ``data`` that have an H&E patch in ``corpus`` (``--with-images``)."""
+    if not corpus.has_images:
+        raise EvaluateError(f"{corpus.root}: the corpus holds no H&E patches; image / fused features need a corpus "
+                            "built with `spavis build-shards --with-images` (or pass --modality gene)")
+    index = {key: i for i, key in enumerate(zip(data.slide_ids.tolist(), data.spot_ids.tolist()))}
+    mask = np.zeros(data.n_spots, bool)
+    for table in corpus.iter_paired(columns=["spot_id"]):
+        for key in zip(table.column("slide_id").to_pylist(), table.column("spot_id").to_pylist()):
+            i = index.get(key)
+            if i is not None:
+                mask[i] = True
+    return mask
+
+
+def encode_images(vision, config, corpus, data: EvalData, *, batch_size: int = 64, progress=None) -> np.ndarray:
+    """The vision encoder's pooled token of every spot's patch (corpus paired rows), BEFORE
+    ``patch_projection``; rows follow ``data`` (every spot of ``data`` must have a patch)."""
+    import torch
+
+    from stamp.paired_data import decode_png
+    from stamp.vision import to_pixels
+
+    index = {key: i for i, key in enumerate(zip(data.slide_ids.tolist(), data.spot_ids.tolist()))}
+    out: np.ndarray | None = None
+    seen = np.zeros(data.n_spots, bool)
+    device = next(vision.parameters()).device
+    vision.eval()
+    for table in corpus.iter_paired(columns=["spot_id", "patch"], slide_ids=data.slides):
+        rows = np.array([index.get(k, -1) for k in zip(table.column("slide_id").to_pylist(),
+                                                        table.column("spot_id").to_pylist())])
+        keep = np.flatnonzero(rows >= 0)
+        for a in range(0, keep.size, batch_size):
+            take = keep[a:a + batch_size]
+            patches = table.column("patch").take(take).to_pylist()
+            pixels = to_pixels(np.stack([decode_png(v) for v in patches]), config).to(device)
+            with torch.no_grad():
+                z = vision(pixels).pooled.float().cpu().numpy()
+            if out is None:
+                out = np.zeros((data.n_spots, z.shape[1]), np.float32)
+            out[rows[take]] = z
+            seen[rows[take]] = True
+            if progress is not None:
+                progress(len(take))
+    if out is None or not seen.all():
+        raise EvaluateError(f"{corpus.root}: {int((~seen).sum())} spots have no H&E patch; "
+                            "rebuild the corpus with --with-images")
+    return out
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.where(n > 0, n, 1.0)).astype(np.float32)
+
+
+def _stamp_features(net, tokenizer, corpus, data: EvalData, modality: str, *, batch_size: int,
+                    progress=None) -> np.ndarray:
+    """image: vision pooled token (before patch_projection); fused: [gene, image], each part L2-normalised
+    so neither modality dominates distances by its scale (as ``stamp embed --modality fused``)."""
+    img = encode_images(net.vision_encoder, net.config.vision, corpus, data, batch_size=min(batch_size, 64),
+                        progress=progress)
+    if modality == "image":
+        return img
+    gene = encode(net.gene_encoder, tokenizer, data, batch_size=batch_size, progress=progress)
+    return np.concatenate([_unit_rows(gene), _unit_rows(img)], axis=1)
 
 
 def model_features(model: str, data: EvalData, *, device: str | None = None, batch_size: int = 256,
-                   seed: int = 0, progress=None, with_random: bool = False, modality: str = "gene") -> list[FeatureSet]:
-    """Features of ``model`` (and, with ``with_random``, of the same architecture re-initialised)."""
+                   seed: int = 0, progress=None, with_random: bool = False, modality: str = "gene",
+                   corpus=None) -> list[FeatureSet]:
+    """Features of ``model`` (and, with ``with_random``, of the same architecture re-initialised).
+
+    ``modality`` image / fused: ``model`` must be an aligned StampModel and ``corpus`` the corpus
+    ``data`` came from, holding a patch for every spot of ``data``."""
     import torch
 
     from stamp.model import StampGeneEncoder
 
-    encoder, tokenizer = _load_gene_side(model, device or default_device())
-    _check_vocab(data, tokenizer, model)
-    sets = [FeatureSet(model_name(model), "model", encode(encoder, tokenizer, data, batch_size=batch_size,
-                                                             progress=progress))]
+    if modality == "gene":
+        encoder, tokenizer = _load_gene_side(model, device or default_device())
+        _check_vocab(data, tokenizer, model)
+        sets = [FeatureSet(model_name(model), "model", encode(encoder, tokenizer, data, batch_size=batch_size,
+                                                                 progress=progress))]
+        if with_random:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                rand = StampGeneEncoder(encoder.config).to(encoder.device).eval()
+            sets.append(FeatureSet("random-init", "random-init",
+                                   encode(rand, tokenizer, data, batch_size=batch_size, progress=progress)))
+        return sets
+
+    from stamp.embed_multimodal import is_stamp_model, load_stamp_model
+    from stamp.hub import resolve_model_source
+    from stamp.multimodal import StampModel
+
+    if not is_stamp_model(resolve_model_source(model)):
+        raise EvaluateError(f"{model}: a gene encoder without a vision encoder; --modality {modality} needs an "
+                            "aligned StampModel (`stamp pretrain --stage align`), or pass --modality gene")
+    net, tokenizer, folder = load_stamp_model(model, device or default_device(), need_tokenizer=modality == "fused")
+    if modality == "fused":
+        if tokenizer is None:
+            raise EvaluateError(f"{folder}: no tokenizer files; fused features need them")
+        _check_vocab(data, tokenizer, model)
+    sets = [FeatureSet(model_name(model), "model", _stamp_features(net, tokenizer, corpus, data, modality,
+                                                                   batch_size=batch_size, progress=progress),
+                       modality)]
     if with_random:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            rand = StampGeneEncoder(encoder.config).to(encoder.device).eval()
+            rand = StampModel(net.config).to(net.device).eval()
         sets.append(FeatureSet("random-init", "random-init",
-                               encode(rand, tokenizer, data, batch_size=batch_size, progress=progress)))
+                               _stamp_features(rand, tokenizer, corpus, data, modality, batch_size=batch_size,
+                                               progress=progress), modality))
     return sets
 
 

@@ -7,6 +7,7 @@ informs any statistic).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -23,9 +24,33 @@ def standardize(fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
     return [((x - mu) / sd).astype(np.float32) for x in (fit, *others)]
 
 
+@contextlib.contextmanager
+def _one_cpu_thread(device: str):
+    """Heads are small: on CPU, thread hand-offs cost more than the math, and once scanpy's numba /
+    OpenMP pools exist torch's threads spin against them (measured: 10x slower with 2 threads)."""
+    import torch
+
+    if not str(device).startswith("cpu"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def fit_head(head, loss_fn, X_fit, y_fit, X_val, y_val, *, lr: float, max_epochs: int, patience: int,
              seed: int, device: str, batch_size: int = BATCH_SIZE):
     """Train ``head`` in place (best validation epoch restored); returns the number of epochs run."""
+    with _one_cpu_thread(device):
+        return _fit_head(head, loss_fn, X_fit, y_fit, X_val, y_val, lr=lr, max_epochs=max_epochs, patience=patience,
+                         seed=seed, device=device, batch_size=batch_size)
+
+
+def _fit_head(head, loss_fn, X_fit, y_fit, X_val, y_val, *, lr: float, max_epochs: int, patience: int,
+              seed: int, device: str, batch_size: int):
     import torch
 
     gen = torch.Generator().manual_seed(seed)
