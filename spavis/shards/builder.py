@@ -158,6 +158,9 @@ def _lock(path: Path, what: str):
         try:
             yield
         finally:
+            # Unlinked while still held, so nothing is left beside --out; a build waiting on the
+            # old inode sees it unlinked and retries on a new file (filelock >= 4 checks st_nlink).
+            path.unlink(missing_ok=True)
             lock.release()
 
     return held()
