@@ -293,7 +293,7 @@ def aligned(tmp_path_factory):
     from stamp.cli import app as stamp_app
 
     root = tmp_path_factory.mktemp("evimg")
-    vocab, folders = write_generated_slices(root / "c", slides=2, n_genes=60, seed=5, n_domains=3, max_row=6,
+    vocab, folders = write_generated_slices(root / "c", slides=2, n_genes=60, seed=5, n_domains=3, max_row=4,
                                             with_image=False)
     corpus = build_shards(folders, root / "c", vocab=vocab, min_genes=5, k_neighbors=8, max_spots_per_shard=1,
                           obs_columns="domain")
@@ -359,15 +359,15 @@ def test_evaluate_image_modality_excludes_unimaged_spots_and_counts_them(aligned
     from stamp.cli import app as stamp_app
 
     corpus, run, gene_run, n_imaged = aligned
-    res = CliRunner().invoke(stamp_app, ["evaluate", "cluster,linear-probe", "--model", str(run), "--data", str(corpus),
+    res = CliRunner().invoke(stamp_app, ["evaluate", "linear-probe", "--model", str(run), "--data", str(corpus),
                                          "--label", "domain", "--modality", "fused", "--out", str(tmp_path / "ev"),
                                          "--device", "cpu", "--no-progress", "--no-figures"])
     assert res.exit_code == 0, res.output
     df = pd.read_csv(tmp_path / "ev" / "results.csv")
     assert set(df["model"]) == {"a", "random-init", "pca"}
     probe = df[df.task == "linear-probe"]
-    assert (probe.groupby("model")["n_test"].sum() == n_imaged).all()  # only gen0's imaged spots, 5-fold
-    assert set(df[df.task == "cluster"]["fold"]) == {"gen0"}
+    assert (probe.groupby("model")["n_test"].sum() == n_imaged).all()  # only gen0's imaged spots
+    assert (probe["scheme"] == "5-fold").all()  # gen1 (no image) is gone: one slide left, not leave-one-slide-out
     md = (tmp_path / "ev" / "results.md").read_text()
     assert "spots have no H&E patch and are excluded" in md and f"other {n_imaged:,})" in md
 
