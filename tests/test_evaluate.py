@@ -376,3 +376,14 @@ def test_evaluate_image_modality_excludes_unimaged_spots_and_counts_them(aligned
                                          "--label", "domain", "--modality", "image", "--out", str(tmp_path / "e2"),
                                          "--device", "cpu", "--no-progress"])
     assert res.exit_code == 1 and "needs an aligned StampModel" in res.output and "Traceback" not in res.output
+
+    # a corpus without any H&E patch: one line naming the fix
+    from spavis.shards import build_shards
+
+    plain = build_shards(_generated(tmp_path, 1), tmp_path / "plain", vocab=gene_subset(120), min_genes=5,
+                         obs_columns="domain")
+    res = CliRunner().invoke(stamp_app, ["evaluate", "linear-probe", "--model", str(run), "--data", str(plain),
+                                         "--label", "domain", "--modality", "image", "--out", str(tmp_path / "e3"),
+                                         "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 1 and "holds no H&E patches" in res.output and "--with-images" in res.output
+    assert "Traceback" not in res.output
