@@ -50,6 +50,10 @@ def _values(X) -> np.ndarray:
 def _check_values(vals: np.ndarray, name: str, where: str) -> None:
     if vals.dtype.kind not in "fiub":
         raise QCError(f"{name}: {where} has non-numeric values ({vals.dtype}); the input is corrupt.")
+    if vals.size:  # fast path, two reductions without temporaries (min/max propagate NaN)
+        lo, hi = vals.min(), vals.max()
+        if (vals.dtype.kind != "f" or (np.isfinite(lo) and np.isfinite(hi))) and lo >= 0:
+            return
     if vals.dtype.kind == "f":
         bad = ~np.isfinite(vals)
         if bad.any():
@@ -81,7 +85,8 @@ def apply_qc(
     Raises QCError for an empty matrix or NaN / infinite / negative counts.
     """
     name = slice_name or str(adata.uns.get(S.UNS_SPAVIS, {}).get("source_path", "slice"))
-    X_vocab = sp.csr_matrix(X_vocab)
+    if not (sp.issparse(X_vocab) and X_vocab.format == "csr"):
+        X_vocab = sp.csr_matrix(X_vocab)  # (a CSR input is used as is: it keeps its canonical-format flag)
     n = adata.n_obs
     if n == 0 or adata.n_vars == 0:
         raise QCError(f"{name}: the count matrix is empty ({adata.n_obs} spots x {adata.n_vars} features); the input holds no data.")

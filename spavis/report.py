@@ -33,20 +33,22 @@ TOP_GENES = 25
 CARD_FIGURE = "figures/composition.png"
 
 
-def _plt():
-    import matplotlib
+def _figure(figsize: tuple[float, float], rows: int, cols: int, **subplot_kw: Any):
+    """(figure, axes grid) on matplotlib's Agg canvas, without pyplot.
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    No pyplot: no global figure registry to leak into, and the user's backend (a notebook's
+    inline one) is left alone. ``layout="tight"`` lays out once, at the single draw.
+    """
+    from matplotlib.figure import Figure
 
-    return plt
+    fig = Figure(figsize=figsize, layout="tight")
+    return fig, fig.subplots(rows, cols, squeeze=False, **subplot_kw)
 
 
 def _png(fig) -> bytes:
     """PNG bytes without a timestamp or version (same data -> same bytes)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
-    _plt().close(fig)
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
     return buf.getvalue()
 
 
@@ -116,22 +118,20 @@ def _bars(ax, counts: pd.Series, title: str) -> None:
 
 def composition_figure(slides: pd.DataFrame, *, caption: str, with_spots: bool = True) -> bytes:
     """Slides (and spots) by source, organ and condition (the paper's Figure 4a)."""
-    plt = _plt()
     rows = 2 if with_spots else 1
-    fig, axes = plt.subplots(rows, 3, figsize=(12, 3.2 * rows), squeeze=False)
+    fig, axes = _figure((12, 3.2 * rows), rows, 3)
     for j, g in enumerate(GROUPS):
         _bars(axes[0, j], slides[g].value_counts(), f"slides by {g}")
         if with_spots:
             _bars(axes[1, j], slides.groupby(g)["n_spots_kept"].sum(), f"spots by {g}")
     fig.suptitle(caption, fontsize=10)
-    fig.tight_layout()
     return _png(fig)
 
 
 def distribution_figure(slides: pd.DataFrame, hist: tuple[np.ndarray, np.ndarray], *, caption: str) -> bytes:
     """Spots per slide and detected genes per spot (the paper's Figure 4b)."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    fig, axes = _figure((10, 3.2), 1, 2)
+    axes = axes[0]
     spots = slides["n_spots_kept"].fillna(0).to_numpy()
     axes[0].hist(spots, bins=min(30, max(5, len(spots))), color="#7570b3")
     axes[0].set_xlabel("spots per slide (after QC)", fontsize=8)
@@ -142,14 +142,13 @@ def distribution_figure(slides: pd.DataFrame, hist: tuple[np.ndarray, np.ndarray
     axes[1].set_xlabel("detected vocabulary genes per spot", fontsize=8)
     axes[1].set_ylabel("spots", fontsize=8)
     fig.suptitle(caption, fontsize=10)
-    fig.tight_layout()
     return _png(fig)
 
 
 def quality_figure(slides: pd.DataFrame, top: pd.DataFrame, *, caption: str) -> bytes:
     """Share with coordinates / images, gene mapping per slide, top genes by nonzero mean."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6), gridspec_kw={"width_ratios": [1, 2.2, 1.4]})
+    fig, axes = _figure((14, 3.6), 1, 3, gridspec_kw={"width_ratios": [1, 2.2, 1.4]})
+    axes = axes[0]
     shares = {"coordinates": slides["has_coordinates"].fillna(False).mean() if "has_coordinates" in slides else np.nan,
               "images": slides["image_file"].notna().mean() if "image_file" in slides else 0.0}
     axes[0].bar(list(shares), [float(v) for v in shares.values()], color="#66a61e")
@@ -173,7 +172,6 @@ def quality_figure(slides: pd.DataFrame, top: pd.DataFrame, *, caption: str) -> 
     axes[2].tick_params(labelsize=6)
     axes[2].set_title("top genes by nonzero mean (CP10K)", fontsize=9)
     fig.suptitle(caption, fontsize=10)
-    fig.tight_layout()
     return _png(fig)
 
 

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from stamp.errors import DataError
+from stamp.prefetch import prefetch  # noqa: F401  (re-exported: read batches ahead)
 
 logger = logging.getLogger(__name__)
 
@@ -221,48 +222,6 @@ class PairedBatchLoader:
                 self.batches_done = 0
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
-
-
-def prefetch(batches: Iterator[PairedBatch], depth: int = 2) -> Iterator[PairedBatch]:
-    """Read ahead ``depth`` batches on a background thread, so decoding overlaps the model's step.
-
-    Order is unchanged; an error in the reader is raised at the consumer. Each batch carries
-    its ``position``, so a checkpoint records what was consumed, not what was read ahead.
-    """
-    import queue
-    import threading
-
-    q: "queue.Queue[tuple[str, Any]]" = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for item in batches:
-                while not stop.is_set():
-                    try:
-                        q.put(("batch", item), timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(("end", None))
-        except BaseException as exc:  # handed to the consumer
-            q.put(("error", exc))
-
-    thread = threading.Thread(target=work, name="paired-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, item = q.get()
-            if kind == "batch":
-                yield item
-            elif kind == "error":
-                raise item
-            else:
-                return
-    finally:
-        stop.set()
 
 
 __all__ = ["PairedBatch", "PairedBatchLoader", "decode_png", "paired_pairs", "prefetch"]

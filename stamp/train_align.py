@@ -199,9 +199,9 @@ def _align(args: AlignArgs, d: Dist, open_corpus, on_step) -> Path:
         forward = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    from stamp.paired_data import prefetch
+    from stamp.prefetch import prefetch
 
-    stream = prefetch(iter(loader), depth=2)
+    stream = prefetch(iter(loader), depth=2, name="paired-prefetch")
     position = loader.state_dict()  # what the consumed batches leave (the prefetcher reads ahead)
     data_info = _data_info(corpus, args, n_spots_total)
     last_metrics: dict = {}

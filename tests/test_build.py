@@ -214,7 +214,7 @@ def test_zarr_writes_are_byte_identical_to_anndata(tmp_path, corpus):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        a.write_zarr(tmp_path / "anndata.zarr")
+        a.write_zarr(tmp_path / "anndata.zarr", convert_strings_to_categoricals=False)
     assert tree_digest(tmp_path / "ours.zarr") == tree_digest(tmp_path / "anndata.zarr")
 
 

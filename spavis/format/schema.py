@@ -59,6 +59,15 @@ PARQUET_WRITE_OPTIONS: dict[str, Any] = {
     "store_schema": True,
 }
 
+# Expression files: gene indices delta-encoded (sorted within each spot), counts byte-stream-
+# split. On a 7,759-spot shard of generated slides (benchmarks/parquet_encodings.py, CPU s):
+# 25.9 vs 41.7 MB, encode 0.87 vs 1.55 s, read 0.44 vs 0.57 s against plain encodings; at the
+# zstd level of every file (3), which with these encodings costs no more than level 1.
+EXPRESSION_COLUMN_ENCODING: dict[str, str] = {
+    "gene_index.list.element": "DELTA_BINARY_PACKED",
+    "counts.list.element": "BYTE_STREAM_SPLIT",
+}
+
 EXPRESSION_SCHEMA = pa.schema(
     [
         pa.field("spot_id", pa.string(), nullable=False),

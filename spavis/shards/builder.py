@@ -3,10 +3,10 @@
 The Snakemake pipeline calls the same steps one by one; ``build_shards`` chains them with
 a resumable work directory so a killed build continues where it stopped and a re-run with
 unchanged inputs and parameters does nothing. One scheduler feeds one pool of workers
-(``--workers``; 1 = everything inline): slices are prepared in slide_id order, and as soon
-as the slides of an expression file are prepared (its boundaries follow from spot counts
-alone) that whole file is encoded, written and hashed by a worker too. The main process
-only links Zarr stores, merges gene sums and writes the small metadata files.
+(``--workers``; 1 = everything inline): slices are prepared in slide_id order, and each
+expression file (its boundaries follow from spot counts alone) is encoded, written and
+hashed by a worker too. The main process only links Zarr stores, merges gene sums and
+writes the small metadata files (and, while the fork server starts, prepares the first slice).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from spavis.shards.discover import SliceInput, discover_inputs, drop_duplicate_i
 from spavis.shards.info import info
 from spavis.shards.prepare import prepare_slice, resolve_vocab, slide_metadata, tree_size
 from spavis.shards.validate import ValidationReport, validate
-from spavis.shards.workers import broken_pool_error, make_pool, refuse_spawned_reimport
+from spavis.shards.workers import broken_pool_error, in_thread, make_pool, refuse_spawned_reimport
 from spavis.shards.write import (
     CorpusWriter,
     build_key,
@@ -252,8 +252,7 @@ def _build(slices, out, work, cfg, vocab_obj, params, workers, progress) -> None
     kwargs = cfg.prepare_kwargs(vocab_arg)
     writer = CorpusWriter(out, vocab=vocab_obj, params=params, max_spots_per_shard=cfg.max_spots_per_shard)
     pool = make_pool(min(workers, max(1, len(slices))))
-    if workers > 1:
-        _warm_up_card_imports()
+    _warm_up_card_imports()
     try:
         with _progress(progress) as bar:
             _schedule(slices, work, kwargs, writer, pool, workers, bar)
@@ -270,21 +269,20 @@ def _build(slices, out, work, cfg, vocab_obj, params, workers, progress) -> None
 
 
 def _warm_up_card_imports() -> None:
-    """Import what the commit needs in a thread while the workers run.
+    """Import what the commit needs in a thread while the slices are prepared.
 
-    ``datasets`` (the card's feature YAML, ~1-2 s) and matplotlib with the Agg backend (the
-    card's composition figure, ~1.5 s): with workers the main process mostly waits, so the
-    imports are free there instead of adding to the serial tail of the build.
+    ``datasets`` (the card's feature YAML) and matplotlib's Figure and Agg canvas (the card's
+    composition figure), ~1 s together: with workers the main process mostly waits, and
+    inline most of the work (HDF5 reads, compression, Parquet encoding) releases the GIL,
+    so the imports run beside it instead of adding to the serial tail of the build.
     """
     import importlib
     import threading
 
     def load() -> None:
-        for name in ("datasets", "spavis.report"):
+        for name in ("datasets", "matplotlib.figure", "matplotlib.backends.backend_agg"):
             try:
-                module = importlib.import_module(name)
-                if name == "spavis.report" and hasattr(module, "_plt"):
-                    module._plt()  # matplotlib.use("Agg") + pyplot, as the figure will
+                importlib.import_module(name)
             except Exception:  # the commit reports a real import problem itself
                 pass
 
@@ -292,11 +290,13 @@ def _warm_up_card_imports() -> None:
 
 
 def _schedule(slices, work, kwargs, writer: CorpusWriter, pool, workers: int, bar) -> None:
-    """Run prepare and shard jobs on ``pool``, at most ``workers`` at a time, shard jobs first.
+    """Run prepare and shard jobs on ``pool``, at most ``workers`` at a time, slices first.
 
-    Slices are prepared in slide_id order; each prepared slice is handed to the writer in
-    that order, and every expression file it completes becomes a job right away, so
-    encoding overlaps preparation and memory stays one slide (or one shard) per worker.
+    Slices are prepared in slide_id order and handed to the writer in that order; every
+    expression file a slide completes becomes a job. Slices go first: prepared slices wait on
+    disk, and the last file can only start once its last slide is prepared, so this shortens
+    the critical path. Memory stays one slide (or one shard) per worker. Once every slide is
+    in, the writer's summary files are written here while the workers encode the last files.
     """
     ptask = bar.add_task("prepare slices", total=len(slices), current="")
     wtask = bar.add_task("write shards", total=None, current="")
@@ -307,18 +307,30 @@ def _schedule(slices, work, kwargs, writer: CorpusWriter, pool, workers: int, ba
     next_slide = 0
     running: dict[Any, tuple[str, Any]] = {}
     written = 0
+    local = 0  # running jobs of this process (not of the pool)
+    if workers > 1 and len(todo) > 1:
+        # The fork server is still importing (~1.5 s) and the first submit below waits for it:
+        # meanwhile a thread of this process prepares the first slice on the otherwise idle core.
+        s = todo.popleft()
+        bar.update(ptask, current=s.slide_id)
+        running[in_thread(prepare_slice, s, work, **kwargs)] = ("local slice", s)
+        local = 1
     while todo or jobs or running:
-        while len(running) < workers and (jobs or todo):
-            if jobs:
-                job = jobs.popleft()
-                running[pool.submit(write_shard, job)] = ("shard", job)
-            else:
+        while len(running) - local < workers and (jobs or todo):
+            if todo:
                 s = todo.popleft()
                 bar.update(ptask, current=s.slide_id)
                 running[pool.submit(prepare_slice, s, work, **kwargs)] = ("slice", s)
+            else:
+                job = jobs.popleft()
+                running[pool.submit(write_shard, job)] = ("shard", job)
+        if next_slide > len(slices) and not jobs:
+            writer.prepare_commit()  # genes, slides, card: while the workers encode the last files
         done, _ = wait(list(running), return_when=FIRST_COMPLETED)
         for fut in sorted(done, key=lambda f: _order(running[f], position)):
             kind, what = running.pop(fut)
+            if kind == "local slice":
+                kind, local = "slice", local - 1
             result = fut.result()  # a failed job raises here: the build stops
             if kind == "shard":
                 writer.shard_done(result)

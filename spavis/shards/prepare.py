@@ -205,10 +205,7 @@ def _prepare_into(tmp: Path, s: SliceInput, vocab, min_genes: int, k_neighbors: 
 
     adata = read_slice(s.data_path)
     res = harmonize(adata, vocab, slice_name=s.slide_id)
-    X = sp.csr_matrix(res.X, dtype=np.float32)
-    X.sum_duplicates()
-    X.eliminate_zeros()
-    X.sort_indices()
+    X = res.X  # canonical CSR float32 without stored zeros (harmonize's contract)
     if X.shape[0] != adata.n_obs:
         raise SpavisError(f"{s.slide_id}: harmonized matrix has {X.shape[0]} rows for {adata.n_obs} spots.")
     mask, counters, is_integer = _qc(adata, X, min_genes, s.slide_id)
@@ -354,14 +351,19 @@ def _read_zarr_1d(path: Path) -> np.ndarray:
     n, chunk = int(meta["shape"][0]), int(meta["chunks"][0])
     dtype = np.dtype(meta["dtype"])
     codec = numcodecs.get_codec(meta["compressor"]) if meta.get("compressor") else None
-    out = np.full(n, meta.get("fill_value") or 0, dtype=dtype)
+    out = np.empty(n, dtype=dtype)  # every element is written below: no zero-filled pages first
     for i in range(-(-n // chunk) if n else 0):
         f = path / str(i)
-        if not f.is_file():
-            continue  # a missing chunk is all fill_value
-        raw = f.read_bytes()
-        seg = np.frombuffer(codec.decode(raw) if codec else raw, dtype=dtype)
+        try:
+            raw = f.read_bytes()
+        except FileNotFoundError:  # a chunk zarr skipped because it is all fill_value
+            out[i * chunk: min(n, (i + 1) * chunk)] = meta.get("fill_value") or 0
+            continue
         stop = min(n, (i + 1) * chunk)
+        if codec is not None and stop - i * chunk == chunk:
+            codec.decode(raw, out=out[i * chunk: stop])  # straight into place (a full chunk)
+            continue
+        seg = np.frombuffer(codec.decode(raw) if codec else raw, dtype=dtype)
         out[i * chunk: stop] = seg[: stop - i * chunk]
     return out
 
@@ -476,32 +478,14 @@ def _clean_uns(value: Any) -> Any:
     return value
 
 
-_VOCAB_VARS: dict[tuple[str, str], Any] = {}
-
-
 def _vocab_var(vocab):
-    """The Zarr ``var`` frame of a vocabulary, string columns already made categorical.
-
-    anndata turns repeated strings into natsorted categoricals on every write (~0.6 s for
-    20k symbols); doing it once per vocabulary (per process) gives the same frame, hence
-    the same bytes.
-    """
-    key = (str(vocab.name), str(vocab.checksum))
-    if key in _VOCAB_VARS:
-        return _VOCAB_VARS[key]
-    import anndata as ad
+    """The Zarr ``var`` frame of a vocabulary: Ensembl ids as the index, symbols as plain strings."""
     import pandas as pd
 
-    var = pd.DataFrame(
+    return pd.DataFrame(
         {"symbol": np.asarray(vocab.symbols, dtype=object)},
         index=pd.Index(np.asarray(vocab.ensembl_ids, dtype=object)),
     )
-    holder = ad.AnnData(var=var)
-    holder.strings_to_categoricals()
-    if len(_VOCAB_VARS) >= 4:
-        _VOCAB_VARS.clear()
-    _VOCAB_VARS[key] = holder.var
-    return holder.var
 
 
 def _write_zarr(path, s, adata, vocab, barcodes, X, totals, n_genes,
@@ -524,7 +508,7 @@ def _write_zarr(path, s, adata, vocab, barcodes, X, totals, n_genes,
     )
     for name, col in obs_frame_columns(labels or {}).items():
         obs[name] = col
-    out = ad.AnnData(X=X, obs=obs, var=_vocab_var(vocab).copy())
+    out = ad.AnnData(X=X, obs=obs, var=_vocab_var(vocab))
     if graph.method in ("pixels", "pixels-estimated"):
         out.obsm["spatial"] = np.column_stack([pxl_col, pxl_row]).astype(np.float64)
     out.obsp[S.OBSP_CONNECTIVITIES] = graph.connectivities()
@@ -554,11 +538,14 @@ def _write_zarr(path, s, adata, vocab, barcodes, X, totals, n_genes,
 
 
 def write_zarr_store(adata, path: Path) -> None:
-    """Write AnnData as a Zarr (format 2) directory store.
+    """Write AnnData as a Zarr (format 2) directory store, strings kept as strings.
 
     anndata writes into an in-memory store first and the keys are then dumped in sorted
-    order: the same bytes as ``adata.write_zarr(path)`` (checked in the tests) but several
-    times faster, since zarr 3's async local store pays a thread hand-off per tiny file.
+    order: the same bytes as ``adata.write_zarr(path, convert_strings_to_categoricals=False)``
+    (checked in the tests) but several times faster, since zarr 3's async local store pays a
+    thread hand-off per tiny file. No categorical conversion: symbols and barcodes are
+    (nearly) unique, so it only cost a natural sort of 20k symbols per worker (~0.4 s);
+    annotation columns arrive categorical already (spavis.shards.annotations).
     """
     import zarr
 
@@ -568,12 +555,16 @@ def write_zarr_store(adata, path: Path) -> None:
         store = store_cls() if store_cls is not None else None
         mapping = getattr(store, "_store_dict", None)
         if store is None or not isinstance(mapping, dict):
-            adata.write_zarr(path)
+            adata.write_zarr(path, convert_strings_to_categoricals=False)
             return
-        adata.write_zarr(store)
+        adata.write_zarr(store, convert_strings_to_categoricals=False)
     path.mkdir(parents=True)
+    made = {path}
     for key in sorted(mapping):
         buf = mapping[key]
         target = path / key
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(buf.to_bytes() if hasattr(buf, "to_bytes") else bytes(buf))
+        if target.parent not in made:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            made.add(target.parent)
+        with open(target, "wb") as f:  # the buffer's memory as is, no bytes copy
+            f.write(buf.as_numpy_array().data if hasattr(buf, "as_numpy_array") else bytes(buf))

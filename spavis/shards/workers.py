@@ -118,6 +118,52 @@ def _sigint_blocked():
 
 
 @contextlib.contextmanager
+def _sigint_deferred():
+    """Hold a Ctrl-C that arrives in this block and raise it when the block is done.
+
+    ``ProcessPoolExecutor.submit`` may start a worker (waiting for the fork server's imports,
+    ~1.5 s, on the first call); a KeyboardInterrupt raised inside it leaves the executor's
+    books half-written (a worker forked but not registered), and the interpreter then hangs
+    at exit waiting for it. So the handler only records the signal; it is raised right after,
+    where the build's own handler stops the pool cleanly. Main thread only.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if caught:
+        if callable(old):
+            old(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+        elif old != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigint_ignored_by_children():
+    """Processes exec'd in this block start with SIGINT ignored.
+
+    The fork server is exec'd (and ``resource_tracker.ensure_running`` unblocks SIGINT in the
+    calling thread, so a blocked mask is not inherited) and multiprocessing makes it ignore
+    SIGINT only after its preload imports: a Ctrl-C in those seconds would kill it with a
+    traceback and leave the pool waiting on it. An ignored disposition survives exec; a Ctrl-C
+    during the few milliseconds of the spawn itself is dropped. Main thread only.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+@contextlib.contextmanager
 def _quiet_resource_tracker():
     """Start multiprocessing's resource tracker (if this creates it) without its leak warning.
 
@@ -163,16 +209,27 @@ class WorkerPool:
 
     def __init__(self, workers: int):
         with _sigint_blocked(), _quiet_resource_tracker():
+            ctx = _context()
             self._ex = ProcessPoolExecutor(
                 max_workers=workers,
-                mp_context=_context(),
+                mp_context=ctx,
                 initializer=_init_worker,
                 initargs=(os.getpid(),),
             )
+            if ctx.get_start_method() == "forkserver":
+                # start the server (and its preload imports) now, without waiting for it: the
+                # caller's own work overlaps them, the first submit waits for what is left
+                with _sigint_ignored_by_children():
+                    from multiprocessing import forkserver
+
+                    forkserver.ensure_running()
 
     def submit(self, fn: Callable, *args: Any, **kwargs: Any) -> Future:
-        with _sigint_blocked():  # submit may start a worker process
-            return self._ex.submit(fn, *args, **kwargs)
+        with _sigint_deferred(), _sigint_blocked():  # submit may start a worker process
+            try:
+                return self._ex.submit(fn, *args, **kwargs)
+            except (EOFError, ConnectionError) as exc:  # the fork server died (killed, out of memory)
+                raise BrokenProcessPool(f"the worker fork server is gone ({exc})") from exc
 
     def stop(self) -> None:
         """Kill the workers now (after an error or Ctrl-C): queued tasks are dropped, none is waited for."""
@@ -187,6 +244,26 @@ class WorkerPool:
 
     def close(self) -> None:
         self._ex.shutdown(wait=True)
+
+
+def in_thread(fn: Callable, *args: Any, **kwargs: Any) -> Future:
+    """Run ``fn`` in a daemon thread of this process; its Future carries the result or error.
+
+    Daemon, so a build stopped by Ctrl-C exits at once instead of waiting for it; what it
+    leaves is a ``.tmp-*`` folder that the next build removes.
+    """
+    fut: Future = Future()
+
+    def run() -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001  (handed to whoever waits on the Future)
+            fut.set_exception(exc)
+
+    threading.Thread(target=run, name=f"spavis-{getattr(fn, '__name__', 'task')}", daemon=True).start()
+    return fut
 
 
 def make_pool(workers: int) -> InlinePool | WorkerPool:

@@ -27,7 +27,7 @@ from spavis.format import schema as S
 from spavis.report import card_section, write_card_figures
 from spavis.shards.annotations import check_coverage, expression_schema
 from spavis.shards.card import render_card
-from spavis.shards.images import PairedShards
+from spavis.shards.images import PAIRED_FILE, PairedShards
 from spavis.shards.prepare import (  # noqa: F401  (file_sha256/tree_sha256 are re-exported)
     DONE_FILE,
     ROWS_FILE,
@@ -234,15 +234,15 @@ def _count_arrays(offsets: np.ndarray, indices: np.ndarray, data: np.ndarray) ->
 
 
 def expression_write_options(schema: pa.Schema) -> dict[str, Any]:
-    """Parquet settings of expression files: the format's, with dictionary encoding on string columns only.
+    """Parquet settings of expression files: the format's, with ``EXPRESSION_COLUMN_ENCODING`` and
+    dictionary encoding on string columns only.
 
-    Measured on a 7,759-spot shard of generated slides (docs/shards.md): dictionary pages on
-    every column made the file 17 % larger (48.9 vs 41.7 MB) and encoding ~10 % slower, with
-    no measurable gain reading gene_index/counts; spot ids, slide ids, barcodes and
-    annotation labels repeat or share prefixes, so they keep it.
+    Dictionary pages on every column made a 7,759-spot shard 17 % larger and ~10 % slower to
+    encode; spot ids, slide ids, barcodes and annotation labels repeat or share prefixes, so
+    they keep it (docs/shards.md has both measurements).
     """
     strings = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
-    return dict(S.PARQUET_WRITE_OPTIONS, use_dictionary=strings)
+    return dict(S.PARQUET_WRITE_OPTIONS, use_dictionary=strings, column_encoding=dict(S.EXPRESSION_COLUMN_ENCODING))
 
 
 def write_shard(job: ShardJob) -> dict[str, Any]:
@@ -317,6 +317,9 @@ class CorpusWriter:
         self._parts = 0
         self._results: dict[int, dict] = {}
         self._zarr_outputs: list[dict[str, Any]] = []
+        self._plan: list[list[int]] = []  # slide positions per expression file
+        self._finished = False
+        self._summary: dict[str, Any] | None = None  # from prepare_commit
 
     @property
     def n_parts(self) -> int:
@@ -329,6 +332,7 @@ class CorpusWriter:
 
     def _job(self, positions: list[int]) -> ShardJob:
         job = ShardJob(str(self.tmp), self._parts, tuple(str(self.items[i][0]) for i in positions), self.obs_columns)
+        self._plan.append(positions)
         self._parts += 1
         return job
 
@@ -351,18 +355,46 @@ class CorpusWriter:
 
     def finish(self) -> list[ShardJob]:
         last = self._planner.finish()
+        self._finished = True
         return [self._job(last)] if last else []
 
     def shard_done(self, result: dict[str, Any]) -> None:
         self._results[result["part"]] = result
 
-    def commit(self) -> Path:
+    def prepare_commit(self) -> None:
+        """Write genes, slides, figure and card: everything that does not wait for the shard files.
+
+        Needs only the prepared slides and the plan (after ``finish``), so ``build_shards``
+        runs it while workers still encode the last files; ``commit`` runs it if nobody did.
+        """
+        if self._summary is not None:
+            return
+        if not self._finished:
+            raise SpavisError("CorpusWriter.prepare_commit: call finish() first (the shard plan is incomplete).")
         _check_not_empty(self.slides)
+        self._summary = _write_summary_files(self.tmp, self.items, self._locations(), self._parts,
+                                             self.vocab, self.params)
+
+    def _locations(self) -> dict[str, tuple[str, int]]:
+        """slide_id -> (expression file, first row), from the plan and the slides' spot counts."""
+        width = _part_width(self._parts)
+        where: dict[str, tuple[str, int]] = {}
+        for part, positions in enumerate(self._plan):
+            rows = 0
+            for i in positions:
+                _, slide = self.items[i]
+                where[slide["slide_id"]] = (_shard_name(part, width), rows)
+                rows += int(slide["n_spots_kept"])
+        return where
+
+    def commit(self) -> Path:
+        self.prepare_commit()
         missing = [i for i in range(self._parts) if i not in self._results]
         if missing:
             raise SpavisError(f"{self.tmp}: expression files {missing[:5]} were not written.")
-        _finish_into(self.tmp, self.items, [self._results[i] for i in range(self._parts)],
-                     self._zarr_outputs, self.vocab, self.params)
+        results = [self._results[i] for i in range(self._parts)]
+        _check_rows(results, self.items, self._plan)
+        _write_manifest(self.tmp, results, self._zarr_outputs, self._summary, self.slides, self.vocab, self.params)
         _publish(self.tmp, self.out)
         return self.out
 
@@ -374,45 +406,60 @@ def _publish(tmp: Path, out: Path) -> None:
     publish_dir(tmp, out)  # an old corpus is renamed aside, the new one renamed in, the old removed
 
 
-def _finish_into(tmp: Path, items, results, zarr_outputs, vocab, params) -> None:
-    """Everything but the shards: file names, genes, slides, card and manifest (main process)."""
+def _part_width(n_parts: int) -> int:
+    return max(5, len(str(n_parts)))  # 5 digits unless there are 100,000+ files
+
+
+def _check_rows(results, items, plan) -> None:
+    """Each file holds its slides' kept spots at the planned offsets (the slides table already says so)."""
+    for res, positions in zip(results, plan):
+        rows, expected = 0, []
+        for i in positions:
+            expected.append((str(items[i][0]), rows))
+            rows += int(items[i][1]["n_spots_kept"])
+        if [tuple(o) for o in res["offsets"]] != expected or res["entries"][0]["rows"] != rows:
+            raise SpavisError(f"expression file {res['part']}: its rows do not match the prepared slides' spot "
+                              "counts; delete the work directory and build again.")
+
+
+def _write_summary_files(tmp: Path, items, locations, n_parts: int, vocab, params) -> dict[str, Any]:
+    """genes.parquet, slides.parquet, the card figure and README.md; returns their manifest entries + stats."""
     slides = [s for _, s in items]
     check_coverage(slides, params.get("obs_columns") or ())
-    width = max(5, len(str(len(results))))  # 5 digits unless there are 100,000+ files
+    genes = _merge_gene_stats(items, vocab)
+    pq.write_table(genes, tmp / S.GENES_FILE, row_group_size=len(vocab) or 1, **S.PARQUET_WRITE_OPTIONS)
+    tail = [{"path": S.GENES_FILE, "kind": "genes", "rows": genes.num_rows}]
+
+    slides_table = _slides_table(slides, locations)
+    pq.write_table(slides_table, tmp / S.SLIDES_FILE, **S.PARQUET_WRITE_OPTIONS)
+    tail.append({"path": S.SLIDES_FILE, "kind": "slides", "rows": slides_table.num_rows})
+
+    tail += write_card_figures(tmp)  # spavis.report: the card's composition figure (kind "figure")
+    stats = _summary(slides, genes, n_parts)
+    # PairedShards writes a paired part for every file holding a slide with pairs
+    has_paired = any((Path(d) / PAIRED_FILE).is_file() for d, s in items if s["n_spots_kept"] > 0)
+    (tmp / S.CARD_FILE).write_text(render_card(vocab=vocab, params=params, stats=stats, slides=slides,
+                                               paired=has_paired) + card_section(tail), encoding="utf-8")
+    tail.append({"path": S.CARD_FILE, "kind": "card", "rows": None})
+    for entry in tail:
+        p = tmp / entry["path"]
+        entry["sha256"] = file_sha256(p)
+        entry["size"] = p.stat().st_size
+    return {"tail": tail, "stats": stats}
+
+
+def _write_manifest(tmp: Path, results, zarr_outputs, summary, slides, vocab, params) -> None:
+    """manifest.json over every output file (expression files renamed when 100,000+ of them)."""
+    width = _part_width(len(results))
     outputs: list[dict[str, Any]] = []
-    shard_file: dict[str, tuple[str, int]] = {}
-    by_dir = {str(d): s["slide_id"] for d, s in items}
     for res in results:
         for entry in res["entries"]:
             rel = entry["path"].replace(f"part-{res['part']:05d}", f"part-{res['part']:0{width}d}")
             if rel != entry["path"]:
                 os.replace(tmp / entry["path"], tmp / rel)
             outputs.append(dict(entry, path=rel))
-        name = _shard_name(res["part"], width)
-        for dirname, offset in res["offsets"]:
-            shard_file[by_dir[dirname]] = (name, offset)
-    has_paired = any(e["kind"] == "paired" for e in outputs)
-
-    genes = _merge_gene_stats(items, vocab)
-    pq.write_table(genes, tmp / S.GENES_FILE, row_group_size=len(vocab) or 1, **S.PARQUET_WRITE_OPTIONS)
-    tail = [{"path": S.GENES_FILE, "kind": "genes", "rows": genes.num_rows}]
-
-    slides_table = _slides_table(slides, shard_file)
-    pq.write_table(slides_table, tmp / S.SLIDES_FILE, **S.PARQUET_WRITE_OPTIONS)
-    tail.append({"path": S.SLIDES_FILE, "kind": "slides", "rows": slides_table.num_rows})
-
-    tail += write_card_figures(tmp)  # spavis.report: the card's composition figure (kind "figure")
-    stats = _summary(slides, genes, len(results))
-    (tmp / S.CARD_FILE).write_text(render_card(vocab=vocab, params=params, stats=stats, slides=slides,
-                                               paired=has_paired) + card_section(tail), encoding="utf-8")
-    tail.append({"path": S.CARD_FILE, "kind": "card", "rows": None})
-
-    for entry in tail:
-        p = tmp / entry["path"]
-        entry["sha256"] = file_sha256(p)
-        entry["size"] = p.stat().st_size
-    outputs = sorted(outputs + tail + zarr_outputs, key=lambda e: e["path"])
-    manifest = build_manifest(vocab, params, slides, outputs, stats)
+    outputs = sorted(outputs + summary["tail"] + zarr_outputs, key=lambda e: e["path"])
+    manifest = build_manifest(vocab, params, slides, outputs, summary["stats"])
     (tmp / S.MANIFEST_FILE).write_text(S.json_dumps(manifest), encoding="utf-8")
 
 

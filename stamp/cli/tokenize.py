@@ -4,8 +4,9 @@
 to the ``stamp`` app (stamp/cli/__init__.py calls it). Output: one row per spot, ``spot_id``
 (string) and ``input_ids`` (list<int32>, the tokenizer's full padded row: ``max_length``
 ids, padded with the tokenizer's ``pad_value``); the tokenizer config is stored in the
-Parquet schema metadata under ``stamp.tokenizer``. Streams one slide at a time (memory
-bounded by the largest slide), writes to a temporary file and renames it when complete.
+Parquet schema metadata under ``stamp.tokenizer``. Streams one slide at a time, the next two
+read ahead on a thread (memory bounded by three of the largest slides), writes to a temporary
+file and renames it when complete.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spavis.format.io import temp_sibling
+from stamp.prefetch import prefetch
 from stamp.tokenizer import MEAN_COLUMNS, GeneTokenizer
 
 logger = logging.getLogger(__name__)
@@ -58,7 +60,8 @@ def tokenize_corpus(
                            TimeRemainingColumn(), disable=not progress, transient=True)
         with columns as bar, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             task = bar.add_task("tokenize", total=total)
-            for table in corpus.iter_slides(columns=["spot_id", "gene_index", "counts"]):
+            # the next slides are read (decompressed) on a thread while this one is encoded and written
+            for table in prefetch(corpus.iter_slides(columns=["spot_id", "gene_index", "counts"]), depth=2):
                 ids, empty = tokenizer.encode_table(table, return_n_empty=True)
                 width = ids.shape[1]
                 offsets = pa.array(np.arange(0, ids.size + 1, width, dtype=np.int32))
