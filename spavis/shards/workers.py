@@ -118,6 +118,20 @@ def _sigint_blocked():
 
 
 @contextlib.contextmanager
+def _sigint_handled_by(handler):
+    """SIGINT goes to ``handler`` inside the block; yields the previous handler (None off the main thread,
+    where Python cannot change handlers and nothing is changed)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield old
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+@contextlib.contextmanager
 def _sigint_deferred():
     """Hold a Ctrl-C that arrives in this block and raise it when the block is done.
 
@@ -125,17 +139,11 @@ def _sigint_deferred():
     ~1.5 s, on the first call); a KeyboardInterrupt raised inside it leaves the executor's
     books half-written (a worker forked but not registered), and the interpreter then hangs
     at exit waiting for it. So the handler only records the signal; it is raised right after,
-    where the build's own handler stops the pool cleanly. Main thread only.
+    where the build's own handler stops the pool cleanly.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     caught: list[int] = []
-    old = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
+    with _sigint_handled_by(lambda signum, frame: caught.append(signum)) as old:
         yield
-    finally:
-        signal.signal(signal.SIGINT, old)
     if caught:
         if callable(old):
             old(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
@@ -143,7 +151,6 @@ def _sigint_deferred():
             raise KeyboardInterrupt
 
 
-@contextlib.contextmanager
 def _sigint_ignored_by_children():
     """Processes exec'd in this block start with SIGINT ignored.
 
@@ -151,16 +158,9 @@ def _sigint_ignored_by_children():
     calling thread, so a blocked mask is not inherited) and multiprocessing makes it ignore
     SIGINT only after its preload imports: a Ctrl-C in those seconds would kill it with a
     traceback and leave the pool waiting on it. An ignored disposition survives exec; a Ctrl-C
-    during the few milliseconds of the spawn itself is dropped. Main thread only.
+    during the few milliseconds of the spawn itself is dropped.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
+    return _sigint_handled_by(signal.SIG_IGN)
 
 
 @contextlib.contextmanager
