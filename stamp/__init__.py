@@ -10,6 +10,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "StampGeneEncoder": ("stamp.model", "StampGeneEncoder"),
     "StampConfig": ("stamp.model", "StampConfig"),
     "StampModel": ("stamp.multimodal", "StampModel"),
+    "load": ("stamp.factory", "load"),
+    "Encoder": ("stamp.encoder", "Encoder"),
     "list_pretrained": ("stamp.registry", "list_pretrained"),
     "create_model": ("stamp.registry", "create_model"),
     "load_tokenizer": ("stamp.registry", "load_tokenizer"),
