@@ -118,7 +118,8 @@ def test_card_features_follow_annotations_and_paired_images():
                "citation": "GEO et al.", "n_spots_kept": 4},
               {"slide_id": "B", "source": "stimage", "license": "MIT (STimage-1K4M)", "citation": "Chen et al.",
                "n_spots_kept": 6}]
-    card = render_card(vocab=vocab, params={"obs_columns": ["domain"]}, stats=stats, slides=slides, paired=True)
+    card = render_card(vocab=vocab, params={"obs_columns": ["domain"]}, stats=stats, slides=slides,
+                       build_key="0" * 64, paired=True)
     front = yaml.safe_load(card.split("---")[1])
     infos = {i["config_name"]: i["features"] for i in front["dataset_info"]}
     assert infos["default"][-1] == {"name": "domain", "dtype": "string"}

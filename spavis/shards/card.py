@@ -139,16 +139,32 @@ def source_table(slides: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+def config_description(build_key: str) -> str:
+    """The ``description`` of every card config: names the build, so it keys the ``datasets`` cache.
+
+    ``datasets.load_dataset(DIR)`` caches a local folder with card ``configs`` under
+    ``<folder name>/<config>/<version>/<hash>``, where the hash covers only the card's configs (their
+    unresolved ``data_files`` patterns and fields such as this description) and ``dataset_info``:
+    neither the folder's path nor its files. Without the build key in a hashed field, a corpus
+    rebuilt in place, or another corpus in a folder of the same name, would load the rows cached
+    for the first one. The build key digests everything that decides the output bytes.
+    """
+    return f"spavis corpus build {build_key}"
+
+
 def render_card(*, vocab, params: dict[str, Any], stats: dict[str, Any], slides: list[dict[str, Any]],
-                paired: bool = False) -> str:
+                build_key: str, paired: bool = False) -> str:
     """Markdown card with YAML front matter for the Hub and ``datasets``."""
     license_ids = [normalize_license(s.get("license")) for s in slides]
     corpus_license = most_restrictive(license_ids)
+    description = config_description(build_key)
     configs: list[dict[str, Any]] = [
-        {"config_name": "default", "default": True,
+        {"config_name": "default", "default": True, "description": description,
          "data_files": [{"split": "train", "path": f"{S.EXPRESSION_DIR}/*.parquet"}]},
-        {"config_name": "genes", "data_files": [{"split": "train", "path": S.GENES_FILE}]},
-        {"config_name": "slides", "data_files": [{"split": "train", "path": S.SLIDES_FILE}]},
+        {"config_name": "genes", "description": description,
+         "data_files": [{"split": "train", "path": S.GENES_FILE}]},
+        {"config_name": "slides", "description": description,
+         "data_files": [{"split": "train", "path": S.SLIDES_FILE}]},
     ]
     from spavis.shards.annotations import expression_schema
 
@@ -157,7 +173,8 @@ def render_card(*, vocab, params: dict[str, Any], stats: dict[str, Any], slides:
              _features_yaml(S.SLIDES_SCHEMA, "slides")]
     paired_dir = getattr(S, "PAIRED_DIR", "data/paired")
     if paired:
-        configs.append({"config_name": "paired", "data_files": [{"split": "train", "path": f"{paired_dir}/*.parquet"}]})
+        configs.append({"config_name": "paired", "description": description,
+                        "data_files": [{"split": "train", "path": f"{paired_dir}/*.parquet"}]})
         paired_schema = getattr(S, "PAIRED_SCHEMA", None)
         if paired_schema is not None:
             infos.append(_features_yaml(paired_schema, "paired"))

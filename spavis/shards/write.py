@@ -438,8 +438,10 @@ def _write_summary_files(tmp: Path, items, locations, n_parts: int, vocab, param
     stats = _summary(slides, genes, n_parts)
     # PairedShards writes a paired part for every file holding a slide with pairs
     has_paired = any((Path(d) / PAIRED_FILE).is_file() for d, s in items if s["n_spots_kept"] > 0)
+    key = build_key(vocab, params, manifest_inputs(slides))
     (tmp / S.CARD_FILE).write_text(render_card(vocab=vocab, params=params, stats=stats, slides=slides,
-                                               paired=has_paired) + card_section(tail), encoding="utf-8")
+                                               build_key=key, paired=has_paired) + card_section(tail),
+                                   encoding="utf-8")
     tail.append({"path": S.CARD_FILE, "kind": "card", "rows": None})
     for entry in tail:
         p = tmp / entry["path"]
@@ -482,12 +484,18 @@ def input_entry(slide_id: str, source: str, input_sha256: str, files: list[dict]
             "metadata_sha256": hashlib.sha256(meta).hexdigest(), "files": files}
 
 
-def build_manifest(vocab, params, slides, outputs, stats) -> dict[str, Any]:
+def manifest_inputs(slides) -> list[dict[str, Any]]:
+    """The manifest's ``inputs``: each slide's files, their sha256 and the metadata that reaches the output."""
     inputs = []
     for s in slides:
         meta = {k: s.get(k) for k in ("source", "accession", "organ", "species", "condition", "technology",
                                       "license", "citation")}
         inputs.append(input_entry(s["slide_id"], s["source"], s["input_sha256"], s["input_files"], meta))
+    return inputs
+
+
+def build_manifest(vocab, params, slides, outputs, stats) -> dict[str, Any]:
+    inputs = manifest_inputs(slides)
     return {
         "format": S.FORMAT_NAME,
         "format_version": S.FORMAT_VERSION,
