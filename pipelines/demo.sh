@@ -21,10 +21,13 @@ spavis simulate "$OUT/generated" --n-slices 2 --seed 0
 spavis build-shards "$OUT/generated" "$HEART" --out "$OUT/corpus" --min-genes 1 --workers 2
 spavis validate "$OUT/corpus"
 python - "$OUT/corpus" <<'PY'
-import sys, datasets
+import sys, datasets, spavis
 datasets.disable_progress_bars()
 ds = datasets.load_dataset(sys.argv[1], split="train")
-print(f"datasets.load_dataset -> {ds.num_rows} spots; columns: {', '.join(ds.column_names)}")
+expected = spavis.open_corpus(sys.argv[1]).n_spots  # manifest.json: the corpus on disk now
+if ds.num_rows != expected:
+    sys.exit(f"error: datasets.load_dataset gave {ds.num_rows} spots, the corpus has {expected} (stale cache?)")
+print(f"datasets.load_dataset -> {ds.num_rows} spots (= manifest.json); columns: {', '.join(ds.column_names)}")
 row = next(iter(datasets.load_dataset(sys.argv[1], split="train", streaming=True)))
 print(f"streaming first spot: {row['spot_id']} with {row['n_genes']} genes, neighbours {row['neighbors'][:4]}...")
 PY

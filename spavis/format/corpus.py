@@ -198,6 +198,12 @@ class Corpus:
         if self.repo_id is not None:
             return datasets.load_dataset(self.repo_id, revision=self.revision, split="train", streaming=streaming,
                                          **kwargs)
+        # datasets keys its cache by the files' paths and mtimes; the build key (a digest of
+        # everything that decides the bytes) also keys it, so a corpus rebuilt in place within
+        # the file system's mtime resolution never loads the rows cached for the old one.
+        key = self.manifest.get("build_key")
+        if key and "description" not in kwargs:
+            kwargs["description"] = f"spavis corpus build {key}"
         return datasets.load_dataset(
             "parquet", data_files={"train": self.expression_files}, split="train", streaming=streaming, **kwargs
         )

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from spavis.errors import BuildError, SpavisError
-from spavis.format.schema import MANIFEST_FILE, ZARR_CONSOLIDATED, zarr_build_file
+from spavis.format.schema import CARD_FILE, MANIFEST_FILE, ZARR_CONSOLIDATED, zarr_build_file
+from spavis.shards.card import config_description
 from spavis.shards.config import DEFAULT_MAX_SPOTS_PER_SHARD, BuildConfig
 from spavis.shards.discover import SliceInput, discover_inputs, drop_duplicate_inputs, hash_inputs
 from spavis.shards.info import info
@@ -49,7 +50,19 @@ def is_up_to_date(out: Path, vocab, params: dict[str, Any], slices: Sequence[Sli
     except (OSError, ValueError):
         return False
     entries = [input_entry(s.slide_id, "", s.input_sha256, [], slide_metadata(s)) for s in slices]
-    return manifest.get("build_key") == build_key(vocab, params, entries)
+    key = build_key(vocab, params, entries)
+    return manifest.get("build_key") == key and _card_names_build(Path(out), key)
+
+
+def _card_names_build(out: Path, key: str) -> bool:
+    """The card's configs carry the build key (cards written before they did are rewritten by a rebuild).
+
+    Without it ``datasets.load_dataset(out)`` could return rows cached for another corpus.
+    """
+    try:
+        return config_description(key) in (out / CARD_FILE).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _progress(enabled: bool):
