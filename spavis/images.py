@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from spavis.errors import SpavisError
+from spavis.format.io import not_regular
 
 PAD_VALUE = 255  # glass: what surrounds tissue on an H&E slide
 BLOCK_PX = 1024  # cache granularity (level pixels)
@@ -142,8 +143,12 @@ class ImageSource:
 def open_image(path: str | os.PathLike) -> ImageSource:
     """Open a TIFF lazily (tifffile + Zarr store) or decode a PNG/JPEG; ImageError on bad files."""
     path = Path(path)
-    if not path.is_file():
+    what = not_regular(path)
+    if what == "missing":
         raise ImageError(f"{path}: image file not found; fetch it again (spavis fetch --with-images).")
+    if what is not None:  # a FIFO would block, /dev/zero never ends: only regular files are decoded
+        raise ImageError(f"{path}: is {what}, not a regular image file; remove it or move it out of the slice "
+                         "folder.")
     name = path.name.lower()
     if name.endswith(".gz"):  # GEO ships images gzipped: no tiles to seek, so decompress once
         return _open_gzip(path, name[:-3])

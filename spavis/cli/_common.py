@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 
 from spavis.errors import DEBUG_ENV, SpavisError, SpavisWarning, debug_enabled, describe_os_error
+from spavis.format.io import NotRegularFileError
 
 F = TypeVar("F", bound=Callable)
 err_console = Console(stderr=True)
@@ -49,7 +50,7 @@ def friendly_errors(func: F) -> F:
             err_console.print("[bold red]interrupted[/] (finished work is kept; run the command again to resume)",
                               highlight=False)
             sys.exit(130)
-        except SpavisError as exc:
+        except (SpavisError, NotRegularFileError) as exc:  # the latter: a FIFO/device where a file is read
             if debug_enabled():
                 raise
             _fail(_escape(str(exc)))

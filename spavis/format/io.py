@@ -12,6 +12,7 @@ Dependency-free (standard library only) so ``stamp`` may import it (layering rul
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 __all__ = [
-    "json_dumps", "hash_file", "sha256_file", "sha256_bytes", "tree_sha256", "tree_size",
+    "json_dumps", "hash_file", "NotRegularFileError", "not_regular", "open_regular", "sha256_file", "sha256_bytes", "tree_sha256", "tree_size",
     "current_umask", "file_mode", "dir_mode", "apply_umask",
     "temp_sibling", "atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
     "make_temp_dir", "publish_dir", "atomic_dir", "remove_tree",
@@ -45,13 +46,70 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+class NotRegularFileError(OSError):
+    """A path that is no regular file (a FIFO, a device such as /dev/zero, a socket) where one is read.
+
+    Reading one would block forever (a FIFO without writer) or never end (/dev/zero), so only
+    regular files are ever opened for hashing or reading inputs. The message is one line that
+    names the path and the fix.
+    """
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 22]"
+        return str(self.strerror)
+
+
+def not_regular(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when it is no regular file ("a FIFO", "a character device", ...), else None.
+
+    Symlinks are followed: a link to /dev/zero is a character device, a dangling link is
+    "a link to nothing".
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a link to nothing" if os.path.islink(path) else "missing"
+    if stat.S_ISREG(mode):
+        return None
+    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def _not_regular_error(path: str | os.PathLike, what: str) -> NotRegularFileError:
+    link = f" (a link to {os.path.realpath(path)})" if os.path.islink(path) else ""
+    return NotRegularFileError(
+        errno.EINVAL, f"{path}: is {what}{link}, not a regular file; only regular files are read, so remove it "
+        "or move it out of the input folder")
+
+
+def open_regular(path: str | os.PathLike) -> IO[bytes]:
+    """Open a regular file for binary reading; NotRegularFileError for anything else, without blocking.
+
+    ``O_NONBLOCK`` makes opening a FIFO return at once (instead of waiting for a writer); the
+    opened file is then checked with ``fstat`` (no race with a swapped path) and switched
+    back to blocking reads.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _not_regular_error(path, not_regular(path) or "not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def hash_file(path: str | os.PathLike, *hashes: Any, chunk_size: int = _CHUNK) -> tuple[str, ...]:
     """Feed a file once, in 1 MiB blocks, to every ``hashlib`` object given; their hex digests.
 
     One read for several digests (sha256 + md5 for a download, sha256 + git blob id for a
-    Hub file).
+    Hub file). Only a regular file is read (``open_regular``): a FIFO or /dev/zero would never end.
     """
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         while block := fh.read(chunk_size):
             for h in hashes:
                 h.update(block)

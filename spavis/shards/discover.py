@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from spavis.errors import ReaderError, SpavisError, SpavisWarning
+from spavis.format.io import not_regular
 from spavis.format.io import sha256_file as _sha256_file
 from spavis.spaceranger import INTERNAL_DIRS
 from spavis.sources.sidecar import FIELDS as SIDECAR_FIELDS
@@ -66,16 +67,35 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def _list_files(root: Path) -> tuple[str, ...]:
-    if root.is_file():
+    """Every input file under ``root`` (relative), refusing anything that is no regular file.
+
+    A FIFO, a device (e.g. a link to /dev/zero), a socket or a dangling link in a slice folder
+    would hang or break hashing and the readers (a FIFO blocks, /dev/zero never ends): the build
+    stops here, before any file is opened, with one line naming the path.
+    """
+    what = not_regular(root)
+    if what is None:
         return (root.name,)
+    if what != "a folder":
+        raise _refuse(root, what)
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not _IGNORED.search(d))
         for name in filenames:
             if _IGNORED.search(name):
                 continue
-            out.append(Path(dirpath, name).relative_to(root).as_posix())
+            path = Path(dirpath, name)
+            what = not_regular(path)
+            if what is not None:
+                raise _refuse(path, what)
+            out.append(path.relative_to(root).as_posix())
     return tuple(sorted(out))
+
+
+def _refuse(path: Path, what: str) -> ReaderError:
+    link = f" (a link to {os.path.realpath(path)})" if path.is_symlink() else ""
+    return ReaderError(f"{path}: is {what}{link}, not a regular file; build-shards reads only regular files, "
+                       "so remove it or move it out of the slice folder.")
 
 
 def _local_id(path: Path) -> str:
@@ -88,6 +108,7 @@ def _local_id(path: Path) -> str:
 
 
 def _fetched(folder: Path) -> SliceInput:
+    files = _list_files(folder)  # slice.json included: refused before it is read if no regular file
     meta = read_sidecar(folder)
     slide_id = str(meta.get("slide_id") or "")
     if not _SAFE_ID.match(slide_id):
@@ -101,7 +122,7 @@ def _fetched(folder: Path) -> SliceInput:
             f"{folder / SIDECAR_NAME}: data_path {meta.get('data_path')!r} does not exist; "
             "the fetch is incomplete, run `spavis fetch` again."
         )
-    return SliceInput(slide_id, folder.resolve(), data_path, meta, _list_files(folder))
+    return SliceInput(slide_id, folder.resolve(), data_path, meta, files)
 
 
 def _local(path: Path) -> SliceInput:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from spavis.errors import FetchError
-from spavis.format.io import atomic_open
+from spavis.format.io import NotRegularFileError, atomic_open, open_regular
 
 SIDECAR_NAME = "slice.json"
 CONDITIONS = ("cancer", "diseased", "healthy", "treated", "unknown")
@@ -78,7 +78,12 @@ def read_sidecar(folder: str | os.PathLike) -> dict[str, Any]:
     if path.is_dir():
         path = path / SIDECAR_NAME
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with open_regular(path) as fh:  # a FIFO named slice.json would block a plain read forever
+            data = json.loads(fh.read().decode("utf-8"))
+    except NotRegularFileError as exc:
+        raise FetchError(str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise FetchError(f"{path}: slice.json is not UTF-8 text ({exc}); delete it and fetch again.") from None
     except FileNotFoundError:
         raise FetchError(f"{path}: no slice.json here; fetch the slice again with `spavis fetch`.") from None
     except json.JSONDecodeError as exc:
