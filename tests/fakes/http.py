@@ -6,6 +6,14 @@ path and consumed one per GET, so "503 then success" is ``[Fault.status(503)]``.
 Every request is logged (method, path, Range header) for assertions. ``delays`` slows
 chosen file GETs down and ``max_inflight`` records how many file GETs were served at
 once, so tests can observe (bounded) concurrency.
+
+Counting is exact, whatever the load on the machine: a transfer stops counting *before* its
+last body byte is written. A client can only finish reading (and start its next request)
+after that byte, so the end of one transfer and the start of the next never overlap in the
+count (counting until the handler returns did: a handler descheduled after its final write
+still counted while the client's next request arrived). ``gather(n)`` makes the first ``n``
+file GETs wait for each other, so "n transfers at once" is observed whenever the client
+really runs n at once, without relying on delays being long enough.
 """
 from __future__ import annotations
 
@@ -76,6 +84,8 @@ class FileServer:
         self.inflight = 0
         self.max_inflight = 0
         self._lock = threading.Lock()
+        self._gather: threading.Barrier | None = None
+        self._gather_prefix = "/"
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -94,6 +104,12 @@ class FileServer:
     def inject(self, path: str, *faults: Fault) -> None:
         with self._lock:
             self.faults.setdefault("/" + path.lstrip("/"), []).extend(faults)
+
+    def gather(self, n: int, prefix: str = "/", timeout: float = 30.0) -> None:
+        """The first ``n`` file GETs under ``prefix`` wait for one another (at most ``timeout`` s: a
+        serial client then shows ``max_inflight`` < n instead of hanging)."""
+        self._gather = threading.Barrier(n, timeout=timeout) if n > 1 else None
+        self._gather_prefix = prefix
 
     def gets(self, path: str) -> list[Logged]:
         p = "/" + path.lstrip("/")
@@ -159,15 +175,30 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._serve(head=False)
 
+    _counted = False  # this request's file GET is in srv.inflight
+
+    def _uncount(self) -> None:
+        """End this transfer in ``inflight`` (once), before the client can have read its end."""
+        if self._counted:
+            self._counted = False
+            with self.owner._lock:
+                self.owner.inflight -= 1
+
     def _send(self, status: int, headers: dict, body: bytes, head: bool) -> None:
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
         if "Content-Length" not in headers:
             self.send_header("Content-Length", str(len(body)))
+        if head or not body:
+            self._uncount()
+            self.end_headers()
+            return
         self.end_headers()
-        if not head:
-            self.wfile.write(body)
+        self.wfile.write(body[:-1])
+        self.wfile.flush()
+        self._uncount()
+        self.wfile.write(body[-1:])
 
     def _serve(self, head: bool) -> None:
         parts = urlsplit(self.path)
@@ -206,13 +237,21 @@ class _Handler(BaseHTTPRequestHandler):
         with srv._lock:
             srv.inflight += 1
             srv.max_inflight = max(srv.max_inflight, srv.inflight)
+            self._counted = True
+            gather, prefix = srv._gather, srv._gather_prefix
+            n_gets = sum(1 for r in srv.log if r.method == "GET" and r.path in srv.files and r.path.startswith(prefix))
+            gather = gather if path.startswith(prefix) else None
         try:
+            if gather is not None and n_gets <= gather.parties:
+                try:
+                    gather.wait()
+                except threading.BrokenBarrierError:
+                    pass
             if delay:
                 time.sleep(delay)
             self._serve_file(data, fault, head)
         finally:
-            with srv._lock:
-                srv.inflight -= 1
+            self._uncount()
 
     def _serve_file(self, data: bytes, fault: "Fault | None", head: bool) -> None:
         srv = self.owner
@@ -241,6 +280,7 @@ class _Handler(BaseHTTPRequestHandler):
             for k, v in headers.items():
                 self.send_header(k, v)
             self.send_header("Connection", "close")
+            self._uncount()
             self.end_headers()
             self.wfile.write(body[: fault.after])
             self.wfile.flush()
