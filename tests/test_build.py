@@ -318,11 +318,11 @@ def test_kill_and_rerun_gives_identical_bytes(corpus, inputs, tmp_path):
     build_shards(inputs["args"], out, vocab=inputs["vocab"], min_genes=MIN_GENES, k_neighbors=K,
                  max_spots_per_shard=450, work_dir=work)
     assert tree_digest(out) == tree_digest(corpus)
-    assert not list(tmp_path.glob("killed.tmp-*"))
+    assert not list(tmp_path.glob("killed.tmp-*")) and not list(tmp_path.glob(".killed.tmp-*"))
 
 
 def _no_output(parent: Path, name: str) -> bool:
-    return not (parent / name).exists() and not list(parent.glob(f"{name}.tmp-*"))
+    return not (parent / name).exists() and not list(parent.glob(f"*{name}.tmp-*"))
 
 
 def test_bad_inputs_fail_cleanly(inputs, tmp_path, real_data):

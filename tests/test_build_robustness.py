@@ -150,7 +150,7 @@ def test_ctrl_c_with_two_workers_exits_130_with_one_line(slices, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("interrupted"), stderr
         assert not _wait_gone(kids), f"attempt {attempt}: worker processes outlived the build"
         assert not _session_gone(proc.pid), f"attempt {attempt}: a process of the build's session is left"
-        assert not out.exists() and not list(tmp_path.glob(f"out{attempt}.tmp-*"))
+        assert not out.exists() and not list(tmp_path.glob(f"*out{attempt}.tmp-*"))
 
 
 def test_sigkill_of_main_leaves_no_workers_and_rerun_is_identical(slices, tmp_path):
@@ -170,7 +170,7 @@ def test_sigkill_of_main_leaves_no_workers_and_rerun_is_identical(slices, tmp_pa
 
     ref = build_shards([slices], tmp_path / "ref", min_genes=MIN_GENES, max_spots_per_shard=2000, workers=1)
     assert _digest(out) == _digest(ref)  # resumed with 2 workers == fresh with 1 worker, byte for byte
-    assert not list(tmp_path.glob("*.tmp-*")) and not list(work.glob(".tmp-*"))
+    assert not list(tmp_path.glob("*.tmp-*")) and not list(tmp_path.glob(".*.tmp-*")) and not list(work.glob(".tmp-*"))
 
 
 def test_script_without_main_guard_fails_fast_with_the_fix(slices, tmp_path):

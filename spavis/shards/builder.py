@@ -33,6 +33,7 @@ from spavis.shards.write import (
     build_key,
     input_entry,
     plan_shards,
+    stale_staging_dirs,
     write_corpus,
     write_corpus_in_order,
     write_shard,
@@ -131,6 +132,7 @@ def build_shards(
     slices = discover_inputs(inputs)
     slices = drop_duplicate_inputs(hash_inputs(slices, workers))  # a linked/copied slice counts once
     params = cfg.params(vocab_obj)
+    _remove_dead_staging(out.parent)
     if is_up_to_date(out, vocab_obj, params, slices):
         return out
     _check_out_dir(out)
@@ -151,6 +153,12 @@ def build_shards(
         if default_work:
             shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _remove_dead_staging(parent: Path) -> None:
+    """Remove the hidden staging folders of killed builds into any --out of ``parent`` (writer provably dead)."""
+    for stale in stale_staging_dirs(parent):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _lock(path: Path, what: str):
@@ -253,7 +261,8 @@ def _report_work_dir(exc: BaseException, work: Path, default_work: bool) -> None
 
 
 def _build(slices, out, work, cfg, vocab_obj, params, workers, progress) -> None:
-    for stale in out.parent.glob(f"{out.name}.tmp-*"):  # left by a killed build; we hold the out lock
+    # left by a killed build (we hold the out lock): named .OUT.tmp-* (earlier versions: OUT.tmp-*)
+    for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f"{out.name}.tmp-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     for stale in work.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)

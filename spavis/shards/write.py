@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +125,7 @@ def write_corpus(
     progress: Callable[[str], None] | None = None,
     workers: int = 1,
 ) -> Path:
-    """Write the corpus for ``prepared_dirs`` to ``out`` (built in ``out.tmp-*``, then renamed).
+    """Write the corpus for ``prepared_dirs`` to ``out`` (built in a hidden ``.out.tmp-*``, then renamed).
 
     ``workers`` processes write the expression files (the Snakefile's write job passes its
     threads); the bytes are the same for any number.
@@ -290,8 +292,51 @@ def write_shard(job: ShardJob) -> dict[str, Any]:
     return {"part": job.part, "entries": entries, "offsets": offsets}
 
 
+_STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>[0-9a-f]{6})-(?P<pid>[0-9]+)-[0-9a-f]{8}$")
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def staging_dir(out: Path) -> Path:
+    """The hidden folder a corpus for ``out`` is written in before it is renamed into place.
+
+    ``.<out name>.tmp-<host>-<pid>-<random>``: hidden, so a killed build (SIGKILL cannot be
+    caught) leaves nothing visible beside ``--out``; the host and process id let any later build
+    prove the writer is dead (``stale_staging_dirs``) before removing it.
+    """
+    return out.parent / f".{out.name}.tmp-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def stale_staging_dirs(parent: Path) -> list[Path]:
+    """Staging folders in ``parent`` whose writer is provably dead: written on this host by a process
+    that no longer exists (a folder of another host, or of a live process, is never listed)."""
+    host, found = _host_tag(), []
+    try:
+        entries = sorted(parent.iterdir())
+    except OSError:
+        return []
+    for p in entries:
+        m = _STAGING.match(p.name)
+        if (m and m["host"] == host and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"]))
+                and p.is_dir() and not p.is_symlink()):
+            found.append(p)
+    return found
+
+
 class CorpusWriter:
-    """One corpus being written into ``OUT.tmp-*``: slides arrive in slide_id order, shards go out as jobs.
+    """One corpus being written into a hidden ``.OUT.tmp-*`` folder (``staging_dir``): slides arrive in slide_id order, shards go out as jobs.
 
     ``add`` takes a prepared slice (hard-links its Zarr store) and returns the shard jobs
     that became complete (a shard is complete once the next slide with spots does not
@@ -308,7 +353,7 @@ class CorpusWriter:
         _check_out(self.out, self.max_spots)
         self.obs_columns = tuple(self.params.get("obs_columns") or ())
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.out.parent / f"{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp = staging_dir(self.out)
         self.tmp.mkdir()
         (self.tmp / S.EXPRESSION_DIR).mkdir(parents=True)
         (self.tmp / S.ZARR_DIR).mkdir()
