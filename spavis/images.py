@@ -25,7 +25,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -401,6 +401,19 @@ class WindowReader:
             raise ImageError(f"{self.source.path}: cannot decode pixels {x0}..{x1} x {y0}..{y1} "
                              f"({type(exc).__name__}: {exc}); the file is truncated or corrupt, "
                              "download it again.") from None
+
+    def iter_blocks(self) -> Iterator[np.ndarray]:
+        """Every decoded block of the level as uint8 RGB, row by row, one at a time (not cached):
+        a scan of a level of any size in bounded memory."""
+        lv = self.level
+        if self._in_memory:
+            for y0 in range(0, lv.height, self.block_h):
+                yield _to_rgb(np.asarray(lv.data[y0:y0 + self.block_h]), lv.layout)
+            return
+        for y0 in range(0, lv.height, self.block_h):
+            for x0 in range(0, lv.width, self.block_w):
+                yield _to_rgb(self._raw(y0, min(y0 + self.block_h, lv.height), x0,
+                                        min(x0 + self.block_w, lv.width)), lv.layout)
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Pixels [y0, y1) x [x0, x1) of the level as uint8 RGB; outside the image = PAD_VALUE."""

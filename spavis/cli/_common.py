@@ -12,13 +12,12 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import warnings
 from typing import Callable, TypeVar
 
 import typer
 from rich.console import Console
 
-from spavis.errors import DEBUG_ENV, SpavisError, SpavisWarning, debug_enabled, describe_os_error
+from spavis.errors import DEBUG_ENV, SpavisError, debug_enabled, describe_os_error
 from spavis.format.io import NotRegularFileError
 
 F = TypeVar("F", bound=Callable)
@@ -75,16 +74,13 @@ def enable_debug() -> None:
 
 
 def show_warnings() -> None:
-    """Print SpavisWarnings as one yellow ``warning:`` line each (not Python's two-line format)."""
-    previous = warnings.showwarning
+    """Print every warning as one yellow ``warning:`` line (not Python's two-line format), here and in
+    the worker processes this command starts (spavis._warnings: library deprecations go to the log)."""
+    from spavis._warnings import ROUTE_ENV, route_warnings
 
-    def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, SpavisWarning) and not debug_enabled():
-            err_console.print(f"[yellow]warning:[/] {_escape(str(message))}", highlight=False, soft_wrap=True)
-        else:
-            previous(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = show
+    os.environ[ROUTE_ENV] = "1"  # inherited by build workers, which route their warnings alike
+    route_warnings(lambda text: err_console.print(f"[yellow]warning:[/] {_escape(text)}", highlight=False,
+                                                  soft_wrap=True))
 
 
 # ----------------------------------------------------------------------------- validators

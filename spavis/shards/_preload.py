@@ -6,11 +6,18 @@ its first slice) are loaded here once instead of in every worker. The table's sy
 built here: slices keyed by Ensembl ids (Space Ranger output) never need them; a worker builds
 them on its first symbol-keyed slice.
 """
-from spavis.genes import harmonize  # noqa: F401
-from spavis.genes.table import load_gene_table
-from spavis.readers import read_slice  # noqa: F401
-from spavis.shards import prepare, write  # noqa: F401
-from spavis.shards.config import DEFAULT_VOCAB
+import os
+
+from spavis._warnings import ROUTE_ENV, route_warnings
+
+if os.environ.get(ROUTE_ENV):  # started by the CLI: workers print warnings as one line too
+    route_warnings()
+
+from spavis.genes import harmonize  # noqa: F401, E402
+from spavis.genes.table import load_gene_table  # noqa: E402
+from spavis.readers import read_slice  # noqa: F401, E402
+from spavis.shards import prepare, write  # noqa: F401, E402
+from spavis.shards.config import DEFAULT_VOCAB  # noqa: E402
 
 
 def _warm() -> None:

@@ -149,13 +149,18 @@ def find_slide_image(s, adata) -> SlideImage | None:
 
 
 def _is_blank(src: ImageSource) -> bool:
-    """One colour all over (10x ships an all-black hires placeholder for some datasets): judged
-    on the coarsest level when it is small enough to read whole."""
-    lv = src.levels[-1]
-    if lv.height * lv.width > 4096 * 4096:
-        return False
-    block = WindowReader(src, len(src.levels) - 1).read(0, lv.height, 0, lv.width)
-    return bool(block.size) and int(block.max()) == int(block.min())
+    """One colour all over (10x ships an all-black hires placeholder for some datasets), judged on
+    the coarsest level, whatever its size: scanned block by block (bounded memory), stopping at
+    the first block that holds a second colour (a real H&E stops in its first block)."""
+    first: int | None = None
+    for block in WindowReader(src, len(src.levels) - 1, cache_mb=0).iter_blocks():
+        if not block.size:
+            continue
+        lo, hi = int(block.min()), int(block.max())
+        if lo != hi or (first is not None and lo != first):
+            return False
+        first = lo
+    return first is not None
 
 
 def calibration(adata, slide: dict) -> tuple[float, str] | None:
