@@ -231,6 +231,24 @@ def _publish_local(root: Path, files: dict[str, Path], local_dir: Path) -> int:
     return len(files)
 
 
+def _check_repo_id(repo_id: str) -> None:
+    """Refuse an invalid ``--repo-id`` before any upload, with huggingface_hub's own rules and reason.
+
+    Without this an id such as ``org/bad..name`` reached the Hub client, whose refusal read
+    like a network failure ("check your network").
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not H.looks_like_repo_id(repo_id):
+        raise PublishError(f"--repo-id {repo_id!r} is not a Hub dataset id; use ORG/NAME.")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        reason = " ".join(str(exc).split()).rstrip(".")
+        raise PublishError(f"--repo-id {repo_id!r} is not a valid Hub dataset id ({reason}); use ORG/NAME with "
+                           "letters, digits, '-', '_' or '.' (no '--' or '..', at most 96 characters).") from None
+
+
 def publish(
     corpus: str | os.PathLike,
     repo_id: str | None = None,
@@ -256,8 +274,8 @@ def publish(
     root = Path(corpus)
     if repo_id is None and local_dir is None:
         raise PublishError("give --repo-id ORG/NAME (the Hub) or --local-dir DIR (a folder), or both.")
-    if repo_id is not None and not H.looks_like_repo_id(repo_id):
-        raise PublishError(f"{repo_id!r} is not a Hub dataset id; use ORG/NAME.")
+    if repo_id is not None:
+        _check_repo_id(repo_id)
     if revision_tag is not None and (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", revision_tag)
                                      or re.fullmatch(r"[0-9a-f]{40}", revision_tag) or revision_tag == BRANCH
                                      or revision_tag.startswith(TAG_PREFIX)):

@@ -197,6 +197,20 @@ def _qc(adata, X, min_genes: int, slide_id: str):
     return np.asarray(res.keep, dtype=bool), res.to_dict(), bool(res.counts_are_integer)
 
 
+def _geometry_of_every_spot(adata, every_spot, k_neighbors: int, slide_id: str) -> dict:
+    """The geometry report of a slide none of whose spots passed QC, judged on all its spots.
+
+    Judged on the (zero) kept spots it would say "no spot positions", which is not the reason
+    the slide contributes nothing: QC is, and QC says so itself.
+    """
+    array_row, array_col, pxl_row, pxl_col = every_spot
+    probe = spatial_graph(k_neighbors, pxl_row=pxl_row, pxl_col=pxl_col, array_row=array_row,
+                          array_col=array_col, spot_diameter_fullres=_spot_diameter(adata))
+    method = probe.method if probe.neighbors.shape[0] == adata.n_obs else "none"
+    return geometry_report(adata, method, pxl_row, pxl_col, array_row, array_col, _spot_diameter(adata),
+                           slice_name=slide_id)
+
+
 def _prepare_into(tmp: Path, s: SliceInput, vocab, min_genes: int, k_neighbors: int,
                   obs_columns: tuple[str, ...] = (), annotations: dict | None = None,
                   with_images: bool = False) -> int:
@@ -229,8 +243,9 @@ def _prepare_into(tmp: Path, s: SliceInput, vocab, min_genes: int, k_neighbors: 
     if (pxl_row is None or pxl_col is None) and "spatial" in adata.obsm:
         xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
         pxl_col, pxl_row = xy[:, 0], xy[:, 1]
+    every_spot = (array_row, array_col, pxl_row, pxl_col)  # before QC: the slice's own geometry
     sel = lambda a: None if a is None else a[kept]  # noqa: E731
-    array_row, array_col, pxl_row, pxl_col = map(sel, (array_row, array_col, pxl_row, pxl_col))
+    array_row, array_col, pxl_row, pxl_col = map(sel, every_spot)
     graph = spatial_graph(
         k_neighbors,
         pxl_row=pxl_row,
@@ -255,8 +270,11 @@ def _prepare_into(tmp: Path, s: SliceInput, vocab, min_genes: int, k_neighbors: 
     report = res.report.to_dict() if hasattr(res.report, "to_dict") else dict(res.report)
     slide = _slide_record(s, counters, n_input, int(in_tissue.sum()), n, has_coords, is_integer, graph.method, report)
     # µm/px once, here (stamp reads it); what the slice's geometry lacks -> slides.parquet warnings
-    geo = geometry_report(adata, graph.method, pxl_row, pxl_col, array_row, array_col, _spot_diameter(adata),
-                          slice_name=s.slide_id)
+    if n == 0 and n_input > 0:
+        geo = _geometry_of_every_spot(adata, every_spot, k_neighbors, s.slide_id)
+    else:
+        geo = geometry_report(adata, graph.method, pxl_row, pxl_col, array_row, array_col, _spot_diameter(adata),
+                              slice_name=s.slide_id)
     slide.update(um_per_px=geo["um_per_px"], um_per_px_method=geo["um_per_px_method"],
                  max_count=counters.get("max_count"), counts_exceed_float32=counters.get("counts_exceed_float32"),
                  warnings=list(dict.fromkeys(geo["warnings"] + list(counters.get("warnings") or []))))
