@@ -63,7 +63,7 @@ def _case_spavis(inputs: list[str], out: str, workers: int, max_spots: int | Non
 
     t0 = time.perf_counter()
     # the build-shards defaults (a smaller shard size only when asked)
-    build_shards(inputs, out, BuildConfig(), max_spots_per_shard=max_spots, workers=workers)
+    build_shards(inputs, out, BuildConfig.from_settings(max_spots_per_shard=max_spots), workers=workers)
     wall = time.perf_counter() - t0
     manifest = json.loads((Path(out) / "manifest.json").read_text())
     return {"wall_s": wall, "spots_in": manifest["summary"]["n_spots_input"],

@@ -31,3 +31,33 @@ def test_bad_settings_are_one_clear_error(tmp_path):
         BuildConfig(annotations=str(tmp_path / "x.csv"))
     with pytest.raises(SpavisError, match="--k-neighbors must be an integer of at least 1"):
         BuildConfig(k_neighbors=0)
+
+
+def test_build_shards_takes_the_settings_from_one_carrier(tmp_path):
+    """A BuildConfig or the same settings as keywords (shorthand), never both; unknown names are refused."""
+    from spavis.shards import build_shards
+
+    with pytest.raises(TypeError, match="not both"):
+        build_shards([tmp_path], tmp_path / "out", BuildConfig(), min_genes=5)
+    with pytest.raises(TypeError, match="unknown build setting.*min_gene\\b"):
+        build_shards([tmp_path], tmp_path / "out", min_gene=5)
+    assert BuildConfig.from_settings(min_genes=5, k_neighbors=None) == BuildConfig(min_genes=5)
+
+
+def test_a_build_resolves_its_vocabulary_once(tmp_path):
+    """The vocabulary file is read once per build (BuildConfig.vocabulary), not once per step."""
+    from spavis.genes import Vocabulary, load_vocabulary
+    from spavis.shards import build_shards
+    from spavis.shards.config import _vocab_by_name
+    from spavis.simulate import write_simulated_slice
+
+    stamp = load_vocabulary("stamp-v1")
+    genes = [e for e in stamp.ensembl_ids if str(e).startswith("ENSG")][:150]
+    path = Vocabulary("once-150", genes, [stamp.symbols[stamp.index[e]] for e in genes]).write(tmp_path / "v.json")
+    for i in range(2):
+        write_simulated_slice(tmp_path / "in" / f"g{i}", genes=genes, seed=i, max_row=6, median_umis=400)
+    _vocab_by_name.cache_clear()
+    cfg = BuildConfig(vocab=str(path), min_genes=1)
+    build_shards([tmp_path / "in"], tmp_path / "out", cfg)
+    assert _vocab_by_name.cache_info().misses == 1
+    assert cfg.vocabulary is _vocab_by_name(str(path))  # the same object everywhere in the build

@@ -60,20 +60,11 @@ def build_shards_cmd(
 
     start = time.perf_counter()
     config = BuildConfig(vocab=vocab, min_genes=min_genes, k_neighbors=k_neighbors,
-                         max_spots_per_shard=max_spots_per_shard)
+                         max_spots_per_shard=max_spots_per_shard, with_images=with_images,
+                         obs_columns=obs_columns or (), annotations=annotations)
     try:
-        result = build_shards(
-            inputs,
-            out,
-            config,
-            workers=workers,
-            work_dir=work_dir,
-            progress=not quiet,
-            overwrite=overwrite,
-            obs_columns=obs_columns,
-            annotations=annotations,
-            with_images=with_images,
-        )
+        result = build_shards(inputs, out, config, workers=workers, work_dir=work_dir, progress=not quiet,
+                              overwrite=overwrite)
     except KeyboardInterrupt as exc:  # Ctrl-C: the workers are already stopped; one line, status 130
         kept = getattr(exc, "spavis_work_dir", None)
         tail = f"; prepared slices kept in {kept[0]} ({kept[1]:,.1f} MB): rerun to resume" if kept else ""

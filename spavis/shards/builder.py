@@ -25,7 +25,7 @@ from spavis.shards.card import config_description
 from spavis.shards.config import DEFAULT_MAX_SPOTS_PER_SHARD, BuildConfig
 from spavis.shards.discover import SliceInput, discover_inputs, drop_duplicate_inputs, hash_inputs
 from spavis.shards.info import info
-from spavis.shards.prepare import prepare_slice, resolve_vocab, slide_metadata, tree_size
+from spavis.shards.prepare import prepare_slice, slide_metadata, tree_size
 from spavis.shards.validate import ValidationReport, validate
 from spavis.shards.workers import broken_pool_error, in_thread, make_pool, refuse_spawned_reimport
 from spavis.shards.write import (
@@ -87,23 +87,20 @@ def build_shards(
     out: str | os.PathLike,
     config: BuildConfig | None = None,
     *,
-    vocab: Any = None,
-    min_genes: int | None = None,
-    k_neighbors: int | None = None,
-    max_spots_per_shard: int | None = None,
     workers: int = 1,
     work_dir: str | os.PathLike | None = None,
     progress: bool = False,
     overwrite: bool = False,
-    obs_columns: str | Sequence[str] | None = None,
-    annotations: str | os.PathLike | None = None,
-    with_images: bool = False,
+    **settings: Any,
 ) -> Path:
     """Build (or resume, or skip when up to date) the corpus for ``inputs`` in ``out``.
 
-    Settings come from ``config`` (a ``BuildConfig``; default: its defaults), overridden by
-    the keyword arguments that are given. ``workers`` processes prepare slices and write
-    shards (the bytes do not depend on it).
+    ``config`` (a ``BuildConfig``) carries every setting that decides the output: vocabulary,
+    ``min_genes``, ``k_neighbors``, ``max_spots_per_shard``, ``with_images``, ``obs_columns``,
+    ``annotations`` (see BuildConfig). For scripts, those settings may instead be given as
+    keywords (``build_shards(inputs, out, min_genes=50)`` is ``BuildConfig.from_settings(min_genes=50)``),
+    but not both. The keywords here say only how the build runs and never change a byte:
+    ``workers`` processes prepare slices and write shards.
 
     ``with_images`` adds a 224 px patch (112 µm) and region (336 µm) per spot of every slide
     with an H&E image: ``data/paired/`` + the Zarr ``images/`` group (spavis.shards.images).
@@ -119,19 +116,22 @@ def build_shards(
     Prepared slices go to ``work_dir`` (default ``<out parent>/.spavis-work-<out name>``,
     removed after success; a given ``work_dir`` is kept for later incremental builds). After a
     failure or Ctrl-C the default work dir is kept only if it holds prepared slices (a rerun
-    resumes from them); the error then says where it is and how big.
+    resumes from them); the error then says where it is and how big. The corpus is staged in a
+    hidden ``.<out name>.tmp-*`` folder beside ``out``; those of killed builds are removed by the
+    next build into the same parent folder.
     """
     refuse_spawned_reimport()
-    cfg = (config or BuildConfig()).replace(vocab=vocab, min_genes=min_genes, k_neighbors=k_neighbors,
-                                           max_spots_per_shard=max_spots_per_shard, obs_columns=obs_columns,
-                                           annotations=annotations, with_images=with_images or None)
+    if config is not None and settings:
+        raise TypeError(f"build_shards: give the output settings in config (a BuildConfig) or as keywords, not "
+                        f"both (got config and {', '.join(sorted(settings))}); use config.replace(...).")
+    cfg = config if config is not None else BuildConfig.from_settings(**settings)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise BuildError(f"--workers must be an integer of at least 1 (got {workers!r}).")
-    vocab_obj = resolve_vocab(cfg.vocab)
+    vocab_obj = cfg.vocabulary  # resolved once for the whole build
     out = Path(out).expanduser().resolve()
     slices = discover_inputs(inputs)
     slices = drop_duplicate_inputs(hash_inputs(slices, workers))  # a linked/copied slice counts once
-    params = cfg.params(vocab_obj)
+    params = cfg.params()
     _remove_dead_staging(out.parent)
     if is_up_to_date(out, vocab_obj, params, slices):
         return out
@@ -146,7 +146,7 @@ def build_shards(
         work.mkdir(parents=True, exist_ok=True)
         try:
             with _lock(work / ".lock", f"another build-shards is using the work dir {work}"):
-                _build(slices, out, work, cfg, vocab_obj, params, workers, progress)
+                _build(slices, out, work, cfg, params, workers, progress)
         except BaseException as exc:
             _report_work_dir(exc, work, default_work)
             raise
@@ -260,7 +260,7 @@ def _report_work_dir(exc: BaseException, work: Path, default_work: bool) -> None
         exc.add_note(note)
 
 
-def _build(slices, out, work, cfg, vocab_obj, params, workers, progress) -> None:
+def _build(slices, out, work, cfg: BuildConfig, params, workers, progress) -> None:
     # left by a killed build (we hold the out lock): named .OUT.tmp-* (earlier versions: OUT.tmp-*)
     for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f"{out.name}.tmp-*")]:
         shutil.rmtree(stale, ignore_errors=True)
@@ -269,10 +269,8 @@ def _build(slices, out, work, cfg, vocab_obj, params, workers, progress) -> None
     # old copies renamed aside by spavis.format.io.publish_dir when a kill hit the swap
     for stale in [*out.parent.glob(f".{out.name}.old-*"), *work.glob(".*.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
-    # the vocabulary travels to workers by name/path when it has one (cheap to pickle)
-    vocab_arg = cfg.vocab if isinstance(cfg.vocab, (str, os.PathLike)) else vocab_obj
-    kwargs = cfg.prepare_kwargs(vocab_arg)
-    writer = CorpusWriter(out, vocab=vocab_obj, params=params, max_spots_per_shard=cfg.max_spots_per_shard)
+    kwargs = cfg.prepare_kwargs()  # the vocabulary by name/path when it has one (cheap to send to workers)
+    writer = CorpusWriter(out, vocab=cfg.vocabulary, params=params, max_spots_per_shard=cfg.max_spots_per_shard)
     pool = make_pool(min(workers, max(1, len(slices))))
     _warm_up_card_imports()
     try:

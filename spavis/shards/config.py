@@ -2,13 +2,19 @@
 
 Only what changes output bytes is here (vocabulary, QC threshold, graph size, shard size,
 paired images, annotation columns); how a build runs (workers, work dir, progress) is not,
-since it never changes a byte.
+since it never changes a byte. ``build_shards(inputs, out, config, *, workers, ...)`` takes
+these settings only through a ``BuildConfig``; its vocabulary is resolved once
+(``BuildConfig.vocabulary``) and reused by everything the build does in this process.
+
+This module sits below ``prepare``/``write``/``builder`` (they import it, it imports none
+of them), so the layering test finds no cycle.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,6 +24,20 @@ DEFAULT_VOCAB = "stamp-v1"
 DEFAULT_MIN_GENES = 100
 DEFAULT_K_NEIGHBORS = 8
 DEFAULT_MAX_SPOTS_PER_SHARD = 50_000
+
+
+@lru_cache(maxsize=4)
+def _vocab_by_name(name: str):
+    from spavis.genes import load_vocabulary
+
+    return load_vocabulary(name)
+
+
+def resolve_vocab(vocab: Any):
+    """A Vocabulary object from a preset name, vocab.json path or Vocabulary (loaded once per process)."""
+    if isinstance(vocab, (str, os.PathLike)):
+        return _vocab_by_name(str(vocab))
+    return vocab
 
 
 @dataclass(frozen=True)
@@ -67,20 +87,34 @@ class BuildConfig:
                 given[k] = int(given[k])
         return cls(**given)
 
+    @classmethod
+    def from_settings(cls, **settings: Any) -> "BuildConfig":
+        """The defaults with the given settings (None = default); a TypeError names unknown ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise TypeError(f"unknown build setting(s) {', '.join(unknown)}; BuildConfig fields: "
+                            f"{', '.join(sorted(known))}")
+        return cls().replace(**settings)
+
     def replace(self, **changes: Any) -> "BuildConfig":
         """A copy with the given fields changed (None values are ignored)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
-    def params(self, vocab_obj=None) -> dict[str, Any]:
+    @cached_property
+    def vocabulary(self):
+        """The ``Vocabulary`` this build maps genes to, resolved once (preset, vocab.json or object)."""
+        return resolve_vocab(self.vocab)
+
+    def params(self) -> dict[str, Any]:
         """The parameters recorded in the manifest and hashed into the build key.
 
         Images and annotation columns are recorded only when asked for, so builds without them
         keep the keys (and bytes) they had before these options existed.
         """
         from spavis.shards.annotations import annotations_param
-        from spavis.shards.prepare import resolve_vocab
 
-        vocab_obj = vocab_obj if vocab_obj is not None else resolve_vocab(self.vocab)
+        vocab_obj = self.vocabulary
         params: dict[str, Any] = {
             "vocab": vocab_obj.name,
             "min_genes": int(self.min_genes),
@@ -96,12 +130,16 @@ class BuildConfig:
             params["with_images"] = True
         return params
 
-    def prepare_kwargs(self, vocab_arg=None) -> dict[str, Any]:
-        """Keyword arguments of ``prepare_slice`` for this build (what the CLI and Snakefile pass)."""
+    def prepare_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``prepare_slice`` for this build (what ``build_shards`` and the Snakefile pass).
+
+        The vocabulary travels by name or path when it has one (cheap to send to a worker, which
+        resolves it once per process), else as the object.
+        """
         from spavis.shards.annotations import annotations_param
 
-        kwargs: dict[str, Any] = {"vocab": self.vocab if vocab_arg is None else vocab_arg,
-                                  "min_genes": self.min_genes, "k_neighbors": self.k_neighbors}
+        vocab = self.vocab if isinstance(self.vocab, str) else self.vocabulary
+        kwargs: dict[str, Any] = {"vocab": vocab, "min_genes": self.min_genes, "k_neighbors": self.k_neighbors}
         if self.obs_columns:
             recorded = annotations_param(self.annotations)
             annotations = None if recorded is None else {"path": str(Path(self.annotations).resolve()), **recorded}

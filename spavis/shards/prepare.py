@@ -13,7 +13,6 @@ import os
 import shutil
 import uuid
 import warnings
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import scipy.sparse as sp
 
 from spavis import __version__
 from spavis.shards.annotations import append_columns, labelled_counts, obs_frame_columns, slice_annotations
-from spavis.shards.config import DEFAULT_K_NEIGHBORS, DEFAULT_MIN_GENES
+from spavis.shards.config import DEFAULT_K_NEIGHBORS, DEFAULT_MIN_GENES, resolve_vocab  # noqa: F401 (re-exported)
 from spavis.shards.discover import SliceInput, hash_input
 from spavis.format.schema import (
     EXPRESSION_SCHEMA,
@@ -58,20 +57,6 @@ STATS_SCHEMA = pa.schema(
         ("sum_cp10k", pa.float64()),
     ]
 )
-
-
-@lru_cache(maxsize=4)
-def _vocab_by_name(name: str):
-    from spavis.genes import load_vocabulary
-
-    return load_vocabulary(name)
-
-
-def resolve_vocab(vocab: Any):
-    """A Vocabulary object from a preset name, vocab.json path or Vocabulary."""
-    if isinstance(vocab, (str, os.PathLike)):
-        return _vocab_by_name(str(vocab))
-    return vocab
 
 
 def prepare_key(s: SliceInput, vocab: Any, min_genes: int, k_neighbors: int,

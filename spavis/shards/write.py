@@ -39,13 +39,12 @@ from spavis.shards.prepare import (  # noqa: F401  (file_sha256/tree_sha256 are 
     file_sha256,
     iter_rows,
     read_zarr_csr,
-    resolve_vocab,
     tree_sha256,
     tree_size,
 )
 from spavis.errors import SpavisError
 from spavis.format.io import publish_dir
-from spavis.shards.config import DEFAULT_MAX_SPOTS_PER_SHARD
+from spavis.shards.config import DEFAULT_MAX_SPOTS_PER_SHARD, resolve_vocab
 
 
 def _link_or_copy_tree(src: Path, dest: Path) -> None:
