@@ -237,9 +237,14 @@ def test_concurrent_build_into_the_same_out_fails_clearly(slices, tmp_path):
     while not (tmp_path / ".spavis-work-corpus").is_dir() and time.time() < deadline and first.poll() is None:
         time.sleep(0.05)
     assert first.poll() is None and lock.exists(), first.stderr.read() if first.poll() is not None else ""
-    with pytest.raises(BuildError, match="another build-shards is writing"):
-        build_shards([slices / "gen_0"], out, min_genes=MIN_GENES)
-    assert first.poll() is None  # the second build gave up while the first was still running
+    # paused while it holds the lock: the first build cannot finish during the second's attempt,
+    # however slow or loaded the machine (no race between the two builds' speeds)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(BuildError, match="another build-shards is writing"):
+            build_shards([slices / "gen_0"], out, min_genes=MIN_GENES)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr
     assert len(list((out / "zarr").iterdir())) == N_SLICES  # the first build's corpus, untouched
