@@ -99,3 +99,18 @@ def test_hashing_never_opens_a_fifo_or_reads_a_device(tmp_path):
     for p in (fifo, link):
         with pytest.raises(NotRegularFileError, match="not a regular file"):
             sha256_file(p)  # returns at once (O_NONBLOCK + fstat), never blocks or reads
+
+
+def test_a_fifo_or_device_given_as_vocab_or_annotations_is_refused(slice_dir, tmp_path):
+    fifo = tmp_path / "vocab.json"
+    os.mkfifo(fifo)
+    for flag, given in (("--vocab", fifo), ("--vocab", "/dev/zero")):
+        res = _run("build-shards", slice_dir, "--out", tmp_path / "out", flag, given)
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        assert res.returncode == 1 and len(errors) == 1 and "not a regular file" in errors[0], res.stderr
+    labels = tmp_path / "labels.csv"
+    os.mkfifo(labels)
+    res = _run("build-shards", slice_dir, "--out", tmp_path / "out", "--obs-columns", "domain",
+               "--annotations", labels)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode == 1 and len(errors) == 1 and "not a regular file" in errors[0], res.stderr

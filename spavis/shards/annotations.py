@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from spavis.format.io import sha256_file
+from spavis.format.io import not_regular, sha256_file
 from spavis.errors import SpavisError
 from spavis.format.schema import EXPRESSION_SCHEMA
 
@@ -73,8 +73,12 @@ def annotations_param(path: str | Path | None) -> dict | None:
     if path is None:
         return None
     p = Path(path)
-    if not p.is_file():
+    what = not_regular(p)
+    if what == "missing":
         raise AnnotationError(f"--annotations {p}: no such file; give a CSV with a barcode (or spot_id) column")
+    if what is not None:  # a FIFO or device would block or never end
+        raise AnnotationError(f"--annotations {p}: is {what}, not a regular file; give a CSV file with a barcode "
+                              "(or spot_id) column")
     return {"name": p.name, "sha256": file_sha256(p)}
 
 

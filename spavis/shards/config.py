@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from spavis.errors import SpavisError
+from spavis.format.io import not_regular
 
 DEFAULT_VOCAB = "stamp-v1"
 DEFAULT_MIN_GENES = 100
@@ -36,6 +37,10 @@ def _vocab_by_name(name: str):
 def resolve_vocab(vocab: Any):
     """A Vocabulary object from a preset name, vocab.json path or Vocabulary (loaded once per process)."""
     if isinstance(vocab, (str, os.PathLike)):
+        what = not_regular(vocab) if os.path.lexists(vocab) else None
+        if what not in (None, "missing"):  # a FIFO or /dev/zero given as vocab.json would hang the read
+            raise SpavisError(f"--vocab {os.fspath(vocab)}: is {what}, not a regular file; pass a preset name "
+                              "or a vocab.json file.")
         return _vocab_by_name(str(vocab))
     return vocab
 
