@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 __all__ = [
-    "json_dumps", "hash_file", "NotRegularFileError", "not_regular", "open_regular", "sha256_file", "sha256_bytes", "tree_sha256", "tree_size",
+    "json_dumps", "hash_file", "NotRegularFileError", "not_regular", "open_regular", "sha256_file", "sha256_bytes",
+    "tree_sha256", "tree_size",
     "current_umask", "file_mode", "dir_mode", "apply_umask",
     "temp_sibling", "atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
     "make_temp_dir", "publish_dir", "atomic_dir", "remove_tree",

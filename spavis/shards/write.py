@@ -335,7 +335,8 @@ def stale_staging_dirs(parent: Path) -> list[Path]:
 
 
 class CorpusWriter:
-    """One corpus being written into a hidden ``.OUT.tmp-*`` folder (``staging_dir``): slides arrive in slide_id order, shards go out as jobs.
+    """One corpus being written into a hidden ``.OUT.tmp-*`` folder (``staging_dir``): slides arrive in
+    slide_id order, shards go out as jobs.
 
     ``add`` takes a prepared slice (hard-links its Zarr store) and returns the shard jobs
     that became complete (a shard is complete once the next slide with spots does not
