@@ -158,10 +158,10 @@ def _check_existing(path: Path, key: dict[str, Any]) -> int:
     have = {"model": attrs.get("model"), "model_revision": attrs.get("model_revision", ""),
             "tissue_params": json.loads(attrs.get("tissue_params", "{}"))}
     if have != key:
-        what = "model" if have["model"] != key["model"] or have["model_revision"] != key["model_revision"] \
-            else "tiling options"
-        raise BagError(f"{path}: made with another {what} ({have['model']}); use another --out folder, "
-                       "or delete the bag to embed the slide again")
+        what = f"another model ({have['model']})" if (have["model"], have["model_revision"]) != \
+            (key["model"], key["model_revision"]) else "other tiling options"
+        raise BagError(f"{path}: made with {what}; use another --out folder, or delete the bag to embed "
+                       "the slide again")
     import h5py
 
     with h5py.File(path, "r") as f:
@@ -304,7 +304,7 @@ def embed_slides(slides: Sequence[str | os.PathLike], model: Any, out: str | os.
                 if fail_fast:
                     raise SlideError(f"{path}: {entry['reason']} (--fail-fast: stopped; "
                                      f"{len(result.done)} slides embedded)") from exc
-                log.warning("%s: %s", path, entry["reason"])
+                log.warning("%s", entry["reason"] if str(path) in entry["reason"] else f"{path}: {entry['reason']}")
                 continue
             bags.update_manifest(out, [entry], header)
             result.entries.append(entry)
