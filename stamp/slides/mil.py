@@ -325,11 +325,7 @@ def _baseline_classification(xtr, ytr, xte, seed):
 
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
     clf.fit(xtr, ytr)
-    prob = np.zeros((len(xte), int(max(ytr.max(), 0)) + 1))
-    prob_fit = clf.predict_proba(xte)
-    prob = np.zeros((len(xte), len(np.unique(ytr)) if False else prob_fit.shape[1]))
-    prob[:, :] = prob_fit
-    return prob, clf.classes_
+    return clf.predict_proba(xte), clf.classes_
 
 
 def _baseline_cox(xtr, ttr, etr, xte, seed, penalizer: float = 0.1):
@@ -414,6 +410,7 @@ def evaluate_mil(features: Sequence[str | os.PathLike], labels: str | os.PathLik
             raise BagError(f"{labels}: {len(patients)} patients, fewer than the {options.folds} folds")
     folds = make_folds(strata, options.folds, options.seed)
     dev = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    threads = torch.get_num_threads()
     rows, attention, preds = [], {}, []
     names = _feature_names([Path(f) for f in features])
     for folder, fname in zip([Path(f) for f in features], names):
@@ -421,6 +418,8 @@ def evaluate_mil(features: Sequence[str | os.PathLike], labels: str | os.PathLik
         pbags = _patient_bags(df, bags, slide_column, patient)
         X = [pbags[p].features for p in patients]
         mean_feats = np.stack([x.mean(dim=0).numpy() for x in X])
+        # small bags on CPU: one thread (thread hand-offs cost more than these matmuls)
+        torch.set_num_threads(1 if dev.type == "cpu" and max(x.numel() for x in X) < 2**20 else threads)
         for k, (train, test) in enumerate(folds):
             tr, va = _carve_validation(train, strata, options.val_fraction, options.seed + k)
             if surv is None:
@@ -470,6 +469,7 @@ def evaluate_mil(features: Sequence[str | os.PathLike], labels: str | os.PathLik
                                  "c_index": ci})
             if progress:
                 log.warning("%s fold %d/%d done", fname, k + 1, len(folds))
+    torch.set_num_threads(threads)
     results = pd.DataFrame(rows)
     predictions = pd.DataFrame(preds) if preds else None
     result = MilResult(results, Path(out) if out else None, attention, folds, predictions)
