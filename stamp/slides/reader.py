@@ -231,6 +231,9 @@ class TiffSlide(Slide):
         import tifffile
 
         self._tif = tifffile.TiffFile(path)
+        if not len(self._tif.pages) or not self._tif.series:
+            self._tif.close()
+            raise SlideError(f"{path}: a TIFF without images (truncated or empty file); copy it again")
         series = self._tif.series[0]
         levels = list(series.levels)
         dims = []
@@ -316,7 +319,8 @@ def open_slide(path: str | os.PathLike, *, um_per_px: Optional[float] = None) ->
             slide = OpenSlideSlide(path, openslide.OpenSlide(str(path)))
     except Exception as exc:  # openslide.OpenSlideError / OpenSlideUnsupportedFormatError and friends
         os_error = exc
-    if slide is None and path.suffix.lower() in (".tif", ".tiff", ".svs", ".btf", ".tf8", ".tf2"):
+    tiff = path.suffix.lower() in (".tif", ".tiff", ".svs", ".btf", ".tf8", ".tf2")
+    if slide is None and tiff:
         try:
             slide = TiffSlide(path)
         except SlideError:
@@ -324,6 +328,17 @@ def open_slide(path: str | os.PathLike, *, um_per_px: Optional[float] = None) ->
         except Exception as exc:
             raise SlideError(f"{path}: not a readable slide ({type(exc).__name__}: {exc}); "
                              "check the file is complete") from None
+    elif slide is not None and slide.vendor == "generic-tiff" and tiff:
+        # OpenSlide's generic TIFF reads top-level pages only: a pyramid in SubIFDs (OME-TIFF) is tifffile's
+        try:
+            other = TiffSlide(path)
+        except Exception:
+            other = None
+        if other is not None and other.level_count > slide.level_count:
+            slide.close()
+            slide = other
+        elif other is not None:
+            other.close()
     if slide is None:
         why = f" ({os_error})" if os_error else ""
         raise SlideError(f"{path}: not a slide format OpenSlide or tifffile can read{why}")
