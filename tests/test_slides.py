@@ -270,3 +270,4 @@ def test_ranks_split_the_slides(tmp_path, slides, tiny_model):
     for rank in (1, 0):
         embed_slides([slides], enc, tmp_path, params=PARAMS, workers=0, progress=False, rank=rank, world_size=2)
     assert [e["slide"] for e in read_manifest(tmp_path)["slides"]] == ["s0", "s1", "s2"]
+
