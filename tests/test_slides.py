@@ -111,17 +111,17 @@ def test_scale_comes_from_the_file_or_the_user(tmp_path, caplog):
     img = np.full((512, 512, 3), 240, np.uint8)
     bare = tmp_path / "bare.tif"
     tifffile.imwrite(bare, img, tile=(256, 256), photometric="rgb", metadata=None)
-    with pytest.raises(SlideError, match="no scale .* pass --um-per-px"):
+    with pytest.raises(SlideError, match="no scale .* pass --slide-um-per-px"):
         open_slide(bare)
     with open_slide(bare, um_per_px=0.25) as s:
-        assert s.um_per_px == 0.25 and s.scale.source == "--um-per-px"
+        assert s.um_per_px == 0.25 and s.scale.source == "--slide-um-per-px"
     mag = tmp_path / "mag.svs"
     tifffile.imwrite(mag, img, tile=(256, 256), photometric="rgb", metadata=None,
                      description="Aperio Image Library v12 GENERATED\r\n512x512|AppMag = 40|Filename = mag")
     with caplog.at_level(logging.WARNING), open_slide(mag) as s:
         assert s.um_per_px == pytest.approx(0.25)
         assert "objective power" in s.scale.source
-    assert "objective power 40x" in caplog.text and "--um-per-px" in caplog.text
+    assert "objective power 40x" in caplog.text and "--slide-um-per-px" in caplog.text
     with pytest.raises(SlideError, match="no such slide file"):
         open_slide(tmp_path / "missing.svs")
 

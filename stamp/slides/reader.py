@@ -99,7 +99,7 @@ class Slide:
     def um_per_px(self) -> float:
         """Mean of x and y µm/px (slides are square-pixel in practice)."""
         if self.scale is None:
-            raise SlideError(f"{self.path}: no scale in the file; pass --um-per-px (µm per level-0 pixel)")
+            raise SlideError(f"{self.path}: no scale in the file; pass --slide-um-per-px (µm per level-0 pixel)")
         return (self.scale.x + self.scale.y) / 2
 
     def best_level(self, downsample: float) -> int:
@@ -188,7 +188,7 @@ def _objective_scale(power, path: Path) -> Optional[Scale]:
         return None
     um = UM_PER_PX_AT_1X / p
     log.warning("%s: no µm/px in the file; using the objective power %gx as %.4g µm/px (10 / power), "
-                "pass --um-per-px if the scanner differs", path, p, um)
+                "pass --slide-um-per-px if the scanner differs", path, p, um)
     return Scale(um, um, f"objective power {p:g}x (assumed)")
 
 
@@ -343,10 +343,10 @@ def open_slide(path: str | os.PathLike, *, um_per_px: Optional[float] = None) ->
         why = f" ({os_error})" if os_error else ""
         raise SlideError(f"{path}: not a slide format OpenSlide or tifffile can read{why}")
     if um_per_px is not None:
-        slide.scale = Scale(float(um_per_px), float(um_per_px), "--um-per-px")
+        slide.scale = Scale(float(um_per_px), float(um_per_px), "--slide-um-per-px")
     elif slide.scale is None:
         slide.close()
-        raise SlideError(f"{path}: no scale (µm/px) in the file; pass --um-per-px (µm per level-0 pixel)")
+        raise SlideError(f"{path}: no scale (µm/px) in the file; pass --slide-um-per-px (µm per level-0 pixel)")
     return slide
 
 
