@@ -126,6 +126,8 @@ class Slide:
         lds = self.level_downsamples[level]
         lw, _ = self.level_dimensions[level]
         f = ds / lds  # level pixels per thumbnail pixel
+        # a band holds at most ~64 M level pixels (256 MB RGBA) whatever the pyramid
+        band_rows = max(1, min(band_rows, int(64e6 / max(1.0, tw * f * f))))
         out = np.empty((th, tw, 3), np.uint8)
         for r0 in range(0, th, band_rows):
             r1 = min(th, r0 + band_rows)
