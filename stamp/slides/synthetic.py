@@ -130,6 +130,7 @@ def write_synthetic_slide(path: str | os.PathLike, width: int, height: int, blob
     import tifffile
 
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     scene = _Scene(blobs, pen, [tuple(map(int, c)) for c in motif_cells], tile, seed)
     opts = dict(dtype=np.uint8, tile=(tile, tile), photometric="rgb", compression=compression, metadata=None)
     ppcm = 1e4 / um_per_px
