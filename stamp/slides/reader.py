@@ -69,9 +69,9 @@ def _to_rgb(rgba: np.ndarray) -> np.ndarray:
     """Non-premultiplied RGBA -> RGB on white: transparent areas (outside the scan) read as glass."""
     if rgba.shape[-1] == 3:
         return rgba
-    a = rgba[..., 3:4].astype(np.uint16)
-    if bool((a == 255).all()):
+    if bool((rgba[..., 3] == 255).all()):  # the usual case: inside the scan
         return np.ascontiguousarray(rgba[..., :3])
+    a = rgba[..., 3:4].astype(np.uint16)
     rgb = (rgba[..., :3].astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
     return rgb.astype(np.uint8)
 
