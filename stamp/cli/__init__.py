@@ -107,3 +107,6 @@ from stamp.cli import evaluate as _evaluate, pretrain as _pretrain, tokenize as 
 
 for _module in (_pretrain, _tokenize, _evaluate, _zoo):
     _module.register(app)
+from stamp.cli import slides as _slides  # noqa: E402  (embed-slides)
+
+_slides.register(app)
