@@ -56,8 +56,8 @@ def gene_side(encoder, model: str | os.PathLike, what: str = "--data") -> None:
         raise EmbedError(f"{model}: an image encoder has no gene side; {what} spot embeddings need a gene or "
                          "aligned model (use --modality image for patches, or --images FOLDER)")
     if encoder.tokenizer is None:
-        raise EmbedError(f"{model}: its tokenizer needs a gene means file it does not ship; pass --means "
-                         "(the released Visium_mean.npy for stamp-v1 / stamp-v1-gene)")
+        raise EmbedError(f"{model}: no gene tokenizer (tokenizer_config.json missing, or a gene means file "
+                         "needed: pass --means, the released Visium_mean.npy for stamp-v1); gene embeddings need it")
 
 
 def check_vocabulary(corpus, tokenizer, data) -> None:
