@@ -17,7 +17,6 @@ import contextlib
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from stamp.embeddings import OBSM_KEY, STAGING, ParquetEmbeddings, ZarrObsmWriter, model_record, zarr_writer_lock

@@ -15,7 +15,6 @@ bytes; decoded per batch by a thread pool -- PIL's decoder releases the GIL).
 """
 from __future__ import annotations
 
-import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -33,6 +34,7 @@ MAX_PIXELS = 100_000_000  # 100 megapixels (~300 MB as RGB): a picture, not a wh
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _DIRECT = ("RGB",)
 _SIXTEEN = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_WARNINGS = threading.Lock()
 
 
 class ImageFileError(SpavisError):
@@ -111,13 +113,15 @@ def read_image_file(source: str | os.PathLike | bytes | BinaryIO, *, max_pixels:
     where = _name(source, name)
     data = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else source
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(data) as im:
-                _check_size(where, im.width, im.height, max_pixels)
-                mode = im.mode
-                im.load()
-                return pil_to_rgb(im), mode
+        with _WARNINGS:  # catch_warnings swaps process-wide state: one thread at a time, header parse only
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(data)
+        with im:
+            _check_size(where, im.width, im.height, max_pixels)
+            mode = im.mode
+            im.load()
+            return pil_to_rgb(im), mode
     except ImageFileError:
         raise
     except Image.DecompressionBombError as exc:
