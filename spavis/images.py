@@ -288,12 +288,15 @@ class _Squeeze:
 def _open_pil(path: Path, data=None) -> ImageSource:
     from PIL import Image
 
+    from spavis.format.imagefile import pil_to_rgb
+
     try:
         with Image.open(path if data is None else data) as im:
             Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, im.width * im.height + 1)
             mode = im.mode
             im.load()
-            arr = np.asarray(im if mode in ("RGB", "L", "RGBA", "LA") else im.convert("RGB"))
+            # other modes: the shared decoding rules (16-bit rescaled to 8-bit, never clipped to white)
+            arr = np.asarray(im) if mode in ("RGB", "L", "RGBA", "LA") else pil_to_rgb(im)
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{path}: unreadable image ({exc}); the file is truncated or corrupt, "
                          "download it again.") from None

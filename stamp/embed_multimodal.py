@@ -1,14 +1,18 @@
-"""Embeddings from an aligned :class:`stamp.multimodal.StampModel`.
+"""Image and fused embeddings of any encoder with an image side, from a corpus or a folder of images.
 
-* :func:`embed_paired_corpus` -- one row per spot of a shard corpus: ``gene`` (spot
-  expression, every spot), ``image`` (the spot's H&E patch; spots of imaged slides) or
-  ``fused`` (both concatenated, the paper's STAMP_F; spots of imaged slides).
-* :func:`embed_image_folder` -- plain image files, no expression at all (resize to the
-  model's size, ImageNet mean/std, as the released inference).
+* :func:`embed_paired_corpus` -- one row per spot of a shard corpus: ``image`` (the spot's H&E
+  patch; spots of imaged slides; any image or aligned encoder), ``fused`` (gene and image
+  concatenated, the paper's STAMP_F; an aligned model) or ``gene`` (delegated to
+  :func:`stamp.embed.embed_corpus`).
+* :func:`embed_image_folder` -- plain image files, no expression at all, with any image or
+  aligned encoder (its own preprocessing: ``Encoder.transform``). Files are decoded by
+  :func:`spavis.format.imagefile.read_image_file` (the decoding build-shards uses: 16-bit
+  rescaled, oversized pictures refused in one line).
 
-Output Parquet: an id column (``spot_id`` or ``image``) + ``embedding`` (list<float32>),
-written to a temp file and renamed at the end (no partial file on failure). Embeddings are
-L2-normalised per modality (fused = [gene, image], each of norm 1).
+Models come from :func:`stamp.load`; outputs are written by :mod:`stamp.embeddings` (Parquet:
+an id column, ``spot_id`` or ``image``, + ``embedding``; atomic; the model's name, revision and
+license in the schema metadata). Aligned models L2-normalise each modality (fused = [gene,
+image], each of norm 1); other encoders give their own features.
 """
 from __future__ import annotations
 
@@ -19,7 +23,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -66,76 +69,65 @@ def load_stamp_model(model: str | os.PathLike, device: str | None = None, means:
     return net.to(dev).eval(), tokenizer, folder
 
 
-def _list_rows(ids: list[str], emb: np.ndarray, id_name: str, schema: pa.Schema) -> pa.Table:
-    flat = pa.array(emb.astype(np.float32, copy=False).ravel(), pa.float32())
-    offsets = pa.array(np.arange(0, emb.size + 1, max(1, emb.shape[1]), dtype=np.int32))
-    return pa.table({id_name: pa.array(ids, pa.string()), "embedding": pa.ListArray.from_arrays(offsets, flat)},
-                    schema=schema)
-
-
-def _write(out: Path, id_name: str, chunks: Iterator[tuple[list[str], np.ndarray]]) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    schema = pa.schema([(id_name, pa.string()), ("embedding", pa.list_(pa.float32()))])
-    try:
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            for ids, emb in chunks:
-                writer.write_table(_list_rows(ids, emb, id_name, schema))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+def image_side(encoder, model: str | os.PathLike, what: str) -> None:
+    """Refuse an encoder without an image side (a gene encoder) in one line."""
+    if encoder.kind == "gene" or encoder.transform is None:
+        raise EmbedError(f"{model}: a gene encoder has no image side; {what} needs an image encoder (e.g. a zoo "
+                         "name from `stamp models`) or an aligned model (`stamp pretrain --stage align`)")
 
 
 @torch.no_grad()
 def embed_paired_corpus(model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
                         modality: str = "fused", batch_size: int = 64, device: str | None = None,
                         progress: bool = False, means: str | os.PathLike | None = None) -> Path:
-    """Embed the spots of ``data`` with a StampModel; see the module docstring for ``modality``.
+    """Embed the spots of ``data``; see the module docstring for ``modality``.
 
     ``means``: gene means file for models whose tokenizer ships none (``stamp-v1``: Visium_mean.npy)."""
+    import stamp
     from spavis.format import open_corpus
-    from stamp.paired_data import _EXPR_COLUMNS, decode_png, paired_pairs
+    from stamp.embed import check_vocabulary, context_length, embed_corpus, gene_side
+    from stamp.embeddings import model_record, write_parquet
+    from stamp.paired_data import _EXPR_COLUMNS, decode_rows, paired_pairs
     from stamp.tokenizer import to_model_input_ids
 
     if modality not in MODALITIES:
         raise EmbedError(f"--modality {modality!r} must be one of {', '.join(MODALITIES)}")
     if batch_size < 1:
         raise EmbedError(f"batch size must be at least 1, got {batch_size}")
-    net, tokenizer, folder = load_stamp_model(model, device, means, need_tokenizer=modality != "image")
+    if modality == "gene":
+        return embed_corpus(model, data, out, batch_size=batch_size, device=device, progress=progress, means=means)
+    encoder = stamp.load(model, device=device, means=means, kind="image" if modality == "image" else None)
+    image_side(encoder, model, f"--modality {modality}")
     corpus = open_corpus(data)
-    if modality != "image":
-        if tokenizer is None:
-            raise EmbedError(f"{folder}: no tokenizer files; gene and fused embeddings need them")
-        genes = corpus.genes["ensembl_id"].astype(str).tolist()
-        if genes != list(tokenizer.gene_ids):
-            raise EmbedError(f"{data}: its {len(genes)}-gene vocabulary differs from the model's {tokenizer.n_genes} "
-                             "genes; build the shards with the vocabulary the model was trained on")
-    context = net.config.gene.context_length
+    if modality == "fused":
+        if encoder.kind != "aligned":
+            raise EmbedError(f"{model}: an {encoder.kind} encoder; --modality fused needs an aligned model (gene and "
+                             "image in one space: `stamp pretrain --stage align`, or stamp-v1)")
+        gene_side(encoder, model, "--modality fused")
+        check_vocabulary(corpus, encoder.tokenizer, data)
+        context = context_length(encoder)
+    tokenizer = encoder.tokenizer
+    transform = encoder.transform
 
-    def gene_emb(table: pa.Table) -> np.ndarray:
+    def gene_emb(table) -> np.ndarray:
         ids = to_model_input_ids(tokenizer.encode_table(table), tokenizer.pad_value, context)
-        return net.encode_gene(torch.from_numpy(ids.astype(np.int64)).to(net.device)).float().cpu().numpy()
+        return encoder.encode_genes(torch.from_numpy(ids.astype(np.int64))).float().cpu().numpy()
 
-    def image_emb(column) -> np.ndarray:
-        pixels = net.pixels(torch.from_numpy(np.stack([decode_png(v) for v in column.to_pylist()])))
-        return net.encode_image(pixels).float().cpu().numpy()
+    def image_emb(rb, path: str, first_row: int) -> np.ndarray:
+        spots = rb.column(0).to_pylist()
+        cells = [(v, f"{path} row {first_row + i} (spot_id {spots[i]}) patch")
+                 for i, v in enumerate(rb.column(1).to_pylist())]
+        pixels = torch.stack([transform(x) for x in decode_rows(None, cells)]).to(encoder.device)
+        return encoder.encode_images(pixels).float().cpu().numpy()
 
     def chunks() -> Iterator[tuple[list[str], np.ndarray]]:
-        if modality == "gene":
-            for table in corpus.iter_slides(columns=_EXPR_COLUMNS):
-                for a in range(0, table.num_rows, batch_size):
-                    part = table.slice(a, batch_size)
-                    yield part.column("spot_id").to_pylist(), gene_emb(part)
-            return
         for paired, expr_file in paired_pairs(corpus):
             pf = pq.ParquetFile(paired)
             expr = pq.read_table(expr_file, columns=_EXPR_COLUMNS) if modality == "fused" else None
             offset = 0
             for rb in pf.iter_batches(batch_size=batch_size, columns=["spot_id", "patch"]):
                 ids = rb.column(0).to_pylist()
-                parts = [image_emb(rb.column(1))]
+                parts = [image_emb(rb, paired, offset)]
                 if expr is not None:
                     rows = expr.slice(offset, len(ids))
                     if rows.column("spot_id").to_pylist() != ids:
@@ -144,7 +136,7 @@ def embed_paired_corpus(model: str | os.PathLike, data: str | os.PathLike, out: 
                 offset += len(ids)
                 yield ids, np.concatenate(parts, axis=1)
 
-    return _write(Path(out), "spot_id", chunks())
+    return write_parquet(Path(out), "spot_id", chunks(), model_record(encoder, model, modality))
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -159,44 +151,49 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
 
 def read_image(path: Path) -> tuple[np.ndarray, str]:
-    """An image file as uint8 RGB and its original mode; grayscale / RGBA / palette images are converted."""
-    from PIL import Image, UnidentifiedImageError
+    """An image file as uint8 RGB and its original mode (the shared decoding: 16-bit rescaled,
+    grayscale / RGBA / palette converted, oversized pictures refused in one line)."""
+    from spavis.format.imagefile import ImageFileError, read_image_file
 
     try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB")), im.mode
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise EmbedError(f"{path}: not a readable image ({exc}); remove or re-export it") from None
+        return read_image_file(path)
+    except ImageFileError as exc:
+        raise EmbedError(str(exc)) from None
 
 
 @torch.no_grad()
 def embed_image_folder(model: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike, *,
                        batch_size: int = 64, device: str | None = None, progress: bool = False) -> Path:
-    """Embed every image file under ``images`` (sorted, recursive); the id is the path relative to it."""
-    net, _, _ = load_stamp_model(model, device, need_tokenizer=False)
-    files = list_images(images)
-    transform = net.image_transform
-    root = Path(images)
+    """Embed every image file under ``images`` (sorted, recursive) with any image or aligned encoder;
+    the id is the path relative to ``images``."""
+    import stamp
+    from stamp.embeddings import model_record, write_parquet
 
+    files = list_images(images)
+    encoder = stamp.load(model, device=device, kind="image")
+    image_side(encoder, model, "--images")
+    transform = encoder.transform
+    root = Path(images)
     converted: dict[str, int] = {}
 
     def chunks() -> Iterator[tuple[list[str], np.ndarray]]:
         for a in range(0, len(files), batch_size):
             batch = files[a:a + batch_size]
-            arrays = []
+            tensors = []
             for p in batch:
                 arr, mode = read_image(p)
                 if mode != "RGB":
                     converted[mode] = converted.get(mode, 0) + 1
-                arrays.append(arr)
-            pixels = torch.stack([transform(x) for x in arrays]).to(net.device)
-            yield [p.relative_to(root).as_posix() for p in batch], net.encode_image(pixels).float().cpu().numpy()
+                tensors.append(transform(arr))
+            pixels = torch.stack(tensors).to(encoder.device)
+            yield [p.relative_to(root).as_posix() for p in batch], encoder.encode_images(pixels).float().cpu().numpy()
 
-    path = _write(Path(out), "image", chunks())
+    path = write_parquet(Path(out), "image", chunks(), model_record(encoder, model, "image"))
     if converted:
         logger.warning("%d of %d images were not RGB (%s) and were converted to RGB", sum(converted.values()),
                        len(files), ", ".join(f"{m}: {n}" for m, n in sorted(converted.items())))
     return path
 
 
-__all__ = ["MODALITIES", "embed_paired_corpus", "embed_image_folder", "load_stamp_model", "is_stamp_model"]
+__all__ = ["MODALITIES", "embed_paired_corpus", "embed_image_folder", "load_stamp_model", "is_stamp_model",
+           "image_side", "read_image", "list_images"]

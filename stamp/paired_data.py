@@ -15,7 +15,6 @@ bytes; decoded per batch by a thread pool -- PIL's decoder releases the GIL).
 """
 from __future__ import annotations
 
-import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,15 +51,43 @@ class PairedBatch:
         return len(self.spot_ids)
 
 
-def decode_png(value: Any) -> np.ndarray:
-    """PNG bytes (or an HF Image struct ``{"bytes": ...}``) -> uint8 (H, W, 3) RGB."""
-    from PIL import Image
+def decode_png(value: Any, where: str = "a paired row") -> np.ndarray:
+    """PNG bytes (or an HF Image struct ``{"bytes": ...}``) -> uint8 (224, 224, 3) RGB.
+
+    A corrupt picture or one of another size is one :class:`DataError` line starting with
+    ``where`` (the loaders pass ``<shard> row N (spot_id ...)``)."""
+    from spavis.format import schema as S
+    from spavis.format.imagefile import ImageFileError, read_image_file
 
     data = value.get("bytes") if isinstance(value, dict) else value
     if data is None:
-        raise DataError("a paired row holds no image bytes; rebuild the shards with --with-images")
-    with Image.open(io.BytesIO(data)) as im:
-        return np.array(im.convert("RGB"))  # writable (torch.from_numpy wants it)
+        raise DataError(f"{where}: holds no image bytes; rebuild the shards with --with-images")
+    try:
+        arr = read_image_file(bytes(data), name=where)[0]  # writable (torch.from_numpy wants it)
+    except ImageFileError as exc:
+        raise DataError(f"{where}: not a readable PNG ({exc.reason}); the shard is corrupt: rebuild the corpus "
+                        "(`spavis build-shards --with-images`); `spavis validate --full` lists every bad row") from None
+    if arr.shape != (S.PATCH_PX, S.PATCH_PX, 3):
+        raise DataError(f"{where}: a {arr.shape[1]} x {arr.shape[0]} picture, the paired format holds "
+                        f"{S.PATCH_PX} x {S.PATCH_PX}; the shard was not written by `spavis build-shards "
+                        "--with-images`: rebuild it (`spavis validate --full` lists every bad row)")
+    return arr
+
+
+def decode_rows(pool: Optional[ThreadPoolExecutor], cells: list[tuple[Any, str]]) -> list[np.ndarray]:
+    """Decode ``(value, where)`` cells (on ``pool`` when given); the first bad one raises its one line
+    (``where`` names the shard, row and spot: ``<shard> row N (spot_id S) patch``)."""
+    def one(cell):
+        try:
+            return decode_png(*cell)
+        except DataError as exc:
+            return exc
+
+    out = list(pool.map(one, cells) if pool is not None else map(one, cells))
+    for item in out:
+        if isinstance(item, DataError):
+            raise item
+    return out
 
 
 def paired_pairs(corpus) -> list[tuple[str, str]]:
@@ -164,24 +191,26 @@ class PairedBatchLoader:
             )
         return images, expr
 
-    def _batch(self, parts: list[tuple[tuple[pa.Table, pa.Table], np.ndarray]], pool: ThreadPoolExecutor) -> PairedBatch:
+    def _batch(self, parts: list[tuple[tuple[pa.Table, pa.Table], np.ndarray, str]],
+               pool: ThreadPoolExecutor) -> PairedBatch:
         from stamp.tokenizer import to_model_input_ids
 
-        exprs, patches, regions = [], [], []
-        for (images, expr), rows in parts:
+        exprs, cells_in = [], {"patch": [], "region": []}
+        for (images, expr), rows, path in parts:
             idx = pa.array(rows)
             exprs.append(expr.take(idx))
-            patches.append(images.column("patch").take(idx))
-            regions.append(images.column("region").take(idx))
+            spots = images.column("spot_id").take(idx).to_pylist()
+            for name in ("patch", "region"):
+                values = images.column(name).take(idx).to_pylist()
+                cells_in[name] += [(v, f"{path} row {int(r)} (spot_id {sp}) {name}") for v, r, sp in zip(values, rows, spots)]
         expr = pa.concat_tables(exprs)
         ids = to_model_input_ids(self.tokenizer.encode_table(expr), self.tokenizer.pad_value, self.context_length)
         cells = np.concatenate([images.column("region_cell").take(pa.array(rows)).to_numpy(zero_copy_only=False)
-                                for (images, _), rows in parts])
+                                for (images, _), rows, _ in parts])
         if cells.size and (cells.min() < 0 or cells.max() > 8):
             raise DataError(f"{self.corpus.root}: a paired shard holds region_cell outside 0..8; it is corrupt "
                             "(run `spavis validate`, rebuild with --with-images)")
-        values = [v for col in patches + regions for v in col.to_pylist()]
-        decoded = list(pool.map(decode_png, values))
+        decoded = decode_rows(pool, cells_in["patch"] + cells_in["region"])
         n = len(decoded) // 2
         return PairedBatch(
             input_ids=torch.from_numpy(ids.astype(np.int64)),
@@ -213,7 +242,7 @@ class PairedBatchLoader:
                             for old in [j for j in cache if j < k]:
                                 del cache[old]
                             cache[k] = self._load(files[k])
-                        parts.append((cache[k], rows[sl][fidx[sl] == k]))
+                        parts.append((cache[k], rows[sl][fidx[sl] == k], files[k]))
                     batch = self._batch(parts, pool)
                     self.batches_done += 1
                     batch.position = self.state_dict()
@@ -224,4 +253,4 @@ class PairedBatchLoader:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["PairedBatch", "PairedBatchLoader", "decode_png", "paired_pairs", "prefetch"]
+__all__ = ["PairedBatch", "PairedBatchLoader", "decode_png", "decode_rows", "paired_pairs", "prefetch"]

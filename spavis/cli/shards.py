@@ -92,6 +92,8 @@ def validate_cmd(
     quick: bool = typer.Option(False, "--quick", help="Skip the Parquet-vs-Zarr and gene-sum recomputation."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub corpora: branch, tag or commit."),
     deep: bool = typer.Option(False, "--deep", help="Hub corpora: download the revision and check everything."),
+    full: bool = typer.Option(False, "--full", help="Decode every paired patch/region image and check its size "
+                              "(default: a sample per slide)."),
 ) -> None:
     """Re-check checksums, schema and Parquet-vs-Zarr consistency; exit 1 on any mismatch."""
     from spavis.format.hub import looks_like_repo_id
@@ -102,7 +104,7 @@ def validate_cmd(
 
         report = validate_hub(str(directory), revision, deep=deep)
     else:
-        report = validate(directory, deep=not quick)
+        report = validate(directory, deep=not quick, full=full)
     report.raise_for_errors()
     checked = ", ".join(f"{v} {k}" for k, v in report.checked.items())
     console.print(f"[green]✓[/] {directory}: valid ({checked})", highlight=False)

@@ -313,21 +313,23 @@ class Corpus:
 
 def decode_image(value: Any) -> np.ndarray:
     """An image cell of the paired table (PNG bytes, ``{"bytes": ...}``, a PIL image or an array)
-    as a uint8 (H, W, 3) RGB array."""
+    as a uint8 (H, W, 3) RGB array, decoded by :mod:`spavis.format.imagefile` (the one decoding
+    path: 16-bit pictures rescaled, never clipped)."""
     from PIL import Image
+
+    from spavis.format.imagefile import ImageFileError, pil_to_rgb, read_image_file
 
     if isinstance(value, Mapping):
         value = value.get("bytes")
     if isinstance(value, (bytes, bytearray, memoryview)):
-        import io
-
         try:
-            with Image.open(io.BytesIO(bytes(value))) as im:
-                return np.asarray(im.convert("RGB"))
-        except OSError as exc:
-            raise CorpusError(f"an image cell is not a readable PNG ({exc}); run `spavis validate`.") from None
+            return read_image_file(bytes(value), name="an image cell")[0]
+        except ImageFileError as exc:
+            raise CorpusError(f"an image cell is not a readable PNG ({exc.reason}); run `spavis validate --full`.") from None
     if isinstance(value, Image.Image):
-        return np.asarray(value.convert("RGB"))
+        return pil_to_rgb(value)
+    if value is None:
+        raise CorpusError("an image cell holds no image bytes; rebuild the corpus with --with-images.")
     arr = np.asarray(value)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise CorpusError(f"cannot decode an image from {type(value).__name__} {getattr(arr, 'shape', '')}.")

@@ -4,6 +4,14 @@ Checks, in order: manifest present; every listed output exists with the recorded
 and row count and nothing unlisted is there; Parquet schemas; each slide's rows are
 contiguous, complete and well formed; and (deep) each slide's Zarr store holds the same
 matrix and graph as its Parquet rows and genes.parquet equals sums recomputed from rows.
+
+Added to a store after the build (``obsm/X_*``, e.g. ``stamp embed --zarr``) and so outside the
+manifest digest: every store's consolidated metadata must list AnnData elements only (never
+``images/``), every ``obsm/X_*`` array must have all its chunk files (zarr reads a missing one
+as zeros, silently), and (deep) no row of an embedding stamp wrote may be all zeros.
+
+``full``: every patch and region PNG of ``data/paired`` is decoded and its size checked (and,
+with ``deep``, compared with the Zarr ``images/`` arrays), not a sample.
 """
 from __future__ import annotations
 
@@ -56,8 +64,9 @@ def _schema_matches(actual, expected) -> bool:
     return a.names == e.names and all(x.type == y.type for x, y in zip(a, e))
 
 
-def validate(out: str | os.PathLike, *, deep: bool = True) -> ValidationReport:
-    """Check a corpus directory; ``deep`` also compares Parquet with Zarr and recomputes gene sums."""
+def validate(out: str | os.PathLike, *, deep: bool = True, full: bool = False) -> ValidationReport:
+    """Check a corpus directory; ``deep`` also compares Parquet with Zarr and recomputes gene sums;
+    ``full`` decodes every paired image (see the module docstring)."""
     from spavis.shards.annotations import expression_schema
     root = Path(out)
     rep = ValidationReport(root)
@@ -125,14 +134,149 @@ def validate(out: str | os.PathLike, *, deep: bool = True) -> ValidationReport:
     if rep.errors:
         return rep
 
-    # 3. rows per slide, (deep) Zarr and gene sums
+    # 3. what was added to the stores after the build (embeddings), then rows per slide, (deep) Zarr and gene sums
+    _check_added(root, listed, rep, deep)
+    if rep.errors:
+        return rep
     _check_rows(root, expr_files, genes, rep, deep)
     # 4. paired images (build-shards --with-images): spot order, labels, flags, (deep) Zarr
     if not rep.errors:
         from spavis.shards.images import check_paired
 
         check_paired(root, listed, rep, deep)
+    if full and not rep.errors:
+        _check_paired_full(root, listed, rep, deep)
     return rep
+
+
+def _zarr_stores(root: Path, listed: dict) -> list[Path]:
+    return [root / k for k, e in sorted(listed.items()) if e.get("kind") == "zarr" and (root / k).is_dir()]
+
+
+def _check_added(root: Path, listed: dict, rep: ValidationReport, deep: bool) -> None:
+    """Consolidated metadata and ``obsm/X_*`` arrays, which the manifest digest leaves out."""
+    from spavis.format.zarrstore import array_paths, hidden_entries, missing_chunks
+
+    stores = _zarr_stores(root, listed)
+    for store in stores:
+        hidden = hidden_entries(store)
+        if hidden:
+            rep.error(f"{store / S.ZARR_CONSOLIDATED}: lists {', '.join(h + '/' for h in hidden)}, which anndata "
+                      "cannot read (an older `stamp embed --zarr` wrote it): rerun `stamp embed --zarr` on this "
+                      "corpus, or call spavis.format.zarrstore.consolidate_anndata(store), to repair it")
+        obsm = store / "obsm"
+        if not obsm.is_dir():
+            continue
+        for name in sorted(os.listdir(obsm)):
+            if not name.startswith(S.OBSM_EMBEDDING_PREFIX) or not (obsm / name).is_dir():
+                continue
+            for arr in array_paths(obsm / name):
+                missing, total = missing_chunks(arr)
+                if missing:
+                    rep.error(f"{arr}: {missing} of {total} chunk files missing (they read as zeros): its writer "
+                              "was interrupted or raced another; rerun the command that wrote it "
+                              "(`stamp embed --zarr`)")
+                elif deep:
+                    _check_embedding_rows(arr, rep)
+    rep.checked["stores"] = len(stores)
+
+
+def _check_embedding_rows(arr_path: Path, rep: ValidationReport) -> None:
+    """An embedding stamp wrote (attribute ``stamp_model``) has no all-zero row."""
+    import zarr
+
+    try:
+        arr = zarr.open_array(str(arr_path), mode="r")
+        if "stamp_model" not in arr.attrs or arr.ndim != 2:
+            return
+        step = max(1, (1 << 24) // max(1, 4 * arr.shape[1]))  # ~16 MB at a time
+        zero = 0
+        for a in range(0, arr.shape[0], step):
+            block = np.asarray(arr[a:a + step])
+            zero += int((~np.any(block != 0, axis=1)).sum())
+    except Exception as exc:  # noqa: BLE001 — any failure is a finding
+        rep.error(f"{arr_path}: unreadable array ({type(exc).__name__}: {exc})")
+        return
+    if zero:
+        rep.error(f"{arr_path}: {zero} of {arr.shape[0]} embedding rows are all zeros (written by "
+                  f"{arr.attrs.get('stamp_model')!r}); rerun `stamp embed --zarr` on this corpus")
+
+
+def _check_paired_full(root: Path, listed: dict, rep: ValidationReport, deep: bool) -> None:
+    """Decode every patch and region of data/paired; check 224 x 224 RGB; (deep) equal to the Zarr arrays."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from spavis.format.corpus import decode_image
+
+    files = sorted(k for k in listed if k.startswith(S.PAIRED_DIR + "/"))
+    want = (S.PATCH_PX, S.PATCH_PX, 3)
+    n_checked = 0
+
+    def one(value):
+        try:
+            return decode_image(value)
+        except SpavisError as exc:
+            return exc
+
+    stores: dict[str, object] = {}
+    row_in_slide: dict[tuple[str, str], int] = {}
+    cache: dict[str, tuple] = {}
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        for rel in files:
+            path = root / rel
+            offset = 0
+            for rb in pq.ParquetFile(path).iter_batches(batch_size=256, columns=["spot_id", "slide_id", "patch",
+                                                                                   "region"]):
+                spots = rb.column(0).to_pylist()
+                slides = rb.column(1).to_pylist()
+                for name in ("patch", "region"):
+                    decoded = list(pool.map(one, rb.column(rb.schema.get_field_index(name)).to_pylist()))
+                    for i, img in enumerate(decoded):
+                        where = f"{path} row {offset + i} (spot_id {spots[i]}) {name}"
+                        if isinstance(img, Exception):
+                            rep.error(f"{where}: {img}")
+                        elif img.shape != want:
+                            rep.error(f"{where}: {img.shape[1]} x {img.shape[0]} picture, expected {want[1]} x {want[0]}")
+                        elif deep:
+                            sid = slides[i]
+                            k = row_in_slide.get((sid, name), 0)
+                            row_in_slide[(sid, name)] = k + 1
+                            group = stores.get(sid)
+                            if group is None:
+                                group = stores[sid] = _images_group(root, sid, rep)
+                            if group is not False:
+                                zimg = _zarr_row(cache, group, sid, name, k)
+                                if zimg is None or not np.array_equal(img, zimg):
+                                    rep.error(f"{where}: differs from zarr/{sid}.zarr/{S.IMAGES_GROUP}/{name}[{k}]")
+                        if len(rep.errors) >= _MAX_ERRORS:
+                            return
+                n_checked += len(spots)
+                offset += len(spots)
+    rep.checked["images"] = n_checked
+
+
+def _zarr_row(cache: dict, group, sid: str, name: str, k: int):
+    """Row ``k`` of ``images/<name>``, decompressing each chunk once (rows come in order)."""
+    arr = group[name]
+    if k >= arr.shape[0]:
+        return None
+    size = arr.chunks[0]
+    c = k // size
+    hit = cache.get(name)
+    if hit is None or hit[0] != (sid, c):
+        hit = cache[name] = ((sid, c), np.asarray(arr[c * size:(c + 1) * size]))
+    return hit[1][k - c * size]
+
+
+def _images_group(root: Path, sid: str, rep: ValidationReport):
+    import zarr
+
+    path = root / S.ZARR_DIR / f"{sid}.zarr" / S.IMAGES_GROUP
+    try:
+        return zarr.open_group(str(path), mode="r", zarr_format=2)
+    except Exception as exc:  # noqa: BLE001
+        rep.error(f"{path}: unreadable images group ({type(exc).__name__}: {exc})")
+        return False
 
 
 def _check_rows(root: Path, expr_files: list[str], genes, rep: ValidationReport, deep: bool) -> None:

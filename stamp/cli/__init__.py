@@ -62,43 +62,45 @@ def publish_cmd(
 @app.command("embed")
 @friendly_errors
 def embed_cmd(
-    model: str = typer.Option(..., "--model", help="Model folder (RUN, RUN/model), Hub repo id or registry "
-                              "name (see `stamp models`)."),
+    model: str = typer.Option(..., "--model", help="Any encoder `stamp.load` takes: a zoo / registry name (see "
+                              "`stamp models`), a model folder (RUN, RUN/model) or a Hub repo id."),
     data: Optional[str] = typer.Option(None, "--data", help="Shard directory or Hub dataset id."),
-    out: Path = typer.Option(..., "--out", help="Output Parquet (spot_id, embedding)."),
-    modality: str = typer.Option("gene", "--modality", help="gene, image or fused (gene + image concatenated); "
-                                 "image/fused need an aligned model (stamp pretrain --stage align)."),
+    out: Path = typer.Option(..., "--out", help="Output Parquet (spot_id or image, embedding)."),
+    modality: str = typer.Option("gene", "--modality", help="gene (gene or aligned model), image (image or "
+                                 "aligned model) or fused (gene + image concatenated; aligned model)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Embed the image files of this folder "
-                                          "(no expression; aligned model) instead of --data."),
-    zarr: bool = typer.Option(False, "--zarr", help="Also write obsm['X_stamp'] into DATA/zarr/<slide>.zarr."),
+                                          "(no expression; image or aligned model) instead of --data."),
+    zarr: bool = typer.Option(False, "--zarr", help="Also write obsm['X_stamp'] into DATA/zarr/<slide>.zarr "
+                              "(--modality gene)."),
+    wait: float = typer.Option(0.0, "--wait", min=0.0, help="With --zarr: wait up to SECONDS for another "
+                               "`stamp embed --zarr` writing the same corpus (default: refuse at once)."),
     batch_size: int = typer.Option(256, "--batch-size", callback=positive_int),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
     no_progress: bool = typer.Option(False, "--no-progress"),
     means: Optional[Path] = typer.Option(None, "--means", help="Gene means file for models whose tokenizer ships "
                                          "none: the released Visium_mean.npy for stamp-v1 / stamp-v1-gene."),
 ) -> None:
-    """One embedding per spot (gene, image or fused) or per image file; --zarr: all slides or none."""
+    """One embedding per spot (gene, image or fused) or per image file, with any encoder; --zarr: all
+    slides or none, one writer per corpus."""
     from stamp.embed import embed_corpus
-    from stamp.embed_multimodal import MODALITIES, is_stamp_model
+    from stamp.embed_multimodal import MODALITIES, embed_image_folder, embed_paired_corpus
     from stamp.errors import UsageError
 
     if modality not in MODALITIES:
         raise UsageError(f"--modality {modality!r} must be one of {', '.join(MODALITIES)}")
     if (data is None) == (images is None):
         raise UsageError("pass exactly one of --data SHARDS or --images FOLDER")
-    from stamp.hub import resolve_model_source
-
-    if images is not None or modality != "gene" or is_stamp_model(resolve_model_source(model)):
-        from stamp.cli.align import embed_multimodal
-
-        if zarr:
-            raise UsageError("--zarr writes gene-encoder embeddings only; drop it for aligned models")
-
-        embed_multimodal(model, data, images, out, modality=modality, batch_size=batch_size, device=device,
-                         progress=not no_progress, means=means)
-        return
-    path = embed_corpus(model, data, out, batch_size=batch_size, zarr=zarr, device=device,
-                        progress=not no_progress, means=means)
+    if zarr and (images is not None or modality != "gene"):
+        raise UsageError("--zarr writes spot embeddings of the gene side (--modality gene with --data); drop it")
+    if images is not None:
+        path = embed_image_folder(model, images, out, batch_size=batch_size, device=device,
+                                  progress=not no_progress)
+    elif modality != "gene":
+        path = embed_paired_corpus(model, data, out, modality=modality, batch_size=batch_size, device=device,
+                                   progress=not no_progress, means=means)
+    else:
+        path = embed_corpus(model, data, out, batch_size=batch_size, zarr=zarr, device=device,
+                            progress=not no_progress, means=means, wait=wait)
     err_console.print(f"embeddings written to {path}")
 
 
