@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 from spavis.errors import VocabularyError
 
 __all__ = ["CONDITIONS", "vocabulary_fingerprint", "corpus_vocabulary_fingerprint", "vocabulary_difference",
-           "require_same_vocabulary", "FINGERPRINT_KEY", "LEGACY_TOKENIZER_KEY"]
+           "require_same_vocabulary", "recorded_fingerprint", "FINGERPRINT_KEY", "LEGACY_TOKENIZER_KEY"]
 
 CONDITIONS = ("cancer", "diseased", "healthy", "treated", "unknown")
 
@@ -43,6 +43,15 @@ LEGACY_TOKENIZER_KEY = "vocab_sha256"  # tokenizer_config.json key of the same v
 def vocabulary_fingerprint(gene_ids: Iterable[str]) -> str:
     """sha256 (hex) of the ordered Ensembl ids, one per line: equal iff the vocabularies are equal, in order."""
     return hashlib.sha256("".join(f"{g}\n" for g in gene_ids).encode()).hexdigest()
+
+
+def recorded_fingerprint(config: dict) -> str | None:
+    """The fingerprint a tokenizer_config.json (or any metadata dict) records, under either key:
+    ``vocabulary_fingerprint`` or the older ``vocab_sha256`` (the same value); None when absent."""
+    for key in ("vocabulary_fingerprint", LEGACY_TOKENIZER_KEY):
+        if config.get(key):
+            return str(config[key])
+    return None
 
 
 def corpus_vocabulary_fingerprint(corpus: Any) -> str:
