@@ -138,6 +138,11 @@ def test_align_pins_a_hub_corpus_to_its_commit(paired, tmp_path, monkeypatch):
         hub.activate(monkeypatch, cache_dir=tmp_path / "hf")
         hub.create_repo("org/paired", repo_type="dataset")
         commit = hub.add_files("org/paired", files, repo_type="dataset")
+        # the paired loader opens the shards by path (it does not download them on use), so the
+        # snapshot is fetched first; what is pinned is the commit open_corpus resolved
+        from spavis.format.hub import snapshot
+
+        snapshot("org/paired", commit, ["data/paired/*.parquet", "data/expression/*.parquet"])
         run = tmp_path / "hubrun"
         align(_align(root, run, data="org/paired", max_steps=1))
         stored = json.loads((run / "train_args.json").read_text())
