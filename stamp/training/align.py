@@ -20,11 +20,9 @@ accumulation 2, 30 epochs.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -34,9 +32,8 @@ import torch
 from stamp.constants import METRICS_FILE, RUN_INFO
 from stamp.errors import TrainingError
 from stamp.training import run as contract
-from stamp.training.run import (Dist, RunSpec, append_metrics, data_info, distributed, finish_run, lr_at,
-                                model_dir_of, pick_device, reduce_step_sums, resume_state, save_checkpoint,
-                                stop_if_not_finite)
+from stamp.training.run import (Dist, RunSpec, autocast_for, data_info, ddp_wrap, distributed, finish_run,
+                                model_dir_of, no_sync_unless, pick_device, resume_state, train_steps)
 
 logger = logging.getLogger(__name__)
 
@@ -183,75 +180,51 @@ def _align(args: AlignArgs, d: Dist, open_corpus, on_step) -> Path:
     step, spots_seen = resume_state(resume_from, resume=args.resume, model=model, optimizer=optimizer, gen=gen,
                                     loader=loader, d=d, metrics_path=run / METRICS_FILE)
 
-    forward: Callable = model
-    if d.world > 1:
-        forward = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    forward: Callable = ddp_wrap(model, device, d)
+    autocast = autocast_for(device)
     from stamp.prefetch import prefetch
 
     stream = prefetch(iter(loader), depth=2, name="paired-prefetch")
-    position = loader.state_dict()  # what the consumed batches leave (the prefetcher reads ahead)
+    # what the consumed batches leave (the prefetcher reads ahead): the position a checkpoint stores
+    consumed = {"position": loader.state_dict()}
     run_data = {**data_info(corpus, args.data, n_spots_total), "paired": True}
-    last_metrics: dict = {}
-    metrics_path = run / METRICS_FILE
     stop_at = min(total, args.stop_after) if args.stop_after else total
 
-    def save(at_step: int) -> None:
-        save_checkpoint(run, at_step, d=d, model=model, optimizer=optimizer, gen=gen, position=position,
-                        spots_seen=spots_seen, keep=args.keep_checkpoints,
-                        state={"stage": STAGE,
-                               "schedule": {"name": "linear-warmup-cosine", "lr": args.lr,
-                                            "min_lr": args.min_lr, "warmup": args.warmup_steps, "total": total},
-                               "metrics": last_metrics})
+    def micro_step(last: bool) -> tuple[list[float], int]:
+        """The four losses on one paired micro-batch: loss, ps, rs, pr, csp, correct, total; and its spots."""
+        batch = next(stream)
+        consumed["position"] = batch.position
+        with no_sync_unless(forward, last, d):
+            with autocast:
+                out = forward(batch.input_ids.to(device), model.pixels(batch.patch), model.pixels(batch.region),
+                              batch.region_cell.to(device), gather_with_grad=args.gather_with_grad)
+            (out.loss / args.grad_accum).backward()
+        return [out.loss.item(), out.ps.item(), out.rs.item(), out.pr.item(), out.csp.item(), out.csp_correct,
+                out.csp_total], len(batch)
 
-    model.train()
-    while step < stop_at:
-        t0 = time.perf_counter()
-        lr = lr_at(step + 1, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup_steps, total=total)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sums = torch.zeros(7, dtype=torch.float64)  # loss, ps, rs, pr, csp, correct, total
-        n_spots = 0
-        for micro in range(args.grad_accum):
-            batch = next(stream)
-            position = batch.position
-            sync = forward.no_sync() if d.world > 1 and micro < args.grad_accum - 1 else contextlib.nullcontext()
-            with sync:
-                with autocast:
-                    out = forward(batch.input_ids.to(device), model.pixels(batch.patch), model.pixels(batch.region),
-                                  batch.region_cell.to(device), gather_with_grad=args.gather_with_grad)
-                (out.loss / args.grad_accum).backward()
-            sums += torch.tensor([out.loss.item(), out.ps.item(), out.rs.item(), out.pr.item(), out.csp.item(),
-                                  out.csp_correct, out.csp_total], dtype=torch.float64)
-            n_spots += len(batch)
-        spots_seen += n_spots
-        sums, n_spots = reduce_step_sums(sums, n_spots, n_mean=5, device=device, d=d)
-        loss = float(sums[0]) / args.grad_accum
-        stop_if_not_finite(loss, step, run, optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.clamp_logit_scale()
-        step += 1
-        dt = time.perf_counter() - t0
-        last_metrics = {
+    def metrics(*, step: int, sums, loss: float, lr: float, grad_norm: float, n_spots: int, dt: float) -> dict:
+        return {
             "step": step, "loss": loss,
             "ps_loss": float(sums[1]) / args.grad_accum, "rs_loss": float(sums[2]) / args.grad_accum,
             "pr_loss": float(sums[3]) / args.grad_accum, "csp_loss": float(sums[4]) / args.grad_accum,
             "csp_acc": float(sums[5] / sums[6]) if sums[6] > 0 else None,
-            "logit_scale": float(model.logit_scale.detach().exp()), "lr": lr, "grad_norm": float(grad_norm),
+            "logit_scale": float(model.logit_scale.detach().exp()), "lr": lr, "grad_norm": grad_norm,
             "spots": n_spots, "spots_per_s": n_spots / dt if dt > 0 else None,
-            "epoch": position["epoch"],
+            "epoch": consumed["position"]["epoch"],
         }
-        if d.main:
-            append_metrics(metrics_path, last_metrics)
-            if args.progress:
-                logger.info("step %d/%d loss %.4f csp_acc %s", step, stop_at, loss, last_metrics["csp_acc"])
-        if on_step is not None:
-            on_step(last_metrics)
-        if step % args.save_every == 0 or step == stop_at:
-            save(step)
+
+    def show(m: dict) -> None:
+        if args.progress:
+            logger.info("step %d/%d loss %.4f csp_acc %s", m["step"], stop_at, m["loss"], m["csp_acc"])
+
+    schedule = {"name": "linear-warmup-cosine", "lr": args.lr, "min_lr": args.min_lr, "warmup": args.warmup_steps,
+                "total": total}
+    model.train()
+    step, spots_seen, last_metrics = train_steps(
+        run=run, d=d, device=device, model=model, optimizer=optimizer, params=params, gen=gen, args=args, total=total,
+        step=step, spots_seen=spots_seen, n_sums=7, n_mean=5, micro_step=micro_step, metrics=metrics,
+        position=lambda: consumed["position"], checkpoint_state={"stage": STAGE, "schedule": schedule},
+        after_step=model.clamp_logit_scale, on_metrics=show, on_step=on_step)
 
     info = {
         "stage": STAGE, "steps": step, "total_steps": total, "spots_seen": spots_seen * d.world,

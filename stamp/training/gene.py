@@ -14,10 +14,8 @@ checkpoint records how many batches of the current epoch were consumed.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,8 +29,8 @@ from stamp.errors import DataError, TrainingError
 from stamp.model import StampGeneEncoder, create_model
 from stamp.objectives import StampForPretraining
 from stamp.training import run as contract
-from stamp.training.run import (Dist, RunSpec, append_metrics, data_info, distributed, finish_run, lr_at,
-                                pick_device, reduce_step_sums, resume_state, save_checkpoint, stop_if_not_finite)
+from stamp.training.run import (Dist, RunSpec, autocast_for, data_info, ddp_wrap, distributed, finish_run,
+                                no_sync_unless, pick_device, resume_state, train_steps)
 
 logger = logging.getLogger(__name__)
 
@@ -233,19 +231,11 @@ def _pretrain(args: PretrainArgs, d: Dist, open_corpus, on_step) -> Path:
                                     loader=loader, d=d, metrics_path=run / METRICS_FILE)
 
     pretraining = StampForPretraining(model, spatial=spatial, cgr_targets=args.cgr_targets, mask_prob=args.mask_prob)
-    forward: Callable = pretraining
-    if d.world > 1:  # DDP runs the encoder and both heads in one forward
-        forward = torch.nn.parallel.DistributedDataParallel(
-            pretraining, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    )
+    forward: Callable = ddp_wrap(pretraining, device, d)  # DDP runs the encoder and both heads in one forward
+    autocast = autocast_for(device)
 
     stream = iter(loader)
     run_data = data_info(corpus, args.data, n_spots_total)
-    last_metrics: dict = {}
-    metrics_path = run / METRICS_FILE
     stop_at = min(total, args.stop_after) if args.stop_after else total
 
     def next_batch() -> Batch:
@@ -274,68 +264,46 @@ def _pretrain(args: PretrainArgs, d: Dist, open_corpus, on_step) -> Path:
     if failure is not None:
         raise failure
 
-    def save(at_step: int) -> None:
-        save_checkpoint(run, at_step, d=d, model=model, optimizer=optimizer, gen=gen, position=loader.state_dict(),
-                        spots_seen=spots_seen, keep=args.keep_checkpoints,
-                        state={"stage": args.stage,
-                               "schedule": {"name": "linear-warmup-cosine-floor", "lr": args.lr,
-                                            "min_lr": args.min_lr, "warmup": args.warmup_steps, "total": total},
-                               "metrics": last_metrics})
+    def micro_step(last: bool) -> tuple[list[float], int]:
+        """IGR (+ CGR) on one micro-batch: loss, igr, cgr, correct, masked; and its spots."""
+        batch = pending.pop() if pending else next_batch()
+        ids = batch.input_ids
+        masked = pretraining.mask(ids, generator=gen)
+        with no_sync_unless(forward, last, d):
+            with autocast:
+                out = forward(ids.to(device), masked.input_ids.to(device), masked.labels.to(device), batch.groups)
+            (out.loss / args.grad_accum).backward()
+        return [out.loss.item(), out.igr_loss.item(), out.cgr_loss.item() if out.cgr_loss is not None else 0.0,
+                out.igr_correct, out.igr_total], ids.shape[0]
 
+    def metrics(*, step: int, sums, loss: float, lr: float, grad_norm: float, n_spots: int, dt: float) -> dict:
+        return {
+            "step": step,
+            "loss": loss,
+            "igr_loss": float(sums[1]) / args.grad_accum,
+            "cgr_loss": float(sums[2]) / args.grad_accum if spatial else None,
+            "igr_acc": float(sums[3] / sums[4]) if sums[4] > 0 else None,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "spots": n_spots,
+            "spots_per_s": n_spots / dt if dt > 0 else None,
+            "epoch": loader.state_dict()["epoch"],
+        }
+
+    schedule = {"name": "linear-warmup-cosine-floor", "lr": args.lr, "min_lr": args.min_lr,
+                "warmup": args.warmup_steps, "total": total}
     model.train()
     with _progress(args.progress and d.main, stop_at) as bar:
         task = bar.add_task("pretrain", total=stop_at, completed=step, loss="-", sps="-")
-        while step < stop_at:
-            t0 = time.perf_counter()
-            lr = lr_at(step + 1, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup_steps, total=total)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            sums = torch.zeros(5, dtype=torch.float64)  # loss, igr, cgr, correct, masked
-            n_spots = 0
-            for micro in range(args.grad_accum):
-                batch = pending.pop() if pending else next_batch()
-                ids = batch.input_ids
-                masked = pretraining.mask(ids, generator=gen)
-                sync = contextlib.nullcontext()
-                if d.world > 1 and micro < args.grad_accum - 1:
-                    sync = forward.no_sync()
-                with sync:
-                    with autocast:
-                        out = forward(ids.to(device), masked.input_ids.to(device), masked.labels.to(device),
-                                      batch.groups)
-                    (out.loss / args.grad_accum).backward()
-                sums += torch.tensor([out.loss.item(), out.igr_loss.item(),
-                                      out.cgr_loss.item() if out.cgr_loss is not None else 0.0,
-                                      out.igr_correct, out.igr_total], dtype=torch.float64)
-                n_spots += ids.shape[0]
-            spots_seen += n_spots
-            sums, n_spots = reduce_step_sums(sums, n_spots, n_mean=3, device=device, d=d)
-            loss = float(sums[0]) / args.grad_accum
-            stop_if_not_finite(loss, step, run, optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.perf_counter() - t0
-            last_metrics = {
-                "step": step,
-                "loss": loss,
-                "igr_loss": float(sums[1]) / args.grad_accum,
-                "cgr_loss": float(sums[2]) / args.grad_accum if spatial else None,
-                "igr_acc": float(sums[3] / sums[4]) if sums[4] > 0 else None,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "spots": n_spots,
-                "spots_per_s": n_spots / dt if dt > 0 else None,
-                "epoch": loader.state_dict()["epoch"],
-            }
-            if d.main:
-                append_metrics(metrics_path, last_metrics)
-                bar.update(task, completed=step, loss=f"{loss:.4f}", sps=f"{last_metrics['spots_per_s']:.0f}")
-            if on_step is not None:
-                on_step(last_metrics)
-            if step % args.save_every == 0 or step == stop_at:
-                save(step)
+
+        def show(m: dict) -> None:
+            bar.update(task, completed=m["step"], loss=f"{m['loss']:.4f}", sps=f"{m['spots_per_s']:.0f}")
+
+        step, spots_seen, last_metrics = train_steps(
+            run=run, d=d, device=device, model=model, optimizer=optimizer, params=params, gen=gen, args=args,
+            total=total, step=step, spots_seen=spots_seen, n_sums=5, n_mean=3, micro_step=micro_step,
+            metrics=metrics, position=loader.state_dict, checkpoint_state={"stage": args.stage, "schedule": schedule},
+            on_metrics=show, on_step=on_step)
 
     info = {
         "stage": args.stage,

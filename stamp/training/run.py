@@ -49,7 +49,8 @@ __all__ = [
     "Dist", "RunSpec", "init_distributed", "distributed", "pick_device", "lr_at", "absolute_path",
     "normalize_paths", "read_run_args", "resume_differences", "pin_hub_revision", "prepare_run",
     "check_vocabulary", "truncate_metrics", "append_metrics", "resume_state", "save_checkpoint",
-    "reduce_step_sums", "stop_if_not_finite", "write_model_dir", "finish_run", "corpus_licenses",
+    "reduce_step_sums", "stop_if_not_finite", "train_steps", "ddp_wrap", "autocast_for", "no_sync_unless",
+    "write_model_dir", "finish_run", "corpus_licenses",
     "generated_fraction", "data_info", "model_dir_of",
 ]
 
@@ -357,6 +358,86 @@ def stop_if_not_finite(loss: float, step: int, run: Path, optimizer: torch.optim
         f"Last good checkpoint: {last or 'none'}. Lower --lr or raise --warmup-steps, then "
         "--resume from it (or restart)."
     )
+
+
+# ----------------------------------------------------------------------------- the optimizer loop
+def train_steps(*, run: Path, d: Dist, device: torch.device, model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer, params: list, gen: torch.Generator, args: Any, total: int,
+                step: int, spots_seen: int, n_sums: int, n_mean: int,
+                micro_step: Callable[[bool], tuple[list[float], int]], metrics: Callable[..., dict],
+                position: Callable[[], dict], checkpoint_state: dict,
+                after_step: Callable[[], None] | None = None, on_metrics: Callable[[dict], None] | None = None,
+                on_step: Callable[[dict], None] | None = None) -> tuple[int, int, dict]:
+    """The optimizer loop every stage runs, from ``step`` to ``args.stop_after`` (or ``total``).
+
+    Per step: the learning rate of :func:`lr_at`; ``args.grad_accum`` calls of ``micro_step(last)``
+    (the stage's forward and backward of one micro-batch; ``last``: the micro-batch whose backward
+    synchronises DDP gradients), each returning ``n_sums`` per-micro-batch totals (loss first) and
+    its spots; the totals reduced over ranks (:func:`reduce_step_sums`, the first ``n_mean``
+    averaged); the NaN stop (:func:`stop_if_not_finite`); gradient clipping to ``args.clip_norm``;
+    the optimizer step and ``after_step``; then ``metrics(step=, sums=, loss=, lr=, grad_norm=,
+    n_spots=, dt=)`` (the stage's ``metrics.jsonl`` line, appended by the main rank and handed to
+    ``on_metrics`` there and to ``on_step`` on every rank) and a checkpoint every ``args.save_every``
+    steps and at the last one (``checkpoint_state`` + the last metrics in trainer_state.json,
+    ``position()`` the loader position). Returns ``(step, spots_seen, last metrics)``.
+    """
+    import time
+
+    last_metrics: dict = {}
+    metrics_path = run / METRICS_FILE
+    stop_at = min(total, args.stop_after) if args.stop_after else total
+    while step < stop_at:
+        t0 = time.perf_counter()
+        lr = lr_at(step + 1, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup_steps, total=total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums = torch.zeros(n_sums, dtype=torch.float64)
+        n_spots = 0
+        for micro in range(args.grad_accum):
+            values, spots = micro_step(micro == args.grad_accum - 1)
+            sums += torch.tensor(values, dtype=torch.float64)
+            n_spots += spots
+        spots_seen += n_spots
+        sums, n_spots = reduce_step_sums(sums, n_spots, n_mean=n_mean, device=device, d=d)
+        loss = float(sums[0]) / args.grad_accum
+        stop_if_not_finite(loss, step, run, optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
+        step += 1
+        dt = time.perf_counter() - t0
+        last_metrics = metrics(step=step, sums=sums, loss=loss, lr=lr, grad_norm=float(grad_norm), n_spots=n_spots,
+                               dt=dt)
+        if d.main:
+            append_metrics(metrics_path, last_metrics)
+            if on_metrics is not None:
+                on_metrics(last_metrics)
+        if on_step is not None:
+            on_step(last_metrics)
+        if step % args.save_every == 0 or step == stop_at:
+            save_checkpoint(run, step, d=d, model=model, optimizer=optimizer, gen=gen, position=position(),
+                            spots_seen=spots_seen, keep=args.keep_checkpoints,
+                            state={**checkpoint_state, "metrics": last_metrics})
+    return step, spots_seen, last_metrics
+
+
+def ddp_wrap(module: torch.nn.Module, device: torch.device, d: Dist) -> Any:
+    """``module`` itself for one process; under torchrun, DistributedDataParallel over it."""
+    if d.world <= 1:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def autocast_for(device: torch.device) -> Any:
+    """bf16 autocast on CUDA, nothing elsewhere (every stage trains in the same precision)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def no_sync_unless(forward: Any, last: bool, d: Dist) -> Any:
+    """DDP's ``no_sync()`` for every micro-batch but the last of a step (gradients all-reduced once)."""
+    return forward.no_sync() if d.world > 1 and not last else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- publishing
