@@ -26,7 +26,7 @@ from spavis.format.io import atomic_write_text
 COLUMNS = ("slide_id", "source", "accession", "organ", "species", "condition", "technology",
            "license", "citation", "expected_files", "checksums", "extra")
 SOURCES = ("geo", "hest", "stimage", "stomicsdb", "sodb", "tenx")
-CONDITIONS = ("cancer", "diseased", "healthy", "treated", "unknown")
+from spavis.format.vocabulary import CONDITIONS  # noqa: E402  (defined once, in spavis.format)
 _SAFE_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 _REL_PATH = r"^(?!/)(?!.*(^|/)\.\.(/|$))[^\\\x00]+$"
 

@@ -17,14 +17,13 @@ Decisions
   (100 µm spacing: 6 spots at 100 µm, 2 at 173 µm) spans at most 2·173 ≈ 346 µm, so 400 µm
   keeps every such patch with ~15% margin for pixel-scale error and drops groups that
   reach across holes or tissue edges.
-* Pairwise distances need coordinates in µm. Expression rows carry ``pxl_row``/``pxl_col``
-  in full-resolution pixels; the µm-per-pixel factor is the slide's ``um_per_px`` in
-  ``slides.parquet`` (one source, computed by spavis at build time). For corpora without
-  it, the factor is the median over spots of ``neighbor_distances[0] / pixel distance to
-  neighbors[0]`` (one factor per slide). Without pixels the Visium lattice is used (``array_col`` steps
-  50 µm, ``array_row`` 50·√3 µm, as spavis.neighbors). Without either, the bound
-  d(a, b) <= d(seed, a) + d(seed, b) from the stored distances stands in (conservative:
-  it may drop a valid group, never keeps an invalid one).
+* Pairwise distances need coordinates in µm: :func:`spavis.format.coordinates.spot_coordinates_um`
+  from what the corpus records: ``pxl_row``/``pxl_col`` times the slide's ``um_per_px`` in
+  ``slides.parquet`` (computed once by spavis at build time; stamp never re-derives it), or,
+  for slides without a recorded scale (corpora of format v1, slides without pixels), the
+  Visium lattice of the recorded ``array_row``/``array_col``. Without either, the bound
+  d(a, b) <= d(seed, a) + d(seed, b) from the stored µm neighbour distances stands in
+  (conservative: it may drop a valid group, never keeps an invalid one).
 
 Public API
 ----------
@@ -43,8 +42,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from spavis.format.coordinates import spot_coordinates_um
 from stamp.constants import D_MAX_UM, GROUP_SIZE, GROUPS_PER_BATCH  # noqa: F401 (re-exported)
-from stamp.constants import VISIUM_SPACING_UM as _SPACING_UM
 from stamp.errors import BatchingError
 
 
@@ -94,34 +93,17 @@ def _neighbor_rows(table: pa.Table) -> np.ndarray:
 
 def slide_coordinates_um(table: pa.Table, neighbor_rows: np.ndarray | None = None, *,
                          um_per_px: float | None = None) -> np.ndarray | None:
-    """Spot centres (x, y) in µm for one slide's rows, or None when nothing locates them.
+    """Spot centres (x, y) in µm for one slide's rows, or None when nothing recorded locates them.
 
-    The pixel scale is the slide's ``um_per_px`` from ``slides.parquet`` when given (computed
-    once by spavis at build time); otherwise it comes from each spot's nearest stored
-    neighbour that is in ``table`` (``neighbor_rows``, from :func:`_neighbor_rows` when not given).
+    :func:`spavis.format.coordinates.spot_coordinates_um` on the table's columns: pixels times the
+    slide's recorded ``um_per_px`` (``slides.parquet``), else the Visium lattice of
+    ``array_row``/``array_col``. ``neighbor_rows`` is accepted for callers of the earlier
+    signature and unused (the scale is never derived from the neighbour graph).
     """
-    pr, pcol = _column(table, "pxl_row"), _column(table, "pxl_col")
-    if pr is not None and pcol is not None and np.isfinite(pr).all() and np.isfinite(pcol).all():
-        xy = np.column_stack([pcol, pr])
-        if um_per_px is not None and np.isfinite(um_per_px) and um_per_px > 0:
-            return xy * float(um_per_px)
-        nbrs = _neighbor_rows(table) if neighbor_rows is None else neighbor_rows
-        dists = _list_matrix(table.column("neighbor_distances"), np.nan, np.float64)
-        if nbrs.shape[1] and dists.shape[1]:
-            width = min(nbrs.shape[1], dists.shape[1])
-            present = nbrs[:, :width] >= 0
-            ok = present.any(axis=1)
-            first = present.argmax(axis=1)[ok]  # nearest neighbour present in the table
-            rows = np.flatnonzero(ok)
-            px = np.linalg.norm(xy[rows] - xy[nbrs[rows, first]], axis=1)
-            um = dists[rows, first]
-            good = (px > 0) & np.isfinite(um) & (um > 0)
-            if good.any():
-                return xy * float(np.median(um[good] / px[good]))
-    ar, ac = _column(table, "array_row"), _column(table, "array_col")
-    if ar is not None and ac is not None and np.isfinite(ar).all() and np.isfinite(ac).all() and (ar >= 0).all():
-        return np.column_stack([ac * (_SPACING_UM / 2), ar * (_SPACING_UM / 2 * np.sqrt(3.0))])
-    return None
+    del neighbor_rows
+    return spot_coordinates_um(um_per_px=um_per_px, pxl_row=_column(table, "pxl_row"),
+                               pxl_col=_column(table, "pxl_col"), array_row=_column(table, "array_row"),
+                               array_col=_column(table, "array_col"))
 
 
 def _slide_rng(seed: int, epoch: int, slide_id: str) -> np.random.Generator:
@@ -141,7 +123,7 @@ def spatial_groups(
 
     ``table`` holds one slide's expression rows (``spot_index``, ``neighbors``,
     ``neighbor_distances``; ``pxl_*``/``array_*`` for distances). Groups are disjoint.
-    ``um_per_px``: the slide's scale from ``slides.parquet`` (derived from the graph when None).
+    ``um_per_px``: the slide's scale from ``slides.parquet`` (None: the lattice, or the triangle bound).
     """
     n = table.num_rows
     need = group_size - 1
@@ -158,7 +140,7 @@ def spatial_groups(
             f"slide {slide_id}: the shards store {nbrs.shape[1]} neighbours per spot but groups of "
             f"{group_size} need {need}; rebuild with `spavis build-shards --k-neighbors {need}` or more"
         )
-    coords = slide_coordinates_um(table, nbrs, um_per_px=um_per_px)
+    coords = slide_coordinates_um(table, um_per_px=um_per_px)
     seed_dist = None if coords is not None else _list_matrix(table.column("neighbor_distances"), np.inf, np.float64)
     limit = float(d_max_um)
 

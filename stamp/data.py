@@ -119,16 +119,15 @@ def rank_files(files: Sequence[str], rank: int, world_size: int, *, seed: int = 
 
 
 def _slide_scales(corpus) -> dict[str, float]:
-    """slide_id -> µm per full-resolution pixel from slides.parquet (spavis computes it once at build
-    time); empty for corpora without the column (the scale is then derived from the neighbour graph)."""
+    """slide_id -> µm per full-resolution pixel recorded in slides.parquet
+    (:func:`spavis.format.coordinates.slide_scales`); empty without slides.parquet or the column."""
+    from spavis.format.coordinates import slide_scales
+
     try:
         slides = corpus.slides
     except FileNotFoundError:  # expression shards without slides.parquet (hand-made test corpora)
         return {}
-    if "um_per_px" not in slides:
-        return {}
-    known = slides[slides["um_per_px"].notna()]
-    return dict(zip(known["slide_id"].astype(str), known["um_per_px"].astype(float)))
+    return slide_scales(slides)
 
 
 @dataclass
@@ -169,11 +168,12 @@ class TokenBatchLoader:
             data = open_corpus(data)
         self.corpus = data
         self.tokenizer = tokenizer
-        if len(data.genes) != tokenizer.n_genes:
-            raise DataError(
-                f"{data!r} has a {len(data.genes)}-gene vocabulary but the tokenizer has {tokenizer.n_genes}; "
-                "use the tokenizer built from this corpus (GeneTokenizer.from_corpus) or matching shards"
-            )
+        from spavis.format.vocabulary import require_same_vocabulary
+
+        require_same_vocabulary(  # by identity: two vocabularies of one size give garbage silently
+            tokenizer.gene_ids, data.genes["ensembl_id"].astype(str).tolist(), a_name="the tokenizer",
+            b_name=repr(data), error=DataError,
+            fix="use the tokenizer built from this corpus (GeneTokenizer.from_corpus) or matching shards")
         self.mode = mode
         self.units_per_batch = groups_per_batch if mode == "spatial" else batch_size
         self.group_size, self.d_max_um = group_size, d_max_um

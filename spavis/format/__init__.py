@@ -3,6 +3,10 @@
 - ``spavis.format.schema``: file names, Arrow schemas, Zarr/obsp/uns keys, geometry constants;
 - ``spavis.format.corpus``: the read API (``open_corpus``, ``Corpus``, ``rows_to_csr``,
   ``iter_file_slides``), with the manifest size check done on open;
+- ``spavis.format.vocabulary``: what crosses to stamp about genes and slides: the vocabulary
+  fingerprint (recorded in manifest.json), the one vocabulary-equality check, ``CONDITIONS``;
+- ``spavis.format.coordinates``: spot coordinates in µm from the recorded scale (slides.parquet
+  ``um_per_px``), never re-derived;
 - ``spavis.format.io``: atomic writes, sha256, umask-respecting file modes (standard library only).
 
 It imports nothing of fetch (``spavis.sources``) or build (``spavis.shards``): ``stamp`` and
@@ -15,7 +19,7 @@ import importlib
 from typing import Any
 
 __all__ = [
-    "schema", "io", "Corpus", "CorpusError", "SpavisError", "open_corpus", "rows_to_csr",
+    "schema", "io", "vocabulary", "coordinates", "Corpus", "CorpusError", "SpavisError", "open_corpus", "rows_to_csr",
     "iter_file_slides", "EXPRESSION_COLUMNS", "decode_image",
 ]
 
@@ -32,7 +36,7 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("schema", "io", "corpus"):
+    if name in ("schema", "io", "corpus", "vocabulary", "coordinates"):
         return importlib.import_module(f"spavis.format.{name}")
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)

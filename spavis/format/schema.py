@@ -35,6 +35,9 @@ ZARR_CONSOLIDATED = ".zmetadata"
 SPACERANGER_SPOT_DIAMETER_UM = 65.0
 SPOT_SPACING_UM = 100.0
 UM_PER_PX_METHODS = ("scalefactors", "lattice", "spot-spacing")  # slides.parquet um_per_px_method
+# slides.parquet ``condition`` takes one of CONDITIONS (defined in the standard-library-only
+# spavis.format.vocabulary, so fetch reads it without loading pyarrow)
+from spavis.format.vocabulary import CONDITIONS  # noqa: E402,F401
 # float32 holds every integer up to 2**24 exactly; larger counts are flagged (counts_exceed_float32)
 FLOAT32_EXACT_MAX = 2**24
 

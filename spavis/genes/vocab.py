@@ -71,9 +71,20 @@ class Vocabulary:
 
     @cached_property
     def checksum(self) -> str:
-        """sha256 of the canonical JSON (sorted keys, no whitespace) of to_dict()."""
+        """sha256 of the canonical JSON (sorted keys, no whitespace) of to_dict(): this vocab.json file
+        (name, version, symbols included; recorded as manifest ``vocabulary.checksum`` and in build keys).
+        Model compatibility is :attr:`fingerprint`."""
         canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """The vocabulary's identity (ordered Ensembl ids), as stamp checks it:
+        :func:`spavis.format.vocabulary.vocabulary_fingerprint`. Unlike :attr:`checksum` it ignores
+        name, version and symbols (two vocab.json files of the same genes in the same order match)."""
+        from spavis.format.vocabulary import vocabulary_fingerprint
+
+        return vocabulary_fingerprint(self.ensembl_ids)
 
     def write(self, path: str | Path) -> Path:
         """Write vocab.json atomically."""

@@ -423,7 +423,7 @@ _MAPPING_KEYS = ("n_features", "by_id", "by_symbol", "by_previous", "by_alias", 
                  "unknown", "not_in_vocab", "in_vocab")
 
 
-CONDITIONS = ("cancer", "diseased", "healthy", "treated", "unknown")
+from spavis.format.vocabulary import CONDITIONS  # noqa: E402  (defined once, in spavis.format)
 
 
 def slide_metadata(s: SliceInput) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from spavis.errors import FetchError
 from spavis.format.io import NotRegularFileError, atomic_open, open_regular
 
 SIDECAR_NAME = "slice.json"
-CONDITIONS = ("cancer", "diseased", "healthy", "treated", "unknown")
+from spavis.format.vocabulary import CONDITIONS  # noqa: E402  (defined once, in spavis.format)
 
 # Field order of the contract in docs/architecture.md; unknown extra fields are kept.
 FIELDS: dict[str, Any] = {

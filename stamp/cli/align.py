@@ -2,9 +2,10 @@
 
 The ``pretrain`` command (``stamp/cli/pretrain.py``) owns the options; with ``--stage align``
 (or ``--resume`` of an align run) it hands its parsed parameters to :func:`run_align`, which
-keeps only the options given on the command line and lets :class:`stamp.train_align.AlignArgs`
+keeps only the options given on the command line and lets :class:`stamp.training.align.AlignArgs`
 supply the stage's own defaults (batch 256, gradient accumulation 2, weight decay 1e-3 ...),
-so the gene stages' defaults never leak into stage 3.
+so the gene stages' defaults never leak into stage 3. With ``--resume`` the options given are
+laid over the run's (``RUN/train_args.json``), and the run contract refuses any that changed.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def is_align_run(out: Path) -> bool:
 def run_align(ctx: typer.Context) -> Path:
     """Build :class:`AlignArgs` from the options given explicitly to ``stamp pretrain`` and run it."""
     from stamp.errors import UsageError
-    from stamp.train_align import AlignArgs, align
+    from stamp.training.align import AlignArgs, align, read_run_args
 
     params = dict(ctx.params)
     # compare by name: typer may hand out its own ParameterSource enum rather than click's
@@ -47,7 +48,8 @@ def run_align(ctx: typer.Context) -> Path:
     kwargs["progress"] = not params.get("no_progress", False)
     kwargs["resume"] = bool(params.get("resume"))
     if kwargs["resume"]:
-        kwargs.setdefault("data", "")
+        stored = read_run_args(params["out"])  # the run's options; those given must match them
+        kwargs = {**stored, **kwargs, "stop_after": params.get("stop_after")}
     elif not params.get("data"):
         raise typer.BadParameter("--data required (a corpus built with --with-images)", param_hint="--data")
     else:

@@ -1,6 +1,7 @@
-"""``stamp pretrain``: a thin typer wrapper over :func:`stamp.train.pretrain`.
+"""``stamp pretrain``: a thin typer wrapper over :func:`stamp.training.gene.pretrain` (and, with
+``--stage align``, :func:`stamp.training.align.align` through :mod:`stamp.cli.align`).
 
-The options mirror :class:`stamp.train.PretrainArgs` field by field with the same defaults
+The options mirror :class:`stamp.training.gene.PretrainArgs` field by field with the same defaults
 (``tests/test_robustness_stamp.py`` checks it; :data:`API_ONLY` lists the fields without an
 option, :data:`RENAMED` the ones spelled differently). Numbers are checked by the shared
 validators of :mod:`stamp.cli._common`. With ``--resume`` only the options given on the
@@ -24,14 +25,14 @@ from stamp.cli._common import (
 )
 
 API_ONLY = ("extra",)  # PretrainArgs fields with no command-line option
-# options of --stage align only (stamp.train_align.AlignArgs), see stamp.cli.align
+# options of --stage align only (stamp.training.align.AlignArgs), see stamp.cli.align
 from stamp.cli.align import ALIGN_OPTIONS  # noqa: E402
 RENAMED = {"progress": "no_progress"}  # field -> CLI parameter (inverted flag)
 RESUME_OPTIONAL = ("stage", "data")  # required, except with --resume (then read from the run)
 
 
 def _stage(value: Optional[str]) -> Optional[str]:
-    from stamp.train import STAGES
+    from stamp.training.gene import STAGES
 
     if value is not None and value not in (*STAGES, "align"):
         raise typer.BadParameter(f"{value!r} is not one of {', '.join((*STAGES, 'align'))}.")
@@ -120,7 +121,7 @@ def register(app: typer.Typer) -> None:
             run_align(ctx)
             return
 
-        from stamp.train import PretrainArgs, pretrain, read_run_args
+        from stamp.training.gene import PretrainArgs, pretrain, read_run_args
 
         values = dict(stage=stage, data=data, out=str(out), config=config, init=init, max_steps=max_steps,
                       batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
