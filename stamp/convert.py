@@ -34,7 +34,9 @@ import torch
 
 from spavis.format.io import make_temp_dir, sha256_file
 from stamp.errors import StampError
-from stamp.registry import CONVERTED_MARKER, PretrainedEntry, get_pretrained, write_tokenizer_files
+from stamp.catalogue import PretrainedEntry, get_pretrained, vocabulary
+from stamp.locations import CONVERTED_MARKER
+from stamp.tokenizer.io import MEANS_KEY, MEANS_REQUIRED_KEY
 
 SOURCE_FORMATS = ("stamp-released",)
 GENE_PREFIX = "spot_backbone."
@@ -407,6 +409,36 @@ def convert_released(
         shutil.rmtree(tmp, ignore_errors=True)
     return report
 
+def write_tokenizer_files(folder: str | os.PathLike, entry: PretrainedEntry,
+                          means: str | os.PathLike | None = None) -> None:
+    """Tokenizer files of a converted entry: vocab.json + tokenizer_config.json (+ the means when given).
+
+    The released means cannot be redistributed, so without ``means`` the folder records
+    ``means_required`` (and ``means_key``: which file ``stamp models set-means`` registers for it)
+    and ``stamp.factory.load_tokenizer`` finds the registered file or asks the user for it.
+    """
+    from stamp.tokenizer import CONFIG_FILE, MEANS_FILE, GeneTokenizer, load_means_file
+
+    folder = Path(folder)
+    spec = entry.tokenizer
+    gene_ids, symbols = vocabulary(spec["vocabulary"])
+    if means is not None:
+        values, source = load_means_file(means, len(gene_ids)), f"file:{Path(means).name}"
+    else:
+        import numpy as np
+
+        values, source = np.ones(len(gene_ids)), "user-supplied (released means file, not redistributed)"
+    tok = GeneTokenizer(gene_ids, values, symbols=symbols, mode=spec["mode"], max_length=spec.get("max_length"),
+                        mean_source=source)
+    tok.save_pretrained(folder)
+    if means is None:
+        (folder / MEANS_FILE).unlink()
+        cfg = json.loads((folder / CONFIG_FILE).read_text())
+        cfg[MEANS_REQUIRED_KEY] = spec.get("means", True)
+        cfg[MEANS_KEY] = entry.full_entry or entry.name
+        (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 # ----------------------------------------------------------------------------- model card
 def converted_model_card(entry: PretrainedEntry, report: MappingReport | None = None, *, has_means: bool = False,
                          load_name: str | None = None) -> str:
@@ -517,5 +549,5 @@ re-tokenization and may transfer poorly.
 
 
 __all__ = ["ConvertError", "MappingReport", "load_state_dict", "map_state_dict", "gene_rules", "vision_rules",
-           "head_rules", "write_safetensors", "converted_model_card",
+           "head_rules", "write_safetensors", "converted_model_card", "write_tokenizer_files",
            "convert_released", "UNUSED", "SOURCE_FORMATS"]

@@ -193,11 +193,15 @@ class StampGeneEncoder(
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "StampGeneEncoder":
-        """A registry name (``stamp-v1-gene``; ``stamp-v1`` gives its gene encoder), a Hub repo id or a folder."""
-        from stamp.registry import registry_path
+        """A local model folder (``RUN`` or ``RUN/model``); a catalogue name (``stamp-v1-gene``;
+        ``stamp-v1`` gives its gene encoder) or Hub repo id is turned into a folder by the factory
+        (the one lazy hook from a model class up to :mod:`stamp.factory`; the class knows no names).
+        The folder's config sizes and weight shapes are checked before anything is allocated."""
+        from stamp.factory import model_source_for_class
 
-        source = registry_path(pretrained_model_name_or_path, component="gene", **kwargs)
-        return super().from_pretrained(source, *args, **kwargs)
+        folder = model_source_for_class(pretrained_model_name_or_path, component="gene", **kwargs)
+        check_pretrained_folder(folder, lambda cfg: cls(StampConfig.from_dict(cfg)))
+        return super().from_pretrained(folder, *args, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -247,8 +251,33 @@ class StampGeneEncoder(
         return self.pool(self.forward(input_ids), input_ids)
 
 
-def create_model(name_or_path: Union[str, Path, StampConfig], **overrides) -> StampGeneEncoder:
-    """The one model factory: a preset name, a config JSON file, a StampConfig, or a saved model.
+def check_pretrained_folder(folder: Union[str, Path], build) -> None:
+    """Refuse a model folder whose ``config.json`` is not JSON, asks for absurd sizes, or does not match
+    the tensor shapes in ``model.safetensors`` - all before anything is allocated (``build(config)``
+    runs on the ``meta`` device)."""
+    from stamp.safety import check_parameter_count, check_shapes, meta_shapes, read_json_config, safetensors_shapes
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        return  # the mixin names the missing file
+    cfg = read_json_config(folder / "config.json")
+    cfg = cfg["config"] if isinstance(cfg.get("config"), dict) else cfg
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise ModelConfigError(f"{folder}: no model.safetensors beside config.json; the model folder is incomplete "
+                               "(save it again, or re-download it)")
+    found = safetensors_shapes(weights)
+    try:
+        with torch.device("meta"):
+            model = build(cfg)
+    except (TypeError, ValueError) as exc:
+        raise ModelConfigError(f"{folder / 'config.json'}: not a config of this model ({exc})") from None
+    check_parameter_count(sum(p.numel() for p in model.parameters()), str(folder / "config.json"))
+    check_shapes(meta_shapes(model), found, str(folder))
+
+
+def create_gene_encoder(name_or_path: Union[str, Path, StampConfig], **overrides) -> StampGeneEncoder:
+    """A gene encoder from a preset name, a config JSON file, a StampConfig, or a saved model.
 
     Presets and config files give a randomly initialised encoder (seed with
     ``torch.manual_seed`` first); a folder holding ``model.safetensors`` (e.g. ``RUN/model``)
@@ -273,6 +302,11 @@ def create_model(name_or_path: Union[str, Path, StampConfig], **overrides) -> St
     return StampGeneEncoder(cfg)
 
 
+# The earlier name, kept for its callers (training, tests); ``stamp.create_model`` is the zoo's
+# factory (:func:`stamp.factory.create_pretrained_model`), a different function.
+create_model = create_gene_encoder
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -281,6 +315,8 @@ __all__ = [
     "StampConfig",
     "StampGeneEncoder",
     "create_model",
+    "create_gene_encoder",
+    "check_pretrained_folder",
     "load_config",
     "preset_names",
     "count_parameters",

@@ -23,6 +23,7 @@ from torch import nn
 from stamp.alignment import AlignLosses, alignment_losses
 from stamp.errors import ModelConfigError
 from stamp.model import StampConfig, StampGeneEncoder
+from stamp.cards import stamp_model_card, write_stamp_model_card  # noqa: F401  (re-exported)
 from stamp.vision import ImageTransform, VisionConfig, VisionEncoder, load_vision_config, to_pixels
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
@@ -91,12 +92,12 @@ class StampModel(
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path], *args, **kwargs) -> "StampModel":
         """A registry name (``stamp-v1``, see ``stamp models``), a local model folder (``RUN`` or
         ``RUN/model``) or a Hub repo id."""
-        from stamp.registry import registry_path
+        from stamp.factory import model_source_for_class  # the one lazy hook up to the factory
+        from stamp.model import check_pretrained_folder
 
-        pretrained_model_name_or_path = registry_path(pretrained_model_name_or_path, component="full", **kwargs)
-        path = Path(str(pretrained_model_name_or_path)).expanduser()
-        if path.is_dir() and (path / "model" / "config.json").is_file():
-            pretrained_model_name_or_path = str(path / "model")
+        pretrained_model_name_or_path = model_source_for_class(pretrained_model_name_or_path, component="full",
+                                                               **kwargs)
+        check_pretrained_folder(pretrained_model_name_or_path, lambda cfg: cls(StampModelConfig(**cfg)))
         kwargs.setdefault("strict", True)  # a missing or unexpected tensor is an error, never a silent default
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
@@ -198,101 +199,6 @@ def create_stamp_model(gene_encoder: StampGeneEncoder, vision_encoder: VisionEnc
         setattr(model, name, fresh)
     model.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
     return model
-
-
-def stamp_model_card(info: dict, config: dict) -> str:
-    """Markdown card (HF YAML header + sections) for an aligned StampModel, from the run info."""
-    from stamp.hub import card_rows, card_value
-
-    data = info.get("data", {})
-    vision = info.get("vision", {})
-    licenses = sorted({str(x) for x in data.get("licenses", []) if x})
-    header = ["---", "library_name: stamp", f"license: {info.get('license', 'other')}", "tags:",
-              "- spatial-transcriptomics", "- visium", "- pathology", "- stamp", "- image-gene-alignment",
-              "- model_hub_mixin", "- pytorch_model_hub_mixin"]
-    datasets = sorted({s.get("data") for s in info.get("stages", []) if s.get("data") and "/" in str(s.get("data"))
-                       and not str(s.get("data")).startswith((".", "/"))})
-    if datasets:
-        header += ["datasets:"] + [f"- {x}" for x in datasets]
-    header.append("---")
-    stage_rows = "\n".join(
-        f"| {i + 1} | {s.get('stage')} | {s.get('steps')} | `{s.get('data')}` |"
-        f" {'yes' if s.get('generated') else 'no' if s.get('generated') is not None else '?'} |"
-        for i, s in enumerate(info.get("stages", [])))
-    train_rows = card_rows(info.get("train", {}))
-    metric_rows = card_rows(info.get("final_metrics", {}), "| (none) | |")
-    generated = (" **Some training data were generated (spavis.simulate), not measured.**"
-                 if any(s.get("generated") for s in info.get("stages", [])) else "")
-    gene = config.get("gene", {})
-    vis = config.get("vision", {})
-    body = f"""
-# STAMP (gene encoder aligned with a pathology image encoder)
-
-Spot expression and H&E patches embedded in one {config.get('embed_dim')}-dimensional space,
-trained with the `stamp` package (STAMP, arXiv:2602.13944): gene encoder
-({gene.get('num_layers')} layers, width {gene.get('hidden_size')}, pooling `{gene.get('pooling')}`) and vision
-encoder `{vis.get('arch')}` ({vis.get('name')} config; trunk weights at the start: `{vision.get('weights')}`),
-aligned with the patch-spot, region-spot, patch-region and cross-scale positioning losses.
-
-## Usage
-
-```python
-import numpy as np
-import scipy.sparse as sp
-import torch
-from PIL import Image
-from stamp import GeneTokenizer, StampModel
-from stamp.tokenizer import to_model_input_ids
-model = StampModel.from_pretrained("REPO_ID").eval()
-tokenizer = GeneTokenizer.from_pretrained("REPO_ID")
-patch = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))  # an H&E patch
-pixels = model.image_transform(patch)[None]         # resize {vis.get('img_size')}, ImageNet mean/std
-counts = sp.random(4, tokenizer.n_genes, density=0.05, format="csr", random_state=0) * 10  # spots x genes
-input_ids = to_model_input_ids(tokenizer.encode_csr(counts), tokenizer.pad_value, model.config.gene.context_length)
-with torch.no_grad():
-    image_embedding = model.encode_image(pixels)                     # (1, embed_dim), L2-normalised
-    gene_embedding = model.encode_gene(torch.from_numpy(input_ids))  # (4, embed_dim), L2-normalised
-```
-
-or `stamp embed --model REPO_ID --data SHARD_DIR --modality fused --out emb.parquet`
-(`--images FOLDER` for plain image files).
-
-## Training stages
-
-| # | stage | steps | data | generated |
-|---|---|---|---|---|
-{stage_rows}
-
-Alignment corpus: `{data.get('source', '?')}` ({card_value(data.get('n_spots', '?'))} paired spots,
-{card_value(data.get('n_slides', '?'))} slides).{generated} Data licenses:
-{', '.join(licenses) if licenses else 'see the corpus card'}. Vision trunk frozen:
-{vision.get('trunk_frozen')}; gene encoder frozen: {info.get('gene_frozen')}.
-
-| setting | value |
-|---|---|
-{train_rows}
-
-## Metrics (last logged step)
-
-| metric | value |
-|---|---|
-{metric_rows}
-
-## Intended use and limitations
-
-Research use: retrieval between H&E patches and spot expression, image features that carry
-molecular signal, fused embeddings for domain annotation. Not for clinical decisions. The
-image encoder's starting weights may carry their own terms (UNI: MahmoodLab's licence);
-weights are derived from the training data, whose licenses are listed above.
-"""
-    return "\n".join(header) + "\n" + body.lstrip("\n")
-
-
-def write_stamp_model_card(model_dir, info: dict) -> Path:
-    """Write ``model_dir/README.md`` from run info and ``model_dir/config.json`` (atomically)."""
-    from stamp.hub import write_model_card
-
-    return write_model_card(model_dir, info, render=stamp_model_card)
 
 
 __all__ = ["StampModel", "StampModelConfig", "create_stamp_model", "stamp_model_card", "write_stamp_model_card",
