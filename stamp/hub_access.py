@@ -73,21 +73,22 @@ def hub_error(repo_id: str, exc: BaseException, terms_url: str | None = None, *,
     if isinstance(exc, HFValidationError):
         return PretrainedError(f"{repo_id!r} is not a valid Hub repo id; use ORG/NAME")
     if isinstance(exc, GatedRepoError) or status == 403:
-        return PretrainedError(f"{repo_id} is gated: accept the terms at {page}, then `hf auth login` (or set HF_TOKEN) "
+        return PretrainedError(f"{repo_id} is gated: accept its terms at {page}, then `hf auth login` (or set HF_TOKEN) "
                                "with that account; offline, pass --weights FILE or a folder downloaded by hand")
     if isinstance(exc, RevisionNotFoundError):
         return PretrainedError(f"{repo_id} has no revision {revision!r} on the Hub; check --revision")
     if isinstance(exc, RepositoryNotFoundError) or status == 401:
-        return PretrainedError(f"{repo_id}: no such {repo_type} repository you can read; check the id, and if it is "
+        return PretrainedError(f"{repo_id}: {repo_type} repository not found (or not readable); check the id, and if it is "
                                f"gated or private accept its terms at {page} and `hf auth login`")
     if isinstance(exc, EntryNotFoundError):
         return PretrainedError(f"{repo_id}: the repo has no {filename or 'such file'}{_files_hint(repo_id, repo_type)}; "
                                "pass --weights FILE, or a catalogue overlay ($STAMP_REGISTRY) naming the right file")
     if isinstance(exc, LocalEntryNotFoundError):
         reason = ("offline mode (HF_HUB_OFFLINE=1) and not in the cache" if constants.HF_HUB_OFFLINE
-                  else f"the Hub ({constants.ENDPOINT}) cannot be reached")
-        return PretrainedError(f"{repo_id}: {reason}; connect or set HF_ENDPOINT, or pass a local folder / "
-                               "--weights FILE downloaded by hand")
+                  else "the Hub cannot be reached")
+        return PretrainedError(f"{repo_id}: not a local folder and cannot be fetched from {constants.ENDPOINT} "
+                               f"({reason}); connect or set HF_ENDPOINT, or pass a local folder / --weights FILE "
+                               "downloaded by hand")
     if isinstance(exc, HfHubHTTPError):
         return PretrainedError(f"{repo_id}: the Hub answered HTTP {status}; retry later or check HF_ENDPOINT")
     return PretrainedError(f"{repo_id}: download failed ({type(exc).__name__}: {str(exc)[:160]}); check the "
