@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+
+import numpy as np
 from pathlib import Path
 from typing import Any
 
@@ -369,6 +371,44 @@ def load_image_weights(module, entry: ModelEntry, weights: Path, where: str, rep
 
 
 
+def load_transformers_weights(module, entry: ModelEntry, weights: Path, where: str):
+    """transformers' own ``from_pretrained`` on the weights' folder (it knows its checkpoint key
+    renames), after the checks it lacks: the folder's config (sizes already bounded) must not ask for
+    more parameters than the weights hold, and no tensor of the architecture may stay missing."""
+    from stamp.foundation import HFImageEncoder
+
+    folder = weights.parent
+    if not (folder / "config.json").is_file():
+        raise PretrainedError(f"{weights}: a transformers model needs its config.json beside the weights; pass "
+                              "the folder downloaded from " + entry.page)
+    shapes, _ = _header_shapes(weights)
+    held = sum(int(np.prod(s)) for s in shapes.values())
+    wanted = sum(p.numel() for p in module.parameters())
+    if wanted > held:
+        raise ModelConfigError(f"{where}: config.json asks for {wanted:,} parameters but {weights.name} holds "
+                               f"{held:,}; the config.json does not match the weights")
+    import transformers
+
+    cls = _hf_class(entry)
+    kw = dict(entry.architecture.get("kwargs", {}))
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # unexpected keys (a CLIP text tower) are reported below
+    try:
+        model, info = cls.from_pretrained(str(folder), output_loading_info=True,
+                                          use_safetensors=weights.suffix == ".safetensors", **kw)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelConfigError(f"{where}: transformers cannot load {weights.name} "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
+    if missing or info.get("mismatched_keys"):
+        raise ModelConfigError(f"{where}: {len(missing)} tensor(s) of {entry.architecture['class']} missing from "
+                               f"{weights.name} (first: {(missing or info['mismatched_keys'])[0]}); wrong weights "
+                               "for this entry")
+    return HFImageEncoder(model, entry.pooling or "cls").eval()
+
+
 def _weights_source(entry: ModelEntry, weights: str | os.PathLike | None, revision: str | None,
                     token: str | None) -> tuple[Path, dict | None, str | None, str]:
     """(weights file, repo config.json dict or None, Hub revision, where) for an image entry."""
@@ -417,7 +457,10 @@ def load_image_entry(entry: ModelEntry, *, weights: str | os.PathLike | None = N
 
     wfile, cfg, rev, where = _weights_source(entry, weights, revision, token)
     module = build_image_encoder(entry, cfg, meta=True, where=where)
-    module = load_image_weights(module, entry, wfile, where, cfg)
+    if entry.library == "transformers":
+        module = load_transformers_weights(module, entry, wfile, where)
+    else:
+        module = load_image_weights(module, entry, wfile, where, cfg)
     pre = dict(entry.preprocessing or {})
     transform = ImagePreprocess(**pre)
     prov = Provenance(name=entry.name, source=source or entry.name, hub_id=entry.hub_id,

@@ -80,15 +80,15 @@ def hub_error(repo_id: str, exc: BaseException, terms_url: str | None = None, *,
     if isinstance(exc, RepositoryNotFoundError) or status == 401:
         return PretrainedError(f"{repo_id}: {repo_type} repository not found (or not readable); check the id, and if it is "
                                f"gated or private accept its terms at {page} and `hf auth login`")
-    if isinstance(exc, EntryNotFoundError):
-        return PretrainedError(f"{repo_id}: the repo has no {filename or 'such file'}{_files_hint(repo_id, repo_type)}; "
-                               "pass --weights FILE, or a catalogue overlay ($STAMP_REGISTRY) naming the right file")
     if isinstance(exc, LocalEntryNotFoundError):
         reason = ("offline mode (HF_HUB_OFFLINE=1) and not in the cache" if constants.HF_HUB_OFFLINE
                   else "the Hub cannot be reached")
         return PretrainedError(f"{repo_id}: not a local folder and cannot be fetched from {constants.ENDPOINT} "
                                f"({reason}); connect or set HF_ENDPOINT, or pass a local folder / --weights FILE "
                                "downloaded by hand")
+    if isinstance(exc, EntryNotFoundError):
+        return PretrainedError(f"{repo_id}: the repo has no {filename or 'such file'}{_files_hint(repo_id, repo_type)}; "
+                               "pass --weights FILE, or a catalogue overlay ($STAMP_REGISTRY) naming the right file")
     if isinstance(exc, HfHubHTTPError):
         return PretrainedError(f"{repo_id}: the Hub answered HTTP {status}; retry later or check HF_ENDPOINT")
     return PretrainedError(f"{repo_id}: download failed ({type(exc).__name__}: {str(exc)[:160]}); check the "
@@ -136,14 +136,15 @@ def snapshot(repo_id: str, *, revision: str | None = None, token: str | None = N
 
 def first_file(repo_id: str, filenames: list[str], **kwargs: Any) -> Path:
     """The first of ``filenames`` the repo holds (e.g. model.safetensors, then pytorch_model.bin)."""
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     last: PretrainedError | None = None
     for name in filenames:
         try:
             return download_file(repo_id, name, **kwargs)
         except PretrainedError as exc:
-            if not isinstance(exc.__context__, EntryNotFoundError) and "has no" not in str(exc):
+            cause = exc.__context__
+            if not isinstance(cause, EntryNotFoundError) or isinstance(cause, LocalEntryNotFoundError):
                 raise
             last = exc
     raise PretrainedError(f"{repo_id}: holds none of {', '.join(filenames)}{_files_hint(repo_id, 'model')}; pass "

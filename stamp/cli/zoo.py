@@ -74,6 +74,26 @@ def register(app) -> None:
         out = set_means(name, file)
         err_console.print(f"means for {name} kept in {out}; --model {name} needs no --means from now on")
 
+    @models_app.command("load")
+    @friendly_errors
+    def load_cmd(
+        source: str = typer.Argument(..., help="Catalogue name, run / model folder or Hub repo id."),
+        weights: Optional[Path] = typer.Option(None, "--weights", help="Weights file or folder downloaded by hand "
+                                                                       "(gated or offline use)."),
+        means: Optional[Path] = typer.Option(None, "--means", help="Released gene means file (if not set once)."),
+        kind: Optional[str] = typer.Option(None, "--kind", help="image or gene: one side of an aligned model."),
+        revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision."),
+    ) -> None:
+        """Load a model once (download, convert, check strictly) and print what it is as JSON."""
+        import json
+
+        from stamp.factory import load
+
+        enc = load(source, device="cpu", means=means, kind=kind, weights=weights, revision=revision)
+        print(json.dumps({"name": enc.name, "kind": enc.kind, "embed_dim": enc.embed_dim,
+                          "transform": repr(enc.transform) if enc.transform is not None else None,
+                          "provenance": enc.provenance.to_dict()}, indent=1))
+
     app.add_typer(models_app, name="models")
 
     @app.command("convert")
