@@ -79,13 +79,14 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
         try:
             obj = _torch_load(path)
         except pickle.UnpicklingError as exc:
-            detail = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            detail = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(exc))
             if detail is None:
                 raise ConvertError(f"{path}: not a PyTorch checkpoint (or a corrupt one): the unpickler cannot read "
                                    "it; download it again") from None
             raise ConvertError(
-                f"{path}: refusing to unpickle it: it holds {detail.group(1)}, not only tensors and plain containers, "
-                "and loading it would run code from the file. If you trust the file, re-save only its weights "
+                f"{path}: refusing to unpickle it: it holds Python code ({detail.group(1)}), not only tensors and "
+                "plain containers; it was NOT loaded (loading it would run that code). If you trust the file, re-save "
+                "only its weights "
                 "(torch.save(torch.load(f, weights_only=False)['state_dict'], 'weights.bin')) and convert that"
             ) from None
         except Exception as exc:

@@ -173,7 +173,7 @@ def load_torch_weights(path: str | os.PathLike) -> Any:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as exc:
-        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        code = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(exc))
         if code is not None:
             raise ModelConfigError(
                 f"{path}: holds Python code ({code.group(1)}), not only tensors; it was NOT loaded (loading it "
