@@ -596,3 +596,37 @@ def test_cli_convert_from_hub_repo_id(released, tmp_path, monkeypatch):
     with torch.no_grad():
         got = StampGeneEncoder.from_pretrained(str(tmp_path / "g")).eval().embed(ids)
         torch.testing.assert_close(got, ref.spot_backbone.features(ids), rtol=0, atol=1e-5)
+
+
+def test_means_set_once_serve_every_later_load(released, means_file, stamp_v1_paired_corpus, tmp_path, monkeypatch):
+    """`stamp models set-means stamp-v1 FILE` once: stamp.load, embed_corpus and load_tokenizer of both
+    entries then need no means; the tokens equal those from the explicit file."""
+    from typer.testing import CliRunner
+
+    import stamp
+    from stamp.cli import app
+    from stamp.embed import embed_corpus
+
+    _, path = released
+    use_small_registry(tmp_path, monkeypatch)
+    monkeypatch.setenv("STAMP_CACHE", str(tmp_path / "stamp-cache"))
+    with stamp_repo_on_hub(tmp_path, monkeypatch, {"pytorch_model.bin": path}):
+        with pytest.raises(PretrainedError, match="stamp models set-means stamp-v1 FILE"):
+            stamp.load("stamp-v1-gene", device="cpu")
+        bad = tmp_path / "short.npy"
+        np.save(bad, np.ones(10))
+        res = CliRunner().invoke(app, ["models", "set-means", "stamp-v1", str(bad)])
+        assert res.exit_code == 1 and "short.npy" in res.output and "Traceback" not in res.output
+        res = CliRunner().invoke(app, ["models", "set-means", "stamp-v1", str(means_file)])
+        assert res.exit_code == 0, res.output
+        assert (tmp_path / "stamp-cache" / "means" / "stamp-v1.npy").is_file()
+        gene = stamp.load("stamp-v1-gene", device="cpu")
+        full = stamp.load("stamp-v1", device="cpu")
+        assert (gene.kind, full.kind) == ("gene", "aligned") and full.tokenizer is not None
+        explicit = load_tokenizer(resolve_pretrained("stamp-v1-gene"), means_file)
+        np.testing.assert_array_equal(gene.tokenizer.means, explicit.means)
+        out = embed_corpus("stamp-v1-gene", stamp_v1_paired_corpus, tmp_path / "e.parquet", device="cpu",
+                           progress=False)
+        assert out.is_file()
+        rows = json.loads(CliRunner().invoke(app, ["models", "--json", "--kind", "gene"]).output)
+        assert {r["name"]: r.get("means") for r in rows}["stamp-v1-gene"] == "set"
