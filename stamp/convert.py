@@ -503,7 +503,7 @@ The code that converted and loads it (`stamp`) is BSD-3-Clause.
 
 ## Usage
 
-The tokenizer follows the released rules (`mode="stamp-v1"`: ranked gene ratios against the
+The tokenizer follows the released rules (`mode="released"`: ranked gene ratios against the
 released per-gene means, up to 4,096 tokens, the model reads 1,500). The released means file
 (`Visium_mean.npy`, {entry.tokenizer.get('means', '')}) {means_note}.
 

@@ -26,7 +26,9 @@ from torch import nn
 from stamp.constants import CLS_ID, MASK_ID, N_RESERVED, PAD_ID
 from stamp.errors import ModelConfigError
 
-POOLINGS = ("mean", "stamp-v1")
+RELEASED_POOLING = "released"  # the released STAMP pooling (was "stamp-v1"; that value is still read)
+POOLINGS = ("mean", RELEASED_POOLING)
+LEGACY_POOLINGS = {"stamp-v1": RELEASED_POOLING}
 
 
 @dataclass
@@ -34,7 +36,8 @@ class StampConfig:
     """Hyper-parameters of :class:`StampGeneEncoder` (serialized as the repo's ``config.json``).
 
     ``pooling``: ``"mean"`` (default) averages the last layer over non-pad positions;
-    ``"stamp-v1"`` reproduces the released STAMP code, which averages positions 3..end of
+    ``"released"`` (``"stamp-v1"`` in configs written before the rename) reproduces the released
+    STAMP code, which averages positions 3..end of
     the last layer *including* padding (kept for comparisons with the authors' numbers).
     """
 
@@ -53,6 +56,9 @@ class StampConfig:
     pad_token_id: int = PAD_ID
     cls_token_id: int = CLS_ID
     heads: bool = True  # False: inference-only encoder without the IGR/CGR heads (converted releases)
+
+    def __post_init__(self) -> None:
+        self.pooling = LEGACY_POOLINGS.get(self.pooling, self.pooling)  # old run folders stay loadable
 
     @property
     def vocab_size(self) -> int:
@@ -239,7 +245,7 @@ class StampGeneEncoder(
     def pool(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Spot embedding from last-layer states; all-PAD spots get a zero vector."""
         input_ids = torch.as_tensor(input_ids)[:, : hidden.shape[1]].to(hidden.device)
-        if self.config.pooling == "stamp-v1":
+        if self.config.pooling == RELEASED_POOLING:
             return hidden[:, 3:].float().mean(dim=1)
         valid = (input_ids != self.config.pad_token_id).unsqueeze(-1).to(hidden.dtype)
         total = (hidden * valid).float().sum(dim=1)

@@ -138,8 +138,8 @@ def test_registry_entries_are_complete():
     assert (full.component, gene.component) == ("full", "gene")
     assert full.format == gene.format == "stamp-released" and full.hub_id == "minghaofdu/STAMP"
     assert full.gated and "huggingface.co/minghaofdu/STAMP" in full.terms_url and "@" in full.citation
-    assert full.gene_config == gene.gene_config and full.gene_config["pooling"] == "stamp-v1"
-    assert full.tokenizer["mode"] == "stamp-v1" and full.tokenizer["vocabulary"] == "stamp-v1"
+    assert full.gene_config == gene.gene_config and full.gene_config["pooling"] == "released"
+    assert full.tokenizer["mode"] == "released" and full.tokenizer["vocabulary"] == "stamp-v1"
     with pytest.raises(PretrainedError, match="known: .*stamp-v1"):
         get_pretrained("stamp-v2")
 
@@ -206,7 +206,7 @@ def test_lightning_wrapper_and_module_prefix_gene_only(released, tmp_path):
     reasons = {u["reason"] for u in report.unused}
     assert any("image encoder" in r for r in reasons)
     enc = StampGeneEncoder.from_pretrained(str(tmp_path / "gene")).eval()
-    assert enc.mlm_head is None and enc.config.pooling == "stamp-v1"
+    assert enc.mlm_head is None and enc.config.pooling == "released"
     ids = torch.randint(30, N_TOKENS, (4, 64), generator=torch.Generator().manual_seed(2))
     ids[1, 30:] = 0
     with torch.no_grad():
