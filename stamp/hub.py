@@ -8,13 +8,10 @@ or passed in; they are never printed or written anywhere.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from spavis.format.io import atomic_write_text
-from stamp.constants import RUN_INFO
 from stamp.errors import PublishError
 
 # Re-exported for callers of the earlier layout: cards live in stamp.cards, Hub reads in

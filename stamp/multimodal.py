@@ -13,7 +13,7 @@ annotation at class creation to (de)serialise the config.
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F
