@@ -195,3 +195,12 @@ def test_models_table_json_and_kind(tmp_path):
     assert (uni["dim"], uni["gated"], uni["commercial"], uni["cached"]) == (1024, "yes", "no", "no")
     res = stamp("models", env={"HF_HOME": str(tmp_path / "hf")})
     assert res.returncode == 0 and "prov-gigapath" in res.stdout and "conch" in res.stderr
+
+
+def test_publish_to_an_invalid_repo_id_says_the_id_is_invalid(gene_folder):
+    from stamp.errors import PublishError
+    from stamp.hub import publish
+
+    with pytest.raises(PublishError, match=r"'org/bad\.\.name' is not a valid Hub repo id") as err:
+        publish(gene_folder, "org/bad..name", token="hf_x")
+    assert "network" not in str(err.value)
