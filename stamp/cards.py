@@ -2,8 +2,8 @@
 
 * :func:`model_card`: a pretrained gene encoder (``stamp pretrain``);
 * :func:`stamp_model_card`: an aligned StampModel (``stamp pretrain --stage align``);
-* ``stamp.convert.converted_model_card`` renders a converted release from its catalogue entry
-  and re-uses :func:`card_rows` / :func:`card_value` from here.
+* :func:`converted_model_card`: a converted STAMP release, from its catalogue entry and the
+  conversion's mapping report.
 
 No model class, no torch: cards are written from the run's ``run.json`` and ``config.json``.
 """
@@ -240,5 +240,114 @@ def write_stamp_model_card(model_dir, info: dict) -> Path:
     return write_model_card(model_dir, info, render=stamp_model_card)
 
 
+def converted_model_card(entry: Any, report: Any = None, *, has_means: bool = False,
+                         load_name: str | None = None) -> str:
+    """README.md of a converted release: HF metadata, provenance, training, usage that runs as written."""
+    load_name = load_name or entry.name
+    full = entry.component == "full"
+    tags = ["stamp", "spatial-transcriptomics", "visium", "gene-encoder"] + (
+        ["pathology", "image-gene-alignment", "vision"] if full else [])
+    header = ["---", "library_name: stamp", f"license: {entry.license}"]
+    if entry.license_name:
+        header.append(f"license_name: {entry.license_name}")
+        header.append(f"license_link: {entry.terms_url}")
+    header += ["tags:"] + [f"- {t}" for t in tags]
+    header += [f"base_model: {entry.hub_id}", "---", ""]
+    cls = "StampModel" if full else "StampGeneEncoder"
+    means_arg = "" if has_means else ', means="Visium_mean.npy"'
+    usage_py = [
+        "```python",
+        "import torch",
+        "import scipy.sparse as sp",
+        f"from stamp import {cls}, load_tokenizer",
+        "from stamp.tokenizer import to_model_input_ids",
+        f'model = {cls}.from_pretrained("{load_name}").eval()',
+        f'tokenizer = load_tokenizer("{load_name}"{means_arg})',
+        "counts = sp.random(4, tokenizer.n_genes, density=0.05, format=\"csr\", random_state=0) * 10  # spots x genes",
+        "ids = to_model_input_ids(tokenizer.encode_csr(counts), tokenizer.pad_value, "
+        + ("model.config.gene.context_length)" if full else "model.config.context_length)"),
+        "with torch.no_grad():",
+    ]
+    if full:
+        usage_py += [
+            "    gene = model.encode_gene(torch.from_numpy(ids).long())      # (4, 512), L2-normalised",
+            "    pixels = model.pixels(torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8))",
+            "    image = model.encode_image(pixels)                          # (2, 512), L2-normalised",
+        ]
+    else:
+        usage_py += ["    emb = model.embed(torch.from_numpy(ids).long())  # (4, 512) pooled last layer"]
+    usage_py.append("```")
+    cli = (f"stamp embed --model {load_name} --data SHARDS --modality fused --means Visium_mean.npy --out emb.parquet"
+           if full else f"stamp embed --model {load_name} --data SHARDS --means Visium_mean.npy --out emb.parquet")
+    g = entry.gene_config
+    means_note = "is included here" if has_means else "is not redistributable: download it yourself and pass it"
+    mapped = len(report.mapped) if report else "?"
+    unused = len(report.unused) if report else "?"
+    n_src = report.n_source if report else "?"
+    sha = report.source_sha256 if report and report.source_sha256 else "?"
+    body = f"""# {entry.name}: {'STAMP (gene + pathology image encoders)' if full else 'STAMP gene encoder'}, converted
+
+{entry.description}
+
+This folder was **converted** by `stamp convert` from the authors' release
+[`{entry.hub_id}`]({entry.terms_url}) (`{entry.file}`, sha256 `{sha}`): {n_src} released
+tensors, {mapped} mapped into this project's layout, {unused} deliberately unused (listed with
+their reasons in `conversion.json`). The conversion is tested to reproduce the authors' forward
+pass (gene and image embeddings equal within 1e-5 in float32 on CPU).
+
+## Terms and license
+
+{entry.license_note} Terms page: {entry.terms_url}.
+The code that converted and loads it (`stamp`) is BSD-3-Clause.
+
+## Usage
+
+The tokenizer follows the released rules (`mode="released"`: ranked gene ratios against the
+released per-gene means, up to 4,096 tokens, the model reads 1,500). The released means file
+(`Visium_mean.npy`, {entry.tokenizer.get('means', '')}) {means_note}.
+
+{chr(10).join(usage_py)}
+
+Command line: `{cli}`
+
+## Architecture
+
+- gene encoder: {g.get('num_layers')} post-LN Transformer layers, width {g.get('hidden_size')},
+  {g.get('n_genes')} genes + {g.get('n_reserved')} reserved ids, context {g.get('context_length')};
+  pooling `{g.get('pooling')}` (the released one: last layer, mean over positions 3..end, padding included)
+""" + (f"""- image encoder: timm `{(entry.vision_config or {}).get('arch')}` (UNI architecture) with the pretext token
+  inserted after CLS; pooled = CLS output; images 224 x 224, ImageNet mean/std
+- projections to {entry.embed_dim} (spot, patch, region, positioning) and the logit scale
+- channel order: the released inference cut patches with OpenCV and fed BGR-ordered pixels; this
+  conversion keeps that (`channel_order: bgr`): RGB images given to `image_transform` / `pixels`
+  are swapped as the authors did
+""" if full else "") + f"""
+## Training (by the authors)
+
+{entry.training}
+
+Data: {'; '.join(entry.datasets)}.
+
+## Evaluation
+
+No `stamp evaluate` results are recorded for this conversion; see the paper for the
+authors' numbers ({entry.paper}).
+
+## Intended use and limitations
+
+Research use (spot / patch embeddings, retrieval, clustering, linear probing). Not for clinical
+decisions. Trained on human Visium data; other technologies, species or gene panels need
+re-tokenization and may transfer poorly.
+
+## Citation
+
+```bibtex
+{entry.citation}
+```
+"""
+    return "\n".join(header) + body
+
+
+
 __all__ = ["CARD_NAME", "card_value", "card_rows", "model_card", "write_model_card", "stamp_model_card",
-           "write_stamp_model_card"]
+           "write_stamp_model_card", "converted_model_card"]

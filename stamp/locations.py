@@ -18,12 +18,17 @@ MODEL_SUBDIR = "model"
 CONVERTED_MARKER = "conversion.json"  # written last by stamp.convert: a folder without it is incomplete
 
 
-def resolve_model_dir(run_or_model: str | os.PathLike) -> Path:
-    """``RUN`` -> ``RUN/model``; a folder that already holds ``model.safetensors`` is itself."""
-    path = Path(run_or_model)
+def resolve_model_dir(run_or_model: str | os.PathLike, *, need_weights: bool = True) -> Path:
+    """THE function that finds a run's model folder: ``RUN`` -> ``RUN/model``; a folder that holds the
+    model files is itself. ``need_weights`` (default): ``config.json`` + ``model.safetensors`` must be
+    there (else one line saying how to get them); without it, the folder whose ``config.json`` exists
+    (or ``run_or_model`` itself) is returned unchecked, for loaders that name the missing file."""
+    path = Path(run_or_model).expanduser()
     for candidate in (path / MODEL_SUBDIR, path):
-        if (candidate / "model.safetensors").is_file() and (candidate / "config.json").is_file():
+        if (candidate / "config.json").is_file() and (not need_weights or (candidate / "model.safetensors").is_file()):
             return candidate
+    if not need_weights:
+        return path
     raise PublishError(
         f"{path}: no model folder (config.json + model.safetensors); run `stamp pretrain ... --out {path}` "
         "to completion first, or pass the model folder itself"
@@ -31,9 +36,8 @@ def resolve_model_dir(run_or_model: str | os.PathLike) -> Path:
 
 
 def model_folder_of(path: str | os.PathLike) -> Path:
-    """``RUN`` -> ``RUN/model`` when that holds a config, else ``path`` (no check of the weights)."""
-    path = Path(path).expanduser()
-    return path / MODEL_SUBDIR if (path / MODEL_SUBDIR / "config.json").is_file() else path
+    """``RUN`` -> ``RUN/model`` when that holds a config, else ``path`` (:func:`resolve_model_dir`, unchecked)."""
+    return resolve_model_dir(path, need_weights=False)
 
 
 def stamp_cache_root() -> Path:
