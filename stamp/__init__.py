@@ -7,9 +7,9 @@ __version__ = "0.1.0"
 # What users call, loaded on first use so `import stamp` stays fast (no torch until needed).
 _LAZY: dict[str, tuple[str, str]] = {
     "GeneTokenizer": ("stamp.tokenizer", "GeneTokenizer"),
-    "StampGeneEncoder": ("stamp.model", "StampGeneEncoder"),
-    "StampConfig": ("stamp.model", "StampConfig"),
-    "StampModel": ("stamp.multimodal", "StampModel"),
+    "StampGeneEncoder": ("stamp.gene_encoder", "StampGeneEncoder"),
+    "StampConfig": ("stamp.gene_encoder", "StampConfig"),
+    "StampModel": ("stamp.aligned_model", "StampModel"),
     "load": ("stamp.factory", "load"),
     "Encoder": ("stamp.encoder", "Encoder"),
     "list_pretrained": ("stamp.registry", "list_pretrained"),

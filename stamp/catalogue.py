@@ -3,7 +3,7 @@
 Layering (open_clip style; ``tests/test_layering_stamp.py`` keeps it):
 
     catalogue (this module: JSON + dataclasses)
-        <- model classes (stamp.model, stamp.vision, stamp.multimodal, stamp.foundation: know no names)
+        <- model classes (stamp.gene_encoder, stamp.vision, stamp.aligned_model, stamp.foundation: know no names)
         <- factory (stamp.factory: resolve -> create -> load; the only place mapping a name to a model)
         <- convert / publish (stamp.convert, stamp.hub) and the commands
 

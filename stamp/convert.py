@@ -332,7 +332,7 @@ def _meta_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 def gene_target(entry: PretrainedEntry):
     """(meta-device StampGeneEncoder, mapping rules) for a gene-only entry."""
-    from stamp.model import StampConfig, StampGeneEncoder
+    from stamp.gene_encoder import StampConfig, StampGeneEncoder
 
     cfg = StampConfig.from_dict(entry.gene_config)
     with torch.device("meta"):
@@ -342,8 +342,8 @@ def gene_target(entry: PretrainedEntry):
 
 def full_target(entry: PretrainedEntry):
     """(meta-device StampModel, mapping rules) for a full-model entry."""
-    from stamp.model import StampConfig
-    from stamp.multimodal import PROJECTIONS, StampModel, StampModelConfig
+    from stamp.gene_encoder import StampConfig
+    from stamp.aligned_model import PROJECTIONS, StampModel, StampModelConfig
     from stamp.vision import load_vision_config
 
     if not entry.vision_config:

@@ -11,7 +11,7 @@
   wrapped in an :class:`stamp.encoder.Encoder` with the entry's own preprocessing and pooling
   and its provenance (name, Hub id, revision, licence).
 
-Model classes (stamp.model, stamp.multimodal, stamp.vision, stamp.foundation) know no names;
+Model classes (stamp.gene_encoder, stamp.aligned_model, stamp.vision, stamp.foundation) know no names;
 ``StampGeneEncoder.from_pretrained("stamp-v1")`` still works through one lazy hook
 (:func:`model_source_for_class`), the only import from a model class up to this module.
 
@@ -484,7 +484,7 @@ def _load_stamp_folder(folder: Path, *, name: str, source: str, means: Any, kind
                       weights_sha256=_sha256(folder / "model.safetensors"))
     has_tok = (folder / "tokenizer_config.json").is_file()
     if isinstance(cfg.get("vision"), dict) and isinstance(cfg.get("gene"), dict):
-        from stamp.multimodal import StampModel
+        from stamp.aligned_model import StampModel
 
         net = StampModel.from_pretrained(str(folder))
         tokenizer = load_tokenizer(folder, means) if kind != "image" and has_tok else None
@@ -495,7 +495,7 @@ def _load_stamp_folder(folder: Path, *, name: str, source: str, means: Any, kind
                        input_size=net.config.vision.img_size).eval()
     if kind == "image":
         raise PretrainedError(f"{source}: a gene encoder has no image side; pick an image or aligned model")
-    from stamp.model import StampGeneEncoder
+    from stamp.gene_encoder import StampGeneEncoder
 
     net = StampGeneEncoder.from_pretrained(str(folder))
     tokenizer = load_tokenizer(folder, means)
@@ -594,8 +594,8 @@ def _converted_from_file(entry: ModelEntry, file: Path) -> Path:
 def create_pretrained_model(name_or_path: Any, **overrides: Any):
     """A catalogue name, Hub repo id or folder of this project's layout -> the right class with weights;
     a gene preset (``base``, ``tiny``) or config file -> a fresh :class:`StampGeneEncoder`
-    (``stamp.create_model``; not to be confused with :func:`stamp.model.create_gene_encoder`)."""
-    from stamp.model import StampGeneEncoder, create_gene_encoder
+    (``stamp.create_model``; not to be confused with :func:`stamp.gene_encoder.create_gene_encoder`)."""
+    from stamp.gene_encoder import StampGeneEncoder, create_gene_encoder
 
     text = str(name_or_path)
     if is_pretrained(text):
@@ -603,7 +603,7 @@ def create_pretrained_model(name_or_path: Any, **overrides: Any):
         if entry.library != "stamp":
             return load(text).module
         if entry.component == "full":
-            from stamp.multimodal import StampModel
+            from stamp.aligned_model import StampModel
 
             return StampModel.from_pretrained(text)
         return StampGeneEncoder.from_pretrained(text)
@@ -618,7 +618,7 @@ def create_pretrained_model(name_or_path: Any, **overrides: Any):
 
         config = read_json_config(folder / "config.json")
         if "gene" in config and "vision" in config:
-            from stamp.multimodal import StampModel
+            from stamp.aligned_model import StampModel
 
             return StampModel.from_pretrained(str(folder))
         return StampGeneEncoder.from_pretrained(str(folder))

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1] / "stamp"
 
 # (importer, imported): upward edges allowed on purpose, each a lazy import inside a function.
 ALLOWED_UPWARD = {
-    ("stamp.model", "stamp.factory"),  # StampGeneEncoder.from_pretrained(NAME): the name -> folder hook
-    ("stamp.multimodal", "stamp.factory"),  # StampModel.from_pretrained(NAME): same hook
+    ("stamp.gene_encoder", "stamp.factory"),  # StampGeneEncoder.from_pretrained(NAME): the name -> folder hook
+    ("stamp.aligned_model", "stamp.factory"),  # StampModel.from_pretrained(NAME): same hook
 }
 # Modules that must not import torch at module level (the catalogue is data).
 NO_TORCH = ("stamp.catalogue", "stamp.hub_access", "stamp.safety", "stamp.locations", "stamp.cards")
@@ -101,7 +101,8 @@ def test_no_import_cycle_inside_stamp():
 def test_model_classes_know_no_names():
     """Model classes import neither the catalogue, the Hub module nor the factory (but the one hook)."""
     edges = graph()
-    for cls_module in ("stamp.model", "stamp.multimodal", "stamp.vision", "stamp.foundation", "stamp.tokenizer.core"):
+    for cls_module in ("stamp.gene_encoder", "stamp.aligned_model", "stamp.vision", "stamp.foundation",
+                       "stamp.tokenizer.core"):
         upward = {d for d in edges[cls_module] if d in ("stamp.catalogue", "stamp.registry", "stamp.hub",
                                                         "stamp.factory", "stamp.convert")}
         assert upward <= {d for m, d in ALLOWED_UPWARD if m == cls_module}, (cls_module, upward)
@@ -114,3 +115,20 @@ def test_data_layers_import_no_torch_at_module_level():
         mods = {a.name for n in top if isinstance(n, ast.Import) for a in n.names} | {
             n.module for n in top if isinstance(n, ast.ImportFrom) and n.module}
         assert not {m for m in mods if m.split(".")[0] in ("torch", "timm", "transformers")}, name
+
+
+def test_old_module_names_are_the_new_modules():
+    """stamp.model / stamp.multimodal (earlier names) ARE stamp.gene_encoder / stamp.aligned_model."""
+    import stamp.aligned_model
+    import stamp.gene_encoder
+    import stamp.model
+    import stamp.multimodal
+    from stamp.model import StampGeneEncoder, create_model
+    from stamp.multimodal import PROJECTIONS, StampModel
+
+    assert stamp.model is stamp.gene_encoder and stamp.multimodal is stamp.aligned_model
+    assert StampGeneEncoder is stamp.gene_encoder.StampGeneEncoder and StampModel is stamp.aligned_model.StampModel
+    assert create_model is stamp.gene_encoder.create_gene_encoder and PROJECTIONS
+    from stamp import StampGeneEncoder as public, StampModel as public_model, create_model as zoo_create
+
+    assert public is StampGeneEncoder and public_model is StampModel and zoo_create is not create_model
