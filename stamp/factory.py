@@ -466,7 +466,10 @@ def load_image_entry(entry: ModelEntry, *, weights: str | os.PathLike | None = N
     prov = Provenance(name=entry.name, source=source or entry.name, hub_id=entry.hub_id,
                       revision=rev, license=entry.license_name or entry.license, commercial=entry.commercial,
                       weights_sha256=_sha256(wfile), extra={"library": entry.library, "pooling": entry.pooling})
-    return Encoder(module, kind="image", embed_dim=entry.embed_dim, provenance=prov, transform=transform,
+    dim = entry.embed_dim
+    if entry.extra.get("generic") and hasattr(module, "trunk"):  # no catalogue entry: the trunk says its width
+        dim = int(getattr(module.trunk, "num_features", dim))
+    return Encoder(module, kind="image", embed_dim=dim, provenance=prov, transform=transform,
                    image_fn=lambda px: module(px.to(next(module.parameters()).device)),
                    input_size=int(pre.get("crop", 224)))
 
@@ -516,7 +519,7 @@ def _generic_folder_entry(folder: Path, cfg: dict, source: str) -> ModelEntry | 
         pre = {"resize": int(size), "crop": int(size), "interpolation": pc.get("interpolation", "bicubic"),
                "mean": list(pc.get("mean", (0.485, 0.456, 0.406))), "std": list(pc.get("std", (0.229, 0.224, 0.225)))}
         data = dict(base, library="timm", architecture={"name": cfg["architecture"], "kwargs": {}},
-                    pooling="head", preprocessing=pre, embed_dim=int(cfg.get("num_features") or 1))
+                    pooling="head", preprocessing=pre, embed_dim=int(cfg.get("num_features") or 1), generic=True)
         return ModelEntry.from_dict(source, data, str(folder / "config.json"))
     return None
 

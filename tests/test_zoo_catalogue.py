@@ -222,3 +222,22 @@ def test_overlay_entry_is_validated_and_named(tmp_path, monkeypatch):
         get_pretrained("my-uni")
     text = one_line(err.value)
     assert str(overlay) in text and "my-uni" in text and "embed_dim" in text and "pretrained.json" not in text
+
+
+def test_timm_layout_folder_or_repo_without_catalogue_entry(hub, tmp_path):
+    """A timm hub-layout repo that is in no catalogue loads by repo id (its own config and preprocessing)."""
+    import timm
+
+    import stamp
+
+    files = timm_repo(tmp_path, "vit_small_patch16_224", {"num_classes": 0, **SMALL_VIT, "img_size": 64},
+                      {"input_size": [3, 64, 64], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                       "interpolation": "bicubic", "num_classes": 0})
+    hub.create_repo("someone/tiny-vit")
+    hub.add_files("someone/tiny-vit", files)
+    enc = stamp.load("someone/tiny-vit", device="cpu")
+    assert enc.kind == "image" and enc.embed_dim == SMALL_VIT["embed_dim"] and enc.input_size == 64
+    x = pixels_of(enc, images(2, size=80))
+    theirs = timm.create_model("hf-hub:someone/tiny-vit", pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(enc.encode_images(x), theirs(x), atol=1e-5, rtol=1e-5)
