@@ -60,7 +60,7 @@ def register(app) -> None:
             table.add_row(*(str(values.get(c, "")) for c in COLUMNS))
         Console(width=200).print(table)
         for name, why in catalogue_notes().items():
-            err_console.print(f"not included: {name}: {why}")
+            err_console.print(f"not in the zoo: {name}: {why}", soft_wrap=True)
 
     @models_app.command("set-means")
     @friendly_errors
