@@ -2,7 +2,7 @@
 
 Token ids: 0 MASK, 1 PAD, 2 CLS, 3..29 reserved, gene ``i`` of the vocabulary -> ``i + 30``
 (the layout of the released STAMP / Nicheformer encoders, so embedding tables are
-interchangeable). These are the *defaults* of :class:`stamp.model.StampConfig`; code that
+interchangeable). These are the *defaults* of :class:`stamp.gene_encoder.StampConfig`; code that
 has a model reads the ids from ``model.config`` (``mask_token_id``, ``pad_token_id``,
 ``cls_token_id``, ``n_reserved``), the tokenizer writes them into ``tokenizer_config.json``.
 

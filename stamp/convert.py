@@ -34,7 +34,10 @@ import torch
 
 from spavis.format.io import make_temp_dir, sha256_file
 from stamp.errors import StampError
-from stamp.registry import CONVERTED_MARKER, PretrainedEntry, get_pretrained, write_tokenizer_files
+from stamp.cards import converted_model_card  # noqa: F401  (re-exported: the card lives with the others)
+from stamp.catalogue import PretrainedEntry, get_pretrained, vocabulary
+from stamp.locations import CONVERTED_MARKER
+from stamp.tokenizer.io import MEANS_KEY, MEANS_REQUIRED_KEY
 
 SOURCE_FORMATS = ("stamp-released",)
 GENE_PREFIX = "spot_backbone."
@@ -77,13 +80,14 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
         try:
             obj = _torch_load(path)
         except pickle.UnpicklingError as exc:
-            detail = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            detail = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(exc))
             if detail is None:
                 raise ConvertError(f"{path}: not a PyTorch checkpoint (or a corrupt one): the unpickler cannot read "
                                    "it; download it again") from None
             raise ConvertError(
-                f"{path}: refusing to unpickle it: it holds {detail.group(1)}, not only tensors and plain containers, "
-                "and loading it would run code from the file. If you trust the file, re-save only its weights "
+                f"{path}: refusing to unpickle it: it holds Python code ({detail.group(1)}), not only tensors and "
+                "plain containers; it was NOT loaded (loading it would run that code). If you trust the file, re-save "
+                "only its weights "
                 "(torch.save(torch.load(f, weights_only=False)['state_dict'], 'weights.bin')) and convert that"
             ) from None
         except Exception as exc:
@@ -328,7 +332,7 @@ def _meta_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 def gene_target(entry: PretrainedEntry):
     """(meta-device StampGeneEncoder, mapping rules) for a gene-only entry."""
-    from stamp.model import StampConfig, StampGeneEncoder
+    from stamp.gene_encoder import StampConfig, StampGeneEncoder
 
     cfg = StampConfig.from_dict(entry.gene_config)
     with torch.device("meta"):
@@ -338,8 +342,8 @@ def gene_target(entry: PretrainedEntry):
 
 def full_target(entry: PretrainedEntry):
     """(meta-device StampModel, mapping rules) for a full-model entry."""
-    from stamp.model import StampConfig
-    from stamp.multimodal import PROJECTIONS, StampModel, StampModelConfig
+    from stamp.gene_encoder import StampConfig
+    from stamp.aligned_model import PROJECTIONS, StampModel, StampModelConfig
     from stamp.vision import load_vision_config
 
     if not entry.vision_config:
@@ -407,115 +411,36 @@ def convert_released(
         shutil.rmtree(tmp, ignore_errors=True)
     return report
 
-# ----------------------------------------------------------------------------- model card
-def converted_model_card(entry: PretrainedEntry, report: MappingReport | None = None, *, has_means: bool = False,
-                         load_name: str | None = None) -> str:
-    """README.md of a converted release: HF metadata, provenance, training, usage that runs as written."""
-    load_name = load_name or entry.name
-    full = entry.component == "full"
-    tags = ["stamp", "spatial-transcriptomics", "visium", "gene-encoder"] + (
-        ["pathology", "image-gene-alignment", "vision"] if full else [])
-    header = ["---", "library_name: stamp", f"license: {entry.license}"]
-    if entry.license_name:
-        header.append(f"license_name: {entry.license_name}")
-        header.append(f"license_link: {entry.terms_url}")
-    header += ["tags:"] + [f"- {t}" for t in tags]
-    header += [f"base_model: {entry.hub_id}", "---", ""]
-    cls = "StampModel" if full else "StampGeneEncoder"
-    means_arg = "" if has_means else ', means="Visium_mean.npy"'
-    usage_py = [
-        "```python",
-        "import torch",
-        "import scipy.sparse as sp",
-        f"from stamp import {cls}, load_tokenizer",
-        "from stamp.tokenizer import to_model_input_ids",
-        f'model = {cls}.from_pretrained("{load_name}").eval()',
-        f'tokenizer = load_tokenizer("{load_name}"{means_arg})',
-        "counts = sp.random(4, tokenizer.n_genes, density=0.05, format=\"csr\", random_state=0) * 10  # spots x genes",
-        "ids = to_model_input_ids(tokenizer.encode_csr(counts), tokenizer.pad_value, "
-        + ("model.config.gene.context_length)" if full else "model.config.context_length)"),
-        "with torch.no_grad():",
-    ]
-    if full:
-        usage_py += [
-            "    gene = model.encode_gene(torch.from_numpy(ids).long())      # (4, 512), L2-normalised",
-            "    pixels = model.pixels(torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8))",
-            "    image = model.encode_image(pixels)                          # (2, 512), L2-normalised",
-        ]
+def write_tokenizer_files(folder: str | os.PathLike, entry: PretrainedEntry,
+                          means: str | os.PathLike | None = None) -> None:
+    """Tokenizer files of a converted entry: vocab.json + tokenizer_config.json (+ the means when given).
+
+    The released means cannot be redistributed, so without ``means`` the folder records
+    ``means_required`` (and ``means_key``: which file ``stamp models set-means`` registers for it)
+    and ``stamp.factory.load_tokenizer`` finds the registered file or asks the user for it.
+    """
+    from stamp.tokenizer import CONFIG_FILE, MEANS_FILE, GeneTokenizer, load_means_file
+
+    folder = Path(folder)
+    spec = entry.tokenizer
+    gene_ids, symbols = vocabulary(spec["vocabulary"])
+    if means is not None:
+        values, source = load_means_file(means, len(gene_ids)), f"file:{Path(means).name}"
     else:
-        usage_py += ["    emb = model.embed(torch.from_numpy(ids).long())  # (4, 512) pooled last layer"]
-    usage_py.append("```")
-    cli = (f"stamp embed --model {load_name} --data SHARDS --modality fused --means Visium_mean.npy --out emb.parquet"
-           if full else f"stamp embed --model {load_name} --data SHARDS --means Visium_mean.npy --out emb.parquet")
-    g = entry.gene_config
-    means_note = "is included here" if has_means else "is not redistributable: download it yourself and pass it"
-    mapped = len(report.mapped) if report else "?"
-    unused = len(report.unused) if report else "?"
-    n_src = report.n_source if report else "?"
-    sha = report.source_sha256 if report and report.source_sha256 else "?"
-    body = f"""# {entry.name}: {'STAMP (gene + pathology image encoders)' if full else 'STAMP gene encoder'}, converted
+        import numpy as np
 
-{entry.description}
-
-This folder was **converted** by `stamp convert` from the authors' release
-[`{entry.hub_id}`]({entry.terms_url}) (`{entry.file}`, sha256 `{sha}`): {n_src} released
-tensors, {mapped} mapped into this project's layout, {unused} deliberately unused (listed with
-their reasons in `conversion.json`). The conversion is tested to reproduce the authors' forward
-pass (gene and image embeddings equal within 1e-5 in float32 on CPU).
-
-## Terms and license
-
-{entry.license_note} Terms page: {entry.terms_url}.
-The code that converted and loads it (`stamp`) is BSD-3-Clause.
-
-## Usage
-
-The tokenizer follows the released rules (`mode="stamp-v1"`: ranked gene ratios against the
-released per-gene means, up to 4,096 tokens, the model reads 1,500). The released means file
-(`Visium_mean.npy`, {entry.tokenizer.get('means', '')}) {means_note}.
-
-{chr(10).join(usage_py)}
-
-Command line: `{cli}`
-
-## Architecture
-
-- gene encoder: {g.get('num_layers')} post-LN Transformer layers, width {g.get('hidden_size')},
-  {g.get('n_genes')} genes + {g.get('n_reserved')} reserved ids, context {g.get('context_length')};
-  pooling `{g.get('pooling')}` (the released one: last layer, mean over positions 3..end, padding included)
-""" + (f"""- image encoder: timm `{(entry.vision_config or {}).get('arch')}` (UNI architecture) with the pretext token
-  inserted after CLS; pooled = CLS output; images 224 x 224, ImageNet mean/std
-- projections to {entry.embed_dim} (spot, patch, region, positioning) and the logit scale
-- channel order: the released inference cut patches with OpenCV and fed BGR-ordered pixels; this
-  conversion keeps that (`channel_order: bgr`): RGB images given to `image_transform` / `pixels`
-  are swapped as the authors did
-""" if full else "") + f"""
-## Training (by the authors)
-
-{entry.training}
-
-Data: {'; '.join(entry.datasets)}.
-
-## Evaluation
-
-No `stamp evaluate` results are recorded for this conversion; see the paper for the
-authors' numbers ({entry.paper}).
-
-## Intended use and limitations
-
-Research use (spot / patch embeddings, retrieval, clustering, linear probing). Not for clinical
-decisions. Trained on human Visium data; other technologies, species or gene panels need
-re-tokenization and may transfer poorly.
-
-## Citation
-
-```bibtex
-{entry.citation}
-```
-"""
-    return "\n".join(header) + body
+        values, source = np.ones(len(gene_ids)), "user-supplied (released means file, not redistributed)"
+    tok = GeneTokenizer(gene_ids, values, symbols=symbols, mode=spec["mode"], max_length=spec.get("max_length"),
+                        mean_source=source)
+    tok.save_pretrained(folder)
+    if means is None:
+        (folder / MEANS_FILE).unlink()
+        cfg = json.loads((folder / CONFIG_FILE).read_text())
+        cfg[MEANS_REQUIRED_KEY] = spec.get("means", True)
+        cfg[MEANS_KEY] = entry.full_entry or entry.name
+        (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 __all__ = ["ConvertError", "MappingReport", "load_state_dict", "map_state_dict", "gene_rules", "vision_rules",
-           "head_rules", "write_safetensors", "converted_model_card",
+           "head_rules", "write_safetensors", "converted_model_card", "write_tokenizer_files",
            "convert_released", "UNUSED", "SOURCE_FORMATS"]

@@ -8,223 +8,33 @@ or passed in; they are never printed or written anywhere.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from spavis.format.io import atomic_write_text
-from stamp.constants import RUN_INFO
 from stamp.errors import PublishError
 
-CARD_NAME = "README.md"
-
-
-def card_value(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def card_rows(values: dict, empty: str = "") -> str:
-    """``| key | value |`` Markdown table rows of a model card (floats to 4 significant digits)."""
-    return "\n".join(f"| {k} | {card_value(v)} |" for k, v in values.items()) or empty
-
-
-def _corpus_revision(data: dict) -> str:
-    """The Hub corpus commit the model was trained on (a line of the card), if it came from the Hub."""
-    if not data.get("hub_id") or not data.get("hub_revision"):
-        return ""
-    rev = data["hub_revision"]
-    return (f"\n- corpus revision: [`{data['hub_id']}@{rev}`](https://huggingface.co/datasets/{data['hub_id']}/tree/{rev})"
-            f" (`datasets.load_dataset(\"{data['hub_id']}\", revision=\"{rev}\")`)")
-
-
-def model_card(info: dict, config: dict) -> str:
-    """Markdown model card (HF YAML header + sections) from run info and the model config."""
-    data = info.get("data", {})
-    train = info.get("train", {})
-    metrics = info.get("final_metrics", {})
-    licenses = sorted({str(x) for x in data.get("licenses", []) if x})
-    license_id = info.get("license", "other")
-    header = [
-        "---",
-        "library_name: stamp",
-        f"license: {license_id}",
-        "tags:",
-        "- spatial-transcriptomics",
-        "- visium",
-        "- stamp",
-        "- gene-encoder",
-        "- model_hub_mixin",
-        "- pytorch_model_hub_mixin",
-    ]
-    if data.get("hub_id"):
-        header += ["datasets:", f"- {data['hub_id']}"]
-    header.append("---")
-    cfg_rows, train_rows, metric_rows = card_rows(config), card_rows(train), card_rows(metrics, "| (none) | |")
-    fraction = data.get("generated_fraction", 1.0 if data.get("generated") else 0.0) or 0.0
-    if fraction >= 1.0:
-        generated = " **The training data were generated (spavis.simulate), not measured.**"
-    elif fraction > 0.0:
-        generated = (f" **{fraction:.1%} of the training spots were generated (spavis.simulate), not measured;**"
-                     " the rest are measurements.")
-    else:
-        generated = ""
-    body = f"""
-# STAMP gene encoder ({info.get('stage', '?')} stage)
-
-A spatially-aware gene encoder for 10x Visium spots, trained with the `stamp` package
-(IGR{' + CGR' if info.get('stage') == 'spatial' else ''} objectives, see the STAMP paper,
-arXiv:2602.13944). Input: a spot's genes ranked by expression relative to each gene's
-non-zero mean (the bundled tokenizer files); output: one embedding per spot (mean of the
-last layer over non-pad positions).
-
-## Usage
-
-```python
-import scipy.sparse as sp
-import torch
-from stamp import GeneTokenizer, StampGeneEncoder
-from stamp.tokenizer import to_model_input_ids
-tokenizer = GeneTokenizer.from_pretrained("REPO_ID")
-model = StampGeneEncoder.from_pretrained("REPO_ID").eval()
-counts = sp.random(4, tokenizer.n_genes, density=0.05, format="csr", random_state=0) * 10  # spots x genes, raw counts
-input_ids = to_model_input_ids(tokenizer.encode_csr(counts), tokenizer.pad_value, model.config.context_length)
-embeddings = model.embed(torch.from_numpy(input_ids))  # (4, hidden_size)
-```
-
-or `stamp embed --model REPO_ID --data SHARD_DIR --out embeddings.parquet`.
-
-## Training data
-
-- corpus: `{data.get('source', '?')}` ({card_value(data.get('n_spots', '?'))} spots,
-  {card_value(data.get('n_slides', '?'))} slides, {card_value(data.get('n_genes', '?'))} genes){generated}{_corpus_revision(data)}
-- data licenses: {', '.join(licenses) if licenses else 'see the corpus card'}
-
-## Training
-
-- stage: {info.get('stage', '?')}; optimizer steps: {info.get('steps', '?')};
-  spots seen: {card_value(info.get('spots_seen', '?'))}; initialised from: {info.get('init') or 'random'}
-
-| setting | value |
-|---|---|
-{train_rows}
-
-## Metrics (last logged step)
-
-| metric | value |
-|---|---|
-{metric_rows}
-
-## Model config
-
-| field | value |
-|---|---|
-{cfg_rows}
-
-## Intended use and limitations
-
-Research use: spot embeddings for clustering, domain annotation, retrieval and as the gene
-side of image-gene alignment. Not for clinical decisions. Trained on human Visium data in
-the corpus above only; other technologies, species or gene panels need re-tokenization
-and may transfer poorly. Embeddings inherit the biases of the corpus composition (organs,
-conditions, labs).
-
-## License
-
-Weights: `{license_id}`. They are derived from the training data, whose licenses are
-listed above; check them before redistribution. Code: BSD-3-Clause (`stamp`).
-"""
-    return "\n".join(header) + "\n" + body.lstrip("\n")
-
-
-def write_model_card(model_dir: str | Path, info: dict, render: Callable[[dict, dict], str] = model_card) -> Path:
-    """Write ``model_dir/README.md`` from run info and ``model_dir/config.json`` (``render``: the card's
-    text from both; the gene encoder's :func:`model_card` unless given)."""
-    model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    path = model_dir / CARD_NAME
-    atomic_write_text(path, render(info, config))
-    return path
+# Re-exported for callers of the earlier layout: cards live in stamp.cards, Hub reads in
+# stamp.hub_access, name resolution in stamp.factory, the run's model folder in stamp.locations.
+from stamp.cards import (CARD_NAME, card_rows, card_value, model_card,  # noqa: E402,F401
+                         write_model_card)
+from stamp.hub_access import snapshot  # noqa: E402,F401
+from stamp.locations import resolve_model_dir  # noqa: E402,F401
 
 
 def looks_like_repo_id(text: str) -> bool:
-    """``ORG/NAME`` with Hub-legal characters (and not an existing local path)."""
-    import re
+    """``ORG/NAME`` that the Hub accepts (and not an existing local path): :func:`stamp.hub_access.is_repo_id`."""
+    from stamp.hub_access import is_repo_id
 
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}", text)) and not Path(text).exists()
-
-
-def snapshot(repo_id: str, *, revision: str | None = None, token: str | None = None,
-             cache_dir: str | os.PathLike | None = None, allow_patterns: list[str] | None = None) -> Path:
-    """A local snapshot of a Hub model repo, or :class:`ModelNotFoundError` at once.
-
-    One metadata request (``snapshot_download``; no retry loop, unlike per-file downloads
-    that retry for ~30 s when the network is down); ``HF_HUB_OFFLINE=1`` uses the cache only.
-    """
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    from stamp.errors import ModelNotFoundError
-
-    if not looks_like_repo_id(str(repo_id)):
-        raise ModelNotFoundError(
-            f"{repo_id!r} is neither a local model folder nor a Hub repo id (ORG/NAME); "
-            "check the path (a run folder, its model/ folder) or the repo id"
-        )
-    try:
-        return Path(snapshot_download(str(repo_id), repo_type="model", revision=revision, token=token,
-                                      cache_dir=cache_dir, allow_patterns=allow_patterns, etag_timeout=5))
-    except (RepositoryNotFoundError, GatedRepoError) as exc:
-        raise ModelNotFoundError(
-            f"{repo_id} is not a local folder and the Hub has no model repo of that name you can read "
-            f"({type(exc).__name__}); check the id, or log in (`hf auth login`) for a private repo"
-        ) from None
-    except RevisionNotFoundError:
-        raise ModelNotFoundError(f"{repo_id} has no revision {revision!r} on the Hub; check --revision") from None
-    except LocalEntryNotFoundError as exc:
-        cause = exc.__cause__ or exc.__context__
-        reason = "offline mode (HF_HUB_OFFLINE=1) and not in the cache" if constants.HF_HUB_OFFLINE else (
-            f"{type(cause).__name__}: {cause}" if cause else "the Hub cannot be reached")
-        raise ModelNotFoundError(
-            f"{repo_id} is not a local folder and cannot be fetched from {constants.ENDPOINT} ({reason}); "
-            "pass a local model folder, or check the network / HF_ENDPOINT"
-        ) from None
-    except HfHubHTTPError as exc:
-        status = getattr(getattr(exc, "response", None), "status_code", "?")
-        raise ModelNotFoundError(f"{repo_id}: the Hub answered HTTP {status}; check the id and your token") from None
+    return is_repo_id(text)
 
 
 def resolve_model_source(model: str | os.PathLike) -> Path:
-    """The local folder holding a model: ``RUN`` -> ``RUN/model``, a model folder, a registry name
-    (``stamp-v1``: converted once into the cache, see stamp.registry), or a Hub snapshot."""
-    path = Path(model)
-    if path.is_dir():
-        return resolve_model_dir(path)
-    from stamp.registry import is_pretrained, resolve_pretrained
+    """The local folder holding a model (``RUN`` -> ``RUN/model``, a folder, a catalogue name of this
+    project's layout, a Hub snapshot): :func:`stamp.factory.resolve_model_source`."""
+    from stamp.factory import resolve_model_source as resolve
 
-    if is_pretrained(str(model)):
-        return resolve_pretrained(str(model))
-    return snapshot(str(model))
-
-
-def resolve_model_dir(run_or_model: str | Path) -> Path:
-    """``RUN`` -> ``RUN/model``; a folder that already holds ``model.safetensors`` is itself."""
-    path = Path(run_or_model)
-    for candidate in (path / "model", path):
-        if (candidate / "model.safetensors").is_file() and (candidate / "config.json").is_file():
-            return candidate
-    raise PublishError(
-        f"{path}: no model folder (config.json + model.safetensors); run `stamp pretrain ... --out {path}` "
-        "to completion first, or pass the model folder itself"
-    )
+    return resolve(model)
 
 
 def _model_files(model_dir: Path) -> list[Path]:
@@ -324,6 +134,12 @@ def publish(
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    from stamp.hub_access import PretrainedError, check_repo_id
+
+    try:
+        check_repo_id(repo_id)
+    except PretrainedError as exc:
+        raise PublishError(str(exc).replace("is neither a local model folder nor", "is not")) from None
     model_dir = resolve_model_dir(run_or_model)
     card_path = model_dir / CARD_NAME
     if not card_path.is_file():

@@ -91,6 +91,12 @@ class VisionConfig:
             raise ModelConfigError("vision mean/std must hold 3 values (RGB)")
         if self.channel_order not in ("rgb", "bgr"):
             raise ModelConfigError(f"vision channel_order {self.channel_order!r} must be 'rgb' or 'bgr'")
+        if not isinstance(self.model_kwargs, dict):
+            raise ModelConfigError("vision model_kwargs must be a JSON object of timm keyword arguments")
+        from stamp.safety import check_config_sizes, check_timm_kwargs
+
+        check_timm_kwargs(self.model_kwargs, f"vision config {self.name!r}")  # only known keys reach timm
+        check_config_sizes({"img_size": self.img_size, "patch_size": self.patch_size}, f"vision config {self.name!r}")
         return self
 
     @classmethod
@@ -178,8 +184,11 @@ class VisionEncoder(nn.Module):
 
         self.config = load_vision_config(config)
         c = self.config
+        from stamp.safety import check_timm_kwargs
+
+        extra = check_timm_kwargs(c.model_kwargs, f"vision config {c.name!r}")
         kwargs: dict[str, Any] = dict(pretrained=False, img_size=c.img_size, patch_size=c.patch_size,
-                                      num_classes=0, dynamic_img_size=c.dynamic_img_size, **c.model_kwargs)
+                                      num_classes=0, dynamic_img_size=c.dynamic_img_size, **extra)
         if c.init_values is not None:
             kwargs["init_values"] = c.init_values
         if torch.empty(0).device.type == "meta" or _SKIP_INIT.get():  # weights come later: skip timm's init
@@ -304,50 +313,32 @@ def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file: safetensors, or a weights-only torch file (code is refused, named)."""
+    from stamp.safety import load_torch_weights, safetensors_shapes
+
     if not path.is_file():
         raise VisionWeightsError(f"{path}: no such weights file; pass a .safetensors (or .bin/.pth) file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # safetensors raises its own error types
-            raise VisionWeightsError(f"{path}: not a readable safetensors file ({exc}); re-download it") from exc
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise VisionWeightsError(
-            f"{path}: cannot be read safely as tensors ({type(exc).__name__}); only safetensors or "
-            "weights-only PyTorch files are accepted (convert it with safetensors)"
-        ) from exc
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            safetensors_shapes(path)  # a pickle / zip named .safetensors: one line saying what it is
+            return load_file(str(path))
+        state = load_torch_weights(path)
+    except ModelConfigError as exc:
+        raise VisionWeightsError(str(exc)) from None
+    if not isinstance(state, dict):
+        raise VisionWeightsError(f"{path}: holds a {type(state).__name__}, not a state dict (name -> tensor)")
+    return state
 
 
 def _download_hub(repo_id: str) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from stamp.hub_access import PretrainedError, first_file
 
-    last: Exception | None = None
-    for filename in ("model.safetensors", "pytorch_model.bin"):
-        try:
-            return Path(hf_hub_download(repo_id, filename))
-        except GatedRepoError:
-            raise VisionWeightsError(
-                f"{repo_id} is gated: accept its terms at https://huggingface.co/{repo_id} and log in "
-                "(`hf auth login` or HF_TOKEN), then retry"
-            ) from None
-        except EntryNotFoundError as exc:
-            last = exc
-        except (RepositoryNotFoundError, HfHubHTTPError) as exc:
-            status = getattr(getattr(exc, "response", None), "status_code", None)
-            if status in (401, 403) or isinstance(exc, RepositoryNotFoundError):
-                raise VisionWeightsError(
-                    f"{repo_id}: access refused (HTTP {status or 401}); it is gated: accept its terms at "
-                    f"https://huggingface.co/{repo_id} and log in (`hf auth login` or HF_TOKEN), then retry"
-                ) from None
-            raise VisionWeightsError(f"{repo_id}: download failed (HTTP {status}); check your network") from None
-        except Exception as exc:  # connection errors come in many types
-            raise VisionWeightsError(f"{repo_id}: download failed ({type(exc).__name__}: {exc})") from None
-    raise VisionWeightsError(f"{repo_id}: holds neither model.safetensors nor pytorch_model.bin ({last})")
+    try:
+        return first_file(repo_id, ["model.safetensors", "pytorch_model.bin"])
+    except PretrainedError as exc:
+        raise VisionWeightsError(str(exc)) from None
 
 
 def load_trunk_weights(encoder: VisionEncoder, source: Optional[str] = None) -> str:

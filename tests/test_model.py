@@ -131,3 +131,31 @@ def test_cgr_reads_the_batch_groups_not_row_order():
     assert not torch.allclose(pre(ids[perm], ids[perm], labels[perm], groups).cgr_loss, out.cgr_loss)
     with pytest.raises(ValueError, match="groups"):
         pre(ids, ids, labels, None)
+
+
+def test_run_folder_written_with_the_old_stamp_v1_names_still_loads(tmp_path):
+    """Issue 18: pooling / tokenizer mode "stamp-v1" are now "released"; folders written before read the same."""
+    import json
+
+    import numpy as np
+
+    from stamp.tokenizer import GeneTokenizer
+
+    m = _model(pooling="released")
+    m.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["pooling"] == "released"
+    cfg["pooling"] = "stamp-v1"  # as written by the earlier version
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    old = StampGeneEncoder.from_pretrained(str(tmp_path))
+    assert old.config.pooling == "released"
+    ids = torch.randint(30, 130, (3, 20))
+    assert torch.equal(old.embed(ids), m.embed(ids))
+    genes = [f"ENSG{i:011d}" for i in range(100)]
+    tok = GeneTokenizer(genes, np.full(100, 2.4), mode="stamp-v1")
+    assert tok.mode == "released" and tok.pad_value == 0 and tok.max_length == 4096
+    tok.save_pretrained(tmp_path / "tok")
+    saved = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    saved["mode"] = "stamp-v1"
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(saved))
+    assert GeneTokenizer.from_pretrained(tmp_path / "tok").mode == "released"

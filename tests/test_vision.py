@@ -147,7 +147,7 @@ def test_local_weights_file_loads_and_misfits_are_named(tmp_path):
         load_trunk_weights(dst, str(uni_like))
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    with pytest.raises(VisionWeightsError, match="not a readable safetensors"):
+    with pytest.raises(VisionWeightsError, match="not a safetensors file"):
         load_trunk_weights(dst, str(bad))
 
 

@@ -138,9 +138,9 @@ def test_registry_entries_are_complete():
     assert (full.component, gene.component) == ("full", "gene")
     assert full.format == gene.format == "stamp-released" and full.hub_id == "minghaofdu/STAMP"
     assert full.gated and "huggingface.co/minghaofdu/STAMP" in full.terms_url and "@" in full.citation
-    assert full.gene_config == gene.gene_config and full.gene_config["pooling"] == "stamp-v1"
-    assert full.tokenizer["mode"] == "stamp-v1" and full.tokenizer["vocabulary"] == "stamp-v1"
-    with pytest.raises(PretrainedError, match="known: stamp-v1"):
+    assert full.gene_config == gene.gene_config and full.gene_config["pooling"] == "released"
+    assert full.tokenizer["mode"] == "released" and full.tokenizer["vocabulary"] == "stamp-v1"
+    with pytest.raises(PretrainedError, match="known: .*stamp-v1"):
         get_pretrained("stamp-v2")
 
 
@@ -206,7 +206,7 @@ def test_lightning_wrapper_and_module_prefix_gene_only(released, tmp_path):
     reasons = {u["reason"] for u in report.unused}
     assert any("image encoder" in r for r in reasons)
     enc = StampGeneEncoder.from_pretrained(str(tmp_path / "gene")).eval()
-    assert enc.mlm_head is None and enc.config.pooling == "stamp-v1"
+    assert enc.mlm_head is None and enc.config.pooling == "released"
     ids = torch.randint(30, N_TOKENS, (4, 64), generator=torch.Generator().manual_seed(2))
     ids[1, 30:] = 0
     with torch.no_grad():
@@ -270,7 +270,9 @@ def test_from_pretrained_registry_name_via_gated_fake_hub(released, tmp_path, mo
     ref, path = released
     use_small_registry(tmp_path, monkeypatch)
     monkeypatch.setenv("STAMP_CACHE", str(tmp_path / "converted"))
-    assert get_pretrained("stamp-v1").row()["converted"] == "no"
+    from stamp.factory import is_cached
+
+    assert not is_cached(get_pretrained("stamp-v1"))
     files = {"pytorch_model.bin": path, "README.md": "# STAMP\n"}
     with stamp_repo_on_hub(tmp_path, monkeypatch, files, gated=True) as hub:
         with pytest.raises(PretrainedError, match=r"gated: accept its terms at https://huggingface.co/minghaofdu/STAMP"
@@ -285,7 +287,7 @@ def test_from_pretrained_registry_name_via_gated_fake_hub(released, tmp_path, mo
             torch.testing.assert_close(model.encode_image(pixels), ref.encode_image(pixels), rtol=0, atol=1e-5)
         converted = resolve_pretrained("stamp-v1", token=TOKEN)
         assert converted.is_relative_to(tmp_path / "converted")
-        assert get_pretrained("stamp-v1").row()["converted"] == "yes"
+        assert is_cached(get_pretrained("stamp-v1"))
         stamp_before = (converted / "model.safetensors").stat().st_mtime_ns
         StampModel.from_pretrained("stamp-v1", token=TOKEN)  # second load: reads the converted file
         assert (converted / "model.safetensors").stat().st_mtime_ns == stamp_before
@@ -555,7 +557,7 @@ def test_registry_file_missing_from_repo_names_what_is_there(released, tmp_path,
     _, path = released
     use_small_registry(tmp_path, monkeypatch)
     with stamp_repo_on_hub(tmp_path, monkeypatch, {"stamp_weights.ckpt": path}):
-        with pytest.raises(PretrainedError, match=r"expected file \(it holds: stamp_weights\.ckpt\).*STAMP_REGISTRY"):
+        with pytest.raises(PretrainedError, match=r"no pytorch_model\.bin \(it holds: stamp_weights\.ckpt\).*STAMP_REGISTRY"):
             resolve_pretrained("stamp-v1")
 
 
@@ -569,7 +571,7 @@ def test_concurrent_loads_convert_once(released, tmp_path, monkeypatch, caplog):
     use_small_registry(tmp_path, monkeypatch)
     monkeypatch.setenv("STAMP_CACHE", str(tmp_path / "converted"))
     with stamp_repo_on_hub(tmp_path, monkeypatch, {"pytorch_model.bin": path}):
-        with caplog.at_level(logging.INFO, logger="stamp.registry"):
+        with caplog.at_level(logging.INFO, logger="stamp.factory"):
             assert run_concurrently(lambda: StampGeneEncoder.from_pretrained("stamp-v1-gene"), n=3) == []
     assert sum("converting stamp-v1-gene" in r.getMessage() for r in caplog.records) == 1
     folders = [p for p in (tmp_path / "converted").rglob("*") if p.is_dir() and p.name.startswith(".")]
@@ -594,3 +596,37 @@ def test_cli_convert_from_hub_repo_id(released, tmp_path, monkeypatch):
     with torch.no_grad():
         got = StampGeneEncoder.from_pretrained(str(tmp_path / "g")).eval().embed(ids)
         torch.testing.assert_close(got, ref.spot_backbone.features(ids), rtol=0, atol=1e-5)
+
+
+def test_means_set_once_serve_every_later_load(released, means_file, stamp_v1_paired_corpus, tmp_path, monkeypatch):
+    """`stamp models set-means stamp-v1 FILE` once: stamp.load, embed_corpus and load_tokenizer of both
+    entries then need no means; the tokens equal those from the explicit file."""
+    from typer.testing import CliRunner
+
+    import stamp
+    from stamp.cli import app
+    from stamp.embed import embed_corpus
+
+    _, path = released
+    use_small_registry(tmp_path, monkeypatch)
+    monkeypatch.setenv("STAMP_CACHE", str(tmp_path / "stamp-cache"))
+    with stamp_repo_on_hub(tmp_path, monkeypatch, {"pytorch_model.bin": path}):
+        with pytest.raises(PretrainedError, match="stamp models set-means stamp-v1 FILE"):
+            stamp.load("stamp-v1-gene", device="cpu")
+        bad = tmp_path / "short.npy"
+        np.save(bad, np.ones(10))
+        res = CliRunner().invoke(app, ["models", "set-means", "stamp-v1", str(bad)])
+        assert res.exit_code == 1 and "short.npy" in res.output and "Traceback" not in res.output
+        res = CliRunner().invoke(app, ["models", "set-means", "stamp-v1", str(means_file)])
+        assert res.exit_code == 0, res.output
+        assert (tmp_path / "stamp-cache" / "means" / "stamp-v1.npy").is_file()
+        gene = stamp.load("stamp-v1-gene", device="cpu")
+        full = stamp.load("stamp-v1", device="cpu")
+        assert (gene.kind, full.kind) == ("gene", "aligned") and full.tokenizer is not None
+        explicit = load_tokenizer(resolve_pretrained("stamp-v1-gene"), means_file)
+        np.testing.assert_array_equal(gene.tokenizer.means, explicit.means)
+        out = embed_corpus("stamp-v1-gene", stamp_v1_paired_corpus, tmp_path / "e.parquet", device="cpu",
+                           progress=False)
+        assert out.is_file()
+        rows = json.loads(CliRunner().invoke(app, ["models", "--json", "--kind", "gene"]).output)
+        assert {r["name"]: r.get("means") for r in rows}["stamp-v1-gene"] == "set"

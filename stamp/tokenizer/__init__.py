@@ -15,7 +15,7 @@ Two modes
     sequencing depth - the same reasoning as Geneformer's nonzero medians of normalized
     counts. ``mean="nonzero_mean_raw"`` is available; the released model used raw means.
     ``max_length`` 1,500 (the model context), padding with PAD=1.
-``mode="stamp-v1"``
+``mode="released"`` (``"stamp-v1"`` is read as this)
     reproduces the released tokenizer (see docs/tokenizer.md): means from a user file
     (the released ``.npy``; 20,310 float64) or, without a file, the corpus's
     ``nonzero_mean_raw`` (the released means look like raw-count nonzero means: min ~ 1);

@@ -23,7 +23,10 @@ logger = logging.getLogger(__name__)
 NATIVE_MAX_LENGTH = 1_500
 STAMP_V1_MAX_LENGTH = 4_096
 STAMP_V1_N_GENES = 20_310
-MODES = ("native", "stamp-v1")
+RELEASED = "released"  # the released STAMP tokenizer's rules (was called "stamp-v1", a name it shared with
+# the registry entry, the vocabulary preset and the pooling; the old value is still read)
+MODES = ("native", RELEASED)
+LEGACY_MODES = {"stamp-v1": RELEASED}
 
 
 def table_to_csr(table: pa.Table | pa.RecordBatch, n_genes: int) -> sp.csr_matrix:
@@ -68,6 +71,7 @@ class GeneTokenizer:
         mean_source: str = "nonzero_mean_cp10k",
         n_threads: int | None = None,
     ) -> None:
+        mode = LEGACY_MODES.get(mode, mode)  # tokenizer_config.json files written before the rename
         if mode not in MODES:
             raise TokenizerError(f"unknown tokenizer mode {mode!r}; use one of {', '.join(MODES)}")
         self.gene_ids = [str(g) for g in gene_ids]
@@ -81,12 +85,12 @@ class GeneTokenizer:
                 "give one mean per vocabulary gene, in vocabulary order"
             )
         self.mode = mode
-        default_len = STAMP_V1_MAX_LENGTH if mode == "stamp-v1" else NATIVE_MAX_LENGTH
+        default_len = STAMP_V1_MAX_LENGTH if mode == RELEASED else NATIVE_MAX_LENGTH
         self.max_length = int(max_length or default_len)
         if self.max_length < 1:
             raise TokenizerError(f"max_length must be >= 1, got {self.max_length}")
         self.mean_source = mean_source
-        self.pad_value = 0 if mode == "stamp-v1" else PAD_ID
+        self.pad_value = 0 if mode == RELEASED else PAD_ID
         self.n_threads = n_threads
         self.means = effective_means(self.raw_means, mode)
         self._id_bits = max(16, int(self.vocab_size).bit_length())
@@ -143,7 +147,7 @@ class GeneTokenizer:
                 values = np.asarray(means, dtype=np.float64)
                 source = "array"
         else:
-            column = "nonzero_mean_raw" if mode == "stamp-v1" else mean
+            column = "nonzero_mean_raw" if LEGACY_MODES.get(mode, mode) == RELEASED else mean
             if column not in MEAN_COLUMNS:
                 raise TokenizerError(f"unknown mean {column!r}; use one of {', '.join(MEAN_COLUMNS)}")
             if column not in genes.columns:

@@ -28,6 +28,12 @@ LEGACY_MEANS_FILE = "gene_means.parquet"
 CONFIG_FILE = "tokenizer_config.json"
 
 
+# Keys of a converted release's tokenizer_config.json: the released means are not redistributed,
+# so the folder says it needs them (MEANS_REQUIRED_KEY) and which registered file fits (MEANS_KEY).
+MEANS_REQUIRED_KEY = "means_required"
+MEANS_KEY = "means_key"
+
+
 def vocabulary_sha256(gene_ids: Sequence[str]) -> str:
     """sha256 of the ordered Ensembl ids (one per line): equal iff the vocabularies are equal, in order."""
     return hashlib.sha256("".join(f"{g}\n" for g in gene_ids).encode()).hexdigest()
@@ -62,7 +68,7 @@ def tokenizer_dir(repo_or_dir: str | os.PathLike, *, revision: str | None = None
     if path.is_dir():
         return path
     from stamp.errors import ModelNotFoundError
-    from stamp.hub import snapshot
+    from stamp.hub_access import snapshot
 
     try:
         return snapshot(str(repo_or_dir), revision=revision, token=token, cache_dir=cache_dir,

@@ -69,7 +69,7 @@ def _is_number(text: str) -> bool:
 def effective_means(means: np.ndarray, mode: str) -> np.ndarray:
     """Means as float32 divisors: stamp-v1 rounds half-up; NaN/inf/<=0 become 1 in both modes."""
     m = np.asarray(means, dtype=np.float64).copy()
-    if mode == "stamp-v1":
+    if mode in ("released", "stamp-v1"):  # the released rules ("stamp-v1" before the rename)
         m = np.floor(m + 0.5)
     bad = ~np.isfinite(m) | (m <= 0)
     m[bad] = 1.0

@@ -1,0 +1,261 @@
+"""The zoo's catalogue: every named encoder as data (``stamp/pretrained.json``), no torch, no Hub.
+
+Layering (open_clip style; ``tests/test_layering_stamp.py`` keeps it):
+
+    catalogue (this module: JSON + dataclasses)
+        <- model classes (stamp.gene_encoder, stamp.vision, stamp.aligned_model, stamp.foundation: know no names)
+        <- factory (stamp.factory: resolve -> create -> load; the only place mapping a name to a model)
+        <- convert / publish (stamp.convert, stamp.hub) and the commands
+
+An entry names the Hub repo, the library and architecture (a timm model name + keyword
+arguments, a transformers class + config, or this project's own ``stamp`` layout), the
+embedding width and pooling, the preprocessing, the parameter count, the licence, whether
+commercial use is allowed, whether the repo is gated, and the citation; ``sources`` and
+``notes`` say where a value comes from and where the model's card is ambiguous.
+
+``$STAMP_REGISTRY`` names a user overlay file of the same form (``{"models": {NAME: ENTRY}}``)
+whose entries add to or replace the shipped ones; each of its mistakes is one line naming the
+overlay file and the entry.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from stamp.hub_access import PretrainedError
+
+REGISTRY_FILE = "pretrained.json"
+EXTRA_REGISTRY_ENV = "STAMP_REGISTRY"
+KINDS = ("image", "gene", "aligned")
+LIBRARIES = ("stamp", "timm", "transformers")
+FORMATS = ("stamp", "stamp-released")
+COMPONENTS = ("full", "gene")
+POOLINGS = {
+    "timm": ("head", "cls", "cls+mean", "mean", "layer3-avg"),
+    "transformers": ("cls", "pooler", "mean", "cls+mean", "image_embeds"),
+    "stamp": (None,),
+}
+TRANSFORMERS_CLASSES = ("ViTModel", "Dinov2Model", "CLIPVisionModel", "CLIPVisionModelWithProjection", "AutoModel")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")
+COMMON_REQUIRED = ("kind", "library", "hub_id", "embed_dim", "license", "commercial", "gated", "citation")
+REQUIRED = {
+    "timm": COMMON_REQUIRED + ("architecture", "pooling", "preprocessing"),
+    "transformers": COMMON_REQUIRED + ("architecture", "pooling", "preprocessing"),
+    "stamp": COMMON_REQUIRED + ("file", "format", "component", "gene_config", "tokenizer", "terms_url"),
+}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One named encoder of the catalogue (see the module docstring for the fields' meaning)."""
+
+    name: str
+    kind: str
+    library: str
+    hub_id: str
+    embed_dim: int
+    license: str
+    commercial: bool | None
+    gated: bool
+    citation: str
+    architecture: dict = field(default_factory=dict)
+    pooling: str | None = None
+    preprocessing: dict | None = None
+    parameters: int | None = None
+    card_parameters: int | None = None
+    files: tuple = ("model.safetensors", "pytorch_model.bin")
+    description: str = ""
+    license_name: str | None = None
+    license_note: str = ""
+    terms_url: str = ""
+    paper: str | None = None
+    code: str | None = None
+    notes: str = ""
+    sources: dict = field(default_factory=dict)
+    # this project's own layout (library "stamp"): the released STAMP checkpoints
+    file: str | None = None
+    format: str | None = None
+    component: str | None = None
+    gene_config: dict = field(default_factory=dict)
+    vision_config: dict | None = None
+    tokenizer: dict = field(default_factory=dict)
+    image: dict | None = None
+    datasets: tuple = ()
+    training: str = ""
+    gene_entry: str | None = None
+    full_entry: str | None = None
+    origin: str = ""  # which file defined it (the shipped catalogue or the overlay)
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, name: str, data: Any, origin: str) -> "ModelEntry":
+        """Validate one entry; every mistake is one :class:`PretrainedError` line naming ``origin``."""
+        where = f"{origin}: entry {name!r}"
+        if not isinstance(data, dict):
+            raise PretrainedError(f"{where} is a JSON {type(data).__name__}, not an object")
+        library = data.get("library", "stamp" if "format" in data else None)
+        if library not in LIBRARIES:
+            raise PretrainedError(f"{where}: library {library!r} must be one of {', '.join(LIBRARIES)}")
+        missing = [k for k in REQUIRED[library] if k not in data and not (k == "library")]
+        if missing:
+            raise PretrainedError(f"{where} lacks {', '.join(missing)}; every {library} entry needs "
+                                  f"{', '.join(REQUIRED[library])}")
+        kind = data["kind"]
+        if kind not in KINDS:
+            raise PretrainedError(f"{where}: kind {kind!r} must be one of {', '.join(KINDS)}")
+        if not isinstance(data["embed_dim"], int) or isinstance(data["embed_dim"], bool) or not 0 < data["embed_dim"] <= 65536:
+            raise PretrainedError(f"{where}: embed_dim {data['embed_dim']!r} must be a whole number in 1..65536")
+        if not isinstance(data["gated"], bool) or data["commercial"] not in (True, False, None):
+            raise PretrainedError(f"{where}: gated must be true/false and commercial true/false/null")
+        if not isinstance(data["hub_id"], str) or data["hub_id"].count("/") != 1:
+            raise PretrainedError(f"{where}: hub_id {data['hub_id']!r} must be a Hub repo id ORG/NAME")
+        if library == "stamp":
+            if data["format"] not in FORMATS or data["component"] not in COMPONENTS:
+                raise PretrainedError(f"{where}: format {data['format']!r} / component {data['component']!r}; "
+                                      f"formats {FORMATS}, components {COMPONENTS}")
+        else:
+            arch = data["architecture"]
+            key = "name" if library == "timm" else "class"
+            if not isinstance(arch, dict) or not isinstance(arch.get(key), str):
+                raise PretrainedError(f"{where}: architecture must be an object with a {key!r} string")
+            if library == "transformers" and arch["class"] not in TRANSFORMERS_CLASSES:
+                raise PretrainedError(f"{where}: architecture class {arch['class']!r} must be one of "
+                                      f"{', '.join(TRANSFORMERS_CLASSES)}")
+            if not isinstance(arch.get("kwargs", {}), dict):
+                raise PretrainedError(f"{where}: architecture.kwargs must be an object")
+            if data["pooling"] not in POOLINGS[library]:
+                raise PretrainedError(f"{where}: pooling {data['pooling']!r} must be one of "
+                                      f"{', '.join(POOLINGS[library])}")
+            _check_preprocessing(data["preprocessing"], where)
+        from stamp.safety import check_config_sizes
+
+        try:
+            check_config_sizes({k: data.get(k) for k in ("architecture", "gene_config", "vision_config")}, where)
+        except Exception as exc:
+            raise PretrainedError(str(exc)) from None
+        known = {f for f in cls.__dataclass_fields__ if f not in ("name", "extra", "origin")}
+        kw = {k: v for k, v in data.items() if k in known}
+        kw["library"] = library
+        for key in ("datasets", "files"):
+            if key in kw:
+                kw[key] = tuple(kw[key] or ())
+        return cls(name=name, origin=origin, extra={k: v for k, v in data.items() if k not in known}, **kw)
+
+    @property
+    def page(self) -> str:
+        """Where a user reads the terms (the model's Hub page unless the entry names another)."""
+        return self.terms_url or f"https://huggingface.co/{self.hub_id}"
+
+    def row(self) -> dict[str, Any]:
+        """The columns ``stamp models`` prints (``cached`` filled in by the factory)."""
+        return {"name": self.name, "kind": self.kind, "dim": self.embed_dim,
+                "parameters": self.parameters, "license": self.license_name or self.license,
+                "commercial": {True: "yes", False: "no", None: "?"}[self.commercial],
+                "gated": "yes" if self.gated else "no", "hub_id": self.hub_id, "library": self.library}
+
+
+def _check_preprocessing(pre: Any, where: str) -> None:
+    if not isinstance(pre, dict):
+        raise PretrainedError(f"{where}: preprocessing must be an object (resize, crop, interpolation, mean, std)")
+    for key in ("resize", "crop"):
+        if not isinstance(pre.get(key), int) or not 1 <= pre[key] <= 8192:
+            raise PretrainedError(f"{where}: preprocessing.{key} must be a whole number of pixels in 1..8192")
+    if pre.get("interpolation", "bilinear") not in INTERPOLATIONS:
+        raise PretrainedError(f"{where}: preprocessing.interpolation must be one of {', '.join(INTERPOLATIONS)}")
+    for key in ("mean", "std"):
+        vals = pre.get(key)
+        if not isinstance(vals, list) or len(vals) != 3 or not all(isinstance(v, (int, float)) for v in vals):
+            raise PretrainedError(f"{where}: preprocessing.{key} must be 3 numbers (RGB)")
+    if any(v <= 0 for v in pre["std"]):
+        raise PretrainedError(f"{where}: preprocessing.std values must be positive")
+
+
+def _read(path: str | os.PathLike | None, text: str | None, origin: str) -> dict:
+    try:
+        raw = json.loads(text if text is not None else Path(path).expanduser().read_text())
+    except OSError as exc:
+        raise PretrainedError(f"{origin}: cannot be read ({exc.strerror or exc}); fix or unset "
+                              f"${EXTRA_REGISTRY_ENV}") from None
+    except ValueError as exc:
+        raise PretrainedError(f"{origin}: not valid JSON ({exc}); fix it") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("models"), dict):
+        raise PretrainedError(f"{origin}: not a catalogue file: expected {{\"models\": {{NAME: ENTRY, ...}}}}")
+    return raw["models"]
+
+
+@lru_cache(maxsize=4)
+def _load(extra: str | None) -> dict[str, ModelEntry]:
+    shipped = f"stamp/{REGISTRY_FILE}"
+    entries = {name: ModelEntry.from_dict(name, data, shipped)
+               for name, data in _read(None, (resources.files("stamp") / REGISTRY_FILE).read_text(), shipped).items()}
+    if extra:
+        origin = f"{extra} (${EXTRA_REGISTRY_ENV})"
+        for name, data in _read(extra, None, origin).items():
+            entries[name] = ModelEntry.from_dict(name, data, origin)
+    return entries
+
+
+def catalogue() -> dict[str, ModelEntry]:
+    """Every entry: the shipped catalogue, then the ``$STAMP_REGISTRY`` overlay (re-read when it changes)."""
+    extra = os.environ.get(EXTRA_REGISTRY_ENV) or None
+    if extra:
+        try:
+            stat = Path(extra).expanduser().stat()
+            return _load_stamped(extra, stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            pass
+    return _load(extra)
+
+
+@lru_cache(maxsize=8)
+def _load_stamped(extra: str, _mtime: int, _size: int) -> dict[str, ModelEntry]:
+    return _load.__wrapped__(extra)
+
+
+def list_pretrained(kind: str | None = None) -> list[str]:
+    """Names of the catalogue's entries (``kind``: only image / gene / aligned ones)."""
+    return sorted(n for n, e in catalogue().items() if kind is None or e.kind == kind
+                  or (kind in ("image", "gene") and e.kind == "aligned"))
+
+
+def is_pretrained(name: Any) -> bool:
+    return isinstance(name, str) and name in catalogue()
+
+
+def get_pretrained(name: str) -> ModelEntry:
+    """The entry ``name``; an error listing the known names otherwise."""
+    try:
+        return catalogue()[name]
+    except KeyError:
+        raise PretrainedError(f"unknown model {name!r}; known: {', '.join(list_pretrained())} "
+                              "(or pass a Hub repo id ORG/NAME or a local model folder)") from None
+
+
+def catalogue_notes() -> dict[str, str]:
+    """Models deliberately left out, and why (CONCH, Nicheformer)."""
+    return json.loads((resources.files("stamp") / REGISTRY_FILE).read_text()).get("notes", {})
+
+
+def vocabulary(name: str) -> tuple[list[str], list[str]]:
+    """(Ensembl ids, symbols) of a named gene vocabulary, read from spavis's package data (a JSON file)."""
+    try:
+        text = (resources.files("spavis") / "data" / "vocab" / f"{name}.json").read_text()
+    except (FileNotFoundError, ModuleNotFoundError):
+        raise PretrainedError(f"gene vocabulary {name!r} is not shipped with this installation") from None
+    genes = json.loads(text)["genes"]
+    if [g["index"] for g in genes] != list(range(len(genes))):
+        raise PretrainedError(f"gene vocabulary {name!r}: indices are not 0..n-1")
+    return [g["ensembl_id"] for g in genes], [g.get("symbol", "") for g in genes]
+
+
+# the old name of the entry class (stamp.registry.PretrainedEntry)
+PretrainedEntry = ModelEntry
+
+__all__ = ["ModelEntry", "PretrainedEntry", "PretrainedError", "catalogue", "list_pretrained", "is_pretrained",
+           "get_pretrained", "catalogue_notes", "vocabulary", "REGISTRY_FILE", "EXTRA_REGISTRY_ENV", "KINDS",
+           "LIBRARIES"]

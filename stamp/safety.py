@@ -1,0 +1,223 @@
+"""Checks on untrusted model sources, run BEFORE anything is allocated.
+
+A model folder or Hub repo is data from someone else: its ``config.json`` can ask for 10^7
+layers or a width of 10^9, its ``model.safetensors`` can be a pickle, its ``pytorch_model.bin``
+can carry code. Every loader of the zoo (model classes' ``from_pretrained``, the factory's
+timm / transformers paths, ``stamp convert``) goes through these functions:
+
+* :func:`check_config_sizes` - every size-like key of a config (nested too) within sane bounds;
+* :func:`safetensors_shapes` - the tensor names and shapes from a safetensors header, without
+  reading a tensor (a pickle / zip / garbage file named ``.safetensors`` is one clear line);
+* :func:`check_shapes` - a model built on the ``meta`` device against that header;
+* :func:`load_torch_weights` - ``torch.load(weights_only=True)`` whose refusal of code says so;
+* :func:`check_timm_kwargs` - only known, JSON-plain keyword arguments reach ``timm.create_model``.
+
+This module imports nothing of ``stamp`` but its errors: model classes sit above it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from stamp.errors import ModelConfigError
+
+# Largest value each size-like config key may take. Real models are far below: the largest
+# pathology encoders have 40 layers and width 1,536; the released gene encoder 12 layers,
+# width 512, 20,310 genes, context 1,500. The bounds only stop absurd files from allocating.
+SIZE_BOUNDS: dict[str, int] = {
+    "num_layers": 512, "depth": 512, "num_hidden_layers": 512, "layers": 512,
+    "hidden_size": 32768, "embed_dim": 32768, "width": 32768, "intermediate_size": 262144,
+    "projection_dim": 32768, "num_features": 32768,
+    "num_heads": 1024, "num_attention_heads": 1024,
+    "context_length": 1_000_000, "max_position_embeddings": 1_000_000, "max_length": 1_000_000,
+    "n_genes": 5_000_000, "vocab_size": 5_000_000, "n_reserved": 100_000,
+    "img_size": 8192, "image_size": 8192, "patch_size": 1024, "reg_tokens": 1024,
+    "num_register_tokens": 1024, "region_grid": 64, "csp_window": 1024, "csp_stride": 1024,
+}
+FLOAT_BOUNDS: dict[str, float] = {"mlp_ratio": 64.0}
+MAX_PARAMETERS = 20_000_000_000  # 20 B: ten times the largest released pathology encoder
+
+# Keyword arguments a catalogue entry, a repo's timm config.json or a --vision JSON may pass to
+# timm.create_model: architecture sizes and switches only. Anything that reads files, downloads,
+# or takes code (checkpoint_path, pretrained, pretrained_cfg_overlay, ...) is refused.
+TIMM_KWARGS = frozenset({
+    "img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim", "depth", "num_heads",
+    "mlp_ratio", "qkv_bias", "qk_norm", "init_values", "class_token", "no_embed_class", "reg_tokens",
+    "pre_norm", "fc_norm", "dynamic_img_size", "dynamic_img_pad", "drop_rate", "pos_drop_rate",
+    "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate", "weight_init", "mlp_layer",
+    "act_layer", "norm_layer", "output_stride", "pos_embed", "use_fc_norm", "final_norm",
+})
+# Layers a JSON config may name (by these exact strings); nothing else is imported from a name.
+LAYER_NAMES = {
+    "timm.layers.SwiGLUPacked": ("timm.layers", "SwiGLUPacked"),
+    "timm.layers.SwiGLU": ("timm.layers", "SwiGLU"),
+    "timm.layers.Mlp": ("timm.layers", "Mlp"),
+    "torch.nn.SiLU": ("torch.nn", "SiLU"),
+    "torch.nn.GELU": ("torch.nn", "GELU"),
+    "torch.nn.LayerNorm": ("torch.nn", "LayerNorm"),
+    "silu": None, "gelu": None, "swish": None, "gelu_tanh": None,  # timm resolves these strings itself
+}
+
+
+def check_config_sizes(data: Any, where: str, *, _path: str = "") -> None:
+    """Raise :class:`ModelConfigError` (one line naming ``where`` and the key) when a size-like
+    key of ``data`` (nested dicts and lists too) is not a positive number within its bound."""
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            name = f"{_path}{key}"
+            if key in SIZE_BOUNDS and value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+                    raise ModelConfigError(f"{where}: {name} = {value!r} is not a whole number; fix the config")
+                if not 0 <= value <= SIZE_BOUNDS[key]:
+                    raise ModelConfigError(f"{where}: {name} = {value:g} is outside 0..{SIZE_BOUNDS[key]:,}; "
+                                           "the config is corrupt or not meant for this model")
+            elif key in FLOAT_BOUNDS and value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= FLOAT_BOUNDS[key]:
+                    raise ModelConfigError(f"{where}: {name} = {value!r} is outside (0, {FLOAT_BOUNDS[key]:g}]; "
+                                           "fix the config")
+            elif isinstance(value, (Mapping, list)):
+                check_config_sizes(value, where, _path=name + ".")
+    elif isinstance(data, list):
+        for i, item in enumerate(data[:64]):
+            check_config_sizes(item, where, _path=f"{_path}{i}.")
+
+
+def read_json_config(path: str | os.PathLike) -> dict:
+    """A ``config.json`` as a dict, its sizes checked; one line when it is not a JSON object."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ModelConfigError(f"{path}: not a text file; a model's config.json must be JSON") from None
+    except OSError as exc:
+        raise ModelConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelConfigError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg}); the model folder is "
+                               "damaged: download or save it again") from None
+    if not isinstance(data, dict):
+        raise ModelConfigError(f"{path}: a JSON {type(data).__name__}, not an object; not a model config")
+    check_config_sizes(data, str(path))
+    return data
+
+
+def _sniff(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"PK"):
+        return "a PyTorch zip checkpoint (torch.save), not safetensors"
+    if head[:1] == b"\x80":
+        return "a Python pickle, not safetensors"
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the weights (fetch the LFS object)"
+    return "not a safetensors file"
+
+
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header (no tensor is read)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelConfigError(f"{path}: no such weights file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception:  # safetensors raises its own SafetensorError (and OSError, ValueError)
+        raise ModelConfigError(f"{path}: {_sniff(path)}; re-download it or save the weights with safetensors") from None
+
+
+def check_shapes(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], where: str,
+                 *, ignore_unexpected: bool = False) -> None:
+    """Every tensor of a model (built on ``meta``) must be in the file with its shape: else one line."""
+    missing = [k for k in expected if k not in found]
+    if missing:
+        raise ModelConfigError(f"{where}: {len(missing)} tensor(s) of the architecture are not in the weights "
+                               f"(first: {missing[0]}); the config and the weights do not belong together")
+    for key, shape in expected.items():
+        if tuple(found[key]) != tuple(shape):
+            raise ModelConfigError(f"{where}: tensor {key} has shape {tuple(found[key])} in the weights but the "
+                                   f"config asks for {tuple(shape)}; the config.json does not match the weights")
+    extra = [k for k in found if k not in expected]
+    if extra and not ignore_unexpected:
+        raise ModelConfigError(f"{where}: {len(extra)} tensor(s) in the weights have no place in the architecture "
+                               f"(first: {extra[0]}); the config and the weights do not belong together")
+
+
+def check_parameter_count(n: int, where: str) -> None:
+    if n > MAX_PARAMETERS:
+        raise ModelConfigError(f"{where}: the config describes {n:,} parameters (more than {MAX_PARAMETERS:,}); "
+                               "refusing to build it")
+
+
+def meta_shapes(module: Any) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def load_torch_weights(path: str | os.PathLike) -> Any:
+    """``torch.load(weights_only=True)``; a file that needs code to unpickle is named as such."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc) and "zip" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as exc:
+        code = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(exc))
+        if code is not None:
+            raise ModelConfigError(
+                f"{path}: holds Python code ({code.group(1)}), not only tensors; it was NOT loaded (loading it "
+                "would run that code). Use a safetensors file, or re-save only the weights from a trusted copy"
+            ) from None
+        raise ModelConfigError(f"{path}: not a PyTorch checkpoint the weights-only reader accepts "
+                               f"({str(exc).splitlines()[0][:160]}); re-download it") from None
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise ModelConfigError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {first}); "
+                               "is it truncated? download it again") from None
+
+
+def resolve_layer(value: Any, key: str, where: str) -> Any:
+    """A layer named in JSON (``"timm.layers.SwiGLUPacked"``) -> the class; only :data:`LAYER_NAMES`."""
+    if not isinstance(value, str):
+        return value
+    if value not in LAYER_NAMES:
+        raise ModelConfigError(f"{where}: {key} = {value!r} is not a layer stamp knows; use one of "
+                               f"{', '.join(sorted(LAYER_NAMES))}")
+    spec = LAYER_NAMES[value]
+    if spec is None:
+        return value
+    import importlib
+
+    return getattr(importlib.import_module(spec[0]), spec[1])
+
+
+def check_timm_kwargs(kwargs: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Only :data:`TIMM_KWARGS` with JSON-plain values; layer names resolved. One line otherwise."""
+    out: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key not in TIMM_KWARGS:
+            hint = (" (weights are given with --weights / the entry's files, never through timm)"
+                    if key in ("pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay") else "")
+            raise ModelConfigError(f"{where}: model_kwargs key {key!r} is not allowed{hint}; allowed: "
+                                   f"{', '.join(sorted(TIMM_KWARGS))}")
+        if not isinstance(value, (str, int, float, bool, list, type(None))):
+            raise ModelConfigError(f"{where}: model_kwargs {key} = {value!r} must be a JSON value")
+        out[key] = resolve_layer(value, key, where) if key in ("mlp_layer", "act_layer", "norm_layer") else value
+    check_config_sizes(out, where)
+    return out
+
+
+__all__ = ["SIZE_BOUNDS", "TIMM_KWARGS", "MAX_PARAMETERS", "check_config_sizes", "read_json_config",
+           "safetensors_shapes", "check_shapes", "check_parameter_count", "meta_shapes", "load_torch_weights",
+           "check_timm_kwargs", "resolve_layer"]
