@@ -20,6 +20,7 @@ import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
 from spavis.format.schema import SPACERANGER_SPOT_DIAMETER_UM, SPOT_SPACING_UM  # noqa: F401
+from spavis.format.coordinates import lattice_to_um  # noqa: F401  (one definition, re-exported)
 
 SPOT_DIAMETER_UM = 55.0  # physical capture spot
 
@@ -55,13 +56,6 @@ def _to_csr(nbrs: np.ndarray, values: np.ndarray, n: int) -> sp.csr_matrix:
     )
     mat.sort_indices()
     return mat
-
-
-def lattice_to_um(array_row: np.ndarray, array_col: np.ndarray) -> np.ndarray:
-    """(x, y) micrometres of Visium lattice positions (hex grid, 100 µm centre spacing)."""
-    x = np.asarray(array_col, dtype=np.float64) * (SPOT_SPACING_UM / 2.0)
-    y = np.asarray(array_row, dtype=np.float64) * (SPOT_SPACING_UM / 2.0 * np.sqrt(3.0))
-    return np.column_stack([x, y])
 
 
 def knn(coords_um: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
