@@ -114,7 +114,9 @@ class StampModel(
     def _from_pretrained(cls, *args, **kwargs) -> "StampModel":
         from stamp.vision import skip_trunk_init
 
-        with skip_trunk_init():  # every tensor is read from the checkpoint next
+        from stamp.gene_encoder import quiet_stdout
+
+        with skip_trunk_init(), quiet_stdout():  # every tensor is read from the checkpoint next
             return super()._from_pretrained(*args, **kwargs)
 
     @property

@@ -61,12 +61,10 @@ def gene_side(encoder, model: str | os.PathLike, what: str = "--data") -> None:
 
 def check_vocabulary(corpus, tokenizer, data) -> None:
     """The corpus's genes, in order, must be the model's vocabulary."""
-    genes = corpus.genes["ensembl_id"].astype(str).tolist()
-    if genes != list(tokenizer.gene_ids):
-        raise EmbedError(
-            f"{data}: its {len(genes)}-gene vocabulary differs from the model's {tokenizer.n_genes} genes; "
-            "build the shards with the vocabulary the model was trained on"
-        )
+    from spavis.format.vocabulary import require_same_vocabulary
+
+    require_same_vocabulary(tokenizer, corpus, a_name="the model", b_name=str(data), error=EmbedError,
+                            fix="build the shards with the vocabulary the model was trained on")
 
 
 def context_length(encoder) -> int:

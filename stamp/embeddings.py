@@ -11,6 +11,8 @@ live in one place:
 * :class:`ParquetEmbeddings`: ``<id column>`` (string) + ``embedding`` (list<float32>), written to a
   hidden temp file and renamed on success (no partial file on failure); the record is the
   schema metadata ``stamp.model`` (JSON). :func:`read_model_record` reads it back.
+* :func:`write_feature_bag`: one whole-slide feature bag (h5: ``features``, ``coords``, the model
+  record and tiling attributes; ``stamp embed-slides``), hidden temp file renamed when complete.
 * :class:`ZarrObsmWriter`: ``obsm['X_stamp']`` of every slide store of a local corpus, all slides
   or none, under an exclusive lock on the corpus's ``zarr/`` folder (one writer at a time); the
   record goes into the array's attributes and each store's consolidated metadata is rewritten
@@ -51,7 +53,7 @@ from stamp.errors import EmbedError
 logger = logging.getLogger(__name__)
 
 __all__ = ["PARQUET_METADATA_KEY", "OBSM_KEY", "STAGING", "model_record", "read_model_record",
-           "ParquetEmbeddings", "write_parquet", "ZarrObsmWriter", "zarr_writer_lock"]
+           "ParquetEmbeddings", "write_parquet", "ZarrObsmWriter", "zarr_writer_lock", "write_feature_bag"]
 
 PARQUET_METADATA_KEY = b"stamp.model"
 OBSM_KEY = "X_stamp"
@@ -310,3 +312,37 @@ class ZarrObsmWriter:
     def discard(self) -> None:
         for store in self.stores.values():
             remove_tree(store / "obsm" / self.staging_name)
+
+
+# ----------------------------------------------------------------------------- h5 feature bags
+def write_feature_bag(path: str | os.PathLike, features: np.ndarray, coords: np.ndarray, attrs: dict[str, Any]) -> Path:
+    """Write a CLAM / TRIDENT feature bag (``features``, ``coords``, root attributes; layout in
+    ``stamp.slides.bags``) atomically (hidden temporary, then rename): readers never see half a bag."""
+    import h5py
+
+    from spavis.format.io import temp_sibling
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    features = np.ascontiguousarray(features, np.float32)
+    coords = np.ascontiguousarray(coords, np.int64).reshape(-1, 2)
+    if len(features) != len(coords):
+        raise ValueError(f"{len(features)} feature rows for {len(coords)} coords")
+    tmp = temp_sibling(path)
+    try:
+        with h5py.File(tmp, "w", track_order=True) as f:
+            f.create_dataset("features", data=features, track_times=False)
+            c = f.create_dataset("coords", data=coords, track_times=False)
+            for k in ("patch_size", "patch_size_level0", "patch_level"):
+                src = {"patch_size": "tile_px", "patch_size_level0": "tile_px_level0", "patch_level": "level"}[k]
+                if src in attrs:
+                    c.attrs[k] = attrs[src]
+            for k, v in attrs.items():
+                if v is None:
+                    continue
+                f.attrs[k] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -119,6 +119,15 @@ def load_config(name_or_path: Union[str, Path]) -> StampConfig:
     return StampConfig.from_dict(data)
 
 
+def quiet_stdout():
+    """huggingface_hub's mixin prints "Loading weights from local directory" to stdout on every local
+    load, which would corrupt a CLI's machine-readable output (``--json``, piped embeddings)."""
+    import contextlib
+    import io
+
+    return contextlib.redirect_stdout(io.StringIO())
+
+
 class EncoderBlock(nn.Module):
     """Post-LN Transformer block (as ``nn.TransformerEncoderLayer(norm_first=False)``) on SDPA."""
 
@@ -208,6 +217,11 @@ class StampGeneEncoder(
         folder = model_source_for_class(pretrained_model_name_or_path, component="gene", **kwargs)
         check_pretrained_folder(folder, lambda cfg: cls(StampConfig.from_dict(cfg)))
         return super().from_pretrained(folder, *args, **kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, *args, **kwargs) -> "StampGeneEncoder":
+        with quiet_stdout():
+            return super()._from_pretrained(*args, **kwargs)
 
     @property
     def device(self) -> torch.device:

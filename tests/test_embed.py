@@ -68,12 +68,13 @@ def test_embed_errors_are_clear_and_change_nothing(tmp_path):
 
     from stamp.cli import app
     from stamp.embed import EmbedError, embed_corpus
+    from stamp.errors import StampError
 
     corpus, _ = make_corpus(tmp_path / "shards", slides=2, n_genes=60, max_row=6)
     tok = GeneTokenizer.from_corpus(corpus, max_length=128)
     create_model("tiny", n_genes=70).save_pretrained(tmp_path / "mixed")
     tok.save_pretrained(tmp_path / "mixed")
-    with pytest.raises(EmbedError, match="mixes two models"):
+    with pytest.raises(StampError, match="mixes two models"):  # raised while loading (stamp.load)
         embed_corpus(tmp_path / "mixed", corpus, tmp_path / "x.parquet", device="cpu", progress=False)
 
     create_model("tiny", n_genes=60).save_pretrained(tmp_path / "m")

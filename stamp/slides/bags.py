@@ -23,6 +23,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from stamp.embeddings import write_feature_bag as write_bag  # noqa: F401  (the one embeddings writer)
 from stamp.slides.errors import BagError
 
 BAG_FORMAT = "stamp-slide-bag/1"
@@ -31,7 +32,8 @@ QC_DIR = "qc"
 BAG_SUFFIX = ".h5"
 #: Root attributes of every bag (documented in docs/slides.md).
 BAG_ATTRS = (
-    "format", "slide", "model", "model_source", "model_revision", "model_hub_id", "model_license", "embed_dim",
+    "format", "slide", "model", "model_source", "model_revision", "model_hub_id", "model_license", "model_sha256",
+    "embed_dim",
     "tile_um", "tile_px", "tile_px_level0", "um_per_px", "slide_um_per_px", "scale_source", "level",
     "level_downsample", "read_px", "slide_width", "slide_height", "slide_fingerprint", "slide_vendor",
     "backend", "tissue_params", "qc_png", "qc_downsample", "stamp_version",
@@ -53,38 +55,6 @@ class Bag:
 
 def bag_path(out: str | os.PathLike, slide: str) -> Path:
     return Path(out) / f"{slide}{BAG_SUFFIX}"
-
-
-def write_bag(path: str | os.PathLike, features: np.ndarray, coords: np.ndarray, attrs: dict[str, Any]) -> Path:
-    """Write a bag atomically (hidden temporary, then rename): readers never see half a bag."""
-    import h5py
-
-    from spavis.format.io import temp_sibling
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    features = np.ascontiguousarray(features, np.float32)
-    coords = np.ascontiguousarray(coords, np.int64).reshape(-1, 2)
-    if len(features) != len(coords):
-        raise ValueError(f"{len(features)} feature rows for {len(coords)} coords")
-    tmp = temp_sibling(path)
-    try:
-        with h5py.File(tmp, "w", track_order=True) as f:
-            f.create_dataset("features", data=features, track_times=False)
-            c = f.create_dataset("coords", data=coords, track_times=False)
-            for k in ("patch_size", "patch_size_level0", "patch_level"):
-                src = {"patch_size": "tile_px", "patch_size_level0": "tile_px_level0", "patch_level": "level"}[k]
-                if src in attrs:
-                    c.attrs[k] = attrs[src]
-            for k, v in attrs.items():
-                if v is None:
-                    continue
-                f.attrs[k] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _plain(v: Any) -> Any:

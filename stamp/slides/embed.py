@@ -142,9 +142,13 @@ class TileDataset:
 
 
 def _provenance_attrs(encoder) -> dict[str, Any]:
-    p = encoder.provenance
-    return {"model": p.name, "model_source": p.source or p.name, "model_revision": p.revision or "",
-            "model_hub_id": p.hub_id or "", "model_license": p.license or "unknown", "embed_dim": encoder.embed_dim}
+    """The bag's model attributes, derived from the one embeddings record (stamp.embeddings)."""
+    from stamp.embeddings import model_record
+
+    r = model_record(encoder, embedding="tiles")
+    return {"model": r["stamp_model_name"], "model_source": r["stamp_model"], "model_revision": r["stamp_model_revision"],
+            "model_hub_id": r["stamp_model_hub_id"], "model_license": r["stamp_model_license"],
+            "model_sha256": r["stamp_model_sha256"], "embed_dim": encoder.embed_dim}
 
 
 def _config_key(encoder, params: TissueParams) -> dict[str, Any]:

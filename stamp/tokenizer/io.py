@@ -9,7 +9,6 @@ stored in the config so a model can be checked against a corpus by content, not 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -35,8 +34,11 @@ MEANS_KEY = "means_key"
 
 
 def vocabulary_sha256(gene_ids: Sequence[str]) -> str:
-    """sha256 of the ordered Ensembl ids (one per line): equal iff the vocabularies are equal, in order."""
-    return hashlib.sha256("".join(f"{g}\n" for g in gene_ids).encode()).hexdigest()
+    """The vocabulary fingerprint (``spavis.format.vocabulary``, the one definition): sha256 of the
+    ordered Ensembl ids, one per line; written to tokenizer_config.json as ``vocab_sha256``."""
+    from spavis.format.vocabulary import vocabulary_fingerprint
+
+    return vocabulary_fingerprint(gene_ids)
 
 
 def save_tokenizer(tok: "GeneTokenizer", save_directory: str | os.PathLike) -> Path:
@@ -112,7 +114,9 @@ def load_tokenizer(cls: type, repo_or_dir: str | os.PathLike, *, revision: str |
                              "save the tokenizer again with GeneTokenizer.save_pretrained") from exc
     if order != gene_ids:
         raise TokenizerError(f"{means_path} is not in the order of {path / VOCAB_FILE}")
-    stored = config.get("vocab_sha256")
+    from spavis.format.vocabulary import recorded_fingerprint
+
+    stored = recorded_fingerprint(config)
     if stored is not None and stored != vocabulary_sha256(gene_ids):
         raise TokenizerError(f"{path / VOCAB_FILE} does not match the vocab_sha256 of {path / CONFIG_FILE}; "
                              "the folder mixes two tokenizers: save it again with GeneTokenizer.save_pretrained")
