@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 CHILD = r"""
 import json, sys, time
-import torch, stamp.convert, stamp.multimodal  # noqa: F401  (imports before the peak is reset)
+import torch, stamp.convert, stamp.aligned_model  # noqa: F401  (imports before the peak is reset)
 mode, src, out = sys.argv[1:4]
 
 
@@ -53,8 +53,8 @@ if mode == "convert":
 elif mode == "naive":
     import torch
     from stamp.convert import full_target, map_state_dict
-    from stamp.multimodal import StampModel
-    from stamp.registry import get_pretrained
+    from stamp.aligned_model import StampModel
+    from stamp.catalogue import get_pretrained
     sd = torch.load(src, map_location="cpu", weights_only=True)          # the whole file in memory
     entry = get_pretrained("stamp-v1")
     meta, rules = full_target(entry)
@@ -113,7 +113,7 @@ def main() -> None:
         print(f"ratios naive / convert: time {naive['seconds'] / conv['seconds']:.2f}x, "
               f"peak memory {naive['peak_above_gb'] / max(conv['peak_above_gb'], 1e-3):.2f}x")
 
-        from stamp.multimodal import StampModel
+        from stamp.aligned_model import StampModel
 
         model = StampModel.from_pretrained(str(work / "converted")).eval()
         gen = torch.Generator().manual_seed(1)

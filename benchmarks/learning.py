@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 def run(workdir: Path, *, seed: int, steps: int, batch_size: int, lr: float, warmup: int, genes: int,
         marker_lfc: float) -> dict:
-    from stamp.train import PretrainArgs, pretrain
+    from stamp.training.gene import PretrainArgs, pretrain
     from stamp_helpers import learning_metrics, make_corpus, random_init_model
 
     corpus, domains = make_corpus(workdir / "shards", slides=1, n_genes=genes, max_row=None, n_domains=4,

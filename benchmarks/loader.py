@@ -87,7 +87,7 @@ def model_rates(config: str, shape: tuple[int, int], repeats: int = 3) -> tuple[
     try:
         import torch
 
-        from stamp.model import create_model
+        from stamp.gene_encoder import create_gene_encoder as create_model
     except ImportError as exc:
         print(f"model part skipped: {exc}")
         return None
@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--config", default="tiny")
     args = ap.parse_args()
     try:
-        from stamp.model import load_config
+        from stamp.gene_encoder import load_config
 
         context = load_config(args.config).context_length
     except ImportError:

@@ -34,8 +34,8 @@ def load_model(model: str | os.PathLike, device: str | torch.device | None = Non
     models whose tokenizer ships none (converted releases: the released ``Visium_mean.npy``).
     """
     from stamp.hub import resolve_model_source
-    from stamp.model import StampGeneEncoder
-    from stamp.registry import load_tokenizer
+    from stamp.gene_encoder import StampGeneEncoder
+    from stamp.factory import load_tokenizer
 
     source = resolve_model_source(model)
     encoder = StampGeneEncoder.from_pretrained(str(source))

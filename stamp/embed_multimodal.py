@@ -51,7 +51,7 @@ def load_stamp_model(model: str | os.PathLike, device: str | None = None, means:
     a registry name (``stamp-v1``). ``means``: gene means file for models whose tokenizer ships none
     (converted releases); the tokenizer is loaded only when ``need_tokenizer`` (gene / fused)."""
     from stamp.hub import resolve_model_source
-    from stamp.multimodal import StampModel
+    from stamp.aligned_model import StampModel
 
     folder = resolve_model_source(model)
     if not is_stamp_model(folder):
@@ -62,7 +62,7 @@ def load_stamp_model(model: str | os.PathLike, device: str | None = None, means:
     net = StampModel.from_pretrained(str(folder))
     tokenizer = None
     if need_tokenizer and (folder / "tokenizer_config.json").is_file():
-        from stamp.registry import load_tokenizer
+        from stamp.factory import load_tokenizer
 
         tokenizer = load_tokenizer(folder, means)
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stamp.constants import GROUP_SIZE, MASK_ID, N_RESERVED, PAD_ID
-from stamp.model import StampGeneEncoder
+from stamp.gene_encoder import StampGeneEncoder
 
 IGNORE = -100
 

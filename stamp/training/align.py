@@ -123,8 +123,8 @@ def _lineage(init_dir: Path) -> list[dict]:
 def build_model(args: AlignArgs, n_genes: int):
     """(StampModel, tokenizer, init folder): gene encoder + tokenizer from --init, vision from --vision."""
     from stamp.hub import resolve_model_dir
-    from stamp.model import create_model
-    from stamp.multimodal import create_stamp_model
+    from stamp.gene_encoder import create_gene_encoder as create_model
+    from stamp.aligned_model import create_stamp_model
     from stamp.tokenizer import GeneTokenizer
     from stamp.vision import create_vision_encoder
 
@@ -242,7 +242,7 @@ def _align(args: AlignArgs, d: Dist, open_corpus, on_step) -> Path:
         "final_metrics": {k: v for k, v in last_metrics.items() if v is not None and k != "step"},
         "license": "other",
     }
-    from stamp.multimodal import write_stamp_model_card
+    from stamp.cards import write_stamp_model_card
 
     return finish_run(run, info, d=d, model=model, tokenizer=tokenizer, write_card=write_stamp_model_card)
 

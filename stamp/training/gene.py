@@ -26,7 +26,7 @@ import torch.distributed as dist
 from stamp.constants import GROUP_SIZE, METRICS_FILE
 from stamp.data import Batch
 from stamp.errors import DataError, TrainingError
-from stamp.model import StampGeneEncoder, create_model
+from stamp.gene_encoder import StampGeneEncoder, create_gene_encoder as create_model
 from stamp.objectives import StampForPretraining
 from stamp.training import run as contract
 from stamp.training.run import (Dist, RunSpec, autocast_for, data_info, ddp_wrap, distributed, finish_run,
@@ -97,7 +97,7 @@ class PretrainArgs:
 
 # ----------------------------------------------------------------------------- the run contract's view
 def _presets() -> list[str]:
-    from stamp.model import preset_names
+    from stamp.gene_encoder import preset_names
 
     return preset_names()
 
