@@ -114,13 +114,10 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
 
 
 def _torch_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)``, memory-mapped when the file is in the zip format."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc) and "zip" not in str(exc):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    """``torch.load(weights_only=True)`` (memory-mapped for zip files): :func:`stamp.safety.weights_only_load`."""
+    from stamp.safety import weights_only_load
+
+    return weights_only_load(path)
 
 
 # ----------------------------------------------------------------------------- mapping

@@ -158,20 +158,25 @@ def meta_shapes(module: Any) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
+def weights_only_load(path: str | os.PathLike) -> Any:
+    """``torch.load(weights_only=True)``, memory-mapped when the file is in the zip format."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc) and "zip" not in str(exc):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+
+
 def load_torch_weights(path: str | os.PathLike) -> Any:
     """``torch.load(weights_only=True)``; a file that needs code to unpickle is named as such."""
     import pickle
 
-    import torch
-
     path = Path(path)
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc) and "zip" not in str(exc):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        return weights_only_load(path)
     except pickle.UnpicklingError as exc:
         code = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(exc))
         if code is not None:

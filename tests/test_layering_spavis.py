@@ -11,6 +11,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from layering_helpers import import_cycles
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "spavis"
 
@@ -65,44 +67,11 @@ def _edges(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     return out
 
 
-def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan), each sorted."""
-    index, low, stack, on, comps = {}, {}, [], set(), []
-    counter = [0]
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = counter[0]
-        counter[0] += 1
-        stack.append(v)
-        on.add(v)
-        for w in sorted(graph.get(v, ())):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                comps.append(sorted(comp))
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return comps
-
-
 def test_no_import_cycle_inside_spavis():
     modules = _modules()
     graph = {name: _edges(name, path, modules) for name, path in modules.items()}
     assert graph["spavis.shards.prepare"] >= {"spavis.shards.config"}  # the scan sees real edges
-    assert _cycles(graph) == []
+    assert import_cycles(graph) == []
 
 
 def test_shards_config_imports_none_of_the_build_steps():
@@ -115,4 +84,4 @@ def test_shards_config_imports_none_of_the_build_steps():
 
 
 def test_the_scan_finds_a_cycle():
-    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from layering_helpers import import_cycles
+
 ROOT = Path(__file__).resolve().parents[1] / "stamp"
 
 # (importer, imported): upward edges allowed on purpose, each a lazy import inside a function.
@@ -56,46 +58,9 @@ def graph() -> dict[str, set[str]]:
     return {m: imports_of(p, set(files)) for m, p in files.items()}
 
 
-def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components of more than one module (Tarjan)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on: set[str] = set()
-    out: list[list[str]] = []
-    counter = [0]
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = counter[0]
-        counter[0] += 1
-        stack.append(v)
-        on.add(v)
-        for w in edges.get(v, ()):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                out.append(sorted(comp))
-
-    for v in sorted(edges):
-        if v not in index:
-            visit(v)
-    return out
-
-
 def test_no_import_cycle_inside_stamp():
     edges = {m: {d for d in deps if (m, d) not in ALLOWED_UPWARD} for m, deps in graph().items()}
-    assert cycles(edges) == []
+    assert import_cycles(edges) == []
 
 
 def test_model_classes_know_no_names():
