@@ -1,4 +1,9 @@
-"""``stamp evaluate TASK --model M [--model M2 ...] --data CORPUS --label COL --out DIR``."""
+"""``stamp evaluate TASK --model M [--model M2 ...] --data CORPUS --label COL --out DIR``.
+
+``TASK`` is a corpus task (linear-probe, cluster, predict-expression, comma-separated, all) or
+``hest-bench`` (HEST-Benchmark task folders with ``--bench-dir``, or a paired corpus with
+``--data`` and ``--patient``). One command; each task family is one block below.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,10 +18,13 @@ def register(app: typer.Typer) -> None:
     @app.command("evaluate")
     @friendly_errors
     def evaluate_cmd(
-        task: str = typer.Argument(..., help="linear-probe, cluster, predict-expression, several comma-separated, or all."),
+        task: str = typer.Argument(..., help="linear-probe, cluster, predict-expression, several comma-separated, "
+                                   "all; or hest-bench."),
         model: Optional[List[str]] = typer.Option(
-            None, "--model", help="Model folder (RUN, RUN/model) or Hub repo id; repeat to compare several."),
-        data: str = typer.Option(..., "--data", help="Evaluation corpus (shard directory or Hub dataset id)."),
+            None, "--model", help="Zoo name (stamp-v1, ...), model folder (RUN, RUN/model) or Hub repo id; repeat to "
+                                  "compare several."),
+        data: Optional[str] = typer.Option(None, "--data", help="Evaluation corpus (shard directory or Hub dataset "
+                                           "id); hest-bench: a paired corpus (--with-images) instead of --bench-dir."),
         label: Optional[str] = typer.Option(
             None, "--label", help="Annotation column (build-shards --obs-columns); needed by linear-probe and cluster."),
         out: Path = typer.Option(..., "--out", help="Output folder: results.csv, results.md, figures."),
@@ -24,18 +32,44 @@ def register(app: typer.Typer) -> None:
                                      "StampModel and a corpus built with --with-images; spots without a patch are "
                                      "excluded and counted in results.md)."),
         no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip the random-init and PCA baselines."),
-        seed: int = typer.Option(0, "--seed", help="Seeds folds, heads, Leiden and the random-init baseline."),
+        seed: Optional[int] = typer.Option(None, "--seed", help="Seeds folds, heads, Leiden and the random-init "
+                                           "baseline (default 0; hest-bench: 1, HEST's own)."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
         batch_size: int = typer.Option(256, "--batch-size", min=1, help="Spots per encoder forward pass."),
         knn_k: int = typer.Option(50, "--knn-k", min=1, help="predict-expression: neighbours of the BLEEP-style query."),
         n_hvgs: int = typer.Option(5000, "--n-hvgs", min=1, help="predict-expression: target genes (top HVGs)."),
+        head: Optional[List[str]] = typer.Option(
+            None, "--head", help="predict-expression heads: mlp, ridge, knn (BLEEP query-reference); repeat or "
+                                 "comma-separate (default: all three)."),
+        means: Optional[Path] = typer.Option(None, "--means", help="Gene means file for models that ship none "
+                                             "(the released Visium_mean.npy)."),
+        bench_dir: Optional[Path] = typer.Option(
+            None, "--bench-dir", help="hest-bench: a HEST-Benchmark task folder (splits/, patches/, adata/, "
+                                      "var_50genes.json) or a folder of such task folders."),
+        patient: Optional[str] = typer.Option(
+            None, "--patient", help="hest-bench with --data: the slide column naming each slide's patient "
+                                    "(leave-one-patient-out)."),
         no_figures: bool = typer.Option(False, "--no-figures", help="Only results.csv and results.md."),
         no_progress: bool = typer.Option(False, "--no-progress"),
     ) -> None:
         """Score encoders on labelled slices (same folds for every model, baselines in the same run)."""
+        from stamp.evaluate import EvaluateError
+
+        if task == "hest-bench":
+            from stamp.evaluate.hest import hest_bench
+
+            hest_bench(model or [], out=out, bench_dir=bench_dir, data=data, patient=patient,
+                       seed=1 if seed is None else seed, device=device, batch_size=batch_size,
+                       figures=not no_figures, progress=not no_progress, means=means)
+            err_console.print(f"results written to {out / 'results.md'} and {out / 'results.csv'}")
+            return
+
         from stamp.evaluate import evaluate
 
+        if data is None:
+            raise EvaluateError(f"{task}: pass --data CORPUS (the evaluation corpus)")
+        heads = [h for v in head for h in v.split(",")] if head else None
         evaluate(task, model or [], data, out=out, label=label, modality=modality, baselines=not no_baselines,
-                 seed=seed, device=device, batch_size=batch_size, figures=not no_figures, progress=not no_progress,
-                 knn_k=knn_k, n_hvgs=n_hvgs)
+                 seed=0 if seed is None else seed, device=device, batch_size=batch_size, figures=not no_figures,
+                 progress=not no_progress, knn_k=knn_k, n_hvgs=n_hvgs, heads=heads, means=means)
         err_console.print(f"results written to {out / 'results.md'} and {out / 'results.csv'}")

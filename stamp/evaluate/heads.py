@@ -1,4 +1,5 @@
-"""Small heads trained on frozen features: the linear probe and the 3-layer regression MLP.
+"""Small heads trained on frozen features: the linear probe, the 3-layer regression MLP, closed-form
+ridge and the BLEEP-style query-reference (knn).
 
 One training loop: Adam, mini-batches in a seeded order, at most ``max_epochs`` epochs,
 early stopping on the validation loss with ``patience`` epochs, the best epoch's weights
@@ -7,7 +8,6 @@ informs any statistic).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import numpy as np
@@ -24,29 +24,13 @@ def standardize(fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
     return [((x - mu) / sd).astype(np.float32) for x in (fit, *others)]
 
 
-@contextlib.contextmanager
-def _one_cpu_thread(device: str):
-    """Heads are small: on CPU, thread hand-offs cost more than the math, and once scanpy's numba /
-    OpenMP pools exist torch's threads spin against them (measured: 10x slower with 2 threads)."""
-    import torch
-
-    if not str(device).startswith("cpu"):
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def fit_head(head, loss_fn, X_fit, y_fit, X_val, y_val, *, lr: float, max_epochs: int, patience: int,
              seed: int, device: str, batch_size: int = BATCH_SIZE):
-    """Train ``head`` in place (best validation epoch restored); returns the number of epochs run."""
-    with _one_cpu_thread(device):
-        return _fit_head(head, loss_fn, X_fit, y_fit, X_val, y_val, lr=lr, max_epochs=max_epochs, patience=patience,
-                         seed=seed, device=device, batch_size=batch_size)
+    """Train ``head`` in place (best validation epoch restored); returns the number of epochs run.
+
+    Uses the threads torch is given (``torch.set_num_threads``; all cores by default)."""
+    return _fit_head(head, loss_fn, X_fit, y_fit, X_val, y_val, lr=lr, max_epochs=max_epochs, patience=patience,
+                     seed=seed, device=device, batch_size=batch_size)
 
 
 def _fit_head(head, loss_fn, X_fit, y_fit, X_val, y_val, *, lr: float, max_epochs: int, patience: int,
@@ -133,3 +117,34 @@ def knn_regression(ref_features: np.ndarray, ref_expression: np.ndarray, query_f
         w = w / w.sum(1, keepdim=True)
         out.append((w.unsqueeze(-1) * expr[idx]).sum(1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, ref_expression.shape[1]), np.float32)
+
+
+RIDGE_ALPHAS = tuple(10.0 ** np.arange(-2, 5))  # x n_fit: penalties tried on the validation split
+
+
+def _ridge_weights(X: np.ndarray, Y: np.ndarray, alphas) -> list[np.ndarray]:
+    """Ridge solutions (X^T X + a I)^-1 X^T Y for every ``a``, from one SVD of X (closed form)."""
+    U, s, Vt = np.linalg.svd(X.astype(np.float64), full_matrices=False)
+    UtY = U.T @ Y.astype(np.float64)
+    return [(Vt.T * (s / (s * s + a))) @ UtY for a in alphas]
+
+
+def ridge_regression(X_fit, Y_fit, X_val, Y_val, X_test, *, alphas=RIDGE_ALPHAS) -> np.ndarray:
+    """Predicted expression for ``X_test``: ridge in closed form on standardized features (intercept = the
+    fitting part's mean), the penalty (``alphas`` x n) chosen by the validation MSE, then refit on fit + val."""
+    X_all = np.concatenate([X_fit, X_val])
+    Y_all = np.concatenate([Y_fit, Y_val]).astype(np.float64)
+    n = max(len(X_fit), 1)
+    scaled = [a * n for a in alphas]
+    if len(X_val):
+        Xf, Xv = standardize(X_fit, X_val)
+        mu = Y_fit.mean(axis=0)
+        Ws = _ridge_weights(Xf, Y_fit - mu, scaled)
+        errs = [float(((Xv.astype(np.float64) @ W + mu - Y_val) ** 2).mean()) for W in Ws]
+        best = scaled[int(np.argmin(errs))]
+    else:
+        best = scaled[len(scaled) // 2]
+    Xa, Xt = standardize(X_all, X_test)
+    mu = Y_all.mean(axis=0)
+    W = _ridge_weights(Xa, Y_all - mu, [best * len(X_all) / n])[0]
+    return (Xt.astype(np.float64) @ W + mu).astype(np.float32)
