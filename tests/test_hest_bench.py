@@ -205,10 +205,10 @@ def test_full_256_components_match_the_reference(bench):
         with h5py.File(task_dir / "patches" / f"{s}.h5", "r") as f:
             bcs[s] = [b[0].decode() for b in f["barcode"][()]]
         emb[s] = rng.normal(size=(n, 300)).astype(np.float32)
-    # 256 components need > 256 training spots: the training samples' spots three times, with noise
+    # 256 components need > 256 training spots: the training samples' spots five times, with noise
     from stamp.evaluate.hest import run_fold
 
-    X_tr = np.concatenate([np.tile(emb[s], (3, 1)) + rng.normal(0, 0.1, (3 * len(emb[s]), 300)) for s in ("S1", "S2")])
+    X_tr = np.concatenate([np.tile(emb[s], (5, 1)) + rng.normal(0, 0.1, (5 * len(emb[s]), 300)) for s in ("S1", "S2")])
     Y_tr = rng.normal(size=(len(X_tr), N_GENES))
     X_te = np.concatenate([emb[s] for s in ("S3", "S4")])
     Y_te = X_te[:, :N_GENES] * 0.5 + rng.normal(size=(len(X_te), N_GENES))

@@ -282,6 +282,51 @@ def read_patches(path: Path, batch: int):
     return n, barcodes, coords, batches()
 
 
+def patch_barcodes(path: Path) -> np.ndarray:
+    """The barcodes of a HEST patch .h5, without reading its images."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as fh:
+            if "barcode" not in fh or "img" not in fh:
+                raise EvaluateError(f"{path}: no dataset {'barcode' if 'barcode' not in fh else 'img'}; a HEST patch "
+                                    "file holds img (N, 224, 224, 3), barcode and coords")
+            return _decode(fh["barcode"][()])
+    except OSError as e:
+        raise EvaluateError(f"{path}: not a readable HDF5 patch file ({e}); download the task again") from None
+
+
+def _missing(s: Sample, barcodes, genes: Sequence[str], obs, var) -> None:
+    obs = set(obs)
+    missing = [b for b in barcodes if b not in obs]
+    if missing:
+        raise EvaluateError(f"{s.expr}: {len(missing)} of sample {s.sample_id}'s {len(barcodes)} patch barcodes are "
+                            f"not in its .h5ad (e.g. {missing[0]!r}); the patch .h5 and the .h5ad must come from the "
+                            "same sample")
+    var = set(var)
+    absent = [g for g in genes if g not in var]
+    if absent:
+        raise EvaluateError(f"{s.expr}: {len(absent)} genes of {GENE_LIST} are not in sample {s.sample_id}'s .h5ad "
+                            f"(e.g. {', '.join(absent[:3])}); the gene list and the expression files disagree")
+
+
+def check_task_files(task: Task) -> None:
+    """Every sample's patch barcodes are in its .h5ad and every listed gene is in it: checked from the
+    files' indexes before any patch is embedded (a wrong layout fails in seconds, not after hours)."""
+    import anndata as ad
+
+    for s in task.samples.values():
+        barcodes = patch_barcodes(s.patches)
+        try:
+            a = ad.read_h5ad(s.expr, backed="r")
+        except (OSError, ValueError, KeyError) as e:
+            raise EvaluateError(f"{s.expr}: not a readable .h5ad ({e}); download the task again") from None
+        try:
+            _missing(s, barcodes, task.genes, a.obs_names.astype(str), a.var_names.astype(str))
+        finally:
+            a.file.close()
+
+
 def read_expression(path: Path, barcodes: np.ndarray, genes: Sequence[str], sample_id: str) -> np.ndarray:
     """log1p of the raw counts of ``genes`` at ``barcodes`` (patch order), float64 (HEST's targets)."""
     import anndata as ad
@@ -292,16 +337,8 @@ def read_expression(path: Path, barcodes: np.ndarray, genes: Sequence[str], samp
     except (OSError, ValueError, KeyError) as e:
         raise EvaluateError(f"{path}: not a readable .h5ad ({e}); download the task again") from None
     obs = {b: i for i, b in enumerate(adata.obs_names.astype(str))}
-    missing = [b for b in barcodes if b not in obs]
-    if missing:
-        raise EvaluateError(f"{path}: {len(missing)} of sample {sample_id}'s {len(barcodes)} patch barcodes are not "
-                            f"in its .h5ad (e.g. {missing[0]!r}); the patch .h5 and the .h5ad must come from the "
-                            "same sample")
     var = {g: i for i, g in enumerate(adata.var_names.astype(str))}
-    absent = [g for g in genes if g not in var]
-    if absent:
-        raise EvaluateError(f"{path}: {len(absent)} genes of {GENE_LIST} are not in sample {sample_id}'s .h5ad "
-                            f"(e.g. {', '.join(absent[:3])}); the gene list and the expression files disagree")
+    _missing(Sample(sample_id, "", expr=Path(path)), barcodes, genes, obs, var)
     X = adata.X[np.array([obs[b] for b in barcodes])][:, np.array([var[g] for g in genes])]
     X = X.toarray() if sp.issparse(X) else np.asarray(X)
     return np.log1p(X.astype(np.float64))
@@ -633,6 +670,9 @@ def hest_bench(models: Sequence[str], *, out, bench_dir=None, data=None, patient
     models = [str(m) for m in models]
     names = model_names(models)
     tasks = [read_task(f) for f in task_folders(bench_dir)] if bench_dir is not None else [corpus_task(data, patient)]
+    for t in tasks:
+        if t.source == "hest":
+            check_task_files(t)
     device = device or default_device()
     notes = [f"input: {'HEST-Benchmark task folders in ' + str(bench_dir) if bench_dir is not None else 'corpus ' + str(data) + ', leave-one-patient-out by ' + str(patient)}",
              f"tasks: {', '.join(f'{t.name} ({len(t.samples)} samples, {len(t.folds)} folds, {len(t.genes)} genes)' for t in tasks)}",
