@@ -317,5 +317,8 @@ def pca_features(data: EvalData, *, n_components: int = PCA_COMPONENTS, n_hvgs: 
     k = int(min(n_components, X.shape[0] - 1, X.shape[1]))
     if k < 1:
         raise EvaluateError("too few spots or genes for the PCA baseline")
-    Z = PCA(n_components=k, svd_solver="full", random_state=seed).fit_transform(X)
+    # exact either way; the covariance eigendecomposition (d x d) is much cheaper than a full SVD of the
+    # (spots x genes) matrix when spots >> genes (10,000 x 2,000: seconds instead of minutes)
+    solver = "covariance_eigh" if X.shape[0] >= 4 * X.shape[1] else "full"
+    Z = PCA(n_components=k, svd_solver=solver, random_state=seed).fit_transform(X)
     return FeatureSet("pca", "pca", Z.astype(np.float32))
