@@ -253,3 +253,37 @@ def test_wrong_layouts_are_one_line(bench, tmp_path, breakage, expect):
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and expect in lines[0], res.stderr
     assert not out.exists()  # a failed run leaves no --out behind
+
+
+def test_hest_bench_on_a_paired_corpus_leaves_one_patient_out(bench, tmp_path):
+    """A paired corpus (GENERATED slides with mosaic patches): one fold per patient (--patient slide_id: one
+    patient per slide), genes by HEST's rule, cached embeddings; --patient is required and checked."""
+    from paired_helpers import make_mosaic_corpus
+
+    from spavis.format import open_corpus
+    from stamp.evaluate.data import load_eval_data
+    from stamp.evaluate.hest import N_GENES as HEST_GENES
+    from stamp.evaluate.hest import hest_genes
+
+    _, _, model, _ = bench
+    corpus, _ = make_mosaic_corpus(tmp_path / "c", slides=3, n_genes=80, max_row=4)
+    ev = load_eval_data(open_corpus(corpus))
+    genes = hest_genes(ev.counts, ev.slide_ids, ev.gene_symbols)
+    detected = np.asarray((ev.counts[:, genes] > 0).mean(axis=0)).reshape(-1)
+    assert len(genes) == HEST_GENES and (detected >= 0.1).all() and list(genes) == sorted(genes)
+    out = tmp_path / "ev"
+    res = stamp_cli("evaluate", "hest-bench", "--model", model.parent, "--data", corpus, "--patient", "slide_id",
+                    "--out", out, "--device", "cpu", "--no-progress", "--no-figures")
+    assert res.returncode == 0, res.stderr
+    df = pd.read_csv(out / "results.csv")
+    hest = df[df.method == "hest"]
+    assert sorted(hest["fold"]) == ["patient-gen0", "patient-gen1", "patient-gen2"]
+    assert (hest["n_genes"] == HEST_GENES).all() and hest["n_test"].sum() == ev.n_spots
+    assert len(list((out / "embeddings").rglob("*.h5"))) == 3
+    line = [ln for ln in stamp_cli("evaluate", "hest-bench", "--model", model.parent, "--data", corpus, "--out",
+                                   tmp_path / "e2", "--no-progress").stderr.splitlines() if ln.strip()]
+    assert len(line) == 1 and "--patient COLUMN" in line[0]
+    line = [ln for ln in stamp_cli("evaluate", "hest-bench", "--model", model.parent, "--data", corpus, "--patient",
+                                   "donor", "--out", tmp_path / "e3", "--no-progress").stderr.splitlines()
+            if ln.strip()]
+    assert len(line) == 1 and "no slide column or annotation column 'donor'" in line[0]

@@ -122,11 +122,11 @@ def knn_regression(ref_features: np.ndarray, ref_expression: np.ndarray, query_f
         w = sim.clamp(min=0)
         w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))  # all dissimilar: plain mean
         w = w / w.sum(1, keepdim=True)
-        # (queries x references) weights with k entries a row, times the references' expression: the
-        # weighted mean without materialising a (queries, k, genes) block
-        rows = torch.arange(len(q), device=device).repeat_interleave(k)
-        W = torch.sparse_coo_tensor(torch.stack([rows, idx.reshape(-1)]), w.reshape(-1), (len(q), len(ref)))
-        out.append(torch.sparse.mm(W, expr).cpu().numpy())
+        # the weighted mean, one neighbour rank at a time: never a (queries, k, genes) block in memory
+        pred = torch.zeros((len(q), expr.shape[1]), device=device, dtype=torch.float32)
+        for j in range(k):
+            pred.addcmul_(w[:, j:j + 1], expr[idx[:, j]])
+        out.append(pred.cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, ref_expression.shape[1]), np.float32)
 
 RIDGE_ALPHAS = tuple(10.0 ** np.arange(-2, 5))  # x n_fit: penalties tried on the validation split
