@@ -154,7 +154,7 @@ def test_small_low_depth_corpus_scores_expression(tmp_path):
     assert flavor != "seurat_v3" and len(genes) == len(set(genes)) > 0
     out = tmp_path / "ev"
     res = stamp_cli("evaluate", "predict-expression", "--data", corpus, "--out", out, "--no-progress",
-                    "--device", "cpu", "--head", "knn,ridge")
+                    "--device", "cpu", "--head", "knn,ridge", "--threads", "1")
     assert res.returncode == 0, res.stderr
     df = pd.read_csv(out / "results.csv")
     assert set(df["model"]) == {"pca"} and set(df["method"]) == {"knn", "ridge"}

@@ -49,6 +49,9 @@ def register(app: typer.Typer) -> None:
         patient: Optional[str] = typer.Option(
             None, "--patient", help="hest-bench with --data: the slide column naming each slide's patient "
                                     "(leave-one-patient-out)."),
+        threads: Optional[int] = typer.Option(
+            None, "--threads", min=1, help="CPU threads for encoders and heads (default: every core; 1 on a machine "
+                                           "shared with other jobs)."),
         no_figures: bool = typer.Option(False, "--no-figures", help="Only results.csv and results.md."),
         no_progress: bool = typer.Option(False, "--no-progress"),
     ) -> None:
@@ -60,7 +63,7 @@ def register(app: typer.Typer) -> None:
 
             hest_bench(model or [], out=out, bench_dir=bench_dir, data=data, patient=patient,
                        seed=1 if seed is None else seed, device=device, batch_size=batch_size,
-                       figures=not no_figures, progress=not no_progress, means=means)
+                       figures=not no_figures, progress=not no_progress, means=means, threads=threads)
             err_console.print(f"results written to {out / 'results.md'} and {out / 'results.csv'}")
             return
 
@@ -71,5 +74,5 @@ def register(app: typer.Typer) -> None:
         heads = [h for v in head for h in v.split(",")] if head else None
         evaluate(task, model or [], data, out=out, label=label, modality=modality, baselines=not no_baselines,
                  seed=0 if seed is None else seed, device=device, batch_size=batch_size, figures=not no_figures,
-                 progress=not no_progress, knn_k=knn_k, n_hvgs=n_hvgs, heads=heads, means=means)
+                 progress=not no_progress, knn_k=knn_k, n_hvgs=n_hvgs, heads=heads, means=means, threads=threads)
         err_console.print(f"results written to {out / 'results.md'} and {out / 'results.csv'}")

@@ -103,16 +103,36 @@ def output_folder(out: Path):
         raise
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's CPU threads set to ``n`` inside the block (unchanged when None), restored after."""
+    import torch
+
+    if not n:
+        yield
+        return
+    if n < 1:
+        raise EvaluateError(f"--threads {n}: give a positive number of threads")
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def evaluate(task: str, models: Sequence[str | os.PathLike], data: str | os.PathLike, *, out: str | os.PathLike,
              label: str | None = None, modality: str = "gene", baselines: bool = True, seed: int = 0,
              device: str | None = None, batch_size: int = 256, figures: bool = True, progress: bool = True,
              knn_k: int = 50, n_hvgs: int = 5000, heads: Sequence[str] | None = None,
-             means: str | os.PathLike | None = None):
+             means: str | os.PathLike | None = None, threads: int | None = None):
     """Run ``task`` (one, comma-separated ones, or ``"all"``) for every model plus the baselines; returns the
     results DataFrame.
 
     Writes ``out/results.csv``, ``out/results.md`` and figures (each file atomically). ``heads``:
-    predict-expression heads (default all of :data:`stamp.evaluate.tasks.HEADS`).
+    predict-expression heads (default all of :data:`stamp.evaluate.tasks.HEADS`). ``threads``: torch CPU
+    threads for the run (default: torch's own, every core; 1 on a machine shared with other jobs, where
+    threads that wait for each other cost more than they give).
     """
     import torch
 
@@ -156,7 +176,8 @@ def evaluate(task: str, models: Sequence[str | os.PathLike], data: str | os.Path
               "baselines: random-init = the first model's architecture with fresh weights (same tokenizer); "
               "pca = 50 PCs of log-CP10K, top-2,000 Seurat v3 HVGs (expression only, whatever the modality)"]
     rows: list[dict] = []
-    with output_folder(Path(out)) as out, _progress(progress) as bar, torch.random.fork_rng(devices=[]):
+    with output_folder(Path(out)) as out, _progress(progress) as bar, torch.random.fork_rng(devices=[]), \
+            torch_threads(threads):
         torch.manual_seed(seed)
         sets = feature_sets(models, ev, modality=modality, device=device, seed=seed,
                             baselines=baselines, batch_size=batch_size, bar=bar, corpus=corpus, means=means)

@@ -650,13 +650,13 @@ def leaderboard_figure(out: Path, df) -> Path:
 
 def hest_bench(models: Sequence[str], *, out, bench_dir=None, data=None, patient: str | None = None,
                seed: int = HEST_SEED, device: str | None = None, batch_size: int = 128, figures: bool = True,
-               progress: bool = True, means=None, variants: bool = True):
+               progress: bool = True, means=None, variants: bool = True, threads: int | None = None):
     """Run HEST-Benchmark for every model on the same splits; writes results.csv, results.md,
     leaderboard.png and the per-sample embeddings into ``out``; returns the fold-level frame."""
     import pandas as pd
 
     from spavis.format.io import atomic_write_text
-    from stamp.evaluate import _progress, output_folder
+    from stamp.evaluate import _progress, output_folder, torch_threads
     from stamp.evaluate.features import default_device, load_encoder, model_names
 
     if not models:
@@ -682,7 +682,7 @@ def hest_bench(models: Sequence[str], *, out, bench_dir=None, data=None, patient
              "targets: log1p of raw counts (no per-spot normalisation, as HEST)",
              "sd: population sd over folds (as HEST's np.std)"]
     rows = []
-    with output_folder(Path(out)) as out, _progress(progress) as bar:
+    with output_folder(Path(out)) as out, _progress(progress) as bar, torch_threads(threads):
         for model, name in zip(models, names):
             enc_holder: dict = {}
 
