@@ -5,8 +5,10 @@
 
 Tasks (:mod:`stamp.evaluate.tasks`): ``linear-probe`` (one linear layer on frozen features,
 leave-one-slide-out or stratified 5-fold), ``cluster`` (Leiden per slide; ARI / NMI /
-silhouette), ``predict-expression`` (BLEEP-style top-K retrieval and a 3-layer MLP on
-the top 5,000 HVGs; MSE / PCC-V / PCC-E). Every model given plus the baselines
+silhouette / Calinski-Harabasz), ``predict-expression`` (heads ``knn`` = BLEEP-style top-K
+retrieval, closed-form ``ridge``, 3-layer ``mlp``, on the top 5,000 HVGs; MSE / PCC-V / PCC-E).
+HEST-Benchmark is :func:`stamp.evaluate.hest.hest_bench` (``stamp evaluate hest-bench``).
+Models are loaded with :func:`stamp.load`. Every model given plus the baselines
 (:mod:`stamp.evaluate.features`: the first model's architecture with random weights, and
 PCA of log-CP10K HVGs) is scored on the same folds. Output: ``results.csv``,
 ``results.md`` and PNG figures in ``out``.
