@@ -53,7 +53,7 @@ from stamp.errors import EmbedError
 logger = logging.getLogger(__name__)
 
 __all__ = ["PARQUET_METADATA_KEY", "OBSM_KEY", "STAGING", "model_record", "read_model_record",
-           "ParquetEmbeddings", "write_parquet", "ZarrObsmWriter", "zarr_writer_lock", "write_feature_bag"]
+           "ParquetEmbeddings", "write_parquet", "ZarrObsmWriter", "zarr_writer_lock", "write_feature_bag", "write_h5"]
 
 PARQUET_METADATA_KEY = b"stamp.model"
 OBSM_KEY = "X_stamp"
@@ -315,28 +315,27 @@ class ZarrObsmWriter:
 
 
 # ----------------------------------------------------------------------------- h5 feature bags
-def write_feature_bag(path: str | os.PathLike, features: np.ndarray, coords: np.ndarray, attrs: dict[str, Any]) -> Path:
-    """Write a CLAM / TRIDENT feature bag (``features``, ``coords``, root attributes; layout in
-    ``stamp.slides.bags``) atomically (hidden temporary, then rename): readers never see half a bag."""
+def write_h5(path: str | os.PathLike, datasets: dict[str, np.ndarray], attrs: dict[str, Any],
+             dataset_attrs: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write named arrays + root attributes to an h5 file atomically (hidden temporary, then rename):
+    readers never see half a file. String arrays are stored as h5 variable-length strings; dict/list
+    attributes as JSON; None attributes are left out."""
     import h5py
-
-    from spavis.format.io import temp_sibling
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    features = np.ascontiguousarray(features, np.float32)
-    coords = np.ascontiguousarray(coords, np.int64).reshape(-1, 2)
-    if len(features) != len(coords):
-        raise ValueError(f"{len(features)} feature rows for {len(coords)} coords")
     tmp = temp_sibling(path)
     try:
         with h5py.File(tmp, "w", track_order=True) as f:
-            f.create_dataset("features", data=features, track_times=False)
-            c = f.create_dataset("coords", data=coords, track_times=False)
-            for k in ("patch_size", "patch_size_level0", "patch_level"):
-                src = {"patch_size": "tile_px", "patch_size_level0": "tile_px_level0", "patch_level": "level"}[k]
-                if src in attrs:
-                    c.attrs[k] = attrs[src]
+            for name, data in datasets.items():
+                arr = np.asarray(data)
+                if arr.dtype.kind in "OUS":
+                    d = f.create_dataset(name, data=np.asarray([str(x) for x in arr], dtype=object),
+                                         dtype=h5py.string_dtype(), track_times=False)
+                else:
+                    d = f.create_dataset(name, data=arr, track_times=False)
+                for k, v in (dataset_attrs or {}).get(name, {}).items():
+                    d.attrs[k] = v
             for k, v in attrs.items():
                 if v is None:
                     continue
@@ -346,3 +345,15 @@ def write_feature_bag(path: str | os.PathLike, features: np.ndarray, coords: np.
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_feature_bag(path: str | os.PathLike, features: np.ndarray, coords: np.ndarray, attrs: dict[str, Any]) -> Path:
+    """Write a CLAM / TRIDENT feature bag (``features``, ``coords``, root attributes; layout in
+    ``stamp.slides.bags``) atomically with :func:`write_h5`."""
+    features = np.ascontiguousarray(features, np.float32)
+    coords = np.ascontiguousarray(coords, np.int64).reshape(-1, 2)
+    if len(features) != len(coords):
+        raise ValueError(f"{len(features)} feature rows for {len(coords)} coords")
+    clam = {"patch_size": "tile_px", "patch_size_level0": "tile_px_level0", "patch_level": "level"}
+    coord_attrs = {k: attrs[src] for k, src in clam.items() if src in attrs}
+    return write_h5(path, {"features": features, "coords": coords}, attrs, {"coords": coord_attrs})

@@ -1,4 +1,10 @@
-"""``stamp evaluate TASK --model M [--model M2 ...] --data CORPUS --label COL --out DIR``."""
+"""``stamp evaluate TASK --model M [--model M2 ...] --data CORPUS --label COL --out DIR``.
+
+``TASK`` is a corpus task (linear-probe, cluster, predict-expression, comma-separated, all) or
+``hest-bench`` (HEST-Benchmark task folders with ``--bench-dir``, or a paired corpus with
+``--data`` and ``--patient``) or ``mil`` (slide-level ABMIL on feature bags, ``--features`` and
+``--labels``). One command; each task family is one block below.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,11 +19,13 @@ def register(app: typer.Typer) -> None:
     @app.command("evaluate")
     @friendly_errors
     def evaluate_cmd(
-        task: str = typer.Argument(..., help="linear-probe, cluster, predict-expression, several comma-separated, or all; "
-                                   "mil: slide-level ABMIL on feature bags (stamp embed-slides)."),
+        task: str = typer.Argument(..., help="linear-probe, cluster, predict-expression, several comma-separated, "
+                                   "all; hest-bench (HEST-Benchmark); mil (slide-level ABMIL on `stamp embed-slides` bags)."),
         model: Optional[List[str]] = typer.Option(
-            None, "--model", help="Model folder (RUN, RUN/model) or Hub repo id; repeat to compare several."),
-        data: Optional[str] = typer.Option(None, "--data", help="Evaluation corpus (shard directory or Hub dataset id)."),
+            None, "--model", help="Zoo name (stamp-v1, ...), model folder (RUN, RUN/model) or Hub repo id; repeat to "
+                                  "compare several."),
+        data: Optional[str] = typer.Option(None, "--data", help="Evaluation corpus (shard directory or Hub dataset "
+                                           "id); hest-bench: a paired corpus (--with-images) instead of --bench-dir."),
         label: Optional[str] = typer.Option(
             None, "--label", help="Annotation column (build-shards --obs-columns); needed by linear-probe and cluster."),
         out: Path = typer.Option(..., "--out", help="Output folder: results.csv, results.md, figures."),
@@ -25,11 +33,27 @@ def register(app: typer.Typer) -> None:
                                      "StampModel and a corpus built with --with-images; spots without a patch are "
                                      "excluded and counted in results.md)."),
         no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip the random-init and PCA baselines."),
-        seed: int = typer.Option(0, "--seed", help="Seeds folds, heads, Leiden and the random-init baseline."),
+        seed: Optional[int] = typer.Option(None, "--seed", help="Seeds folds, heads, Leiden and the random-init "
+                                           "baseline (default 0; hest-bench: 1, HEST's own)."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
         batch_size: int = typer.Option(256, "--batch-size", min=1, help="Spots per encoder forward pass."),
         knn_k: int = typer.Option(50, "--knn-k", min=1, help="predict-expression: neighbours of the BLEEP-style query."),
         n_hvgs: int = typer.Option(5000, "--n-hvgs", min=1, help="predict-expression: target genes (top HVGs)."),
+        head: Optional[List[str]] = typer.Option(
+            None, "--head", help="predict-expression heads: mlp, ridge, knn (BLEEP query-reference); repeat or "
+                                 "comma-separate (default: all three)."),
+        means: Optional[Path] = typer.Option(None, "--means", help="Gene means file for models that ship none "
+                                             "(the released Visium_mean.npy)."),
+        bench_dir: Optional[Path] = typer.Option(
+            None, "--bench-dir", help="hest-bench: a HEST-Benchmark task folder (splits/, patches/, adata/, "
+                                      "var_50genes.json) or a folder of such task folders."),
+        patient: Optional[str] = typer.Option(
+            None, "--patient", help="Patient column. hest-bench with --data: the slide column naming each slide's "
+                                    "patient (leave-one-patient-out); mil: the labels CSV column (a patient's slides "
+                                    "= one bag; default 'patient')."),
+        threads: Optional[int] = typer.Option(
+            None, "--threads", min=1, help="CPU threads for encoders and heads (default: every core; 1 on a machine "
+                                           "shared with other jobs)."),
         no_figures: bool = typer.Option(False, "--no-figures", help="Only results.csv and results.md."),
         no_progress: bool = typer.Option(False, "--no-progress"),
         # --- mil (slide-level ABMIL on feature bags; stamp.slides.mil) ---
@@ -37,7 +61,6 @@ def register(app: typer.Typer) -> None:
             None, "--features", help="mil: features folder of `stamp embed-slides` (repeat to compare encoders)."),
         labels: Optional[Path] = typer.Option(None, "--labels", help="mil: CSV with slide, patient and label "
                                               "(or survival) columns."),
-        patient: str = typer.Option("patient", "--patient", help="mil: patient column (a patient's slides = one bag)."),
         slide_column: str = typer.Option("slide", "--slide-column", help="mil: slide column (bag names)."),
         survival: Optional[str] = typer.Option(None, "--survival", help="mil: TIME_COL,EVENT_COL for discrete-time "
                                                "survival (c-index) instead of --label classification."),
@@ -49,27 +72,35 @@ def register(app: typer.Typer) -> None:
                                      "per class."),
     ) -> None:
         """Score encoders on labelled slices (same folds for every model, baselines in the same run)."""
+        from stamp.evaluate import EvaluateError
+
         if task == "mil":
             from stamp.slides.mil import MilOptions, evaluate_mil
 
             if not features or labels is None:
-                from stamp.errors import UsageError
-
-                raise UsageError("evaluate mil needs --features DIR (repeatable) and --labels CSV")
-            opts = MilOptions(folds=folds, epochs=epochs, lr=lr, patience=patience, seed=seed, device=device,
-                              baselines=not no_baselines, figures=not no_figures, heatmaps_per_class=heatmaps)
-            evaluate_mil(features, labels, label=label, patient=patient, slide_column=slide_column,
+                raise EvaluateError("evaluate mil needs --features DIR (repeatable) and --labels CSV")
+            opts = MilOptions(folds=folds, epochs=epochs, lr=lr, patience=patience, seed=0 if seed is None else seed,
+                              device=device, baselines=not no_baselines, figures=not no_figures, heatmaps_per_class=heatmaps)
+            evaluate_mil(features, labels, label=label, patient=patient or "patient", slide_column=slide_column,
                          survival=survival.split(",") if survival else None, out=out, options=opts,
                          progress=not no_progress)
             err_console.print(f"results written to {out / 'results.md'} and {out / 'results.csv'}")
             return
-        if data is None:
-            from stamp.errors import UsageError
+        if task == "hest-bench":
+            from stamp.evaluate.hest import hest_bench
 
-            raise UsageError("pass --data CORPUS (shard directory or Hub dataset id)")
+            hest_bench(model or [], out=out, bench_dir=bench_dir, data=data, patient=patient,
+                       seed=1 if seed is None else seed, device=device, batch_size=batch_size,
+                       figures=not no_figures, progress=not no_progress, means=means, threads=threads)
+            err_console.print(f"results written to {out / 'results.md'} and {out / 'results.csv'}")
+            return
+
         from stamp.evaluate import evaluate
 
+        if data is None:
+            raise EvaluateError(f"{task}: pass --data CORPUS (the evaluation corpus)")
+        heads = [h for v in head for h in v.split(",")] if head else None
         evaluate(task, model or [], data, out=out, label=label, modality=modality, baselines=not no_baselines,
-                 seed=seed, device=device, batch_size=batch_size, figures=not no_figures, progress=not no_progress,
-                 knn_k=knn_k, n_hvgs=n_hvgs)
+                 seed=0 if seed is None else seed, device=device, batch_size=batch_size, figures=not no_figures,
+                 progress=not no_progress, knn_k=knn_k, n_hvgs=n_hvgs, heads=heads, means=means, threads=threads)
         err_console.print(f"results written to {out / 'results.md'} and {out / 'results.csv'}")

@@ -128,24 +128,64 @@ def log_cp10k(counts: sp.csr_matrix) -> sp.csr_matrix:
     return counts
 
 
-def seurat_v3_hvgs(counts: sp.csr_matrix, n_top: int, genes: np.ndarray | None = None) -> np.ndarray:
-    """Column indices of the ``n_top`` most variable genes (scanpy ``flavor="seurat_v3"`` on raw counts),
-    ranked best first; ``genes`` restricts the candidates (e.g. genes detected in every slide)."""
-    import anndata as ad
-    import scanpy as sc
+# what highly-variable-gene ranking falls back to when Seurat v3's loess fit fails (small corpora:
+# "There are other near singularities"): Seurat's and Cell Ranger's dispersions on log-CP10K, then variance
+HVG_FLAVORS = ("seurat_v3", "seurat", "cell_ranger", "variance")
 
+
+def _candidates(counts: sp.csr_matrix, genes: np.ndarray | None) -> np.ndarray:
     cand = np.arange(counts.shape[1]) if genes is None else np.asarray(genes)
     cand = cand[np.asarray(counts[:, cand].getnnz(axis=0)).reshape(-1) > 0]
     if cand.size == 0:
         raise EvaluateError("no gene is detected in the corpus; nothing to select variable genes from")
-    n_top = int(min(n_top, cand.size))
-    adata = ad.AnnData(X=sp.csr_matrix(counts[:, cand], dtype=np.float32))
+    return cand
+
+
+def _scanpy_rank(counts: sp.csr_matrix, cand: np.ndarray, n_top: int, flavor: str) -> np.ndarray:
     import warnings
 
+    import anndata as ad
+    import scanpy as sc
+
+    if flavor == "seurat_v3":
+        adata = ad.AnnData(X=sp.csr_matrix(counts[:, cand], dtype=np.float32))
+        kwargs = {"span": 0.3 if n_top > 50 else 1.0}
+    else:
+        adata = ad.AnnData(X=log_cp10k(counts)[:, cand])
+        kwargs = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=n_top, span=0.3 if n_top > 50 else 1.0)
-    rank = adata.var["highly_variable_rank"].to_numpy()
-    keep = np.flatnonzero(np.isfinite(rank))
-    keep = keep[np.argsort(rank[keep], kind="stable")][:n_top]
-    return cand[keep]
+        sc.pp.highly_variable_genes(adata, flavor=flavor, n_top_genes=n_top, **kwargs)
+    var = adata.var
+    if flavor == "seurat_v3":
+        rank = var["highly_variable_rank"].to_numpy()
+        keep = np.flatnonzero(np.isfinite(rank))
+        return keep[np.argsort(rank[keep], kind="stable")][:n_top]
+    score = var["dispersions_norm"].to_numpy(dtype=float)
+    keep = np.flatnonzero(np.isfinite(score))
+    if keep.size < n_top:
+        raise ValueError("too few genes with a finite dispersion")
+    return keep[np.argsort(-score[keep], kind="stable")][:n_top]
+
+
+def variable_genes(counts: sp.csr_matrix, n_top: int, genes: np.ndarray | None = None) -> tuple[np.ndarray, str]:
+    """(column indices of the ``n_top`` most variable genes, best first; the flavor that ranked them).
+
+    scanpy ``flavor="seurat_v3"`` on raw counts; when its loess fit fails (a corpus of a few dozen
+    spots), Seurat's then Cell Ranger's dispersion on log-CP10K, then plain variance of log-CP10K.
+    ``genes`` restricts the candidates (e.g. genes detected in every slide)."""
+    cand = _candidates(counts, genes)
+    n_top = int(min(n_top, cand.size))
+    for flavor in HVG_FLAVORS[:-1]:
+        try:
+            return cand[_scanpy_rank(counts, cand, n_top, flavor)], flavor
+        except (ValueError, ArithmeticError, np.linalg.LinAlgError, KeyError):
+            continue
+    X = log_cp10k(counts)[:, cand]
+    var = np.asarray(X.power(2).mean(axis=0)).reshape(-1) - np.asarray(X.mean(axis=0)).reshape(-1) ** 2
+    return cand[np.argsort(-var, kind="stable")[:n_top]], "variance"
+
+
+def seurat_v3_hvgs(counts: sp.csr_matrix, n_top: int, genes: np.ndarray | None = None) -> np.ndarray:
+    """Column indices of the ``n_top`` most variable genes, ranked best first (:func:`variable_genes`)."""
+    return variable_genes(counts, n_top, genes)[0]

@@ -12,9 +12,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -56,47 +58,113 @@ def model_name(model: str | os.PathLike) -> str:
     return str(model)
 
 
+BASELINE_NAMES = ("random-init", "pca")
+
+
+def _model_key(model: str | os.PathLike) -> tuple[str, ...]:
+    """What identifies a model: its resolved run folder (``RUN`` and ``RUN/model`` are one model) as path
+    parts, or the Hub id / zoo name as given."""
+    path = Path(str(model))
+    if path.exists():
+        path = path.resolve()
+        if path.name == "model" and (path.parent / "model").resolve() == path:
+            path = path.parent
+        return path.parts
+    return tuple(p for p in str(model).split("/") if p) or (str(model),)
+
+
+def model_names(models: Sequence[str | os.PathLike]) -> list[str]:
+    """One unique, readable name per model (rows of results.csv).
+
+    The folder name (or Hub id) when it is unique; otherwise the shortest path suffix that tells the
+    same-named models apart (``A/run``, ``B/run``). The same model given twice (``R`` and ``R/model``,
+    or one path spelled two ways) is refused: its folds would be pooled into one row."""
+    keys = [_model_key(m) for m in models]
+    seen: dict[tuple[str, ...], str] = {}
+    for m, k in zip(models, keys):
+        if k in seen:
+            raise EvaluateError(f"--model {m}: the same model as --model {seen[k]}; give each model once")
+        seen[k] = str(m)
+    base = [model_name(m) for m in models]
+    names = []
+    for i, k in enumerate(keys):
+        clash = [keys[j] for j in range(len(keys)) if j != i and base[j] == base[i]]
+        if base[i] in BASELINE_NAMES:  # a folder named like a baseline: never one row with it
+            clash.append(("", base[i]))
+        n = 1
+        while n < len(k) and any(k[-n:] == c[-n:] for c in clash):
+            n += 1
+        names.append(base[i] if n == 1 and not clash else "/".join(k[-n:]).lstrip("/") or str(models[i]))
+    return names
+
+
 def _check_vocab(data: EvalData, tokenizer, model) -> None:
-    if list(data.gene_ids) != list(tokenizer.gene_ids):
-        raise EvaluateError(
-            f"{model}: its {tokenizer.n_genes}-gene vocabulary differs from the corpus's {len(data.gene_ids)} genes; "
-            "build the evaluation corpus with the vocabulary the model was trained on (--vocab)"
-        )
+    from spavis.format.vocabulary import require_same_vocabulary
+
+    require_same_vocabulary(tokenizer, list(data.gene_ids), a_name=str(model), b_name="the evaluation corpus",
+                            error=EvaluateError,
+                            fix="build the evaluation corpus with the vocabulary the model was trained on (--vocab)")
 
 
-def encode(encoder, tokenizer, data: EvalData, *, batch_size: int = 256, progress=None) -> np.ndarray:
-    """Pooled gene-encoder embeddings of every spot (corpus order), no gradients."""
+def load_encoder(model: str | os.PathLike, device: str | None = None, means: str | os.PathLike | None = None):
+    """Any model of the zoo (name, run folder, model folder, Hub id) as a :class:`stamp.encoder.Encoder`."""
+    import stamp
+
+    return stamp.load(str(model), device=device or default_device(), means=means)
+
+
+def _context_length(module, default: int) -> int:
+    config = getattr(module, "config", None)
+    for cfg in (config, getattr(config, "gene", None)):
+        n = getattr(cfg, "context_length", None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return default
+
+
+def gene_side(enc, model) -> tuple:
+    """(ids -> (B, D) features, tokenizer, context length) of an encoder's gene side, BEFORE any projection:
+    an aligned STAMP model's pooled gene-encoder output (the input of ``spot_projection``), else
+    ``Encoder.encode_genes``."""
+    if enc.kind == "image":
+        raise EvaluateError(f"{model}: an image encoder has no gene side; pass --modality image (with a corpus "
+                            "built with --with-images)")
+    if enc.tokenizer is None:
+        raise EvaluateError(f"{model}: no tokenizer could be loaded (the model ships no gene means); pass "
+                            "--means FILE (the released Visium_mean.npy)")
+    fn = getattr(enc.module, "gene_features", None) or enc.encode_genes
+    return fn, enc.tokenizer, _context_length(enc.module, 1500)
+
+
+def image_side(enc, model, modality: str = "image"):
+    """pixels (B, 3, S, S) -> (B, D) image features, BEFORE any projection: an aligned STAMP model's pooled
+    vision token (the input of ``patch_projection``), else ``Encoder.encode_images``."""
+    if enc.kind == "gene" or enc.transform is None:
+        raise EvaluateError(f"{model}: a gene encoder without a vision encoder; --modality {modality} needs an "
+                            "aligned StampModel (`stamp pretrain --stage align`) or an image encoder, or pass "
+                            "--modality gene")
+    vision = getattr(enc.module, "vision_encoder", None)
+    if vision is not None:
+        return lambda px: vision(px.to(enc.device)).pooled
+    return enc.encode_images
+
+
+def encode(gene_fn, tokenizer, data: EvalData, *, context: int, batch_size: int = 256, progress=None) -> np.ndarray:
+    """Gene-side features of every spot (corpus order), no gradients."""
     import torch
 
     from stamp.tokenizer import to_model_input_ids
 
     out = []
-    context = encoder.config.context_length
-    encoder.eval()
     for table in data.tables:
         for start in range(0, table.num_rows, batch_size):
             chunk = table.slice(start, batch_size)
             ids = to_model_input_ids(tokenizer.encode_table(chunk), tokenizer.pad_value, context)
             with torch.no_grad():
-                out.append(encoder.embed(torch.from_numpy(ids.astype(np.int64))).float().cpu().numpy())
+                out.append(gene_fn(torch.from_numpy(ids.astype(np.int64))).float().cpu().numpy())
             if progress is not None:
                 progress(chunk.num_rows)
     return np.concatenate(out).astype(np.float32)
-
-
-def _load_gene_side(model: str, device: str):
-    """(gene encoder, tokenizer): a gene encoder, or the gene encoder inside an aligned StampModel
-    (its pooled output is StampModel.gene_features, the input of spot_projection)."""
-    from stamp.embed import load_model
-    from stamp.embed_multimodal import is_stamp_model, load_stamp_model
-    from stamp.hub import resolve_model_source
-
-    if is_stamp_model(resolve_model_source(model)):
-        net, tokenizer, folder = load_stamp_model(model, device)
-        if tokenizer is None:
-            raise EvaluateError(f"{folder}: no tokenizer files; gene features need them")
-        return net.gene_encoder.eval(), tokenizer
-    return load_model(model, device)
 
 
 def check_modality(modality: str) -> None:
@@ -119,19 +187,24 @@ def image_spots(corpus, data: EvalData) -> np.ndarray:
     return mask
 
 
-def encode_images(vision, config, corpus, data: EvalData, *, batch_size: int = 64, progress=None) -> np.ndarray:
-    """The vision encoder's pooled token of every spot's patch (corpus paired rows), BEFORE
-    ``patch_projection``; rows follow ``data`` (every spot of ``data`` must have a patch)."""
+def embed_pixels(image_fn, transform, images, *, device) -> np.ndarray:
+    """uint8 RGB images (B, H, W, 3) -> (B, D) float32 features: the encoder's own transform, then ``image_fn``."""
     import torch
 
+    pixels = torch.stack([transform(np.ascontiguousarray(im)) for im in images]).to(device)
+    with torch.no_grad():
+        return image_fn(pixels).float().cpu().numpy()
+
+
+def encode_images(image_fn, transform, device, corpus, data: EvalData, *, batch_size: int = 64,
+                  progress=None) -> np.ndarray:
+    """Image features of every spot's patch (corpus paired rows); rows follow ``data`` (every spot of
+    ``data`` must have a patch)."""
     from stamp.paired_data import decode_png
-    from stamp.vision import to_pixels
 
     index = {key: i for i, key in enumerate(zip(data.slide_ids.tolist(), data.spot_ids.tolist()))}
     out: np.ndarray | None = None
     seen = np.zeros(data.n_spots, bool)
-    device = next(vision.parameters()).device
-    vision.eval()
     for table in corpus.iter_paired(columns=["spot_id", "patch"], slide_ids=data.slides):
         rows = np.array([index.get(k, -1) for k in zip(table.column("slide_id").to_pylist(),
                                                         table.column("spot_id").to_pylist())])
@@ -139,9 +212,7 @@ def encode_images(vision, config, corpus, data: EvalData, *, batch_size: int = 6
         for a in range(0, keep.size, batch_size):
             take = keep[a:a + batch_size]
             patches = table.column("patch").take(take).to_pylist()
-            pixels = to_pixels(np.stack([decode_png(v) for v in patches]), config).to(device)
-            with torch.no_grad():
-                z = vision(pixels).pooled.float().cpu().numpy()
+            z = embed_pixels(image_fn, transform, [decode_png(v) for v in patches], device=device)
             if out is None:
                 out = np.zeros((data.n_spots, z.shape[1]), np.float32)
             out[rows[take]] = z
@@ -159,64 +230,77 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return (x / np.where(n > 0, n, 1.0)).astype(np.float32)
 
 
-def _stamp_features(net, tokenizer, corpus, data: EvalData, modality: str, *, batch_size: int,
-                    progress=None) -> np.ndarray:
-    """image: vision pooled token (before patch_projection); fused: [gene, image], each part L2-normalised
-    so neither modality dominates distances by its scale (as ``stamp embed --modality fused``)."""
-    img = encode_images(net.vision_encoder, net.config.vision, corpus, data, batch_size=min(batch_size, 64),
-                        progress=progress)
-    if modality == "image":
-        return img
-    gene = encode(net.gene_encoder, tokenizer, data, batch_size=batch_size, progress=progress)
-    return np.concatenate([_unit_rows(gene), _unit_rows(img)], axis=1)
+@contextlib.contextmanager
+def reinitialised(module, seed: int):
+    """``module`` with freshly initialised, seeded weights inside the block, its own weights restored after.
+
+    Fresh weights are those of a new instance built from the module's ``config`` (the architecture's own
+    initialisation) when it has one, else every submodule's ``reset_parameters``. In place, so an
+    :class:`~stamp.encoder.Encoder`'s functions (bound to this module) compute the random-init features."""
+    import torch
+
+    saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = None
+        config = getattr(module, "config", None)
+        if config is not None:
+            try:
+                fresh = type(module)(config)
+            except TypeError:
+                fresh = None
+        if fresh is not None:
+            module.load_state_dict(fresh.state_dict())
+            del fresh
+        else:
+            for m in module.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+    try:
+        yield module
+    finally:
+        module.load_state_dict(saved)
+
+
+def _features(enc, model, data: EvalData, modality: str, corpus, *, batch_size: int, progress=None) -> np.ndarray:
+    """gene / image / fused ([gene, image], each part L2-normalised so neither modality dominates distances
+    by its scale, as ``stamp embed --modality fused``) features of every spot of ``data``."""
+    parts = []
+    if modality in ("image", "fused"):
+        parts.append(encode_images(image_side(enc, model, modality), enc.transform, enc.device, corpus, data,
+                                   batch_size=min(batch_size, 64), progress=progress))
+        if modality == "image":
+            return parts[0]
+    gene_fn, tokenizer, context = gene_side(enc, model)
+    gene = encode(gene_fn, tokenizer, data, context=context, batch_size=batch_size, progress=progress)
+    if modality == "gene":
+        return gene
+    return np.concatenate([_unit_rows(gene), _unit_rows(parts[0])], axis=1)
 
 
 def model_features(model: str, data: EvalData, *, device: str | None = None, batch_size: int = 256,
                    seed: int = 0, progress=None, with_random: bool = False, modality: str = "gene",
-                   corpus=None) -> list[FeatureSet]:
-    """Features of ``model`` (and, with ``with_random``, of the same architecture re-initialised).
+                   corpus=None, name: str | None = None, means: str | os.PathLike | None = None,
+                   encoder=None) -> list[FeatureSet]:
+    """Features of ``model`` (loaded with :func:`stamp.load`; and, with ``with_random``, of the same
+    architecture re-initialised).
 
-    ``modality`` image / fused: ``model`` must be an aligned StampModel and ``corpus`` the corpus
-    ``data`` came from, holding a patch for every spot of ``data``."""
-    import torch
-
-    from stamp.model import StampGeneEncoder
-
-    if modality == "gene":
-        encoder, tokenizer = _load_gene_side(model, device or default_device())
-        _check_vocab(data, tokenizer, model)
-        sets = [FeatureSet(model_name(model), "model", encode(encoder, tokenizer, data, batch_size=batch_size,
-                                                                 progress=progress))]
-        if with_random:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                rand = StampGeneEncoder(encoder.config).to(encoder.device).eval()
-            sets.append(FeatureSet("random-init", "random-init",
-                                   encode(rand, tokenizer, data, batch_size=batch_size, progress=progress)))
-        return sets
-
-    from stamp.embed_multimodal import is_stamp_model, load_stamp_model
-    from stamp.hub import resolve_model_source
-    from stamp.multimodal import StampModel
-
-    if not is_stamp_model(resolve_model_source(model)):
-        raise EvaluateError(f"{model}: a gene encoder without a vision encoder; --modality {modality} needs an "
-                            "aligned StampModel (`stamp pretrain --stage align`), or pass --modality gene")
-    net, tokenizer, folder = load_stamp_model(model, device or default_device(), need_tokenizer=modality == "fused")
-    if modality == "fused":
-        if tokenizer is None:
-            raise EvaluateError(f"{folder}: no tokenizer files; fused features need them")
-        _check_vocab(data, tokenizer, model)
-    sets = [FeatureSet(model_name(model), "model", _stamp_features(net, tokenizer, corpus, data, modality,
-                                                                   batch_size=batch_size, progress=progress),
+    ``modality`` image / fused: ``model`` must have an image side (fused: an aligned model) and ``corpus``
+    be the corpus ``data`` came from, holding a patch for every spot of ``data``."""
+    check_modality(modality)
+    enc = encoder if encoder is not None else load_encoder(model, device, means)
+    if modality in ("image", "fused"):
+        image_side(enc, model, modality)  # fail before any work
+    if modality in ("gene", "fused"):
+        _check_vocab(data, gene_side(enc, model)[1], model)
+    sets = [FeatureSet(name or model_name(model), "model",
+                       _features(enc, model, data, modality, corpus, batch_size=batch_size, progress=progress),
                        modality)]
     if with_random:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            rand = StampModel(net.config).to(net.device).eval()
-        sets.append(FeatureSet("random-init", "random-init",
-                               _stamp_features(rand, tokenizer, corpus, data, modality, batch_size=batch_size,
-                                               progress=progress), modality))
+        with reinitialised(enc.module, seed):
+            sets.append(FeatureSet("random-init", "random-init",
+                                   _features(enc, model, data, modality, corpus, batch_size=batch_size,
+                                             progress=progress), modality))
     return sets
 
 
@@ -233,5 +317,8 @@ def pca_features(data: EvalData, *, n_components: int = PCA_COMPONENTS, n_hvgs: 
     k = int(min(n_components, X.shape[0] - 1, X.shape[1]))
     if k < 1:
         raise EvaluateError("too few spots or genes for the PCA baseline")
-    Z = PCA(n_components=k, svd_solver="full", random_state=seed).fit_transform(X)
+    # exact either way; the covariance eigendecomposition (d x d) is much cheaper than a full SVD of the
+    # (spots x genes) matrix when spots >> genes (10,000 x 2,000: seconds instead of minutes)
+    solver = "covariance_eigh" if X.shape[0] >= 4 * X.shape[1] else "full"
+    Z = PCA(n_components=k, svd_solver=solver, random_state=seed).fit_transform(X)
     return FeatureSet("pca", "pca", Z.astype(np.float32))

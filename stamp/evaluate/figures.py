@@ -92,21 +92,23 @@ def confusion_matrices(out: Path, y: np.ndarray, preds: dict[str, np.ndarray], c
 
 
 def expression_maps(out: Path, data, extras: dict, *, describe) -> list[Path]:
-    """Measured vs predicted (BLEEP, MLP) log-CP10K on the first held-out part, for a few expressed genes."""
+    """Measured vs predicted (every head) log-CP10K on the first held-out part, for a few expressed genes."""
     plt = _plt()
     test = extras["test"]
     Y = extras["Y"]
     genes = extras["heg"][:N_GENES_SHOWN]
     paths = []
     xy = data.xy[test]
+    titles = {"knn": "BLEEP top-K", "ridge": "ridge", "mlp": "MLP"}
     for name, preds in extras["pred"].items():
-        fig, axes = plt.subplots(len(genes), 3, figsize=(9, 3 * len(genes)), squeeze=False)
+        cols = [("measured", None)] + [(titles.get(h, h), h) for h in preds]
+        fig, axes = plt.subplots(len(genes), len(cols), figsize=(3 * len(cols), 3 * len(genes)), squeeze=False)
         for r, g in enumerate(genes):
             vocab_i = extras["genes"][g]
             sym = data.gene_symbols[vocab_i] or data.gene_ids[vocab_i]
             lim = (float(Y[test, g].min()), float(Y[test, g].max()))
-            for c, (title, values) in enumerate([("measured", Y[test, g]), ("BLEEP top-K", preds["bleep"][:, g]),
-                                                 ("MLP", preds["mlp"][:, g])]):
+            for c, (title, head) in enumerate(cols):
+                values = Y[test, g] if head is None else preds[head][:, g]
                 _spatial(axes[r, c], xy, np.clip(values, *lim), title=f"{sym}: {title}", categorical=False, lim=lim)
         fig.suptitle(f"{name}, held out: {describe(extras['fold'])}", fontsize=9)
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)

@@ -24,14 +24,22 @@ def classification_metrics(y_true, y_pred) -> dict[str, float]:
 
 
 def cluster_metrics(labels, clusters, features: np.ndarray | None = None) -> dict[str, float]:
-    """ARI and NMI of clusters vs labels (sklearn); silhouette of the features by the true labels."""
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+    """ARI and NMI of clusters vs labels (sklearn); silhouette and Calinski-Harabasz of the features by the
+    true labels (the paper's four)."""
+    from sklearn.metrics import (
+        adjusted_rand_score,
+        calinski_harabasz_score,
+        normalized_mutual_info_score,
+        silhouette_score,
+    )
 
     out = {"ari": float(adjusted_rand_score(labels, clusters)),
            "nmi": float(normalized_mutual_info_score(labels, clusters))}
     n_labels = len(set(labels))
     out["silhouette"] = (float(silhouette_score(features, labels, random_state=0))
                          if features is not None and 1 < n_labels < len(labels) else float("nan"))
+    out["calinski_harabasz"] = (float(calinski_harabasz_score(features, labels))
+                                if features is not None and 1 < n_labels < len(labels) else float("nan"))
     return out
 
 

@@ -12,7 +12,7 @@ from spavis.format.io import atomic_write_text
 KEY_COLUMNS = ["task", "method", "model", "kind", "fold", "scheme", "n_train", "n_test"]
 METRICS = {
     "linear-probe": ["balanced_accuracy", "weighted_f1"],
-    "cluster": ["ari", "nmi", "silhouette"],
+    "cluster": ["ari", "nmi", "silhouette", "calinski_harabasz"],
     "predict-expression": ["mse", "pcc_v", "pcc_e"],
 }
 HIGHER_IS_BETTER = {"mse": False}

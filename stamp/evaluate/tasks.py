@@ -5,17 +5,21 @@ results.csv; ``extras`` what the figures need (predictions, clusters).
 """
 from __future__ import annotations
 
+import time
 from typing import Callable, Sequence
 
 import numpy as np
 
-from stamp.evaluate.data import EvalData, EvaluateError, log_cp10k, seurat_v3_hvgs
+from stamp.evaluate.data import EvalData, EvaluateError, log_cp10k, variable_genes
 from stamp.evaluate.features import FeatureSet
-from stamp.evaluate.heads import knn_regression, linear_probe, mlp_regression
+from stamp.evaluate.heads import knn_regression, linear_probe, mlp_regression, ridge_regression
 from stamp.evaluate.metrics import classification_metrics, cluster_metrics, expression_metrics, top_genes
 from stamp.evaluate.splits import carve_validation, make_folds
 
 TASKS = ("linear-probe", "cluster", "predict-expression")
+LABEL_TASKS = ("linear-probe", "cluster")
+# predict-expression heads: MLP regression, closed-form ridge, BLEEP-style query-reference (knn)
+HEADS = ("knn", "ridge", "mlp")
 LEIDEN_RESOLUTION = 0.5
 N_NEIGHBORS = 15
 EXPRESSION_HVGS = 5000
@@ -28,9 +32,36 @@ def _require_labels(data: EvalData, task: str) -> np.ndarray:
     if data.labels is None:
         raise EvaluateError(f"{task} needs labels: pass --label COLUMN (an annotation column of the corpus)")
     rows = np.flatnonzero(data.labelled)
-    if len(set(data.labels[rows].tolist())) < 2:
-        raise EvaluateError(f"{task}: fewer than two label values among the labelled spots; nothing to score")
+    values = set(data.labels[rows].tolist())
+    if len(values) < 2:
+        raise EvaluateError(f"{task}: {len(rows)} labelled spot(s) with {len(values)} label value(s); scoring needs "
+                            "at least two label values (label more spots, or pick another --label column)")
     return rows
+
+
+MIN_PROBE_SPOTS = 4
+
+
+def check_task(task: str, data: EvalData) -> None:
+    """Refuse, in one line and before any encoder runs, a task the data cannot support."""
+    if task in LABEL_TASKS:
+        rows = _require_labels(data, task)
+        if task == "linear-probe" and len(rows) < MIN_PROBE_SPOTS:
+            raise EvaluateError(f"linear-probe: only {len(rows)} labelled spots; a probe with held-out folds needs "
+                                f"at least {MIN_PROBE_SPOTS}")
+    if task == "predict-expression" and data.n_spots < 4:
+        raise EvaluateError(f"predict-expression: only {data.n_spots} spots; held-out folds need at least 4")
+
+
+def check_heads(heads) -> tuple[str, ...]:
+    """The predict-expression heads asked for (default: all), validated."""
+    if heads is None:
+        return HEADS
+    heads = tuple(dict.fromkeys(h.strip() for h in heads if h and h.strip()))
+    bad = [h for h in heads if h not in HEADS]
+    if bad or not heads:
+        raise EvaluateError(f"--head {', '.join(bad) or '(none)'}: choose among {', '.join(HEADS)}")
+    return heads
 
 
 def n_steps(task: str, data: EvalData, n_sets: int) -> int:
@@ -105,39 +136,50 @@ def cluster_task(data: EvalData, sets: Sequence[FeatureSet], *, seed: int, devic
     return out, {"clusters": clusters}
 
 
-def expression_targets(data: EvalData, n_hvgs: int = EXPRESSION_HVGS) -> tuple[np.ndarray, np.ndarray]:
-    """(targets: log-CP10K of the top HVGs, spots x genes; their vocabulary indices, best first).
+def expression_targets(data: EvalData, n_hvgs: int = EXPRESSION_HVGS) -> tuple[np.ndarray, np.ndarray, str]:
+    """(targets: log-CP10K of the top HVGs, spots x genes; their vocabulary indices, best first; how the
+    genes were ranked).
 
     Genes: detected in every slide (the intersection across slides), ranked by Seurat v3 on the
-    merged raw counts.
+    merged raw counts (see :func:`stamp.evaluate.data.variable_genes` for small corpora).
     """
     present = None
     for slide in data.slides:
         sel = data.slide_ids == slide
         nz = np.asarray(data.counts[sel].getnnz(axis=0)).reshape(-1) > 0
         present = nz if present is None else present & nz
-    genes = seurat_v3_hvgs(data.counts, n_hvgs, np.flatnonzero(present))
+    genes, flavor = variable_genes(data.counts, n_hvgs, np.flatnonzero(present))
     Y = log_cp10k(data.counts)[:, genes].toarray().astype(np.float32)
-    return Y, genes
+    return Y, genes, flavor
 
 
 def predict_expression_task(data: EvalData, sets: Sequence[FeatureSet], *, seed: int, device: str, tick: Tick,
-                            k: int = KNN_K, n_hvgs: int = EXPRESSION_HVGS):
-    Y, genes = expression_targets(data, n_hvgs)
+                            k: int = KNN_K, n_hvgs: int = EXPRESSION_HVGS, heads: Sequence[str] = HEADS,
+                            timings: dict | None = None):
+    """Every head on every feature set and fold; ``timings`` (when given) collects seconds per head."""
+    Y, genes, flavor = expression_targets(data, n_hvgs)
     hvg, heg = top_genes(Y, np.arange(Y.shape[1]))
     folds = make_folds(data.slide_ids, seed=seed)
     out = []
     first = folds[0]
     shown: dict[str, dict[str, np.ndarray]] = {}
+    timings = {} if timings is None else timings
     for fs in sets:
         for fold in folds:
             fit, val = carve_validation(fold.train, seed=seed)
             test = fold.test
-            preds = {
-                "bleep": knn_regression(fs.features[fold.train], Y[fold.train], fs.features[test], k=k, device=device),
-                "mlp": mlp_regression(fs.features[fit], Y[fit], fs.features[val], Y[val], fs.features[test],
-                                      seed=seed, device=device),
-            }
+            preds = {}
+            for head in heads:
+                t0 = time.perf_counter()
+                if head == "knn":
+                    P = knn_regression(fs.features[fold.train], Y[fold.train], fs.features[test], k=k, device=device)
+                elif head == "ridge":
+                    P = ridge_regression(fs.features[fit], Y[fit], fs.features[val], Y[val], fs.features[test])
+                else:
+                    P = mlp_regression(fs.features[fit], Y[fit], fs.features[val], Y[val], fs.features[test],
+                                       seed=seed, device=device)
+                timings[head] = timings.get(head, 0.0) + time.perf_counter() - t0
+                preds[head] = P
             for method, P in preds.items():
                 out.append({"model": fs.name, "kind": fs.kind, "task": "predict-expression", "method": method,
                             "fold": fold.name, "scheme": fold.scheme, "n_train": len(fold.train), "n_test": len(test),
@@ -145,7 +187,10 @@ def predict_expression_task(data: EvalData, sets: Sequence[FeatureSet], *, seed:
             if fold is first:
                 shown[fs.name] = preds
             tick()
-    return out, {"Y": Y, "genes": genes, "test": first.test, "fold": first.name, "pred": shown, "heg": heg}
+    notes = [] if flavor == "seurat_v3" else [
+        f"predict-expression: target genes ranked by {flavor} (Seurat v3's fit failed on this small corpus)"]
+    return out, {"Y": Y, "genes": genes, "test": first.test, "fold": first.name, "pred": shown, "heg": heg,
+                 "notes": notes, "timings": timings}
 
 
 RUNNERS = {"linear-probe": linear_probe_task, "cluster": cluster_task, "predict-expression": predict_expression_task}
