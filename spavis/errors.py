@@ -15,6 +15,7 @@ __all__ = [
     "SpavisError", "ReaderError", "QCError", "GeneMappingError", "NotHumanError", "FetchError",
     "UnsafeArchiveError", "ValidationError", "CorpusError", "ManifestError", "VocabularyError",
     "GeneTableError", "BiomartError", "BuildError", "SpavisWarning", "describe_os_error", "debug_enabled", "DEBUG_ENV",
+    "ROUTE_ENV", "one_line", "route_warnings",
 ]
 
 DEBUG_ENV = "SPAVIS_DEBUG"
@@ -77,7 +78,7 @@ class SpavisWarning(UserWarning):
 
 
 def _format_warning(message, category, filename, lineno, line=None):  # noqa: ANN001
-    if issubclass(category, SpavisWarning) and not debug_enabled():
+    if issubclass(category, SpavisWarning) or category.__module__.startswith("stamp") and not debug_enabled():
         return f"warning: {message}\n"
     return _python_format_warning(message, category, filename, lineno, line)
 
@@ -152,5 +153,72 @@ def describe_os_error(exc: BaseException, *, action: str = "access") -> str | No
 
 
 def debug_enabled() -> bool:
-    """True when ``SPAVIS_DEBUG`` is set to a true value (1/true/yes): show tracebacks."""
-    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    """True when ``SPAVIS_DEBUG`` (or stamp's ``STAMP_DEBUG``) is set to a true value (1/true/yes): show
+    tracebacks and Python's own warning format."""
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on") for k in (DEBUG_ENV, "STAMP_DEBUG"))
+
+
+# ----------------------------------------------------------------------------- one-line warnings
+# Why: a library's ``warnings.warn`` (anndata's "Variable names are not unique", zarr's ZarrUserWarning,
+# PIL's DecompressionBombWarning, torch's UserWarning) would otherwise print Python's two-line
+# ``path/to/module.py:123: SomeWarning: ...`` + source line into a command's output. Both command lines
+# (spavis and stamp) route every warning to one ``warning: <message> (<Category> from <package>)`` line;
+# their own warnings keep the plain ``warning: <message>``; deprecation notices about the libraries' own
+# APIs go to the ``spavis.warnings`` log only. Debug mode restores Python's format. Standard library only.
+import logging as _logging  # noqa: E402
+import re as _re  # noqa: E402
+import sys as _sys  # noqa: E402
+from typing import Callable as _Callable  # noqa: E402
+
+ROUTE_ENV = "SPAVIS_ONE_LINE_WARNINGS"
+_LOG_ONLY = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+log = _logging.getLogger("spavis.warnings")
+
+
+def _origin(filename: str) -> str:
+    """The package that warned ("anndata", "zarr", "PIL"), from the warning's file name."""
+    path = str(filename).replace("\\", "/")
+    m = _re.search(r"/(?:site|dist)-packages/([^/]+)", path)
+    if m:
+        return _re.sub(r"\.py$", "", m.group(1))
+    m = _re.search(r"/(spavis|stamp)/", path)
+    return m.group(1) if m else os.path.basename(path).removesuffix(".py") or "python"
+
+
+def one_line(message, category: type[Warning], filename: str) -> str | None:
+    """The one line a warning is shown as, or None when it goes to the log only."""
+    text = " ".join(str(message).split())
+    if issubclass(category, SpavisWarning) or category.__module__.startswith("stamp"):
+        return text
+    if issubclass(category, _LOG_ONLY):
+        return None
+    return f"{text} ({category.__name__} from {_origin(filename)})"
+
+
+def _stderr(text: str) -> None:
+    try:
+        _sys.stderr.write(f"warning: {text}\n")
+        _sys.stderr.flush()
+    except (OSError, ValueError):  # stderr closed: nothing to show it on
+        pass
+
+
+def route_warnings(echo: _Callable[[str], None] | None = None) -> None:
+    """Show every warning of this process as one line through ``echo`` (default: ``warning: ...`` on stderr)."""
+    previous = warnings.showwarning
+    if getattr(previous, "_spavis_route", False):
+        return
+    emit = echo or _stderr
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        if debug_enabled():
+            return previous(message, category, filename, lineno, file, line)
+        text = one_line(message, category, filename)
+        if text is None:
+            log.debug("%s: %s (%s:%s)", category.__name__, message, filename, lineno)
+            return None
+        emit(text)
+        return None
+
+    show._spavis_route = True  # type: ignore[attr-defined]
+    warnings.showwarning = show

@@ -56,6 +56,9 @@ def setup_logging() -> None:
         def format(self, record: logging.LogRecord) -> str:
             return f"{record.levelname.lower()}: {record.getMessage()}"
 
+    from spavis.errors import route_warnings
+
+    route_warnings()  # library warnings (torch, PIL, zarr) as one line each, as in the spavis CLI
     handler = logging.StreamHandler()
     handler.setFormatter(_Lower())
     root = logging.getLogger()
