@@ -241,3 +241,44 @@ def test_timm_layout_folder_or_repo_without_catalogue_entry(hub, tmp_path):
     theirs = timm.create_model("hf-hub:someone/tiny-vit", pretrained=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(enc.encode_images(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+def test_stamp_embed_images_with_a_zoo_name_online_then_offline(hub, tmp_path):
+    """`stamp embed --images tiles/ --model uni` through the real CLI against the loopback Hub, then
+    again with the Hub unreachable (HF_HUB_OFFLINE=1): the cached snapshot serves the same features."""
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from stamp.embeddings import read_model_record
+
+    entry = get_pretrained("uni")
+    hub.create_repo(entry.hub_id)
+    hub.add_files(entry.hub_id, timm_repo(tmp_path, entry.architecture["name"], {**entry.architecture["kwargs"],
+                                                                                 **SMALL_VIT},
+                                          {"input_size": [3, 224, 224], "mean": [0.485, 0.456, 0.406],
+                                           "std": [0.229, 0.224, 0.225], "num_classes": 0}))
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for i, im in enumerate(images()):
+        Image.fromarray(im).save(tiles / f"t{i}.png")
+    env = hub.env(tmp_path / "home")
+    env["STAMP_CACHE"] = str(tmp_path / "stamp-cache")
+
+    def embed(out, **extra):
+        res = subprocess.run([sys.executable, "-m", "stamp.cli", "embed", "--model", "uni", "--images", str(tiles),
+                              "--out", str(out), "--device", "cpu"], env={**env, **extra}, capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        return pq.read_table(out)
+
+    online = embed(tmp_path / "online.parquet")
+    assert online.column("image").to_pylist() == ["t0.png", "t1.png", "t2.png"]
+    record = read_model_record(tmp_path / "online.parquet")
+    assert record["stamp_model_name"] == "uni" and record["stamp_model_license"] == "cc-by-nc-nd-4.0"
+    assert record["stamp_model_revision"] == hub.head(entry.hub_id)
+    offline = embed(tmp_path / "offline.parquet", HF_HUB_OFFLINE="1")
+    np.testing.assert_allclose(np.stack(offline.column("embedding").to_numpy(zero_copy_only=False)),
+                               np.stack(online.column("embedding").to_numpy(zero_copy_only=False)), atol=1e-6)
