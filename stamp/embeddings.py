@@ -83,6 +83,8 @@ def _local_weights(source: str) -> tuple[str, str]:
 def model_record(encoder: Any, source: str | os.PathLike | None = None, embedding: str = "") -> dict[str, str]:
     """Which model wrote an embedding (module docstring): name, revision, license, ... as strings."""
     prov = encoder.provenance
+    if source is not None and not isinstance(source, (str, os.PathLike)):  # an Encoder given as the model
+        source = None
     src = str(source if source is not None else (prov.source or prov.name))
     folder, sha = _local_weights(src)
     return {

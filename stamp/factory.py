@@ -538,6 +538,8 @@ def load(name_or_path: str | os.PathLike, *, device: Any = None, means: str | os
 
     if kind not in (None, "image", "gene", "aligned"):
         raise ModelConfigError(f"kind {kind!r} must be image, gene or aligned")
+    if isinstance(name_or_path, Encoder):  # already loaded (e.g. with --weights): every command accepts one
+        return name_or_path.to(device).eval() if device else name_or_path.eval()
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     text = str(name_or_path)
     path = Path(text).expanduser()

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,4 +282,20 @@ def test_stamp_embed_images_with_a_zoo_name_online_then_offline(hub, tmp_path):
     assert record["stamp_model_revision"] == hub.head(entry.hub_id)
     offline = embed(tmp_path / "offline.parquet", HF_HUB_OFFLINE="1")
     np.testing.assert_allclose(np.stack(offline.column("embedding").to_numpy(zero_copy_only=False)),
+                               np.stack(online.column("embedding").to_numpy(zero_copy_only=False)), atol=1e-6)
+    # gated and offline with an empty cache: `--weights FOLDER` downloaded by hand gives the same features
+    by_hand = tmp_path / "by-hand"
+    by_hand.mkdir()
+    import huggingface_hub
+
+    snap = Path(huggingface_hub.snapshot_download(entry.hub_id, cache_dir=str(tmp_path / "dl")))
+    for name in ("config.json", "model.safetensors"):
+        (by_hand / name).write_bytes((snap / name).read_bytes())
+    res = subprocess.run([sys.executable, "-m", "stamp.cli", "embed", "--model", "uni", "--weights", str(by_hand),
+                          "--images", str(tiles), "--out", str(tmp_path / "hand.parquet"), "--device", "cpu"],
+                         env={**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-home")},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    hand = pq.read_table(tmp_path / "hand.parquet")
+    np.testing.assert_allclose(np.stack(hand.column("embedding").to_numpy(zero_copy_only=False)),
                                np.stack(online.column("embedding").to_numpy(zero_copy_only=False)), atol=1e-6)

@@ -79,6 +79,8 @@ def embed_cmd(
     no_progress: bool = typer.Option(False, "--no-progress"),
     means: Optional[Path] = typer.Option(None, "--means", help="Gene means file for models whose tokenizer ships "
                                          "none: the released Visium_mean.npy for stamp-v1 / stamp-v1-gene."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Weights file or folder downloaded by hand for "
+                                           "a zoo name (gated or offline use)."),
 ) -> None:
     """One embedding per spot (gene, image or fused) or per image file, with any encoder; --zarr: all
     slides or none, one writer per corpus."""
@@ -92,6 +94,11 @@ def embed_cmd(
         raise UsageError("pass exactly one of --data SHARDS or --images FOLDER")
     if zarr and (images is not None or modality != "gene"):
         raise UsageError("--zarr writes spot embeddings of the gene side (--modality gene with --data); drop it")
+    if weights is not None:
+        import stamp
+
+        model = stamp.load(model, weights=weights, device=device, means=means,
+                           kind="image" if images is not None or modality == "image" else None)
     if images is not None:
         path = embed_image_folder(model, images, out, batch_size=batch_size, device=device,
                                   progress=not no_progress)

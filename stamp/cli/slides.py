@@ -54,6 +54,8 @@ def register(app: typer.Typer) -> None:
                                               help="Tile-reading processes (default: CPUs, at most 8; 0: none)."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if "
                                              "present; under torchrun cuda:LOCAL_RANK)."),
+        weights: Optional[Path] = typer.Option(None, "--weights", help="Weights file or folder downloaded by hand "
+                                               "for a zoo name (gated or offline use)."),
         fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first slide that fails."),
         no_progress: bool = typer.Option(False, "--no-progress"),
     ) -> None:
@@ -65,6 +67,10 @@ def register(app: typer.Typer) -> None:
                               mask_um_per_px=mask_um_per_px, min_saturation=min_saturation, median_px=median_px,
                               close_px=close_px, min_tissue_mm2=min_tissue_area, min_hole_mm2=min_hole_area,
                               max_holes=max_holes, pen=not keep_pen)
+        if weights is not None:
+            import stamp
+
+            model = stamp.load(model, weights=weights, device="cpu", kind="image")  # embed_slides places it
         result = embed_slides(slides, model, out, params=params, um_per_px=slide_um_per_px, batch_size=batch_size,
                               workers=workers, device=device, progress=not no_progress, fail_fast=fail_fast)
         if result.failed:

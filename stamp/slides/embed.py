@@ -129,12 +129,12 @@ class TileDataset:
             self._slide = open_slide(self.path, um_per_px=self.um_per_px)
             self._pid = os.getpid()
         x, y = self.coords[i]
-        img = self._slide.read_region(int(x), int(y), self.level, self.read_px, self.read_px)
+        img = self._slide.read_region_image(int(x), int(y), self.level, self.read_px, self.read_px)
         if self.read_px != self.tile_px:
             from PIL import Image
 
-            img = np.asarray(Image.fromarray(img).resize((self.tile_px, self.tile_px), Image.BILINEAR))
-        return img
+            img = img.resize((self.tile_px, self.tile_px), Image.BILINEAR)
+        return np.asarray(img)
 
     def __getitem__(self, i: int):
         img = self.tile(i)
