@@ -51,12 +51,10 @@ def load_model(model: str | os.PathLike, device: str | torch.device | None = Non
 
 def gene_side(encoder, model: str | os.PathLike, what: str = "--data") -> None:
     """Refuse an encoder without a gene side, or one whose tokenizer needs the means file it was not given."""
-    if encoder.kind == "image":
-        raise EmbedError(f"{model}: an image encoder has no gene side; {what} spot embeddings need a gene or "
-                         "aligned model (use --modality image for patches, or --images FOLDER)")
-    if encoder.tokenizer is None:
-        raise EmbedError(f"{model}: no gene tokenizer (tokenizer_config.json missing, or a gene means file "
-                         "needed: pass --means, the released Visium_mean.npy for stamp-v1); gene embeddings need it")
+    problem = encoder.gene_side_problem()
+    if problem is not None:
+        raise EmbedError(f"{model}: {problem}; {what} spot embeddings need a gene or aligned model with its "
+                         "tokenizer (for an image encoder use --modality image for patches, or --images FOLDER)")
 
 
 def check_vocabulary(corpus, tokenizer, data) -> None:

@@ -86,6 +86,16 @@ class Encoder:
         self.module.eval()
         return self
 
+    def gene_side_problem(self) -> Optional[str]:
+        """Why this encoder cannot embed spot expression (None when it can): an image encoder, or a gene
+        side whose tokenizer needs a means file it was not given. Callers raise it with their own fix."""
+        if self.kind == "image":
+            return "an image encoder has no gene side"
+        if self.tokenizer is None:
+            return ("no gene tokenizer (tokenizer_config.json missing, or a gene means file needed: pass --means, "
+                    "the released Visium_mean.npy for stamp-v1, or register it once with `stamp models set-means`)")
+        return None
+
     def encode_images(self, pixels: Any) -> Any:
         if self._image_fn is None:
             from stamp.errors import StampError

@@ -126,12 +126,10 @@ def gene_side(enc, model) -> tuple:
     """(ids -> (B, D) features, tokenizer, context length) of an encoder's gene side, BEFORE any projection:
     an aligned STAMP model's pooled gene-encoder output (the input of ``spot_projection``), else
     ``Encoder.encode_genes``."""
-    if enc.kind == "image":
-        raise EvaluateError(f"{model}: an image encoder has no gene side; pass --modality image (with a corpus "
-                            "built with --with-images)")
-    if enc.tokenizer is None:
-        raise EvaluateError(f"{model}: no tokenizer could be loaded (the model ships no gene means); pass "
-                            "--means FILE (the released Visium_mean.npy)")
+    problem = enc.gene_side_problem()
+    if problem is not None:
+        raise EvaluateError(f"{model}: {problem}; gene features need a gene or aligned model (for an image "
+                            "encoder pass --modality image, with a corpus built with --with-images)")
     fn = getattr(enc.module, "gene_features", None) or enc.encode_genes
     return fn, enc.tokenizer, _context_length(enc.module, 1500)
 
