@@ -9,7 +9,12 @@ and leave-one-slide-out fold; the time of every head is printed, with the metric
 Same-run baseline: the MLP head of the first feature set and fold with torch on one thread (the former
 cap) against the threads torch is given; the ratio is printed.
 
-    python benchmarks/evaluate_expression.py [--work DIR] [--threads 2] [--heads knn ridge mlp]
+``--reference`` (about 15 more minutes on 2 cores) also fits the former MLP protocol (Adam 1e-4, up to 100
+epochs) on the same feature sets and folds, and the current one with two more seeds: it prints, per
+feature set, the current metrics, their seed-to-seed range and the former metrics, and whether the
+former fall within the range widened by the current protocol's own spread ("same metrics within noise").
+
+    python benchmarks/evaluate_expression.py [--work DIR] [--threads 2] [--heads knn ridge mlp] [--reference]
 
 Build and pretraining are cached in ``--work`` (default: a folder under the system temp dir).
 """
@@ -45,6 +50,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own, all cores)")
     p.add_argument("--heads", nargs="+", default=None, help="heads to time (default: knn ridge mlp)")
     p.add_argument("--no-compare", action="store_true", help="skip the one-thread MLP comparison")
+    p.add_argument("--reference", action="store_true",
+                   help="also run the former MLP protocol (Adam 1e-4) and more seeds: metrics side by side")
     a = p.parse_args()
 
     import numpy as np
@@ -112,7 +119,56 @@ def main() -> None:
         torch.set_num_threads(many)
         print(f"MLP, 2 epochs of fold {fold.name}, {sets[0].name}: {many} threads {got[many]:.1f} s, 1 thread "
               f"{got[1]:.1f} s (1-thread / {many}-thread = {got[1] / max(got[many], 1e-9):.2f})")
+    if a.reference:
+        reference(ev, sets, rows)
     del np
+
+
+def reference(ev, sets, rows) -> None:
+    """The former MLP protocol (Adam 1e-4) and the current one at seeds 1, 2 on the same folds: metrics
+    averaged over folds, per feature set."""
+    import numpy as np
+    import pandas as pd
+
+    from stamp.evaluate.heads import FORMER_MLP_LR, MLP_LR, mlp_regression, run_concurrently
+    from stamp.evaluate.metrics import expression_metrics, top_genes
+    from stamp.evaluate.splits import carve_validation, make_folds
+    from stamp.evaluate.tasks import expression_targets
+
+    Y, _, _ = expression_targets(ev)
+    hvg, heg = top_genes(Y, np.arange(Y.shape[1]))
+    current = pd.DataFrame(rows)
+    current = current[current["method"] == "mlp"].assign(run="current seed 0")
+    extra = []
+    for label, lr, seed in (("current seed 1", MLP_LR, 1), ("current seed 2", MLP_LR, 2),
+                            (f"former (Adam {FORMER_MLP_LR:g}) seed 0", FORMER_MLP_LR, 0)):
+        t0 = time.perf_counter()
+
+        def job(fs, fold, lr=lr, seed=seed, label=label):
+            def run(stop):
+                fit, val = carve_validation(fold.train, seed=0)
+                P = mlp_regression(fs.features[fit], Y[fit], fs.features[val], Y[val], fs.features[fold.test],
+                                   seed=seed, device="cpu", lr=lr, stop=stop)
+                return {"run": label, "model": fs.name, "fold": fold.name,
+                        **expression_metrics(Y[fold.test], P, hvg, heg)}
+            return run
+
+        extra += run_concurrently([job(fs, fold) for fs in sets for fold in make_folds(ev.slide_ids, seed=0)],
+                                  device="cpu")
+        print(f"reference: MLP {label}: {time.perf_counter() - t0:.1f} s", flush=True)
+    df = pd.concat([current[["run", "model", "fold", "mse", "pcc_v", "pcc_e"]], pd.DataFrame(extra)])
+    means = df.groupby(["model", "run"], sort=False)[["mse", "pcc_v", "pcc_e"]].mean()
+    print(means.round(4).to_string())
+    for model in dict.fromkeys(df["model"]):
+        m = means.loc[model]
+        cur = m[m.index.str.startswith("current")]
+        former = m[m.index.str.startswith("former")].iloc[0]
+        for metric in ("mse", "pcc_v", "pcc_e"):
+            lo, hi = cur[metric].min(), cur[metric].max()
+            spread = hi - lo
+            inside = lo - spread <= former[metric] <= hi + spread
+            print(f"{model:12s} {metric:6s} current {lo:.4f} .. {hi:.4f} (3 seeds), former {former[metric]:.4f}: "
+                  f"{'within' if inside else 'OUTSIDE'} the current range +- its spread")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -82,45 +81,42 @@ class HFImageEncoder(nn.Module):
         raise ModelConfigError(f"unknown pooling {self.pooling!r} for a transformers encoder")
 
 
-_RESAMPLE = {"bilinear": 2, "bicubic": 3, "nearest": 0, "lanczos": 1}  # PIL.Image.Resampling values
-
-
 class ImagePreprocess:
     """PIL image / uint8 (H, W, 3) array -> normalised float tensor (3, crop, crop).
 
-    Resize the shorter side to ``resize`` (PIL, ``interpolation``), centre-crop ``crop``,
-    scale to [0, 1], subtract ``mean`` and divide by ``std`` (the entry's own card values).
+    Resize the shorter side to ``resize`` (antialiased, ``interpolation``), centre-crop ``crop``,
+    scale to [0, 1], subtract ``mean`` and divide by ``std`` (the entry's own card values): the
+    torchvision ``Resize`` / ``CenterCrop`` / ``Normalize`` of the model cards. Split in two stages
+    (:mod:`stamp.pixels`): ``to_uint8`` (geometry) and ``normalize`` (on the model's device).
     """
 
     def __init__(self, resize: int, crop: int, mean: Sequence[float], std: Sequence[float],
                  interpolation: str = "bilinear", channel_order: str = "rgb", **_: Any) -> None:
+        from stamp.pixels import INTERPOLATIONS
+
         self.resize, self.crop, self.interpolation = int(resize), int(crop), interpolation
+        if interpolation not in INTERPOLATIONS:
+            raise ModelConfigError(f"preprocessing interpolation {interpolation!r}: choose among "
+                                   f"{', '.join(INTERPOLATIONS)}")
         self.channel_order = channel_order
         self.mean = torch.tensor(list(mean), dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(list(std), dtype=torch.float32).view(3, 1, 1)
 
-    def __call__(self, image: Any) -> torch.Tensor:
-        from PIL import Image
+    def to_uint8(self, image: Any) -> torch.Tensor:
+        """Resize + centre crop in uint8: (3, crop, crop)."""
+        from stamp.pixels import chw_tensor, resize_shorter_and_crop, uint8_hwc
 
-        if not hasattr(image, "convert"):
-            arr = np.asarray(image)
-            if arr.ndim == 2:
-                arr = np.repeat(arr[..., None], 3, axis=2)
-            if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.dtype != np.uint8:
-                raise ModelConfigError(f"images must be uint8 RGB (H, W, 3), got {arr.dtype} {arr.shape}")
-            image = Image.fromarray(np.ascontiguousarray(arr[..., :3]))
-        image = image.convert("RGB")
-        w, h = image.size
-        scale = self.resize / min(w, h)
-        size = (max(self.crop, round(w * scale)), max(self.crop, round(h * scale)))
-        if size != (w, h):
-            image = image.resize(size, resample=_RESAMPLE[self.interpolation])
-        left, top = (size[0] - self.crop) // 2, (size[1] - self.crop) // 2
-        image = image.crop((left, top, left + self.crop, top + self.crop))
-        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
-        if self.channel_order == "bgr":
-            x = x.flip(0)
-        return (x - self.mean) / self.std
+        x = resize_shorter_and_crop(chw_tensor(uint8_hwc(image)), self.resize, self.crop, self.interpolation)
+        return x[0, :3].contiguous()
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, crop, crop) uint8 on any device -> normalised float."""
+        from stamp.pixels import normalize_uint8
+
+        return normalize_uint8(batch, self.mean.flatten(), self.std.flatten(), channel_order=self.channel_order)
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        return self.normalize(self.to_uint8(image)[None])[0]
 
     def __repr__(self) -> str:
         return (f"ImagePreprocess(resize={self.resize}, crop={self.crop}, interpolation={self.interpolation!r}, "

@@ -276,22 +276,27 @@ def to_pixels(images: Union[torch.Tensor, np.ndarray], config: VisionConfig) -> 
 
 
 class ImageTransform:
-    """PIL image / uint8 array (H, W, 3) -> normalised tensor (3, S, S); grayscale/RGBA converted to RGB."""
+    """PIL image / uint8 array (H, W, 3) -> normalised tensor (3, S, S); grayscale/RGBA converted to RGB.
+
+    The released inference resizes in float (:func:`to_pixels`), so its uint8 stage only converts
+    (``to_uint8``: (3, H, W) at the input size) and ``normalize`` resizes, scales and normalises on the
+    model's device (:mod:`stamp.pixels`); ``__call__`` is both, unchanged.
+    """
 
     def __init__(self, config: VisionConfig) -> None:
         self.config = config
 
+    def to_uint8(self, image: Any) -> torch.Tensor:
+        from stamp.pixels import as_uint8_rgb, chw_tensor
+
+        return chw_tensor(as_uint8_rgb(image))[0].contiguous()
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 on any device -> (B, 3, S, S) float (:func:`to_pixels`)."""
+        return to_pixels(batch.permute(0, 2, 3, 1), self.config)
+
     def __call__(self, image: Any) -> torch.Tensor:
-        if hasattr(image, "convert"):  # PIL
-            image = np.asarray(image.convert("RGB"))
-        arr = np.asarray(image)
-        if arr.ndim == 2:
-            arr = np.repeat(arr[..., None], 3, axis=2)
-        if arr.ndim == 3 and arr.shape[2] == 4:
-            arr = arr[..., :3]
-        if arr.dtype != np.uint8:
-            raise ModelConfigError(f"images must be uint8 RGB, got {arr.dtype}")
-        return to_pixels(arr, self.config)[0]
+        return self.normalize(self.to_uint8(image)[None])[0]
 
     def __repr__(self) -> str:
         c = self.config

@@ -40,3 +40,74 @@ def test_mlp_stops_when_the_validation_loss_stops_improving_by_a_fraction(rel, s
     epochs = fit_head(head, torch.nn.functional.mse_loss, X[:150], y[:150], X[150:], y[150:], lr=1e-2, max_epochs=30,
                       patience=2, seed=0, device="cpu", min_rel_delta=rel)
     assert (epochs < 30) == stops_early
+
+
+def _mlp_data(n=300, d=6, g=40, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    Y = np.log1p(np.exp(X @ rng.normal(size=(d, g)) * 0.5)).astype(np.float32)
+    return X, Y
+
+
+def test_concurrent_fits_equal_the_same_fits_one_at_a_time_on_one_thread():
+    """run_concurrently: N fits at once (one torch thread each) give exactly what each gives alone on one
+    thread, in job order, with one progress tick per fit."""
+    import torch
+
+    from stamp.evaluate.heads import mlp_regression, run_concurrently
+
+    X, Y = _mlp_data()
+    jobs = [(seed, lr) for seed in (0, 1, 2) for lr in (1e-3, 3e-3)]
+
+    def job(seed, lr):
+        return lambda stop: mlp_regression(X[:200], Y[:200], X[200:250], Y[200:250], X[250:], seed=seed,
+                                           device="cpu", lr=lr, max_epochs=6, stop=stop)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = [job(s, lr)(None) for s, lr in jobs]
+    finally:
+        torch.set_num_threads(before)
+    ticks = []
+    torch.set_num_threads(2)
+    try:
+        together = run_concurrently([job(s, lr) for s, lr in jobs], device="cpu", on_done=lambda: ticks.append(1))
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert len(ticks) == len(jobs)
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(alone[0], alone[2])  # seeds differ: the comparison can fail
+
+
+def test_a_failing_fit_stops_the_others_and_raises():
+    import threading
+
+    import torch
+
+    from stamp.evaluate.heads import FitsCancelled, mlp_regression, run_concurrently
+
+    X, Y = _mlp_data(n=2000, g=200)
+    stopped = []
+
+    def long_fit(stop):
+        try:
+            return mlp_regression(X[:1800], Y[:1800], X[1800:1900], Y[1800:1900], X[1900:], seed=0, device="cpu",
+                                  max_epochs=10_000, patience=10_000, stop=stop)
+        except FitsCancelled:
+            stopped.append(threading.current_thread().name)
+            raise
+
+    def bad(stop):
+        raise ValueError("a broken fold")
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError, match="a broken fold"):
+            run_concurrently([long_fit, bad, long_fit], device="cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert len(stopped) >= 1  # the running long fit was told to stop (the queued one never started)

@@ -12,7 +12,8 @@ import numpy as np
 
 from stamp.evaluate.data import EvalData, EvaluateError, log_cp10k, variable_genes
 from stamp.evaluate.features import FeatureSet
-from stamp.evaluate.heads import knn_regression, linear_probe, mlp_regression, ridge_regression
+from stamp.evaluate.heads import (MLP_HIDDEN, knn_regression, linear_probe, mlp_regression, ridge_regression,
+                                 run_concurrently)
 from stamp.evaluate.metrics import classification_metrics, cluster_metrics, expression_metrics, top_genes
 from stamp.evaluate.splits import carve_validation, make_folds
 
@@ -156,40 +157,65 @@ def expression_targets(data: EvalData, n_hvgs: int = EXPRESSION_HVGS) -> tuple[n
 def predict_expression_task(data: EvalData, sets: Sequence[FeatureSet], *, seed: int, device: str, tick: Tick,
                             k: int = KNN_K, n_hvgs: int = EXPRESSION_HVGS, heads: Sequence[str] = HEADS,
                             timings: dict | None = None):
-    """Every head on every feature set and fold; ``timings`` (when given) collects seconds per head."""
+    """Every head on every feature set and fold; ``timings`` (when given) collects seconds per head.
+
+    knn and ridge run first, fold by fold, on all threads; then every MLP fit, several at once on CPU
+    (:func:`stamp.evaluate.heads.run_concurrently`)."""
     Y, genes, flavor = expression_targets(data, n_hvgs)
     hvg, heg = top_genes(Y, np.arange(Y.shape[1]))
     folds = make_folds(data.slide_ids, seed=seed)
-    out = []
-    first = folds[0]
-    shown: dict[str, dict[str, np.ndarray]] = {}
     timings = {} if timings is None else timings
-    for fs in sets:
-        for fold in folds:
-            fit, val = carve_validation(fold.train, seed=seed)
-            test = fold.test
-            preds = {}
-            for head in heads:
-                t0 = time.perf_counter()
-                if head == "knn":
-                    P = knn_regression(fs.features[fold.train], Y[fold.train], fs.features[test], k=k, device=device)
-                elif head == "ridge":
-                    P = ridge_regression(fs.features[fit], Y[fit], fs.features[val], Y[val], fs.features[test])
-                else:
-                    P = mlp_regression(fs.features[fit], Y[fit], fs.features[val], Y[val], fs.features[test],
-                                       seed=seed, device=device)
-                timings[head] = timings.get(head, 0.0) + time.perf_counter() - t0
-                preds[head] = P
-            for method, P in preds.items():
-                out.append({"model": fs.name, "kind": fs.kind, "task": "predict-expression", "method": method,
-                            "fold": fold.name, "scheme": fold.scheme, "n_train": len(fold.train), "n_test": len(test),
-                            **expression_metrics(Y[test], P, hvg, heg)})
-            if fold is first:
-                shown[fs.name] = preds
+    jobs = [(fs, fold) for fs in sets for fold in folds]
+    # metrics as soon as a prediction exists; predictions kept only for the first fold (the figures)
+    metrics: dict[tuple[int, str], dict] = {}
+    shown: dict[str, dict[str, np.ndarray]] = {}
+
+    def keep(j: int, head: str, P: np.ndarray) -> None:
+        fs, fold = jobs[j]
+        metrics[j, head] = expression_metrics(Y[fold.test], P, hvg, heg)
+        if fold is folds[0]:
+            shown.setdefault(fs.name, {})[head] = P
+
+    for j, (fs, fold) in enumerate(jobs):
+        fit, val = carve_validation(fold.train, seed=seed)
+        for head in heads:
+            t0 = time.perf_counter()
+            if head == "knn":
+                P = knn_regression(fs.features[fold.train], Y[fold.train], fs.features[fold.test], k=k, device=device)
+            elif head == "ridge":
+                P = ridge_regression(fs.features[fit], Y[fit], fs.features[val], Y[val], fs.features[fold.test])
+            else:
+                continue
+            timings[head] = timings.get(head, 0.0) + time.perf_counter() - t0
+            keep(j, head, P)
+        if "mlp" not in heads:
             tick()
+    if "mlp" in heads:
+        def mlp_job(j: int):
+            fs, fold = jobs[j]
+
+            def run(stop):
+                fit, val = carve_validation(fold.train, seed=seed)
+                keep(j, "mlp", mlp_regression(fs.features[fit], Y[fit], fs.features[val], Y[val],
+                                              fs.features[fold.test], seed=seed, device=device, stop=stop))
+            return run
+
+        t0 = time.perf_counter()
+        # one fit holds its fold's copies of features and targets, and the head with Adam's state and its best
+        # epoch (x4); sized on the largest fold
+        width = max(fs.features.shape[1] for fs in sets)
+        rows = max(len(fold.train) + len(fold.test) for fold in folds)
+        params = width * MLP_HIDDEN + MLP_HIDDEN * MLP_HIDDEN + MLP_HIDDEN * Y.shape[1]
+        run_concurrently([mlp_job(j) for j in range(len(jobs))], device=device, on_done=tick,
+                         bytes_per_job=4 * (2 * rows * (width + Y.shape[1]) + 5 * params))
+        timings["mlp"] = timings.get("mlp", 0.0) + time.perf_counter() - t0
+    out = [{"model": fs.name, "kind": fs.kind, "task": "predict-expression", "method": head, "fold": fold.name,
+            "scheme": fold.scheme, "n_train": len(fold.train), "n_test": len(fold.test), **metrics[j, head]}
+           for j, (fs, fold) in enumerate(jobs) for head in heads]
+    shown = {name: {h: by_head[h] for h in heads} for name, by_head in shown.items()}
     notes = [] if flavor == "seurat_v3" else [
         f"predict-expression: target genes ranked by {flavor} (Seurat v3's fit failed on this small corpus)"]
-    return out, {"Y": Y, "genes": genes, "test": first.test, "fold": first.name, "pred": shown, "heg": heg,
+    return out, {"Y": Y, "genes": genes, "test": folds[0].test, "fold": folds[0].name, "pred": shown, "heg": heg,
                  "notes": notes, "timings": timings}
 
 

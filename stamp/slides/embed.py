@@ -107,36 +107,51 @@ def rank_share(paths: list[Path], rank: Optional[int] = None, world_size: Option
 
 
 class TileDataset:
-    """Map-style dataset of one slide's tiles: read at ``level``, resized to ``tile_px``, encoder transform.
+    """Map-style dataset of one slide's tiles: read at ``level``, then the encoder's preprocessing.
 
-    The slide is opened lazily in each worker process (handles are never shared across a fork).
+    A transform with two stages (:mod:`stamp.pixels`: ``to_uint8`` + ``normalize``) gets the tile as read
+    (``read_px``) and resizes it once, straight to the model's input, in uint8: items are uint8
+    tensors and ``normalize`` runs on the model's device (:func:`_embed_tiles`). Any other callable gets
+    the tile resized to ``tile_px`` (PIL) and runs whole in the workers. The slide is opened lazily in
+    each worker process (handles are never shared across a fork).
     """
 
     def __init__(self, path: Path, um_per_px: Optional[float], coords: np.ndarray, level: int, read_px: int,
                  tile_px: int, transform: Any) -> None:
+        from stamp.pixels import two_stages
+
         self.path, self.um_per_px = path, um_per_px
         self.coords, self.level, self.read_px, self.tile_px = coords, level, read_px, tile_px
         self.transform = transform
+        self.stages = two_stages(transform)
         self._slide = None
         self._pid = None
 
     def __len__(self) -> int:
         return len(self.coords)
 
-    def tile(self, i: int) -> np.ndarray:
-        """uint8 RGB (tile_px, tile_px, 3) of tile ``i`` at the target scale."""
+    def region(self, i: int) -> np.ndarray:
+        """Tile ``i`` as read: (read_px, read_px, 3 or 4) uint8, RGB first (:meth:`Slide.read_tile`)."""
         if self._slide is None or self._pid != os.getpid():
             self._slide = open_slide(self.path, um_per_px=self.um_per_px)
             self._pid = os.getpid()
         x, y = self.coords[i]
-        img = self._slide.read_region_image(int(x), int(y), self.level, self.read_px, self.read_px)
+        return self._slide.read_tile(int(x), int(y), self.level, self.read_px, self.read_px)
+
+    def tile(self, i: int) -> np.ndarray:
+        """uint8 RGB (tile_px, tile_px, 3) of tile ``i`` at the target scale."""
+        from stamp.pixels import as_uint8_rgb
+
+        img = as_uint8_rgb(self.region(i))
         if self.read_px != self.tile_px:
             from PIL import Image
 
-            img = img.resize((self.tile_px, self.tile_px), Image.BILINEAR)
-        return np.asarray(img)
+            img = np.asarray(Image.fromarray(img).resize((self.tile_px, self.tile_px), Image.BILINEAR))
+        return img
 
     def __getitem__(self, i: int):
+        if self.stages is not None:
+            return self.stages[0](self.region(i))
         img = self.tile(i)
         return self.transform(img) if self.transform is not None else img
 
@@ -186,7 +201,10 @@ def _embed_tiles(dataset: TileDataset, encoder, device, *, batch_size: int, work
     pos = 0
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
         for batch in loader:
-            out = encoder.encode_images(batch.to(device, non_blocking=True))
+            batch = batch.to(device, non_blocking=True)
+            if dataset.stages is not None:  # uint8 from the workers: scaled and normalised here, on the device
+                batch = dataset.stages[1](batch)
+            out = encoder.encode_images(batch)
             k = out.shape[0]
             feats[pos:pos + k] = out.float().cpu().numpy()
             pos += k

@@ -114,11 +114,10 @@ class Slide:
         """RGB uint8 (h, w, 3) of ``level`` whose top-left is level-0 pixel (x, y); white outside."""
         return self._read(int(x), int(y), int(level), int(w), int(h))
 
-    def read_region_image(self, x: int, y: int, level: int, w: int, h: int):
-        """The same pixels as :meth:`read_region`, as an RGB PIL image (the tile loader resizes it in PIL)."""
-        from PIL import Image
-
-        return Image.fromarray(self.read_region(x, y, level, w, h))
+    def read_tile(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+        """The pixels of :meth:`read_region` as (h, w, 3) RGB or (h, w, 4) opaque RGBA uint8: the tile loader's
+        hot path (a backend that decodes RGBA skips the copy that drops alpha; :mod:`stamp.pixels` reads both)."""
+        return self.read_region(x, y, level, w, h)
 
     def read_thumbnail(self, downsample: int, *, band_rows: int = 256) -> np.ndarray:
         """RGB uint8 image of the slide at 1/``downsample`` (integer), pixel (i, j) covering level-0
@@ -178,15 +177,11 @@ class OpenSlideSlide(Slide):
     def _read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
         return _to_rgb(np.asarray(self._h.read_region((x, y), level, (w, h))))
 
-    def read_region_image(self, x: int, y: int, level: int, w: int, h: int):
-        # the hot path of embed-slides: inside the scan (alpha all 255, checked in C) OpenSlide's RGBA image
-        # becomes RGB without a numpy round trip; partly outside it is composited on white as _to_rgb does
-        from PIL import Image
-
-        im = self._h.read_region((int(x), int(y)), int(level), (int(w), int(h)))
-        if im.mode == "RGBA" and im.getextrema()[3][0] == 255:
-            return im.convert("RGB")
-        return Image.fromarray(_to_rgb(np.asarray(im)))
+    def read_tile(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+        # inside the scan (alpha all 255) OpenSlide's RGBA buffer is handed on as it is; partly outside it is
+        # composited on white as read_region does
+        rgba = np.asarray(self._h.read_region((int(x), int(y)), int(level), (int(w), int(h))))
+        return rgba if rgba[..., 3].min() == 255 else _to_rgb(rgba)
 
     def close(self) -> None:
         self._h.close()
