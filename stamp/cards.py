@@ -24,6 +24,12 @@ def card_value(value: Any) -> str:
     return str(value)
 
 
+def training_tables(train: dict, metrics: dict) -> str:
+    """The settings table and the last-logged metrics table every trained card carries (one layout)."""
+    return (f"| setting | value |\n|---|---|\n{card_rows(train)}\n\n## Metrics (last logged step)\n\n"
+            f"| metric | value |\n|---|---|\n{card_rows(metrics, '| (none) | |')}")
+
+
 def card_rows(values: dict, empty: str = "") -> str:
     """``| key | value |`` Markdown table rows of a model card (floats to 4 significant digits)."""
     return "\n".join(f"| {k} | {card_value(v)} |" for k, v in values.items()) or empty
@@ -60,7 +66,7 @@ def model_card(info: dict, config: dict) -> str:
     if data.get("hub_id"):
         header += ["datasets:", f"- {data['hub_id']}"]
     header.append("---")
-    cfg_rows, train_rows, metric_rows = card_rows(config), card_rows(train), card_rows(metrics, "| (none) | |")
+    cfg_rows, training = card_rows(config), training_tables(train, metrics)
     fraction = data.get("generated_fraction", 1.0 if data.get("generated") else 0.0) or 0.0
     if fraction >= 1.0:
         generated = " **The training data were generated (spavis.simulate), not measured.**"
@@ -105,15 +111,7 @@ or `stamp embed --model REPO_ID --data SHARD_DIR --out embeddings.parquet`.
 - stage: {info.get('stage', '?')}; optimizer steps: {info.get('steps', '?')};
   spots seen: {card_value(info.get('spots_seen', '?'))}; initialised from: {info.get('init') or 'random'}
 
-| setting | value |
-|---|---|
-{train_rows}
-
-## Metrics (last logged step)
-
-| metric | value |
-|---|---|
-{metric_rows}
+{training}
 
 ## Model config
 
@@ -166,8 +164,7 @@ def stamp_model_card(info: dict, config: dict) -> str:
         f"| {i + 1} | {s.get('stage')} | {s.get('steps')} | `{s.get('data')}` |"
         f" {'yes' if s.get('generated') else 'no' if s.get('generated') is not None else '?'} |"
         for i, s in enumerate(info.get("stages", [])))
-    train_rows = card_rows(info.get("train", {}))
-    metric_rows = card_rows(info.get("final_metrics", {}), "| (none) | |")
+    training = training_tables(info.get("train", {}), info.get("final_metrics", {}))
     generated = (" **Some training data were generated (spavis.simulate), not measured.**"
                  if any(s.get("generated") for s in info.get("stages", [])) else "")
     gene = config.get("gene", {})
@@ -215,15 +212,7 @@ Alignment corpus: `{data.get('source', '?')}` ({card_value(data.get('n_spots', '
 {', '.join(licenses) if licenses else 'see the corpus card'}. Vision trunk frozen:
 {vision.get('trunk_frozen')}; gene encoder frozen: {info.get('gene_frozen')}.
 
-| setting | value |
-|---|---|
-{train_rows}
-
-## Metrics (last logged step)
-
-| metric | value |
-|---|---|
-{metric_rows}
+{training}
 
 ## Intended use and limitations
 
