@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from stamp.constants import INTERPOLATIONS
 from stamp.hub_access import PretrainedError
 
 REGISTRY_FILE = "pretrained.json"
@@ -41,7 +42,6 @@ POOLINGS = {
     "stamp": (None,),
 }
 TRANSFORMERS_CLASSES = ("ViTModel", "Dinov2Model", "CLIPVisionModel", "CLIPVisionModelWithProjection", "AutoModel")
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")
 COMMON_REQUIRED = ("kind", "library", "hub_id", "embed_dim", "license", "commercial", "gated", "citation")
 REQUIRED = {
     "timm": COMMON_REQUIRED + ("architecture", "pooling", "preprocessing"),

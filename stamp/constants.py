@@ -28,3 +28,7 @@ from spavis.format.schema import SPOT_SPACING_UM as VISIUM_SPACING_UM  # noqa: E
 
 __all__ = ["MASK_ID", "PAD_ID", "CLS_ID", "N_RESERVED", "GROUP_SIZE", "GROUPS_PER_BATCH", "D_MAX_UM",
            "VISIUM_SPACING_UM", "ARGS_FILE", "METRICS_FILE", "RUN_INFO"]
+
+# image resize filters a preprocessing entry may name (stamp.pixels resizes with torch's kernels, which
+# have no lanczos)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")

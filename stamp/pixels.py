@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stamp.constants import INTERPOLATIONS
 from stamp.errors import ModelConfigError
 
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 def uint8_hwc(image: Any) -> np.ndarray:
