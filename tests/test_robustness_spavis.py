@@ -56,7 +56,8 @@ def _shared_tmp() -> Path:
 
 @pytest.fixture(scope="module")
 def unprivileged():
-    """Command prefix that runs as `nobody`, or () when the tests already run unprivileged."""
+    """Command prefix that runs as `nobody` (or as root without permission-bypassing capabilities), or ()
+    when the tests already run unprivileged."""
     if os.geteuid() != 0:
         return ()
     if shutil.which("setpriv") is None:
@@ -64,8 +65,15 @@ def unprivileged():
     prefix = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
     probe = subprocess.run([*prefix, sys.executable, "-c", "import spavis.cli"], capture_output=True,
                            timeout=TIMEOUT, env={**os.environ, "HOME": "/tmp"})
+    if probe.returncode == 0:
+        return prefix
+    # the tree is private to root (a clone in a 0700 folder such as mktemp's): stay root, but without the
+    # capabilities that bypass file permissions, so root is refused like anyone else
+    prefix = ("setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search")
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import spavis.cli"], capture_output=True,
+                           timeout=TIMEOUT, env={**os.environ, "HOME": "/tmp"})
     if probe.returncode != 0:
-        pytest.skip(f"user nobody cannot run this Python ({probe.stderr.decode()[-200:]})")
+        pytest.skip(f"cannot drop privileges to test permission errors ({probe.stderr.decode()[-200:]})")
     return prefix
 
 
@@ -137,7 +145,7 @@ def test_permission_denied_input(unprivileged, nobody_dir, slices):
     for p in [src, *src.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)
     secret = src / "filtered_feature_bc_matrix.h5"
-    secret.chmod(0o600)
+    secret.chmod(0o000)  # unreadable to every user without a capability that bypasses permissions
     res = run(["build-shards", src, "--out", nobody_dir / "out", "-q"], prefix=unprivileged,
               env={"HOME": str(nobody_dir / "home")})
     assert_one_line_error(res, str(secret), "permission denied")
