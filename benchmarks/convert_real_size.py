@@ -5,7 +5,7 @@ The released file is not redistributable (and gated), so this builds the indepen
 12 layers, context 1,500; UNI's ViT-L/16 - with random weights, saves its state dict exactly as
 ``pytorch_model.bin`` (514 tensors, ~1.4 GB), then:
 
-1. ``stamp.convert.convert_released`` in a fresh process (memory-mapped input, streamed output);
+1. ``stamp.zoo.convert.convert_released`` in a fresh process (memory-mapped input, streamed output);
 2. the same-run baseline in a fresh process: what one would write without it - ``torch.load``
    the whole file, build the model, ``load_state_dict``, ``save_pretrained``;
 3. both peak RSS (above the process's RSS after imports) are printed as multiples of the file size;
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 CHILD = r"""
 import json, sys, time
-import torch, stamp.convert, stamp.aligned_model  # noqa: F401  (imports before the peak is reset)
+import torch, stamp.zoo.convert, stamp.models.aligned_model  # noqa: F401  (imports before the peak is reset)
 mode, src, out = sys.argv[1:4]
 
 
@@ -47,14 +47,14 @@ before = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
 t0 = time.perf_counter()
 if mode == "convert":
-    from stamp.convert import convert_released
+    from stamp.zoo.convert import convert_released
     report = convert_released(src, out, name="stamp-v1")
     extra = {"mapped": len(report.mapped), "unused": len(report.unused), "n_source": report.n_source}
 elif mode == "naive":
     import torch
-    from stamp.convert import full_target, map_state_dict
-    from stamp.aligned_model import StampModel
-    from stamp.catalogue import get_pretrained
+    from stamp.zoo.convert import full_target, map_state_dict
+    from stamp.models.aligned_model import StampModel
+    from stamp.zoo.catalogue import get_pretrained
     sd = torch.load(src, map_location="cpu", weights_only=True)          # the whole file in memory
     entry = get_pretrained("stamp-v1")
     meta, rules = full_target(entry)
@@ -113,7 +113,7 @@ def main() -> None:
         print(f"ratios naive / convert: time {naive['seconds'] / conv['seconds']:.2f}x, "
               f"peak memory {naive['peak_above_gb'] / max(conv['peak_above_gb'], 1e-3):.2f}x")
 
-        from stamp.aligned_model import StampModel
+        from stamp.models.aligned_model import StampModel
 
         model = StampModel.from_pretrained(str(work / "converted")).eval()
         gen = torch.Generator().manual_seed(1)

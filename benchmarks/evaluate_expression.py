@@ -37,7 +37,7 @@ def corpus_and_model(work: Path) -> tuple[Path, Path]:
         generated_corpus(work, 3)
     model = work / "run" / "model"
     if not (model / "model.safetensors").is_file():
-        from stamp.train import PretrainArgs, pretrain
+        from stamp.training.gene import PretrainArgs, pretrain
 
         pretrain(PretrainArgs(stage="gene", data=str(corpus), out=str(work / "run"), config="tiny", max_steps=1,
                               batch_size=8, warmup_steps=1, save_every=1, seed=0, progress=False))

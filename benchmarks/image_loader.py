@@ -3,7 +3,7 @@
 Builds a small GENERATED paired corpus (``spavis.simulate`` slice with a generated H&E
 image -> ``build_shards --with-images``), then measures in one run:
 
-* loader: paired batches per second from :class:`stamp.paired_data.PairedBatchLoader`
+* loader: paired batches per second from :class:`stamp.data.paired.PairedBatchLoader`
   (read Parquet, tokenize expression, decode 2 PNGs per spot on ``--threads`` threads);
 * model: spots per second the ``uni`` architecture (ViT-L/16, RANDOM weights -- no download)
   consumes for one alignment step's vision work: patch + region forward and backward
@@ -39,8 +39,8 @@ def main() -> None:
 
     from paired_helpers import make_paired_corpus
     from spavis.format import open_corpus
-    from stamp.multimodal import StampModel, StampModelConfig
-    from stamp.paired_data import PairedBatchLoader
+    from stamp.models.aligned_model import StampModel, StampModelConfig
+    from stamp.data.paired import PairedBatchLoader
     from stamp.tokenizer import GeneTokenizer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

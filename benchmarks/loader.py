@@ -3,7 +3,7 @@
 Shards are GENERATED (not real): ``--slides`` Visium-like hex-lattice slides of
 ``--spots`` spots with about ``--nnz`` nonzero genes per spot over 20,310 genes, written
 with the public shard schema (spavis.shards.schema) and read back through spavis.corpus.
-Measured in the same run: ``stamp.data.TokenBatchLoader`` spots/s in ``spots`` (stage 1)
+Measured in the same run: ``stamp.data.tokens.TokenBatchLoader`` spots/s in ``spots`` (stage 1)
 and ``spatial`` (stage 2, Algorithm 2) modes, and the ``tiny`` StampGeneEncoder's
 forward and forward+backward spots/s on batches of the same shape (skipped when
 stamp.model is not importable). The loader keeps up when its rate exceeds the model's.
@@ -26,7 +26,7 @@ from scipy.spatial import cKDTree
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spavis.format import schema as S  # noqa: E402
 from spavis.corpus import open_corpus  # noqa: E402
-from stamp.data import TokenBatchLoader  # noqa: E402
+from stamp.data.tokens import TokenBatchLoader  # noqa: E402
 from stamp.tokenizer import GeneTokenizer  # noqa: E402
 
 N_GENES = 20_310
@@ -87,7 +87,7 @@ def model_rates(config: str, shape: tuple[int, int], repeats: int = 3) -> tuple[
     try:
         import torch
 
-        from stamp.gene_encoder import create_gene_encoder as create_model
+        from stamp.models.gene_encoder import create_gene_encoder as create_model
     except ImportError as exc:
         print(f"model part skipped: {exc}")
         return None
@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--config", default="tiny")
     args = ap.parse_args()
     try:
-        from stamp.gene_encoder import load_config
+        from stamp.models.gene_encoder import load_config
 
         context = load_config(args.config).context_length
     except ImportError:

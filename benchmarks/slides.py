@@ -110,8 +110,8 @@ def io_bound(path: Path, coords: np.ndarray, size: int) -> float:
 def uni_preprocess():
     """The ``uni`` catalogue entry's own preprocessing (resize 224, crop 224, ImageNet mean / std): no weights
     needed to measure the loader."""
-    from stamp.catalogue import get_pretrained
-    from stamp.foundation import ImagePreprocess
+    from stamp.zoo.catalogue import get_pretrained
+    from stamp.models.foundation import ImagePreprocess
 
     return ImagePreprocess(**get_pretrained("uni").preprocessing)
 

@@ -2,7 +2,7 @@
 
 Builds a corpus of ``--slides`` GENERATED Visium slides (``spavis.simulate``; or takes
 ``--corpus``), then runs ``stamp.cli.tokenize.tokenize_corpus`` alternately with its
-read-ahead (``stamp.prefetch``, 2 slides) and with plain serial reading, ``--repeat`` times
+read-ahead (``stamp.data.prefetch``, 2 slides) and with plain serial reading, ``--repeat`` times
 each. Both write the same bytes (checked). Prints wall seconds of every run and the ratio of
 the medians.
 

@@ -2,12 +2,12 @@
 
 Token ids: 0 MASK, 1 PAD, 2 CLS, 3..29 reserved, gene ``i`` of the vocabulary -> ``i + 30``
 (the layout of the released STAMP / Nicheformer encoders, so embedding tables are
-interchangeable). These are the *defaults* of :class:`stamp.gene_encoder.StampConfig`; code that
+interchangeable). These are the *defaults* of :class:`stamp.models.gene_encoder.StampConfig`; code that
 has a model reads the ids from ``model.config`` (``mask_token_id``, ``pad_token_id``,
 ``cls_token_id``, ``n_reserved``), the tokenizer writes them into ``tokenizer_config.json``.
 
 Spatial groups (the paper's Algorithm 2): a seed and its 8 nearest spots, 24 groups per
-batch, groups spanning more than ``D_MAX_UM`` dropped (see :mod:`stamp.batching`).
+batch, groups spanning more than ``D_MAX_UM`` dropped (see :mod:`stamp.data.batching`).
 """
 from __future__ import annotations
 
@@ -29,6 +29,6 @@ from spavis.format.schema import SPOT_SPACING_UM as VISIUM_SPACING_UM  # noqa: E
 __all__ = ["MASK_ID", "PAD_ID", "CLS_ID", "N_RESERVED", "GROUP_SIZE", "GROUPS_PER_BATCH", "D_MAX_UM",
            "VISIUM_SPACING_UM", "ARGS_FILE", "METRICS_FILE", "RUN_INFO"]
 
-# image resize filters a preprocessing entry may name (stamp.pixels resizes with torch's kernels, which
+# image resize filters a preprocessing entry may name (stamp.models.pixels resizes with torch's kernels, which
 # have no lanczos)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")

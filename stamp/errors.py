@@ -10,7 +10,8 @@ from __future__ import annotations
 
 __all__ = [
     "StampError", "BatchingError", "DataError", "EmbedError", "PublishError", "TrainingError",
-    "ModelConfigError", "TokenizerError", "ModelNotFoundError", "UsageError", "StorageError",
+    "ModelConfigError", "TokenizerError", "ModelNotFoundError", "UsageError", "PretrainedError", "ConvertError",
+    "VisionWeightsError", "RegionGridError", "SlideError", "BagError", "EvaluateError",
 ]
 
 
@@ -55,5 +56,29 @@ class UsageError(StampError):
     """A command-line value is out of range (lr <= 0, --max-steps 0, batch size < 1 ...)."""
 
 
-class StorageError(StampError):
-    """A file cannot be written or read: permission denied, disk full, quota exceeded, read-only."""
+class EvaluateError(StampError):
+    """An evaluation cannot run as asked (no such label column, too few labelled spots, ...)."""
+
+
+class PretrainedError(ModelNotFoundError):
+    """A model name / repo / folder cannot be resolved, is gated, or its catalogue entry is broken."""
+
+
+class VisionWeightsError(StampError):
+    """Vision trunk weights cannot be fetched or do not fit the architecture."""
+
+
+class RegionGridError(ModelConfigError):
+    """The region's token grid cannot be pooled into the 3 x 3 cells the CSP objective needs."""
+
+
+class ConvertError(StampError):
+    """The released checkpoint cannot be read safely or does not match the expected layout."""
+
+
+class SlideError(StampError):
+    """A slide cannot be read or tiled (unknown format, no scale, truncated file, no tissue)."""
+
+
+class BagError(StampError):
+    """A feature bag folder or a labels table cannot be used (unknown slides, empty bags, bad folds)."""

@@ -12,29 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from stamp.cards import CARD_NAME
 from stamp.errors import PublishError
-
-# Re-exported for callers of the earlier layout: cards live in stamp.cards, Hub reads in
-# stamp.hub_access, name resolution in stamp.factory, the run's model folder in stamp.locations.
-from stamp.cards import (CARD_NAME, card_rows, card_value, model_card,  # noqa: E402,F401
-                         write_model_card)
-from stamp.hub_access import snapshot  # noqa: E402,F401
-from stamp.locations import resolve_model_dir  # noqa: E402,F401
-
-
-def looks_like_repo_id(text: str) -> bool:
-    """``ORG/NAME`` that the Hub accepts (and not an existing local path): :func:`stamp.hub_access.is_repo_id`."""
-    from stamp.hub_access import is_repo_id
-
-    return is_repo_id(text)
-
-
-def resolve_model_source(model: str | os.PathLike) -> Path:
-    """The local folder holding a model (``RUN`` -> ``RUN/model``, a folder, a catalogue name of this
-    project's layout, a Hub snapshot): :func:`stamp.factory.resolve_model_source`."""
-    from stamp.factory import resolve_model_source as resolve
-
-    return resolve(model)
+from stamp.locations import resolve_model_dir
 
 
 def _model_files(model_dir: Path) -> list[Path]:

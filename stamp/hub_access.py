@@ -16,11 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from stamp.errors import ModelNotFoundError
-
-
-class PretrainedError(ModelNotFoundError):
-    """A model name / repo / folder cannot be resolved, is gated, or its catalogue entry is broken."""
+from stamp.errors import PretrainedError
 
 
 def is_repo_id(text: Any) -> bool:

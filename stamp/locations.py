@@ -15,7 +15,7 @@ from stamp.errors import PublishError
 
 STAMP_CACHE_ENV = "STAMP_CACHE"
 MODEL_SUBDIR = "model"
-CONVERTED_MARKER = "conversion.json"  # written last by stamp.convert: a folder without it is incomplete
+CONVERTED_MARKER = "conversion.json"  # written last by stamp.zoo.convert: a folder without it is incomplete
 
 
 def resolve_model_dir(run_or_model: str | os.PathLike, *, need_weights: bool = True) -> Path:

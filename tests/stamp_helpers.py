@@ -102,7 +102,7 @@ def random_init_model(model_dir: Path, out: Path) -> Path:
     """
     import torch
 
-    from stamp.model import create_model
+    from stamp.models.gene_encoder import create_model
     from stamp.tokenizer import GeneTokenizer
 
     args = json.loads((Path(model_dir).parent / "train_args.json").read_text())
@@ -122,7 +122,7 @@ def learning_metrics(model_dir: Path, corpus: Path, domains: dict[str, str], *, 
     Baseline: always predict the gene most frequent among the masked targets themselves (the
     best any constant guess can do on these positions); both on the first ``max_masked_spots``
     spots. Embeddings (all spots) come from the public
-    :func:`stamp.embed.embed_corpus`, so this scores what users get.
+    :func:`stamp.embed.genes.embed_corpus`, so this scores what users get.
     """
     import tempfile
 
@@ -133,8 +133,8 @@ def learning_metrics(model_dir: Path, corpus: Path, domains: dict[str, str], *, 
     from sklearn.metrics import adjusted_rand_score
 
     from spavis.corpus import open_corpus
-    from stamp.embed import embed_corpus, load_model
-    from stamp.objectives import IGNORE, mask_tokens
+    from stamp.embed.genes import embed_corpus, load_model
+    from stamp.training.objectives import IGNORE, mask_tokens
     from stamp.tokenizer import to_model_input_ids
 
     model, tok = load_model(model_dir, device="cpu")

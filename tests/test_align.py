@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from paired_helpers import make_paired_corpus
-from stamp.alignment import alignment_losses, csp_logits, gather_features
+from stamp.models.alignment import alignment_losses, csp_logits, gather_features
 
 
 # ----------------------------------------------------------------------------- losses
@@ -137,7 +137,7 @@ def _align_args(root: Path, corpus: Path, out: str, *extra: str) -> list[str]:
 def test_align_run_checkpoints_resumes_exactly_and_publishes(paired, tmp_path):
     from safetensors.torch import load_file
 
-    from stamp.multimodal import StampModel
+    from stamp.models.aligned_model import StampModel
 
     root, corpus = paired
     res = _cli(_align_args(root, corpus, "full"))
@@ -191,8 +191,8 @@ def test_align_run_checkpoints_resumes_exactly_and_publishes(paired, tmp_path):
 def test_embed_gene_image_fused_and_plain_images(paired, tmp_path, caplog):
     from PIL import Image
 
-    from stamp.multimodal import StampModel
-    from stamp.paired_data import decode_png
+    from stamp.models.aligned_model import StampModel
+    from stamp.data.paired import decode_png
 
     root, corpus = paired
     run = root / "emb"
@@ -249,8 +249,8 @@ def test_every_align_args_field_has_a_pretrain_option():
 
     from stamp.cli import app
     from stamp.cli.align import ALIGN_API_ONLY, ALIGN_OPTIONS
-    from stamp.train import PretrainArgs
-    from stamp.train_align import AlignArgs
+    from stamp.training.gene import PretrainArgs
+    from stamp.training.align import AlignArgs
 
     command = typer.main.get_command(app).commands["pretrain"]
     params = {p.name for p in command.params}
@@ -320,7 +320,7 @@ def test_torchrun_two_cpu_processes_align(tmp_path):
 # ----------------------------------------------------------------------------- evidence (GENERATED data)
 def _retrieval_and_csp(model, corpus, tokenizer, *, pool: int = 20, reps: int = 5) -> tuple[float, float]:
     """Patch -> spot top-5 accuracy among pools of ``pool`` spots (chance 5/pool), and CSP accuracy."""
-    from stamp.paired_data import PairedBatchLoader
+    from stamp.data.paired import PairedBatchLoader
 
     model.eval()
     loader = PairedBatchLoader(corpus, tokenizer, batch_size=128, context_length=model.config.gene.context_length,
@@ -352,9 +352,9 @@ def test_short_alignment_learns(tmp_path):
     after a short CPU run (tiny ViT, gene encoder frozen) patches find their spots above chance and
     above the untrained model, and CSP places patches in their region above 1/9."""
     from spavis.format import open_corpus
-    from stamp.multimodal import StampModel
-    from stamp.train import PretrainArgs, pretrain
-    from stamp.train_align import AlignArgs, align, build_model
+    from stamp.models.aligned_model import StampModel
+    from stamp.training.gene import PretrainArgs, pretrain
+    from stamp.training.align import AlignArgs, align, build_model
 
     data, _ = make_paired_corpus(tmp_path / "shards", slides=1, n_genes=80, max_row=6, seed=0, marker_lfc=4.0,
                                  n_markers=15)

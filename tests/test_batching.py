@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.spatial import cKDTree
 
-from stamp.batching import BatchingError, slide_coordinates_um, spatial_groups
-from stamp.data import DataError, TokenBatchLoader, rank_files
+from stamp.data.batching import BatchingError, slide_coordinates_um, spatial_groups
+from stamp.data.tokens import DataError, TokenBatchLoader, rank_files
 from stamp.tokenizer import PAD_ID, GeneTokenizer
 
 N_GENES = 200

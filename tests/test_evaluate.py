@@ -208,7 +208,7 @@ def evidence(tmp_path_factory):
     from spavis.shards import build_shards
     from spavis.simulate import write_simulated_slice
     from stamp.cli import app as stamp_app
-    from stamp.train import PretrainArgs, pretrain
+    from stamp.training.gene import PretrainArgs, pretrain
 
     tmp = tmp_path_factory.mktemp("evidence")
     threads = torch.get_num_threads()
@@ -327,8 +327,8 @@ def test_image_and_fused_features_come_before_the_projections(aligned):
     from spavis.format import open_corpus
     from stamp.evaluate.data import load_eval_data
     from stamp.evaluate.features import image_spots, model_features
-    from stamp.multimodal import StampModel
-    from stamp.paired_data import decode_png
+    from stamp.models.aligned_model import StampModel
+    from stamp.data.paired import decode_png
 
     corpus_dir, run, _, n_imaged = aligned
     corpus = open_corpus(corpus_dir)

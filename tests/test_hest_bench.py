@@ -80,8 +80,8 @@ def write_task(folder: Path, *, seed: int = 0) -> Path:
 def tiny_model(folder: Path) -> Path:
     import torch
 
-    from stamp.model import StampConfig
-    from stamp.multimodal import StampModel, StampModelConfig
+    from stamp.models.gene_encoder import StampConfig
+    from stamp.models.aligned_model import StampModel, StampModelConfig
 
     torch.manual_seed(0)
     gene = StampConfig(n_genes=20, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,

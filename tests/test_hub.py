@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from stamp.train import PretrainArgs, pretrain
+from stamp.training.gene import PretrainArgs, pretrain
 from stamp_helpers import make_corpus
 from tests.fakes.hub import WRITE_TOKEN, FakeHub
 
@@ -26,7 +26,7 @@ def run(tmp_path_factory):
 
 def test_publish_then_from_pretrained_matches_local(run, tmp_path, monkeypatch):
     from stamp.hub import publish
-    from stamp.model import StampGeneEncoder
+    from stamp.models.gene_encoder import StampGeneEncoder
     from stamp.tokenizer import GeneTokenizer
 
     out, corpus = run
@@ -73,7 +73,7 @@ def test_publish_cli_never_prints_the_token(run, tmp_path):
 
 def embeddings_of(model_dir, corpus) -> torch.Tensor:
     from spavis.corpus import open_corpus
-    from stamp.model import StampGeneEncoder
+    from stamp.models.gene_encoder import StampGeneEncoder
     from stamp.tokenizer import GeneTokenizer, to_model_input_ids
 
     model = StampGeneEncoder.from_pretrained(str(model_dir)).eval()

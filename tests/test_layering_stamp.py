@@ -1,99 +1,133 @@
-"""No import cycle inside ``stamp`` (AST scan of every import, function-level ones included).
+"""stamp's rooms and their order (docs/architecture.md), checked on EVERY import that can run.
 
-The zoo's layers, bottom to top: catalogue (data) <- model classes <- factory <- convert /
-publish / commands. A model class may reach the factory through ONE documented lazy hook
-(``from_pretrained("stamp-v1")`` turns a name into a folder there); that edge is the only
-exception and is listed below.
+Edges are read from the source (:func:`layering_helpers.import_graph`): module-level imports,
+imports inside functions, ``importlib.import_module("...")`` and lazy package attributes
+(``import stamp; stamp.load(...)``). Each module sits in one layer; it may import its own layer
+and the layers below, never above; and nothing anywhere forms a cycle. Model classes know no
+names (they import nothing of the zoo) and library code never imports the command line.
 """
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-from layering_helpers import import_cycles
+import pytest
+from layering_helpers import import_cycles, import_graph
 
 ROOT = Path(__file__).resolve().parents[1] / "stamp"
 
-# (importer, imported): upward edges allowed on purpose, each a lazy import inside a function.
-ALLOWED_UPWARD = {
-    ("stamp.gene_encoder", "stamp.factory"),  # StampGeneEncoder.from_pretrained(NAME): the name -> folder hook
-    ("stamp.aligned_model", "stamp.factory"),  # StampModel.from_pretrained(NAME): same hook
-}
-# Modules that must not import torch at module level (the catalogue is data).
-NO_TORCH = ("stamp.catalogue", "stamp.hub_access", "stamp.safety", "stamp.locations", "stamp.cards")
+# Bottom to top. A module's layer is the longest prefix that names it; "stamp" (the package's lazy
+# public names) is above everything.
+LAYERS: list[tuple[str, ...]] = [
+    ("stamp.constants", "stamp.errors"),
+    ("stamp.safety", "stamp.locations", "stamp.hub_access", "stamp.cards"),  # shared basics, no model code
+    ("stamp.tokenizer",),
+    ("stamp.models.pixels", "stamp.models.alignment", "stamp.models.abmil"),
+    ("stamp.models",),  # the model classes: gene_encoder, vision, foundation, aligned_model
+    ("stamp.zoo.catalogue", "stamp.zoo.encoder"),  # names as data; the one object consumers receive
+    ("stamp.zoo.convert",),  # released checkpoints -> this project's layout
+    ("stamp.zoo.resolve",),  # names / runs / Hub ids -> local folders (converts on first use)
+    ("stamp.zoo",),  # factory: stamp.load
+    ("stamp.data",),
+    ("stamp.training", "stamp.embed"),
+    ("stamp.slides",),
+    ("stamp.evaluate",),
+    ("stamp.hub",),  # publishing (a card may carry evaluation results)
+    ("stamp.cli",),
+    ("stamp",),
+]
+# Modules that must not import torch at module level (the catalogue is data; these load with no torch).
+NO_TORCH = ("stamp.zoo.catalogue", "stamp.hub_access", "stamp.safety", "stamp.locations", "stamp.cards",
+            "stamp.errors", "stamp.constants")
 
 
-def module_name(path: Path) -> str:
-    rel = path.relative_to(ROOT.parent).with_suffix("")
-    parts = list(rel.parts)
-    if parts[-1] == "__init__":
-        parts = parts[:-1]
-    return ".".join(parts)
+def layer(module: str) -> int:
+    best, rank = "", None
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > len(best):
+                best, rank = p, i
+    assert rank is not None, f"{module} is in no layer: add it to LAYERS and docs/architecture.md"
+    return rank
 
 
-def imports_of(path: Path, modules: set[str]) -> set[str]:
-    """stamp modules ``path`` imports (``from stamp.x import y`` counts y when it is a module)."""
-    tree = ast.parse(path.read_text())
-    for node in ast.walk(tree):  # imports under `if TYPE_CHECKING:` never run: not edges
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            node.body = []
-    found: set[str] = set()
-    me = module_name(path)
-    for node in ast.walk(tree):
-        names: list[str] = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        for name in names:
-            while name and name not in modules:
-                name = name.rpartition(".")[0]
-            if name and name != me and name != "stamp":
-                found.add(name)
-    return found
+def upward_edges(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps if layer(d) > layer(m))
 
 
-def graph() -> dict[str, set[str]]:
-    files = {module_name(p): p for p in ROOT.rglob("*.py")}
-    return {m: imports_of(p, set(files)) for m, p in files.items()}
+def test_every_module_has_a_layer_and_imports_only_downward():
+    graph = import_graph(ROOT)
+    assert {layer(m) for m in graph}  # every module placed
+    assert upward_edges(graph) == []
 
 
-def test_no_import_cycle_inside_stamp():
-    edges = {m: {d for d in deps if (m, d) not in ALLOWED_UPWARD} for m, deps in graph().items()}
-    assert import_cycles(edges) == []
+def test_no_import_cycle_inside_stamp_even_through_function_level_and_lazy_imports():
+    assert import_cycles(import_graph(ROOT)) == []
 
 
-def test_model_classes_know_no_names():
-    """Model classes import neither the catalogue, the Hub module nor the factory (but the one hook)."""
-    edges = graph()
-    for cls_module in ("stamp.gene_encoder", "stamp.aligned_model", "stamp.vision", "stamp.foundation",
-                       "stamp.tokenizer.core"):
-        upward = {d for d in edges[cls_module] if d in ("stamp.catalogue", "stamp.registry", "stamp.hub",
-                                                        "stamp.factory", "stamp.convert")}
-        assert upward <= {d for m, d in ALLOWED_UPWARD if m == cls_module}, (cls_module, upward)
+def test_model_classes_know_no_names_and_library_code_never_imports_the_cli():
+    graph = import_graph(ROOT)
+    named = [f"{m} -> {d}" for m, deps in graph.items() if m.startswith("stamp.models")
+             for d in deps if d == "stamp.hub" or d.startswith("stamp.zoo")]
+    assert named == []
+    cli = [f"{m} -> {d}" for m, deps in graph.items() if not m.startswith("stamp.cli")
+           for d in deps if d.startswith("stamp.cli")]
+    assert cli == []
+
+
+def _source(module: str) -> str:
+    return (ROOT.parent / (module.replace(".", "/") + ".py")).read_text()
+
+
+@pytest.mark.parametrize("module,snippet,expect", [
+    # a model class reaching the zoo from inside a function (the old from_pretrained(NAME) hook)
+    ("stamp.models.gene_encoder", "\n\ndef _hook():\n    from stamp.zoo.factory import load\n", "upward"),
+    # the same through the lazy public name
+    ("stamp.models.vision", "\n\ndef _hook():\n    import stamp\n    return stamp.load\n", "upward"),
+    # library code importing the command line
+    ("stamp.slides.progress", "\n\ndef _c():\n    from stamp.cli._common import err_console\n", "upward"),
+    # a function-level import that closes a cycle inside one layer
+    ("stamp.data.batching", "\n\ndef _c():\n    from stamp.data.tokens import TokenBatchLoader\n", "cycle"),
+])
+def test_the_checks_catch_a_bad_import(module, snippet, expect):
+    """Each rule fails on a planted import of the kind it exists for (so these tests can fail)."""
+    graph = import_graph(ROOT, overrides={module: _source(module) + snippet})
+    if expect == "upward":
+        assert any(e.startswith(module + " -> ") for e in upward_edges(graph))
+    else:
+        assert any(module in c for c in import_cycles(graph))
 
 
 def test_data_layers_import_no_torch_at_module_level():
     for name in NO_TORCH:
-        tree = ast.parse((ROOT / (name.split(".", 1)[1].replace(".", "/") + ".py")).read_text())
+        tree = ast.parse(_source(name))
         top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
         mods = {a.name for n in top if isinstance(n, ast.Import) for a in n.names} | {
             n.module for n in top if isinstance(n, ast.ImportFrom) and n.module}
         assert not {m for m in mods if m.split(".")[0] in ("torch", "timm", "transformers")}, name
 
 
-def test_old_module_names_are_the_new_modules():
-    """stamp.model / stamp.multimodal (earlier names) ARE stamp.gene_encoder / stamp.aligned_model."""
-    import stamp.aligned_model
-    import stamp.gene_encoder
-    import stamp.model
-    import stamp.multimodal
-    from stamp.model import StampGeneEncoder, create_model
-    from stamp.multimodal import PROJECTIONS, StampModel
+def test_old_flat_module_names_are_gone_and_the_new_rooms_answer():
+    """No shim is kept: none of the old names was documented as public API beyond ``stamp.X``."""
+    for old in ("model", "multimodal", "registry", "train", "train_align", "training_loop", "factory",
+                "gene_encoder", "embeddings", "catalogue", "convert", "vision", "paired_data", "embed"):
+        assert not (ROOT / f"{old}.py").exists(), old
+    import stamp
+    from stamp.models.aligned_model import StampModel
+    from stamp.models.gene_encoder import StampGeneEncoder
+    from stamp.zoo.factory import create_pretrained_model, load
 
-    assert stamp.model is stamp.gene_encoder and stamp.multimodal is stamp.aligned_model
-    assert StampGeneEncoder is stamp.gene_encoder.StampGeneEncoder and StampModel is stamp.aligned_model.StampModel
-    assert create_model is stamp.gene_encoder.create_gene_encoder and PROJECTIONS
-    from stamp import StampGeneEncoder as public, StampModel as public_model, create_model as zoo_create
+    assert stamp.StampModel is StampModel and stamp.StampGeneEncoder is StampGeneEncoder
+    assert stamp.load is load and stamp.create_model is create_pretrained_model
 
-    assert public is StampGeneEncoder and public_model is StampModel and zoo_create is not create_model
+
+def test_error_classes_live_in_stamp_errors():
+    """``stamp.errors`` holds every error class stamp raises on purpose (other modules re-export)."""
+    defined = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if path.name == "errors.py" and path.parent == ROOT:
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and node.name.endswith(("Error", "Exception")):
+                defined.append(f"{path.relative_to(ROOT.parent)}: {node.name}")
+    assert defined == []

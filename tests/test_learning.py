@@ -1,7 +1,7 @@
 """Evidence that pretraining learns, on a GENERATED slice with known domains (spavis.simulate).
 
 A short fixed-seed CPU run of the tiny config (stage 1, IGR) through the public entry points
-(``spavis.shards.build_shards`` -> ``stamp.train.pretrain`` -> ``stamp.embed.embed_corpus``):
+(``spavis.shards.build_shards`` -> ``stamp.training.gene.pretrain`` -> ``stamp.embed.genes.embed_corpus``):
 masked-token accuracy must beat the gene-frequency baseline on the same masked positions, and
 KMeans on the trained embeddings must recover the domains better (ARI) than on the randomly
 initialised encoder it started from. Margins were checked on seeds 0, 1, 2 (docs/learning.md).
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from stamp.train import PretrainArgs, pretrain
+from stamp.training.gene import PretrainArgs, pretrain
 from stamp_helpers import learning_metrics, make_corpus, random_init_model
 
 # Short-run settings: the library defaults (lr 1e-4, 5,000 warm-up steps) are for long GPU runs;

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from stamp.model import PAD_ID, ModelConfigError, StampConfig, StampGeneEncoder, create_model, load_config
-from stamp.objectives import IGNORE, cgr_loss, mask_tokens, neighbour_context
+from stamp.models.gene_encoder import PAD_ID, ModelConfigError, StampConfig, StampGeneEncoder, create_model, load_config
+from stamp.training.objectives import IGNORE, cgr_loss, mask_tokens, neighbour_context
 
 
 def _model(**kw):
@@ -114,7 +114,7 @@ def test_cgr_uses_only_neighbours():
 def test_cgr_reads_the_batch_groups_not_row_order():
     """StampForPretraining takes groups from the typed batch: permuting rows (and groups with them)
     gives the same losses; the same rows read as consecutive groups give a different CGR loss."""
-    from stamp.objectives import StampForPretraining
+    from stamp.training.objectives import StampForPretraining
 
     m = _model()
     ids = torch.randint(30, 130, (18, 20))

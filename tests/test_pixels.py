@@ -1,4 +1,4 @@
-"""Two-stage preprocessing (stamp.pixels): uint8 geometry in the loader workers, normalisation on the device.
+"""Two-stage preprocessing (stamp.models.pixels): uint8 geometry in the loader workers, normalisation on the device.
 
 References are independent: torchvision's own ``Resize`` / ``CenterCrop`` / ``ToTensor`` / ``Normalize`` on PIL
 images (the model cards' pipeline) and the slide's pixels read straight through OpenSlide.
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from stamp.foundation import ImagePreprocess
+from stamp.models.foundation import ImagePreprocess
 
 RNG = np.random.default_rng(3)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -61,7 +61,7 @@ def test_bad_inputs_and_interpolations_are_one_line():
 
 
 def test_stamp_transform_keeps_its_float_resize_and_splits_exactly():
-    from stamp.vision import ImageTransform, load_vision_config, to_pixels
+    from stamp.models.vision import ImageTransform, load_vision_config, to_pixels
 
     t = ImageTransform(load_vision_config("uni"))
     img = _smooth_image(256, 256)

@@ -1,10 +1,10 @@
-"""stamp.prefetch: order kept, errors reach the consumer, a closed consumer stops the reader."""
+"""stamp.data.prefetch: order kept, errors reach the consumer, a closed consumer stops the reader."""
 import threading
 import time
 
 import pytest
 
-from stamp.prefetch import prefetch
+from stamp.data.prefetch import prefetch
 
 
 def test_order_and_end():

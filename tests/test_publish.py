@@ -310,9 +310,9 @@ def test_cli_publish_and_validate_by_id(corpus, tmp_path):
 
 def test_pretrain_from_a_hub_corpus_is_lazy_and_records_the_revision(tmp_path, hub):
     pytest.importorskip("torch")
-    from stamp.data import TokenBatchLoader
+    from stamp.data.tokens import TokenBatchLoader
     from stamp.tokenizer import GeneTokenizer
-    from stamp.train import PretrainArgs, pretrain
+    from stamp.training.gene import PretrainArgs, pretrain
     from stamp_helpers import make_corpus
 
     root, _ = make_corpus(tmp_path / "shards", slides=3, n_genes=120, max_row=16)  # one slide per shard

@@ -67,10 +67,10 @@ def stores(corpus: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """(corpus built with --with-images, gene model folder, aligned model folder)."""
-    from stamp.model import create_model
-    from stamp.multimodal import create_stamp_model
+    from stamp.models.gene_encoder import create_model
+    from stamp.models.aligned_model import create_stamp_model
     from stamp.tokenizer import GeneTokenizer
-    from stamp.vision import create_vision_encoder
+    from stamp.models.vision import create_vision_encoder
 
     root = tmp_path_factory.mktemp("robemb")
     corpus, _ = make_paired_corpus(root / "shards", slides=2, n_genes=60, max_row=4, seed=5)
@@ -136,7 +136,7 @@ def test_embed_zarr_keeps_imaged_stores_readable_and_repairs_old_damage(built, t
 # ------------------------------------------------------------------ 2. one writer at a time
 def test_second_zarr_writer_is_refused_or_queued_and_nothing_is_lost(built, tmp_path):
     from spavis.shards.validate import validate
-    from stamp.embeddings import zarr_writer_lock
+    from stamp.embed.writer import zarr_writer_lock
 
     corpus, gene, _ = built
     data = _copy(corpus, tmp_path / "data")
@@ -172,7 +172,7 @@ def test_second_zarr_writer_is_refused_or_queued_and_nothing_is_lost(built, tmp_
 def test_validate_notices_missing_chunks_and_all_zero_embeddings(built, tmp_path):
     from spavis.shards.validate import validate
 
-    from stamp.embed import embed_corpus
+    from stamp.embed.genes import embed_corpus
 
     corpus, gene, _ = built
     data = _copy(corpus, tmp_path / "data")
@@ -243,7 +243,7 @@ def test_corrupt_or_wrong_size_patch_is_one_line_naming_shard_and_row(built, tmp
 def test_embed_images_any_image_encoder_16bit_rescaled_huge_refused_and_provenance(built, tmp_path):
     from PIL import Image
 
-    from stamp.embeddings import read_model_record
+    from stamp.embed.writer import read_model_record
 
     corpus, gene, aligned = built
     folder = tmp_path / "tiles"
@@ -290,9 +290,9 @@ def test_embed_images_any_image_encoder_16bit_rescaled_huge_refused_and_provenan
 
 # ------------------------------------------------------------------ issue 18: one writer, every file records its model
 def test_every_embeddings_output_records_name_revision_and_license(built, tmp_path):
-    from stamp.embed import embed_corpus
-    from stamp.embed_multimodal import embed_paired_corpus
-    from stamp.embeddings import read_model_record
+    from stamp.embed.genes import embed_corpus
+    from stamp.embed.multimodal import embed_paired_corpus
+    from stamp.embed.writer import read_model_record
 
     corpus, gene, aligned = built
     data = _copy(corpus, tmp_path / "data")

@@ -306,8 +306,8 @@ def test_init_checks_the_vocabulary_checksum_not_its_length(gene_run, tmp_path):
 def test_generated_fraction_in_run_json_and_card(gene_run):
     import pandas as pd
 
-    from stamp.hub import model_card
-    from stamp.train import generated_fraction
+    from stamp.cards import model_card
+    from stamp.training.run import generated_fraction
 
     info = json.loads((gene_run / "run.json").read_text())
     assert info["data"]["generated_fraction"] == 1.0 and info["data"]["generated"] is True
@@ -337,7 +337,7 @@ def test_every_pretrain_args_field_has_a_cli_option_with_the_same_default():
 
     from stamp.cli import app
     from stamp.cli.pretrain import API_ONLY, RENAMED, RESUME_OPTIONAL
-    from stamp.train import PretrainArgs
+    from stamp.training.gene import PretrainArgs
 
     command = typer.main.get_command(app).commands["pretrain"]
     params = {p.name: p for p in command.params}

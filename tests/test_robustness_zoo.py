@@ -53,7 +53,7 @@ def cli(*args: str) -> str:
 @pytest.fixture(scope="module")
 def gene_folder(tmp_path_factory) -> Path:
     """A small saved gene encoder (config.json + model.safetensors), no tokenizer needed for these cases."""
-    from stamp.model import create_gene_encoder
+    from stamp.models.gene_encoder import create_gene_encoder
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("zoo-rob") / "model"
@@ -165,7 +165,7 @@ def test_offline_catalogue_entry_is_one_line(tmp_path):
 
 def test_vision_model_kwargs_only_known_keys(tmp_path):
     from stamp.errors import ModelConfigError
-    from stamp.vision import load_vision_config
+    from stamp.models.vision import load_vision_config
 
     base = json.loads((Path(__file__).resolve().parents[1] / "stamp" / "configs" / "vision-tiny.json").read_text())
     for bad, expect in (({"pretrained": True}, "'pretrained' is not allowed"),
@@ -182,7 +182,7 @@ def test_incomplete_overlay_entry_names_the_overlay_file(tmp_path):
     overlay = tmp_path / "my-zoo.json"
     overlay.write_text(json.dumps({"models": {"mine": {"kind": "image", "library": "timm", "hub_id": "me/mine"}}}))
     text = one_line_error(stamp("models", env={"STAMP_REGISTRY": str(overlay)}))
-    assert str(overlay) in text and "'mine'" in text and "lacks" in text and "stamp/pretrained.json" not in text
+    assert str(overlay) in text and "'mine'" in text and "lacks" in text and "stamp/zoo/pretrained.json" not in text
 
 
 def test_models_table_json_and_kind(tmp_path):

@@ -106,7 +106,7 @@ def test_40x_slide_reads_the_level_closest_to_20x_and_the_tifffile_path_agrees(t
 def test_scale_comes_from_the_file_or_the_user(tmp_path, caplog):
     import tifffile
 
-    from stamp.slides.errors import SlideError
+    from stamp.errors import SlideError
 
     img = np.full((512, 512, 3), 240, np.uint8)
     bare = tmp_path / "bare.tif"
@@ -134,8 +134,8 @@ def tiny_model(tmp_path_factory) -> Path:
     """A tiny aligned StampModel folder (random weights), loadable by stamp.load."""
     import torch
 
-    from stamp.model import StampConfig
-    from stamp.multimodal import StampModel, StampModelConfig
+    from stamp.models.gene_encoder import StampConfig
+    from stamp.models.aligned_model import StampModel, StampModelConfig
 
     cfg = json.loads((ROOT / "stamp" / "configs" / "tiny.json").read_text())
     torch.manual_seed(0)
@@ -250,7 +250,7 @@ def test_bad_slides_are_recorded_and_the_rest_go_on(tmp_path, slides, tiny_model
     assert res.exit_code == 1 and "--fail-fast" in res.output and not (out2 / "s0.h5").exists()
     # another model into the same folder is refused in one line
     from stamp.slides.embed import embed_slides
-    from stamp.slides.errors import BagError
+    from stamp.errors import BagError
 
     with pytest.raises(BagError, match="other tiling options"):
         embed_slides([slides / "s0.svs"], tiny_model, out, workers=0, progress=False)

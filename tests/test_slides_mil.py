@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from stamp.slides.bags import write_bag
-from stamp.slides.mil import MilOptions, evaluate_mil
+from stamp.evaluate.mil import MilOptions, evaluate_mil
 
 D = 16
 

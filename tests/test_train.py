@@ -6,7 +6,9 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from stamp.train import PretrainArgs, TrainingError, lr_at, pretrain
+from stamp.errors import TrainingError
+from stamp.training.gene import PretrainArgs, pretrain
+from stamp.training.run import lr_at
 from stamp_helpers import make_corpus
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from stamp.vision import (
+from stamp.models.vision import (
     RegionGridError,
     VisionConfig,
     VisionEncoder,
@@ -179,7 +179,7 @@ def test_gated_hub_weights_give_one_clear_line(tmp_path, monkeypatch):
 def test_pixels_resize_normalise_and_convert_modes():
     from PIL import Image
 
-    from stamp.vision import ImageTransform
+    from stamp.models.vision import ImageTransform
 
     cfg = load_vision_config("uni")
     white = np.full((2, 100, 100, 3), 255, np.uint8)

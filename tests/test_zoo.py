@@ -17,8 +17,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from stamp.convert import ConvertError, convert_released, load_state_dict
-from stamp.registry import PretrainedError, get_pretrained, list_pretrained, load_tokenizer, resolve_pretrained
+from stamp.zoo.convert import ConvertError, convert_released, load_state_dict
+from stamp.errors import PretrainedError
+from stamp.zoo.catalogue import get_pretrained, list_pretrained
+from stamp.zoo.resolve import load_tokenizer, resolve_pretrained
 from tests.reference_stamp import ReferenceStamp, randomize_, reference_tokenize, uni_vit_kwargs
 
 N_GENES = 20310
@@ -32,8 +34,8 @@ TOKEN = "hf_fake_granted_token"
 
 
 def small_entries() -> dict:
-    """Registry entries of the same form as stamp/pretrained.json, at test sizes."""
-    full = json.loads((__import__("importlib.resources").resources.files("stamp") / "pretrained.json").read_text())
+    """Registry entries of the same form as stamp/zoo/pretrained.json, at test sizes."""
+    full = json.loads((__import__("importlib.resources").resources.files("stamp.zoo") / "pretrained.json").read_text())
     models = full["models"]
     for name in ("stamp-v1", "stamp-v1-gene"):
         models[name]["gene_config"] = {**models[name]["gene_config"], **GENE}
@@ -160,7 +162,7 @@ def test_reference_has_the_released_514_tensors():
 
 # ----------------------------------------------------------------------------- equivalence
 def test_converted_full_model_reproduces_reference(released, means_file, tmp_path):
-    from stamp.multimodal import StampModel
+    from stamp.models.aligned_model import StampModel
     from stamp.tokenizer import to_model_input_ids
 
     ref, path = released
@@ -193,7 +195,7 @@ def test_converted_full_model_reproduces_reference(released, means_file, tmp_pat
 
 
 def test_lightning_wrapper_and_module_prefix_gene_only(released, tmp_path):
-    from stamp.model import StampGeneEncoder
+    from stamp.models.gene_encoder import StampGeneEncoder
 
     ref, _ = released
     ckpt = {"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}, "epoch": 7, "global_step": 1234,
@@ -263,25 +265,31 @@ def test_strict_mapping_names_the_bad_tensor(released, tmp_path, damage, message
 
 
 # ----------------------------------------------------------------------------- Hub + registry path
-def test_from_pretrained_registry_name_via_gated_fake_hub(released, tmp_path, monkeypatch):
-    from stamp.model import StampGeneEncoder
-    from stamp.multimodal import StampModel
+def test_create_model_registry_name_via_gated_fake_hub(released, tmp_path, monkeypatch):
+    """``stamp.create_model(NAME)``: the zoo turns a name into the model class with its weights; the classes
+    themselves take folders or Hub ids only and point a name to the zoo."""
+    import stamp
+    from stamp.models.aligned_model import StampModel
+    from stamp.models.gene_encoder import StampGeneEncoder
 
     ref, path = released
     use_small_registry(tmp_path, monkeypatch)
     monkeypatch.setenv("STAMP_CACHE", str(tmp_path / "converted"))
-    from stamp.factory import is_cached
+    from stamp.zoo.resolve import is_cached
 
     assert not is_cached(get_pretrained("stamp-v1"))
     files = {"pytorch_model.bin": path, "README.md": "# STAMP\n"}
     with stamp_repo_on_hub(tmp_path, monkeypatch, files, gated=True) as hub:
         with pytest.raises(PretrainedError, match=r"gated: accept its terms at https://huggingface.co/minghaofdu/STAMP"
                                                   r".*hf auth login"):
-            StampModel.from_pretrained("stamp-v1")
+            stamp.create_model("stamp-v1")
         with pytest.raises(PretrainedError, match="hf auth login"):
-            StampModel.from_pretrained("stamp-v1", token="hf_not_granted")
+            stamp.create_model("stamp-v1", token="hf_not_granted")
+        with pytest.raises(PretrainedError, match=r"stamp.create_model\('stamp-v1'\)"):
+            StampModel.from_pretrained("stamp-v1")  # model classes know no names
         hub.grant("minghaofdu/STAMP", TOKEN, repo_type="model")
-        model = StampModel.from_pretrained("stamp-v1", token=TOKEN).eval()
+        model = stamp.create_model("stamp-v1", token=TOKEN).eval()
+        assert type(model) is StampModel
         pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             torch.testing.assert_close(model.encode_image(pixels), ref.encode_image(pixels), rtol=0, atol=1e-5)
@@ -289,11 +297,10 @@ def test_from_pretrained_registry_name_via_gated_fake_hub(released, tmp_path, mo
         assert converted.is_relative_to(tmp_path / "converted")
         assert is_cached(get_pretrained("stamp-v1"))
         stamp_before = (converted / "model.safetensors").stat().st_mtime_ns
-        StampModel.from_pretrained("stamp-v1", token=TOKEN)  # second load: reads the converted file
+        stamp.create_model("stamp-v1", token=TOKEN)  # second load: reads the converted file
         assert (converted / "model.safetensors").stat().st_mtime_ns == stamp_before
-        gene = StampGeneEncoder.from_pretrained("stamp-v1", token=TOKEN)  # the gene part of the full entry
+        gene = stamp.create_model("stamp-v1-gene", token=TOKEN)  # the gene part of the full release
         assert type(gene) is StampGeneEncoder and gene.config.hidden_size == 32
-        import stamp
 
         assert type(stamp.create_model("stamp-v1-gene")) is StampGeneEncoder  # converted already: no token needed
         with pytest.raises(PretrainedError, match="not found"):
@@ -328,7 +335,7 @@ def test_embed_stamp_v1_gene_end_to_end(released, means_file, stamp_v1_paired_co
     import pyarrow.parquet as pq
 
     from spavis.format import open_corpus, rows_to_csr
-    from stamp.embed import embed_corpus
+    from stamp.embed.genes import embed_corpus
 
     ref, path = released
     use_small_registry(tmp_path, monkeypatch)
@@ -344,7 +351,7 @@ def test_embed_stamp_v1_gene_end_to_end(released, means_file, stamp_v1_paired_co
     spot_ids = [s for t in rows for s in t.column("spot_id").to_pylist()]
     assert table.column("spot_id").to_pylist() == spot_ids and len(spot_ids) > 20
     counts = sp.vstack([rows_to_csr(t, N_GENES) for t in rows]).tocsr()
-    from stamp.registry import load_tokenizer, resolve_pretrained
+    from stamp.zoo.resolve import load_tokenizer, resolve_pretrained
     from stamp.tokenizer import to_model_input_ids
 
     tok = load_tokenizer(resolve_pretrained("stamp-v1-gene"), means_file)
@@ -385,9 +392,9 @@ def test_published_gene_card_has_eval_numbers_and_a_snippet_that_runs(tmp_path, 
 
     from stamp.cli import app
     from stamp.evaluate.results import write_results
-    from stamp.hub import write_model_card
-    from stamp.model import StampConfig, StampGeneEncoder
-    from stamp.registry import _vocabulary
+    from stamp.cards import write_model_card
+    from stamp.models.gene_encoder import StampConfig, StampGeneEncoder
+    from stamp.zoo.catalogue import vocabulary as _vocabulary
     from stamp.tokenizer import GeneTokenizer
 
     genes, _ = _vocabulary("stamp-v1")
@@ -421,13 +428,13 @@ def test_published_gene_card_has_eval_numbers_and_a_snippet_that_runs(tmp_path, 
 
 
 def test_published_stamp_model_card_snippet_runs(tmp_path):
-    """An aligned StampModel's card (stamp.multimodal) exported with publish --local-dir: the snippet runs."""
+    """An aligned StampModel's card (stamp.models.aligned_model) exported with publish --local-dir: the snippet runs."""
     import re
 
     from stamp.hub import export_model
-    from stamp.model import StampConfig
-    from stamp.multimodal import StampModel, StampModelConfig, write_stamp_model_card
-    from stamp.registry import _vocabulary
+    from stamp.models.gene_encoder import StampConfig
+    from stamp.models.aligned_model import StampModel, StampModelConfig, write_stamp_model_card
+    from stamp.zoo.catalogue import vocabulary as _vocabulary
     from stamp.tokenizer import GeneTokenizer
 
     genes, _ = _vocabulary("stamp-v1")
@@ -450,7 +457,7 @@ def test_published_stamp_model_card_snippet_runs(tmp_path):
 def test_create_model_loads_published_repo_ids_without_registry_entry(tmp_path, monkeypatch):
     """stamp.create_model / from_pretrained on a repo published by `stamp publish` (no registry entry)."""
     import stamp
-    from stamp.model import StampConfig, StampGeneEncoder
+    from stamp.models.gene_encoder import StampConfig, StampGeneEncoder
     from tests.fakes.hub import FakeHub
 
     torch.manual_seed(0)
@@ -490,7 +497,7 @@ def test_stamp_embed_stamp_v1_fused_end_to_end(released, means_file, stamp_v1_pa
     from spavis.format import decode_image, open_corpus, rows_to_csr
     from stamp.cli import app
     from stamp.tokenizer import to_model_input_ids
-    from stamp.vision import load_vision_config, to_pixels
+    from stamp.models.vision import load_vision_config, to_pixels
 
     ref, path = released
     use_small_registry(tmp_path, monkeypatch)
@@ -532,7 +539,7 @@ def test_stamp_embed_stamp_v1_fused_end_to_end(released, means_file, stamp_v1_pa
     order = {s: i for i, s in enumerate(expr.column("spot_id").to_pylist())}
     rows = [order[s] for s in paired.column("spot_id").to_pylist()]
     counts = rows_to_csr(expr, N_GENES)[rows]
-    from stamp.registry import load_tokenizer
+    from stamp.zoo.resolve import load_tokenizer
 
     tok = load_tokenizer("stamp-v1", means_file)
     ids = torch.from_numpy(to_model_input_ids(tok.encode_csr(counts), tok.pad_value, GENE["context_length"]))
@@ -564,15 +571,15 @@ def test_registry_file_missing_from_repo_names_what_is_there(released, tmp_path,
 def test_concurrent_loads_convert_once(released, tmp_path, monkeypatch, caplog):
     import logging
 
-    from stamp.model import StampGeneEncoder
+    import stamp
     from tests.fakes.http import run_concurrently
 
     _, path = released
     use_small_registry(tmp_path, monkeypatch)
     monkeypatch.setenv("STAMP_CACHE", str(tmp_path / "converted"))
     with stamp_repo_on_hub(tmp_path, monkeypatch, {"pytorch_model.bin": path}):
-        with caplog.at_level(logging.INFO, logger="stamp.factory"):
-            assert run_concurrently(lambda: StampGeneEncoder.from_pretrained("stamp-v1-gene"), n=3) == []
+        with caplog.at_level(logging.INFO, logger="stamp.zoo.resolve"):
+            assert run_concurrently(lambda: stamp.create_model("stamp-v1-gene"), n=3) == []
     assert sum("converting stamp-v1-gene" in r.getMessage() for r in caplog.records) == 1
     folders = [p for p in (tmp_path / "converted").rglob("*") if p.is_dir() and p.name.startswith(".")]
     assert folders == []  # no temp folder left behind
@@ -582,7 +589,7 @@ def test_cli_convert_from_hub_repo_id(released, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from stamp.cli import app
-    from stamp.model import StampGeneEncoder
+    from stamp.models.gene_encoder import StampGeneEncoder
 
     ref, path = released
     use_small_registry(tmp_path, monkeypatch)
@@ -605,7 +612,7 @@ def test_means_set_once_serve_every_later_load(released, means_file, stamp_v1_pa
 
     import stamp
     from stamp.cli import app
-    from stamp.embed import embed_corpus
+    from stamp.embed.genes import embed_corpus
 
     _, path = released
     use_small_registry(tmp_path, monkeypatch)

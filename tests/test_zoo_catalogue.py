@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from stamp.catalogue import catalogue, get_pretrained
+from stamp.zoo.catalogue import catalogue, get_pretrained
 from stamp.hub_access import PretrainedError
 from tests.fakes.hub import FakeHub
 
@@ -38,7 +38,7 @@ def image_entries():
 
 @pytest.mark.parametrize("name", image_entries())
 def test_real_size_architecture_on_meta_matches_the_catalogue_and_card(name):
-    from stamp.factory import build_image_encoder
+    from stamp.zoo.factory import build_image_encoder
 
     entry = get_pretrained(name)
     module = build_image_encoder(entry)  # meta device: no memory, seconds even for 1.1 B parameters
@@ -53,7 +53,7 @@ def test_real_size_architecture_on_meta_matches_the_catalogue_and_card(name):
 
 
 def test_stamp_entries_parameter_counts():
-    from stamp.convert import full_target, gene_target
+    from stamp.zoo.convert import full_target, gene_target
 
     for name, target in (("stamp-v1", full_target), ("stamp-v1-gene", gene_target)):
         model, _ = target(get_pretrained(name))
@@ -61,7 +61,7 @@ def test_stamp_entries_parameter_counts():
 
 
 def test_left_out_models_are_explained():
-    from stamp.catalogue import catalogue_notes
+    from stamp.zoo.catalogue import catalogue_notes
 
     notes = catalogue_notes()
     assert "conch" in notes and "nicheformer" in notes
@@ -209,10 +209,10 @@ def test_gated_missing_offline_and_hand_downloaded_weights(hub, tmp_path, monkey
 
 
 def test_overlay_entry_is_validated_and_named(tmp_path, monkeypatch):
-    from stamp.catalogue import list_pretrained
+    from stamp.zoo.catalogue import list_pretrained
 
     overlay = tmp_path / "mine.json"
-    uni = json.loads((__import__("importlib.resources").resources.files("stamp") / "pretrained.json").read_text())
+    uni = json.loads((__import__("importlib.resources").resources.files("stamp.zoo") / "pretrained.json").read_text())
     good = uni["models"]["uni"]
     overlay.write_text(json.dumps({"models": {"my-uni": {**good, "hub_id": "me/uni-mirror"}}}))
     monkeypatch.setenv("STAMP_REGISTRY", str(overlay))
@@ -253,7 +253,7 @@ def test_stamp_embed_images_with_a_zoo_name_online_then_offline(hub, tmp_path):
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from stamp.embeddings import read_model_record
+    from stamp.embed.writer import read_model_record
 
     entry = get_pretrained("uni")
     hub.create_repo(entry.hub_id)

@@ -1,4 +1,4 @@
-"""The ``stamp`` command line: thin typer wrappers over stamp.train / stamp.hub / stamp.embed."""
+"""The ``stamp`` command line: thin typer wrappers over stamp's public functions."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -84,8 +84,8 @@ def embed_cmd(
 ) -> None:
     """One embedding per spot (gene, image or fused) or per image file, with any encoder; --zarr: all
     slides or none, one writer per corpus."""
-    from stamp.embed import embed_corpus
-    from stamp.embed_multimodal import MODALITIES, embed_image_folder, embed_paired_corpus
+    from stamp.embed.genes import embed_corpus
+    from stamp.embed.multimodal import MODALITIES, embed_image_folder, embed_paired_corpus
     from stamp.errors import UsageError
 
     if modality not in MODALITIES:

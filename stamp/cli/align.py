@@ -62,7 +62,7 @@ def run_align(ctx: typer.Context) -> Path:
 def embed_multimodal(model: str, data: str | None, images: Path | None, out: Path, *, modality: str,
                      batch_size: int, device: str | None, progress: bool, means: Path | None = None) -> Path:
     """``stamp embed`` for StampModel folders: ``--modality gene|image|fused`` or ``--images FOLDER``."""
-    from stamp.embed_multimodal import embed_image_folder, embed_paired_corpus
+    from stamp.embed.multimodal import embed_image_folder, embed_paired_corpus
 
     if images is not None:
         path = embed_image_folder(model, images, out, batch_size=batch_size, device=device, progress=progress)

@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
                                            "shared with other jobs)."),
         no_figures: bool = typer.Option(False, "--no-figures", help="Only results.csv and results.md."),
         no_progress: bool = typer.Option(False, "--no-progress"),
-        # --- mil (slide-level ABMIL on feature bags; stamp.slides.mil) ---
+        # --- mil (slide-level ABMIL on feature bags; stamp.evaluate.mil) ---
         features: Optional[List[Path]] = typer.Option(
             None, "--features", help="mil: features folder of `stamp embed-slides` (repeat to compare encoders)."),
         labels: Optional[Path] = typer.Option(None, "--labels", help="mil: CSV with slide, patient and label "
@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         from stamp.evaluate import EvaluateError
 
         if task == "mil":
-            from stamp.slides.mil import MilOptions, evaluate_mil
+            from stamp.evaluate.mil import MilOptions, evaluate_mil
 
             if not features or labels is None:
                 raise EvaluateError("evaluate mil needs --features DIR (repeatable) and --labels CSV")

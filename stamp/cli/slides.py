@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """One feature bag per slide (tissue tiles, any image encoder); resumable; torchrun splits slides."""
         from stamp.slides.embed import embed_slides
-        from stamp.slides.errors import SlideError
+        from stamp.errors import SlideError
 
         params = TissueParams(tile_um=tile_um, um_per_px=um_per_px, min_tissue=min_tissue,
                               mask_um_per_px=mask_um_per_px, min_saturation=min_saturation, median_px=median_px,

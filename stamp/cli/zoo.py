@@ -37,9 +37,9 @@ def register(app) -> None:
             return
         import json
 
-        from stamp.catalogue import catalogue_notes
+        from stamp.zoo.catalogue import catalogue_notes
         from stamp.errors import UsageError
-        from stamp.factory import model_table
+        from stamp.zoo.resolve import model_table
 
         if kind not in (None, "image", "gene", "aligned"):
             raise UsageError(f"--kind {kind!r}: use image, gene or aligned")
@@ -69,7 +69,7 @@ def register(app) -> None:
         file: Path = typer.Argument(..., help="The released means file (Visium_mean.npy)."),
     ) -> None:
         """Register the released gene means once; --model NAME then works in every command without --means."""
-        from stamp.factory import set_means
+        from stamp.zoo.resolve import set_means
 
         out = set_means(name, file)
         err_console.print(f"means for {name} kept in {out}; --model {name} needs no --means from now on")
@@ -87,7 +87,7 @@ def register(app) -> None:
         """Load a model once (download, convert, check strictly) and print what it is as JSON."""
         import json
 
-        from stamp.factory import load
+        from stamp.zoo.factory import load
 
         enc = load(source, device="cpu", means=means, kind=kind, weights=weights, revision=revision)
         print(json.dumps({"name": enc.name, "kind": enc.kind, "embed_dim": enc.embed_dim,
@@ -112,8 +112,8 @@ def register(app) -> None:
         revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (repo id sources)."),
     ) -> None:
         """Convert the authors' released STAMP checkpoint into this project's layout; prints the mapping."""
-        from stamp.catalogue import get_pretrained
-        from stamp.convert import SOURCE_FORMATS, ConvertError, convert_released
+        from stamp.zoo.catalogue import get_pretrained
+        from stamp.zoo.convert import SOURCE_FORMATS, ConvertError, convert_released
         from stamp.hub_access import download_file, is_repo_id
 
         if from_format not in SOURCE_FORMATS:
@@ -135,7 +135,7 @@ def register(app) -> None:
                                   load_name=str(out))
         print(report.summary())
         if means is not None:
-            from stamp.factory import set_means
+            from stamp.zoo.resolve import set_means
 
             set_means(entry.name, means)
         err_console.print(f"converted to {out} (load it with from_pretrained({str(out)!r}))")

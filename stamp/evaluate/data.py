@@ -13,14 +13,10 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from stamp.errors import StampError
+from stamp.errors import EvaluateError, StampError  # noqa: F401  (EvaluateError: part of this module's API)
 
 # fixed expression columns an evaluation reads (the label column is added when asked)
 ROW_COLUMNS = ("spot_id", "gene_index", "counts", "array_row", "array_col", "pxl_row", "pxl_col")
-
-
-class EvaluateError(StampError):
-    """An evaluation cannot run as asked (no such label column, too few labelled spots, ...)."""
 
 
 @dataclass

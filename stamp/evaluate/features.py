@@ -107,7 +107,7 @@ def _check_vocab(data: EvalData, tokenizer, model) -> None:
 
 
 def load_encoder(model: str | os.PathLike, device: str | None = None, means: str | os.PathLike | None = None):
-    """Any model of the zoo (name, run folder, model folder, Hub id) as a :class:`stamp.encoder.Encoder`."""
+    """Any model of the zoo (name, run folder, model folder, Hub id) as a :class:`stamp.zoo.encoder.Encoder`."""
     import stamp
 
     return stamp.load(str(model), device=device or default_device(), means=means)
@@ -198,7 +198,7 @@ def encode_images(image_fn, transform, device, corpus, data: EvalData, *, batch_
                   progress=None) -> np.ndarray:
     """Image features of every spot's patch (corpus paired rows); rows follow ``data`` (every spot of
     ``data`` must have a patch)."""
-    from stamp.paired_data import decode_png
+    from stamp.data.paired import decode_png
 
     index = {key: i for i, key in enumerate(zip(data.slide_ids.tolist(), data.spot_ids.tolist()))}
     out: np.ndarray | None = None
@@ -234,7 +234,7 @@ def reinitialised(module, seed: int):
 
     Fresh weights are those of a new instance built from the module's ``config`` (the architecture's own
     initialisation) when it has one, else every submodule's ``reset_parameters``. In place, so an
-    :class:`~stamp.encoder.Encoder`'s functions (bound to this module) compute the random-init features."""
+    :class:`~stamp.zoo.encoder.Encoder`'s functions (bound to this module) compute the random-init features."""
     import torch
 
     saved = {k: v.detach().clone() for k, v in module.state_dict().items()}

@@ -463,8 +463,8 @@ def read_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _write_embeddings(path: Path, emb: np.ndarray, barcodes, coords, attrs: dict) -> None:
-    """One sample's embeddings, written by the one embeddings writer (stamp.embeddings.write_h5)."""
-    from stamp.embeddings import write_h5
+    """One sample's embeddings, written by the one embeddings writer (stamp.embed.writer.write_h5)."""
+    from stamp.embed.writer import write_h5
 
     write_h5(path, {"embeddings": emb.astype(np.float32), "barcodes": np.asarray([str(b) for b in barcodes],
                                                                                   dtype=object),
@@ -485,7 +485,7 @@ def _cached(path: Path, attrs: dict) -> bool:
 
 def _corpus_images(task: Task, s: Sample, batch: int):
     """(n, barcodes = spot ids, coords = pixel positions, image batches) of one corpus slide."""
-    from stamp.paired_data import decode_png
+    from stamp.data.paired import decode_png
 
     barcodes, _ = task.expression[s.sample_id]
     pos = {b: i for i, b in enumerate(barcodes)}
@@ -533,7 +533,7 @@ def sample_embeddings(task: Task, model: str, name: str, out: Path, *, encoder_f
             n, barcodes, coords, batches = _corpus_images(task, s, batch_size)
         parts = [embed_pixels(state["fn"], enc.transform, imgs, device=enc.device) for imgs in batches]
         emb = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-        from stamp.embeddings import model_record
+        from stamp.embed.writer import model_record
 
         attrs["provenance"] = json.dumps(model_record(enc, model, "hest-bench image side"), sort_keys=True)
         _write_embeddings(path, emb, barcodes, coords, attrs)

@@ -1,12 +1,13 @@
-"""Whole-slide images: tissue tiling, feature bags from any zoo encoder, ABMIL evaluation.
+"""Whole-slide images: reading, tissue detection, tiling and feature bags from any zoo encoder.
 
 Public API (loaded lazily, so ``import stamp.slides`` stays light):
 
 * :func:`open_slide` (:mod:`stamp.slides.reader`): OpenSlide / tifffile reader with µm/px;
 * :func:`embed_slides` (:mod:`stamp.slides.embed`): one ``FEATURES/<slide>.h5`` bag per slide;
-* :func:`evaluate_mil` (:mod:`stamp.slides.mil`): ABMIL classification / survival with
-  patient-level folds and a mean-pooling baseline;
 * :func:`read_bag` / :func:`write_bag` (:mod:`stamp.slides.bags`): the bag layout.
+
+Their evaluation (ABMIL classification / survival) is :func:`stamp.evaluate.mil.evaluate_mil`;
+the ABMIL model is :class:`stamp.models.abmil.GatedABMIL`.
 
 See docs/slides.md.
 """
@@ -19,12 +20,8 @@ _LAZY = {
     "plan_tiles": "stamp.slides.tiling",
     "embed_slides": "stamp.slides.embed",
     "EmbedSlidesResult": "stamp.slides.embed",
-    "evaluate_mil": "stamp.slides.mil",
-    "MilResult": "stamp.slides.mil",
     "read_bag": "stamp.slides.bags",
     "write_bag": "stamp.slides.bags",
-    "SlideError": "stamp.slides.errors",
-    "BagError": "stamp.slides.errors",
 }
 __all__ = sorted(_LAZY)
 

@@ -23,8 +23,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from stamp.embeddings import write_feature_bag as write_bag  # noqa: F401  (the one embeddings writer)
-from stamp.slides.errors import BagError
+from stamp.embed.writer import write_feature_bag as write_bag  # noqa: F401  (the one embeddings writer)
+from stamp.errors import BagError
 
 BAG_FORMAT = "stamp-slide-bag/1"
 MANIFEST = "manifest.json"

@@ -26,7 +26,7 @@ import numpy as np
 
 from stamp.errors import StampError
 from stamp.slides import bags
-from stamp.slides.errors import BagError, SlideError
+from stamp.errors import BagError, SlideError
 from stamp.slides.reader import SLIDE_SUFFIXES, fingerprint, open_slide, slide_name
 from stamp.slides.tissue import TissueParams
 
@@ -109,7 +109,7 @@ def rank_share(paths: list[Path], rank: Optional[int] = None, world_size: Option
 class TileDataset:
     """Map-style dataset of one slide's tiles: read at ``level``, then the encoder's preprocessing.
 
-    A transform with two stages (:mod:`stamp.pixels`: ``to_uint8`` + ``normalize``) gets the tile as read
+    A transform with two stages (:mod:`stamp.models.pixels`: ``to_uint8`` + ``normalize``) gets the tile as read
     (``read_px``) and resizes it once, straight to the model's input, in uint8: items are uint8
     tensors and ``normalize`` runs on the model's device (:func:`_embed_tiles`). Any other callable gets
     the tile resized to ``tile_px`` (PIL) and runs whole in the workers. The slide is opened lazily in
@@ -118,7 +118,7 @@ class TileDataset:
 
     def __init__(self, path: Path, um_per_px: Optional[float], coords: np.ndarray, level: int, read_px: int,
                  tile_px: int, transform: Any) -> None:
-        from stamp.pixels import two_stages
+        from stamp.models.pixels import two_stages
 
         self.path, self.um_per_px = path, um_per_px
         self.coords, self.level, self.read_px, self.tile_px = coords, level, read_px, tile_px
@@ -140,7 +140,7 @@ class TileDataset:
 
     def tile(self, i: int) -> np.ndarray:
         """uint8 RGB (tile_px, tile_px, 3) of tile ``i`` at the target scale."""
-        from stamp.pixels import as_uint8_rgb
+        from stamp.models.pixels import as_uint8_rgb
 
         img = as_uint8_rgb(self.region(i))
         if self.read_px != self.tile_px:
@@ -157,8 +157,8 @@ class TileDataset:
 
 
 def _provenance_attrs(encoder) -> dict[str, Any]:
-    """The bag's model attributes, derived from the one embeddings record (stamp.embeddings)."""
-    from stamp.embeddings import model_record
+    """The bag's model attributes, derived from the one embeddings record (stamp.embed.writer)."""
+    from stamp.embed.writer import model_record
 
     r = model_record(encoder, embedding="tiles")
     return {"model": r["stamp_model_name"], "model_source": r["stamp_model"], "model_revision": r["stamp_model_revision"],
@@ -267,14 +267,14 @@ def embed_slides(slides: Sequence[str | os.PathLike], model: Any, out: str | os.
                  fail_fast: bool = False, rank: Optional[int] = None, world_size: Optional[int] = None
                  ) -> EmbedSlidesResult:
     """Embed ``slides`` (files or folders) with ``model`` (a zoo name / folder / Hub id, or an already
-    loaded :class:`stamp.encoder.Encoder`) into ``out``; see the module docstring.
+    loaded :class:`stamp.zoo.encoder.Encoder`) into ``out``; see the module docstring.
 
     ``um_per_px``: the slides' level-0 scale when the files have none (overrides the files' own).
     ``workers``: tile-reading processes (default: CPU count, at most 8; 0 reads in this process).
     """
     import torch
 
-    from stamp.encoder import Encoder
+    from stamp.zoo.encoder import Encoder
     from stamp.slides.progress import SlideProgress
 
     out = Path(out)
@@ -314,7 +314,7 @@ def embed_slides(slides: Sequence[str | os.PathLike], model: Any, out: str | os.
             except KeyboardInterrupt:
                 raise
             except Exception as exc:
-                from stamp.cli._common import debug_enabled
+                from spavis.errors import debug_enabled
 
                 if debug_enabled():
                     raise

@@ -10,10 +10,10 @@ class SlideProgress:
 
     def __enter__(self) -> "SlideProgress":
         if self.enabled:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            from stamp.cli._common import err_console
-
+            err_console = Console(stderr=True)
             self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err_console,
                                transient=False)

@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from stamp.slides.errors import SlideError
+from stamp.errors import SlideError
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class Slide:
 
     def read_tile(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
         """The pixels of :meth:`read_region` as (h, w, 3) RGB or (h, w, 4) opaque RGBA uint8: the tile loader's
-        hot path (a backend that decodes RGBA skips the copy that drops alpha; :mod:`stamp.pixels` reads both)."""
+        hot path (a backend that decodes RGBA skips the copy that drops alpha; :mod:`stamp.models.pixels` reads both)."""
         return self.read_region(x, y, level, w, h)
 
     def read_thumbnail(self, downsample: int, *, band_rows: int = 256) -> np.ndarray:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stamp.slides.errors import SlideError
+from stamp.errors import SlideError
 from stamp.slides.reader import Slide
 from stamp.slides.tissue import TissueParams, tile_grid, tissue_mask
 

@@ -38,7 +38,7 @@ Package layout (one module, one job): ``means`` (means files, effective divisors
 the table / model-input helpers), ``io`` (``save_pretrained`` / ``from_pretrained`` files).
 The token-id layout lives in :mod:`stamp.constants`.
 
-Public API (used by stamp.batching, stamp.data, train/embed and the CLI)
+Public API (used by stamp.data.batching, stamp.data.tokens, train/embed and the CLI)
 -----------------------------------------------------------------------
 ``GeneTokenizer(gene_ids, means, *, symbols=None, mode="native", max_length=None,
 mean_source=...)``; ``GeneTokenizer.from_genes(genes_df, mean=..., mode=..., means=FILE)``;

@@ -6,8 +6,9 @@
 * :mod:`stamp.training.align`: ``--stage align`` (:func:`align`, :class:`AlignArgs`);
 * :mod:`stamp.training.tokenize`: ``tokenize_corpus`` (pre-tokenized Parquet, ``stamp tokenize``).
 
-``stamp.train``, ``stamp.train_align`` and ``stamp.training_loop`` re-export these names for
-code written against the earlier layout. Names load lazily (no torch on ``import stamp.training``).
+Beside them: :mod:`~stamp.training.objectives` (IGR / CGR losses, the module DDP wraps) and
+:mod:`~stamp.training.checkpoint` (pickle-free checkpoints). Names load lazily (no torch on
+``import stamp.training``).
 """
 from __future__ import annotations
 

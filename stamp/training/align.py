@@ -2,15 +2,15 @@
 
 Starts from a stage-2 run (``--init RUN2``: its gene encoder and tokenizer) and a vision
 encoder (``--vision uni|tiny|CONFIG.json|WEIGHTS.safetensors``), trains the four losses of
-:mod:`stamp.alignment` on a paired corpus, and writes ``RUN3/model`` as a
-:class:`stamp.multimodal.StampModel` (config.json + model.safetensors + tokenizer files +
+:mod:`stamp.models.alignment` on a paired corpus, and writes ``RUN3/model`` as a
+:class:`stamp.models.aligned_model.StampModel` (config.json + model.safetensors + tokenizer files +
 model card naming the data and every stage that trained it).
 
 The run contract is the gene stages' one (:mod:`stamp.training.run`): ``train_args.json`` fixed
 at the start with local paths absolute, ``--resume`` refusing changed options (only
 ``--max-steps`` and the options of one invocation may change), a Hub corpus pinned to its commit,
 the vocabulary of ``--init`` checked against the corpus's by identity, pickle-free checkpoints
-(:mod:`stamp.checkpoint`) written atomically every ``save_every`` steps, exact ``resume`` (the
+(:mod:`stamp.training.checkpoint`) written atomically every ``save_every`` steps, exact ``resume`` (the
 paired loader's plan is a pure function of (seed, rank, epoch), the checkpoint stores its position
 and the RNG states), ``metrics.jsonl`` (one line per step; lines after a resumed step are dropped
 and recomputed), ``torchrun`` for several GPUs or nodes (contrastive candidates gathered over all
@@ -75,7 +75,7 @@ class AlignArgs:
 
 
 def _presets() -> list[str]:
-    from stamp.vision import vision_preset_names
+    from stamp.models.vision import vision_preset_names
 
     return [*vision_preset_names(), "none"]  # --vision presets, --vision-weights none
 
@@ -122,11 +122,11 @@ def _lineage(init_dir: Path) -> list[dict]:
 
 def build_model(args: AlignArgs, n_genes: int):
     """(StampModel, tokenizer, init folder): gene encoder + tokenizer from --init, vision from --vision."""
-    from stamp.hub import resolve_model_dir
-    from stamp.gene_encoder import create_gene_encoder as create_model
-    from stamp.aligned_model import create_stamp_model
+    from stamp.locations import resolve_model_dir
+    from stamp.models.gene_encoder import create_gene_encoder as create_model
+    from stamp.models.aligned_model import create_stamp_model
     from stamp.tokenizer import GeneTokenizer
-    from stamp.vision import create_vision_encoder
+    from stamp.models.vision import create_vision_encoder
 
     torch.manual_seed(args.seed)
     init_dir = resolve_model_dir(args.init)
@@ -149,7 +149,7 @@ def align(args: AlignArgs, *, on_step: Optional[Callable[[dict], None]] = None) 
 
 
 def _align(args: AlignArgs, d: Dist, open_corpus, on_step) -> Path:
-    from stamp.paired_data import PairedBatchLoader
+    from stamp.data.paired import PairedBatchLoader
 
     for name in ("batch_size", "grad_accum", "epochs"):
         if getattr(args, name) < 1:
@@ -182,7 +182,7 @@ def _align(args: AlignArgs, d: Dist, open_corpus, on_step) -> Path:
 
     forward: Callable = ddp_wrap(model, device, d)
     autocast = autocast_for(device)
-    from stamp.prefetch import prefetch
+    from stamp.data.prefetch import prefetch
 
     stream = prefetch(iter(loader), depth=2, name="paired-prefetch")
     # what the consumed batches leave (the prefetcher reads ahead): the position a checkpoint stores

@@ -8,7 +8,7 @@ the authors' released training code (the values behind the paper's Table 3): Ada
 1e-4, weight decay 1e-4, 5,000 linear warm-up steps, cosine decay with a floor of 1e-5,
 15% masking. Multi-GPU / multi-node: launch with ``torchrun``; the process group is set
 up from the environment (NCCL on GPU, gloo on CPU) and each rank reads a different
-subset of shards. Checkpoints are pickle-free (:mod:`stamp.checkpoint`) and ``resume``
+subset of shards. Checkpoints are pickle-free (:mod:`stamp.training.checkpoint`) and ``resume``
 continues exactly: the data stream is a pure function of (seed, rank, epoch) and the
 checkpoint records how many batches of the current epoch were consumed.
 """
@@ -24,10 +24,10 @@ import torch
 import torch.distributed as dist
 
 from stamp.constants import GROUP_SIZE, METRICS_FILE
-from stamp.data import Batch
+from stamp.data.tokens import Batch
 from stamp.errors import DataError, TrainingError
-from stamp.gene_encoder import StampGeneEncoder, create_gene_encoder as create_model
-from stamp.objectives import StampForPretraining
+from stamp.models.gene_encoder import StampGeneEncoder, create_gene_encoder as create_model
+from stamp.training.objectives import StampForPretraining
 from stamp.training import run as contract
 from stamp.training.run import (Dist, RunSpec, autocast_for, data_info, ddp_wrap, distributed, finish_run,
                                 no_sync_unless, pick_device, resume_state, train_steps)
@@ -97,7 +97,7 @@ class PretrainArgs:
 
 # ----------------------------------------------------------------------------- the run contract's view
 def _presets() -> list[str]:
-    from stamp.gene_encoder import preset_names
+    from stamp.models.gene_encoder import preset_names
 
     return preset_names()
 
@@ -126,13 +126,13 @@ def resume_differences(stored: dict, args: PretrainArgs) -> list[str]:
 
 # ----------------------------------------------------------------------------- data
 def make_loader(corpus, tokenizer, args: PretrainArgs, context_length: int, d: Dist):
-    """Endless, resumable token batches for this rank (``stamp.data.TokenBatchLoader``).
+    """Endless, resumable token batches for this rank (``stamp.data.tokens.TokenBatchLoader``).
 
     Each rank reads its own shards; the order is a pure function of (seed, epoch), so a
     checkpoint only records the loader's position.
     """
-    from stamp.batching import D_MAX_UM
-    from stamp.data import TokenBatchLoader
+    from stamp.data.batching import D_MAX_UM
+    from stamp.data.tokens import TokenBatchLoader
 
     spatial = args.stage == "spatial"
     return TokenBatchLoader(
@@ -148,7 +148,7 @@ def _load_tokenizer(args: PretrainArgs, corpus, context_length: int):
     from stamp.tokenizer import GeneTokenizer
 
     if args.init:
-        from stamp.hub import resolve_model_source
+        from stamp.zoo.resolve import resolve_model_source
 
         model_dir = resolve_model_source(args.init)
         if (model_dir / "tokenizer_config.json").is_file():
@@ -163,7 +163,7 @@ VOCABULARY_FIX = ("stage 2 must use shards built with the same vocabulary as sta
 def _build_model(args: PretrainArgs, n_genes: int) -> StampGeneEncoder:
     torch.manual_seed(args.seed)
     if args.init:
-        from stamp.hub import resolve_model_source
+        from stamp.zoo.resolve import resolve_model_source
 
         return create_model(resolve_model_source(args.init), n_genes=n_genes)
     return create_model(args.config, n_genes=n_genes)
@@ -318,7 +318,7 @@ def _pretrain(args: PretrainArgs, d: Dist, open_corpus, on_step) -> Path:
         "final_metrics": {k: v for k, v in last_metrics.items() if v is not None and k != "step"},
         "license": "other",
     }
-    from stamp.hub import write_model_card
+    from stamp.cards import write_model_card
 
     return finish_run(run, info, d=d, model=model, tokenizer=tokenizer, write_card=write_model_card)
 

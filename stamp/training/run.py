@@ -15,7 +15,7 @@ A run folder (``--out RUN``) behaves the same whatever the model:
   :func:`spavis.format.vocabulary.require_same_vocabulary`), never by length.
 * **Exact resume and checkpoints** (:func:`resume_state`, :func:`save_checkpoint`): weights,
   optimizer, RNG and loader position; ``metrics.jsonl`` cut back to the resumed step; pickle-free
-  (:mod:`stamp.checkpoint`), written collectively and renamed atomically.
+  (:mod:`stamp.training.checkpoint`), written collectively and renamed atomically.
 * **The NaN stop** (:func:`stop_if_not_finite`): a NaN/inf loss saves nothing and names the last
   good checkpoint. **Metrics**: one ``metrics.jsonl`` line per optimizer step (:func:`append_metrics`),
   step sums reduced over ranks (:func:`reduce_step_sums`).
@@ -23,7 +23,7 @@ A run folder (``--out RUN``) behaves the same whatever the model:
 
 The stage modules (:mod:`stamp.training.gene`, :mod:`stamp.training.align`) hold only what
 differs: their arguments, model, batches and losses. This module imports nothing of
-``stamp.evaluate``, ``stamp.embed*`` or slide reading (``tests/test_layering_training.py``).
+``stamp.evaluate``, ``stamp.embed.genes*`` or slide reading (``tests/test_layering_training.py``).
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spavis.format.io import temp_sibling
-from stamp.prefetch import prefetch
+from stamp.data.prefetch import prefetch
 from stamp.tokenizer import GeneTokenizer
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ live in one place:
 
 * :func:`model_record`: ``{stamp_model, stamp_model_name, stamp_model_revision,
   stamp_model_license, stamp_model_hub_id, stamp_model_kind, stamp_model_sha256,
-  stamp_model_dir, stamp_embedding}`` from the encoder's :class:`~stamp.encoder.Provenance`
+  stamp_model_dir, stamp_embedding}`` from the encoder's :class:`~stamp.zoo.encoder.Provenance`
   (strings; empty when unknown). ``stamp_model`` is what the user passed.
 * :class:`ParquetEmbeddings`: ``<id column>`` (string) + ``embedding`` (list<float32>), written to a
   hidden temp file and renamed on success (no partial file on failure); the record is the
@@ -70,7 +70,7 @@ def _local_weights(source: str) -> tuple[str, str]:
     (no network request here)."""
     if not source or not Path(source).exists():
         return "", ""
-    from stamp.hub import resolve_model_source
+    from stamp.zoo.resolve import resolve_model_source
 
     try:
         folder = resolve_model_source(source)
@@ -230,7 +230,7 @@ class ZarrObsmWriter:
     """The staged ``X_stamp`` of every slide store (steps 1 and 2 of the module docstring).
 
     Take :func:`zarr_writer_lock` on the corpus's ``zarr/`` folder around the whole life of a
-    writer (``stamp.embed.embed_corpus`` does)."""
+    writer (``stamp.embed.genes.embed_corpus`` does)."""
 
     def __init__(self, corpus: Any, width: int, record: dict[str, str], key: str = OBSM_KEY) -> None:
         import zarr

@@ -1,15 +1,15 @@
 """``stamp embed``: one embedding per spot of a shard corpus from the gene side of any encoder.
 
 The model comes from :func:`stamp.load` (a gene encoder or an aligned model: its gene side),
-batches from :class:`stamp.data.TokenBatchLoader` (``mode="spots"``, corpus order, one pass,
-last batch kept), the same loader and the same typed :class:`~stamp.data.Batch` as
+batches from :class:`stamp.data.tokens.TokenBatchLoader` (``mode="spots"``, corpus order, one pass,
+last batch kept), the same loader and the same typed :class:`~stamp.data.tokens.Batch` as
 pretraining, so tokens are cut to the context in one place.
 
-Output (written by :mod:`stamp.embeddings`, the one embeddings writer): Parquet ``spot_id`` +
+Output (written by :mod:`stamp.embed.writer`, the one embeddings writer): Parquet ``spot_id`` +
 ``embedding`` rows in corpus order, atomic, its schema metadata ``stamp.model`` naming the
 model (name, revision, license, weights sha256). ``zarr=True`` also gives each slide store
 ``DIR/zarr/<slide_id>.zarr`` an ``obsm['X_stamp']`` (rows in ``spot_index`` order) -- for all
-slides or for none, one writer per corpus at a time (see :mod:`stamp.embeddings`).
+slides or for none, one writer per corpus at a time (see :mod:`stamp.embed.writer`).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from stamp.embeddings import OBSM_KEY, STAGING, ParquetEmbeddings, ZarrObsmWriter, model_record, zarr_writer_lock
+from stamp.embed.writer import OBSM_KEY, STAGING, ParquetEmbeddings, ZarrObsmWriter, model_record, zarr_writer_lock
 from stamp.errors import EmbedError
 
 __all__ = ["embed_corpus", "load_model", "gene_side", "context_length", "OBSM_KEY", "STAGING"]
@@ -29,13 +29,13 @@ def load_model(model: str | os.PathLike, device: str | torch.device | None = Non
                means: str | os.PathLike | None = None):
     """(encoder in eval mode, tokenizer) from a local folder (RUN, RUN/model) or a Hub repo id.
 
-    A Hub id is fetched once (``stamp.hub.resolve_model_source``; fails at once when the Hub
+    A Hub id is fetched once (``stamp.zoo.resolve.resolve_model_source``; fails at once when the Hub
     cannot be reached), then both are read from that folder. ``means``: a gene means file for
     models whose tokenizer ships none (converted releases: the released ``Visium_mean.npy``).
     """
-    from stamp.hub import resolve_model_source
-    from stamp.gene_encoder import StampGeneEncoder
-    from stamp.factory import load_tokenizer
+    from stamp.zoo.resolve import resolve_model_source
+    from stamp.models.gene_encoder import StampGeneEncoder
+    from stamp.zoo.resolve import load_tokenizer
 
     source = resolve_model_source(model)
     encoder = StampGeneEncoder.from_pretrained(str(source))
@@ -99,7 +99,7 @@ def embed_corpus(
     import stamp
     from spavis.format import open_corpus
     from spavis.format.schema import ZARR_DIR
-    from stamp.data import TokenBatchLoader
+    from stamp.data.tokens import TokenBatchLoader
 
     if batch_size < 1:
         raise EmbedError(f"batch size must be at least 1, got {batch_size}")

@@ -8,194 +8,30 @@
   weights file's header before anything is allocated.
 * **load**: weights read strictly (every tensor present, none left over) from
   ``model.safetensors`` (``pytorch_model.bin`` only through ``torch.load(weights_only=True)``),
-  wrapped in an :class:`stamp.encoder.Encoder` with the entry's own preprocessing and pooling
+  wrapped in an :class:`stamp.zoo.encoder.Encoder` with the entry's own preprocessing and pooling
   and its provenance (name, Hub id, revision, licence).
 
-Model classes (stamp.gene_encoder, stamp.aligned_model, stamp.vision, stamp.foundation) know no names;
-``StampGeneEncoder.from_pretrained("stamp-v1")`` still works through one lazy hook
-(:func:`model_source_for_class`), the only import from a model class up to this module.
-
-The released STAMP means file is given once (:func:`set_means`, ``stamp models set-means``
-or ``stamp convert --means``) and found again by :func:`load_tokenizer` for every command.
+Names become folders in :mod:`stamp.zoo.resolve`; model classes (:mod:`stamp.models`) know no
+names: :func:`create_pretrained_model` (``stamp.create_model("stamp-v1")``) gives the model class
+of a name with its weights.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-
-import numpy as np
 from pathlib import Path
 from typing import Any
 
-from stamp.catalogue import ModelEntry, PretrainedError, get_pretrained, is_pretrained, list_pretrained
-from stamp.encoder import Encoder, Provenance
-from stamp.errors import ModelConfigError
+import numpy as np
+
+from stamp.errors import ModelConfigError, PretrainedError
 from stamp.hub_access import check_repo_id, download_file, first_file, is_repo_id, snapshot
-from stamp.locations import CONVERTED_MARKER, converted_cache_root, means_root, model_folder_of
-from stamp.tokenizer.io import MEANS_KEY, MEANS_REQUIRED_KEY
+from stamp.zoo.catalogue import ModelEntry, get_pretrained, is_pretrained
+from stamp.zoo.encoder import Encoder, Provenance
+from stamp.locations import model_folder_of
+from stamp.zoo.resolve import converted_from_file, load_tokenizer, resolve_pretrained, weights_sha256
 
 logger = logging.getLogger(__name__)
-
-
-
-# ============================================================================ resolve
-def resolve_pretrained(name_or_path: str | os.PathLike, *, component: str | None = None,
-                       revision: str | None = None, token: str | None = None,
-                       cache_dir: str | os.PathLike | None = None) -> Path:
-    """A local folder in this project's layout for a catalogue name of library ``stamp``, a Hub repo
-    id or a folder (``component="gene"``: the gene encoder of a full entry, ``stamp-v1`` -> ``stamp-v1-gene``)."""
-    text = str(name_or_path)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return model_folder_of(path)
-    if is_pretrained(text):
-        entry = get_pretrained(text)
-        if entry.library != "stamp":
-            raise PretrainedError(f"{text} is a {entry.library} {entry.kind} encoder, not a stamp model folder; "
-                                  f"load it with stamp.load({text!r}) / --model {text}")
-        if component == "gene" and entry.component == "full" and entry.gene_entry:
-            entry = get_pretrained(entry.gene_entry)
-        if entry.format == "stamp":
-            return snapshot(entry.hub_id, revision=revision, token=token, cache_dir=cache_dir, terms_url=entry.page)
-        return _converted(entry, revision=revision, token=token, cache_dir=cache_dir)
-    if is_repo_id(text):
-        return snapshot(text, revision=revision, token=token, cache_dir=cache_dir)
-    check_repo_id(text)  # raises the reason (bad characters, '..', not ORG/NAME)
-    raise PretrainedError(f"{text!r} is neither a catalogue name ({', '.join(list_pretrained())}), a Hub repo id "
-                          "(ORG/NAME) nor a local model folder")
-
-
-def resolve_model_source(model: str | os.PathLike) -> Path:
-    """The local folder holding a stamp model: ``RUN`` -> ``RUN/model``, a model folder, a catalogue
-    name (``stamp-v1``: converted once into the cache) or a Hub snapshot."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        from stamp.locations import resolve_model_dir
-
-        return resolve_model_dir(path)
-    return resolve_pretrained(str(model))
-
-
-def _converted(entry: ModelEntry, *, revision: str | None, token: str | None,
-               cache_dir: str | os.PathLike | None) -> Path:
-    """Download the released file once and convert it once per Hub commit (atomic, race-safe)."""
-    from stamp.convert import convert_released
-
-    src = download_file(entry.hub_id, entry.file, revision=revision, token=token, cache_dir=cache_dir,
-                        terms_url=entry.page)
-    commit = src.parent.name  # hf cache: .../snapshots/<commit>/<file>
-    out = converted_cache_root() / entry.hub_id.replace("/", "--") / commit / entry.name
-    if (out / CONVERTED_MARKER).is_file():
-        return out
-    from filelock import FileLock  # huggingface_hub's own dependency
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):  # one conversion at a time; the others then find it done
-        if not (out / CONVERTED_MARKER).is_file():
-            logger.info("converting %s (%s) once into %s", entry.name, entry.hub_id, out)
-            convert_released(src, out, name=entry, overwrite=True, source_id=f"{entry.hub_id}@{commit}")
-    return out
-
-
-def model_source_for_class(name_or_path: Any, *, component: str | None = None, **hub_kwargs: Any) -> str:
-    """For model classes' ``from_pretrained``: a catalogue name or Hub repo id becomes a local folder
-    (``RUN`` -> ``RUN/model``); the class never sees a name."""
-    text = str(name_or_path)
-    keep = {k: hub_kwargs.get(k) for k in ("revision", "token", "cache_dir")}
-    if Path(text).expanduser().is_dir():
-        return str(model_folder_of(text))
-    return str(resolve_pretrained(text, component=component, **keep))
-
-
-# the old name of the hook (stamp.registry.registry_path)
-def registry_path(name_or_path: Any, *, component: str | None = None, **hub_kwargs: Any) -> Any:
-    if not is_pretrained(name_or_path) or Path(str(name_or_path)).is_dir():
-        return name_or_path
-    return model_source_for_class(name_or_path, component=component, **hub_kwargs)
-
-
-# ============================================================================ means, remembered once
-def means_key(entry: ModelEntry) -> str:
-    """Which registered means file an entry uses (``stamp-v1-gene`` shares ``stamp-v1``'s)."""
-    return entry.full_entry or entry.name
-
-
-def registered_means(key: str) -> Path | None:
-    path = means_root() / f"{key}.npy"
-    return path if path.is_file() else None
-
-
-def set_means(name: str, file: str | os.PathLike) -> Path:
-    """Check the released means file against the entry's vocabulary and keep a copy in the user's
-    cache, so ``stamp.load(name)`` / ``--model name`` need no ``--means`` again. Returns the copy."""
-    import numpy as np
-
-    from spavis.format.io import atomic_open
-    from stamp.catalogue import vocabulary
-    from stamp.tokenizer import load_means_file
-
-    entry = get_pretrained(name)
-    if entry.library != "stamp" or not entry.tokenizer:
-        raise PretrainedError(f"{name} is a {entry.library} {entry.kind} encoder: it uses no gene means file")
-    gene_ids, _ = vocabulary(entry.tokenizer["vocabulary"])
-    values = load_means_file(file, len(gene_ids))
-    out = means_root() / f"{means_key(entry)}.npy"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(out, "wb") as f:
-        np.save(f, np.asarray(values, dtype=np.float64))
-    return out
-
-
-def _folder_means_key(folder: Path, cfg: dict) -> str | None:
-    if cfg.get(MEANS_KEY):
-        return str(cfg[MEANS_KEY])
-    weights = folder / "model.safetensors"
-    if weights.is_file():  # converted before means_key existed: the weights' metadata names the entry
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(weights), framework="np") as f:
-                name = (f.metadata() or {}).get("stamp_registry_name")
-        except Exception:  # unreadable metadata: no key, the usual "pass --means" message follows
-            return None
-        if name and is_pretrained(name):
-            return means_key(get_pretrained(name))
-    return None
-
-
-def load_tokenizer(model: str | os.PathLike, means: str | os.PathLike | None = None):
-    """The GeneTokenizer of a model (catalogue name, Hub repo id or folder); ``means`` replaces /
-    supplies its means. Converted releases ship none: the file registered once with
-    :func:`set_means` is used, else one line asks for it."""
-    from stamp.tokenizer import CONFIG_FILE, MEANS_FILE, VOCAB_FILE, GeneTokenizer, load_means_file
-
-    folder = Path(model).expanduser()
-    if not folder.is_dir():
-        folder = resolve_pretrained(model)
-    cfg_path = folder / CONFIG_FILE
-    if means is None:
-        if cfg_path.is_file() and not (folder / MEANS_FILE).is_file():
-            cfg = json.loads(cfg_path.read_text())
-            required = cfg.get(MEANS_REQUIRED_KEY)
-            if required:
-                key = _folder_means_key(folder, cfg)
-                means = registered_means(key) if key else None
-                if means is None:
-                    hint = f"`stamp models set-means {key} FILE` once, or " if key else ""
-                    raise PretrainedError(
-                        f"{folder}: this model's tokenizer needs the released gene means, which cannot be "
-                        f"redistributed; run {hint}pass --means FILE (means=...): {required}")
-        if means is None:
-            return GeneTokenizer.from_pretrained(folder)
-    missing = [n for n in (VOCAB_FILE, CONFIG_FILE) if not (folder / n).is_file()]
-    if missing:
-        raise PretrainedError(f"{folder} lacks {', '.join(missing)}; it is not a stamp model folder")
-    cfg = json.loads(cfg_path.read_text())
-    vocab = json.loads((folder / VOCAB_FILE).read_text())
-    gene_ids = [g for g, i in sorted(vocab.items(), key=lambda kv: kv[1]) if i >= cfg.get("n_reserved", 30)]
-    return GeneTokenizer(gene_ids, load_means_file(means, len(gene_ids)), mode=cfg.get("mode", "native"),
-                         max_length=cfg.get("max_length"), mean_source=f"file:{Path(means).name}")
 
 
 # ============================================================================ create (meta) + load
@@ -238,10 +74,10 @@ def timm_arguments(entry: ModelEntry, repo_config: dict | None, where: str) -> t
 
 def build_image_encoder(entry: ModelEntry, repo_config: dict | None = None, *, meta: bool = True,
                         where: str | None = None):
-    """The entry's architecture as a :class:`stamp.foundation` module (on ``meta`` unless told)."""
+    """The entry's architecture as a :class:`stamp.models.foundation` module (on ``meta`` unless told)."""
     import torch
 
-    from stamp.foundation import HFImageEncoder, TimmImageEncoder
+    from stamp.models.foundation import HFImageEncoder, TimmImageEncoder
     from stamp.safety import check_parameter_count
 
     where = where or entry.name
@@ -333,8 +169,6 @@ def _match_keys(expected: dict, found: dict, prefixes: tuple[str, ...]) -> dict[
 
 def load_image_weights(module, entry: ModelEntry, weights: Path, where: str, repo_config: dict | None = None):
     """Check ``weights`` against the meta-built ``module`` (header only), then load strictly."""
-    import torch
-
     from stamp.safety import check_shapes, meta_shapes
 
     target = module.trunk if hasattr(module, "trunk") else module.model
@@ -375,7 +209,7 @@ def load_transformers_weights(module, entry: ModelEntry, weights: Path, where: s
     """transformers' own ``from_pretrained`` on the weights' folder (it knows its checkpoint key
     renames), after the checks it lacks: the folder's config (sizes already bounded) must not ask for
     more parameters than the weights hold, and no tensor of the architecture may stay missing."""
-    from stamp.foundation import HFImageEncoder
+    from stamp.models.foundation import HFImageEncoder
 
     folder = weights.parent
     if not (folder / "config.json").is_file():
@@ -441,19 +275,10 @@ def _weights_source(entry: ModelEntry, weights: str | os.PathLike | None, revisi
     return wfile, cfg, wfile.parent.name, entry.hub_id
 
 
-def _sha256(path: Path) -> str | None:
-    from spavis.format.io import sha256_file
-
-    try:
-        return sha256_file(path)
-    except OSError:
-        return None
-
-
 def load_image_entry(entry: ModelEntry, *, weights: str | os.PathLike | None = None, revision: str | None = None,
                      token: str | None = None, source: str | None = None) -> Encoder:
     """A timm / transformers catalogue entry as an :class:`Encoder` (CPU, eval mode)."""
-    from stamp.foundation import ImagePreprocess
+    from stamp.models.foundation import ImagePreprocess
 
     wfile, cfg, rev, where = _weights_source(entry, weights, revision, token)
     module = build_image_encoder(entry, cfg, meta=True, where=where)
@@ -465,7 +290,7 @@ def load_image_entry(entry: ModelEntry, *, weights: str | os.PathLike | None = N
     transform = ImagePreprocess(**pre)
     prov = Provenance(name=entry.name, source=source or entry.name, hub_id=entry.hub_id,
                       revision=rev, license=entry.license_name or entry.license, commercial=entry.commercial,
-                      weights_sha256=_sha256(wfile), extra={"library": entry.library, "pooling": entry.pooling})
+                      weights_sha256=weights_sha256(wfile), extra={"library": entry.library, "pooling": entry.pooling})
     dim = entry.embed_dim
     if entry.extra.get("generic") and hasattr(module, "trunk"):  # no catalogue entry: the trunk says its width
         dim = int(getattr(module.trunk, "num_features", dim))
@@ -484,10 +309,10 @@ def _load_stamp_folder(folder: Path, *, name: str, source: str, means: Any, kind
     prov = Provenance(name=name, source=source, hub_id=entry.hub_id if entry else None,
                       license=(entry.license_name or entry.license) if entry else "unknown",
                       commercial=entry.commercial if entry else None,
-                      weights_sha256=_sha256(folder / "model.safetensors"))
+                      weights_sha256=weights_sha256(folder / "model.safetensors"))
     has_tok = (folder / "tokenizer_config.json").is_file()
     if isinstance(cfg.get("vision"), dict) and isinstance(cfg.get("gene"), dict):
-        from stamp.aligned_model import StampModel
+        from stamp.models.aligned_model import StampModel
 
         net = StampModel.from_pretrained(str(folder))
         tokenizer = load_tokenizer(folder, means) if kind != "image" and has_tok else None
@@ -498,7 +323,7 @@ def _load_stamp_folder(folder: Path, *, name: str, source: str, means: Any, kind
                        input_size=net.config.vision.img_size).eval()
     if kind == "image":
         raise PretrainedError(f"{source}: a gene encoder has no image side; pick an image or aligned model")
-    from stamp.gene_encoder import StampGeneEncoder
+    from stamp.models.gene_encoder import StampGeneEncoder
 
     net = StampGeneEncoder.from_pretrained(str(folder))
     tokenizer = load_tokenizer(folder, means)
@@ -552,10 +377,8 @@ def load(name_or_path: str | os.PathLike, *, device: Any = None, means: str | os
         if entry.library in ("timm", "transformers"):
             enc = load_image_entry(entry, weights=weights, revision=revision, token=token, source=text)
         else:
-            if weights is not None:
-                from stamp.convert import convert_released  # noqa: F401  (hand-downloaded release: convert it)
-
-                folder = _converted_from_file(entry, Path(weights).expanduser())
+            if weights is not None:  # hand-downloaded release: converted once, keyed by its sha256
+                folder = converted_from_file(entry, Path(weights).expanduser())
             else:
                 folder = resolve_pretrained(text, component="gene" if kind == "gene" else None, revision=revision,
                                             token=token)
@@ -580,27 +403,15 @@ def load(name_or_path: str | os.PathLike, *, device: Any = None, means: str | os
     return enc.to(dev).eval()
 
 
-def _converted_from_file(entry: ModelEntry, file: Path) -> Path:
-    """A released checkpoint downloaded by hand (``weights=``): converted once, keyed by its sha256."""
-    from stamp.convert import convert_released
-
-    if file.is_dir():
-        file = file / (entry.file or "pytorch_model.bin")
-    if not file.is_file():
-        raise PretrainedError(f"{file}: no such file; download {entry.file} from {entry.page} and pass its path")
-    sha = _sha256(file) or "unknown"
-    out = converted_cache_root() / "local" / sha[:16] / entry.name
-    if not (out / CONVERTED_MARKER).is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        convert_released(file, out, name=entry, overwrite=True, source_id=f"file:{file.name}")
-    return out
+def _hub_kwargs(overrides: dict) -> dict:
+    return {k: overrides.pop(k) for k in ("revision", "token", "cache_dir") if k in overrides}
 
 
 def create_pretrained_model(name_or_path: Any, **overrides: Any):
     """A catalogue name, Hub repo id or folder of this project's layout -> the right class with weights;
     a gene preset (``base``, ``tiny``) or config file -> a fresh :class:`StampGeneEncoder`
-    (``stamp.create_model``; not to be confused with :func:`stamp.gene_encoder.create_gene_encoder`)."""
-    from stamp.gene_encoder import StampGeneEncoder, create_gene_encoder
+    (``stamp.create_model``; not to be confused with :func:`stamp.models.gene_encoder.create_gene_encoder`)."""
+    from stamp.models.gene_encoder import StampGeneEncoder, create_gene_encoder
 
     text = str(name_or_path)
     if is_pretrained(text):
@@ -608,10 +419,11 @@ def create_pretrained_model(name_or_path: Any, **overrides: Any):
         if entry.library != "stamp":
             return load(text).module
         if entry.component == "full":
-            from stamp.aligned_model import StampModel
+            from stamp.models.aligned_model import StampModel
 
-            return StampModel.from_pretrained(text)
-        return StampGeneEncoder.from_pretrained(text)
+            return StampModel.from_pretrained(str(resolve_pretrained(text, **_hub_kwargs(overrides))))
+        return StampGeneEncoder.from_pretrained(str(resolve_pretrained(text, component="gene",
+                                                                       **_hub_kwargs(overrides))))
     path = Path(text).expanduser()
     folder = None
     if path.is_dir():
@@ -623,7 +435,7 @@ def create_pretrained_model(name_or_path: Any, **overrides: Any):
 
         config = read_json_config(folder / "config.json")
         if "gene" in config and "vision" in config:
-            from stamp.aligned_model import StampModel
+            from stamp.models.aligned_model import StampModel
 
             return StampModel.from_pretrained(str(folder))
         return StampGeneEncoder.from_pretrained(str(folder))
@@ -633,34 +445,5 @@ def create_pretrained_model(name_or_path: Any, **overrides: Any):
 create_model = create_pretrained_model  # ``stamp.create_model`` (public name kept)
 
 
-# ============================================================================ the table
-def is_cached(entry: ModelEntry) -> bool:
-    """Weights already on this machine (Hub cache or converted release)."""
-    if entry.library == "stamp":
-        root = converted_cache_root() / entry.hub_id.replace("/", "--")
-        return any(root.glob(f"*/{entry.name}/{CONVERTED_MARKER}"))
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return any(isinstance(try_to_load_from_cache(entry.hub_id, f), str) for f in entry.files)
-    except Exception:  # a cache it cannot read: say "no"
-        return False
-
-
-def model_table(kind: str | None = None) -> list[dict[str, Any]]:
-    """Rows of ``stamp models``: name, kind, dim, parameters, licence, commercial, gated, cached."""
-    rows = []
-    for name in list_pretrained(kind):
-        entry = get_pretrained(name)
-        row = entry.row()
-        row["cached"] = "yes" if is_cached(entry) else "no"
-        if entry.library == "stamp" and entry.tokenizer:
-            row["means"] = "set" if registered_means(means_key(entry)) else "needed"
-        rows.append(row)
-    return rows
-
-
-__all__ = ["load", "resolve_pretrained", "resolve_model_source", "model_source_for_class", "registry_path",
-           "load_tokenizer", "set_means", "registered_means", "means_key", "create_pretrained_model",
-           "create_model", "build_image_encoder", "load_image_entry", "model_table", "is_cached",
-           "CONVERTED_MARKER", "MEANS_REQUIRED_KEY", "MEANS_KEY"]
+__all__ = ["load", "create_pretrained_model", "create_model", "build_image_encoder", "load_image_entry",
+           "load_image_weights", "timm_arguments"]

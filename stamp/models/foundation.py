@@ -87,12 +87,12 @@ class ImagePreprocess:
     Resize the shorter side to ``resize`` (antialiased, ``interpolation``), centre-crop ``crop``,
     scale to [0, 1], subtract ``mean`` and divide by ``std`` (the entry's own card values): the
     torchvision ``Resize`` / ``CenterCrop`` / ``Normalize`` of the model cards. Split in two stages
-    (:mod:`stamp.pixels`): ``to_uint8`` (geometry) and ``normalize`` (on the model's device).
+    (:mod:`stamp.models.pixels`): ``to_uint8`` (geometry) and ``normalize`` (on the model's device).
     """
 
     def __init__(self, resize: int, crop: int, mean: Sequence[float], std: Sequence[float],
                  interpolation: str = "bilinear", channel_order: str = "rgb", **_: Any) -> None:
-        from stamp.pixels import INTERPOLATIONS
+        from stamp.models.pixels import INTERPOLATIONS
 
         self.resize, self.crop, self.interpolation = int(resize), int(crop), interpolation
         if interpolation not in INTERPOLATIONS:
@@ -104,14 +104,14 @@ class ImagePreprocess:
 
     def to_uint8(self, image: Any) -> torch.Tensor:
         """Resize + centre crop in uint8: (3, crop, crop)."""
-        from stamp.pixels import chw_tensor, resize_shorter_and_crop, uint8_hwc
+        from stamp.models.pixels import chw_tensor, resize_shorter_and_crop, uint8_hwc
 
         x = resize_shorter_and_crop(chw_tensor(uint8_hwc(image)), self.resize, self.crop, self.interpolation)
         return x[0, :3].contiguous()
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, crop, crop) uint8 on any device -> normalised float."""
-        from stamp.pixels import normalize_uint8
+        from stamp.models.pixels import normalize_uint8
 
         return normalize_uint8(batch, self.mean.flatten(), self.std.flatten(), channel_order=self.channel_order)
 

@@ -12,7 +12,7 @@ Contract
 * ``embed_dim``: width of the vectors ``encode_*`` return.
 * ``transform``: image encoders and aligned models: uint8 RGB array (H, W, 3) or PIL image ->
   float tensor (3, S, S), the encoder's own preprocessing (resize, crop, mean/std). ``None``
-  for gene encoders. The zoo's transforms also offer its two halves (:mod:`stamp.pixels`):
+  for gene encoders. The zoo's transforms also offer its two halves (:mod:`stamp.models.pixels`):
   ``to_uint8`` (geometry, run in loader workers) and ``normalize`` (on the model's device).
 * ``tokenizer``: gene encoders and aligned models: a :class:`stamp.tokenizer.GeneTokenizer`
   (``None`` when the model needs a means file it was not given); ``None`` for image encoders.

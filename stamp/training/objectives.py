@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stamp.constants import GROUP_SIZE, MASK_ID, N_RESERVED, PAD_ID
-from stamp.gene_encoder import StampGeneEncoder
+from stamp.models.gene_encoder import StampGeneEncoder
 
 IGNORE = -100
 
@@ -174,7 +174,7 @@ class StampForPretraining(nn.Module):
         model = self.encoder
         if masked_ids.shape[1] > model.config.context_length:
             raise ValueError(f"token rows of {masked_ids.shape[1]} exceed the context of {model.config.context_length}; "
-                             "cut them once, where they are made (stamp.data / to_model_input_ids)")
+                             "cut them once, where they are made (stamp.data.tokens / to_model_input_ids)")
         hidden = model(masked_ids)
         igr, correct, total = igr_loss(model, hidden, labels)
         cgr = None

@@ -32,7 +32,7 @@ Public API
 ``slide_coordinates_um(table) -> float64 (n, 2) | None``.
 A table may hold only part of a slide: neighbours (``spot_index`` values) are mapped to rows
 through its ``spot_index`` column, and neighbours outside the table count as unavailable.
-Batching into tensors (``input_ids`` (B, L) and ``groups`` (G, 9)) lives in ``stamp.data``.
+Batching into tensors (``input_ids`` (B, L) and ``groups`` (G, 9)) lives in ``stamp.data.tokens``.
 """
 from __future__ import annotations
 

@@ -208,13 +208,10 @@ class StampGeneEncoder(
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "StampGeneEncoder":
-        """A local model folder (``RUN`` or ``RUN/model``); a catalogue name (``stamp-v1-gene``;
-        ``stamp-v1`` gives its gene encoder) or Hub repo id is turned into a folder by the factory
-        (the one lazy hook from a model class up to :mod:`stamp.factory`; the class knows no names).
-        The folder's config sizes and weight shapes are checked before anything is allocated."""
-        from stamp.factory import model_source_for_class
-
-        folder = model_source_for_class(pretrained_model_name_or_path, component="gene", **kwargs)
+        """A local model folder (``RUN`` or ``RUN/model``) or a Hub repo id (this class knows no
+        names: ``stamp.create_model("stamp-v1-gene")`` for a catalogue name). The folder's config
+        sizes and weight shapes are checked before anything is allocated."""
+        folder = pretrained_folder(pretrained_model_name_or_path, **kwargs)
         check_pretrained_folder(folder, lambda cfg: cls(StampConfig.from_dict(cfg)))
         return super().from_pretrained(folder, *args, **kwargs)
 
@@ -271,6 +268,25 @@ class StampGeneEncoder(
         return self.pool(self.forward(input_ids), input_ids)
 
 
+def pretrained_folder(name_or_path: Union[str, Path], **hub_kwargs) -> str:
+    """The local folder behind a model class's ``from_pretrained`` argument: ``RUN`` -> ``RUN/model``,
+    a model folder, or a snapshot of a Hub repo id. A zoo name is refused in one line pointing to
+    the zoo, which is the one place that knows names."""
+    from stamp.hub_access import is_repo_id, snapshot
+    from stamp.locations import model_folder_of
+
+    text = str(name_or_path)
+    if Path(text).expanduser().is_dir():
+        return str(model_folder_of(text))
+    if is_repo_id(text):
+        keep = {k: hub_kwargs.get(k) for k in ("revision", "token", "cache_dir")}
+        return str(snapshot(text, **keep))
+    from stamp.errors import PretrainedError
+
+    raise PretrainedError(f"{text!r} is neither a local model folder nor a Hub repo id (ORG/NAME); for a zoo "
+                           f"name use stamp.create_model({text!r}) (the model) or stamp.load({text!r}) (an Encoder)")
+
+
 def check_pretrained_folder(folder: Union[str, Path], build) -> None:
     """Refuse a model folder whose ``config.json`` is not JSON, asks for absurd sizes, or does not match
     the tensor shapes in ``model.safetensors`` - all before anything is allocated (``build(config)``
@@ -323,7 +339,7 @@ def create_gene_encoder(name_or_path: Union[str, Path, StampConfig], **overrides
 
 
 # The earlier name, kept for its callers (training, tests); ``stamp.create_model`` is the zoo's
-# factory (:func:`stamp.factory.create_pretrained_model`), a different function.
+# factory (:func:`stamp.zoo.factory.create_pretrained_model`), a different function.
 create_model = create_gene_encoder
 
 

@@ -7,7 +7,7 @@ uint8 RGB (B, 224, 224, 3) (pixels are normalised on the device, 4x less to copy
 ``region_cell`` (B,) int64 and ``spot_ids``.
 
 Order and resumption: each epoch shuffles the paired files with ``(seed, epoch)``; rank r of
-``world_size`` reads files r, r + world_size, ... (``stamp.data.rank_files``); rows of a file
+``world_size`` reads files r, r + world_size, ... (``stamp.data.tokens.rank_files``); rows of a file
 are permuted with ``(seed, epoch, file)`` and consecutive rows form batches (a batch may
 span two files). The plan needs only row counts, so ``load_state_dict`` skips consumed
 batches without reading or decoding them. At most two files are held in memory (PNG
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from stamp.errors import DataError
-from stamp.prefetch import prefetch  # noqa: F401  (re-exported: read batches ahead)
+from stamp.data.prefetch import prefetch  # noqa: F401  (re-exported: read batches ahead)
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class PairedBatchLoader:
         drop_last: bool = True,
         threads: int = 4,
     ) -> None:
-        from stamp.data import rank_files
+        from stamp.data.tokens import rank_files
 
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {batch_size}")
@@ -151,7 +151,7 @@ class PairedBatchLoader:
     # ------------------------------------------------------------------ plan
     def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(file number, row) of every unit this rank reads in ``epoch``, in order."""
-        from stamp.data import rank_files
+        from stamp.data.tokens import rank_files
 
         files = rank_files([p for p, _ in self.pairs], self.rank, self.world_size, seed=self.seed, epoch=epoch,
                            shuffle=self.shuffle)
@@ -228,7 +228,7 @@ class PairedBatchLoader:
                 n = fidx.size
                 n_batches = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
                 if n_batches == 0 and self.epochs is None:
-                    from stamp.data import no_progress_error
+                    from stamp.data.tokens import no_progress_error
 
                     raise no_progress_error(f"{self.corpus.root} (paired)", rank=self.rank, spots=n,
                                             slides=len(files), batch_units=self.batch_size)

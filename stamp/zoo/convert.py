@@ -33,9 +33,9 @@ from typing import Any, Callable, Iterable
 import torch
 
 from spavis.format.io import make_temp_dir, sha256_file
-from stamp.errors import StampError
+from stamp.errors import ConvertError, StampError  # noqa: F401
 from stamp.cards import converted_model_card  # noqa: F401  (re-exported: the card lives with the others)
-from stamp.catalogue import PretrainedEntry, get_pretrained, vocabulary
+from stamp.zoo.catalogue import PretrainedEntry, get_pretrained, vocabulary
 from stamp.locations import CONVERTED_MARKER
 from stamp.tokenizer.io import MEANS_KEY, MEANS_REQUIRED_KEY
 
@@ -48,10 +48,6 @@ UNUSED = (
     ("spot_backbone.spatial_classifier_head.", "neighbourhood (CGR) head: pretraining only"),
 )
 GENE_ONLY_UNUSED = "image encoder / alignment projection: not part of the gene encoder (use the full model)"
-
-
-class ConvertError(StampError):
-    """The released checkpoint cannot be read safely or does not match the expected layout."""
 
 
 # ----------------------------------------------------------------------------- reading
@@ -329,7 +325,7 @@ def _meta_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 def gene_target(entry: PretrainedEntry):
     """(meta-device StampGeneEncoder, mapping rules) for a gene-only entry."""
-    from stamp.gene_encoder import StampConfig, StampGeneEncoder
+    from stamp.models.gene_encoder import StampConfig, StampGeneEncoder
 
     cfg = StampConfig.from_dict(entry.gene_config)
     with torch.device("meta"):
@@ -339,9 +335,9 @@ def gene_target(entry: PretrainedEntry):
 
 def full_target(entry: PretrainedEntry):
     """(meta-device StampModel, mapping rules) for a full-model entry."""
-    from stamp.gene_encoder import StampConfig
-    from stamp.aligned_model import PROJECTIONS, StampModel, StampModelConfig
-    from stamp.vision import load_vision_config
+    from stamp.models.gene_encoder import StampConfig
+    from stamp.models.aligned_model import PROJECTIONS, StampModel, StampModelConfig
+    from stamp.models.vision import load_vision_config
 
     if not entry.vision_config:
         raise ConvertError(f"registry entry {entry.name!r} is a full model but has no vision_config")
@@ -414,7 +410,7 @@ def write_tokenizer_files(folder: str | os.PathLike, entry: PretrainedEntry,
 
     The released means cannot be redistributed, so without ``means`` the folder records
     ``means_required`` (and ``means_key``: which file ``stamp models set-means`` registers for it)
-    and ``stamp.factory.load_tokenizer`` finds the registered file or asks the user for it.
+    and ``stamp.zoo.factory.load_tokenizer`` finds the registered file or asks the user for it.
     """
     from stamp.tokenizer import CONFIG_FILE, MEANS_FILE, GeneTokenizer, load_means_file
 

@@ -37,7 +37,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from stamp.batching import spatial_groups
+from stamp.data.batching import spatial_groups
 from stamp.constants import D_MAX_UM, GROUP_SIZE, GROUPS_PER_BATCH
 from stamp.errors import DataError
 from stamp.tokenizer import NATIVE_MAX_LENGTH, GeneTokenizer, table_to_csr, to_model_input_ids

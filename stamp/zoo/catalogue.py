@@ -1,11 +1,11 @@
-"""The zoo's catalogue: every named encoder as data (``stamp/pretrained.json``), no torch, no Hub.
+"""The zoo's catalogue: every named encoder as data (``stamp/zoo/pretrained.json``), no torch, no Hub.
 
 Layering (open_clip style; ``tests/test_layering_stamp.py`` keeps it):
 
     catalogue (this module: JSON + dataclasses)
-        <- model classes (stamp.gene_encoder, stamp.vision, stamp.aligned_model, stamp.foundation: know no names)
-        <- factory (stamp.factory: resolve -> create -> load; the only place mapping a name to a model)
-        <- convert / publish (stamp.convert, stamp.hub) and the commands
+        <- model classes (stamp.models.gene_encoder, stamp.models.vision, stamp.models.aligned_model, stamp.models.foundation: know no names)
+        <- factory (stamp.zoo.factory: resolve -> create -> load; the only place mapping a name to a model)
+        <- convert / publish (stamp.zoo.convert, stamp.hub) and the commands
 
 An entry names the Hub repo, the library and architecture (a timm model name + keyword
 arguments, a transformers class + config, or this project's own ``stamp`` layout), the
@@ -190,9 +190,9 @@ def _read(path: str | os.PathLike | None, text: str | None, origin: str) -> dict
 
 @lru_cache(maxsize=4)
 def _load(extra: str | None) -> dict[str, ModelEntry]:
-    shipped = f"stamp/{REGISTRY_FILE}"
+    shipped = f"stamp/zoo/{REGISTRY_FILE}"
     entries = {name: ModelEntry.from_dict(name, data, shipped)
-               for name, data in _read(None, (resources.files("stamp") / REGISTRY_FILE).read_text(), shipped).items()}
+               for name, data in _read(None, (resources.files("stamp.zoo") / REGISTRY_FILE).read_text(), shipped).items()}
     if extra:
         origin = f"{extra} (${EXTRA_REGISTRY_ENV})"
         for name, data in _read(extra, None, origin).items():
@@ -238,7 +238,7 @@ def get_pretrained(name: str) -> ModelEntry:
 
 def catalogue_notes() -> dict[str, str]:
     """Models deliberately left out, and why (CONCH, Nicheformer)."""
-    return json.loads((resources.files("stamp") / REGISTRY_FILE).read_text()).get("notes", {})
+    return json.loads((resources.files("stamp.zoo") / REGISTRY_FILE).read_text()).get("notes", {})
 
 
 def vocabulary(name: str) -> tuple[list[str], list[str]]:
@@ -253,7 +253,7 @@ def vocabulary(name: str) -> tuple[list[str], list[str]]:
     return [g["ensembl_id"] for g in genes], [g.get("symbol", "") for g in genes]
 
 
-# the old name of the entry class (stamp.registry.PretrainedEntry)
+# the old name of the entry class
 PretrainedEntry = ModelEntry
 
 __all__ = ["ModelEntry", "PretrainedEntry", "PretrainedError", "catalogue", "list_pretrained", "is_pretrained",

@@ -35,20 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stamp.errors import ModelConfigError, StampError
+from stamp.errors import ModelConfigError, RegionGridError, StampError, VisionWeightsError  # noqa: F401
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 UNI_REPO = "MahmoodLab/UNI"
 VISION_PREFIX = "vision-"
-
-
-class VisionWeightsError(StampError):
-    """Vision trunk weights cannot be fetched or do not fit the architecture."""
-
-
-class RegionGridError(ModelConfigError):
-    """The region's token grid cannot be pooled into the 3 x 3 cells the CSP objective needs."""
 
 
 @dataclass
@@ -280,14 +272,14 @@ class ImageTransform:
 
     The released inference resizes in float (:func:`to_pixels`), so its uint8 stage only converts
     (``to_uint8``: (3, H, W) at the input size) and ``normalize`` resizes, scales and normalises on the
-    model's device (:mod:`stamp.pixels`); ``__call__`` is both, unchanged.
+    model's device (:mod:`stamp.models.pixels`); ``__call__`` is both, unchanged.
     """
 
     def __init__(self, config: VisionConfig) -> None:
         self.config = config
 
     def to_uint8(self, image: Any) -> torch.Tensor:
-        from stamp.pixels import as_uint8_rgb, chw_tensor
+        from stamp.models.pixels import as_uint8_rgb, chw_tensor
 
         return chw_tensor(as_uint8_rgb(image))[0].contiguous()
 

@@ -1,9 +1,10 @@
 """``evaluate_mil``: slide-level evaluation of feature bags with ABMIL (the STAMP paper's 4th protocol).
 
-* Model: attention-based MIL with gated attention (Ilse et al. 2018): tile features -> linear +
-  ReLU (+ dropout) -> gated attention (tanh branch x sigmoid branch -> one score per tile) ->
-  softmax over the bag -> attention-weighted mean -> linear head. Written here (40 lines):
-  ``torchmil`` pulls ``tensordict``, whose releases pin torch versions.
+* Model: :class:`stamp.models.abmil.GatedABMIL`, attention-based MIL with gated attention (Ilse
+  et al. 2018): tile features -> linear + ReLU (+ dropout) -> gated attention (tanh branch x
+  sigmoid branch -> one score per tile) -> softmax over the bag -> attention-weighted mean ->
+  linear head. Written in this project (40 lines): ``torchmil`` pulls ``tensordict``, whose
+  releases pin torch versions.
 * Classification: cross-entropy, Adam lr 5e-4, 50 epochs, early stopping (patience 5) on the
   validation loss of patients carved from the training fold (``val_fraction``, stratified).
 * Survival (``survival=(TIME, EVENT)``): discrete-time negative log-likelihood (Zadeh & Schmid
@@ -28,8 +29,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from stamp.errors import BagError
 from stamp.slides.bags import list_bags, read_bag
-from stamp.slides.errors import BagError
 from stamp.slides.reader import slide_name
 
 log = logging.getLogger(__name__)
@@ -63,42 +64,6 @@ class MilOptions:
 
     def task_lr(self, survival: bool) -> float:
         return self.lr if self.lr is not None else (5e-5 if survival else 5e-4)
-
-
-def gated_abmil(in_dim: int, n_out: int, hidden: int = 256, attention_dim: int = 128, dropout: float = 0.25):
-    """Gated-attention MIL (Ilse et al. 2018, eq. 9): forward(x (N, D)) -> (logits (n_out,), attention (N,))."""
-    import torch
-    from torch import nn
-
-    class GatedABMIL(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
-            self.attn_v = nn.Sequential(nn.Linear(hidden, attention_dim), nn.Tanh())
-            self.attn_u = nn.Sequential(nn.Linear(hidden, attention_dim), nn.Sigmoid())
-            self.attn_w = nn.Linear(attention_dim, 1)
-            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, n_out))
-
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            h = self.embed(x)
-            a = torch.softmax(self.attn_w(self.attn_v(h) * self.attn_u(h)).squeeze(-1), dim=0)
-            return self.head(a @ h), a
-
-    return GatedABMIL()
-
-
-def nll_survival_loss(logits, y_bin, event):
-    """Discrete-time survival NLL (Zadeh & Schmid 2020): hazards h = sigmoid(logits), S = cumprod(1 - h);
-    an event in bin k costs -log S(k-1) - log h(k); censoring in bin k costs -log S(k)."""
-    import torch
-
-    h = torch.sigmoid(logits).clamp(1e-7, 1 - 1e-7)
-    s = torch.cumprod(1 - h, dim=-1)
-    s_prev = torch.cat([torch.ones_like(s[..., :1]), s], dim=-1)
-    k = y_bin
-    if event:
-        return -(torch.log(s_prev[..., k].clamp_min(1e-7)) + torch.log(h[..., k]))
-    return -torch.log(s_prev[..., k + 1].clamp_min(1e-7))
 
 
 @dataclass
@@ -228,7 +193,9 @@ def _train_abmil(bags: list, targets: list, val_bags: list, val_targets: list, *
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = gated_abmil(bags[0].shape[1], n_out, opts.hidden, opts.attention_dim, opts.dropout).to(device)
+    from stamp.models.abmil import GatedABMIL, nll_survival_loss
+
+    model = GatedABMIL(bags[0].shape[1], n_out, opts.hidden, opts.attention_dim, opts.dropout).to(device)
     optim = torch.optim.Adam(model.parameters(), lr=opts.task_lr(survival), weight_decay=opts.weight_decay)
 
     def loss_of(x, t):
@@ -591,5 +558,5 @@ def _heatmaps(result, classes, df, patient, label, features, names, per_class: i
     return made
 
 
-__all__ = ["evaluate_mil", "MilOptions", "MilResult", "gated_abmil", "nll_survival_loss", "make_folds",
+__all__ = ["evaluate_mil", "MilOptions", "MilResult", "make_folds",
            "classification_metrics", "c_index", "summary_table"]

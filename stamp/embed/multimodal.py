@@ -3,13 +3,13 @@
 * :func:`embed_paired_corpus` -- one row per spot of a shard corpus: ``image`` (the spot's H&E
   patch; spots of imaged slides; any image or aligned encoder), ``fused`` (gene and image
   concatenated, the paper's STAMP_F; an aligned model) or ``gene`` (delegated to
-  :func:`stamp.embed.embed_corpus`).
+  :func:`stamp.embed.genes.embed_corpus`).
 * :func:`embed_image_folder` -- plain image files, no expression at all, with any image or
   aligned encoder (its own preprocessing: ``Encoder.transform``). Files are decoded by
   :func:`spavis.format.imagefile.read_image_file` (the decoding build-shards uses: 16-bit
   rescaled, oversized pictures refused in one line).
 
-Models come from :func:`stamp.load`; outputs are written by :mod:`stamp.embeddings` (Parquet:
+Models come from :func:`stamp.load`; outputs are written by :mod:`stamp.embed.writer` (Parquet:
 an id column, ``spot_id`` or ``image``, + ``embedding``; atomic; the model's name, revision and
 license in the schema metadata). Aligned models L2-normalise each modality (fused = [gene,
 image], each of norm 1); other encoders give their own features.
@@ -50,8 +50,8 @@ def load_stamp_model(model: str | os.PathLike, device: str | None = None, means:
     """(StampModel in eval mode, tokenizer or None, folder) from RUN, RUN/model, a folder, a Hub repo id or
     a registry name (``stamp-v1``). ``means``: gene means file for models whose tokenizer ships none
     (converted releases); the tokenizer is loaded only when ``need_tokenizer`` (gene / fused)."""
-    from stamp.hub import resolve_model_source
-    from stamp.aligned_model import StampModel
+    from stamp.zoo.resolve import resolve_model_source
+    from stamp.models.aligned_model import StampModel
 
     folder = resolve_model_source(model)
     if not is_stamp_model(folder):
@@ -62,7 +62,7 @@ def load_stamp_model(model: str | os.PathLike, device: str | None = None, means:
     net = StampModel.from_pretrained(str(folder))
     tokenizer = None
     if need_tokenizer and (folder / "tokenizer_config.json").is_file():
-        from stamp.factory import load_tokenizer
+        from stamp.zoo.resolve import load_tokenizer
 
         tokenizer = load_tokenizer(folder, means)
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,9 +85,9 @@ def embed_paired_corpus(model: str | os.PathLike, data: str | os.PathLike, out: 
     ``means``: gene means file for models whose tokenizer ships none (``stamp-v1``: Visium_mean.npy)."""
     import stamp
     from spavis.format import open_corpus
-    from stamp.embed import check_vocabulary, context_length, embed_corpus, gene_side
-    from stamp.embeddings import model_record, write_parquet
-    from stamp.paired_data import _EXPR_COLUMNS, decode_rows, paired_pairs
+    from stamp.embed.genes import check_vocabulary, context_length, embed_corpus, gene_side
+    from stamp.embed.writer import model_record, write_parquet
+    from stamp.data.paired import _EXPR_COLUMNS, decode_rows, paired_pairs
     from stamp.tokenizer import to_model_input_ids
 
     if modality not in MODALITIES:
@@ -167,7 +167,7 @@ def embed_image_folder(model: str | os.PathLike, images: str | os.PathLike, out:
     """Embed every image file under ``images`` (sorted, recursive) with any image or aligned encoder;
     the id is the path relative to ``images``."""
     import stamp
-    from stamp.embeddings import model_record, write_parquet
+    from stamp.embed.writer import model_record, write_parquet
 
     files = list_images(images)
     encoder = stamp.load(model, device=device, kind="image")

@@ -1,6 +1,6 @@
 """Image preprocessing in two stages: uint8 geometry where the pixels are decoded, float on the model's device.
 
-An encoder's ``transform`` (see :mod:`stamp.encoder`) turns one image into normalised model pixels.
+An encoder's ``transform`` (see :mod:`stamp.zoo.encoder`) turns one image into normalised model pixels.
 Transforms built here also expose the two halves of that work, so a loader can split it:
 
 * ``to_uint8(image) -> (3, S, S) uint8 tensor``: conversion to RGB, resize and crop, in uint8. It

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from stamp.alignment import AlignLosses, alignment_losses
+from stamp.models.alignment import AlignLosses, alignment_losses
 from stamp.errors import ModelConfigError
-from stamp.gene_encoder import StampConfig, StampGeneEncoder
+from stamp.models.gene_encoder import StampConfig, StampGeneEncoder
 from stamp.cards import stamp_model_card, write_stamp_model_card  # noqa: F401  (re-exported)
-from stamp.vision import ImageTransform, VisionConfig, VisionEncoder, load_vision_config, to_pixels
+from stamp.models.vision import ImageTransform, VisionConfig, VisionEncoder, load_vision_config, to_pixels
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -90,13 +90,11 @@ class StampModel(
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path], *args, **kwargs) -> "StampModel":
-        """A registry name (``stamp-v1``, see ``stamp models``), a local model folder (``RUN`` or
-        ``RUN/model``) or a Hub repo id."""
-        from stamp.factory import model_source_for_class  # the one lazy hook up to the factory
-        from stamp.gene_encoder import check_pretrained_folder
+        """A local model folder (``RUN`` or ``RUN/model``) or a Hub repo id (this class knows no names:
+        ``stamp.create_model("stamp-v1")`` for a catalogue name)."""
+        from stamp.models.gene_encoder import check_pretrained_folder, pretrained_folder
 
-        pretrained_model_name_or_path = model_source_for_class(pretrained_model_name_or_path, component="full",
-                                                               **kwargs)
+        pretrained_model_name_or_path = pretrained_folder(pretrained_model_name_or_path, **kwargs)
         check_pretrained_folder(pretrained_model_name_or_path, lambda cfg: cls(StampModelConfig(**cfg)))
         kwargs.setdefault("strict", True)  # a missing or unexpected tensor is an error, never a silent default
         try:
@@ -112,9 +110,9 @@ class StampModel(
 
     @classmethod
     def _from_pretrained(cls, *args, **kwargs) -> "StampModel":
-        from stamp.vision import skip_trunk_init
+        from stamp.models.vision import skip_trunk_init
 
-        from stamp.gene_encoder import quiet_stdout
+        from stamp.models.gene_encoder import quiet_stdout
 
         with skip_trunk_init(), quiet_stdout():  # every tensor is read from the checkpoint next
             return super()._from_pretrained(*args, **kwargs)
