@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from spavis.format.io import apply_umask, atomic_dir, atomic_write_text
-from stamp import checkpoint as ckpt
+from stamp.training import checkpoint as ckpt
 from stamp.constants import ARGS_FILE, METRICS_FILE, RUN_INFO
 from stamp.errors import TrainingError
 
