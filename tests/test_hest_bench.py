@@ -260,7 +260,7 @@ def test_a_fold_without_a_defined_pearson_is_nan_and_named(bench):
     assert (nan["n_genes"] == N_GENES).all()  # 55 names, 50 distinct: each scored once
     md = (out / "results.md").read_text()
     assert "| run | TOYNAN | 2 | NaN (1 of 2 folds NaN) |" in md
-    assert f"run · TOYNAN · hest · split0: NaN (1 genes without a defined Pearson r" in md and NAN_GENE in md
+    assert "run · TOYNAN · hest · split0: NaN (1 gene without a defined Pearson r" in md and NAN_GENE in md
     assert "lists 55 names but 50 distinct genes" in md
 
 

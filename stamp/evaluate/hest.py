@@ -684,8 +684,9 @@ def _nan_folds(df) -> list[str]:
     lines = []
     for _, r in df[~np.isfinite(df["pearson"].to_numpy(dtype=float))].iterrows():
         genes = [g for g in str(r.get("undefined_genes", "") or "").split(";") if g and g != "nan"]
-        why = (f"{len(genes)} genes without a defined Pearson r (constant targets or predictions in the test "
-               f"spots): {', '.join(genes[:5])}{' ...' if len(genes) > 5 else ''}") if genes else "no score"
+        why = (f"{len(genes)} gene{'s' if len(genes) != 1 else ''} without a defined Pearson r, constant targets "
+               f"or predictions in the test spots: {', '.join(genes[:5])}{' ...' if len(genes) > 5 else ''}"
+               ) if genes else "no score"
         lines.append(f"- {r['model']} · {r['task']} · {r['method']} · {r['fold']}: NaN ({why})")
     return lines
 

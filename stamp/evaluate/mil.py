@@ -599,7 +599,7 @@ def unscored_folds(results, metrics: Sequence[str]) -> list[str]:
         if not bad:
             continue
         if "n_events" in r and r["n_events"] == 0:
-            why = f"no event among its {int(r['n_test'])} test patients (the c-index needs one)"
+            why = f"no event among its {int(r['n_test'])} test patients; the c-index needs one"
         elif "n_events" in r:
             why = "no comparable pair of test patients" if r["model"] == "abmil" else "the Cox fit failed"
         else:
