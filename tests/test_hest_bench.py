@@ -219,7 +219,7 @@ def bench(tmp_path_factory):
 
 
 def test_hest_bench_equals_hests_code_path_on_its_own_embeddings(bench):
-    root, task, _, out = bench
+    _, task, _, out = bench
     df = pd.read_csv(out / "results.csv")
     assert set(df["method"]) == {"hest", "cv-alpha", "per-slide"} and set(df["task"]) == {"TOY", "TOYNAN"}
     emb, bcs = cached_embeddings(out, "TOY", "run")
@@ -354,7 +354,7 @@ def test_wrong_layouts_are_one_line(bench, tmp_path, breakage, expect):
 
     import anndata as ad
 
-    root, task, model, _ = bench
+    _, task, model, _ = bench
     bad = tmp_path / "TOY"
     shutil.copytree(task, bad)
     if breakage == "missing-split":

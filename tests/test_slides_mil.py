@@ -10,7 +10,6 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pandas as pd
-import pytest
 from typer.testing import CliRunner
 
 from stamp.slides.bags import write_bag
