@@ -526,7 +526,7 @@ def _heatmaps(result, classes, df, patient, label, features, names, per_class: i
     from PIL import Image, ImageDraw
 
     from spavis.format.io import atomic_open
-    from stamp.slides.bags import read_attrs
+    from stamp.slides.bags import list_bags, read_attrs
 
     if classes:
         first = df.groupby(patient, sort=True)[label].first().astype(str)
@@ -536,9 +536,10 @@ def _heatmaps(result, classes, df, patient, label, features, names, per_class: i
     cmap = colormaps["inferno"]
     made = 0
     for folder, fname in zip(features, names):
+        found = list_bags(folder)  # either layout (stamp.slides.bags); qc_png is relative to the folder
         for p in chosen:
             for slide, (coords, att) in result.attention.get((fname, p), {}).items():
-                attrs = read_attrs(folder / f"{slide}.h5")
+                attrs = read_attrs(found[slide])
                 qc = folder / str(attrs.get("qc_png", ""))
                 if not attrs.get("qc_png") or not qc.is_file() or not len(att):
                     continue
