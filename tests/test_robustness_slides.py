@@ -176,6 +176,12 @@ def test_16_bit_pixels_follow_the_spot_side_rule(tmp_path):
         np.testing.assert_allclose(thumb[0, 0], to_uint8(img16).reshape(-1, 3).mean(0), atol=1.5)
         # blocks bounded by max_block_px give the thumbnail read in one block
         np.testing.assert_array_equal(s.read_thumbnail(8, max_block_px=400), s.read_thumbnail(8))
+    # strips and planar samples (segments laid out otherwise) decode to the same pixels
+    tifffile.imwrite(tmp_path / "planar.tif", np.moveaxis(img16, -1, 0), photometric="rgb", planarconfig="separate",
+                     rowsperstrip=37, compression="zlib", resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    with open_slide(tmp_path / "planar.tif") as s:
+        assert s.backend == "tifffile"
+        np.testing.assert_array_equal(s.read_region(-8, 30, 0, 300, 200)[:, 8:], to_uint8(img16[30:230, :292]))
 
 
 @pytest.mark.parametrize("args,words", [

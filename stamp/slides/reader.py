@@ -294,17 +294,23 @@ def _resolution_scale(xres, yres, unit) -> Optional[Scale]:
     return Scale(_UNIT_UM[key] / x, _UNIT_UM[key] / y, f"TIFF resolution ({key})")
 
 
+#: tifffile's log lines that mean a broken file (a cut IFD chain, image data without offsets).
+_TIFF_DAMAGE = ("invalid page offset", "invalid next page", "missing data offset", "missing ByteCounts",
+                "missing data ByteCounts")
+
+
 class _TiffLog(logging.Handler):
-    """Collects tifffile's log records while a file is parsed: its ERROR lines ("invalid page offset")
-    mean a broken IFD chain; none of them reach the user's terminal."""
+    """Collects tifffile's log records while a file is parsed: none reaches the user's terminal; those
+    in :data:`_TIFF_DAMAGE` mark the file as damaged (others, e.g. an OME-XML it falls back from, do not)."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.errors: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno >= logging.ERROR:
-            self.errors.append(record.getMessage())
+        message = record.getMessage()
+        if any(k in message for k in _TIFF_DAMAGE):
+            self.errors.append(message)
 
     def __enter__(self) -> "_TiffLog":
         logger = logging.getLogger("tifffile")
@@ -363,8 +369,9 @@ class TiffSlide(Slide):
         levels = [lv.keyframe for lv in series[0].levels]
         page = levels[0]
         if page.samplesperpixel < 3 or page.photometric not in (2, 6):  # RGB, YCbCr
-            raise SlideError(f"{path}: not an RGB slide ({page.samplesperpixel} sample(s) per pixel, "
-                             f"{page.photometric.name.lower()}); export it as an RGB pyramidal TIFF")
+            kind = str(getattr(page.photometric, "name", page.photometric)).lower()
+            raise SlideError(f"{path}: not an RGB slide ({page.samplesperpixel} sample(s) per pixel, {kind}); "
+                             "export it as an RGB pyramidal TIFF")
         size = tif.filehandle.size
         for p in [*pages, *[lv.pages[0] for lv in series[0].levels]]:
             if p.dataoffsets and max(o + c for o, c in zip(p.dataoffsets, p.databytecounts)) > size:
@@ -405,7 +412,7 @@ class TiffSlide(Slide):
         index = [p * nr * nc + r * nc + c for p in planes for r in range(y0 // sh, min(nr, -(-y1 // sh)))
                  for c in range(x0 // sw, min(nc, -(-x1 // sw)))]
         out = np.full((y1 - y0, x1 - x0, S), np.iinfo(kf.dtype).max if kf.dtype.kind in "ui" else 1, kf.dtype)
-        args: dict = {"_fullsize": kf.is_tiled}
+        args: dict = {}
         if kf.compression in _JPEG:
             args.update(jpegtables=page.jpegtables, jpegheader=kf.jpegheader)
         offsets, counts = page.dataoffsets, page.databytecounts
