@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from stamp.slides.bags import read_attrs, read_bag, read_manifest
+from stamp.slides.bags import read_attrs, read_manifest
 from stamp.slides.synthetic import write_synthetic_slide
 from test_slides import PARAM_ARGS, PARAMS, ROOT, tiny_model  # noqa: F401  (module fixture)
 

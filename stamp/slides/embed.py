@@ -373,8 +373,11 @@ def embed_slides(slides: Sequence[str | os.PathLike], model: Any, out: str | os.
                 if bag.exists():
                     n = _reusable(bag, key, path, previous.get(name))
                     if n is not None:
-                        if previous.get(name, {}).get("status") not in ("done", "empty"):
-                            # killed between the bag's rename and its manifest entry: the entry is written now
+                        before = previous.get(name, {})
+                        if before.get("status") not in ("done", "empty") or \
+                                os.path.abspath(before.get("path", "")) != os.path.abspath(path):
+                            # killed between the bag's rename and its manifest entry, or the same file moved:
+                            # the entry (and the path a later change is checked against) is written now
                             bags.update_manifest(out, [_entry_of(bag, out, path, n)], header)
                         result.entries.append({"slide": name, "status": "skipped", "tiles": n})
                         bar.slide_done(name, "already done")

@@ -2,7 +2,7 @@
 
 :func:`open_slide` returns a :class:`Slide` whatever the backend: level-0 size, the pyramid's
 levels and downsamples, the scale in µm/px (and where it came from), ``read_region`` (RGB
-uint8, glass-white outside the image) and ``read_thumbnail`` (built band by band from the
+uint8, glass-white outside the image) and ``read_thumbnail`` (built block by block from the
 closest pyramid level, so a slide without a small level is never decoded whole).
 
 Scale, in order: OpenSlide's ``openslide.mpp-x/y`` (filled from the Aperio ``MPP``, the TIFF
@@ -57,9 +57,6 @@ def slide_name(path: str | os.PathLike) -> str:
             return name[: -len(suffix)]
     return Path(name).stem
 
-
-def fingerprint(path: str | os.PathLike) -> str:
-    """sha256 of the size, first and last MiB of the file: cheap on a 3 GB slide, changes when it does."""
 
 def fingerprint(path: str | os.PathLike) -> str:
     """sha256 of the size, first and last MiB of the file: cheap on a 3 GB slide, changes when it does.
@@ -177,7 +174,7 @@ class Slide:
         except Exception as exc:
             raise damaged(self.path) from exc
 
-    def read_thumbnail(self, downsample: int, *, max_block_px: int = 64_000_000) -> np.ndarray:
+    def read_thumbnail(self, downsample: int, *, max_block_px: int = 16_000_000) -> np.ndarray:
         """RGB uint8 image of the slide at 1/``downsample`` (an integer, clamped to [1, the slide's longest
         side]), pixel (i, j) the mean of level-0 [j*ds, (j+1)*ds) x [i*ds, (i+1)*ds) (white outside).
 
