@@ -204,3 +204,20 @@ def test_out_that_is_a_file_is_refused(tmp_path):
                         tmp_path)
     assert code == 1 and len(err.strip().splitlines()) == 1 and "a file, not a folder" in err, err
     assert (tmp_path / "f").read_text() == "x"
+
+
+def test_a_moved_slide_is_reused_and_then_followed_at_its_new_path(tmp_path, tiny_model):
+    from stamp.slides.embed import embed_slides
+
+    x = write_synthetic_slide(tmp_path / "x" / "s.svs", 1024, 768, [(500, 380, 300, 220)], pen=None, truth=False).path
+    out = tmp_path / "out"
+    run = dict(params=PARAMS, workers=0, progress=False, device="cpu")
+    assert [e["status"] for e in embed_slides([x], tiny_model, out, **run).entries] == ["done"]
+    y = tmp_path / "y" / "s.svs"
+    y.parent.mkdir()
+    x.rename(y)
+    assert [e["status"] for e in embed_slides([y], tiny_model, out, **run).entries] == ["skipped"]
+    assert read_manifest(out)["slides"][0]["path"] == str(y)  # the bag now belongs to the file at y
+    write_synthetic_slide(y, 1024, 768, [(520, 380, 300, 220)], pen=None, seed=5, truth=False)
+    again = embed_slides([y], tiny_model, out, **run).entries
+    assert [e["status"] for e in again] == ["done"] and again[0]["replaced"]

@@ -180,7 +180,13 @@ def test_killed_run_resumes_and_bags_are_identical(tmp_path, slides, tiny_model)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 240
-        while len(list(out.glob("*.h5"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        def listed() -> int:  # slides in the manifest (s1's entry is written just after its bag)
+            try:
+                return len(read_manifest(out).get("slides", []))
+            except Exception:  # noqa: BLE001 — not written yet
+                return 0
+
+        while listed() < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
     finally:
@@ -217,6 +223,12 @@ def test_killed_run_resumes_and_bags_are_identical(tmp_path, slides, tiny_model)
         assert json.loads(a.attrs["tissue_params"])["min_tissue"] == 0.5
         assert (out / a.attrs["qc_png"]).is_file()
     assert read_bag(out / "s0.h5").attrs["slide_width"] == 2560
+    # a manifest lost (a kill between a bag's rename and its entry) is written again from the bags on a rerun
+    (out / "manifest.json").unlink()
+    again = embed_slides(inputs, tiny_model, out, params=PARAMS, workers=0, progress=False, device="cpu")
+    assert [e["status"] for e in again.entries] == ["skipped"] * 3
+    assert [(e["slide"], e["tiles"]) for e in read_manifest(out)["slides"]] == \
+        [(e["slide"], e["tiles"]) for e in manifest["slides"]]
     shift = {n: read_bag(out / f"{n}.h5").coords for n in ("s0", "s1")}
     assert np.array_equal(shift["s0"] + [256, 0], shift["s1"])  # the tissue moved one tile: so did the tiles
 
