@@ -89,13 +89,13 @@ def cohort(tmp_path_factory, tiny_model):
     """Three GENERATED slides: 40x with a 20x level, 40x without (1, 4, 16), and 0.2527 µm/px (an Aperio
     '40x' whose magnification is not an integer); embedded in both layouts."""
     root = tmp_path_factory.mktemp("layouts")
-    blobs = [(1500, 1100, 1100, 800)]
+    blobs = [(1000, 760, 760, 560)]
     slides = {
-        "with20x": write_synthetic_slide(root / "slides" / "with20x.svs", 3072, 2304, blobs, um_per_px=0.25,
+        "with20x": write_synthetic_slide(root / "slides" / "with20x.svs", 2048, 1536, blobs, um_per_px=0.25,
                                          tile=256, downsamples=(2, 8), pen=None, truth=False),
-        "no20x": write_synthetic_slide(root / "slides" / "no20x.svs", 3072, 2304, blobs, um_per_px=0.25,
+        "no20x": write_synthetic_slide(root / "slides" / "no20x.svs", 2048, 1536, blobs, um_per_px=0.25,
                                        tile=256, downsamples=(4, 16), pen=None, truth=False),
-        "odd": write_synthetic_slide(root / "slides" / "odd.svs", 3072, 2304, blobs, um_per_px=0.2527,
+        "odd": write_synthetic_slide(root / "slides" / "odd.svs", 2048, 1536, blobs, um_per_px=0.2527,
                                      tile=256, downsamples=(4, 16), pen=None, truth=False),
     }
     out = {}
@@ -125,7 +125,7 @@ def test_clam_reads_the_pixels_we_embedded(cohort, name, level, read_px):
     ours = _embedded_pixels(slides[name].path, bag.attrs, bag.coords)
     with openslide.OpenSlide(str(slides[name].path)) as wsi:
         theirs = clam_whole_slide_bag_fp(bags.bag_path(out["clam"], name, "clam"), wsi)
-    assert len(theirs) == len(ours) > 4
+    assert len(theirs) == len(ours) >= 3
     for a, b in zip(ours, theirs):
         assert a.shape == b.shape == (read_px, read_px, 3) and np.array_equal(a, b)
     # the default (TRIDENT) bag has no patch_level: CLAM's reader stops instead of reading another tile size
@@ -157,7 +157,7 @@ def test_trident_patcher_gives_our_tile_grid(cohort, name):
     with h5py.File(bags.bag_path(out["trident"], name)) as f:
         c, feat = dict(f["coords"].attrs), dict(f["features"].attrs)
     assert c["patch_size"] == 256 and c["overlap"] == 0 and c["name"] == name and "patch_level" not in c
-    assert (c["level0_width"], c["level0_height"]) == (3072, 2304) and c["target_magnification"] == 20
+    assert (c["level0_width"], c["level0_height"]) == (2048, 1536) and c["target_magnification"] == 20
     assert c["level0_magnification"] == (40 if name != "odd" else pytest.approx(10 / 0.2527))
     assert c["patch_size_level0"] == (512 if name != "odd" else 507)
     assert feat["name"] == name and feat["encoder"] == bags.read_attrs(bags.bag_path(out["trident"], name))["model"]
@@ -194,7 +194,7 @@ def test_evaluate_mil_reads_clams_own_layout(tmp_path):
     from stamp.evaluate.mil import MilOptions, evaluate_mil
     from test_slides_mil import _make_bags
 
-    labels, _ = _make_bags(tmp_path / "flat", n_patients=12)
+    labels, _ = _make_bags(tmp_path / "flat", n_patients=8)
     clam = tmp_path / "clam"
     (clam / "h5_files").mkdir(parents=True)
     (clam / "pt_files").mkdir()
@@ -205,11 +205,11 @@ def test_evaluate_mil_reads_clams_own_layout(tmp_path):
             f["features"], f["coords"] = bag.features, bag.coords.astype(np.int32)
             f.attrs.update({k: v for k, v in bag.attrs.items() if k.startswith("qc") or k == "tile_px_level0"})
         torch.save(torch.from_numpy(bag.features), clam / "pt_files" / f"{name}.pt")
-    opts = MilOptions(epochs=1, folds=3, heatmaps_per_class=1, baselines=False)
+    opts = MilOptions(epochs=1, folds=2, heatmaps_per_class=1, baselines=False)
     a = evaluate_mil([tmp_path / "flat"], labels, label="label", patient="patient", options=opts).results
     b = evaluate_mil([clam], labels, label="label", patient="patient", options=opts, out=tmp_path / "eval").results
     cols = ["fold", "model", "auc", "n_test"]
-    assert len(b) == 3 and a[cols].equals(b[cols])
+    assert len(b) == 2 and a[cols].equals(b[cols])
     assert list((tmp_path / "eval" / "heatmaps" / "clam").glob("*.png"))  # qc_png found from h5_files/
     # half a layout is one line, not a silent empty folder
     shutil.rmtree(clam / "h5_files")
