@@ -230,8 +230,9 @@ def check_timm_kwargs(kwargs: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- data pickles
 # Geneformer ships its gene dictionaries as pickles of {str: int | float}; the released files hold
-# numpy scalars (``numpy.core.multiarray.scalar`` of a ``numpy.dtype``), which are rebuilt here
-# from their bytes by these two functions, never by numpy's own unpickling hooks.
+# numpy scalars (``numpy.core.multiarray.scalar`` of a ``numpy.dtype``: numbers, and strings when
+# written from numpy arrays), which are rebuilt here from their bytes by these two functions, never
+# by numpy's own unpickling hooks.
 PICKLE_MAX_BYTES = 256 * 1024 * 1024
 _NUMERIC_DTYPES = frozenset({"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8"})
 
@@ -239,18 +240,19 @@ _NUMERIC_DTYPES = frozenset({"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8
 def _pickled_dtype(code: Any, align: Any = False, copy: Any = True):
     import numpy as np
 
-    if not isinstance(code, str) or code not in _NUMERIC_DTYPES:
-        raise _Refused(f"numpy dtype {code!r} (only numeric scalars are read)")
+    if not isinstance(code, str) or not (code in _NUMERIC_DTYPES or re.fullmatch(r"[US][0-9]{1,6}", code)):
+        raise _Refused(f"numpy dtype {code!r} (only numbers and strings are read)")
     return np.dtype(code)
 
 
 def _pickled_scalar(dtype: Any, data: Any = None):
     import numpy as np
 
-    if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf" or not isinstance(data, bytes) \
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biufUS" or not isinstance(data, bytes) \
             or len(data) != dtype.itemsize:
-        raise _Refused("a numpy scalar that is not a plain number")
-    return np.frombuffer(data, dtype=dtype)[0].item()
+        raise _Refused("a numpy scalar that is not a plain number or string")
+    value = np.frombuffer(data, dtype=dtype)[0].item()
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 _PICKLE_GLOBALS = {("numpy.core.multiarray", "scalar"): _pickled_scalar,
@@ -264,7 +266,7 @@ class _Refused(Exception):
 
 def load_plain_pickle(path: str | os.PathLike) -> Any:
     """A pickle of plain data only (dict, list, tuple, str, bytes, int, float, bool, None and numpy
-    numeric scalars, which become Python numbers). Any other global - a class, a function, code - is
+    number / string scalars, which become Python numbers / strings). Any other global - a class, a function, code - is
     refused in one :class:`ModelConfigError` line and never called."""
     import pickle
 

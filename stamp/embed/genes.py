@@ -5,6 +5,10 @@ batches from :class:`stamp.data.tokens.TokenBatchLoader` (``mode="spots"``, corp
 last batch kept), the same loader and the same typed :class:`~stamp.data.tokens.Batch` as
 pretraining, so tokens are cut to the context in one place.
 
+Gene encoders with their own input rules (scGPT, Nicheformer, Geneformer: ``Encoder.counts``) read
+raw counts instead, one slide at a time (:func:`stamp.data.counts.count_batches`), the corpus's genes
+matched to their vocabulary once (by Ensembl id, or by symbol for scGPT) and the match logged.
+
 Output (written by :mod:`stamp.embed.writer`, the one embeddings writer): Parquet ``spot_id`` +
 ``embedding`` rows in corpus order, atomic, its schema metadata ``stamp.model`` naming the
 model (name, revision, license, weights sha256). ``zarr=True`` also gives each slide store
@@ -113,6 +117,8 @@ def embed_corpus(
     with lock:
         encoder = stamp.load(model, device=device, means=means)
         gene_side(encoder, model)
+        if encoder.counts is not None:  # scGPT, Nicheformer, Geneformer: their own input rules, slide by slide
+            return _embed_counts(encoder, model, corpus, out, batch_size=batch_size, zarr=zarr, progress=progress)
         tokenizer = encoder.tokenizer
         check_vocabulary(corpus, tokenizer, data)
         record = model_record(encoder, model, "gene")
@@ -138,4 +144,47 @@ def embed_corpus(
             raise
         if staging is not None:
             staging.swap()
+    return Path(out)
+
+
+def _embed_counts(encoder, model, corpus, out, *, batch_size: int, zarr: bool, progress: bool) -> Path:
+    """``embed_corpus`` for an encoder reading raw counts (``encoder.counts``): same outputs, same order."""
+    import json
+    import logging
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from stamp.data.counts import COLUMNS, count_batches
+    from stamp.errors import ModelConfigError
+    from stamp.models.gene_inputs import CorpusGenes
+
+    try:
+        match = encoder.counts.bind(CorpusGenes.from_table(corpus.genes))
+    except ModelConfigError as exc:
+        raise EmbedError(f"{model}: {exc}") from None
+    logging.getLogger(__name__).info("%s: %s", model, match.describe())
+    record = model_record(encoder, model, "gene")
+    record["stamp_model_inputs"] = json.dumps({**encoder.counts.describe(), "genes_matched": match.matched,
+                                               "corpus_genes": match.corpus_genes})
+    bar = Progress(TextColumn("[bold]embed"), BarColumn(), MofNCompleteColumn(), TextColumn("spots"),
+                   TimeRemainingColumn(), disable=not progress)
+    staging = ZarrObsmWriter(corpus, encoder.embed_dim, record) if zarr else None
+    try:
+        with torch.no_grad(), bar, ParquetEmbeddings(out, "spot_id", record) as writer:
+            task = bar.add_task("embed", total=corpus.n_spots)
+            for batch in count_batches(corpus.iter_slides(columns=COLUMNS[:1] + COLUMNS[2:]), corpus.n_genes,
+                                       encoder.counts, batch_size=batch_size):
+                emb = encoder.embed_counts(batch.X, slide=batch.slide).float().cpu().numpy()
+                writer.write(batch.spot_ids, emb)
+                if staging is not None:
+                    staging.write(batch.slide_ids, batch.spot_index, emb)
+                bar.advance(task, len(batch))
+            if staging is not None:
+                staging.check_complete()
+    except BaseException:
+        if staging is not None:
+            staging.discard()
+        raise
+    if staging is not None:
+        staging.swap()
     return Path(out)

@@ -280,7 +280,8 @@ def _nicheformer(entry: ModelEntry, files: ReleaseFiles, means: Any) -> tuple[An
                               f"modality named as in Nicheformer's tokenization ({exc})") from None
     inputs = NicheformerInput(gene_ids, values, context=context, context_length=config.context_length)
     return model, inputs, {"weights": path, "dim": config.hidden_size, "unused": len(unused),
-                           "means_sha256": weights_sha256(means_path)}
+                           "means_sha256": weights_sha256(means_path),
+                           "embed": lambda batch: model.embed(batch["input_ids"])}
 
 
 def _geneformer_dictionaries(files: ReleaseFiles) -> tuple[dict, dict, dict | None]:
@@ -321,14 +322,14 @@ def _geneformer(entry: ModelEntry, files: ReleaseFiles) -> tuple[Any, Any, dict]
     _meta(lambda: GeneformerModel(config, full=True))
     weights = files.paths["model_weights"]
     mapped, unused = released_state_dict(_state_dict(weights), config)
-    expected = meta_shapes(_meta(lambda: GeneformerModel(config)))
+    expected = meta_shapes(_meta(lambda: GeneformerModel(config)).bert)
     where = f"{files.where} ({weights.name})"
     check_shapes(expected, {k: tuple(v.shape) for k, v in mapped.items()}, where)
     with torch.random.fork_rng(devices=[]):  # real build (BERT's non-persistent buffers), then the weights
         model = GeneformerModel(config)
     model.bert.load_state_dict(mapped, strict=True)
-    input_size = int(entry.tokenizer.get("input_size") or bert.get("max_position_embeddings", 2048))
-    inputs = GeneformerInput(tokens, medians, input_size=input_size, mapping=mapping, special_tokens=special)
+    inputs = GeneformerInput(tokens, medians, input_size=int(bert["max_position_embeddings"]), mapping=mapping,
+                             special_tokens=special)
     return model.eval(), inputs, {"weights": weights, "dim": int(bert["hidden_size"]), "unused": len(unused)}
 
 
@@ -356,7 +357,7 @@ def load_gene_entry(entry: ModelEntry, *, weights: str | os.PathLike | None = No
                       license=entry.license_name or entry.license, commercial=entry.commercial, weights_sha256=sha,
                       extra=extra)
     return Encoder(model, kind="gene", embed_dim=info["dim"], provenance=prov, counts=inputs,
-                   gene_fn=lambda batch: model.embed(batch)).eval()
+                   gene_fn=info.get("embed") or (lambda batch: model.embed(batch))).eval()
 
 
 # ----------------------------------------------------------------------------- real sizes, on meta
