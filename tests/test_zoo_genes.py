@@ -192,6 +192,29 @@ def test_scgpt_spatial_needs_its_folder_and_equals_the_authors(corpus, tmp_path)
         want = scgpt_embed(counts, symbols, folder, ref, seed_for=lambda g, v: row_seed(0, g, v), spatial=True)
         assert np.abs(mine - want).max() < ATOL
     assert enc.provenance.extra["inputs"]["slide_normalised"] is True
+    # stamp evaluate's path (weights=, per-slide tables, the random-init baseline of the same architecture)
+    from spavis.format import open_corpus
+    from stamp.evaluate.data import load_eval_data
+    from stamp.evaluate.features import model_features
+
+    sets = model_features("scgpt-spatial", load_eval_data(open_corpus(corpus), "domain"), device="cpu",
+                          weights=folder, with_random=True, batch_size=64)
+    assert [s.kind for s in sets] == ["model", "random-init"]
+    assert np.abs(sets[0].features - np.concatenate(got)).max() < ATOL
+    assert np.abs(sets[1].features - sets[0].features).max() > 0.1  # fresh weights, same inputs
+
+
+def test_evaluate_weights_option_names_its_model():
+    from stamp.cli.evaluate import weights_by_model
+    from stamp.evaluate import EvaluateError, evaluate
+
+    assert weights_by_model(["scgpt-spatial=/a", "uni=/b"], ["scgpt-spatial", "uni"]) == {"scgpt-spatial": "/a",
+                                                                                       "uni": "/b"}
+    assert weights_by_model(["/a"], ["scgpt-spatial"]) == {"scgpt-spatial": "/a"}
+    with pytest.raises(EvaluateError, match="with several --model, write --weights MODEL=PATH"):
+        weights_by_model(["/a"], ["scgpt", "nicheformer"])
+    with pytest.raises(EvaluateError, match="--weights for scgpt-spatial, which is not among the --model given"):
+        evaluate("cluster", ["scgpt"], "nowhere", out="x", weights={"scgpt-spatial": "/a"})
 
 
 def test_scgpt_release_with_extra_encoder_tensor_or_missing_one_is_refused(corpus, tmp_path):
@@ -395,8 +418,6 @@ def test_stamp_evaluate_cluster_on_the_four_gene_models_from_the_loopback_hub(co
         cmd = [sys.executable, "-m", "stamp.cli", "evaluate", "cluster", "--model", "scgpt", "--model", "nicheformer",
                "--model", "geneformer", "--model", "stamp-v1-gene", "--data", str(corpus), "--label", "domain",
                "--out", str(tmp_path / "ev"), "--device", "cpu", "--no-progress", "--no-figures", "--threads", "1"]
-        if os.environ.get("GENEZOO_PROFILE"):
-            cmd[1:1] = ["-m", "cProfile", "-o", os.environ["GENEZOO_PROFILE"]]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     results = pd.read_csv(tmp_path / "ev" / "results.csv")

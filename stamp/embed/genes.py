@@ -98,8 +98,6 @@ def embed_corpus(
     With ``zarr=True`` every slide store gets ``obsm['X_stamp']``, all or none; another
     ``--zarr`` run on the same corpus is refused, or awaited up to ``wait`` seconds.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     import stamp
     from spavis.format import open_corpus
     from spavis.format.schema import ZARR_DIR
@@ -121,29 +119,38 @@ def embed_corpus(
             return _embed_counts(encoder, model, corpus, out, batch_size=batch_size, zarr=zarr, progress=progress)
         tokenizer = encoder.tokenizer
         check_vocabulary(corpus, tokenizer, data)
-        record = model_record(encoder, model, "gene")
         loader = TokenBatchLoader(corpus, tokenizer, mode="spots", batch_size=batch_size, shuffle=False, epochs=1,
                                   drop_last=False, context_length=context_length(encoder))
-        bar = Progress(TextColumn("[bold]embed"), BarColumn(), MofNCompleteColumn(), TextColumn("spots"),
-                       TimeRemainingColumn(), disable=not progress)
-        staging = ZarrObsmWriter(corpus, encoder.embed_dim, record) if zarr else None
-        try:
-            with torch.no_grad(), bar, ParquetEmbeddings(out, "spot_id", record) as writer:
-                task = bar.add_task("embed", total=corpus.n_spots)
-                for batch in loader:
-                    emb = encoder.encode_genes(batch.input_ids).float().cpu().numpy()
-                    writer.write(batch.spot_ids, emb)
-                    if staging is not None:
-                        staging.write(batch.slide_ids, batch.spot_index, emb)
-                    bar.advance(task, len(batch))
+        batches = ((b.spot_ids, b.slide_ids, b.spot_index, encoder.encode_genes(b.input_ids)) for b in loader)
+        return _write(batches, corpus, out, model_record(encoder, model, "gene"), encoder.embed_dim, zarr=zarr,
+                      progress=progress)
+
+
+def _write(batches, corpus, out, record: dict, dim: int, *, zarr: bool, progress: bool) -> Path:
+    """Spot embeddings ``(spot_ids, slide_ids, spot_index, vectors)`` in corpus order -> the Parquet file (and,
+    with ``zarr``, every slide's ``obsm`` - all or none), under no_grad, with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]embed"), BarColumn(), MofNCompleteColumn(), TextColumn("spots"),
+                   TimeRemainingColumn(), disable=not progress)
+    staging = ZarrObsmWriter(corpus, dim, record) if zarr else None
+    try:
+        with torch.no_grad(), bar, ParquetEmbeddings(out, "spot_id", record) as writer:
+            task = bar.add_task("embed", total=corpus.n_spots)
+            for spot_ids, slide_ids, spot_index, vectors in batches:
+                emb = vectors.float().cpu().numpy()
+                writer.write(spot_ids, emb)
                 if staging is not None:
-                    staging.check_complete()  # before the Parquet is committed: all or nothing
-        except BaseException:
+                    staging.write(slide_ids, spot_index, emb)
+                bar.advance(task, len(spot_ids))
             if staging is not None:
-                staging.discard()
-            raise
+                staging.check_complete()  # before the Parquet is committed: all or nothing
+    except BaseException:
         if staging is not None:
-            staging.swap()
+            staging.discard()
+        raise
+    if staging is not None:
+        staging.swap()
     return Path(out)
 
 
@@ -151,8 +158,6 @@ def _embed_counts(encoder, model, corpus, out, *, batch_size: int, zarr: bool, p
     """``embed_corpus`` for an encoder reading raw counts (``encoder.counts``): same outputs, same order."""
     import json
     import logging
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from stamp.data.counts import COLUMNS, count_batches
     from stamp.errors import ModelConfigError
@@ -166,25 +171,7 @@ def _embed_counts(encoder, model, corpus, out, *, batch_size: int, zarr: bool, p
     record = model_record(encoder, model, "gene")
     record["stamp_model_inputs"] = json.dumps({**encoder.counts.describe(), "genes_matched": match.matched,
                                                "corpus_genes": match.corpus_genes})
-    bar = Progress(TextColumn("[bold]embed"), BarColumn(), MofNCompleteColumn(), TextColumn("spots"),
-                   TimeRemainingColumn(), disable=not progress)
-    staging = ZarrObsmWriter(corpus, encoder.embed_dim, record) if zarr else None
-    try:
-        with torch.no_grad(), bar, ParquetEmbeddings(out, "spot_id", record) as writer:
-            task = bar.add_task("embed", total=corpus.n_spots)
-            for batch in count_batches(corpus.iter_slides(columns=COLUMNS[:1] + COLUMNS[2:]), corpus.n_genes,
-                                       encoder.counts, batch_size=batch_size):
-                emb = encoder.embed_counts(batch.X, slide=batch.slide).float().cpu().numpy()
-                writer.write(batch.spot_ids, emb)
-                if staging is not None:
-                    staging.write(batch.slide_ids, batch.spot_index, emb)
-                bar.advance(task, len(batch))
-            if staging is not None:
-                staging.check_complete()
-    except BaseException:
-        if staging is not None:
-            staging.discard()
-        raise
-    if staging is not None:
-        staging.swap()
-    return Path(out)
+    tables = corpus.iter_slides(columns=[c for c in COLUMNS if c != "slide_id"])
+    batches = ((b.spot_ids, b.slide_ids, b.spot_index, encoder.embed_counts(b.X, slide=b.slide))
+               for b in count_batches(tables, corpus.n_genes, encoder.counts, batch_size=batch_size))
+    return _write(batches, corpus, out, record, encoder.embed_dim, zarr=zarr, progress=progress)
