@@ -233,6 +233,20 @@ def test_scgpt_release_with_extra_encoder_tensor_or_missing_one_is_refused(corpu
         stamp.load("scgpt", weights=folder, device="cpu")
 
 
+def test_scgpt_matches_symbols_then_ensembl_ids_as_cellxgene_feature_names():
+    from stamp.models.gene_inputs import CorpusGenes
+    from stamp.models.scgpt import ScGPTInput, read_vocab
+
+    inputs = ScGPTInput(read_vocab({"TSPAN6": 0, "ENSG00000000005": 1, "<pad>": 2}, "vocab.json"))
+    genes = CorpusGenes.of(["ENSG00000000003", "ENSG00000000005", "ENSG00000000419", "ENSG00000000457"],
+                           ["TSPAN6", "TNMD", "", "<cls>"])
+    assert inputs.column_of(genes).tolist() == [0, 1, -1, -1]  # a gene named like a special token is no gene
+    assert inputs.bind(genes).describe() == ("2 of 4 corpus genes are in the model's vocabulary of 2 "
+                                             "(matched by symbol)")
+    with pytest.raises(ModelConfigError, match=r"indices are not 0..2"):
+        read_vocab({"A": 0, "B": 0, "<pad>": 2}, "vocab.json")
+
+
 # ----------------------------------------------------------------------------- Nicheformer
 def nicheformer_reference(seed: int = 0) -> ReferenceNicheformer:
     torch.manual_seed(seed)

@@ -5,8 +5,10 @@ Written from the authors' published inference path (``scgpt.tasks.embed_data`` /
 ``utils.load_pretrained``; scGPT-spatial's copies of them), nothing copied:
 
 * **vocabulary**: ``vocab.json`` maps gene SYMBOLS to token ids; ``<pad>``, ``<cls>``, ``<eoc>`` are
-  appended when absent. Corpus genes are matched by symbol; genes outside the vocabulary are dropped
-  (as ``embed_data`` does; two corpus genes with one symbol both stay, with the same token).
+  appended when absent. Corpus genes are matched by symbol (by Ensembl id when the symbol is missing or
+  unknown: CELLxGENE's ``feature_name`` names symbol-less genes by their id); genes outside the
+  vocabulary are dropped (as ``embed_data`` does; two corpus genes with one symbol both stay, with the
+  same token).
 * **input** of a spot: its nonzero in-vocabulary genes; the raw counts binned into ``n_bins`` (51)
   per spot by quantiles of the spot's own values (edges ``np.quantile(values, linspace(0, 1, 50))``;
   a value between equal edges gets a uniform draw among its bins, as the authors' ``_digitize``);
@@ -235,8 +237,15 @@ class ScGPTInput(CountInput):
         return sum(1 for t in self.vocab if t not in SPECIAL_TOKENS)
 
     def column_of(self, genes: CorpusGenes) -> np.ndarray:
-        return np.array([self.vocab[s] if s and s not in SPECIAL_TOKENS and s in self.vocab else -1
-                         for s in genes.symbols], dtype=np.int64)
+        """The token of each corpus gene's symbol; a gene without one (or whose symbol the vocabulary lacks) by its
+        Ensembl id, as CELLxGENE's ``feature_name`` (scGPT's gene column) names genes that have no symbol."""
+        def token(symbol: str, ensembl_id: str) -> int:
+            for key in (symbol, ensembl_id):
+                if key and key not in SPECIAL_TOKENS and key in self.vocab:
+                    return self.vocab[key]
+            return -1
+
+        return np.array([token(s, e) for s, e in zip(genes.symbols, genes.ensembl_ids)], dtype=np.int64)
 
     def _in_vocab(self, X: sp.csr_matrix) -> sp.csr_matrix:
         """The corpus matrix restricted to in-vocabulary columns (corpus order kept, counts float32)."""
