@@ -150,23 +150,20 @@ class NicheformerInput(CountInput):
         return np.array([self._index.get(g, -1) for g in genes.ensembl_ids], dtype=np.int64)
 
     def __call__(self, X: sp.csr_matrix, *, slide: Any = None) -> dict[str, torch.Tensor]:
-        M = self.model_counts(X)  # spots x model genes, float32
-        totals = np.asarray(M.sum(axis=1, dtype=np.float64)).ravel().astype(np.float32)
+        M = self.model_counts(X)  # spots x model genes, float32, columns ascending within each row
+        totals = np.asarray(M.sum(axis=1, dtype=np.float64)).ravel().astype(np.float32)  # exact for counts < 2**24
         totals[totals == 0] = 1
         scale = np.float32(10000.0) / totals  # float32, as 10000. / counts of a float32 matrix
-        rows = np.repeat(np.arange(M.shape[0]), np.diff(M.indptr))
-        values = (M.data * scale[rows]).astype(np.float64) / self.divisors[M.indices]
-        keep = values != 0
-        rows, cols, values = rows[keep], M.indices[keep], values[keep]
-        order = np.lexsort((cols, -values, rows))  # per spot: value descending, then vocabulary order
-        rows, cols = rows[order], cols[order]
-        starts = np.searchsorted(rows, np.arange(M.shape[0]))
-        rank = np.arange(rows.size) - starts[rows]
-        n_genes = self.context_length - len(self.context)
-        keep = rank < n_genes
         ids = np.full((M.shape[0], self.context_length), PAD_TOKEN, dtype=np.int64)
         ids[:, : len(self.context)] = self.context
-        ids[rows[keep], len(self.context) + rank[keep]] = cols[keep] + AUX_TOKENS
+        n_genes = self.context_length - len(self.context)
+        for i in range(M.shape[0]):
+            a, b = M.indptr[i], M.indptr[i + 1]
+            values = (M.data[a:b] * scale[i]).astype(np.float64) / self.divisors[M.indices[a:b]]
+            nonzero = np.flatnonzero(values != 0)
+            # value descending; equal values in vocabulary order (a stable sort of an ascending row)
+            ranked = nonzero[np.argsort(-values[nonzero], kind="stable")][:n_genes]
+            ids[i, len(self.context): len(self.context) + ranked.size] = M.indices[a:b][ranked] + AUX_TOKENS
         return {"input_ids": torch.from_numpy(ids)}
 
     def describe(self) -> dict[str, Any]:
