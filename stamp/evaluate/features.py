@@ -106,11 +106,13 @@ def _check_vocab(data: EvalData, tokenizer, model) -> None:
                             fix="build the evaluation corpus with the vocabulary the model was trained on (--vocab)")
 
 
-def load_encoder(model: str | os.PathLike, device: str | None = None, means: str | os.PathLike | None = None):
-    """Any model of the zoo (name, run folder, model folder, Hub id) as a :class:`stamp.zoo.encoder.Encoder`."""
+def load_encoder(model: str | os.PathLike, device: str | None = None, means: str | os.PathLike | None = None,
+                 weights: str | os.PathLike | None = None):
+    """Any model of the zoo (name, run folder, model folder, Hub id) as a :class:`stamp.zoo.encoder.Encoder`;
+    ``weights``: the files of a zoo name downloaded by hand (as ``stamp embed --weights``)."""
     import stamp
 
-    return stamp.load(str(model), device=device or default_device(), means=means)
+    return stamp.load(str(model), device=device or default_device(), means=means, weights=weights)
 
 
 def _context_length(module, default: int) -> int:
@@ -162,6 +164,28 @@ def encode(gene_fn, tokenizer, data: EvalData, *, context: int, batch_size: int 
                 out.append(gene_fn(torch.from_numpy(ids.astype(np.int64))).float().cpu().numpy())
             if progress is not None:
                 progress(chunk.num_rows)
+    return np.concatenate(out).astype(np.float32)
+
+
+def encode_counts(enc, model, data: EvalData, *, batch_size: int = 256, progress=None) -> np.ndarray:
+    """Gene-side features of every spot (corpus order) from an encoder with its own input rules
+    (``enc.counts``: scGPT, Nicheformer, Geneformer), slide by slide, no gradients."""
+    import torch
+
+    from stamp.data.counts import count_batches
+    from stamp.errors import ModelConfigError
+    from stamp.models.gene_inputs import CorpusGenes
+
+    try:
+        enc.counts.bind(CorpusGenes.of(data.gene_ids, data.gene_symbols))
+    except ModelConfigError as exc:
+        raise EvaluateError(f"{model}: {exc}") from None
+    out = []
+    for batch in count_batches(data.tables, len(data.gene_ids), enc.counts, batch_size=batch_size):
+        with torch.no_grad():
+            out.append(enc.embed_counts(batch.X, slide=batch.slide).float().cpu().numpy())
+        if progress is not None:
+            progress(len(batch))
     return np.concatenate(out).astype(np.float32)
 
 
@@ -269,8 +293,11 @@ def _features(enc, model, data: EvalData, modality: str, corpus, *, batch_size: 
                                    batch_size=min(batch_size, 64), progress=progress))
         if modality == "image":
             return parts[0]
-    gene_fn, tokenizer, context = gene_side(enc, model)
-    gene = encode(gene_fn, tokenizer, data, context=context, batch_size=batch_size, progress=progress)
+    if getattr(enc, "counts", None) is not None:  # scGPT, Nicheformer, Geneformer: raw counts, their own rules
+        gene = encode_counts(enc, model, data, batch_size=batch_size, progress=progress)
+    else:
+        gene_fn, tokenizer, context = gene_side(enc, model)
+        gene = encode(gene_fn, tokenizer, data, context=context, batch_size=batch_size, progress=progress)
     if modality == "gene":
         return gene
     return np.concatenate([_unit_rows(gene), _unit_rows(parts[0])], axis=1)
@@ -279,18 +306,20 @@ def _features(enc, model, data: EvalData, modality: str, corpus, *, batch_size: 
 def model_features(model: str, data: EvalData, *, device: str | None = None, batch_size: int = 256,
                    seed: int = 0, progress=None, with_random: bool = False, modality: str = "gene",
                    corpus=None, name: str | None = None, means: str | os.PathLike | None = None,
-                   encoder=None) -> list[FeatureSet]:
+                   encoder=None, weights: str | os.PathLike | None = None) -> list[FeatureSet]:
     """Features of ``model`` (loaded with :func:`stamp.load`; and, with ``with_random``, of the same
     architecture re-initialised).
 
     ``modality`` image / fused: ``model`` must have an image side (fused: an aligned model) and ``corpus``
     be the corpus ``data`` came from, holding a patch for every spot of ``data``."""
     check_modality(modality)
-    enc = encoder if encoder is not None else load_encoder(model, device, means)
+    enc = encoder if encoder is not None else load_encoder(model, device, means, weights)
     if modality in ("image", "fused"):
         image_side(enc, model, modality)  # fail before any work
     if modality in ("gene", "fused"):
-        _check_vocab(data, gene_side(enc, model)[1], model)
+        tokenizer = gene_side(enc, model)[1]
+        if getattr(enc, "counts", None) is None:  # encoders with their own rules match genes themselves
+            _check_vocab(data, tokenizer, model)
     sets = [FeatureSet(name or model_name(model), "model",
                        _features(enc, model, data, modality, corpus, batch_size=batch_size, progress=progress),
                        modality)]

@@ -8,7 +8,8 @@ Layering (open_clip style; ``tests/test_layering_stamp.py`` keeps it):
         <- convert / publish (stamp.zoo.convert, stamp.hub) and the commands
 
 An entry names the Hub repo, the library and architecture (a timm model name + keyword
-arguments, a transformers class + config, or this project's own ``stamp`` layout), the
+arguments, a transformers class + config, this project's own ``stamp`` layout, or one of the
+gene models with their own file layout: ``scgpt``, ``nicheformer``, ``geneformer``), the
 embedding width and pooling, the preprocessing, the parameter count, the licence, whether
 commercial use is allowed, whether the repo is gated, and the citation; ``sources`` and
 ``notes`` say where a value comes from and where the model's card is ambiguous.
@@ -33,13 +34,17 @@ from stamp.hub_access import PretrainedError
 REGISTRY_FILE = "pretrained.json"
 EXTRA_REGISTRY_ENV = "STAMP_REGISTRY"
 KINDS = ("image", "gene", "aligned")
-LIBRARIES = ("stamp", "timm", "transformers")
+GENE_LIBRARIES = ("scgpt", "nicheformer", "geneformer")  # gene encoders read from the authors' own files
+LIBRARIES = ("stamp", "timm", "transformers") + GENE_LIBRARIES
 FORMATS = ("stamp", "stamp-released")
 COMPONENTS = ("full", "gene")
 POOLINGS = {
     "timm": ("head", "cls", "cls+mean", "mean", "layer3-avg"),
     "transformers": ("cls", "pooler", "mean", "cls+mean", "image_embeds"),
     "stamp": (None,),
+    "scgpt": ("cls",),
+    "nicheformer": ("mean",),
+    "geneformer": ("cls", "mean"),
 }
 TRANSFORMERS_CLASSES = ("ViTModel", "Dinov2Model", "CLIPVisionModel", "CLIPVisionModelWithProjection", "AutoModel")
 COMMON_REQUIRED = ("kind", "library", "hub_id", "embed_dim", "license", "commercial", "gated", "citation")
@@ -47,6 +52,13 @@ REQUIRED = {
     "timm": COMMON_REQUIRED + ("architecture", "pooling", "preprocessing"),
     "transformers": COMMON_REQUIRED + ("architecture", "pooling", "preprocessing"),
     "stamp": COMMON_REQUIRED + ("file", "format", "component", "gene_config", "tokenizer", "terms_url"),
+}
+# the gene models' entries: sizes (architecture), the roles of the authors' files (layout), their input rules
+REQUIRED.update({lib: COMMON_REQUIRED + ("architecture", "pooling", "layout", "tokenizer") for lib in GENE_LIBRARIES})
+LAYOUT_ROLES = {
+    "scgpt": ("weights", "args", "vocab"),  # + gene_stats (scGPT-spatial)
+    "nicheformer": ("weights", "config"),
+    "geneformer": ("model", "tokens", "medians"),  # + mapping
 }
 
 
@@ -57,7 +69,7 @@ class ModelEntry:
     name: str
     kind: str
     library: str
-    hub_id: str
+    hub_id: str | None
     embed_dim: int
     license: str
     commercial: bool | None
@@ -89,6 +101,12 @@ class ModelEntry:
     training: str = ""
     gene_entry: str | None = None
     full_entry: str | None = None
+    # the gene models (libraries scgpt, nicheformer, geneformer): file roles -> paths in the repo or
+    # --weights folder; the release's sha256 of files (checked on Hub downloads); where the weights are
+    # when they are not on the Hub (then hub_id is null and --weights is needed)
+    layout: dict = field(default_factory=dict)
+    checksums: dict = field(default_factory=dict)
+    download_url: str | None = None
     origin: str = ""  # which file defined it (the shipped catalogue or the overlay)
     extra: dict = field(default_factory=dict)
 
@@ -112,9 +130,13 @@ class ModelEntry:
             raise PretrainedError(f"{where}: embed_dim {data['embed_dim']!r} must be a whole number in 1..65536")
         if not isinstance(data["gated"], bool) or data["commercial"] not in (True, False, None):
             raise PretrainedError(f"{where}: gated must be true/false and commercial true/false/null")
-        if not isinstance(data["hub_id"], str) or data["hub_id"].count("/") != 1:
-            raise PretrainedError(f"{where}: hub_id {data['hub_id']!r} must be a Hub repo id ORG/NAME")
-        if library == "stamp":
+        no_hub = data["hub_id"] is None and library in GENE_LIBRARIES and isinstance(data.get("download_url"), str)
+        if not no_hub and (not isinstance(data["hub_id"], str) or data["hub_id"].count("/") != 1):
+            raise PretrainedError(f"{where}: hub_id {data['hub_id']!r} must be a Hub repo id ORG/NAME (null only with "
+                                  "a download_url)")
+        if library in GENE_LIBRARIES:
+            _check_gene_entry(data, library, where)
+        elif library == "stamp":
             if data["format"] not in FORMATS or data["component"] not in COMPONENTS:
                 raise PretrainedError(f"{where}: format {data['format']!r} / component {data['component']!r}; "
                                       f"formats {FORMATS}, components {COMPONENTS}")
@@ -149,14 +171,35 @@ class ModelEntry:
     @property
     def page(self) -> str:
         """Where a user reads the terms (the model's Hub page unless the entry names another)."""
-        return self.terms_url or f"https://huggingface.co/{self.hub_id}"
+        if self.terms_url or not self.hub_id:
+            return self.terms_url or self.download_url or self.code or ""
+        return f"https://huggingface.co/{self.hub_id}"
 
     def row(self) -> dict[str, Any]:
         """The columns ``stamp models`` prints (``cached`` filled in by the factory)."""
         return {"name": self.name, "kind": self.kind, "dim": self.embed_dim,
                 "parameters": self.parameters, "license": self.license_name or self.license,
                 "commercial": {True: "yes", False: "no", None: "?"}[self.commercial],
-                "gated": "yes" if self.gated else "no", "hub_id": self.hub_id, "library": self.library}
+                "gated": "yes" if self.gated else "no", "hub_id": self.hub_id or "(not on the Hub: --weights)",
+                "library": self.library}
+
+
+def _check_gene_entry(data: dict, library: str, where: str) -> None:
+    """A gene model's entry: sizes, file roles, input rules and pooling, each a one-line mistake."""
+    for key in ("architecture", "layout", "tokenizer"):
+        if not isinstance(data[key], dict):
+            raise PretrainedError(f"{where}: {key} must be an object")
+    missing = [r for r in LAYOUT_ROLES[library] if not isinstance(data["layout"].get(r), str)]
+    if missing:
+        raise PretrainedError(f"{where}: layout lacks {', '.join(missing)} (file paths in the repo); a {library} "
+                              f"entry names {', '.join(LAYOUT_ROLES[library])}")
+    if any(not isinstance(v, str) or ".." in v.split("/") or v.startswith("/") for v in data["layout"].values()):
+        raise PretrainedError(f"{where}: layout paths must be relative paths inside the repo")
+    checksums = data.get("checksums", {})
+    if not isinstance(checksums, dict) or any(not isinstance(v, str) or len(v) != 64 for v in checksums.values()):
+        raise PretrainedError(f"{where}: checksums must map file paths to sha256 hex digests")
+    if data["pooling"] not in POOLINGS[library]:
+        raise PretrainedError(f"{where}: pooling {data['pooling']!r} must be one of {', '.join(POOLINGS[library])}")
 
 
 def _check_preprocessing(pre: Any, where: str) -> None:
@@ -258,4 +301,4 @@ PretrainedEntry = ModelEntry
 
 __all__ = ["ModelEntry", "PretrainedEntry", "PretrainedError", "catalogue", "list_pretrained", "is_pretrained",
            "get_pretrained", "catalogue_notes", "vocabulary", "REGISTRY_FILE", "EXTRA_REGISTRY_ENV", "KINDS",
-           "LIBRARIES"]
+           "LIBRARIES", "GENE_LIBRARIES"]

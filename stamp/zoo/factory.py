@@ -26,7 +26,7 @@ import numpy as np
 
 from stamp.errors import ModelConfigError, PretrainedError
 from stamp.hub_access import check_repo_id, download_file, first_file, is_repo_id, snapshot
-from stamp.zoo.catalogue import ModelEntry, get_pretrained, is_pretrained
+from stamp.zoo.catalogue import GENE_LIBRARIES, ModelEntry, get_pretrained, is_pretrained
 from stamp.zoo.encoder import Encoder, Provenance
 from stamp.locations import model_folder_of
 from stamp.zoo.resolve import converted_from_file, load_tokenizer, resolve_pretrained, weights_sha256
@@ -376,6 +376,10 @@ def load(name_or_path: str | os.PathLike, *, device: Any = None, means: str | os
             raise PretrainedError(f"{text} is a gene encoder; pick an image or aligned model")
         if entry.library in ("timm", "transformers"):
             enc = load_image_entry(entry, weights=weights, revision=revision, token=token, source=text)
+        elif entry.library in GENE_LIBRARIES:  # scGPT, Nicheformer, Geneformer: their authors' own files
+            from stamp.zoo.gene_zoo import load_gene_entry
+
+            enc = load_gene_entry(entry, weights=weights, revision=revision, token=token, means=means, source=text)
         else:
             if weights is not None:  # hand-downloaded release: converted once, keyed by its sha256
                 folder = converted_from_file(entry, Path(weights).expanduser())
