@@ -132,7 +132,9 @@ def test_bad_slides_fail_one_line_each_and_leave_nothing(tmp_path, tiny_model):
     lines = err.strip().splitlines()
     assert len(lines) <= 10 + 2, err  # a warning per failed slide, the re-embedding notice, the summary
     assert lines[-1].startswith("error: 8 of 12 slides failed (") and "manifest.json" in lines[-1], lines[-1]
-    assert rss < 2048, f"peak RSS {rss} MiB"  # was 8.8 GB for the 0.0004 µm/px header alone
+    # The 0.0004 µm/px header alone took 8.8 GB before. The whole 12-slide run peaks near 1 GB when run
+    # alone; 2.3 GB was seen once with the suite's 4 processes beside it (allocator arenas), hence 4 GiB.
+    assert rss < 4096, f"peak RSS {rss} MiB"
 
     entries = {e["slide"]: e for e in read_manifest(out)["slides"]}
     reasons = {
