@@ -227,9 +227,26 @@ def test_scgpt_release_with_extra_encoder_tensor_or_missing_one_is_refused(corpu
     torch.save(state, folder / "best_model.pt")
     with pytest.raises(ModelConfigError, match=r"have no place in the architecture .*layers\.2\.linear1"):
         stamp.load("scgpt", weights=folder, device="cpu")
-    del state["transformer_encoder.layers.2.linear1.weight"], state["encoder.enc_norm.bias"]
+    del state["transformer_encoder.layers.2.linear1.weight"]
+    bias = state.pop("encoder.enc_norm.bias")
     torch.save(state, folder / "best_model.pt")
     with pytest.raises(ModelConfigError, match=r"not in the weights \(first: encoder.enc_norm.bias\)"):
+        stamp.load("scgpt", weights=folder, device="cpu")
+    # weight dtypes (issue 24 item 7): fp16 runs as the model's fp32, int8 and NaN are one line each
+    state["encoder.enc_norm.bias"] = bias
+    torch.save({k: v.half() for k, v in state.items()}, folder / "best_model.pt")
+    enc = stamp.load("scgpt", weights=folder, device="cpu")
+    assert {p.dtype for p in enc.module.parameters()} == {torch.float32}
+    torch.save({k: v.to(torch.int8) for k, v in state.items()}, folder / "best_model.pt")
+    with pytest.raises(ModelConfigError, match=r"best_model.pt\): \d+ weight tensor\(s\) are stored as int8 .*quantized"):
+        stamp.load("scgpt", weights=folder, device="cpu")
+    state["encoder.enc_norm.weight"][3] = float("nan")
+    torch.save(state, folder / "best_model.pt")
+    with pytest.raises(ModelConfigError, match=r"tensor encoder.enc_norm.weight holds 1 NaN or infinite value"):
+        stamp.load("scgpt", weights=folder, device="cpu")
+    args = json.loads((folder / "args.json").read_text())
+    (folder / "args.json").write_text(json.dumps({**args, "nlayers": 0}))
+    with pytest.raises(ModelConfigError, match=r"args.json: scGPT sizes must be positive"):
         stamp.load("scgpt", weights=folder, device="cpu")
 
 
@@ -351,6 +368,14 @@ def test_geneformer_dictionary_carrying_code_is_refused_unrun(corpus, tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'ran'}",))
 
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "G" / "Geneformer-V2-104M" / "model.safetensors"
+    state = load_file(weights)
+    save_file({k: (v * 100).to(torch.int8) if v.is_floating_point() else v for k, v in state.items()}, weights)
+    with pytest.raises(ModelConfigError, match=r"model.safetensors\): \d+ weight tensor\(s\) are stored as int8"):
+        stamp.load("geneformer-v2-104m", weights=tmp_path / "G", device="cpu")  # copied in, they were wrong numbers
+    save_file(state, weights)
     path = tmp_path / "G" / "geneformer" / "gene_median_dictionary_gc104M.pkl"
     path.write_bytes(pickle.dumps({"ENSG00000000003": Payload()}))
     with pytest.raises(ModelConfigError, match=r"gene_median_dictionary_gc104M.pkl: the pickle holds posix.system, "

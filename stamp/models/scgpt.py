@@ -80,6 +80,8 @@ class ScGPTConfig:
                        d_hid=int(args["d_hid"]), nlayers=int(args["nlayers"]), pad_token_id=pad_token_id)
         except (TypeError, ValueError) as exc:
             raise ModelConfigError(f"{where}: args.json sizes are not whole numbers ({exc})") from None
+        except ModelConfigError as exc:
+            raise ModelConfigError(f"{where}: {exc}") from None
 
 
 class _GeneEncoder(nn.Module):
