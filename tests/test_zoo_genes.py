@@ -280,7 +280,7 @@ def technology_means(seed: int = 0) -> np.ndarray:
     return m
 
 
-def test_nicheformer_lightning_checkpoint_equals_the_authors_get_embeddings(corpus, tmp_path):
+def test_nicheformer_lightning_checkpoint_equals_the_authors_get_embeddings(corpus, tmp_path, monkeypatch):
     import stamp
 
     ref = nicheformer_reference()
@@ -298,6 +298,11 @@ def test_nicheformer_lightning_checkpoint_equals_the_authors_get_embeddings(corp
             want = ref.get_embeddings(torch.from_numpy(tokens), specie=5, assay=15, modality=4).numpy()
         assert np.abs(mine - want).max() < ATOL
     assert enc.provenance.extra["means_sha256"] and enc.provenance.extra["unused_tensors"] == 12 + 2 + 2 + 2  # template layer, 3 heads
+    # every name of the authors' dictionaries: "visium" is 9, as their get_embeddings notebook has it
+    overlay(tmp_path, monkeypatch, nicheformer={"tokenizer": {**_entry_dict("nicheformer")["tokenizer"], "context": {
+        "specie": "Homo sapiens", "assay": "visium", "modality": "spatial"}}})
+    enc = stamp.load("nicheformer", weights=ckpt, means=tmp_path / "dissociated_mean_script.npy", device="cpu")
+    assert enc.counts.describe()["context_tokens"] == {"specie": 5, "assay": 9, "modality": 4}
     # code in a checkpoint is refused unrun
     class Payload:
         def __reduce__(self):
