@@ -111,7 +111,8 @@ def register(app: typer.Typer) -> None:
 
             hest_bench(model or [], out=out, bench_dir=bench_dir, data=data, patient=patient,
                        seed=1 if seed is None else seed, device=device, batch_size=batch_size,
-                       figures=not no_figures, progress=not no_progress, means=means, threads=threads)
+                       figures=not no_figures, progress=not no_progress, means=means, threads=threads,
+                       weights=weights_by_model(weights or [], model or []))
             err_console.print(f"results written to {out / 'results.md'} and {out / 'results.csv'}")
             return
 
