@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
                                      "StampModel and a corpus built with --with-images; spots without a patch are "
                                      "excluded and counted in results.md)."),
         no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip the random-init and PCA baselines."),
-        seed: Optional[int] = typer.Option(None, "--seed", help="Seeds folds, heads, Leiden and the random-init "
+        seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**32 - 1, help="Seeds folds, heads, Leiden and the random-init "
                                            "baseline (default 0; hest-bench: 1, HEST's own)."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
         batch_size: int = typer.Option(256, "--batch-size", min=1, help="Spots per encoder forward pass."),
