@@ -308,6 +308,11 @@ def test_nicheformer_lightning_checkpoint_equals_the_authors_get_embeddings(corp
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'ran'}",))
 
+    bad = ref.lightning_checkpoint()
+    bad["hyper_parameters"]["nheads"] = 0
+    torch.save(bad, tmp_path / "zero.ckpt")
+    with pytest.raises(ModelConfigError, match=r"zero.ckpt: nheads must be at least 1"):  # was ZeroDivisionError
+        stamp.load("nicheformer", weights=tmp_path / "zero.ckpt", device="cpu")
     torch.save({"state_dict": {}, "hyper_parameters": {"x": Payload()}}, tmp_path / "evil.ckpt")
     with pytest.raises(ModelConfigError, match=r"holds Python code .*NOT loaded"):
         stamp.load("nicheformer", weights=tmp_path / "evil.ckpt", device="cpu")
@@ -381,6 +386,12 @@ def test_geneformer_dictionary_carrying_code_is_refused_unrun(corpus, tmp_path):
     with pytest.raises(ModelConfigError, match=r"model.safetensors\): \d+ weight tensor\(s\) are stored as int8"):
         stamp.load("geneformer-v2-104m", weights=tmp_path / "G", device="cpu")  # copied in, they were wrong numbers
     save_file(state, weights)
+    config = weights.parent / "config.json"
+    good = config.read_text()
+    config.write_text(json.dumps({**json.loads(good), "hidden_size": 30}))  # 4 heads do not divide it
+    with pytest.raises(ModelConfigError, match=r"config.json: not a buildable BERT config \(The hidden size \(30\)"):
+        stamp.load("geneformer-v2-104m", weights=tmp_path / "G", device="cpu")
+    config.write_text(good)
     path = tmp_path / "G" / "geneformer" / "gene_median_dictionary_gc104M.pkl"
     path.write_bytes(pickle.dumps({"ENSG00000000003": Payload()}))
     with pytest.raises(ModelConfigError, match=r"gene_median_dictionary_gc104M.pkl: the pickle holds posix.system, "

@@ -64,6 +64,10 @@ def gene_encoder_config(hparams: Mapping[str, Any], where: str) -> StampConfig:
             raise ModelConfigError(f"{where}: {flag} = {hparams.get(flag)!r}: only checkpoints trained with the "
                                    "specie, assay and modality tokens are supported (the released one is)")
     try:
+        small = [k for k in REQUIRED_HPARAMS if int(hparams[k]) < 1]
+        if small:
+            raise ModelConfigError(f"{', '.join(small)} must be at least 1 (got "
+                                   f"{', '.join(str(hparams[k]) for k in small)}); the checkpoint is corrupt")
         n_tokens = int(hparams["n_tokens"])
         return StampConfig(n_genes=n_tokens - AUX_TOKENS, n_reserved=AUX_TOKENS, hidden_size=int(hparams["dim_model"]),
                            intermediate_size=int(hparams["dim_feedforward"]), num_layers=int(hparams["nlayers"]),

@@ -341,7 +341,12 @@ def _geneformer(entry: ModelEntry, files: ReleaseFiles) -> tuple[Any, Any, dict]
         raise ModelConfigError(f"{files.paths['tokens']}: token ids reach {max(tokens.values())} but the model has "
                                f"{bert.get('vocab_size')} embeddings; the model and dictionary files do not belong "
                                "together")
-    _meta(lambda: GeneformerModel(config, full=True))
+    try:  # transformers' own checks (heads dividing the width ...) raise bare errors
+        _meta(lambda: GeneformerModel(config, full=True))
+    except (ValueError, ZeroDivisionError) as exc:
+        raise ModelConfigError(f"{files.paths['model'] / 'config.json'}: not a buildable BERT config "
+                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); fix or re-download "
+                               "it") from None
     weights = files.paths["model_weights"]
     mapped, unused = released_state_dict(_state_dict(weights), config)
     expected = meta_shapes(_meta(lambda: GeneformerModel(config)).bert)
