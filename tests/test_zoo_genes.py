@@ -248,6 +248,9 @@ def test_scgpt_release_with_extra_encoder_tensor_or_missing_one_is_refused(corpu
     (folder / "args.json").write_text(json.dumps({**args, "nlayers": 0}))
     with pytest.raises(ModelConfigError, match=r"args.json: scGPT sizes must be positive"):
         stamp.load("scgpt", weights=folder, device="cpu")
+    (folder / "args.json").write_text(json.dumps({**args, "pad_value": "abc"}))
+    with pytest.raises(ModelConfigError, match=r"args.json: pad_value 'abc' is not a number"):
+        stamp.load("scgpt", weights=folder, device="cpu")
 
 
 def test_scgpt_matches_symbols_then_ensembl_ids_as_cellxgene_feature_names():

@@ -217,6 +217,7 @@ def _meta(build):
 
 # ----------------------------------------------------------------------------- the three families
 def _scgpt(entry: ModelEntry, files: ReleaseFiles) -> tuple[Any, Any, dict]:
+    import numpy as np
     import pandas as pd
 
     from stamp.models.scgpt import ScGPTConfig, ScGPTInput, ScGPTModel, read_gene_means, read_vocab, \
@@ -232,6 +233,13 @@ def _scgpt(entry: ModelEntry, files: ReleaseFiles) -> tuple[Any, Any, dict]:
     pad_token = str(args.get("pad_token", "<pad>"))
     if pad_token not in vocab:
         raise ModelConfigError(f"{files.paths['args']}: pad_token {pad_token!r} is not in {vocab_path.name}")
+    try:
+        pad_value = float(args.get("pad_value", -2))
+    except (TypeError, ValueError):
+        pad_value = float("nan")
+    if not np.isfinite(pad_value):
+        raise ModelConfigError(f"{files.paths['args']}: pad_value {args.get('pad_value')!r} is not a number (scGPT "
+                               "releases have -2)")
     config = ScGPTConfig.from_args(args, ntoken=len(vocab), pad_token_id=vocab[pad_token],
                                    where=str(files.paths["args"]))
     model = _meta(lambda: ScGPTModel(config))
@@ -249,7 +257,7 @@ def _scgpt(entry: ModelEntry, files: ReleaseFiles) -> tuple[Any, Any, dict]:
             raise ModelConfigError(f"{stats}: not a CSV table ({exc})") from None
         gene_means = read_gene_means(table, len(vocab), str(stats))
     tok = entry.tokenizer
-    inputs = ScGPTInput(vocab, pad_value=float(args.get("pad_value", -2)), pad_token=pad_token,
+    inputs = ScGPTInput(vocab, pad_value=pad_value, pad_token=pad_token,
                         max_length=int(tok.get("max_length", 1200)), n_bins=int(tok.get("n_bins", 51)),
                         seed=int(tok.get("seed", 0)), gene_means=gene_means)
     return model, inputs, {"weights": files.paths["weights"], "dim": config.embsize, "unused": len(unused)}
