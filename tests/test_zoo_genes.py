@@ -265,6 +265,13 @@ def test_scgpt_matches_symbols_then_ensembl_ids_as_cellxgene_feature_names():
                                              "(matched by symbol)")
     with pytest.raises(ModelConfigError, match=r"indices are not 0..2"):
         read_vocab({"A": 0, "B": 0, "<pad>": 2}, "vocab.json")
+    # scGPT-spatial's gene statistics divide the values: NaN = take the slide's, anything else not positive is refused
+    from stamp.models.scgpt import read_gene_means
+
+    assert np.isnan(read_gene_means(pd.DataFrame({"mean": [2.0, np.nan]}, index=[0, 2]), 3, "s.csv")[1:]).all()
+    for bad, msg in (([0.0, 1.0], r"mean of token 0 is 0 \(1 such\)"), (["x", 1.0], "not numbers")):
+        with pytest.raises(ModelConfigError, match=msg):
+            read_gene_means(pd.DataFrame({"mean": bad}, index=[0, 1]), 3, "s.csv")
 
 
 # ----------------------------------------------------------------------------- Nicheformer
