@@ -403,6 +403,10 @@ def test_geneformer_dictionary_carrying_code_is_refused_unrun(corpus, tmp_path):
         stamp.load("geneformer-v2-104m", weights=tmp_path / "G", device="cpu")
     config.write_text(good)
     path = tmp_path / "G" / "geneformer" / "gene_median_dictionary_gc104M.pkl"
+    medians = pickle.loads(path.read_bytes())
+    path.write_bytes(pickle.dumps({**medians, next(iter(medians)): 0.0}))  # values are divided by it
+    with pytest.raises(ModelConfigError, match=r"G: the median of ENSG\d+ is 0; gene medians must be positive"):
+        stamp.load("geneformer-v2-104m", weights=tmp_path / "G", device="cpu")
     path.write_bytes(pickle.dumps({"ENSG00000000003": Payload()}))
     with pytest.raises(ModelConfigError, match=r"gene_median_dictionary_gc104M.pkl: the pickle holds posix.system, "
                                                r"not only plain data; it was NOT loaded"):

@@ -363,8 +363,11 @@ def _geneformer(entry: ModelEntry, files: ReleaseFiles) -> tuple[Any, Any, dict]
     with torch.random.fork_rng(devices=[]):  # real build (BERT's non-persistent buffers), then the weights
         model = GeneformerModel(config)
     model.bert.load_state_dict(_fit_weights(mapped, model.bert.state_dict(), where), strict=True)
-    inputs = GeneformerInput(tokens, medians, input_size=int(bert["max_position_embeddings"]), mapping=mapping,
-                             special_tokens=special)
+    try:
+        inputs = GeneformerInput(tokens, medians, input_size=int(bert["max_position_embeddings"]), mapping=mapping,
+                                 special_tokens=special)
+    except ModelConfigError as exc:
+        raise ModelConfigError(f"{files.where}: {exc}") from None
     return model.eval(), inputs, {"weights": weights, "dim": int(bert["hidden_size"]), "unused": len(unused)}
 
 
