@@ -204,10 +204,12 @@ def test_scgpt_spatial_needs_its_folder_and_equals_the_authors(corpus, tmp_path)
     assert np.abs(sets[1].features - sets[0].features).max() > 0.1  # fresh weights, same inputs
 
 
-def test_evaluate_weights_option_names_its_model():
+def test_evaluate_weights_option_names_its_model(tmp_path):
     from stamp.cli.evaluate import weights_by_model
     from stamp.evaluate import EvaluateError, evaluate
 
+    (tmp_path / "scGPT=v1").mkdir()  # a folder whose name holds "=": a bare PATH, not MODEL=PATH
+    assert weights_by_model([str(tmp_path / "scGPT=v1")], ["scgpt"]) == {"scgpt": str(tmp_path / "scGPT=v1")}
     assert weights_by_model(["scgpt-spatial=/a", "uni=/b"], ["scgpt-spatial", "uni"]) == {"scgpt-spatial": "/a",
                                                                                        "uni": "/b"}
     assert weights_by_model(["/a"], ["scgpt-spatial"]) == {"scgpt-spatial": "/a"}

@@ -22,8 +22,8 @@ def weights_by_model(values: List[str], models: List[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for value in values:
         name, sep, path = value.partition("=")
-        if not sep:
-            if len(models) != 1:
+        if not sep or (name not in models and len(models) == 1 and Path(value).expanduser().exists()):
+            if len(models) != 1:  # a bare PATH (one that holds "=" too, e.g. ~/dl/run=3, when it exists)
                 raise EvaluateError(f"--weights {value}: with several --model, write --weights MODEL=PATH")
             name, path = models[0], value
         if name in out:
