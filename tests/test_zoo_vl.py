@@ -69,6 +69,15 @@ def overlay(tmp_path, monkeypatch, **entries) -> None:
     monkeypatch.setenv("STAMP_REGISTRY", str(path))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads; on a shared box torch's thread pool costs 10x per small op."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     with FakeHub(tmp_path / "hub") as fake:

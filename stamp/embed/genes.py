@@ -65,6 +65,49 @@ def check_vocabulary(corpus, tokenizer, data) -> None:
                             fix="build the shards with the vocabulary the model was trained on")
 
 
+class CountBatch:
+    """Spots of one slide embedded from raw counts (what :func:`count_batches` yields)."""
+
+    def __init__(self, spot_ids, slide_ids, spot_index, embedding) -> None:
+        self.spot_ids, self.slide_ids, self.spot_index, self.embedding = spot_ids, slide_ids, spot_index, embedding
+
+    def __len__(self) -> int:
+        return len(self.spot_ids)
+
+
+def count_batches(encoder, corpus, model, data, batch_size: int):
+    """For an encoder whose gene side reads raw counts (:mod:`stamp.zoo.counts`): its input bound to the
+    corpus's genes and an iterator of :class:`CountBatch` (corpus order, slide by slide); None otherwise."""
+    from spavis.format import rows_to_csr
+    from stamp.zoo.concat import parts_without
+    from stamp.zoo.counts import bind_genes, count_input, encode_counts
+
+    missing = parts_without(encoder, "gene")
+    if missing:
+        raise EmbedError(f"{model}: {', '.join(missing)} has no gene side; spot embeddings concatenate the gene "
+                         "features of every part (use --modality fused for one part's images with another's genes)")
+    if count_input(encoder) is None:
+        return None
+    genes = corpus.genes
+    bind_genes(encoder, genes["ensembl_id"].astype(str), genes["symbol"].fillna("").astype(str), model=str(model),
+               data=str(data), error=EmbedError)
+
+    def batches():
+        columns = ["spot_id", "spot_index", "gene_index", "counts"]
+        for table in corpus.iter_slides(columns=columns):
+            if table.num_rows == 0:
+                continue
+            emb = encode_counts(encoder, rows_to_csr(table, corpus.n_genes), batch_size=batch_size)
+            spots = table.column("spot_id").to_numpy(zero_copy_only=False).astype(str)
+            slides = table.column("slide_id").to_numpy(zero_copy_only=False).astype(str)
+            index = table.column("spot_index").to_numpy(zero_copy_only=False).astype("int64")
+            for a in range(0, len(spots), batch_size):
+                cut = slice(a, a + batch_size)
+                yield CountBatch(list(spots[cut]), list(slides[cut]), index[cut], emb[cut])
+
+    return batches()
+
+
 def context_length(encoder) -> int:
     """Tokens per spot the encoder reads: its gene config's context, else the tokenizer's length."""
     config = getattr(encoder.module, "config", None)
@@ -114,10 +157,13 @@ def embed_corpus(
         encoder = stamp.load(model, device=device, means=means)
         gene_side(encoder, model)
         tokenizer = encoder.tokenizer
-        check_vocabulary(corpus, tokenizer, data)
+        counts = count_batches(encoder, corpus, model, data, batch_size)  # a raw-count gene side, else None
+        if counts is None:
+            check_vocabulary(corpus, tokenizer, data)
         record = model_record(encoder, model, "gene")
-        loader = TokenBatchLoader(corpus, tokenizer, mode="spots", batch_size=batch_size, shuffle=False, epochs=1,
-                                  drop_last=False, context_length=context_length(encoder))
+        loader = counts if counts is not None else TokenBatchLoader(
+            corpus, tokenizer, mode="spots", batch_size=batch_size, shuffle=False, epochs=1, drop_last=False,
+            context_length=context_length(encoder))
         bar = Progress(TextColumn("[bold]embed"), BarColumn(), MofNCompleteColumn(), TextColumn("spots"),
                        TimeRemainingColumn(), disable=not progress)
         staging = ZarrObsmWriter(corpus, encoder.embed_dim, record) if zarr else None
@@ -125,7 +171,8 @@ def embed_corpus(
             with torch.no_grad(), bar, ParquetEmbeddings(out, "spot_id", record) as writer:
                 task = bar.add_task("embed", total=corpus.n_spots)
                 for batch in loader:
-                    emb = encoder.encode_genes(batch.input_ids).float().cpu().numpy()
+                    emb = batch.embedding if counts is not None else \
+                        encoder.encode_genes(batch.input_ids).float().cpu().numpy()
                     writer.write(batch.spot_ids, emb)
                     if staging is not None:
                         staging.write(batch.slide_ids, batch.spot_index, emb)

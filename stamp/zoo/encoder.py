@@ -48,6 +48,13 @@ class Provenance:
         return {k: v for k, v in asdict(self).items() if v not in (None, {}, "")}
 
 
+def marks_of(encoder: "Encoder") -> str:
+    """Table 1's V / L / G marks of an encoder (modalities seen in pretraining): its provenance's record
+    (catalogue entries, fine-tuned runs, concatenations), else what its kind implies."""
+    marks = (encoder.provenance.extra or {}).get("marks")
+    return str(marks) if marks else {"image": "V", "gene": "G", "aligned": "V+G"}[encoder.kind]
+
+
 class Encoder:
     """A loaded encoder with its preprocessing and provenance (see the module docstring)."""
 
@@ -115,4 +122,4 @@ class Encoder:
         return f"Encoder(name={self.name!r}, kind={self.kind!r}, embed_dim={self.embed_dim})"
 
 
-__all__ = ["Encoder", "Provenance", "KINDS"]
+__all__ = ["Encoder", "Provenance", "KINDS", "marks_of"]

@@ -486,6 +486,22 @@ def _generic_open_clip_entry(folder: Path, source: str) -> ModelEntry | None:
     return ModelEntry.from_dict(source, data, str(folder / CONFIG_FILE))
 
 
+def load_concatenation(text: str, path: Path, *, weights: Any = None, **kwargs: Any) -> Encoder | None:
+    """``A+B`` (no file and no catalogue entry of that name): the parts loaded one by one and concatenated
+    (:mod:`stamp.zoo.concat`); None for a single model."""
+    from stamp.zoo.concat import ConcatEncoder, split_spec
+
+    parts = None if is_pretrained(text) or path.exists() else split_spec(text)
+    if parts is None:
+        return None
+    if weights is not None:
+        raise PretrainedError(f"{text}: --weights names one file or folder; it cannot serve the {len(parts)} models "
+                              "of a concatenation (load each with its own cache or catalogue entry)")
+    if len(set(parts)) != len(parts):
+        raise PretrainedError(f"{text}: a model appears twice in the concatenation; give each once")
+    return ConcatEncoder([load(p, **kwargs) for p in parts], text)
+
+
 def _load_stamp_folder(folder: Path, *, name: str, source: str, means: Any, kind: str | None,
                        entry: ModelEntry | None = None) -> Encoder:
     """This project's own layout (aligned StampModel or gene encoder) as an :class:`Encoder`."""
@@ -555,6 +571,10 @@ def load(name_or_path: str | os.PathLike, *, device: Any = None, means: str | os
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     text = str(name_or_path)
     path = Path(text).expanduser()
+    concat = load_concatenation(text, path, device=device, means=means, kind=kind, weights=weights,
+                                revision=revision, token=token)
+    if concat is not None:
+        return concat
     if is_pretrained(text) and not path.is_dir():
         entry = get_pretrained(text)
         if kind == "gene" and entry.kind == "image":
