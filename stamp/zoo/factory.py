@@ -301,9 +301,11 @@ def load_image_entry(entry: ModelEntry, *, weights: str | os.PathLike | None = N
     dim = entry.embed_dim
     if entry.extra.get("generic") and hasattr(module, "trunk"):  # no catalogue entry: the trunk says its width
         dim = int(getattr(module.trunk, "num_features", dim))
-    return Encoder(module, kind="image", embed_dim=dim, provenance=prov, transform=transform,
-                   image_fn=lambda px: module(px.to(next(module.parameters()).device)),
-                   input_size=int(pre.get("crop", 224)))
+    enc = Encoder(module, kind="image", embed_dim=dim, provenance=prov, transform=transform,
+                  image_fn=lambda px: module(px.to(next(module.parameters()).device)),
+                  input_size=int(pre.get("crop", 224)))
+    enc.architecture = image_architecture(entry, cfg)  # what a fine-tuned copy needs to be rebuilt
+    return enc
 
 
 # ============================================================================ open_clip and CONCH entries
@@ -462,8 +464,94 @@ def load_foreign_entry(entry: ModelEntry, *, weights: str | os.PathLike | None =
         return Encoder(module, kind="aligned", embed_dim=dim, provenance=prov, transform=transform,
                        tokenizer=gene_input, image_fn=lambda px: module.image_features(px),
                        gene_fn=lambda batch: module.embed_genes(batch), input_size=int(pre["crop"]))
-    return Encoder(module, kind="image", embed_dim=dim, provenance=prov, transform=transform,
-                   image_fn=lambda px: module(px.to(next(module.parameters()).device)), input_size=int(pre["crop"]))
+    enc = Encoder(module, kind="image", embed_dim=dim, provenance=prov, transform=transform,
+                  image_fn=lambda px: module(px.to(next(module.parameters()).device)), input_size=int(pre["crop"]))
+    enc.architecture = image_architecture(entry, cfg, preprocessing=pre)
+    return enc
+
+
+# ============================================================================ fine-tuned image encoders (issue 28)
+FINETUNED_TYPE = "stamp-finetuned"
+
+
+def entry_data(entry: ModelEntry) -> dict:
+    """A catalogue entry as the plain data it was read from (``ModelEntry.from_dict`` reads it back)."""
+    import dataclasses
+
+    data = {k: v for k, v in dataclasses.asdict(entry).items() if k not in ("name", "origin", "extra")}
+    data.update(entry.extra)
+    return json_safe(data)
+
+
+def json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def image_architecture(entry: ModelEntry, repo_config: dict | None, preprocessing: dict | None = None) -> dict:
+    """How to rebuild an image entry's module without its weights: the entry as data, the repo's config and the
+    preprocessing actually used (recorded in a fine-tuned run's config.json)."""
+    return {"name": entry.name, "entry": entry_data(entry), "repo_config": json_safe(repo_config),
+            "preprocessing": json_safe(preprocessing or dict(entry.preprocessing or {}))}
+
+
+def build_from_architecture(arch: dict, where: str, *, meta: bool = True):
+    """The image module an :func:`image_architecture` record describes (sizes checked again: it is read back
+    from a file); weights are loaded by the caller."""
+    from stamp.safety import check_config_sizes
+
+    if not isinstance(arch, dict) or not isinstance(arch.get("entry"), dict):
+        raise ModelConfigError(f"{where}: config.json has no image_encoder.entry; not a fine-tuned stamp model")
+    entry = ModelEntry.from_dict(str(arch.get("name") or "image-encoder"), arch["entry"], where)
+    repo_config = arch.get("repo_config")
+    if repo_config is not None:
+        check_config_sizes(repo_config, where)
+    return build_image_encoder(entry, repo_config, meta=meta, where=where), entry
+
+
+def load_finetuned_folder(folder: Path, *, source: str) -> Encoder:
+    """A ``stamp finetune`` run (RUN/model): the image encoder rebuilt from its recorded architecture and every
+    tensor read strictly from model.safetensors; the gene side is the run's expression input."""
+    import torch
+
+    from stamp.models.finetune import ExpressionInput, FinetuneConfig, STFinetuneModel
+    from stamp.models.foundation import ImagePreprocess
+    from stamp.safety import check_shapes, meta_shapes, read_json_config, safetensors_shapes
+
+    cfg = read_json_config(folder / "config.json")
+    where = str(folder / "config.json")
+    config = FinetuneConfig.from_dict(cfg, where)
+    weights = folder / "model.safetensors"
+    shapes = safetensors_shapes(weights)
+
+    def build(meta: bool):
+        image, _ = build_from_architecture(config.image_encoder, where, meta=meta)
+        if meta:
+            with torch.device("meta"):
+                return STFinetuneModel(image, config)
+        return STFinetuneModel(image, config)
+
+    model = build(True)
+    check_shapes(meta_shapes(model), shapes, f"{folder} (model.safetensors)")
+    from safetensors.torch import load_file
+
+    state = load_file(str(weights))
+    model.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):  # non-persistent buffers
+        model = build(False)
+        model.load_state_dict(state, strict=True)
+    model.eval()
+    inputs = ExpressionInput.from_pretrained(folder)
+    pre = dict(config.image_encoder.get("preprocessing") or {})
+    prov = Provenance(name=source, source=source, license=str(cfg.get("license", "other")),
+                      commercial=cfg.get("commercial"), weights_sha256=weights_sha256(weights),
+                      extra={"library": "stamp", "base": config.image_encoder.get("name"), "marks": cfg.get("marks", "")})
+    return Encoder(model, kind="aligned", embed_dim=config.embed_dim, provenance=prov, transform=ImagePreprocess(**pre),
+                   tokenizer=inputs, image_fn=lambda px: model.encode_image(px.to(model.device)),
+                   gene_fn=lambda batch: model.encode_genes(batch), input_size=int(pre.get("crop", 224))).eval()
 
 
 def _generic_open_clip_entry(folder: Path, source: str) -> ModelEntry | None:
@@ -607,6 +695,8 @@ def load(name_or_path: str | os.PathLike, *, device: Any = None, means: str | os
     from stamp.safety import read_json_config
 
     cfg = read_json_config(folder / "config.json")
+    if cfg.get("model_type") == FINETUNED_TYPE:  # a `stamp finetune` run
+        return load_finetuned_folder(folder, source=text).to(dev).eval()
     generic = _generic_folder_entry(folder, cfg, text)
     if generic is not None:
         enc = load_image_entry(generic, weights=folder, source=text)
