@@ -12,24 +12,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.test_zoo_vl import one_thread  # noqa: F401  (autouse: one torch thread)
+from tests.test_zoo_vl import labelled_paired_corpus, one_thread  # noqa: F401  (autouse: one torch thread)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from paired_helpers import write_paired
-    from stamp_helpers import generated_domains, write_generated_slices
-
-    from spavis.shards import build_shards
     from tests.test_zoo_catalogue import timm_repo
 
     root = tmp_path_factory.mktemp("finetune")
-    vocab, folders = write_generated_slices(root / "c", slides=2, n_genes=60, seed=7, n_domains=3, max_row=4,
-                                            with_image=False)
-    corpus = build_shards(folders, root / "c", vocab=vocab, min_genes=5, k_neighbors=8, max_spots_per_shard=1,
-                          obs_columns="domain")
-    domains = {k: int(str(v).rsplit("_", 1)[-1]) for k, v in generated_domains(folders).items()}
-    write_paired(corpus, domains, seed=7, n_domains=3)
+    corpus = labelled_paired_corpus(root)
     files = timm_repo(root, "vit_small_patch16_224", {"num_classes": 0, "embed_dim": 32, "depth": 1, "num_heads": 2,
                                                       "img_size": 64},
                       {"input_size": [3, 64, 64], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",

@@ -16,24 +16,16 @@ import torch
 from typer.testing import CliRunner
 
 from tests.fakes.hub import FakeHub
-from tests.test_zoo_vl import TINY_CLIP, TINY_COCA, one_thread, overlay, randomized_open_clip  # noqa: F401
+from tests.test_zoo_vl import (TINY_CLIP, TINY_COCA, labelled_paired_corpus, one_thread,  # noqa: F401
+                               overlay, randomized_open_clip)
 
 
 @pytest.fixture(scope="module")
 def corpus_and_gene_run(tmp_path_factory):
-    from paired_helpers import write_paired
-    from stamp_helpers import generated_domains, write_generated_slices
-
-    from spavis.shards import build_shards
     from stamp.cli import app as stamp_app
 
     root = tmp_path_factory.mktemp("concat")
-    vocab, folders = write_generated_slices(root / "c", slides=2, n_genes=60, seed=7, n_domains=3, max_row=4,
-                                            with_image=False)
-    corpus = build_shards(folders, root / "c", vocab=vocab, min_genes=5, k_neighbors=8, max_spots_per_shard=1,
-                          obs_columns="domain")
-    domains = {k: int(str(v).rsplit("_", 1)[-1]) for k, v in generated_domains(folders).items()}
-    write_paired(corpus, domains, seed=7, n_domains=3)
+    corpus = labelled_paired_corpus(root)
     res = CliRunner().invoke(stamp_app, ["pretrain", "--stage", "gene", "--data", str(corpus), "--out",
                                          str(root / "g"), "--config", "tiny", "--max-steps", "1", "--batch-size", "8",
                                          "--warmup-steps", "1", "--no-progress"], catch_exceptions=False)

@@ -28,7 +28,7 @@ import torch
 
 from stamp.errors import ModelConfigError
 from stamp.zoo.catalogue import get_pretrained
-from tests.fakes.hub import FakeHub
+from tests.test_zoo_catalogue import hub  # noqa: F401  (the loopback Hub fixture)
 from tests.reference_conch import RefCoCa, conch_config, randomize_
 
 TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "patch_size": 32,
@@ -69,6 +69,36 @@ def overlay(tmp_path, monkeypatch, **entries) -> None:
     monkeypatch.setenv("STAMP_REGISTRY", str(path))
 
 
+def same_pixels_and_features(enc, theirs, preprocess, imgs):
+    """Our transform equals open_clip's eval transform on images at the input size (it only normalises there)
+    and our features its ``encode_image(normalize=False)``, to 1e-5; returns (our pixels, theirs)."""
+    from PIL import Image
+
+    x = torch.stack([enc.transform(im) for im in imgs])
+    ref_px = torch.stack([preprocess(Image.fromarray(im)) for im in imgs])
+    torch.testing.assert_close(x, ref_px, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.encode_images(x), theirs.encode_image(ref_px, normalize=False), atol=1e-5,
+                                   rtol=1e-5)
+    return x, ref_px
+
+
+def labelled_paired_corpus(root):
+    """Two GENERATED slides (60 genes, 3 domains, labels in the 'domain' column) with mosaic H&E patches."""
+    from paired_helpers import write_paired
+    from stamp_helpers import generated_domains, write_generated_slices
+
+    from spavis.shards import build_shards
+
+    vocab, folders = write_generated_slices(root / "c", slides=2, n_genes=60, seed=7, n_domains=3, max_row=4,
+                                            with_image=False)
+    corpus = build_shards(folders, root / "c", vocab=vocab, min_genes=5, k_neighbors=8, max_spots_per_shard=1,
+                          obs_columns="domain")
+    write_paired(corpus, {k: int(str(v).rsplit("_", 1)[-1]) for k, v in generated_domains(folders).items()},
+                 seed=7, n_domains=3)
+    return corpus
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models gain nothing from threads; on a shared box torch's thread pool costs 10x per small op."""
@@ -76,14 +106,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    with FakeHub(tmp_path / "hub") as fake:
-        fake.activate(monkeypatch, cache_dir=tmp_path / "hf")
-        monkeypatch.setenv("STAMP_CACHE", str(tmp_path / "stamp-cache"))
-        yield fake
 
 
 def randomized_open_clip(model_cfg: dict, seed: int):
@@ -156,7 +178,6 @@ def test_conch_equals_the_authors_forward_at_448_px(tmp_path, monkeypatch, hub):
 # ----------------------------------------------------------------------------- QuiltNet (open_clip Hub layout)
 def test_quiltnet_equals_open_clips_own_hub_loader(tmp_path, hub):
     import open_clip
-    from PIL import Image
     from safetensors.torch import save_file
 
     import stamp
@@ -173,13 +194,7 @@ def test_quiltnet_equals_open_clips_own_hub_loader(tmp_path, hub):
     assert enc.provenance.revision == hub.head("wisdomik/QuiltNet-B-32")
     theirs, _, preprocess = open_clip.create_model_and_transforms("hf-hub:wisdomik/QuiltNet-B-32")
     theirs.eval()
-    imgs = images(3, 224)
-    x = torch.stack([enc.transform(im) for im in imgs])
-    ref_px = torch.stack([preprocess(Image.fromarray(im)) for im in imgs])
-    torch.testing.assert_close(x, ref_px, atol=1e-6, rtol=0)
-    with torch.no_grad():
-        torch.testing.assert_close(enc.encode_images(x), theirs.encode_image(ref_px, normalize=False), atol=1e-5,
-                                   rtol=1e-5)
+    x, ref_px = same_pixels_and_features(enc, theirs, preprocess, images(3, 224))
     # the same files as a folder downloaded by hand, and as a repo in no catalogue
     snap = tmp_path / "by-hand"
     snap.mkdir()
@@ -227,7 +242,6 @@ def loki_sentences(X: np.ndarray, symbols: list[str], top_k: int) -> list[str]:
 
 def test_omiclip_checkpoint_image_and_gene_sides_equal_open_clip(tmp_path, monkeypatch, hub):
     import open_clip
-    from PIL import Image
 
     import stamp
     from stamp.models.gene_inputs import CorpusGenes
@@ -251,13 +265,7 @@ def test_omiclip_checkpoint_image_and_gene_sides_equal_open_clip(tmp_path, monke
     open_clip.add_model_config(tmp_path / "cfgs" / "tiny_coca_test.json")
     theirs, preprocess = open_clip.create_model_from_pretrained("tiny_coca_test", pretrained=str(tmp_path / "checkpoint.pt"))
     theirs.eval()
-    imgs = images(3, 56, seed=4)
-    x = torch.stack([enc.transform(im) for im in imgs])
-    ref_px = torch.stack([preprocess(Image.fromarray(im)) for im in imgs])
-    torch.testing.assert_close(x, ref_px, atol=1e-6, rtol=0)
-    with torch.no_grad():
-        torch.testing.assert_close(enc.encode_images(x), theirs.encode_image(ref_px, normalize=False), atol=1e-5,
-                                   rtol=1e-5)
+    same_pixels_and_features(enc, theirs, preprocess, images(3, 56, seed=4))
 
     # gene side: spots -> gene sentences -> open_clip's tokenizer -> encode_text
     symbols = ["TTN", "MYH7", "MT-CO1", "RP11-1.2", "MB", "DES", "", "CRYAB", "TPM1", "ACTC1"]

@@ -84,8 +84,8 @@ def _presets() -> list[str]:
     return list_pretrained()
 
 
-INVOCATION_FIELDS = ("resume", "stop_after", "progress", "device", "save_every", "keep_checkpoints", "max_steps",
-                     "loader_threads")
+from stamp.training.align import INVOCATION_FIELDS  # noqa: E402  (the same options of one invocation)
+
 PATH_FIELDS = ("data", "model", "weights")
 SPEC = RunSpec(FinetuneArgs, (STAGE,), INVOCATION_FIELDS, PATH_FIELDS, presets=_presets)
 
@@ -269,11 +269,14 @@ def _finetune(args: FinetuneArgs, d: Dist, open_corpus, on_step) -> Path:
 
     schedule = {"name": "linear-warmup-cosine", "lr": args.lr, "min_lr": args.min_lr, "warmup": args.warmup_steps,
                 "total": total}
-    step, spots_seen, last_metrics = train_steps(
-        run=run, d=d, device=device, model=model, optimizer=optimizer, params=params, gen=gen, args=args, total=total,
-        step=step, spots_seen=spots_seen, n_sums=3, n_mean=1, micro_step=micro_step, metrics=metrics,
-        position=lambda: consumed["position"], checkpoint_state={"stage": STAGE, "schedule": schedule},
-        after_step=model.clamp_logit_scale, on_metrics=show, on_step=on_step)
+    try:
+        step, spots_seen, last_metrics = train_steps(
+            run=run, d=d, device=device, model=model, optimizer=optimizer, params=params, gen=gen, args=args,
+            total=total, step=step, spots_seen=spots_seen, n_sums=3, n_mean=1, micro_step=micro_step, metrics=metrics,
+            position=lambda: consumed["position"], checkpoint_state={"stage": STAGE, "schedule": schedule},
+            after_step=model.clamp_logit_scale, on_metrics=show, on_step=on_step)
+    finally:
+        stream.close()  # stops the reader thread (and the loader's decoding pool) now, not at interpreter exit
 
     prov = base.provenance
     marks = "+".join(m for m in ("V", "L", "G") if m in (str(prov.extra.get("marks") or "V").split("+") + ["G"]))

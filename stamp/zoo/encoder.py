@@ -15,13 +15,18 @@ Contract
   for gene encoders. The zoo's transforms also offer its two halves (:mod:`stamp.models.pixels`):
   ``to_uint8`` (geometry, run in loader workers) and ``normalize`` (on the model's device).
 * ``tokenizer``: gene encoders and aligned models: a :class:`stamp.tokenizer.GeneTokenizer`
-  (``None`` when the model needs a means file it was not given); ``None`` for image encoders.
+  (``None`` when the model needs a means file it was not given); ``None`` for image encoders. A
+  gene side that reads raw counts (OmiCLIP's gene sentences, a ``stamp finetune`` run, ``A+B``)
+  carries a :class:`stamp.models.gene_inputs.CountInput` instead; ``encode_genes`` then takes
+  the dict it makes from a slide's counts (:mod:`stamp.zoo.counts`).
 * ``encode_images(pixels)``: (B, 3, S, S) stacked ``transform`` outputs -> (B, embed_dim) float
   tensor, not normalised unless the model's own pooling normalises.
 * ``encode_genes(input_ids)``: (B, L) token ids from ``tokenizer`` -> (B, embed_dim).
 * ``provenance``: :class:`Provenance` (name, Hub id, revision, license, ...), recorded by every
   embeddings writer.
 * ``module``: the underlying ``torch.nn.Module``; ``to(device)``, ``device``, ``eval()``.
+* ``architecture`` (image entries of the zoo only): how to rebuild the module without its weights
+  (the catalogue entry as data and the repo's config), what ``stamp finetune`` records.
 """
 from __future__ import annotations
 

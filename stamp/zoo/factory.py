@@ -645,7 +645,8 @@ def load(name_or_path: str | os.PathLike, *, device: Any = None, means: str | os
          token: str | None = None) -> Encoder:
     """Load any encoder of the zoo in eval mode.
 
-    ``name_or_path``: a catalogue name (``stamp models``), run / model folder or Hub repo id.
+    ``name_or_path``: a catalogue name (``stamp models``), run / model folder or Hub repo id, or
+    ``A+B``: several of them concatenated per spot (:mod:`stamp.zoo.concat`).
     ``means``: the released gene-means file for models that ship none (remembered ones are found
     without it); ``kind``: ``"image"`` / ``"gene"`` to take one side of an aligned model;
     ``weights``: a weights file or folder downloaded by hand (gated or offline use).
