@@ -8,7 +8,7 @@ import typer
 
 from stamp.cli._common import enable_debug, err_console, friendly_errors, positive_int, setup_logging
 
-app = typer.Typer(name="stamp", help="STAMP encoders: tokenize, pretrain (gene, spatial, align), evaluate, publish, embed, models.",
+app = typer.Typer(name="stamp", help="STAMP encoders: tokenize, pretrain (gene, spatial, align), finetune, evaluate, publish, embed, models.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False, pretty_exceptions_short=True)
 
 
@@ -113,8 +113,9 @@ def embed_cmd(
 
 # Each command module adds its commands to `app`.
 from stamp.cli import evaluate as _evaluate, pretrain as _pretrain, tokenize as _tokenize, zoo as _zoo  # noqa: E402
+from stamp.cli import finetune as _finetune  # noqa: E402
 
-for _module in (_pretrain, _tokenize, _evaluate, _zoo):
+for _module in (_pretrain, _tokenize, _evaluate, _zoo, _finetune):
     _module.register(app)
 from stamp.cli import slides as _slides  # noqa: E402  (embed-slides)
 

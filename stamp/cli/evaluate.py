@@ -125,4 +125,9 @@ def register(app: typer.Typer) -> None:
                  seed=0 if seed is None else seed, device=device, batch_size=batch_size, figures=not no_figures,
                  progress=not no_progress, knn_k=knn_k, n_hvgs=n_hvgs, heads=heads, means=means, threads=threads,
                  weights=weights_by_model(weights or [], model or []))
+        from stamp.evaluate.results import table1_section
+
+        table = table1_section((out / "results.md").read_text())
+        if table:
+            print(table)
         err_console.print(f"results written to {out / 'results.md'} and {out / 'results.csv'}")

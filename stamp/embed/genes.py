@@ -102,6 +102,7 @@ def embed_corpus(
     from spavis.format import open_corpus
     from spavis.format.schema import ZARR_DIR
     from stamp.data.tokens import TokenBatchLoader
+    from stamp.zoo.concat import parts_without
 
     if batch_size < 1:
         raise EmbedError(f"batch size must be at least 1, got {batch_size}")
@@ -115,6 +116,10 @@ def embed_corpus(
     with lock:
         encoder = stamp.load(model, device=device, means=means)
         gene_side(encoder, model)
+        missing = parts_without(encoder, "gene")
+        if missing:
+            raise EmbedError(f"{model}: {', '.join(missing)} has no gene side; spot embeddings concatenate the gene "
+                             "features of every part (use --modality fused for one part's images with another's genes)")
         if encoder.counts is not None:  # scGPT, Nicheformer, Geneformer: their own input rules, slide by slide
             return _embed_counts(encoder, model, corpus, out, batch_size=batch_size, zarr=zarr, progress=progress)
         tokenizer = encoder.tokenizer

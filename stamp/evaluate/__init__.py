@@ -207,4 +207,4 @@ def evaluate(task: str, models: Sequence[str | os.PathLike], data: str | os.Path
         if not rows:
             raise EvaluateError(f"{data}: no fold could be scored (too few spots or labelled spots per fold)")
         title = f"stamp evaluate {' + '.join(tasks)}"
-        return write_results(out, rows, title=title, notes=notes)
+        return write_results(out, rows, title=title, notes=notes, marks={s.name: s.marks for s in sets})

@@ -37,6 +37,7 @@ class FeatureSet:
     kind: str  # "model", "random-init" or "pca"
     features: np.ndarray
     modality: str = "gene"
+    marks: str = ""  # V / L / G: modalities the model saw in pretraining (Table 1; none for the baselines)
 
     @property
     def probe_lr(self) -> float:
@@ -50,8 +51,13 @@ def default_device() -> str:
 
 
 def model_name(model: str | os.PathLike) -> str:
-    """A short, readable name: the run / folder name, or the Hub repo id."""
+    """A short, readable name: the run / folder name, or the Hub repo id (``A+B``: the parts' names)."""
+    from stamp.zoo.concat import SEPARATOR, split_spec
+
     path = Path(str(model))
+    parts = None if path.exists() else split_spec(str(model))
+    if parts:
+        return SEPARATOR.join(model_name(p) for p in parts)
     if path.exists():
         path = path.resolve()
         return path.parent.name if path.name == "model" else path.name
@@ -98,9 +104,21 @@ def model_names(models: Sequence[str | os.PathLike]) -> list[str]:
     return names
 
 
-def _check_vocab(data: EvalData, tokenizer, model) -> None:
+def marks_of(enc) -> str:
+    from stamp.zoo.encoder import marks_of as marks
+
+    return marks(enc)
+
+
+def _check_vocab(data: EvalData, tokenizer, model, enc=None) -> None:
     from spavis.format.vocabulary import require_same_vocabulary
 
+    from stamp.zoo.counts import bind_genes, count_input
+
+    if enc is not None and count_input(enc) is not None:  # a raw-count gene side: bound to the corpus's genes
+        bind_genes(enc, data.gene_ids, data.gene_symbols, model=str(model), data="the evaluation corpus",
+                   error=EvaluateError)
+        return
     require_same_vocabulary(tokenizer, list(data.gene_ids), a_name=str(model), b_name="the evaluation corpus",
                             error=EvaluateError,
                             fix="build the evaluation corpus with the vocabulary the model was trained on (--vocab)")
@@ -146,7 +164,35 @@ def image_side(enc, model, modality: str = "image"):
     vision = getattr(enc.module, "vision_encoder", None)
     if vision is not None:
         return lambda px: vision(px.to(enc.device)).pooled
-    return enc.encode_images
+    return getattr(enc.module, "image_features", None) or enc.encode_images
+
+
+def _whole_sides(enc, model, modality: str) -> None:
+    """A concatenation A+B asked for one modality: every part must have that side (never silently dropped)."""
+    from stamp.zoo.concat import parts_without
+
+    for side in (("image",) if modality == "image" else ("gene",) if modality == "gene" else ()):
+        missing = parts_without(enc, side)
+        if missing:
+            raise EvaluateError(f"{model}: {', '.join(missing)} has no {side} side; --modality {modality} "
+                                f"concatenates the {side} features of every part (use --modality fused to join "
+                                "one part's image features with another's gene features)")
+
+
+def encode_counts_of(enc, gene_fn, data: EvalData, *, batch_size: int = 256, progress=None) -> np.ndarray:
+    """Gene-side features of every spot from raw counts (a count-input gene side), slide by slide."""
+    from stamp.zoo.counts import encode_counts
+
+    out, start = [], 0
+    slides = data.slide_ids
+    while start < data.n_spots:
+        end = start + 1
+        while end < data.n_spots and slides[end] == slides[start]:
+            end += 1
+        out.append(encode_counts(enc, data.counts[start:end], batch_size=batch_size, gene_fn=gene_fn,
+                                 progress=progress))
+        start = end
+    return np.concatenate(out).astype(np.float32)
 
 
 def encode(gene_fn, tokenizer, data: EvalData, *, context: int, batch_size: int = 256, progress=None) -> np.ndarray:
@@ -164,28 +210,6 @@ def encode(gene_fn, tokenizer, data: EvalData, *, context: int, batch_size: int 
                 out.append(gene_fn(torch.from_numpy(ids.astype(np.int64))).float().cpu().numpy())
             if progress is not None:
                 progress(chunk.num_rows)
-    return np.concatenate(out).astype(np.float32)
-
-
-def encode_counts(enc, model, data: EvalData, *, batch_size: int = 256, progress=None) -> np.ndarray:
-    """Gene-side features of every spot (corpus order) from an encoder with its own input rules
-    (``enc.counts``: scGPT, Nicheformer, Geneformer), slide by slide, no gradients."""
-    import torch
-
-    from stamp.data.counts import count_batches
-    from stamp.errors import ModelConfigError
-    from stamp.models.gene_inputs import CorpusGenes
-
-    try:
-        enc.counts.bind(CorpusGenes.of(data.gene_ids, data.gene_symbols))
-    except ModelConfigError as exc:
-        raise EvaluateError(f"{model}: {exc}") from None
-    out = []
-    for batch in count_batches(data.tables, len(data.gene_ids), enc.counts, batch_size=batch_size):
-        with torch.no_grad():
-            out.append(enc.embed_counts(batch.X, slide=batch.slide).float().cpu().numpy())
-        if progress is not None:
-            progress(len(batch))
     return np.concatenate(out).astype(np.float32)
 
 
@@ -293,10 +317,12 @@ def _features(enc, model, data: EvalData, modality: str, corpus, *, batch_size: 
                                    batch_size=min(batch_size, 64), progress=progress))
         if modality == "image":
             return parts[0]
-    if getattr(enc, "counts", None) is not None:  # scGPT, Nicheformer, Geneformer: raw counts, their own rules
-        gene = encode_counts(enc, model, data, batch_size=batch_size, progress=progress)
+    gene_fn, tokenizer, context = gene_side(enc, model)
+    from stamp.zoo.counts import count_input
+
+    if count_input(enc) is not None:
+        gene = encode_counts_of(enc, gene_fn, data, batch_size=batch_size, progress=progress)
     else:
-        gene_fn, tokenizer, context = gene_side(enc, model)
         gene = encode(gene_fn, tokenizer, data, context=context, batch_size=batch_size, progress=progress)
     if modality == "gene":
         return gene
@@ -314,15 +340,14 @@ def model_features(model: str, data: EvalData, *, device: str | None = None, bat
     be the corpus ``data`` came from, holding a patch for every spot of ``data``."""
     check_modality(modality)
     enc = encoder if encoder is not None else load_encoder(model, device, means, weights)
+    _whole_sides(enc, model, modality)
     if modality in ("image", "fused"):
         image_side(enc, model, modality)  # fail before any work
     if modality in ("gene", "fused"):
-        tokenizer = gene_side(enc, model)[1]
-        if getattr(enc, "counts", None) is None:  # encoders with their own rules match genes themselves
-            _check_vocab(data, tokenizer, model)
+        _check_vocab(data, gene_side(enc, model)[1], model, enc)
     sets = [FeatureSet(name or model_name(model), "model",
                        _features(enc, model, data, modality, corpus, batch_size=batch_size, progress=progress),
-                       modality)]
+                       modality, marks=marks_of(enc))]
     if with_random:
         with reinitialised(enc.module, seed):
             sets.append(FeatureSet("random-init", "random-init",

@@ -35,7 +35,7 @@ REGISTRY_FILE = "pretrained.json"
 EXTRA_REGISTRY_ENV = "STAMP_REGISTRY"
 KINDS = ("image", "gene", "aligned")
 GENE_LIBRARIES = ("scgpt", "nicheformer", "geneformer")  # gene encoders read from the authors' own files
-LIBRARIES = ("stamp", "timm", "transformers") + GENE_LIBRARIES
+LIBRARIES = ("stamp", "timm", "transformers", "open_clip", "conch") + GENE_LIBRARIES
 FORMATS = ("stamp", "stamp-released")
 COMPONENTS = ("full", "gene")
 POOLINGS = {
@@ -45,12 +45,19 @@ POOLINGS = {
     "scgpt": ("cls",),
     "nicheformer": ("mean",),
     "geneformer": ("cls", "mean"),
+    # open_clip: encode_image(normalize=False); conch: the contrastive query before / after proj_contrast
+    "open_clip": ("encode_image",),
+    "conch": ("contrast", "projected"),
 }
+# Table 1's marks: the modalities a model saw in pretraining (vision, language, genes)
+MODALITY_MARKS = ("V", "L", "G")
 TRANSFORMERS_CLASSES = ("ViTModel", "Dinov2Model", "CLIPVisionModel", "CLIPVisionModelWithProjection", "AutoModel")
 COMMON_REQUIRED = ("kind", "library", "hub_id", "embed_dim", "license", "commercial", "gated", "citation")
 REQUIRED = {
     "timm": COMMON_REQUIRED + ("architecture", "pooling", "preprocessing"),
     "transformers": COMMON_REQUIRED + ("architecture", "pooling", "preprocessing"),
+    "open_clip": COMMON_REQUIRED + ("architecture", "pooling", "preprocessing"),
+    "conch": COMMON_REQUIRED + ("architecture", "pooling", "preprocessing"),
     "stamp": COMMON_REQUIRED + ("file", "format", "component", "gene_config", "tokenizer", "terms_url"),
 }
 # the gene models' entries: sizes (architecture), the roles of the authors' files (layout), their input rules
@@ -107,6 +114,8 @@ class ModelEntry:
     layout: dict = field(default_factory=dict)
     checksums: dict = field(default_factory=dict)
     download_url: str | None = None
+    modalities: tuple = ()  # pretraining modalities, Table 1's marks (MODALITY_MARKS)
+    gene_input: dict | None = None  # the gene side of a foreign aligned model (open_clip: gene sentences)
     origin: str = ""  # which file defined it (the shipped catalogue or the overlay)
     extra: dict = field(default_factory=dict)
 
@@ -140,6 +149,8 @@ class ModelEntry:
             if data["format"] not in FORMATS or data["component"] not in COMPONENTS:
                 raise PretrainedError(f"{where}: format {data['format']!r} / component {data['component']!r}; "
                                       f"formats {FORMATS}, components {COMPONENTS}")
+        elif library in ("open_clip", "conch"):
+            _check_foreign_architecture(data, library, where)
         else:
             arch = data["architecture"]
             key = "name" if library == "timm" else "class"
@@ -163,9 +174,12 @@ class ModelEntry:
         known = {f for f in cls.__dataclass_fields__ if f not in ("name", "extra", "origin")}
         kw = {k: v for k, v in data.items() if k in known}
         kw["library"] = library
-        for key in ("datasets", "files"):
+        for key in ("datasets", "files", "modalities"):
             if key in kw:
                 kw[key] = tuple(kw[key] or ())
+        bad = [m for m in kw.get("modalities", ()) if m not in MODALITY_MARKS]
+        if bad:
+            raise PretrainedError(f"{where}: modalities {bad} must be among {', '.join(MODALITY_MARKS)}")
         return cls(name=name, origin=origin, extra={k: v for k, v in data.items() if k not in known}, **kw)
 
     @property
@@ -174,6 +188,12 @@ class ModelEntry:
         if self.terms_url or not self.hub_id:
             return self.terms_url or self.download_url or self.code or ""
         return f"https://huggingface.co/{self.hub_id}"
+
+    @property
+    def marks(self) -> str:
+        """Table 1's modality marks ("V+L", ...): the entry's ``modalities``, else what its kind implies."""
+        found = self.modalities or {"image": ("V",), "gene": ("G",), "aligned": ("V", "G")}[self.kind]
+        return "+".join(m for m in MODALITY_MARKS if m in found)
 
     def row(self) -> dict[str, Any]:
         """The columns ``stamp models`` prints (``cached`` filled in by the factory)."""
@@ -200,6 +220,20 @@ def _check_gene_entry(data: dict, library: str, where: str) -> None:
         raise PretrainedError(f"{where}: checksums must map file paths to sha256 hex digests")
     if data["pooling"] not in POOLINGS[library]:
         raise PretrainedError(f"{where}: pooling {data['pooling']!r} must be one of {', '.join(POOLINGS[library])}")
+
+
+def _check_foreign_architecture(data: dict, library: str, where: str) -> None:
+    """open_clip entries carry open_clip's ``model_cfg``; conch entries the authors' model config."""
+    arch = data["architecture"]
+    key = "model_cfg" if library == "open_clip" else "config"
+    if not isinstance(arch, dict) or not isinstance(arch.get(key), dict):
+        raise PretrainedError(f"{where}: architecture must be an object with a {key!r} object")
+    if data["pooling"] not in POOLINGS[library]:
+        raise PretrainedError(f"{where}: pooling {data['pooling']!r} must be one of {', '.join(POOLINGS[library])}")
+    for name in ("unused", "prefix"):
+        if name in arch and not (isinstance(arch[name], list) if name == "unused" else isinstance(arch[name], str)):
+            raise PretrainedError(f"{where}: architecture.{name} must be a {'list' if name == 'unused' else 'string'}")
+    _check_preprocessing(data["preprocessing"], where)
 
 
 def _check_preprocessing(pre: Any, where: str) -> None:

@@ -15,17 +15,21 @@ Contract
   for gene encoders. The zoo's transforms also offer its two halves (:mod:`stamp.models.pixels`):
   ``to_uint8`` (geometry, run in loader workers) and ``normalize`` (on the model's device).
 * ``tokenizer``: gene encoders and aligned models: a :class:`stamp.tokenizer.GeneTokenizer`
-  (``None`` when the model needs a means file it was not given); ``None`` for image encoders.
+  (``None`` when the model needs a means file it was not given, or reads raw counts); ``None`` for
+  image encoders.
 * ``encode_images(pixels)``: (B, 3, S, S) stacked ``transform`` outputs -> (B, embed_dim) float
   tensor, not normalised unless the model's own pooling normalises.
 * ``encode_genes(input_ids)``: (B, L) token ids from ``tokenizer`` -> (B, embed_dim).
-* ``counts``: gene encoders with their own input rules (scGPT, Nicheformer, Geneformer): a
+* ``counts``: every gene side with its own input rules (scGPT, Nicheformer, Geneformer, OmiCLIP's
+  gene sentences, a ``stamp finetune`` run's gene projection, the gene parts of ``A+B``): a
   :class:`stamp.models.gene_inputs.CountInput` that turns raw counts of the corpus's genes into the
   model's inputs (``tokenizer`` is then None); ``encode_genes(counts(X, slide=...))`` embeds them.
-  Consumers go slide by slide (:meth:`Encoder.embed_counts`).
+  Consumers go slide by slide (:meth:`Encoder.embed_counts`, :mod:`stamp.zoo.counts`).
 * ``provenance``: :class:`Provenance` (name, Hub id, revision, license, ...), recorded by every
   embeddings writer.
 * ``module``: the underlying ``torch.nn.Module``; ``to(device)``, ``device``, ``eval()``.
+* ``architecture`` (image entries of the zoo only): how to rebuild the module without its weights
+  (the catalogue entry as data and the repo's config), what ``stamp finetune`` records.
 """
 from __future__ import annotations
 
@@ -50,6 +54,13 @@ class Provenance:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v not in (None, {}, "")}
+
+
+def marks_of(encoder: "Encoder") -> str:
+    """Table 1's V / L / G marks of an encoder (modalities seen in pretraining): its provenance's record
+    (catalogue entries, fine-tuned runs, concatenations), else what its kind implies."""
+    marks = (encoder.provenance.extra or {}).get("marks")
+    return str(marks) if marks else {"image": "V", "gene": "G", "aligned": "V+G"}[encoder.kind]
 
 
 class Encoder:
@@ -129,4 +140,4 @@ class Encoder:
         return f"Encoder(name={self.name!r}, kind={self.kind!r}, embed_dim={self.embed_dim})"
 
 
-__all__ = ["Encoder", "Provenance", "KINDS"]
+__all__ = ["Encoder", "Provenance", "KINDS", "marks_of"]
