@@ -307,14 +307,15 @@ def test_nicheformer_lightning_checkpoint_equals_the_authors_get_embeddings(corp
     for (_, counts, _), mine in zip(slides(corpus), got):
         tokens = nicheformer_tokens(counts, means, max_seq_len=64)
         with torch.no_grad():
-            want = ref.get_embeddings(torch.from_numpy(tokens), specie=5, assay=15, modality=4).numpy()
+            want = ref.get_embeddings(torch.from_numpy(tokens), specie=5, assay=9, modality=4).numpy()  # 'visium'
         assert np.abs(mine - want).max() < ATOL
     assert enc.provenance.extra["means_sha256"] and enc.provenance.extra["unused_tensors"] == 12 + 2 + 2 + 2  # template layer, 3 heads
-    # every name of the authors' dictionaries: "visium" is 9, as their get_embeddings notebook has it
-    overlay(tmp_path, monkeypatch, nicheformer={"tokenizer": {**_entry_dict("nicheformer")["tokenizer"], "context": {
-        "specie": "Homo sapiens", "assay": "visium", "modality": "spatial"}}})
-    enc = stamp.load("nicheformer", weights=ckpt, means=tmp_path / "dissociated_mean_script.npy", device="cpu")
     assert enc.counts.describe()["context_tokens"] == {"specie": 5, "assay": 9, "modality": 4}
+    # every name of the authors' dictionaries: an overlay picks the generic 10x token instead
+    overlay(tmp_path, monkeypatch, nicheformer={"tokenizer": {**_entry_dict("nicheformer")["tokenizer"], "context": {
+        "specie": "Homo sapiens", "assay": "10x 3' transcription profiling", "modality": "spatial"}}})
+    enc = stamp.load("nicheformer", weights=ckpt, means=tmp_path / "dissociated_mean_script.npy", device="cpu")
+    assert enc.counts.describe()["context_tokens"] == {"specie": 5, "assay": 15, "modality": 4}
     # code in a checkpoint is refused unrun
     class Payload:
         def __reduce__(self):
