@@ -1,0 +1,106 @@
+"""Whole-dataset reads of 1-D HDF5 arrays, decoding deflate (+ shuffle) chunks without HDF5's filter pipeline.
+
+Why: reading a 10x count matrix is the largest cost of a build after Parquet encoding. For a
+generated slide's 11 M nonzeros ``dataset[:]`` took 0.16 s (int32 data) + 0.29 s (int64 indices)
+of CPU; reading the raw chunks (``H5Dchunk_iter`` for their places, one ``pread`` each) and
+inflating them with zlib-ng (imagecodecs) and numcodecs' shuffle took 0.10 s + 0.16 s. The
+result is the same array: any dataset this does not cover (other filters, a chunk stored with
+a filter skipped, missing chunks, a non-numeric type, no ``chunk_iter`` in h5py) is read by h5py.
+"""
+from __future__ import annotations
+
+import os
+import zlib
+
+import numpy as np
+
+__all__ = ["read_1d"]
+
+_DEFLATE = 1  # h5z.FILTER_DEFLATE
+_SHUFFLE = 2  # h5z.FILTER_SHUFFLE
+
+
+def read_1d(dataset) -> np.ndarray:
+    """``dataset[:]`` for a 1-D HDF5 dataset, in native byte order."""
+    plan = _plan(dataset)
+    if plan is None:
+        return dataset[:]
+    try:
+        return _read_chunks(dataset, *plan)
+    except Exception:  # noqa: BLE001 - anything odd in the raw chunks: HDF5 reads them (and reports)
+        return dataset[:]
+
+
+def _plan(dataset) -> tuple[bool, list] | None:
+    """(shuffled, chunk places) when the fast path applies, else None."""
+    if dataset.ndim != 1 or dataset.chunks is None or dataset.dtype.kind not in "iuf" or not hasattr(
+            dataset.id, "chunk_iter"):
+        return None
+    f = dataset.file
+    if f.driver != "sec2" or f.userblock_size:  # chunk addresses are offsets in this one plain file
+        return None
+    dcpl = dataset.id.get_create_plist()
+    filters = [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())]
+    if filters not in ([_DEFLATE], [_SHUFFLE, _DEFLATE]):
+        return None
+    places: list = []
+    dataset.id.chunk_iter(places.append)
+    (chunk,) = dataset.chunks
+    if len(places) != -(-dataset.shape[0] // chunk) or any(p.filter_mask for p in places):
+        return None  # unwritten chunks (fill value) or a chunk stored with a filter skipped
+    return filters[0] == _SHUFFLE, places
+
+
+def _inflater():
+    try:
+        import imagecodecs
+
+        if imagecodecs.ZLIBNG.available:
+            def inflate_ng(raw: bytes, out: np.ndarray) -> None:
+                if len(imagecodecs.zlibng_decode(raw, out=out)) != out.nbytes:
+                    raise ValueError("a chunk inflates to the wrong size")
+
+            return inflate_ng
+    except (ImportError, AttributeError):
+        pass
+
+    def inflate(raw: bytes, out: np.ndarray) -> None:
+        data = zlib.decompress(raw, bufsize=out.nbytes)
+        if len(data) != out.nbytes:
+            raise ValueError("a chunk inflates to the wrong size")
+        out[:] = np.frombuffer(data, np.uint8)
+
+    return inflate
+
+
+def _read_chunks(dataset, shuffled: bool, places: list) -> np.ndarray:
+    import numcodecs
+
+    n = dataset.shape[0]
+    (chunk,) = dataset.chunks
+    dtype = dataset.dtype
+    size = dtype.itemsize
+    out = np.empty(n, dtype)
+    raw_out = out.view(np.uint8)
+    scratch = np.empty(chunk * size, np.uint8)
+    inflate = _inflater()
+    unshuffle = numcodecs.Shuffle(elementsize=size) if shuffled and size > 1 else None
+    fd = os.open(dataset.file.filename, os.O_RDONLY)
+    try:
+        for place in places:
+            start = place.chunk_offset[0]
+            stop = min(n, start + chunk)
+            raw = os.pread(fd, place.size, place.byte_offset)
+            if len(raw) != place.size:
+                raise OSError("short read")
+            inflate(raw, scratch)
+            target = raw_out[start * size: stop * size]
+            if unshuffle is None:
+                target[:] = scratch[: target.size]
+            elif stop - start == chunk:
+                unshuffle.decode(scratch, out=target)
+            else:  # the last chunk is stored full size: unshuffle it whole, keep the front
+                target[:] = np.frombuffer(unshuffle.decode(scratch), np.uint8)[: target.size]
+    finally:
+        os.close(fd)
+    return out if dtype.isnative else out.astype(dtype.newbyteorder("="))
