@@ -5,9 +5,9 @@ Baselines, both single-process:
   users take today: no gene harmonization, QC or neighbour graph, every slide in memory);
 - lower bound: ``h5py`` reads each slice's count matrix and ``pyarrow`` writes the same
   expression columns (spot_id, slide_id, barcode, spot_index, gene_index, counts,
-  total_counts, n_genes) with the same codec and level as spavis (zstd 3, 1,024-row groups,
-  dictionary on strings) and pyarrow's default encodings: the I/O and encoding floor of a
-  plain builder. spavis also delta-encodes gene_index and byte-stream-splits counts
+  total_counts, n_genes) with the same codec and level as spavis's expression files (zstd 1,
+  1,024-row groups, dictionary on strings) and pyarrow's default encodings: the I/O and
+  encoding floor of a plain builder. spavis also delta-encodes gene_index and byte-stream-splits counts
   (spavis.format.schema.EXPRESSION_COLUMN_ENCODING: smaller files, faster writes and reads,
   benchmarks/parquet_encodings.py), which the lower bound does not.
 spavis: ``build_shards`` (read, harmonize to stamp-v1, QC, k-NN graph, Parquet + Zarr,
@@ -35,13 +35,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from _generated import generated_slices  # benchmarks/_generated.py
+from _measure import run_measured  # benchmarks/_measure.py
 
 HERE = Path(__file__).resolve()
 
@@ -84,7 +84,8 @@ def _case_lower_bound(inputs: list[str], out: str) -> dict:
     fields = ["spot_id", "slide_id", "barcode", "spot_index", "gene_index", "counts", "total_counts", "n_genes"]
     schema = pa.schema([S.EXPRESSION_SCHEMA.field(f) for f in fields])
     # the same codec and level as spavis's expression files, pyarrow's default encodings
-    options = dict(S.PARQUET_WRITE_OPTIONS, use_dictionary=["spot_id", "slide_id", "barcode"])
+    options = dict(S.PARQUET_WRITE_OPTIONS, use_dictionary=["spot_id", "slide_id", "barcode"],
+                   compression_level=S.EXPRESSION_COMPRESSION_LEVEL)
     n_spots = 0
     with pq.ParquetWriter(Path(out) / "part-00000.parquet", schema, **options) as writer:
         for path in inputs:
@@ -133,95 +134,15 @@ def _case_baseline(inputs: list[str], out: str) -> dict:
     return {"wall_s": wall, "spots_in": int(merged.n_obs), "spots_out": int(merged.n_obs)}
 
 
-def _tree_rss(pid: int, cpu: dict[int, float] | None = None) -> int:
-    """Summed RSS (bytes) of ``pid`` and all its descendants (psutil, else /proc).
-
-    ``cpu`` collects each process's CPU seconds (user + sys) as last seen: workers forked by
-    a fork server are not waited for by the case process, so its rusage misses them.
-    """
-    try:
-        import psutil
-    except ImportError:
-        psutil = None
-    if psutil is not None:
-        try:
-            root = psutil.Process(pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return 0
-        total = 0
-        for p in procs:
-            try:
-                total += p.memory_info().rss
-                if cpu is not None:
-                    t = p.cpu_times()
-                    cpu[p.pid] = t.user + t.system
-            except psutil.Error:
-                pass
-        return total
-    parent = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parent[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    tree, frontier = {pid}, {pid}
-    while frontier:
-        frontier = {p for p, pp in parent.items() if pp in frontier} - tree
-        tree |= frontier
-    total = 0
-    for p in tree:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
-
-
 def _run_case(case: str, inputs: list[Path], out: Path, workers: int, max_spots: int | None = None) -> dict:
-    """Run one case in a fresh interpreter; return its timing and peak RSS (MiB).
-
-    ``ru_maxrss`` of ``wait4`` is the largest single process (the child or a waited-for
-    grandchild); the tree peak is sampled every 50 ms while the case runs.
-    """
-    import threading
-
+    """Run one case in a fresh interpreter (``--_case``); its timing, peak RSS (MiB) and CPU seconds."""
     if out.is_dir():  # a kept earlier run: the build would be a no-op
         shutil.rmtree(out)
     elif out.exists():
         out.unlink()
     cmd = [sys.executable, str(HERE), "--_case", case, "--_out", str(out), "--workers", str(workers),
            *(["--max-spots-per-shard", str(max_spots)] if max_spots else []), "--_inputs", *map(str, inputs)]
-    with tempfile.TemporaryFile("w+") as err:  # a file, so a chatty stderr cannot block the child
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-        peak = [0]
-        stop = threading.Event()
-
-        cpu: dict[int, float] = {}
-
-        def sample() -> None:
-            while not stop.wait(0.05):
-                peak[0] = max(peak[0], _tree_rss(proc.pid, cpu))
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        stdout = proc.stdout.read()
-        stop.set()
-        sampler.join()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        err.seek(0)
-        stderr = err.read()
-    if proc.returncode != 0:
-        raise SystemExit(f"{case} failed ({proc.returncode}):\n{stderr[-3000:]}")
-    result = json.loads(stdout.strip().splitlines()[-1])
-    result["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux: the largest single process
-    result["tree_rss_mib"] = peak[0] / 2**20
-    # CPU seconds of the case and its waited-for children (the workers): less skewed by load than wall time
-    result["cpu_s"] = max(usage.ru_utime + usage.ru_stime, sum(cpu.values()))
+    result = run_measured(cmd)
     result["spots_per_s"] = result["spots_in"] / result["wall_s"]
     result["workers"] = workers if case == "spavis" else 1
     return result

@@ -360,7 +360,7 @@ def gene_sums(X: sp.csr_matrix, totals: np.ndarray) -> tuple[np.ndarray, np.ndar
     bounds = np.unique(np.concatenate([starts, [X.shape[0]]]))
     for r0, r1 in zip(bounds[:-1], bounds[1:]):
         a, b = indptr[r0], indptr[r1]
-        idx = X.indices[a:b]
+        idx = X.indices[a:b].astype(np.intp)  # once, not once per bincount
         data = X.data[a:b].astype(np.float64)
         nnz += np.bincount(idx, minlength=n_vars)
         sum_raw += np.bincount(idx, weights=data, minlength=n_vars)

@@ -47,6 +47,8 @@ __all__ = ["subset", "select_slides", "SubsetResult", "SubsetFilter", "FILTER_CO
 # Columns --where may use besides those of slides.parquet (derived in ``slides_frame``).
 FILTER_COLUMNS = {"n_spots": "n_spots_kept", "has_image": "image_file IS NOT NULL"}
 EXAMPLE_WHERE = "organ = 'brain' AND n_spots >= 1000"
+# what the fork server imports for subset workers: the shard writers, not the readers and gene tables
+SUBSET_PRELOAD = ["spavis.shards.subset", "spavis.shards.prepare", "spavis.shards.write", "spavis.shards.images"]
 
 
 @dataclass(frozen=True)
@@ -419,7 +421,7 @@ def subset(
     always refused). See the module docstring for what the subset holds.
     """
     from spavis.format.corpus import open_corpus
-    from spavis.shards.builder import _lock
+    from spavis.shards.builder import _lock, _warm_up_card_imports
     from spavis.shards.config import DEFAULT_MAX_SPOTS_PER_SHARD
     from spavis.shards.workers import make_pool, refuse_spawned_reimport
     from spavis.shards.write import (
@@ -485,7 +487,8 @@ def subset(
             (chosen[i], counts[i], str(parent.root / records[i]["expression_file"]),
              str(parent.root / paired_of[chosen[i]]) if paired_of[chosen[i]] else None) for i in positions),
             obs_columns, len(vocab)) for part, positions in enumerate(plan)]
-        pool = make_pool(min(workers, max(1, len(jobs))))
+        pool = make_pool(min(workers, max(1, len(jobs))), preload=SUBSET_PRELOAD)
+        _warm_up_card_imports()  # datasets + matplotlib for the card, on a thread while the files are written
         try:
             futures = [pool.submit(write_subset_shard, job) for job in jobs]
             zarr_outputs = []

@@ -235,15 +235,16 @@ def _count_arrays(offsets: np.ndarray, indices: np.ndarray, data: np.ndarray) ->
 
 
 def expression_write_options(schema: pa.Schema) -> dict[str, Any]:
-    """Parquet settings of expression files: the format's, with ``EXPRESSION_COLUMN_ENCODING`` and
-    dictionary encoding on string columns only.
+    """Parquet settings of expression files: the format's, with ``EXPRESSION_COLUMN_ENCODING``,
+    ``EXPRESSION_COMPRESSION_LEVEL`` and dictionary encoding on string columns only.
 
     Dictionary pages on every column made a 7,759-spot shard 17 % larger and ~10 % slower to
     encode; spot ids, slide ids, barcodes and annotation labels repeat or share prefixes, so
     they keep it (docs/shards.md has both measurements).
     """
     strings = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
-    return dict(S.PARQUET_WRITE_OPTIONS, use_dictionary=strings, column_encoding=dict(S.EXPRESSION_COLUMN_ENCODING))
+    return dict(S.PARQUET_WRITE_OPTIONS, use_dictionary=strings, column_encoding=dict(S.EXPRESSION_COLUMN_ENCODING),
+                compression_level=S.EXPRESSION_COMPRESSION_LEVEL)
 
 
 def write_shard(job: ShardJob) -> dict[str, Any]:
