@@ -28,6 +28,7 @@ fastest run (the lower bound gets the same chance as spavis).
     python benchmarks/build_shards.py --sizes 4 --workers 2 --json out.json
     python benchmarks/build_shards.py --sizes 8 --max-spots-per-shard 8000   # several files: --workers scaling
     python benchmarks/build_shards.py --sizes 8 --max-spots-per-shard 8000 --repeat 3   # best of 3 per case
+    python benchmarks/build_shards.py --sizes 6 20 --max-spots-per-shard 8000 --before ../old-checkout
 """
 from __future__ import annotations
 
@@ -134,15 +135,19 @@ def _case_baseline(inputs: list[str], out: str) -> dict:
     return {"wall_s": wall, "spots_in": int(merged.n_obs), "spots_out": int(merged.n_obs)}
 
 
-def _run_case(case: str, inputs: list[Path], out: Path, workers: int, max_spots: int | None = None) -> dict:
-    """Run one case in a fresh interpreter (``--_case``); its timing, peak RSS (MiB) and CPU seconds."""
+def _run_case(case: str, inputs: list[Path], out: Path, workers: int, max_spots: int | None = None,
+              tree: Path | None = None) -> dict:
+    """Run one case in a fresh interpreter (``--_case``); its timing, peak RSS (MiB) and CPU seconds.
+
+    ``tree``: import spavis from this checkout instead (``--before``)."""
     if out.is_dir():  # a kept earlier run: the build would be a no-op
         shutil.rmtree(out)
     elif out.exists():
         out.unlink()
     cmd = [sys.executable, str(HERE), "--_case", case, "--_out", str(out), "--workers", str(workers),
            *(["--max-spots-per-shard", str(max_spots)] if max_spots else []), "--_inputs", *map(str, inputs)]
-    result = run_measured(cmd)
+    env = None if tree is None else dict(os.environ, PYTHONPATH=str(tree))
+    result = run_measured(cmd, env=env)
     result["spots_per_s"] = result["spots_in"] / result["wall_s"]
     result["workers"] = workers if case == "spavis" else 1
     return result
@@ -158,7 +163,10 @@ def _format_row(row: dict, workers: int) -> str:
     par = row.get("spavis_parallel")
     if par:
         cells.append(f"{par['spots_per_s']:,.0f} (x{par['spots_per_s'] / one['spots_per_s']:.2f} 1 worker)")
-    mem = [f"{r['tree_rss_mib']:,.0f}/{r['peak_rss_mib']:,.0f}" for r in (base, low, one, par) if r]
+    before = row.get("spavis_before")
+    if before:
+        cells.append(f"{before['spots_per_s']:,.0f} (x{before['spots_per_s'] / low['spots_per_s']:.2f} lower bound)")
+    mem = [f"{r['tree_rss_mib']:,.0f}/{r['peak_rss_mib']:,.0f}" for r in (base, low, one, par, before) if r]
     cpu = f"x{low['cpu_s'] / one['cpu_s']:.2f}"  # 1 worker vs lower bound, in CPU seconds per spot
     cells += [" ".join(mem), cpu, f"{row['load_avg_1min']:.1f}"]
     return "| " + " | ".join(cells) + " |"
@@ -177,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="Run every case this many times, interleaved, and report each case's fastest run "
                          "(as timeit does: other load only ever slows a run down). Default 1.")
+    ap.add_argument("--before", type=Path,
+                    help="Also run spavis with 1 worker from this checkout (e.g. a `git worktree` of an earlier "
+                         "commit): before/after in the same run.")
     ap.add_argument("--keep", type=Path, help="Keep generated inputs and outputs here.")
     ap.add_argument("--json", type=Path, help="Also write the results as JSON.")
     ap.add_argument("--_case", help=argparse.SUPPRESS)
@@ -202,21 +213,25 @@ def main(argv: list[str] | None = None) -> int:
         all_inputs = _generate(work / "inputs", max(sizes), tissue_fraction)
         print(f"| slides | spots | scanpy spots/s | lower bound spots/s | spavis 1 worker spots/s | "
               + (f"spavis {args.workers} workers spots/s | " if args.workers > 1 else "")
+              + (f"spavis 1 worker before ({args.before.name}) spots/s | " if args.before else "")
               + "RSS MiB tree/largest (scanpy, lower bound, 1 w" + (f", {args.workers} w" if args.workers > 1 else "")
-              + ") | 1 worker vs lower bound in CPU s | load |", flush=True)
-        print("|" + "---|" * (9 if args.workers > 1 else 8), flush=True)
+              + (", 1 w before" if args.before else "") + ") | 1 worker vs lower bound in CPU s | load |", flush=True)
+        print("|" + "---|" * (8 + (args.workers > 1) + bool(args.before)), flush=True)
         for n in sizes:
             inputs = all_inputs[:n]
-            cases = {"baseline": ("baseline", work / f"baseline_{n}.h5ad", 1, None),
-                     "lower_bound": ("lower_bound", work / f"lower_{n}", 1, None),
-                     "spavis": ("spavis", work / f"shards_{n}", 1, args.max_spots_per_shard)}
+            cases = {"baseline": ("baseline", work / f"baseline_{n}.h5ad", 1, None, None),
+                     "lower_bound": ("lower_bound", work / f"lower_{n}", 1, None, None),
+                     "spavis": ("spavis", work / f"shards_{n}", 1, args.max_spots_per_shard, None)}
             if args.workers > 1:
                 cases["spavis_parallel"] = ("spavis", work / f"shards_{n}_w{args.workers}", args.workers,
-                                            args.max_spots_per_shard)
+                                            args.max_spots_per_shard, None)
+            if args.before:
+                cases["spavis_before"] = ("spavis", work / f"shards_{n}_before", 1, args.max_spots_per_shard,
+                                          args.before.resolve())
             runs: dict[str, list[dict]] = {name: [] for name in cases}
             for _ in range(args.repeat):  # interleaved, so a noisy minute hits every case alike
-                for name, (case, out, w, max_spots) in cases.items():
-                    runs[name].append(_run_case(case, inputs, out, w, max_spots))
+                for name, (case, out, w, max_spots, tree) in cases.items():
+                    runs[name].append(_run_case(case, inputs, out, w, max_spots, tree))
             row = {"n_slides": n, **{name: min(r, key=lambda x: x["wall_s"]) for name, r in runs.items()}}
             if args.repeat > 1:
                 row["all_wall_s"] = {name: [round(x["wall_s"], 2) for x in r] for name, r in runs.items()}
@@ -231,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
-        for name in [k for k in ("baseline", "lower_bound", "spavis", "spavis_parallel") if k in first and k in last]:
+        for name in [k for k in ("baseline", "lower_bound", "spavis", "spavis_parallel", "spavis_before")
+                     if k in first and k in last]:
             growth = last[name]["peak_rss_mib"] / first[name]["peak_rss_mib"]
             print(f"largest-process RSS growth {first['n_slides']} -> {last['n_slides']} slides: {name} x{growth:.2f}")
     print("inputs are GENERATED slices (spavis.simulate); spavis also harmonizes, QCs, builds the k-NN graph, "
