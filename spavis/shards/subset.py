@@ -359,8 +359,10 @@ def _check_out(out: Path, parent_root: Path, overwrite: bool, record: dict) -> N
         manifest = json.loads((out / S.MANIFEST_FILE).read_text())
     except (OSError, ValueError):
         manifest = {}
-    if not overwrite:
-        held = manifest.get("subset")
+    held = manifest.get("subset")
+    same_command = bool(held) and _filter_part(held) == _filter_part(record) and (
+        (held.get("parent") or {}).get("name") == record["parent"]["name"])
+    if not overwrite and not same_command:  # the same subset of a rebuilt parent is simply brought up to date
         what = (f"the subset {json.dumps({k: held.get(k) for k in ('where', 'slides')})} of "
                 f"{(held.get('parent') or {}).get('name')}" if held else "a corpus built by build-shards")
         raise SubsetError(f"--out {out}: holds another corpus ({what}); pass --overwrite to replace it, or choose "
@@ -369,6 +371,10 @@ def _check_out(out: Path, parent_root: Path, overwrite: bool, record: dict) -> N
     if foreign:
         raise SubsetError(f"--out {out}: holds files no build wrote ({', '.join(foreign[:3])}); move them out of the "
                           "corpus folder first (a subset never deletes them).")
+
+
+def _filter_part(record: dict) -> dict:
+    return {k: record.get(k) for k in ("where", "slides")}
 
 
 def _plan_locations(slide_ids: Sequence[str], counts: Sequence[int], plan: list[list[int]]) -> dict[str, tuple[str, int]]:
