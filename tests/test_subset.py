@@ -184,3 +184,29 @@ def test_subset_of_a_hub_corpus_downloads_only_its_files(parent, tmp_path, monke
             assert path.read_bytes() == (res.out / rel).read_bytes(), rel
     record = json.loads((res.out / "manifest.json").read_text())["subset"]["parent"]
     assert record["repo_id"] == "org/visium" and record["revision"] == sha
+
+
+def test_subset_stores_leave_later_embeddings_behind(parent, tmp_path):
+    """A parent store with an embedding added after the build (obsm/X_*, as `stamp embed --zarr` writes):
+    the subset's copy has the build's files only and consolidated metadata that does not list it."""
+    import anndata as ad
+    import numpy as np
+    import zarr
+
+    from spavis.format.zarrstore import consolidate_anndata
+    from spavis.shards.subset import _copy_store
+
+    src = tmp_path / "parent.zarr"
+    shutil.copytree(parent["out"] / "zarr" / "s1.zarr", src)
+    n = ad.read_zarr(src).n_obs
+    zarr.open_group(str(src / "obsm"), mode="a", zarr_format=2).create_array("X_test", data=np.ones((n, 4), np.float32))
+    consolidate_anndata(src)
+    assert "X_test" in ad.read_zarr(src).obsm
+    _copy_store(src, tmp_path / "copy.zarr")
+    assert not (tmp_path / "copy.zarr" / "obsm" / "X_test").exists()
+    assert "X_test" not in (tmp_path / "copy.zarr" / ".zmetadata").read_text()
+    assert tree_sha256(tmp_path / "copy.zarr", include=None) != tree_sha256(src, include=None)
+    from spavis.format import schema as S
+
+    assert tree_sha256(tmp_path / "copy.zarr", include=S.zarr_build_file) == tree_sha256(src, include=S.zarr_build_file)
+    assert ad.read_zarr(tmp_path / "copy.zarr").n_obs == n and not os.path.islink(tmp_path / "copy.zarr" / "X")

@@ -317,10 +317,21 @@ def _copy_store(src: Path, dest: Path) -> None:
         consolidate_anndata(dest)
 
 
+def _copy_stores(root: Path, tmp: Path, slide_ids: Sequence[str], listed: dict) -> list[dict[str, Any]]:
+    """Every chosen slide's store into the staging folder; their manifest entries (the parent's digests)."""
+    entries = []
+    for sid in slide_ids:
+        rel = f"{S.ZARR_DIR}/{sid}.zarr"
+        _copy_store(root / rel, tmp / rel)
+        entries.append({k: listed[rel][k] for k in ("path", "kind", "rows", "sha256", "n_files", "size")
+                        if k in listed[rel]})
+    return entries
+
+
 # ----------------------------------------------------------------------------------- subset
 
 
-def _parent_name(corpus: Any, root: Path, repo_id: str | None) -> str:
+def _parent_name(corpus: Any, repo_id: str | None) -> str:
     return repo_id if repo_id else Path(os.fspath(corpus)).expanduser().resolve().name
 
 
@@ -445,7 +456,7 @@ def subset(
         raise SubsetError(f"--workers must be an integer of at least 1 (got {workers!r}).")
     flt = SubsetFilter.of(where, slides)
     parent = open_corpus(corpus, revision)
-    name = _parent_name(corpus, parent.root, parent.repo_id)
+    name = _parent_name(corpus, parent.repo_id)
     manifest = parent.manifest
     _require_build_record(name, manifest)
     chosen = select_slides(parent.root / S.SLIDES_FILE, flt, corpus_name=name)
@@ -486,24 +497,19 @@ def subset(
                                   "is damaged: `spavis validate` it.")
 
         tmp = staging_dir(out)
-        (tmp / S.EXPRESSION_DIR).mkdir(parents=True)
-        (tmp / S.ZARR_DIR).mkdir()
         obs_columns = tuple(params.get("obs_columns") or ())
         jobs = [SubsetShardJob(str(tmp), part, tuple(
             (chosen[i], counts[i], str(parent.root / records[i]["expression_file"]),
              str(parent.root / paired_of[chosen[i]]) if paired_of[chosen[i]] else None) for i in positions),
             obs_columns, len(vocab)) for part, positions in enumerate(plan)]
-        pool = make_pool(min(workers, max(1, len(jobs))), preload=SUBSET_PRELOAD)
-        _warm_up_card_imports()  # datasets + matplotlib for the card, on a thread while the files are written
+        pool = None
         try:
+            (tmp / S.EXPRESSION_DIR).mkdir(parents=True)
+            (tmp / S.ZARR_DIR).mkdir()
+            pool = make_pool(min(workers, max(1, len(jobs))), preload=SUBSET_PRELOAD)
+            _warm_up_card_imports()  # datasets + matplotlib for the card, on a thread while the files are written
             futures = [pool.submit(write_subset_shard, job) for job in jobs]
-            zarr_outputs = []
-            for sid in chosen:  # while the workers write the expression files
-                rel = f"{S.ZARR_DIR}/{sid}.zarr"
-                _copy_store(parent.root / rel, tmp / rel)
-                entry = listed[rel]
-                zarr_outputs.append({k: entry[k] for k in ("path", "kind", "rows", "sha256", "n_files", "size")
-                                     if k in entry})
+            zarr_outputs = _copy_stores(parent.root, tmp, chosen, listed)  # while the workers write the files
             results = [f.result() for f in futures]
             pool.close()
             stats = dict(s for res in results for s in res["stats"])
@@ -521,7 +527,8 @@ def subset(
                             spavis_version=version, extra={"subset": sub})
             publish_dir(tmp, out)
         except BaseException:
-            pool.stop()
+            if pool is not None:
+                pool.stop()
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return result(False, len(plan))
