@@ -23,12 +23,13 @@ _SHUFFLE = 2  # h5z.FILTER_SHUFFLE
 def read_1d(dataset) -> np.ndarray:
     """``dataset[:]`` for a 1-D HDF5 dataset, in native byte order."""
     plan = _plan(dataset)
-    if plan is None:
-        return dataset[:]
-    try:
-        return _read_chunks(dataset, *plan)
-    except Exception:  # noqa: BLE001 - anything odd in the raw chunks: HDF5 reads them (and reports)
-        return dataset[:]
+    if plan is not None:
+        try:
+            return _read_chunks(dataset, *plan)
+        except Exception:  # noqa: BLE001 - anything odd in the raw chunks: HDF5 reads them (and reports)
+            pass
+    values = dataset[:]
+    return values if values.dtype.isnative else values.astype(values.dtype.newbyteorder("="))
 
 
 def _plan(dataset) -> tuple[bool, list] | None:
