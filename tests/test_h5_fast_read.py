@@ -52,3 +52,20 @@ def test_read_1d_corrupt_chunk_is_reported_by_hdf5(tmp_path):
     path.write_bytes(bytes(raw))
     with h5py.File(path, "r") as f, pytest.raises(OSError):
         read_1d(f["x"])  # the fast path fails, h5py reads the chunk and raises its own error
+
+
+def test_read_1d_narrows_shuffled_int64_when_every_value_fits(tmp_path):
+    path = tmp_path / "m.h5"
+    small = np.arange(0, 3_000_000, 301, dtype=np.int64)
+    large = small.copy()
+    large[7_000] = 2**31  # one value that does not fit an int32 (chunk 7 of 10)
+    with h5py.File(path, "w") as f:
+        for name, values in (("small", small), ("large", large)):
+            f.create_dataset(name, data=values, chunks=(1000,), compression="gzip", shuffle=True)
+        f.create_dataset("plain", data=small, chunks=(1000,), compression="gzip")
+    with h5py.File(path, "r") as f:
+        got = read_1d(f["small"], narrow_to=np.int32)
+        assert got.dtype == np.int32 and np.array_equal(got, small)
+        for name, values in (("large", large), ("plain", small)):  # no narrowing: int64, equal
+            got = read_1d(f[name], narrow_to=np.int32)
+            assert got.dtype == np.int64 and np.array_equal(got, values), name

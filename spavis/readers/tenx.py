@@ -90,7 +90,7 @@ def _h5py_10x(path: Path) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.nda
                 fname = _decode(g["gene_names"][:]) if "gene_names" in g else fid
                 ftype = None
             csc = sp.csr_matrix(
-                (read_1d(g["data"]), read_1d(g["indices"]), read_1d(g["indptr"])), shape=(n_bc, shape[0])
+                (read_1d(g["data"]), read_1d(g["indices"], narrow_to=np.int32), read_1d(g["indptr"])), shape=(n_bc, shape[0])
             )  # CSC genes x barcodes == CSR barcodes x genes
             if ftype is not None:
                 keep = ftype == "Gene Expression"
