@@ -200,7 +200,8 @@ def test_subset_stores_leave_later_embeddings_behind(parent, tmp_path):
     src = tmp_path / "parent.zarr"
     shutil.copytree(parent["out"] / "zarr" / "s1.zarr", src)
     n = ad.read_zarr(src).n_obs
-    zarr.open_group(str(src / "obsm"), mode="a", zarr_format=2).create_array("X_test", data=np.ones((n, 4), np.float32))
+    arr = zarr.open_group(str(src / "obsm"), mode="a", zarr_format=2).create_array("X_test", data=np.ones((n, 4), np.float32))
+    arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
     consolidate_anndata(src)
     assert "X_test" in ad.read_zarr(src).obsm
     _copy_store(src, tmp_path / "copy.zarr")
