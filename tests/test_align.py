@@ -78,6 +78,7 @@ def _gather_worker(rank: int, world: int, init: str, queue) -> None:
                 x.grad = None
         gathered = gather_features(local[0].detach())[0]
         queue.put((rank, results, gathered.shape[0]))
+        dist.barrier()  # leave together: gloo aborts a rank whose peer tears down mid-send
     finally:
         dist.destroy_process_group()
 

@@ -105,10 +105,15 @@ def init_distributed() -> Dist:
 def distributed() -> Iterator[Dist]:
     """:func:`init_distributed` for one run; the process group it created is destroyed afterwards."""
     d = init_distributed()
+    ok = False
     try:
         yield d
+        ok = True
     finally:
         if d.owns_group and dist.is_initialized():
+            if ok:
+                # every rank leaves together: gloo aborts a rank whose peer tears its pairs down mid-send
+                dist.barrier()
             dist.destroy_process_group()
 
 
