@@ -297,7 +297,8 @@ def load_image_entry(entry: ModelEntry, *, weights: str | os.PathLike | None = N
     transform = ImagePreprocess(**pre)
     prov = Provenance(name=entry.name, source=source or entry.name, hub_id=entry.hub_id,
                       revision=rev, license=entry.license_name or entry.license, commercial=entry.commercial,
-                      weights_sha256=weights_sha256(wfile), extra={"library": entry.library, "pooling": entry.pooling})
+                      weights_sha256=weights_sha256(wfile),
+                      extra={"library": entry.library, "pooling": entry.pooling, "marks": entry.marks})
     dim = entry.embed_dim
     if entry.extra.get("generic") and hasattr(module, "trunk"):  # no catalogue entry: the trunk says its width
         dim = int(getattr(module.trunk, "num_features", dim))
