@@ -695,6 +695,12 @@ def load(name_or_path: str | os.PathLike, *, device: Any = None, means: str | os
     if open_clip_entry is not None:  # open_clip's Hub layout (open_clip_config.json + weights)
         return load_foreign_entry(open_clip_entry, weights=folder, source=text).to(dev).eval()
     if not (folder / "config.json").is_file():
+        from stamp.models.openclip import CONFIG_FILE, WEIGHT_FILES
+
+        if any((folder / f).is_file() for f in WEIGHT_FILES):
+            raise PretrainedError(f"{folder}: open_clip weights without {CONFIG_FILE}; put the repo's {CONFIG_FILE} "
+                                  "(model_cfg + preprocess_cfg) beside them, or pass a catalogue name with --weights "
+                                  f"{folder} (clip, quiltnet)")
         raise PretrainedError(f"{folder}: no config.json; pass a run folder, its model/ folder, a catalogue name "
                               "(`stamp models`) or a Hub repo of one")
     from stamp.safety import read_json_config
