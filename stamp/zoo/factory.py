@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -576,18 +576,20 @@ def _generic_open_clip_entry(folder: Path, source: str) -> ModelEntry | None:
 
 def load_concatenation(text: str, path: Path, *, weights: Any = None, **kwargs: Any) -> Encoder | None:
     """``A+B`` (no file and no catalogue entry of that name): the parts loaded one by one and concatenated
-    (:mod:`stamp.zoo.concat`); None for a single model."""
-    from stamp.zoo.concat import ConcatEncoder, split_spec
+    (:mod:`stamp.zoo.concat`); None for a single model. ``weights``: for some parts (``PART=PATH`` or a
+    mapping, :func:`stamp.zoo.concat.part_weights`)."""
+    from stamp.zoo.concat import SEPARATOR, ConcatEncoder, part_weights, split_spec
 
-    parts = None if is_pretrained(text) or path.exists() else split_spec(text)
-    if parts is None:
+    if is_pretrained(text) or path.exists() or SEPARATOR not in text:
         return None
-    if weights is not None:
-        raise PretrainedError(f"{text}: --weights names one file or folder; it cannot serve the {len(parts)} models "
-                              "of a concatenation (load each with its own cache or catalogue entry)")
+    parts = split_spec(text)
+    if parts is None:
+        raise PretrainedError(f"{text}: an empty part in the concatenation; write A+B (each part a model name, "
+                              "folder or Hub repo id)")
     if len(set(parts)) != len(parts):
         raise PretrainedError(f"{text}: a model appears twice in the concatenation; give each once")
-    return ConcatEncoder([load(p, **kwargs) for p in parts], text)
+    files = part_weights(text, parts, weights)
+    return ConcatEncoder([load(p, weights=files.get(p), **kwargs) for p in parts], text, kind=kwargs.get("kind"))
 
 
 def _load_stamp_folder(folder: Path, *, name: str, source: str, means: Any, kind: str | None,
@@ -641,15 +643,16 @@ def _generic_folder_entry(folder: Path, cfg: dict, source: str) -> ModelEntry | 
 
 
 def load(name_or_path: str | os.PathLike, *, device: Any = None, means: str | os.PathLike | None = None,
-         kind: str | None = None, weights: str | os.PathLike | None = None, revision: str | None = None,
-         token: str | None = None) -> Encoder:
+         kind: str | None = None, weights: str | os.PathLike | Mapping[str, Any] | None = None,
+         revision: str | None = None, token: str | None = None) -> Encoder:
     """Load any encoder of the zoo in eval mode.
 
     ``name_or_path``: a catalogue name (``stamp models``), run / model folder or Hub repo id, or
     ``A+B``: several of them concatenated per spot (:mod:`stamp.zoo.concat`).
     ``means``: the released gene-means file for models that ship none (remembered ones are found
     without it); ``kind``: ``"image"`` / ``"gene"`` to take one side of an aligned model;
-    ``weights``: a weights file or folder downloaded by hand (gated or offline use).
+    ``weights``: a weights file or folder downloaded by hand (gated or offline use); for ``A+B``,
+    ``"PART=PATH"`` or a mapping part -> path.
     """
     import torch
 
