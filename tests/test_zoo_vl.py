@@ -228,16 +228,13 @@ def test_untrusted_open_clip_configs_are_refused_in_one_line(tmp_path, change, m
 
 # ----------------------------------------------------------------------------- OmiCLIP (Loki's checkpoint.pt)
 def loki_sentences(X: np.ndarray, symbols: list[str], top_k: int) -> list[str]:
-    """Loki's generate_gene_df, as a pandas reference: symbols with '.' or '-' dropped, nlargest per spot."""
+    """Loki's generate_gene_df, as a pandas reference: symbols with '.' or '-' dropped, nlargest per spot of
+    the dense matrix (keep="first": ties, zeros included, in column order)."""
     import pandas as pd
 
     keep = [i for i, s in enumerate(symbols) if "." not in s and "-" not in s]
     df = pd.DataFrame(X[:, keep], columns=[symbols[i] for i in keep])
-    out = []
-    for _, row in df.iterrows():
-        top = row[row > 0].nlargest(top_k)  # keep="first": ties in column order
-        out.append(" ".join(top.index))
-    return out
+    return [" ".join(row.nlargest(top_k).index) for _, row in df.iterrows()]
 
 
 def test_omiclip_checkpoint_image_and_gene_sides_equal_open_clip(tmp_path, monkeypatch, hub):
@@ -272,11 +269,13 @@ def test_omiclip_checkpoint_image_and_gene_sides_equal_open_clip(tmp_path, monke
     rng = np.random.default_rng(5)
     X = rng.poisson(2.0, (6, len(symbols))).astype(np.float32)
     X[0, :] = [5, 5, 9, 9, 5, 1, 7, 0, 0, 2]  # ties (corpus order decides) and skipped symbols with top counts
+    X[1, :] = [0, 0, 3, 0, 0, 2, 0, 0, 1, 0]  # 2 kept genes expressed: filled up with unexpressed ones, as Loki
     inputs = enc.counts
     inputs.bind(CorpusGenes.of([f"ENSG{i:011d}" for i in range(len(symbols))], symbols))
     sentences = inputs.sentences(sp.csr_matrix(X))
     expected = loki_sentences(X, [s or "?." for s in symbols], top_k=5)
     assert sentences == expected and sentences[0] == "TTN MYH7 MB ACTC1 DES"
+    assert sentences[1] == "DES TPM1 TTN MYH7 MB"
     tokenizer = open_clip.get_tokenizer("tiny_coca_test")
     with torch.no_grad():
         ours = enc.encode_genes(inputs(sp.csr_matrix(X)))

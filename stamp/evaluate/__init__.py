@@ -55,6 +55,8 @@ def feature_sets(models: Sequence[str], data: EvalData, *, modality: str = "gene
     Every model gets a unique name (:func:`stamp.evaluate.features.model_names`; the same model twice
     is refused). ``modality`` image / fused read patches from ``corpus`` (every spot of ``data`` must
     have one)."""
+    from stamp.zoo.concat import weights_of_model
+
     check_modality(modality)
     names = model_names(models)
     sets: list[FeatureSet] = []
@@ -65,7 +67,7 @@ def feature_sets(models: Sequence[str], data: EvalData, *, modality: str = "gene
     for i, (model, name) in enumerate(zip(models, names)):
         sets.extend(model_features(model, data, device=device, batch_size=batch_size, seed=seed, progress=tick,
                                    with_random=baselines and i == 0, modality=modality, corpus=corpus, name=name,
-                                   means=means, weights=(weights or {}).get(str(model))))
+                                   means=means, weights=weights_of_model(model, weights)))
     if baselines:
         sets.append(pca_features(data, seed=seed))
     # random-init / pca first would be confusing: order = given models, random-init, pca
@@ -137,7 +139,8 @@ def evaluate(task: str, models: Sequence[str | os.PathLike], data: str | os.Path
     predict-expression heads (default all of :data:`stamp.evaluate.tasks.HEADS`). ``threads``: torch CPU
     threads for the run (default: torch's own, every core; 1 on a machine shared with other jobs, where
     threads that wait for each other cost more than they give). ``weights``: model (as given) -> the files of
-    that zoo name downloaded by hand (``stamp.load(model, weights=...)``).
+    that zoo name downloaded by hand (``stamp.load(model, weights=...)``); a part of an ``A+B`` model may be
+    named too.
     """
     import torch
 
@@ -153,9 +156,12 @@ def evaluate(task: str, models: Sequence[str | os.PathLike], data: str | os.Path
         raise EvaluateError("nothing to evaluate: give --model, or keep the baselines")
     heads = check_heads(heads)
     models = [str(m) for m in models]
-    unknown = sorted(set(map(str, weights or {})) - set(models))
+    from stamp.zoo.concat import weight_targets
+
+    unknown = sorted(set(map(str, weights or {})) - weight_targets(models))
     if unknown:
-        raise EvaluateError(f"--weights for {', '.join(unknown)}, which is not among the --model given")
+        raise EvaluateError(f"--weights for {', '.join(unknown)}, which is not among the --model given (nor a part "
+                            "of an A+B)")
     model_names(models)  # the same model twice: refused before anything is read
     for t in tasks:
         if t in LABEL_TASKS and not label:

@@ -17,7 +17,9 @@ For an aligned model whose image side has a separate projection into the shared 
 The same-run baseline ``bleep`` queries with the frozen patch embedding (no adapter). Output in ``--out``:
 ``results.csv`` / ``results.md`` (``stamp evaluate``'s layout, methods ``stamp-con`` and ``bleep``),
 ``adapters/<fold>.safetensors`` (adapter + projection of every fold) and ``adapter.json`` (settings). A
-fold whose adapter exists is not trained again when the command is rerun.
+fold whose adapter exists is not trained again when the command is rerun with the same model (weights
+sha256), spots of the fold and training settings (a fingerprint in the file's metadata); anything else
+trains it again.
 """
 from __future__ import annotations
 
@@ -49,9 +51,40 @@ class AdapterOptions:
     device: Optional[str] = None
 
 
+FINGERPRINT_KEY = "stamp.adapter.fingerprint"
+TRAINING_FIELDS = ("epochs", "patience", "lr", "weight_decay", "batch_size", "reduction", "seed")
+
+
+def adapter_fingerprint(enc, model: str, fold_name: str, keys: np.ndarray, fit: np.ndarray, val: np.ndarray,
+                        opts: AdapterOptions) -> str:
+    """What a fold's trained adapter depends on: the model (as given, and its weights' sha256), the fold's
+    spots and their fit / validation split, the training settings (not ``knn_k`` / ``n_hvgs``: BLEEP only)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(json.dumps({"model": str(model), "weights": enc.provenance.weights_sha256, "fold": fold_name,
+                         **{k: getattr(opts, k) for k in TRAINING_FIELDS}}, sort_keys=True).encode())
+    for rows in (fit, val):
+        h.update(b"\0".join(k.encode() for k in keys[np.asarray(rows)].tolist()) + b"\1")
+    return h.hexdigest()
+
+
+def _stored_fingerprint(path: Path) -> Optional[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get(FINGERPRINT_KEY)
+    except Exception:  # a damaged or foreign file: trained again
+        return None
+
+
 def image_side_with_projection(enc, model):
     """(pixels -> image features before the projection, the projection module, temperature) of an aligned model."""
     module = enc.module
+    if getattr(enc, "parts", None):
+        raise EvaluateError(f"{model}: a concatenation of several models; STAMP_Con adapts one aligned model "
+                            "(a STAMP model or a `stamp finetune` run)")
     if enc.kind != "aligned":
         raise EvaluateError(f"{model}: a {enc.kind} encoder; STAMP_Con adapts an aligned model (image and spot "
                             "embeddings in one space: a STAMP model, or a `stamp finetune` run)")
@@ -148,6 +181,9 @@ def stamp_con(model: str, data: str | os.PathLike, out: str | os.PathLike, *, op
             raise EvaluateError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
     device = opts.device or default_device()
     corpus = open_corpus(data)
+    if not corpus.has_images:
+        raise EvaluateError(f"{data}: no spot has an H&E patch; STAMP_Con needs a corpus built with "
+                            "`spavis build-shards --with-images`")
     ev = load_eval_data(corpus, None)
     imaged = image_spots(corpus, ev)
     if not imaged.any():
@@ -180,11 +216,13 @@ def stamp_con(model: str, data: str | os.PathLike, out: str | os.PathLike, *, op
         (out / "adapters").mkdir(exist_ok=True)
         rows = []
         frozen = projection.float()(torch.as_tensor(feats, device=projection.weight.device)).cpu().numpy()
+        keys = np.char.add(np.char.add(ev.slide_ids.astype(str), "\t"), ev.spot_ids.astype(str))
         for fold in folds:
             path = out / "adapters" / f"{fold.name}.safetensors"
             fit, val = carve_validation(fold.train, seed=opts.seed)
+            fingerprint = adapter_fingerprint(enc, model, fold.name, keys, fit, val, opts)
             with torch.enable_grad():
-                if path.is_file():  # a rerun: this fold's adapter was trained before
+                if path.is_file() and _stored_fingerprint(path) == fingerprint:  # a rerun: trained before
                     from stamp.models.finetune import Adapter
 
                     state = load_file(str(path))
@@ -200,7 +238,7 @@ def stamp_con(model: str, data: str | os.PathLike, out: str | os.PathLike, *, op
                     tensors = {f"adapter.{k}": v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
                     tensors.update({f"projection.{k}": v.detach().cpu().contiguous() for k, v in proj.state_dict().items()})
                     tmp = path.with_name(f".{path.name}.tmp")
-                    save_file(tensors, str(tmp))
+                    save_file(tensors, str(tmp), metadata={FINGERPRINT_KEY: fingerprint})
                     os.replace(tmp, path)
             x = torch.as_tensor(feats[fold.test], device=device)
             adapted = proj(x + adapter(x)).cpu().numpy()
@@ -220,4 +258,5 @@ def stamp_con(model: str, data: str | os.PathLike, out: str | os.PathLike, *, op
                              marks={name: marks_of(enc)})
 
 
-__all__ = ["AdapterOptions", "stamp_con", "train_adapter", "image_side_with_projection", "METHODS"]
+__all__ = ["AdapterOptions", "stamp_con", "train_adapter", "image_side_with_projection", "adapter_fingerprint",
+           "METHODS"]

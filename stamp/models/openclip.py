@@ -221,7 +221,9 @@ class GeneSentenceInput(CountInput):
 
     As Loki's ``generate_gene_df``: genes whose symbol contains one of ``skip_chars`` ('.' and '-') and
     the ``exclude`` symbols (Loki drops an MSigDB housekeeping list, not shipped here) are left out;
-    ties in count keep the gene that comes first in the corpus. Genes are matched by symbol."""
+    ties in count keep the gene that comes first in the corpus, and a spot with fewer than ``top_k``
+    expressed genes is filled up with unexpressed ones in corpus order (pandas ``nlargest`` on the
+    dense matrix, as Loki). Genes are matched by symbol."""
 
     key = "symbol"
 
@@ -249,16 +251,24 @@ class GeneSentenceInput(CountInput):
         return np.where(keep, np.arange(len(genes)), -1)
 
     def sentences(self, X: sp.csr_matrix) -> list[str]:
-        """The gene sentence of every row of raw counts (spots x corpus genes)."""
+        """The gene sentence of every row of raw counts (spots x corpus genes).
+
+        As pandas' ``nlargest(top_k)`` over the kept genes (Loki's rule): a spot with fewer than ``top_k``
+        expressed genes is filled up with unexpressed ones, first in corpus order."""
         X = self.model_counts(X)
+        kept = np.flatnonzero(self.columns >= 0)  # the genes Loki's filters leave, in corpus order
         out = []
         for i in range(X.shape[0]):
             start, end = X.indptr[i], X.indptr[i + 1]
             cols, vals = X.indices[start:end], X.data[start:end]
             keep = vals > 0
             cols, vals = cols[keep], vals[keep]
-            order = np.lexsort((cols, -vals))[: self.top_k]  # highest first, ties: corpus order
-            out.append(" ".join(self.symbols[cols[order]].tolist()))
+            order = cols[np.lexsort((cols, -vals))[: self.top_k]]  # highest first, ties: corpus order
+            missing = min(self.top_k, len(kept)) - len(order)
+            if missing > 0:  # zeros tie: the first unexpressed kept genes (at most len(cols) of them are taken)
+                head = kept[: missing + len(cols)]
+                order = np.concatenate([order, head[~np.isin(head, cols)][:missing]])
+            out.append(" ".join(self.symbols[order].tolist()))
         return out
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:

@@ -33,6 +33,7 @@ import torch
 from stamp.constants import METRICS_FILE
 from stamp.data.paired import PairedBatchLoader, decode_rows
 from stamp.errors import TrainingError
+from stamp.training import checkpoint as ckpt
 from stamp.training import run as contract
 from stamp.training.run import (Dist, RunSpec, autocast_for, data_info, ddp_wrap, distributed, finish_run,
                                 no_sync_unless, pick_device, resume_state, train_steps)
@@ -171,9 +172,11 @@ def build_model(args: FinetuneArgs, genes: list[str], symbols: list[str]):
     base = stamp.load(args.model, weights=args.weights, device="cpu", kind="image")
     arch = getattr(base, "architecture", None)
     if base.kind != "image" or arch is None:
-        raise TrainingError(f"--model {args.model}: a {base.kind} model; stamp finetune trains an image encoder of "
-                            "the zoo (a catalogue name such as plip or conch, or a timm / transformers / open_clip "
-                            "folder or Hub repo)")
+        what = ("a concatenation of several models" if getattr(base, "parts", None)
+                else f"an {base.kind} model" if base.kind == "aligned" else "not one image encoder of the zoo")
+        raise TrainingError(f"--model {args.model}: {what}; stamp finetune trains one image encoder of the zoo (a "
+                            "catalogue name such as plip or conch, or a timm / transformers / open_clip folder or "
+                            "Hub repo)")
     module = base.module
     with torch.no_grad():
         probe = module(torch.zeros(1, 3, base.input_size, base.input_size))
@@ -192,12 +195,23 @@ def _check(args: FinetuneArgs) -> None:
 
 
 def finetune(args: FinetuneArgs, *, on_step: Optional[Callable[[dict], None]] = None) -> Path:
-    """Run (or resume) the ‡ protocol; returns ``RUN/model``."""
+    """Run (or resume) the ‡ protocol; returns ``RUN/model``. A new run that fails (or is interrupted) before
+    its first checkpoint removes the ``--out`` folder it created: nothing half-made is left to resume."""
     from spavis.format import open_corpus
 
     _check(args)
-    with distributed() as d:
-        return _finetune(args, d, open_corpus, on_step)
+    out = Path(args.out).expanduser()
+    created = not args.resume and not out.exists()
+    try:
+        with distributed() as d:
+            return _finetune(args, d, open_corpus, on_step)
+    except BaseException:
+        if created and out.is_dir() and ckpt.latest_checkpoint(out) is None \
+                and not (out / "model").exists():
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _finetune(args: FinetuneArgs, d: Dist, open_corpus, on_step) -> Path:

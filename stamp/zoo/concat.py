@@ -18,7 +18,7 @@ Each part is L2-normalised (as ``--modality fused`` does) so that no part domina
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -28,8 +28,8 @@ from stamp.zoo.encoder import Encoder, Provenance, marks_of
 
 SEPARATOR = "+"
 
-__all__ = ["SEPARATOR", "split_spec", "ConcatEncoder", "ConcatTransform", "ConcatInput", "TokenizerInput",
-           "parts_without"]
+__all__ = ["SEPARATOR", "split_spec", "part_weights", "weights_of_model", "weight_targets", "ConcatEncoder", "ConcatTransform", "ConcatInput",
+           "TokenizerInput", "parts_without"]
 
 
 def split_spec(text: str) -> list[str] | None:
@@ -38,6 +38,52 @@ def split_spec(text: str) -> list[str] | None:
         return None
     parts = [p.strip() for p in text.split(SEPARATOR)]
     return parts if len(parts) > 1 and all(parts) else None
+
+
+def part_weights(text: str, parts: Sequence[str], weights: Any) -> dict[str, Any]:
+    """Hand-downloaded files for some parts of ``A+B``: part -> file or folder.
+
+    ``weights``: None; a mapping part -> path (the Python API, ``stamp evaluate --weights PART=PATH``); or
+    one ``"PART=PATH"`` string (``stamp embed`` / ``embed-slides --weights``). A bare path cannot say which
+    part it serves: refused in one line, as is a part that is not in ``text``."""
+    from stamp.errors import PretrainedError
+
+    if weights is None:
+        return {}
+    if isinstance(weights, Mapping):
+        given = {str(k): v for k, v in weights.items()}
+    else:
+        name, sep, path = str(weights).partition("=")
+        if not sep or name.strip() not in parts:
+            raise PretrainedError(f"{text}: --weights {weights} does not say which part it is for; write "
+                                  f"--weights PART=PATH (e.g. {parts[-1]}=FOLDER), PART one of {', '.join(parts)}")
+        given = {name.strip(): path}
+    unknown = sorted(set(given) - set(parts))
+    if unknown:
+        raise PretrainedError(f"{text}: --weights for {', '.join(unknown)}, which is not a part of it "
+                              f"(parts: {', '.join(parts)})")
+    from pathlib import Path
+
+    return {k: Path(str(v)).expanduser() for k, v in given.items() if v is not None}
+
+
+def weights_of_model(model: str, weights: Mapping[str, Any] | None) -> Any:
+    """What ``--weights MODEL=PATH`` (repeatable) gives one ``--model``: its own entry, else, for ``A+B``, the
+    entries of its parts as a mapping (None when there are none)."""
+    weights = {str(k): v for k, v in (weights or {}).items()}
+    if str(model) in weights:
+        return weights[str(model)]
+    parts = split_spec(str(model)) or []
+    mine = {p: weights[p] for p in parts if p in weights}
+    return mine or None
+
+
+def weight_targets(models: Sequence[str]) -> set[str]:
+    """The names ``--weights NAME=PATH`` may take with these ``--model``: each model and each part of an ``A+B``."""
+    out = {str(m) for m in models}
+    for m in models:
+        out.update(split_spec(str(m)) or [])
+    return out
 
 
 class TokenizerInput(CountInput):
@@ -192,14 +238,17 @@ def _combined_commercial(values: list) -> Any:
 
 
 class ConcatEncoder(Encoder):
-    """Several encoders as one (see the module docstring); ``parts`` in the order given."""
+    """Several encoders as one (see the module docstring); ``parts`` in the order given. ``kind="image"``
+    (or ``"gene"``): only that side is joined, as ``stamp.load(..., kind=...)`` asks, so ``embed_dim`` is the
+    width of what ``encode_images`` (``encode_genes``) returns (an aligned concatenation's two sides differ:
+    ``image_dim`` / ``gene_dim``)."""
 
-    def __init__(self, parts: Sequence[Encoder], source: str) -> None:
+    def __init__(self, parts: Sequence[Encoder], source: str, kind: str | None = None) -> None:
         import torch
 
         self.parts = list(parts)
-        images = [p for p in self.parts if p.kind != "gene" and p.transform is not None]
-        genes = [p for p in self.parts if p.gene_side_problem() is None]
+        images = [p for p in self.parts if p.kind != "gene" and p.transform is not None] if kind != "gene" else []
+        genes = [p for p in self.parts if p.gene_side_problem() is None] if kind != "image" else []
         kind = "aligned" if images and genes else ("image" if images else "gene")
         self.image_parts, self.gene_parts = images, genes
         dims = {"image": sum(p.embed_dim for p in images), "gene": sum(p.embed_dim for p in genes)}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -297,7 +297,8 @@ def load_image_entry(entry: ModelEntry, *, weights: str | os.PathLike | None = N
     transform = ImagePreprocess(**pre)
     prov = Provenance(name=entry.name, source=source or entry.name, hub_id=entry.hub_id,
                       revision=rev, license=entry.license_name or entry.license, commercial=entry.commercial,
-                      weights_sha256=weights_sha256(wfile), extra={"library": entry.library, "pooling": entry.pooling})
+                      weights_sha256=weights_sha256(wfile),
+                      extra={"library": entry.library, "pooling": entry.pooling, "marks": entry.marks})
     dim = entry.embed_dim
     if entry.extra.get("generic") and hasattr(module, "trunk"):  # no catalogue entry: the trunk says its width
         dim = int(getattr(module.trunk, "num_features", dim))
@@ -575,18 +576,20 @@ def _generic_open_clip_entry(folder: Path, source: str) -> ModelEntry | None:
 
 def load_concatenation(text: str, path: Path, *, weights: Any = None, **kwargs: Any) -> Encoder | None:
     """``A+B`` (no file and no catalogue entry of that name): the parts loaded one by one and concatenated
-    (:mod:`stamp.zoo.concat`); None for a single model."""
-    from stamp.zoo.concat import ConcatEncoder, split_spec
+    (:mod:`stamp.zoo.concat`); None for a single model. ``weights``: for some parts (``PART=PATH`` or a
+    mapping, :func:`stamp.zoo.concat.part_weights`)."""
+    from stamp.zoo.concat import SEPARATOR, ConcatEncoder, part_weights, split_spec
 
-    parts = None if is_pretrained(text) or path.exists() else split_spec(text)
-    if parts is None:
+    if is_pretrained(text) or path.exists() or SEPARATOR not in text:
         return None
-    if weights is not None:
-        raise PretrainedError(f"{text}: --weights names one file or folder; it cannot serve the {len(parts)} models "
-                              "of a concatenation (load each with its own cache or catalogue entry)")
+    parts = split_spec(text)
+    if parts is None:
+        raise PretrainedError(f"{text}: an empty part in the concatenation; write A+B (each part a model name, "
+                              "folder or Hub repo id)")
     if len(set(parts)) != len(parts):
         raise PretrainedError(f"{text}: a model appears twice in the concatenation; give each once")
-    return ConcatEncoder([load(p, **kwargs) for p in parts], text)
+    files = part_weights(text, parts, weights)
+    return ConcatEncoder([load(p, weights=files.get(p), **kwargs) for p in parts], text, kind=kwargs.get("kind"))
 
 
 def _load_stamp_folder(folder: Path, *, name: str, source: str, means: Any, kind: str | None,
@@ -640,15 +643,16 @@ def _generic_folder_entry(folder: Path, cfg: dict, source: str) -> ModelEntry | 
 
 
 def load(name_or_path: str | os.PathLike, *, device: Any = None, means: str | os.PathLike | None = None,
-         kind: str | None = None, weights: str | os.PathLike | None = None, revision: str | None = None,
-         token: str | None = None) -> Encoder:
+         kind: str | None = None, weights: str | os.PathLike | Mapping[str, Any] | None = None,
+         revision: str | None = None, token: str | None = None) -> Encoder:
     """Load any encoder of the zoo in eval mode.
 
     ``name_or_path``: a catalogue name (``stamp models``), run / model folder or Hub repo id, or
     ``A+B``: several of them concatenated per spot (:mod:`stamp.zoo.concat`).
     ``means``: the released gene-means file for models that ship none (remembered ones are found
     without it); ``kind``: ``"image"`` / ``"gene"`` to take one side of an aligned model;
-    ``weights``: a weights file or folder downloaded by hand (gated or offline use).
+    ``weights``: a weights file or folder downloaded by hand (gated or offline use); for ``A+B``,
+    ``"PART=PATH"`` or a mapping part -> path.
     """
     import torch
 
@@ -694,6 +698,12 @@ def load(name_or_path: str | os.PathLike, *, device: Any = None, means: str | os
     if open_clip_entry is not None:  # open_clip's Hub layout (open_clip_config.json + weights)
         return load_foreign_entry(open_clip_entry, weights=folder, source=text).to(dev).eval()
     if not (folder / "config.json").is_file():
+        from stamp.models.openclip import CONFIG_FILE, WEIGHT_FILES
+
+        if any((folder / f).is_file() for f in WEIGHT_FILES):
+            raise PretrainedError(f"{folder}: open_clip weights without {CONFIG_FILE}; put the repo's {CONFIG_FILE} "
+                                  "(model_cfg + preprocess_cfg) beside them, or pass a catalogue name with --weights "
+                                  f"{folder} (clip, quiltnet)")
         raise PretrainedError(f"{folder}: no config.json; pass a run folder, its model/ folder, a catalogue name "
                               "(`stamp models`) or a Hub repo of one")
     from stamp.safety import read_json_config
