@@ -231,24 +231,6 @@ def _publish_local(root: Path, files: dict[str, Path], local_dir: Path) -> int:
     return len(files)
 
 
-def _check_repo_id(repo_id: str) -> None:
-    """Refuse an invalid ``--repo-id`` before any upload, with huggingface_hub's own rules and reason.
-
-    Without this an id such as ``org/bad..name`` reached the Hub client, whose refusal read
-    like a network failure ("check your network").
-    """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if not H.looks_like_repo_id(repo_id):
-        raise PublishError(f"--repo-id {repo_id!r} is not a Hub dataset id; use ORG/NAME.")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as exc:
-        reason = " ".join(str(exc).split()).rstrip(".")
-        raise PublishError(f"--repo-id {repo_id!r} is not a valid Hub dataset id ({reason}); use ORG/NAME with "
-                           "letters, digits, '-', '_' or '.' (no '--' or '..', at most 96 characters).") from None
-
-
 def publish(
     corpus: str | os.PathLike,
     repo_id: str | None = None,
@@ -275,7 +257,8 @@ def publish(
     if repo_id is None and local_dir is None:
         raise PublishError("give --repo-id ORG/NAME (the Hub) or --local-dir DIR (a folder), or both.")
     if repo_id is not None:
-        _check_repo_id(repo_id)
+        # before any upload: else an id such as org/bad..name reached the client and read like a network failure
+        H.check_repo_id(repo_id, cls=PublishError, label=f"--repo-id {repo_id!r}")
     if revision_tag is not None and (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", revision_tag)
                                      or re.fullmatch(r"[0-9a-f]{40}", revision_tag) or revision_tag == BRANCH
                                      or revision_tag.startswith(TAG_PREFIX)):
@@ -441,7 +424,7 @@ def _publish_error(exc: BaseException, repo_id: str, when: str, *, resumable: bo
         return PublishError(f"{repo_id}: the Hub refused the upload {when} (HTTP {status}); log in with a token "
                             "that can write to it (`hf auth login` or HF_TOKEN).")
     if not resumable:
-        return H.hub_error(exc, repo_id, BRANCH, cls=PublishError)
+        return H.hub_error(exc, repo_id, revision=BRANCH, cls=PublishError)
     if isinstance(exc, HfHubHTTPError):
         why = f"the Hub answered HTTP {status}"
     else:
@@ -467,10 +450,10 @@ def validate_hub(repo_id: str, revision: str | None = None, *, deep: bool = Fals
         tree = {f.path: f for f in api.list_repo_tree(repo_id, repo_type=H.REPO_TYPE, revision=commit,
                                                       recursive=True) if hasattr(f, "blob_id")}
     except Exception as exc:
-        raise H.hub_error(exc, repo_id, revision) from None
+        raise H.hub_error(exc, repo_id, revision=revision) from None
     if deep:
         tops = sorted({p.split("/", 1)[0] + ("/*" if "/" in p else "") for p in tree if p not in _HUB_ONLY})
-        path = H.snapshot(repo_id, commit, tops)  # everything but the Hub's own .gitattributes
+        path = H.snapshot(repo_id, revision=commit, patterns=tops)  # everything but the Hub's own .gitattributes
         rep = validate(path, deep=True)
         rep.path = Path(f"{repo_id}@{commit}")
         return rep
@@ -478,12 +461,13 @@ def validate_hub(repo_id: str, revision: str | None = None, *, deep: bool = Fals
     if S.MANIFEST_FILE not in tree:
         rep.error(f"{S.MANIFEST_FILE}: missing; this revision is not a complete spavis corpus")
         return rep
-    manifest = json.loads(H.download(repo_id, commit, S.MANIFEST_FILE).read_text())
+    manifest = json.loads(H.download_file(repo_id, S.MANIFEST_FILE, revision=commit).read_text())
     # LFS files carry their sha256 in the listing; small regular files (Zarr metadata, the card)
     # are downloaded, a few at a time, and hashed
     regular = sorted(p for p, f in tree.items() if f.lfs is None and p != S.MANIFEST_FILE and p not in _HUB_ONLY)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        hashed = dict(zip(regular, pool.map(lambda rel: sha256_file(H.download(repo_id, commit, rel)), regular)))
+        hashed = dict(zip(regular, pool.map(
+            lambda rel: sha256_file(H.download_file(repo_id, rel, revision=commit)), regular)))
 
     def sha_of(rel: str) -> str:
         f = tree[rel]

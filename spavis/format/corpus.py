@@ -161,7 +161,7 @@ class Corpus:
         """
         listed = [o["path"] for o in self.manifest.get("outputs") or [] if o.get("kind") == "expression"]
         if self.repo_id is not None and not listed:  # no manifest to list them: fetch them all
-            _snapshot(self.repo_id, self.revision, [f"{S.EXPRESSION_DIR}/*.parquet"])
+            _hub().snapshot(self.repo_id, revision=self.revision, patterns=[f"{S.EXPRESSION_DIR}/*.parquet"])
         if self.repo_id is None or not listed:
             self.check(kinds=("expression",))
         if listed:
@@ -176,7 +176,7 @@ class Corpus:
         """Local path of ``zarr/<slide_id>.zarr`` (downloaded on demand for Hub corpora)."""
         rel = f"{S.ZARR_DIR}/{slide_id}.zarr"
         if self.repo_id is not None and not (self.root / rel).exists():
-            _snapshot(self.repo_id, self.revision, [f"{rel}/*", f"{rel}/**"])
+            _hub().snapshot(self.repo_id, revision=self.revision, patterns=[f"{rel}/*", f"{rel}/**"])
         path = self.root / rel
         if not path.exists():
             raise CorpusError(f"{self.root}: no Zarr store for slide {slide_id!r}; check corpus.slides.slide_id.")
@@ -247,7 +247,7 @@ class Corpus:
         """Local paths of ``data/paired/part-*.parquet`` (part N pairs with expression part N)."""
         listed = [o["path"] for o in self.manifest.get("outputs") or [] if o.get("kind") == "paired"]
         if self.repo_id is not None and not listed and not self.manifest.get("outputs"):
-            _snapshot(self.repo_id, self.revision, [f"{S.PAIRED_DIR}/*.parquet"])
+            _hub().snapshot(self.repo_id, revision=self.revision, patterns=[f"{S.PAIRED_DIR}/*.parquet"])
         if self.repo_id is None:
             self.check(kinds=("paired",))  # present with their recorded sizes (Hub files: downloaded on use)
         if listed:
@@ -300,9 +300,7 @@ class Corpus:
             rel = path.relative_to(self.root).as_posix()
         except ValueError:
             return path
-        from spavis.format.hub import download
-
-        download(self.repo_id, self.revision, rel)  # lands in this same snapshot folder (revision = commit)
+        _hub().download_file(self.repo_id, rel, revision=self.revision)  # lands in this same snapshot folder (commit)
         listed = next((o for o in self.manifest.get("outputs") or [] if o.get("path") == rel), None)
         if listed is not None and listed.get("size") is not None and path.stat().st_size != listed["size"]:
             raise CorpusError(f"{self.repo_id}@{self.revision}: {rel} has {path.stat().st_size} bytes, manifest.json "
@@ -457,16 +455,11 @@ def rows_to_csr(
     return sp.csr_matrix((data, indices, indptr), shape=(len(lengths), int(n_genes)))
 
 
-def _snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
-    """Download only ``patterns`` of a Hub dataset into the shared HF cache; return the snapshot folder."""
-    from spavis.format.hub import snapshot
+def _hub():
+    """:mod:`spavis.format.hub` (imported on first Hub use: reading local corpora never needs it)."""
+    from spavis.format import hub
 
-    return snapshot(repo_id, revision, patterns)  # one clear line for gated, missing repo or revision
-
-
-def _looks_like_repo_id(text: str) -> bool:
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+    return hub
 
 
 def open_corpus(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Corpus:
@@ -478,14 +471,14 @@ def open_corpus(path_or_repo_id: str | os.PathLike, revision: str | None = None)
     path = Path(path_or_repo_id).expanduser()
     if path.exists():
         return Corpus(path)
+    hub = _hub()
     text = str(path_or_repo_id)
-    if "@" in text and _looks_like_repo_id(text.split("@", 1)[0]):
+    if "@" in text and hub.is_repo_id(text.split("@", 1)[0]):
         text, at = text.split("@", 1)
         if revision is not None and revision != at:
             raise CorpusError(f"{path_or_repo_id}: names revision {at!r} but revision={revision!r} was also given.")
         revision = at or None
-    if not _looks_like_repo_id(text):
-        raise CorpusError(f"{text}: no such directory and not a Hub dataset id (org/name).")
-    root = _snapshot(text, revision, _META_PATTERNS)
+    hub.check_repo_id(text, not_an_id=f"{text}: no such directory and not a Hub dataset id (org/name).")
+    root = hub.snapshot(text, revision=revision, patterns=_META_PATTERNS)  # one line: gated, missing repo, ...
     # the snapshot folder is named after the commit: pin it so later downloads match
     return Corpus(root, repo_id=text, revision=root.name)
