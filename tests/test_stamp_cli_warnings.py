@@ -14,8 +14,8 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_a_library_warning_after_the_cli_set_up_is_one_line():
-    # setup_logging() is what the stamp app's callback runs before every command
-    code = ("from stamp.cli._common import setup_logging\nsetup_logging()\n"
+    # setup_output() is what the stamp app's callback runs before every command
+    code = ("from spavis.format.console import setup_output\nsetup_output()\n"
             "import torch\ntorch.tensor([1.0]).storage()\n"  # torch: TypedStorage is deprecated (UserWarning)
             "from PIL import Image\nImage.MAX_IMAGE_PIXELS = 40\n"
             "import io\nb = io.BytesIO(); Image.new('RGB', (8, 8)).save(b, 'PNG'); Image.open(b)\n")

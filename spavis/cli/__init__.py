@@ -5,36 +5,21 @@ import importlib
 
 import typer
 
-app = typer.Typer(
-    name="spavis",
-    help="Curate 10x Visium slices into a harmonized, sharded Parquet + Zarr corpus.",
-    no_args_is_help=True,
-    pretty_exceptions_show_locals=False,
-    pretty_exceptions_short=True,
-)
+from spavis.errors import DEBUG_ENV
+from spavis.format.console import main_options
+
+HELP = "Curate 10x Visium slices into a harmonized, sharded Parquet + Zarr corpus."
+app = typer.Typer(name="spavis", help=HELP, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  pretty_exceptions_short=True)
 
 
+def _version() -> str:
+    from spavis import __version__
 
-def _print_version(value: bool) -> None:
-    if value:
-        from spavis import __version__
-
-        typer.echo(__version__)
-        raise typer.Exit()
+    return __version__
 
 
-@app.callback()
-def _main(
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                 help="Print the spavis version and exit."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (same as SPAVIS_DEBUG=1)."),
-) -> None:
-    """Curate 10x Visium slices into a harmonized, sharded Parquet + Zarr corpus."""
-    from spavis.cli._common import enable_debug, show_warnings
-
-    if debug:
-        enable_debug()
-    show_warnings()
+main_options(app, version=_version, debug_env=DEBUG_ENV, help=HELP)
 
 
 # Each module registers its commands on `app` when imported.
