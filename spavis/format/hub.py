@@ -175,10 +175,9 @@ def hub_error(exc: BaseException, repo_id: str, *, repo_type: str = REPO_TYPE, r
         return cls(f"{repo_id} has no revision {rev!r}{_refs_hint(repo_id, repo_type)}; pass an existing branch, "
                    f"tag{tagged} or commit id.")
     if has(LocalEntryNotFoundError, OfflineModeIsEnabled):
-        why = ("offline mode (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE
-               else "the Hub cannot be reached")
-        return cls(f"{repo_id}: {path or 'the files'} not cached here and {why} at {endpoint()}; connect (or unset "
-                   f"HF_HUB_OFFLINE), or set HF_ENDPOINT to a mirror{also}.")
+        why = "offline mode, HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+        return cls(f"{repo_id}: {path or 'its files'} not cached here and cannot be fetched from {endpoint()} "
+                   f"({why}); connect (or unset HF_HUB_OFFLINE), or set HF_ENDPOINT to a mirror{also}.")
     if has(EntryNotFoundError) or status == 404 and not has(RepositoryNotFoundError):
         listed = files_hint(repo_id, repo_type, list_suffixes) if list_suffixes else ""
         fix_missing = missing_fix or (f"the published corpus is incomplete: check it with `spavis validate {repo_id} "

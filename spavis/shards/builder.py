@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from spavis.errors import BuildError, SpavisError
+from spavis.format.progress import counter
 from spavis.format.schema import CARD_FILE, MANIFEST_FILE, ZARR_CONSOLIDATED, zarr_build_file
 from spavis.shards.card import config_description
 from spavis.shards.config import DEFAULT_MAX_SPOTS_PER_SHARD, BuildConfig
@@ -64,22 +65,6 @@ def _card_names_build(out: Path, key: str) -> bool:
         return config_description(key) in (out / CARD_FILE).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return False
-
-
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[current]}"),
-        console=Console(stderr=True),
-        disable=not enabled,
-        transient=False,
-    )
 
 
 def build_shards(
@@ -274,7 +259,7 @@ def _build(slices, out, work, cfg: BuildConfig, params, workers, progress) -> No
     pool = make_pool(min(workers, max(1, len(slices))))
     _warm_up_card_imports()
     try:
-        with _progress(progress) as bar:
+        with counter("{task.fields[current]}", enabled=progress, elapsed=True) as bar:
             _schedule(slices, work, kwargs, writer, pool, workers, bar)
         pool.close()
         writer.commit()

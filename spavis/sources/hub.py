@@ -164,7 +164,7 @@ def fetch_hub_file(repo_id: str, remote: RemoteFile, folder: sidecar.SliceFolder
     """
     from huggingface_hub import hf_hub_download
 
-    from spavis.sources.download import progress_display
+    from spavis.format.progress import transfers
 
     final = folder.path / remote.path
     url = _resolve_url(repo_id, remote.path, revision)
@@ -175,7 +175,7 @@ def fetch_hub_file(repo_id: str, remote: RemoteFile, folder: sidecar.SliceFolder
         return {"size": remote.size, "sha256": known["sha256"], "md5": known.get("md5"), "url": url}
 
     staging = folder.path / ".hf"
-    with progress_display() as bars:
+    with transfers() as bars:
         task = bars.add(remote.path.rsplit("/", 1)[-1], remote.size)
         bar_class = functools.partial(_Bar, bars, task, [0])  # one per file, shared by its attempts
         try:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from spavis.format.progress import counter
 from stamp.embed.writer import OBSM_KEY, STAGING, ParquetEmbeddings, ZarrObsmWriter, model_record, zarr_writer_lock
 from stamp.errors import EmbedError
 
@@ -94,8 +95,6 @@ def embed_corpus(
     With ``zarr=True`` every slide store gets ``obsm['X_stamp']``, all or none; another
     ``--zarr`` run on the same corpus is refused, or awaited up to ``wait`` seconds.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     import stamp
     from spavis.format import open_corpus
     from spavis.format.schema import ZARR_DIR
@@ -118,8 +117,7 @@ def embed_corpus(
         record = model_record(encoder, model, "gene")
         loader = TokenBatchLoader(corpus, tokenizer, mode="spots", batch_size=batch_size, shuffle=False, epochs=1,
                                   drop_last=False, context_length=context_length(encoder))
-        bar = Progress(TextColumn("[bold]embed"), BarColumn(), MofNCompleteColumn(), TextColumn("spots"),
-                       TimeRemainingColumn(), disable=not progress)
+        bar = counter("spots", enabled=progress)
         staging = ZarrObsmWriter(corpus, encoder.embed_dim, record) if zarr else None
         try:
             with torch.no_grad(), bar, ParquetEmbeddings(out, "spot_id", record) as writer:

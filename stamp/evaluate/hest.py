@@ -648,7 +648,8 @@ def hest_bench(models: Sequence[str], *, out, bench_dir=None, data=None, patient
     import pandas as pd
 
     from spavis.format.io import atomic_write_text
-    from stamp.evaluate import _progress, output_folder, torch_threads
+    from spavis.format.progress import counter
+    from stamp.evaluate import output_folder, torch_threads
     from stamp.evaluate.features import default_device, load_encoder, model_names
 
     if not models:
@@ -674,7 +675,7 @@ def hest_bench(models: Sequence[str], *, out, bench_dir=None, data=None, patient
              "targets: log1p of raw counts (no per-spot normalisation, as HEST)",
              "sd: population sd over folds (as HEST's np.std)"]
     rows = []
-    with output_folder(Path(out)) as out, _progress(progress) as bar, torch_threads(threads):
+    with output_folder(Path(out)) as out, counter(enabled=progress, elapsed=True) as bar, torch_threads(threads):
         for model, name in zip(models, names):
             enc_holder: dict = {}
 
