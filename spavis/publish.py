@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from spavis.errors import PublishError, SpavisError
 from spavis.format import schema as S
 from spavis.format import hub as H
+from spavis.format import integrity
 from spavis.format.io import atomic_dir, sha256_file
 from spavis.shards.card import UNKNOWN_LICENSE, most_restrictive, normalize_license
 
@@ -81,12 +82,6 @@ def build_tag(manifest: dict[str, Any]) -> str:
     return f"{TAG_PREFIX}{key}"
 
 
-def _zarr_digest(shas: dict[str, str]) -> str:
-    """manifest.json's digest of a Zarr store from ``{path inside the store: sha256}`` (as io.tree_sha256)."""
-    lines = sorted(f"{rel}\t{sha}\n" for rel, sha in shas.items() if S.zarr_build_file(rel))
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
-
-
 def corpus_files(root: str | os.PathLike) -> dict[str, Path]:
     """``{path in the repository: local path}`` of every corpus file (hidden top-level entries skipped)."""
     root = Path(root)
@@ -117,41 +112,13 @@ def _load_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
-def _by_store(paths) -> dict[str, dict[str, str]]:
-    """``{"zarr/<id>.zarr": {path inside the store: path in the repo}}`` in one pass (no n_slides x n_files scan)."""
-    out: dict[str, dict[str, str]] = {}
-    for rel in paths:
-        parts = rel.split("/", 2)
-        if len(parts) == 3 and parts[0] == S.ZARR_DIR:
-            out.setdefault(f"{parts[0]}/{parts[1]}", {})[parts[2]] = rel
-    return out
-
-
 def _check_local(root: Path, manifest: dict[str, Any], files: dict[str, Path]) -> dict[str, str]:
     """sha256 of every file, checked against manifest.json (each byte is hashed once, a few files at a time)."""
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
         shas = dict(zip(files, pool.map(sha256_file, files.values())))
-    problems: list[str] = []
-    stores = _by_store(files)
-    covered = {S.MANIFEST_FILE}
-    for entry in manifest.get("outputs", []):
-        rel = entry["path"]
-        if entry.get("kind") == "zarr" or (root / rel).is_dir():
-            inner = stores.get(rel, {})
-            covered.update(inner.values())
-            if not inner:
-                problems.append(f"{rel} is missing")
-            elif _zarr_digest({k: shas[v] for k, v in inner.items()}) != entry.get("sha256"):
-                problems.append(f"{rel} differs from manifest.json")
-            continue
-        covered.add(rel)
-        if rel not in shas:
-            problems.append(f"{rel} is missing")
-        elif shas[rel] != entry.get("sha256"):
-            problems.append(f"{rel}: sha256 differs from manifest.json")
-    problems += [f"{rel} is not listed in manifest.json" for rel in files if rel not in covered]
+    problems = integrity.check(manifest, integrity.ListedCopy(dict.fromkeys(files), shas.__getitem__))
     if problems:
-        head = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        head = integrity.summary(problems)
         raise PublishError(f"{root}: does not match its manifest.json ({head}); nothing was published. "
                            f"Rebuild it with `spavis build-shards` (`spavis validate {root}` lists every problem).")
     return shas
@@ -473,30 +440,9 @@ def validate_hub(repo_id: str, revision: str | None = None, *, deep: bool = Fals
         f = tree[rel]
         return f.lfs.sha256 if f.lfs is not None else hashed[rel]
 
-    covered = {S.MANIFEST_FILE, *_HUB_ONLY}
-    stores = _by_store(tree)
-    for entry in manifest.get("outputs", []):
-        rel = entry["path"]
-        if entry.get("kind") == "zarr":
-            inner = stores.get(rel, {})
-            covered.update(inner.values())
-            if not inner:
-                rep.error(f"{rel}: listed in manifest.json but missing")
-            elif _zarr_digest({k: sha_of(p) for k, p in inner.items()}) != entry.get("sha256"):
-                rep.error(f"{rel}: Zarr store differs from manifest.json")
-            continue
-        covered.add(rel)
-        f = tree.get(rel)
-        if f is None:
-            rep.error(f"{rel}: listed in manifest.json but missing")
-            continue
-        size = f.lfs.size if f.lfs is not None else f.size
-        if entry.get("size") is not None and int(size) != int(entry["size"]):
-            rep.error(f"{rel}: {size} bytes, manifest.json says {entry['size']}")
-        elif sha_of(rel) != entry.get("sha256"):
-            rep.error(f"{rel}: sha256 does not match manifest.json")
-    for rel in sorted(set(tree) - covered):
-        rep.error(f"{rel}: not listed in manifest.json (unexpected file)")
+    sizes = {p: (f.lfs.size if f.lfs is not None else f.size) for p, f in tree.items()}
+    for problem in integrity.check(manifest, integrity.ListedCopy(sizes, sha_of), allowed=_HUB_ONLY):
+        rep.error(str(problem))
     rep.checked["outputs"] = len(manifest.get("outputs", []))
     rep.checked["files"] = len(tree)
     return rep

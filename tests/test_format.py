@@ -301,10 +301,10 @@ def test_open_checks_listed_files(small_corpus, tmp_path):
     shards = corpus.expression_files
     assert len(shards) == 2
     Path(shards[1]).unlink()
-    with pytest.raises(CorpusError, match=r"part-00001\.parquet is missing"):
+    with pytest.raises(CorpusError, match=r"part-00001\.parquet: listed in manifest\.json but missing"):
         open_corpus(c).expression_files
     (c / S.SLIDES_FILE).write_bytes((c / S.SLIDES_FILE).read_bytes() + b"x")
-    with pytest.raises(CorpusError, match=r"slides\.parquet has \d+ bytes, manifest\.json says"):
+    with pytest.raises(CorpusError, match=r"slides\.parquet: \d+ bytes, manifest\.json says"):
         open_corpus(c)
 
 
@@ -313,7 +313,7 @@ def test_stray_shard_is_one_error(small_corpus, tmp_path):
 
     c = _copy(small_corpus, tmp_path)
     shutil.copy(c / S.EXPRESSION_DIR / "part-00000.parquet", c / S.EXPRESSION_DIR / "part-00009.parquet")
-    with pytest.raises(CorpusError, match=r"part-00009\.parquet is not listed in manifest\.json"):
+    with pytest.raises(CorpusError, match=r"part-00009\.parquet: not listed in manifest\.json"):
         open_corpus(c).expression_files
 
 

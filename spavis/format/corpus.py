@@ -88,31 +88,17 @@ class Corpus:
         Zarr stores are only checked for presence (users add embeddings to them). A corpus
         without manifest.json is not checked.
         """
-        outputs = self.manifest.get("outputs")
-        if not outputs:
+        from spavis.format import integrity
+
+        if not self.manifest.get("outputs"):
             return
-        wanted = None if kinds is None else set(kinds)
-        problems: list[str] = []
-        listed_dirs: dict[str, set[str]] = {}
-        for entry in outputs:
-            kind, rel = entry.get("kind"), str(entry.get("path", ""))
-            if kind == "card" or (wanted is not None and kind not in wanted):
-                continue
-            listed_dirs.setdefault(str(Path(rel).parent), set()).add(Path(rel).name)
-            p = self.root / rel
-            if not p.exists():
-                problems.append(f"{rel} is missing")
-            elif kind != "zarr" and entry.get("size") is not None and p.is_file():
-                size = p.stat().st_size
-                if size != entry["size"]:
-                    problems.append(f"{rel} has {size} bytes, manifest.json says {entry['size']}")
-        if wanted is None or "expression" in wanted:  # a stray shard would silently join training data
-            listed = listed_dirs.get(S.EXPRESSION_DIR, set())
-            for p in sorted((self.root / S.EXPRESSION_DIR).glob("*.parquet")):
-                if p.name not in listed:
-                    problems.append(f"{S.EXPRESSION_DIR}/{p.name} is not listed in manifest.json (a stray file)")
+        wanted = set(S.OUTPUT_KINDS if kinds is None else kinds) - {"card"}
+        # a stray shard would silently join training data; other strays are spavis validate's business
+        strays = S.EXPRESSION_DIR if "expression" in wanted else None
+        problems = integrity.check(self.manifest, integrity.LocalCopy(self.root), hashes=False, kinds=wanted,
+                                   strays=strays)
         if problems:
-            head = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            head = integrity.summary(problems)
             where = self.repo_id or str(self.root)
             raise CorpusError(
                 f"{where}: the corpus does not match its manifest.json: {head}. Rebuild it with "

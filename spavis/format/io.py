@@ -21,11 +21,11 @@ import stat
 import threading
 import uuid
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator, Mapping
 
 __all__ = [
     "json_dumps", "hash_file", "NotRegularFileError", "not_regular", "open_regular", "sha256_file", "sha256_bytes",
-    "tree_sha256", "tree_size",
+    "tree_sha256", "digest_lines", "tree_size",
     "current_umask", "file_mode", "dir_mode", "apply_umask",
     "temp_sibling", "atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
     "make_temp_dir", "publish_dir", "atomic_dir", "remove_tree",
@@ -128,16 +128,20 @@ def tree_sha256(root: str | os.PathLike, *, include: Callable[[str], bool] | Non
     ``include(rel)`` selects the files that count (default: all), e.g. only what a build wrote.
     """
     root = Path(root)
-    lines = []
+    shas = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in filenames:
             p = Path(dirpath, name)
             rel = p.relative_to(root).as_posix()
             if include is None or include(rel):
-                lines.append(f"{rel}\t{sha256_file(p)}\n")
-    lines.sort()
-    return hashlib.sha256("".join(lines).encode()).hexdigest(), len(lines)
+                shas[rel] = sha256_file(p)
+    return digest_lines(shas), len(shas)
+
+
+def digest_lines(shas: Mapping[str, str]) -> str:
+    """The one digest of a set of files: sha256 over sorted ``"<path>\\t<sha256>\\n"`` lines."""
+    return hashlib.sha256("".join(sorted(f"{rel}\t{sha}\n" for rel, sha in shas.items())).encode()).hexdigest()
 
 
 def tree_size(root: str | os.PathLike) -> int:
