@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from stamp.evaluate.data import EvalData, EvaluateError, log_cp10k, seurat_v3_hvgs
+from stamp.locations import run_folder_of
 
 MODALITIES = ("gene", "image", "fused")
 PCA_COMPONENTS = 50
@@ -52,10 +53,7 @@ def default_device() -> str:
 def model_name(model: str | os.PathLike) -> str:
     """A short, readable name: the run / folder name, or the Hub repo id."""
     path = Path(str(model))
-    if path.exists():
-        path = path.resolve()
-        return path.parent.name if path.name == "model" else path.name
-    return str(model)
+    return run_folder_of(path.resolve()).name if path.exists() else str(model)
 
 
 BASELINE_NAMES = ("random-init", "pca")
@@ -66,10 +64,7 @@ def _model_key(model: str | os.PathLike) -> tuple[str, ...]:
     parts, or the Hub id / zoo name as given."""
     path = Path(str(model))
     if path.exists():
-        path = path.resolve()
-        if path.name == "model" and (path.parent / "model").resolve() == path:
-            path = path.parent
-        return path.parts
+        return run_folder_of(path.resolve()).parts
     return tuple(p for p in str(model).split("/") if p) or (str(model),)
 
 

@@ -39,6 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from stamp.evaluate.data import EvaluateError
+from stamp.locations import model_folder_of
 
 N_COMPONENTS = 256
 GENE_LIST = "var_50genes.json"
@@ -439,8 +440,8 @@ def _model_stamp(model: str) -> str:
     p = Path(model)
     if p.exists():
         p = p.resolve()
-        w = next((f for f in (p / "model.safetensors", p / "model" / "model.safetensors") if f.is_file()), None)
-        if w is not None:
+        w = model_folder_of(p) / "model.safetensors"
+        if w.is_file():
             st = w.stat()
             return f"{w}:{st.st_size}:{st.st_mtime_ns}"
         return str(p)

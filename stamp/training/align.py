@@ -31,9 +31,10 @@ import torch
 
 from stamp.constants import METRICS_FILE, RUN_INFO
 from stamp.errors import TrainingError
+from stamp.locations import model_folder_of, run_folder_of
 from stamp.training import run as contract
 from stamp.training.run import (Dist, RunSpec, autocast_for, data_info, ddp_wrap, distributed, finish_run,
-                                model_dir_of, no_sync_unless, pick_device, resume_state, train_steps)
+                                no_sync_unless, pick_device, resume_state, train_steps)
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def _lineage(init_dir: Path) -> list[dict]:
     model_dir = init_dir
     while model_dir is not None and str(model_dir) not in seen:
         seen.add(str(model_dir))
-        info_path = model_dir.parent / RUN_INFO if model_dir.name == "model" else model_dir / RUN_INFO
+        info_path = run_folder_of(model_dir) / RUN_INFO
         if not info_path.is_file():
             break
         info = json.loads(info_path.read_text())
@@ -116,7 +117,7 @@ def _lineage(init_dir: Path) -> list[dict]:
         nxt = info.get("init")
         if not nxt:
             break
-        model_dir = model_dir_of(nxt)
+        model_dir = model_folder_of(nxt)
     return chain[::-1]
 
 
