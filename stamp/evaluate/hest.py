@@ -525,8 +525,11 @@ def sample_embeddings(task: Task, model: str, name: str, out: Path, *, encoder_f
                 progress(1)
             continue
         if "enc" not in state:
+            from stamp.embed.writer import model_record
+
             enc = encoder_fn()
             state["enc"], state["fn"] = enc, image_side(enc, model, "image")
+            state["record"] = json.dumps(model_record(enc, model, "hest-bench image side"), sort_keys=True)
         enc = state["enc"]
         if s.patches is not None:
             n, barcodes, coords, batches = read_patches(s.patches, batch_size)
@@ -534,9 +537,7 @@ def sample_embeddings(task: Task, model: str, name: str, out: Path, *, encoder_f
             n, barcodes, coords, batches = _corpus_images(task, s, batch_size)
         parts = [embed_pixels(state["fn"], enc.transform, imgs, device=enc.device) for imgs in batches]
         emb = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-        from stamp.embed.writer import model_record
-
-        attrs["provenance"] = json.dumps(model_record(enc, model, "hest-bench image side"), sort_keys=True)
+        attrs["provenance"] = state["record"]
         _write_embeddings(path, emb, barcodes, coords, attrs)
         if progress:
             progress(1)
