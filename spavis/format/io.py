@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Mapping
 
 __all__ = [
-    "json_dumps", "hash_file", "NotRegularFileError", "not_regular", "open_regular", "sha256_file", "sha256_bytes",
+    "json_dumps", "hash_file", "NotRegularFileError", "not_regular", "open_regular", "sha256_file",
     "tree_sha256", "digest_lines", "tree_size",
     "current_umask", "file_mode", "dir_mode", "apply_umask",
     "temp_sibling", "atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
@@ -41,10 +41,6 @@ _umask_lock = threading.Lock()
 def json_dumps(obj: Any) -> str:
     """Canonical JSON (sorted keys, 2-space indent, trailing newline) so metadata files are byte-stable."""
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 class NotRegularFileError(OSError):

@@ -343,10 +343,6 @@ def create_gene_encoder(name_or_path: Union[str, Path, StampConfig], **overrides
 create_model = create_gene_encoder
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 __all__ = [
     "StampConfig",
     "StampGeneEncoder",
@@ -355,7 +351,6 @@ __all__ = [
     "check_pretrained_folder",
     "load_config",
     "preset_names",
-    "count_parameters",
     "ModelConfigError",
     "MASK_ID",
     "PAD_ID",

@@ -382,12 +382,8 @@ def create_vision_encoder(spec: str = "tiny", *, weights: Optional[str] = None, 
     return encoder
 
 
-def count_vision_parameters(encoder: VisionEncoder) -> int:
-    return sum(p.numel() for p in encoder.trunk.parameters())
-
-
 __all__ = [
     "VisionConfig", "VisionEncoder", "VisionOutput", "ImageTransform", "VisionWeightsError", "RegionGridError",
     "load_vision_config", "vision_preset_names", "load_trunk_weights", "create_vision_encoder", "to_pixels",
-    "check_region_grid", "count_vision_parameters", "IMAGENET_MEAN", "IMAGENET_STD",
+    "check_region_grid", "IMAGENET_MEAN", "IMAGENET_STD",
 ]
