@@ -38,6 +38,15 @@ def test_reading_the_format_loads_neither_fetch_nor_build():
     assert _python(code) == "[]"
 
 
+def test_shared_modules_stay_light():
+    """What both packages share (Hub reader, CLI kit, progress bars, manifest check) lives in spavis.format,
+    which stamp may import; importing it loads neither fetch, build nor stamp, torch or huggingface_hub."""
+    code = ("import sys, spavis.format.hub, spavis.format.console, spavis.format.progress, spavis.format.integrity; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'huggingface_hub', 'stamp') "
+            "or m.startswith(('spavis.sources', 'spavis.shards', 'spavis.readers', 'spavis.genes'))))")
+    assert _python(code) == "[]"
+
+
 def test_io_module_is_standard_library_only():
     code = ("import spavis.format.io, sys; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyarrow', 'scipy', 'numpy', 'pandas')))")

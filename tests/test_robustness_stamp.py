@@ -358,3 +358,26 @@ def test_every_pretrain_args_field_has_a_cli_option_with_the_same_default():
         ALIGN_OPTIONS = ()
     extra = set(params) - {RENAMED.get(f.name, f.name) for f in dataclasses.fields(PretrainArgs)} - set(ALIGN_OPTIONS)
     assert not extra, f"options without a PretrainArgs field: {extra}"
+
+
+def test_builtin_config_name_wins_over_a_same_named_folder(corpus, tmp_path):
+    """Issue 24: `--config tiny` with a `./tiny` folder in the working directory is the shipped preset; the
+    folder is read only when named as a path, and then a mistake names its config.json."""
+    from cli_cases import Case, run_cases
+
+    work = tmp_path / "work"
+    (work / "tiny").mkdir(parents=True)
+    (work / "tiny" / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224"}))
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"head.weight": torch.zeros(2, 2)}, str(work / "tiny" / "model.safetensors"))  # another model's
+    common = ["pretrain", "--stage", "gene", "--data", str(corpus), "--max-steps", "1", "--batch-size", "16",
+              "--warmup-steps", "1", "--no-progress"]
+    res = run_cases(Case([*common, "--config", "tiny", "--out", "run"], cwd=work),
+                    Case([*common, "--config", "./tiny", "--out", "run2"], cwd=work))
+    assert res[0].code == 0, res[0].stderr[-3000:]
+    assert json.loads((work / "run" / "train_args.json").read_text())["config"] == "tiny"
+    text = res[1].one_line_error()
+    assert str(work / "tiny" / "config.json") in text and "not a config of this model" in text
+    assert not (work / "run2" / "model").exists() and not (work / "run2" / "checkpoints").exists()

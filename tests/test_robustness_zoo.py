@@ -204,3 +204,160 @@ def test_publish_to_an_invalid_repo_id_says_the_id_is_invalid(gene_folder):
     with pytest.raises(PublishError, match=r"'org/bad\.\.name' is not a valid Hub repo id") as err:
         publish(gene_folder, "org/bad..name", token="hf_x")
     assert "network" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------- issue 24: weights, offline, zero sizes
+# Each item is one subprocess running several cases of the real CLI (tests/cli_cases.py: one torch import).
+@pytest.fixture(scope="module")
+def gene_model(tmp_path_factory) -> Path:
+    """A tiny gene encoder with its tokenizer: a folder `stamp models load` / `stamp.load` accepts."""
+    import numpy as np
+
+    from stamp.models.gene_encoder import create_gene_encoder
+    from stamp.tokenizer import GeneTokenizer
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("zoo-rob-tok") / "model"
+    create_gene_encoder("tiny", n_genes=40).save_pretrained(folder)
+    GeneTokenizer([f"ENSG{i:011d}" for i in range(40)], np.ones(40)).save_pretrained(folder)
+    return folder
+
+
+def _vit_folder(dest: Path, *, depth: int = 1, convert=None, config_depth: int | None = None) -> Path:
+    """A timm ViT in the Hub layout (config.json `architecture` + model.safetensors), tiny; ``convert``
+    changes every floating tensor as it is saved."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=depth, num_classes=0)
+    state = {k: (convert(v) if convert and v.is_floating_point() else v).contiguous()
+             for k, v in net.state_dict().items()}
+    dest.mkdir(parents=True)
+    (dest / "config.json").write_text(json.dumps({
+        "architecture": "vit_tiny_patch16_224", "num_features": 192, "pretrained_cfg": {"input_size": [3, 32, 32]},
+        "model_args": {"img_size": 32, "depth": config_depth or depth, "num_classes": 0}}))
+    save_file(state, str(dest / "model.safetensors"))
+    return dest
+
+
+def _with_weights(src: Path, dest: Path, convert) -> Path:
+    """A copy of model folder ``src`` whose floating weights went through ``convert``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dest)
+    state = load_file(str(src / "model.safetensors"))
+    save_file({k: convert(v) if v.is_floating_point() else v for k, v in state.items()}, str(dest / "model.safetensors"))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("zoo-rob-img")
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def _nothing_written(out: Path) -> None:
+    assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_weight_dtypes_are_cast_or_refused_in_one_line(gene_model, images, tmp_path):
+    """fp16 weights load (cast to the model's float32) and embed; int8 (quantized) weights and NaN weights are
+    refused in one line naming the file, before any output is written."""
+    from cli_cases import Case, run_cases
+
+    half = _with_weights(gene_model, tmp_path / "gene-fp16", lambda t: t.half())
+    int8 = _with_weights(gene_model, tmp_path / "gene-int8", lambda t: (t * 10).to(torch.int8))
+    nan = _with_weights(gene_model, tmp_path / "gene-nan", lambda t: t.clone().fill_(float("nan")))
+    vit_half = _vit_folder(tmp_path / "vit-fp16", convert=lambda t: t.half())
+    vit_int8 = _vit_folder(tmp_path / "vit-int8", convert=lambda t: (t * 10).to(torch.int8))
+    out = tmp_path / "out"
+    out.mkdir()
+    res = run_cases(Case(["models", "load", half]), Case(["models", "load", int8]), Case(["models", "load", nan]),
+                    Case(["embed", "--model", vit_half, "--images", images, "--out", out / "half.parquet"]),
+                    Case(["embed", "--model", vit_int8, "--images", images, "--out", out / "int8.parquet"]))
+    assert res[0].code == 0 and json.loads(res[0].stdout)["kind"] == "gene", res[0].stderr
+    text = res[1].one_line_error()
+    assert str(int8) in text and "int8" in text and "quantized" in text
+    text = res[2].one_line_error()
+    assert str(nan) in text and "NaN" in text
+    assert res[3].code == 0 and (out / "half.parquet").is_file(), res[3].stderr
+    text = res[4].one_line_error()
+    assert str(vit_int8) in text and "int8" in text
+    _nothing_written(out / "int8.parquet")
+
+
+def test_unreachable_hub_with_nothing_cached_is_one_line_without_retries(images, tmp_path):
+    """Connection refused and nothing in the cache: one line at once, not five retries over ~25 s (each
+    retry warning printed twice)."""
+    from cli_cases import Case, run_cases
+
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    res = run_cases(Case(["models", "load", "uni"]),
+                    Case(["embed", "--model", "stamp-v1", "--images", images, "--out", out / "e.parquet"]), env=env)
+    for r, repo in zip(res, ("MahmoodLab/UNI", "minghaofdu/STAMP")):
+        text = r.one_line_error()
+        assert repo in text and "cannot be fetched from http://127.0.0.1:9" in text and "--weights" in text
+        assert "Retry" not in r.stderr and len(r.stderr.splitlines()) <= 2
+    _nothing_written(out / "e.parquet")
+
+
+def test_zero_sizes_in_a_config_are_refused_in_one_line(gene_model, tmp_path):
+    from cli_cases import Case, run_cases
+
+    folders = [copy_with_config(gene_model, tmp_path / key, **{key: 0}) for key in ("num_heads", "hidden_size")]
+    for r, folder, key in zip(run_cases(*(Case(["models", "load", f]) for f in folders)), folders,
+                              ("num_heads", "hidden_size")):
+        text = r.one_line_error()
+        assert str(folder / "config.json") in text and f"{key} = 0 is outside 1.." in text
+
+
+def test_missing_tensors_counted_and_overlay_checked_before_any_download(tmp_path):
+    """All missing tensors are counted (not "1 tensor(s)"); an overlay entry passing `pretrained` to timm is
+    refused when the catalogue is read, naming the overlay file and the entry, before weights are resolved."""
+    from cli_cases import Case, run_cases
+
+    short = _vit_folder(tmp_path / "vit-short", depth=1, config_depth=2)  # the config asks for a second block
+    import timm
+
+    n_missing = len([k for k in timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=0)
+                     .state_dict() if k.startswith("blocks.1.")])
+    overlay = tmp_path / "my-zoo.json"
+    overlay.write_text(json.dumps({"models": {"mine": {
+        "kind": "image", "library": "timm", "hub_id": "me/mine", "embed_dim": 192, "license": "mit",
+        "commercial": True, "gated": False, "citation": "",
+        "architecture": {"name": "vit_tiny_patch16_224", "kwargs": {"pretrained": True}}, "pooling": "head",
+        "preprocessing": {"resize": 32, "crop": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}}}))
+    res = run_cases(Case(["models", "load", short]),
+                    Case(["models", "load", "mine"], env={"STAMP_REGISTRY": str(overlay)}),
+                    env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    text = res[0].one_line_error()
+    assert n_missing > 1 and f"{n_missing} tensor(s) of the architecture are not in the weights" in text
+    text = res[1].one_line_error()
+    assert str(overlay) in text and "'mine'" in text and "'pretrained' is not allowed" in text
+    assert "cannot be fetched" not in text  # refused before any weights were looked for
+
+
+def test_save_pretrained_follows_the_umask(tmp_path):
+    """model.safetensors gets the umask's mode like every other output (safetensors' writer left 0600)."""
+    import stat
+
+    from stamp.models.gene_encoder import create_gene_encoder
+
+    old = os.umask(0o022)
+    try:
+        create_gene_encoder("tiny", n_genes=20).save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m" / "model.safetensors").stat().st_mode) == 0o644
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "config.json", "model.safetensors"]

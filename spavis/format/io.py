@@ -27,7 +27,7 @@ __all__ = [
     "json_dumps", "hash_file", "NotRegularFileError", "not_regular", "open_regular", "sha256_file",
     "tree_sha256", "digest_lines", "tree_size",
     "current_umask", "file_mode", "dir_mode", "apply_umask",
-    "temp_sibling", "atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+    "temp_sibling", "atomic_open", "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
     "make_temp_dir", "publish_dir", "atomic_dir", "remove_tree",
 ]
 
@@ -230,6 +230,24 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = Fals
         if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
             # a failed write() names no file; name the target so the one-line error can
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, tag: str = "tmp") -> Iterator[Path]:
+    """A hidden temporary name beside ``path`` for a writer that wants a file name, not a handle
+    (safetensors' ``save_file``, h5py): on success the file gets the umask's mode (such savers leave
+    0600) and replaces ``path``; on any error it is removed. Parent folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path, tag)
+    try:
+        yield tmp
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
 
 

@@ -77,8 +77,10 @@ class AlignArgs:
 
 def _presets() -> list[str]:
     from stamp.models.vision import vision_preset_names
+    from stamp.zoo.catalogue import list_pretrained
 
-    return [*vision_preset_names(), "none"]  # --vision presets, --vision-weights none
+    # names that are never paths: --vision presets and the zoo's image encoders, --vision-weights none
+    return [*vision_preset_names(), *list_pretrained("image"), "none"]
 
 
 # Options of one invocation (may differ on --resume; a new --max-steps is recorded).
@@ -127,7 +129,7 @@ def build_model(args: AlignArgs, n_genes: int):
     from stamp.models.gene_encoder import create_gene_encoder as create_model
     from stamp.models.aligned_model import create_stamp_model
     from stamp.tokenizer import GeneTokenizer
-    from stamp.models.vision import create_vision_encoder
+    from stamp.zoo.factory import create_vision_encoder
 
     torch.manual_seed(args.seed)
     init_dir = resolve_model_dir(args.init)
