@@ -10,7 +10,7 @@ NaN). It lives in ``spavis.format`` because ``stamp`` may import only ``spavis.f
   OS error (permission denied, read-only folder, disk full, quota: ``describe_os_error``) print
   as one red ``error:`` line (exit 1), Ctrl-C as one line (exit 130); debug mode
   (``SPAVIS_DEBUG`` / ``STAMP_DEBUG`` / ``--debug``) re-raises so the traceback is there.
-* :func:`main_options` adds ``--version`` and ``--debug`` to a typer app and runs
+* :func:`make_app` makes a CLI's typer app with ``--version`` and ``--debug``, running
   :func:`setup_output` before every command.
 * Validators (``typer.Option(..., callback=positive_float)``) print a usage line and exit 2.
 """
@@ -31,7 +31,7 @@ F = TypeVar("F", bound=Callable)
 err_console = Console(stderr=True)
 
 __all__ = [
-    "err_console", "error_wrapper", "main_options", "setup_output", "escape",
+    "err_console", "error_wrapper", "make_app", "setup_output", "escape",
     "positive_int", "non_negative_int", "positive_float", "non_negative_float", "fraction", "probability",
 ]
 
@@ -123,13 +123,18 @@ def setup_output() -> None:
             hf.removeHandler(h)
 
 
-def main_options(app: typer.Typer, *, version: Callable[[], str], debug_env: str, help: str) -> None:
-    """Give ``app`` the options every command line has: ``--version`` (eager) and ``--debug``; before any
-    command, :func:`setup_output`."""
+def make_app(package: str, help: str, *, debug_env: str) -> typer.Typer:
+    """The typer app of ``package``'s command line, with what every one has: ``--version`` (eager, the
+    package's ``__version__``), ``--debug`` (sets ``debug_env``), short tracebacks without locals, and
+    :func:`setup_output` before any command."""
+    app = typer.Typer(name=package, help=help, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                      pretty_exceptions_short=True)
 
     def print_version(value: bool) -> None:
         if value:
-            typer.echo(version())
+            import importlib
+
+            typer.echo(importlib.import_module(package).__version__)
             raise typer.Exit()
 
     def main(
@@ -143,6 +148,7 @@ def main_options(app: typer.Typer, *, version: Callable[[], str], debug_env: str
 
     main.__doc__ = help
     app.callback()(main)
+    return app
 
 
 # ----------------------------------------------------------------------------- validators

@@ -287,11 +287,13 @@ class Corpus:
         except ValueError:
             return path
         _hub().download_file(self.repo_id, rel, revision=self.revision)  # lands in this same snapshot folder (commit)
-        listed = next((o for o in self.manifest.get("outputs") or [] if o.get("path") == rel), None)
-        if listed is not None and listed.get("size") is not None and path.stat().st_size != listed["size"]:
-            raise CorpusError(f"{self.repo_id}@{self.revision}: {rel} has {path.stat().st_size} bytes, manifest.json "
-                              f"says {listed['size']}; the published corpus is damaged (`spavis validate "
-                              f"{self.repo_id} --revision {self.revision}`).")
+        from spavis.format import integrity
+
+        problems = integrity.check(self.manifest, integrity.LocalCopy(self.root), hashes=False, only=[rel],
+                                   strays=None)
+        if problems:
+            raise CorpusError(f"{self.repo_id}@{self.revision}: {problems[0]}; the published corpus is damaged "
+                              f"(`spavis validate {self.repo_id} --revision {self.revision}`).")
         return path
 
 

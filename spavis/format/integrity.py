@@ -118,16 +118,19 @@ class ListedCopy:
 
 
 def check(manifest: Mapping[str, Any], copy: LocalCopy | ListedCopy, *, hashes: bool = True,
-          kinds: Iterable[str] | None = None, strays: str | None = "", allowed: Iterable[str] = ()) -> list[Problem]:
+          kinds: Iterable[str] | None = None, only: Iterable[str] | None = None, strays: str | None = "",
+          allowed: Iterable[str] = (), in_store: Callable[[str], bool] | None = None) -> list[Problem]:
     """Every difference between ``copy`` and ``manifest["outputs"]``.
 
-    Each listed output (of ``kinds``; default all) must be there (a Zarr store: its folder) with
-    its listed size and, with ``hashes``, its sha256 (a Zarr store: :func:`store_digest_of`).
-    ``strays``: the folder whose unlisted files are reported ("" the whole copy, e.g.
-    ``data/expression`` for the shards only, None none); ``manifest.json`` and ``allowed`` are
-    never strays, nor anything inside a listed store (embeddings are added there).
+    Each listed output (of ``kinds`` and, given ``only``, at those paths; default all) must be there
+    (a Zarr store: its folder) with its listed size and, with ``hashes``, its sha256 (a Zarr store:
+    :func:`store_digest_of`). ``strays``: the folder whose unlisted files are reported ("" the whole
+    copy, e.g. ``data/expression`` for the shards only, None none); ``manifest.json`` and ``allowed``
+    are never strays, nor a file inside a listed store for which ``in_store(path in the store)`` holds
+    (default: every file; embeddings are added there).
     """
     wanted = None if kinds is None else set(kinds)
+    paths = None if only is None else set(only)
     problems: list[Problem] = []
     covered = {S.MANIFEST_FILE, *allowed}
     stores: list[str] = []
@@ -136,7 +139,7 @@ def check(manifest: Mapping[str, Any], copy: LocalCopy | ListedCopy, *, hashes: 
         covered.add(rel)
         if kind == "zarr":
             stores.append(rel + "/")
-        if wanted is not None and kind not in wanted:
+        if (wanted is not None and kind not in wanted) or (paths is not None and rel not in paths):
             continue
         want = entry.get("sha256")
         if kind == "zarr":
@@ -157,9 +160,12 @@ def check(manifest: Mapping[str, Any], copy: LocalCopy | ListedCopy, *, hashes: 
         elif hashes and (got := copy.sha256(rel)) != want:
             problems.append(Problem(rel, f"sha256 {got[:12]}… does not match manifest.json ({str(want)[:12]}…)"))
     if strays is not None:
-        inside = tuple(stores)
+        def belongs(rel: str) -> bool:
+            store = next((s for s in stores if rel.startswith(s)), None)
+            return store is not None and (in_store is None or in_store(rel[len(store):]))
+
         problems += [Problem(rel, "not listed in manifest.json (unexpected file)") for rel in copy.paths(strays)
-                     if rel not in covered and not rel.startswith(inside)]
+                     if rel not in covered and not belongs(rel)]
     return problems
 
 

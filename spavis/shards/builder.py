@@ -210,24 +210,10 @@ def _check_replace(out: Path, slices: Sequence[SliceInput], overwrite: bool) -> 
 
 def _foreign_files(out: Path, manifest: dict) -> list[str]:
     """Files under ``out`` that no build wrote (not in the manifest, not build files of a listed Zarr store)."""
-    files, stores = set(), set()
-    for entry in manifest.get("outputs", []):
-        (stores if entry.get("kind") == "zarr" else files).add(entry.get("path"))
-    files.add(MANIFEST_FILE)
-    found = []
-    for p in sorted(out.rglob("*")):
-        if p.is_dir():
-            continue
-        rel = p.relative_to(out).as_posix()
-        if rel in files:
-            continue
-        store = next((s for s in stores if rel.startswith(s + "/")), None)
-        if store is not None:
-            inner = rel[len(store) + 1:]
-            if zarr_build_file(inner) or inner == ZARR_CONSOLIDATED:
-                continue
-        found.append(rel)
-    return found
+    from spavis.format.integrity import LocalCopy, check
+
+    return [p.path for p in check(manifest, LocalCopy(out), hashes=False, kinds=(),
+                                  in_store=lambda inner: zarr_build_file(inner) or inner == ZARR_CONSOLIDATED)]
 
 
 def _report_work_dir(exc: BaseException, work: Path, default_work: bool) -> None:

@@ -6,21 +6,11 @@ from typing import Optional
 
 import typer
 
-from spavis.format.console import main_options
+from spavis.format.console import make_app
 from stamp.cli._common import DEBUG_ENV, err_console, friendly_errors, positive_int
 
-HELP = "STAMP encoders: tokenize, pretrain (gene, spatial, align), evaluate, publish, embed, models."
-app = typer.Typer(name="stamp", help=HELP, no_args_is_help=True, pretty_exceptions_show_locals=False,
-                  pretty_exceptions_short=True)
-
-
-def _version() -> str:
-    from stamp import __version__
-
-    return __version__
-
-
-main_options(app, version=_version, debug_env=DEBUG_ENV, help=HELP)
+app = make_app("stamp", "STAMP encoders: tokenize, pretrain (gene, spatial, align), evaluate, publish, embed, models.",
+               debug_env=DEBUG_ENV)
 
 
 @app.command("publish")
