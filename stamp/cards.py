@@ -229,6 +229,58 @@ def write_stamp_model_card(model_dir, info: dict) -> Path:
     return write_model_card(model_dir, info, render=stamp_model_card)
 
 
+def finetuned_model_card(info: dict, config: dict) -> str:
+    """Markdown card for an image encoder fine-tuned with spatial transcriptomics (``stamp finetune``)."""
+    data, base, genes = info.get("data", {}), info.get("base", {}), info.get("genes", {})
+    licenses = sorted({str(x) for x in data.get("licenses", []) if x})
+    header = ["---", "library_name: stamp", f"license: {info.get('license', 'other')}", "tags:",
+              "- spatial-transcriptomics", "- pathology", "- stamp", "- st-supervised-fine-tuning", "---"]
+    generated = " **The training data were generated (spavis.simulate), not measured.**" if data.get("generated") \
+        else ""
+    body = f"""
+# {base.get('name', 'image encoder')} fine-tuned with spatial transcriptomics (stamp finetune)
+
+The image encoder `{base.get('name')}` (`{base.get('hub_id') or base.get('model')}`, revision
+`{base.get('revision') or '-'}`, weights sha256 `{base.get('weights_sha256') or '-'}`) and a linear gene
+projection of {genes.get('n')} highly variable genes (log1p of counts per 10,000; ranked by
+{genes.get('ranking')}) trained with CLIP's symmetric InfoNCE between each H&E patch and its spot
+(Chen et al. 2024, STimage-1K4M; the STAMP paper's ‡ rows). Shared space: {config.get('embed_dim')}-d;
+image features (before the projection): {config.get('image_dim')}-d. Table 1 marks: {info.get('marks')}.
+
+## Usage
+
+```python
+import stamp
+enc = stamp.load("RUN")                              # this folder (or its run folder)
+# enc.encode_images(pixels) -> shared space; enc.module.image_features(pixels) -> the encoder's own features
+```
+
+or `stamp embed --model RUN --data SHARD_DIR --modality image --out emb.parquet`, and
+`stamp evaluate linear-probe --model RUN --data CORPUS --modality image --label COL --out DIR`.
+
+## Data
+
+Paired corpus: `{data.get('source', '?')}` ({card_value(data.get('n_spots', '?'))} spots,
+{card_value(data.get('n_slides', '?'))} slides).{generated} Data licenses:
+{', '.join(licenses) if licenses else 'see the corpus card'}.{_corpus_revision(data)}
+
+## Training
+
+{training_tables(info.get('train', {}), info.get('final_metrics', {}))}
+
+## Terms
+
+The base encoder's terms apply to this derivative (`{base.get('license')}`): read them on its model page before
+any use or redistribution.
+"""
+    return "\n".join(header) + "\n" + body.lstrip("\n")
+
+
+def write_finetuned_card(model_dir, info: dict) -> Path:
+    """Write ``model_dir/README.md`` of a fine-tuned image encoder (atomically)."""
+    return write_model_card(model_dir, info, render=finetuned_model_card)
+
+
 def converted_model_card(entry: Any, report: Any = None, *, has_means: bool = False,
                          load_name: str | None = None) -> str:
     """README.md of a converted release: HF metadata, provenance, training, usage that runs as written."""

@@ -16,7 +16,9 @@ timm / transformers paths, ``stamp convert``) goes through these functions:
   floating-point model are refused, other floating dtypes are cast to the model's, and NaN or
   infinite weights are refused (they would write NaN embeddings silently);
 * :func:`load_torch_weights` - ``torch.load(weights_only=True)`` whose refusal of code says so;
-* :func:`check_timm_kwargs` - only known, JSON-plain keyword arguments reach ``timm.create_model``.
+* :func:`check_timm_kwargs` - only known, JSON-plain keyword arguments reach ``timm.create_model``;
+* :func:`load_plain_pickle` - a data pickle (Geneformer's gene dictionaries) read with a restricted
+  unpickler: dicts, lists, strings and numbers only; a pickle that carries code is refused unrun.
 
 This module imports nothing of ``stamp`` but its errors: model classes sit above it.
 """
@@ -44,6 +46,9 @@ SIZE_BOUNDS: dict[str, int] = {
     "num_register_tokens": 1024, "region_grid": 64, "csp_window": 1024, "csp_stride": 1024,
 }
 ZERO_ALLOWED = frozenset({"reg_tokens", "num_register_tokens", "n_reserved"})  # counts that may be 0; sizes may not
+# the size names of the gene zoo's own config files (scGPT args.json, Nicheformer hyper-parameters)
+SIZE_BOUNDS.update({"embsize": 32768, "nheads": 1024, "d_hid": 262144, "nlayers": 512, "n_layers_cls": 512,
+                    "dim_model": 32768, "dim_feedforward": 262144, "n_tokens": 5_000_000})
 FLOAT_BOUNDS: dict[str, float] = {"mlp_ratio": 64.0}
 MAX_PARAMETERS = 20_000_000_000  # 20 B: ten times the largest released pathology encoder
 
@@ -282,6 +287,77 @@ def check_timm_kwargs(kwargs: Mapping[str, Any], where: str, *, resolve: bool = 
     return out
 
 
+# ----------------------------------------------------------------------------- data pickles
+# Geneformer ships its gene dictionaries as pickles of {str: int | float}; the released files hold
+# numpy scalars (``numpy.core.multiarray.scalar`` of a ``numpy.dtype``: numbers, and strings when
+# written from numpy arrays), which are rebuilt here from their bytes by these two functions, never
+# by numpy's own unpickling hooks.
+PICKLE_MAX_BYTES = 256 * 1024 * 1024
+_NUMERIC_DTYPES = frozenset({"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8"})
+
+
+def _pickled_dtype(code: Any, align: Any = False, copy: Any = True):
+    import numpy as np
+
+    if not isinstance(code, str) or not (code in _NUMERIC_DTYPES or re.fullmatch(r"[US][0-9]{1,6}", code)):
+        raise _Refused(f"numpy dtype {code!r} (only numbers and strings are read)")
+    return np.dtype(code)
+
+
+def _pickled_scalar(dtype: Any, data: Any = None):
+    import numpy as np
+
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biufUS" or not isinstance(data, bytes) \
+            or len(data) != dtype.itemsize:
+        raise _Refused("a numpy scalar that is not a plain number or string")
+    value = np.frombuffer(data, dtype=dtype)[0].item()
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+_PICKLE_GLOBALS = {("numpy.core.multiarray", "scalar"): _pickled_scalar,
+                   ("numpy._core.multiarray", "scalar"): _pickled_scalar,
+                   ("numpy", "dtype"): _pickled_dtype}
+
+
+class _Refused(Exception):
+    """What the restricted unpickler met that is not plain data."""
+
+
+def load_plain_pickle(path: str | os.PathLike) -> Any:
+    """A pickle of plain data only (dict, list, tuple, str, bytes, int, float, bool, None and numpy
+    number / string scalars, which become Python numbers / strings). Any other global - a class, a function, code - is
+    refused in one :class:`ModelConfigError` line and never called."""
+    import pickle
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ModelConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if size > PICKLE_MAX_BYTES:
+        raise ModelConfigError(f"{path}: {size:,} bytes, more than a gene dictionary ({PICKLE_MAX_BYTES:,}); "
+                               "not read")
+
+    class PlainUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            fn = _PICKLE_GLOBALS.get((module, name))
+            if fn is None:
+                raise _Refused(f"{module}.{name}")
+            return fn
+
+    try:
+        with open(path, "rb") as f:
+            return PlainUnpickler(f).load()
+    except _Refused as exc:
+        raise ModelConfigError(f"{path}: the pickle holds {exc}, not only plain data; it was NOT loaded (loading "
+                               "it could run code). Use the file from the model's own repository") from None
+    except Exception as exc:  # truncated, not a pickle, a BUILD on the wrong object ...
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise ModelConfigError(f"{path}: not a readable data pickle ({type(exc).__name__}: {first}); "
+                               "download it again") from None
+
+
 __all__ = ["SIZE_BOUNDS", "TIMM_KWARGS", "MAX_PARAMETERS", "check_config_sizes", "read_json_config",
            "safetensors_layout", "safetensors_shapes", "check_dtypes", "check_finite", "fit_state", "check_shapes",
-           "check_parameter_count", "meta_shapes", "load_torch_weights", "check_timm_kwargs", "resolve_layer"]
+           "check_parameter_count", "meta_shapes", "load_torch_weights", "check_timm_kwargs", "resolve_layer",
+           "load_plain_pickle"]

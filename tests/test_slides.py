@@ -166,32 +166,36 @@ def _bag_state(out: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_killed_run_resumes_and_bags_are_identical(tmp_path, slides, tiny_model):
-    """A run stopped on its third slide (a FIFO: opening it blocks) is killed; the next run embeds only the
-    rest, leaves finished bags untouched, and its bags equal a fresh run's."""
+    """A run killed on its third slide (large: its tiles take a while) resumes: the next run embeds only
+    that slide, leaves the finished bags untouched, and its bags equal a fresh run's."""
     from stamp.slides.bags import read_bag, read_manifest
 
     out = tmp_path / "features"
-    stuck = tmp_path / "s2.svs"
-    os.mkfifo(stuck)
+    big = write_synthetic_slide(tmp_path / "s2.svs", 1536, 1024, [(768, 512, 1500, 1500)], pen=None,
+                                truth=False).path  # tissue everywhere: 24 tiles, 3 batches
+    inputs = [str(slides / "s0.svs"), str(slides / "s1.svs"), str(big)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "stamp.cli", "embed-slides", str(slides / "s0.svs"), str(slides / "s1.svs"),
-           str(stuck), "--model", str(tiny_model), "--out", str(out), "--workers", "1", "--batch-size", "8",
-           "--no-progress", *PARAM_ARGS]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cmd = [sys.executable, "-m", "stamp.cli", "embed-slides", *inputs, "--model", str(tiny_model), "--out", str(out),
+           "--workers", "0", "--batch-size", "8", "--no-progress", *PARAM_ARGS]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 240
-        while len(list(out.glob("*.h5"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
+        def listed() -> int:  # slides in the manifest (s1's entry is written just after its bag)
+            try:
+                return len(read_manifest(out).get("slides", []))
+            except Exception:  # noqa: BLE001 — not written yet
+                return 0
+
+        while listed() < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
-        assert sorted(p.name for p in out.glob("*.h5")) == ["s0.h5", "s1.h5"]
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
+    assert sorted(p.name for p in out.glob("*.h5")) == ["s0.h5", "s1.h5"]  # killed while on s2
     before = _bag_state(out)
-    stuck.unlink()
-    (tmp_path / "s2.svs").write_bytes((slides / "s2.svs").read_bytes())
-    res = _cli("embed-slides", str(slides / "s0.svs"), str(slides / "s1.svs"), str(stuck), "--model", str(tiny_model),
-               "--out", str(out), "--workers", "0", "--no-progress", *PARAM_ARGS)
+    res = _cli("embed-slides", *inputs, "--model", str(tiny_model), "--out", str(out), "--workers", "0",
+               "--no-progress", *PARAM_ARGS)
     assert res.returncode == 0, res.stderr
     assert "1 embedded, 2 already done" in res.stderr
     after = _bag_state(out)
@@ -200,12 +204,13 @@ def test_killed_run_resumes_and_bags_are_identical(tmp_path, slides, tiny_model)
     assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".manifest.json.lock"]
     manifest = read_manifest(out)
     assert [(e["slide"], e["status"]) for e in manifest["slides"]] == [("s0", "done"), ("s1", "done"), ("s2", "done")]
+    assert manifest["slides"][2]["tiles"] == 24
 
     # the same inputs give the same bags (API, in-process, into a fresh folder)
     from stamp.slides.embed import embed_slides
 
     fresh = tmp_path / "fresh"
-    result = embed_slides([slides], tiny_model, fresh, params=PARAMS, workers=0, progress=False, device="cpu")
+    result = embed_slides(inputs, tiny_model, fresh, params=PARAMS, workers=0, progress=False, device="cpu")
     assert [e["status"] for e in result.entries] == ["done"] * 3
     for name in ("s0", "s1", "s2"):
         a, b = read_bag(out / f"{name}.h5"), read_bag(fresh / f"{name}.h5")
@@ -214,9 +219,16 @@ def test_killed_run_resumes_and_bags_are_identical(tmp_path, slides, tiny_model)
         assert a.attrs == b.attrs
         assert a.features.dtype == np.float32 and a.features.shape == (len(a.coords), 24)
         assert a.attrs["model_license"] and a.attrs["tile_um"] == 128.0 and a.attrs["tile_px"] == 256
-        assert a.attrs["um_per_px"] == 0.5 and a.attrs["slide_width"] == 2560 and len(a.attrs["slide_fingerprint"]) == 64
+        assert a.attrs["um_per_px"] == 0.5 and len(a.attrs["slide_fingerprint"]) == 64
         assert json.loads(a.attrs["tissue_params"])["min_tissue"] == 0.5
         assert (out / a.attrs["qc_png"]).is_file()
+    assert read_bag(out / "s0.h5").attrs["slide_width"] == 2560
+    # a manifest lost (a kill between a bag's rename and its entry) is written again from the bags on a rerun
+    (out / "manifest.json").unlink()
+    again = embed_slides(inputs, tiny_model, out, params=PARAMS, workers=0, progress=False, device="cpu")
+    assert [e["status"] for e in again.entries] == ["skipped"] * 3
+    assert [(e["slide"], e["tiles"]) for e in read_manifest(out)["slides"]] == \
+        [(e["slide"], e["tiles"]) for e in manifest["slides"]]
     shift = {n: read_bag(out / f"{n}.h5").coords for n in ("s0", "s1")}
     assert np.array_equal(shift["s0"] + [256, 0], shift["s1"])  # the tissue moved one tile: so did the tiles
 

@@ -9,8 +9,8 @@ import typer
 from spavis.format.console import make_app
 from stamp.cli._common import DEBUG_ENV, err_console, friendly_errors, positive_int
 
-app = make_app("stamp", "STAMP encoders: tokenize, pretrain (gene, spatial, align), evaluate, publish, embed, models.",
-               debug_env=DEBUG_ENV)
+app = make_app("stamp", "STAMP encoders: tokenize, pretrain (gene, spatial, align), finetune, evaluate, publish, "
+               "embed, models.", debug_env=DEBUG_ENV)
 
 
 @app.command("publish")
@@ -94,8 +94,9 @@ def embed_cmd(
 
 # Each command module adds its commands to `app`.
 from stamp.cli import evaluate as _evaluate, pretrain as _pretrain, tokenize as _tokenize, zoo as _zoo  # noqa: E402
+from stamp.cli import finetune as _finetune  # noqa: E402
 
-for _module in (_pretrain, _tokenize, _evaluate, _zoo):
+for _module in (_pretrain, _tokenize, _evaluate, _zoo, _finetune):
     _module.register(app)
 from stamp.cli import slides as _slides  # noqa: E402  (embed-slides)
 

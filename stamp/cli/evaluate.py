@@ -15,6 +15,23 @@ import typer
 from stamp.cli._common import err_console, friendly_errors
 
 
+def weights_by_model(values: List[str], models: List[str]) -> dict[str, str]:
+    """``--weights MODEL=PATH`` (repeatable), or one bare PATH when a single --model is given."""
+    from stamp.evaluate import EvaluateError
+
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            if len(models) != 1:
+                raise EvaluateError(f"--weights {value}: with several --model, write --weights MODEL=PATH")
+            name, path = models[0], value
+        if name in out:
+            raise EvaluateError(f"--weights given twice for {name}")
+        out[name] = path
+    return out
+
+
 def register(app: typer.Typer) -> None:
     @app.command("evaluate")
     @friendly_errors
@@ -44,6 +61,9 @@ def register(app: typer.Typer) -> None:
                                  "comma-separate (default: all three)."),
         means: Optional[Path] = typer.Option(None, "--means", help="Gene means file for models that ship none "
                                              "(the released Visium_mean.npy)."),
+        weights: Optional[List[str]] = typer.Option(
+            None, "--weights", help="Files of a zoo model downloaded by hand (gated, offline, or not on the Hub such "
+                                    "as scgpt-spatial): MODEL=PATH, repeatable; PATH alone with a single --model."),
         bench_dir: Optional[Path] = typer.Option(
             None, "--bench-dir", help="hest-bench: a HEST-Benchmark task folder (splits/, patches/, adata/, "
                                       "var_50genes.json) or a folder of such task folders."),
@@ -102,5 +122,11 @@ def register(app: typer.Typer) -> None:
         heads = [h for v in head for h in v.split(",")] if head else None
         evaluate(task, model or [], data, out=out, label=label, modality=modality, baselines=not no_baselines,
                  seed=0 if seed is None else seed, device=device, batch_size=batch_size, figures=not no_figures,
-                 progress=not no_progress, knn_k=knn_k, n_hvgs=n_hvgs, heads=heads, means=means, threads=threads)
+                 progress=not no_progress, knn_k=knn_k, n_hvgs=n_hvgs, heads=heads, means=means, threads=threads,
+                 weights=weights_by_model(weights or [], model or []))
+        from stamp.evaluate.results import table1_section
+
+        table = table1_section((out / "results.md").read_text())
+        if table:
+            print(table)
         err_console.print(f"results written to {out / 'results.md'} and {out / 'results.csv'}")

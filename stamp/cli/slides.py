@@ -26,6 +26,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", help="Any image or aligned encoder: zoo name (`stamp models`), "
                                   "run / model folder or Hub repo id."),
         out: Path = typer.Option(..., "--out", help="Features folder: <slide>.h5 bags, qc/<slide>.png, manifest.json."),
+        layout: str = typer.Option("trident", "--layout", help="Bag layout: trident (<slide>.h5, TRIDENT's "
+                                   "attributes) or clam (h5_files/<slide>.h5 + pt_files/<slide>.pt, CLAM's)."),
         tile_um: float = typer.Option(_D.tile_um, "--tile-um", callback=positive_float, help="Tile side in µm."),
         um_per_px: float = typer.Option(_D.um_per_px, "--um-per-px", callback=positive_float,
                                         help="Target scale of the tiles (0.5 = 20x: 128 µm tiles are 256 px)."),
@@ -60,8 +62,8 @@ def register(app: typer.Typer) -> None:
         no_progress: bool = typer.Option(False, "--no-progress"),
     ) -> None:
         """One feature bag per slide (tissue tiles, any image encoder); resumable; torchrun splits slides."""
-        from stamp.slides.embed import embed_slides
         from stamp.errors import SlideError
+        from stamp.slides.embed import check_embed_args, embed_slides
 
         params = TissueParams(tile_um=tile_um, um_per_px=um_per_px, min_tissue=min_tissue,
                               mask_um_per_px=mask_um_per_px, min_saturation=min_saturation, median_px=median_px,
@@ -70,9 +72,12 @@ def register(app: typer.Typer) -> None:
         if weights is not None:
             import stamp
 
+            check_embed_args(out, slide_um_per_px, layout)  # before the weights load
+
             model = stamp.load(model, weights=weights, device="cpu", kind="image")  # embed_slides places it
         result = embed_slides(slides, model, out, params=params, um_per_px=slide_um_per_px, batch_size=batch_size,
-                              workers=workers, device=device, progress=not no_progress, fail_fast=fail_fast)
+                              workers=workers, device=device, progress=not no_progress, fail_fast=fail_fast,
+                              layout=layout)
         if result.failed:
             raise SlideError(result.summary())
         err_console.print(f"{result.summary()}; bags in {out}")

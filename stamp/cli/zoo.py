@@ -65,10 +65,11 @@ def register(app) -> None:
     @models_app.command("set-means")
     @friendly_errors
     def set_means_cmd(
-        name: str = typer.Argument(..., help="Catalogue name (stamp-v1 or stamp-v1-gene)."),
-        file: Path = typer.Argument(..., help="The released means file (Visium_mean.npy)."),
+        name: str = typer.Argument(..., help="Catalogue name (stamp-v1, stamp-v1-gene or nicheformer)."),
+        file: Path = typer.Argument(..., help="The means file: the released Visium_mean.npy (stamp-v1), a "
+                                              "technology-mean .npy of Nicheformer's repository (nicheformer)."),
     ) -> None:
-        """Register the released gene means once; --model NAME then works in every command without --means."""
+        """Register a model's gene means once; --model NAME then works in every command without --means."""
         from stamp.zoo.resolve import set_means
 
         out = set_means(name, file)

@@ -5,6 +5,10 @@ batches from :class:`stamp.data.tokens.TokenBatchLoader` (``mode="spots"``, corp
 last batch kept), the same loader and the same typed :class:`~stamp.data.tokens.Batch` as
 pretraining, so tokens are cut to the context in one place.
 
+Gene encoders with their own input rules (scGPT, Nicheformer, Geneformer: ``Encoder.counts``) read
+raw counts instead, one slide at a time (:func:`stamp.data.counts.count_batches`), the corpus's genes
+matched to their vocabulary once (by Ensembl id, or by symbol for scGPT) and the match logged.
+
 Output (written by :mod:`stamp.embed.writer`, the one embeddings writer): Parquet ``spot_id`` +
 ``embedding`` rows in corpus order, atomic, its schema metadata ``stamp.model`` naming the
 model (name, revision, license, weights sha256). ``zarr=True`` also gives each slide store
@@ -20,6 +24,7 @@ from pathlib import Path
 import torch
 
 from spavis.format.progress import counter
+
 from stamp.embed.writer import OBSM_KEY, STAGING, ParquetEmbeddings, ZarrObsmWriter, model_record, zarr_writer_lock
 from stamp.errors import EmbedError
 
@@ -99,6 +104,7 @@ def embed_corpus(
     from spavis.format import open_corpus
     from spavis.format.schema import ZARR_DIR
     from stamp.data.tokens import TokenBatchLoader
+    from stamp.zoo.concat import parts_without
 
     if batch_size < 1:
         raise EmbedError(f"batch size must be at least 1, got {batch_size}")
@@ -112,28 +118,64 @@ def embed_corpus(
     with lock:
         encoder = stamp.load(model, device=device, means=means)
         gene_side(encoder, model)
+        missing = parts_without(encoder, "gene")
+        if missing:
+            raise EmbedError(f"{model}: {', '.join(missing)} has no gene side; spot embeddings concatenate the gene "
+                             "features of every part (use --modality fused for one part's images with another's genes)")
+        if encoder.counts is not None:  # scGPT, Nicheformer, Geneformer: their own input rules, slide by slide
+            return _embed_counts(encoder, model, corpus, out, batch_size=batch_size, zarr=zarr, progress=progress)
         tokenizer = encoder.tokenizer
         check_vocabulary(corpus, tokenizer, data)
-        record = model_record(encoder, model, "gene")
         loader = TokenBatchLoader(corpus, tokenizer, mode="spots", batch_size=batch_size, shuffle=False, epochs=1,
                                   drop_last=False, context_length=context_length(encoder))
-        bar = counter("spots", enabled=progress)
-        staging = ZarrObsmWriter(corpus, encoder.embed_dim, record) if zarr else None
-        try:
-            with torch.no_grad(), bar, ParquetEmbeddings(out, "spot_id", record) as writer:
-                task = bar.add_task("embed", total=corpus.n_spots)
-                for batch in loader:
-                    emb = encoder.encode_genes(batch.input_ids).float().cpu().numpy()
-                    writer.write(batch.spot_ids, emb)
-                    if staging is not None:
-                        staging.write(batch.slide_ids, batch.spot_index, emb)
-                    bar.advance(task, len(batch))
+        batches = ((b.spot_ids, b.slide_ids, b.spot_index, encoder.encode_genes(b.input_ids)) for b in loader)
+        return _write(batches, corpus, out, model_record(encoder, model, "gene"), encoder.embed_dim, zarr=zarr,
+                      progress=progress)
+
+
+def _write(batches, corpus, out, record: dict, dim: int, *, zarr: bool, progress: bool) -> Path:
+    """Spot embeddings ``(spot_ids, slide_ids, spot_index, vectors)`` in corpus order -> the Parquet file (and,
+    with ``zarr``, every slide's ``obsm`` - all or none), under no_grad, with a progress bar."""
+    bar = counter("spots", enabled=progress)
+    staging = ZarrObsmWriter(corpus, dim, record) if zarr else None
+    try:
+        with torch.no_grad(), bar, ParquetEmbeddings(out, "spot_id", record) as writer:
+            task = bar.add_task("embed", total=corpus.n_spots)
+            for spot_ids, slide_ids, spot_index, vectors in batches:
+                emb = vectors.float().cpu().numpy()
+                writer.write(spot_ids, emb)
                 if staging is not None:
-                    staging.check_complete()  # before the Parquet is committed: all or nothing
-        except BaseException:
+                    staging.write(slide_ids, spot_index, emb)
+                bar.advance(task, len(spot_ids))
             if staging is not None:
-                staging.discard()
-            raise
+                staging.check_complete()  # before the Parquet is committed: all or nothing
+    except BaseException:
         if staging is not None:
-            staging.swap()
+            staging.discard()
+        raise
+    if staging is not None:
+        staging.swap()
     return Path(out)
+
+
+def _embed_counts(encoder, model, corpus, out, *, batch_size: int, zarr: bool, progress: bool) -> Path:
+    """``embed_corpus`` for an encoder reading raw counts (``encoder.counts``): same outputs, same order."""
+    import json
+    import logging
+
+    from stamp.data.counts import COLUMNS, count_batches
+    from stamp.errors import ModelConfigError
+    from stamp.models.gene_inputs import CorpusGenes
+
+    try:
+        match = encoder.counts.bind(CorpusGenes.from_table(corpus.genes))
+    except ModelConfigError as exc:
+        raise EmbedError(f"{model}: {exc}") from None
+    logging.getLogger(__name__).info("%s: %s", model, match.describe())
+    record = model_record(encoder, model, "gene")
+    record["stamp_model_inputs"] = json.dumps({**encoder.counts.describe(), "genes_matched": match.matched,
+                                               "corpus_genes": match.corpus_genes})
+    tables = corpus.iter_slides(columns=[c for c in COLUMNS if c != "slide_id"])
+    batches = ((b.spot_ids, b.slide_ids, b.spot_index, encoder.embed_counts(b.X, slide=b.slide))
+               for b in count_batches(tables, corpus.n_genes, encoder.counts, batch_size=batch_size))
+    return _write(batches, corpus, out, record, encoder.embed_dim, zarr=zarr, progress=progress)

@@ -53,6 +53,8 @@ def embed_paired_corpus(model: str | os.PathLike, data: str | os.PathLike, out: 
     from stamp.embed.writer import model_record, write_parquet
     from stamp.data.paired import _EXPR_COLUMNS, decode_rows, paired_pairs
     from stamp.tokenizer import to_model_input_ids
+    from stamp.zoo.concat import parts_without
+    from stamp.zoo.counts import bind_genes, count_input, encode_counts
 
     if modality not in MODALITIES:
         raise EmbedError(f"--modality {modality!r} must be one of {', '.join(MODALITIES)}")
@@ -62,20 +64,43 @@ def embed_paired_corpus(model: str | os.PathLike, data: str | os.PathLike, out: 
         return embed_corpus(model, data, out, batch_size=batch_size, device=device, progress=progress, means=means)
     encoder = stamp.load(model, device=device, means=means, kind="image" if modality == "image" else None)
     image_side(encoder, model, f"--modality {modality}")
+    if modality == "image" and parts_without(encoder, "image"):
+        raise EmbedError(f"{model}: {', '.join(parts_without(encoder, 'image'))} has no image side; --modality image "
+                         "concatenates the image features of every part (--modality fused joins images and genes)")
     corpus = open_corpus(data)
+    counts = False
     if modality == "fused":
         if encoder.kind != "aligned":
             raise EmbedError(f"{model}: an {encoder.kind} encoder; --modality fused needs an aligned model (gene and "
                              "image in one space: `stamp pretrain --stage align`, or stamp-v1)")
         gene_side(encoder, model, "--modality fused")
-        check_vocabulary(corpus, encoder.tokenizer, data)
-        context = context_length(encoder)
+        counts = count_input(encoder) is not None
+        if counts:
+            genes = corpus.genes
+            bind_genes(encoder, genes["ensembl_id"].astype(str), genes["symbol"].fillna("").astype(str),
+                       model=str(model), data=str(data), error=EmbedError)
+        else:
+            check_vocabulary(corpus, encoder.tokenizer, data)
+            context = context_length(encoder)
     tokenizer = encoder.tokenizer
     transform = encoder.transform
 
     def gene_emb(table) -> np.ndarray:
         ids = to_model_input_ids(tokenizer.encode_table(table), tokenizer.pad_value, context)
         return encoder.encode_genes(torch.from_numpy(ids.astype(np.int64))).float().cpu().numpy()
+
+    def file_gene_emb(expr) -> np.ndarray:
+        """Raw-count gene sides: a whole expression file, slide by slide (a model may need slide statistics)."""
+        from spavis.format import rows_to_csr
+
+        slides = expr.column("slide_id").to_numpy(zero_copy_only=False).astype(str)
+        out, start = [], 0
+        while start < len(slides):
+            end = start + int((slides[start:] == slides[start]).argmin() or len(slides) - start)
+            out.append(encode_counts(encoder, rows_to_csr(expr.slice(start, end - start), corpus.n_genes),
+                                     batch_size=batch_size))
+            start = end
+        return np.concatenate(out) if out else np.zeros((0, encoder.embed_dim), np.float32)
 
     def image_emb(rb, path: str, first_row: int) -> np.ndarray:
         spots = rb.column(0).to_pylist()
@@ -87,7 +112,9 @@ def embed_paired_corpus(model: str | os.PathLike, data: str | os.PathLike, out: 
     def chunks() -> Iterator[tuple[list[str], np.ndarray]]:
         for paired, expr_file in paired_pairs(corpus):
             pf = pq.ParquetFile(paired)
-            expr = pq.read_table(expr_file, columns=_EXPR_COLUMNS) if modality == "fused" else None
+            expr = pq.read_table(expr_file, columns=_EXPR_COLUMNS + (["slide_id"] if counts else [])) \
+                if modality == "fused" else None
+            expr_gene = file_gene_emb(expr) if counts else None
             offset = 0
             for rb in pf.iter_batches(batch_size=batch_size, columns=["spot_id", "patch"]):
                 ids = rb.column(0).to_pylist()
@@ -96,11 +123,16 @@ def embed_paired_corpus(model: str | os.PathLike, data: str | os.PathLike, out: 
                     rows = expr.slice(offset, len(ids))
                     if rows.column("spot_id").to_pylist() != ids:
                         raise EmbedError(f"{paired}: spots differ from {expr_file}; rebuild the corpus with --with-images")
-                    parts.insert(0, gene_emb(rows))
+                    parts.insert(0, expr_gene[offset:offset + len(ids)] if counts else gene_emb(rows))
                 offset += len(ids)
-                yield ids, np.concatenate(parts, axis=1)
+                yield ids, np.concatenate([_unit_rows(p) for p in parts] if counts else parts, axis=1)
 
     return write_parquet(Path(out), "spot_id", chunks(), model_record(encoder, model, modality))
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.where(n > 0, n, 1.0)).astype(np.float32)
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

@@ -350,13 +350,13 @@ def write_h5(path: str | os.PathLike, datasets: dict[str, np.ndarray], attrs: di
     return path
 
 
-def write_feature_bag(path: str | os.PathLike, features: np.ndarray, coords: np.ndarray, attrs: dict[str, Any]) -> Path:
-    """Write a CLAM / TRIDENT feature bag (``features``, ``coords``, root attributes; layout in
-    ``stamp.slides.bags``) atomically with :func:`write_h5`."""
+def write_feature_bag(path: str | os.PathLike, features: np.ndarray, coords: np.ndarray, attrs: dict[str, Any],
+                      dataset_attrs: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write a whole-slide feature bag (``features`` float32, ``coords`` int64 (N, 2), root attributes, the
+    datasets' attributes: their CLAM / TRIDENT meanings are decided in ``stamp.slides.bags``) atomically
+    with :func:`write_h5`."""
     features = np.ascontiguousarray(features, np.float32)
     coords = np.ascontiguousarray(coords, np.int64).reshape(-1, 2)
     if len(features) != len(coords):
         raise ValueError(f"{len(features)} feature rows for {len(coords)} coords")
-    clam = {"patch_size": "tile_px", "patch_size_level0": "tile_px_level0", "patch_level": "level"}
-    coord_attrs = {k: attrs[src] for k, src in clam.items() if src in attrs}
-    return write_h5(path, {"features": features, "coords": coords}, attrs, {"coords": coord_attrs})
+    return write_h5(path, {"features": features, "coords": coords}, attrs, dataset_attrs)

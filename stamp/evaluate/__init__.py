@@ -19,7 +19,7 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from spavis.format.progress import counter
 from stamp.evaluate.data import EvalData, EvaluateError, load_eval_data
@@ -41,7 +41,8 @@ __all__ = ["evaluate", "EvaluateError", "EvalData", "FeatureSet", "TASKS", "MODA
 
 def feature_sets(models: Sequence[str], data: EvalData, *, modality: str = "gene", device: str | None = None,
                  seed: int = 0, baselines: bool = True, batch_size: int = 256, bar=None,
-                 corpus=None, means: str | os.PathLike | None = None) -> list[FeatureSet]:
+                 corpus=None, means: str | os.PathLike | None = None,
+                 weights: Mapping[str, str | os.PathLike] | None = None) -> list[FeatureSet]:
     """Features of every model, then the baselines (random-init of the first model's architecture, PCA).
 
     Every model gets a unique name (:func:`stamp.evaluate.features.model_names`; the same model twice
@@ -57,7 +58,7 @@ def feature_sets(models: Sequence[str], data: EvalData, *, modality: str = "gene
     for i, (model, name) in enumerate(zip(models, names)):
         sets.extend(model_features(model, data, device=device, batch_size=batch_size, seed=seed, progress=tick,
                                    with_random=baselines and i == 0, modality=modality, corpus=corpus, name=name,
-                                   means=means))
+                                   means=means, weights=(weights or {}).get(str(model))))
     if baselines:
         sets.append(pca_features(data, seed=seed))
     # random-init / pca first would be confusing: order = given models, random-init, pca
@@ -120,14 +121,16 @@ def evaluate(task: str, models: Sequence[str | os.PathLike], data: str | os.Path
              label: str | None = None, modality: str = "gene", baselines: bool = True, seed: int = 0,
              device: str | None = None, batch_size: int = 256, figures: bool = True, progress: bool = True,
              knn_k: int = 50, n_hvgs: int = 5000, heads: Sequence[str] | None = None,
-             means: str | os.PathLike | None = None, threads: int | None = None):
+             means: str | os.PathLike | None = None, threads: int | None = None,
+             weights: Mapping[str, str | os.PathLike] | None = None):
     """Run ``task`` (one, comma-separated ones, or ``"all"``) for every model plus the baselines; returns the
     results DataFrame.
 
     Writes ``out/results.csv``, ``out/results.md`` and figures (each file atomically). ``heads``:
     predict-expression heads (default all of :data:`stamp.evaluate.tasks.HEADS`). ``threads``: torch CPU
     threads for the run (default: torch's own, every core; 1 on a machine shared with other jobs, where
-    threads that wait for each other cost more than they give).
+    threads that wait for each other cost more than they give). ``weights``: model (as given) -> the files of
+    that zoo name downloaded by hand (``stamp.load(model, weights=...)``).
     """
     import torch
 
@@ -143,6 +146,9 @@ def evaluate(task: str, models: Sequence[str | os.PathLike], data: str | os.Path
         raise EvaluateError("nothing to evaluate: give --model, or keep the baselines")
     heads = check_heads(heads)
     models = [str(m) for m in models]
+    unknown = sorted(set(map(str, weights or {})) - set(models))
+    if unknown:
+        raise EvaluateError(f"--weights for {', '.join(unknown)}, which is not among the --model given")
     model_names(models)  # the same model twice: refused before anything is read
     for t in tasks:
         if t in LABEL_TASKS and not label:
@@ -175,7 +181,8 @@ def evaluate(task: str, models: Sequence[str | os.PathLike], data: str | os.Path
             torch_threads(threads):
         torch.manual_seed(seed)
         sets = feature_sets(models, ev, modality=modality, device=device, seed=seed,
-                            baselines=baselines, batch_size=batch_size, bar=bar, corpus=corpus, means=means)
+                            baselines=baselines, batch_size=batch_size, bar=bar, corpus=corpus, means=means,
+                            weights=weights)
         for t in tasks:
             ptask = bar.add_task(t, total=n_steps(t, ev, len(sets)))
             kwargs = {"k": knn_k, "n_hvgs": n_hvgs, "heads": heads} if t == "predict-expression" else {}
@@ -193,4 +200,4 @@ def evaluate(task: str, models: Sequence[str | os.PathLike], data: str | os.Path
         if not rows:
             raise EvaluateError(f"{data}: no fold could be scored (too few spots or labelled spots per fold)")
         title = f"stamp evaluate {' + '.join(tasks)}"
-        return write_results(out, rows, title=title, notes=notes)
+        return write_results(out, rows, title=title, notes=notes, marks={s.name: s.marks for s in sets})

@@ -38,6 +38,7 @@ class FeatureSet:
     kind: str  # "model", "random-init" or "pca"
     features: np.ndarray
     modality: str = "gene"
+    marks: str = ""  # V / L / G: modalities the model saw in pretraining (Table 1; none for the baselines)
 
     @property
     def probe_lr(self) -> float:
@@ -51,8 +52,13 @@ def default_device() -> str:
 
 
 def model_name(model: str | os.PathLike) -> str:
-    """A short, readable name: the run / folder name, or the Hub repo id."""
+    """A short, readable name: the run / folder name, or the Hub repo id (``A+B``: the parts' names)."""
+    from stamp.zoo.concat import SEPARATOR, split_spec
+
     path = Path(str(model))
+    parts = None if path.exists() else split_spec(str(model))
+    if parts:
+        return SEPARATOR.join(model_name(p) for p in parts)
     return run_folder_of(path.resolve()).name if path.exists() else str(model)
 
 
@@ -93,19 +99,33 @@ def model_names(models: Sequence[str | os.PathLike]) -> list[str]:
     return names
 
 
-def _check_vocab(data: EvalData, tokenizer, model) -> None:
+def marks_of(enc) -> str:
+    from stamp.zoo.encoder import marks_of as marks
+
+    return marks(enc)
+
+
+def _check_vocab(data: EvalData, tokenizer, model, enc=None) -> None:
     from spavis.format.vocabulary import require_same_vocabulary
 
+    from stamp.zoo.counts import bind_genes, count_input
+
+    if enc is not None and count_input(enc) is not None:  # a raw-count gene side: bound to the corpus's genes
+        bind_genes(enc, data.gene_ids, data.gene_symbols, model=str(model), data="the evaluation corpus",
+                   error=EvaluateError)
+        return
     require_same_vocabulary(tokenizer, list(data.gene_ids), a_name=str(model), b_name="the evaluation corpus",
                             error=EvaluateError,
                             fix="build the evaluation corpus with the vocabulary the model was trained on (--vocab)")
 
 
-def load_encoder(model: str | os.PathLike, device: str | None = None, means: str | os.PathLike | None = None):
-    """Any model of the zoo (name, run folder, model folder, Hub id) as a :class:`stamp.zoo.encoder.Encoder`."""
+def load_encoder(model: str | os.PathLike, device: str | None = None, means: str | os.PathLike | None = None,
+                 weights: str | os.PathLike | None = None):
+    """Any model of the zoo (name, run folder, model folder, Hub id) as a :class:`stamp.zoo.encoder.Encoder`;
+    ``weights``: the files of a zoo name downloaded by hand (as ``stamp embed --weights``)."""
     import stamp
 
-    return stamp.load(str(model), device=device or default_device(), means=means)
+    return stamp.load(str(model), device=device or default_device(), means=means, weights=weights)
 
 
 def _context_length(module, default: int) -> int:
@@ -139,7 +159,35 @@ def image_side(enc, model, modality: str = "image"):
     vision = getattr(enc.module, "vision_encoder", None)
     if vision is not None:
         return lambda px: vision(px.to(enc.device)).pooled
-    return enc.encode_images
+    return getattr(enc.module, "image_features", None) or enc.encode_images
+
+
+def _whole_sides(enc, model, modality: str) -> None:
+    """A concatenation A+B asked for one modality: every part must have that side (never silently dropped)."""
+    from stamp.zoo.concat import parts_without
+
+    for side in (("image",) if modality == "image" else ("gene",) if modality == "gene" else ()):
+        missing = parts_without(enc, side)
+        if missing:
+            raise EvaluateError(f"{model}: {', '.join(missing)} has no {side} side; --modality {modality} "
+                                f"concatenates the {side} features of every part (use --modality fused to join "
+                                "one part's image features with another's gene features)")
+
+
+def encode_counts_of(enc, gene_fn, data: EvalData, *, batch_size: int = 256, progress=None) -> np.ndarray:
+    """Gene-side features of every spot from raw counts (a count-input gene side), slide by slide."""
+    from stamp.zoo.counts import encode_counts
+
+    out, start = [], 0
+    slides = data.slide_ids
+    while start < data.n_spots:
+        end = start + 1
+        while end < data.n_spots and slides[end] == slides[start]:
+            end += 1
+        out.append(encode_counts(enc, data.counts[start:end], batch_size=batch_size, gene_fn=gene_fn,
+                                 progress=progress))
+        start = end
+    return np.concatenate(out).astype(np.float32)
 
 
 def encode(gene_fn, tokenizer, data: EvalData, *, context: int, batch_size: int = 256, progress=None) -> np.ndarray:
@@ -265,7 +313,12 @@ def _features(enc, model, data: EvalData, modality: str, corpus, *, batch_size: 
         if modality == "image":
             return parts[0]
     gene_fn, tokenizer, context = gene_side(enc, model)
-    gene = encode(gene_fn, tokenizer, data, context=context, batch_size=batch_size, progress=progress)
+    from stamp.zoo.counts import count_input
+
+    if count_input(enc) is not None:
+        gene = encode_counts_of(enc, gene_fn, data, batch_size=batch_size, progress=progress)
+    else:
+        gene = encode(gene_fn, tokenizer, data, context=context, batch_size=batch_size, progress=progress)
     if modality == "gene":
         return gene
     return np.concatenate([_unit_rows(gene), _unit_rows(parts[0])], axis=1)
@@ -274,21 +327,22 @@ def _features(enc, model, data: EvalData, modality: str, corpus, *, batch_size: 
 def model_features(model: str, data: EvalData, *, device: str | None = None, batch_size: int = 256,
                    seed: int = 0, progress=None, with_random: bool = False, modality: str = "gene",
                    corpus=None, name: str | None = None, means: str | os.PathLike | None = None,
-                   encoder=None) -> list[FeatureSet]:
+                   encoder=None, weights: str | os.PathLike | None = None) -> list[FeatureSet]:
     """Features of ``model`` (loaded with :func:`stamp.load`; and, with ``with_random``, of the same
     architecture re-initialised).
 
     ``modality`` image / fused: ``model`` must have an image side (fused: an aligned model) and ``corpus``
     be the corpus ``data`` came from, holding a patch for every spot of ``data``."""
     check_modality(modality)
-    enc = encoder if encoder is not None else load_encoder(model, device, means)
+    enc = encoder if encoder is not None else load_encoder(model, device, means, weights)
+    _whole_sides(enc, model, modality)
     if modality in ("image", "fused"):
         image_side(enc, model, modality)  # fail before any work
     if modality in ("gene", "fused"):
-        _check_vocab(data, gene_side(enc, model)[1], model)
+        _check_vocab(data, gene_side(enc, model)[1], model, enc)
     sets = [FeatureSet(name or model_name(model), "model",
                        _features(enc, model, data, modality, corpus, batch_size=batch_size, progress=progress),
-                       modality)]
+                       modality, marks=marks_of(enc))]
     if with_random:
         with reinitialised(enc.module, seed):
             sets.append(FeatureSet("random-init", "random-init",

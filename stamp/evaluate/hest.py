@@ -10,14 +10,17 @@ Inputs, either
   with ``--patient COL``: one fold per patient (leave-one-patient-out), genes by HEST's rule
   (:func:`hest_genes`).
 
-The protocol (HEST's ``benchmark.py`` / ``trainer.py``, read and re-implemented, not copied):
-per sample, the patches' embeddings (the patch ``.h5`` order; expression rows are looked up by
-the patch barcodes); targets ``log1p`` of the raw counts of the task's genes (no per-spot
-normalisation); ``StandardScaler`` + ``PCA(256, random_state=seed)`` fit on the training split only
-(components cast to float32, as HEST's ``torch.Tensor``); ``Ridge(solver="lsqr",
-alpha=100 / (n_features * n_genes), fit_intercept=False, max_iter=1000, random_state=seed)``;
-Pearson r per gene on the pooled test spots, averaged over genes; mean ± sd (population sd, as
-HEST's ``np.std``) over folds. HEST's default seed is 1.
+The protocol (HEST's ``benchmark.py`` / ``trainer.py``, read and re-implemented, not copied), dtype by
+dtype as HEST runs it: per sample, the patches' float32 embeddings (the patch ``.h5`` order; expression
+rows are looked up by the patch barcodes); targets float64 ``log1p`` of the raw counts of the task's
+genes (no per-spot normalisation); ``StandardScaler`` + ``PCA(256, random_state=seed)`` fit on the
+float32 training split only (sklearn keeps float32), the components rounded to float32 (HEST's
+``torch.Tensor``) and handed to the ridge as float64 (sklearn does not know torch's dtype and converts
+to float64: HEST's lsqr runs in float64); ``Ridge(solver="lsqr", alpha=100 / (n_features * n_genes),
+fit_intercept=False, max_iter=1000, random_state=seed)``; Pearson r per gene on the pooled test spots,
+averaged over genes with a plain mean (a gene without a defined r makes the fold NaN, as in HEST);
+mean ± sd (population sd, as HEST's ``np.std``) over every fold, NaN folds included and named in
+results.md. HEST's default seed is 1.
 
 Two variants in the same run, as separate ``method`` rows: ``cv-alpha`` (α chosen by inner
 cross-validation over the training samples' patients) and ``per-slide`` (the protocol's
@@ -30,7 +33,6 @@ run of the same model reuses them.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +51,11 @@ MAX_ITER = 1000
 # inner-CV grid of the cv-alpha variant: multiples of HEST's alpha (1 = HEST's own)
 ALPHA_FACTORS = tuple(10.0 ** np.arange(-1, 7))
 INNER_FOLDS = 5
-# HEST's gene rule (corpus input): detected in >= 10 % of all spots, controls dropped, 50 HVGs
+# HEST's gene rule (get_k_genes; corpus input): detected in >= 10 % of the spots of every slide, names
+# containing a control marker dropped, the first 50 Seurat HVGs of log1p counts
 MIN_SPOT_FRACTION = 0.1
 N_GENES = 50
-CONTROL_PREFIXES = ("NegControlCodeword", "NegControlProbe", "UnassignedCodeword")
+CONTROL_MARKERS = ("BLANK", "Control")
 METHODS = {"hest": "HEST protocol (α = 100 / (n_features × n_genes), Pearson on pooled test spots)",
            "cv-alpha": "variant: α by inner cross-validation over the training patients",
            "per-slide": "variant: Pearson per test slide, averaged over slides"}
@@ -68,15 +71,16 @@ def hest_alpha(n_features: int, n_genes: int) -> float:
 
 def reduce(X_train: np.ndarray, X_test: np.ndarray, *, seed: int,
            n_components: int = N_COMPONENTS) -> tuple[np.ndarray, np.ndarray]:
-    """StandardScaler + PCA fit on the training rows only; float32 components (HEST casts to torch.Tensor).
+    """StandardScaler + PCA fit on the training rows only, in the embeddings' dtype (float32, as sklearn keeps
+    it); the components rounded to float32 as HEST's ``torch.Tensor`` rounds them.
 
-    ``n_components`` is capped at what the training split allows: features, and rows - 1 (a last component
-    of a centred n-row matrix has no variance, only rounding noise that the ridge would amplify)."""
+    ``n_components`` is capped at what sklearn's PCA accepts: min(n_train, n_features). HEST asks for
+    exactly 256 and stops with an error below that; where HEST runs the cap changes nothing."""
     from sklearn.decomposition import PCA
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
-    k = int(max(1, min(n_components, X_train.shape[0] - 1, X_train.shape[1])))
+    k = int(max(1, min(n_components, X_train.shape[0], X_train.shape[1])))
     pipe = Pipeline([("scaler", StandardScaler()), ("pca", PCA(n_components=k, random_state=seed))])
     Z_train = pipe.fit_transform(X_train)
     return Z_train.astype(np.float32), pipe.transform(X_test).astype(np.float32)
@@ -84,18 +88,34 @@ def reduce(X_train: np.ndarray, X_test: np.ndarray, *, seed: int,
 
 def ridge_predict(Z_train: np.ndarray, Y_train: np.ndarray, Z_test: np.ndarray, *, alpha: float,
                   seed: int) -> np.ndarray:
+    """HEST's ridge on float32 components, fit and applied in float64.
+
+    HEST passes ``torch.Tensor`` components; sklearn does not recognise torch's dtype and converts them
+    to float64, so lsqr iterates in float64 (in float32 it stops at other iterates: up to 2.5e-3 Pearson
+    off on a real task)."""
     from sklearn.linear_model import Ridge
 
     reg = Ridge(solver="lsqr", alpha=alpha, random_state=seed, fit_intercept=False, max_iter=MAX_ITER)
-    reg.fit(Z_train, Y_train)
-    return reg.predict(Z_test)
+    reg.fit(np.asarray(Z_train, np.float64), np.asarray(Y_train, np.float64))
+    return reg.predict(np.asarray(Z_test, np.float64))
+
+
+def gene_pearson(Y: np.ndarray, P: np.ndarray) -> np.ndarray:
+    """Pearson r of every gene over the rows (NaN where a column is constant, as scipy's pearsonr)."""
+    from stamp.evaluate.metrics import pearson_per_gene
+
+    return pearson_per_gene(np.asarray(Y, np.float64), np.asarray(P, np.float64))
+
+
+def hest_pearson(Y: np.ndarray, P: np.ndarray, genes: Sequence[str]) -> tuple[float, list[str]]:
+    """(HEST's score: the plain mean of the per-gene r, NaN when any gene's r is undefined; those genes)."""
+    r = gene_pearson(Y, P)
+    return float(np.mean(r)), [str(genes[j]) for j in np.flatnonzero(~np.isfinite(r))]
 
 
 def mean_pearson(Y: np.ndarray, P: np.ndarray) -> float:
-    """Pearson r per gene over the rows, averaged over the genes where it is defined."""
-    from stamp.evaluate.metrics import pearson_per_gene
-
-    r = pearson_per_gene(np.asarray(Y, np.float64), np.asarray(P, np.float64))
+    """Mean r over the genes where it is defined: only to rank the cv-alpha grid (never reported)."""
+    r = gene_pearson(Y, P)
     return float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")
 
 
@@ -126,25 +146,36 @@ def cv_alpha(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, *, seed: int,
 
 
 def run_fold(X_train, Y_train, X_test, Y_test, *, seed: int, test_samples: np.ndarray,
-             train_groups: np.ndarray, variants: bool = True) -> list[dict]:
-    """One fold: the HEST protocol and (``variants``) both variants, one dict per method."""
+             train_groups: np.ndarray, genes: Sequence[str] | None = None, variants: bool = True) -> list[dict]:
+    """One fold: the HEST protocol and (``variants``) both variants, one dict per method.
+
+    ``undefined_genes`` lists the genes whose r is undefined (constant targets or predictions in the
+    test spots): the fold's score is then NaN, as in HEST, and results.md names the fold."""
+    genes = list(genes) if genes is not None else [f"gene{j}" for j in range(Y_train.shape[1])]
     Z_train, Z_test = reduce(X_train, X_test, seed=seed)
     alpha = hest_alpha(Z_train.shape[1], Y_train.shape[1])
     P = ridge_predict(Z_train, Y_train, Z_test, alpha=alpha, seed=seed)
     common = {"n_train": len(Y_train), "n_test": len(Y_test), "n_genes": Y_train.shape[1],
               "pca_components": Z_train.shape[1]}
-    rows = [{"method": "hest", "pearson": mean_pearson(Y_test, P), "alpha": alpha, **common}]
+
+    def scored(method, P, **extra):
+        r, undefined = hest_pearson(Y_test, P, genes)
+        return {"method": method, "pearson": r, **extra, **common, "undefined_genes": ";".join(undefined)}
+
+    rows = [scored("hest", P, alpha=alpha)]
     if not variants:
         return rows
     factor, over = cv_alpha(X_train, Y_train, train_groups, seed=seed)
-    P_cv = ridge_predict(Z_train, Y_train, Z_test, alpha=alpha * factor, seed=seed)
-    rows.append({"method": "cv-alpha", "pearson": mean_pearson(Y_test, P_cv), "alpha": alpha * factor,
-                 "inner_cv": over, **common})
-    per = [mean_pearson(Y_test[test_samples == s], P[test_samples == s]) for s in dict.fromkeys(test_samples)
-           if (test_samples == s).sum() > 1]
-    per = [v for v in per if np.isfinite(v)]
-    rows.append({"method": "per-slide", "pearson": float(np.mean(per)) if per else float("nan"), "alpha": alpha,
-                 "n_test_slides": len(per), **common})
+    rows.append(scored("cv-alpha", ridge_predict(Z_train, Y_train, Z_test, alpha=alpha * factor, seed=seed),
+                       alpha=alpha * factor, inner_cv=over))
+    per, undefined = [], {}
+    for s in dict.fromkeys(test_samples):
+        sel = test_samples == s
+        r, bad = hest_pearson(Y_test[sel], P[sel], genes)
+        per.append(r)
+        undefined.update(dict.fromkeys(f"{g}@{s}" for g in bad))
+    rows.append({"method": "per-slide", "pearson": float(np.mean(per)), "alpha": alpha, "n_test_slides": len(per),
+                 **common, "undefined_genes": ";".join(undefined)})
     return rows
 
 
@@ -171,6 +202,7 @@ class Task:
     source: str  # "hest" or "corpus"
     corpus: object = None
     expression: dict = field(default_factory=dict)  # corpus: sample -> (barcodes, counts of the genes)
+    notes: list = field(default_factory=list)  # what results.md should say about the task's inputs
 
 
 def task_folders(bench_dir: Path) -> list[Path]:
@@ -230,6 +262,11 @@ def read_task(folder: Path) -> Task:
                             '({"genes": [...]})') from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise EvaluateError(f'{gene_file}: not a gene list ({e}); expected {{"genes": ["GENE1", ...]}}') from None
+    notes = []
+    if len(set(genes)) < len(genes):
+        notes.append(f"{folder.name}: {gene_file.name} lists {len(genes)} names but {len(set(genes))} distinct genes; "
+                     "each gene is scored once (duplicates dropped)")
+        genes = list(dict.fromkeys(genes))
     samples: dict[str, Sample] = {}
     folds = []
     for k in sorted(found["train"]):
@@ -251,7 +288,7 @@ def read_task(folder: Path) -> Task:
             raise EvaluateError(f"{found['test'][k]}: samples {sorted(set(ids['train']) & set(ids['test']))} are in "
                                 f"both the training and the test split of fold {k}")
         folds.append((f"split{k}", ids["train"], ids["test"]))
-    return Task(folder.name, list(genes), samples, folds, "hest")
+    return Task(folder.name, list(genes), samples, folds, "hest", notes=notes)
 
 
 def _decode(values) -> np.ndarray:
@@ -272,6 +309,7 @@ def read_patches(path: Path, batch: int):
         if missing:
             raise EvaluateError(f"{path}: no dataset {', '.join(missing)}; a HEST patch file holds img (N, 224, 224, "
                                 "3), barcode and coords")
+        _check_images(path, fh["img"])
         n = fh["img"].shape[0]
         barcodes, coords = _decode(fh["barcode"][()]), np.asarray(fh["coords"][()])
         if len(barcodes) != n:
@@ -279,12 +317,23 @@ def read_patches(path: Path, batch: int):
     def batches():
         with h5py.File(path, "r") as f:
             for a in range(0, n, batch):
-                yield np.asarray(f["img"][a:a + batch], dtype=np.uint8)
+                yield np.asarray(f["img"][a:a + batch])
     return n, barcodes, coords, batches()
 
 
+def _check_images(path: Path, img) -> None:
+    """HEST patch images are uint8 RGB (N, H, W, 3): anything else is refused before it is embedded (a float
+    array would be cast to uint8 silently, a wrong shape fails deep in the encoder's transform)."""
+    shape = tuple(img.shape)
+    if len(shape) != 4 or shape[-1] != 3 or min(shape[1:3], default=0) < 1:
+        raise EvaluateError(f"{path}: img has shape {shape}; a HEST patch file holds RGB patches (N, 224, 224, 3)")
+    if img.dtype != np.uint8:
+        raise EvaluateError(f"{path}: img is {img.dtype}; HEST patch images are uint8 (0-255) RGB, convert them "
+                            "(np.uint8) or download the task again")
+
+
 def patch_barcodes(path: Path) -> np.ndarray:
-    """The barcodes of a HEST patch .h5, without reading its images."""
+    """The barcodes of a HEST patch .h5, its images' shape and dtype checked, without reading them."""
     import h5py
 
     try:
@@ -292,6 +341,7 @@ def patch_barcodes(path: Path) -> np.ndarray:
             if "barcode" not in fh or "img" not in fh:
                 raise EvaluateError(f"{path}: no dataset {'barcode' if 'barcode' not in fh else 'img'}; a HEST patch "
                                     "file holds img (N, 224, 224, 3), barcode and coords")
+            _check_images(path, fh["img"])
             return _decode(fh["barcode"][()])
     except OSError as e:
         raise EvaluateError(f"{path}: not a readable HDF5 patch file ({e}); download the task again") from None
@@ -348,31 +398,52 @@ def read_expression(path: Path, barcodes: np.ndarray, genes: Sequence[str], samp
 # ----------------------------------------------------------------------------- corpus input
 
 
-def hest_genes(counts, slide_ids: np.ndarray, symbols: np.ndarray, *, n_top: int = N_GENES,
+def gene_names(symbols: Sequence[str], ids: Sequence[str]) -> np.ndarray:
+    """One name per vocabulary gene, as HEST names genes: the symbol, or the Ensembl id where the symbol is
+    empty or shared by two vocabulary genes (HEST's var names are unique symbols)."""
+    symbols = np.asarray(symbols).astype(str)
+    ids = np.asarray(ids).astype(str)
+    uniq, counts = np.unique(symbols, return_counts=True)
+    shared = set(uniq[counts > 1])
+    return np.array([i if (not s or s in shared) else s for s, i in zip(symbols, ids)], dtype=object)
+
+
+def hest_genes(counts, slide_ids: np.ndarray, names: Sequence[str], *, n_top: int = N_GENES,
                min_fraction: float = MIN_SPOT_FRACTION) -> np.ndarray:
-    """HEST's gene rule on a corpus: genes detected in >= ``min_fraction`` of all spots (pooled over the
-    slides), control probes dropped; per slide CP10K + log1p; scanpy ``highly_variable_genes``
-    (Seurat flavour) with the slide as batch, ``n_top`` genes, returned in vocabulary order."""
+    """Column indices of the genes HEST's ``get_k_genes`` (criteria "var") picks, in its order.
+
+    HEST's rule, step by step: per slide, genes with a count in at least ``ceil(min_fraction * n_spots)``
+    spots (scanpy ``filter_genes(min_cells=...)``, the same float product); the genes passing in EVERY
+    slide, ordered by name (``np.intersect1d`` sorts; one slide keeps its own order); names containing
+    ``BLANK`` or ``Control`` dropped; the raw counts of all spots stacked, float32, ``log1p``; scanpy
+    ``highly_variable_genes(n_top_genes=n_top)`` (Seurat flavour, no batch key); the first ``n_top`` flagged
+    genes in that order. Counts stay sparse here (HEST stacks a dense frame): same numbers, bounded memory."""
     import warnings
 
     import anndata as ad
     import scanpy as sc
+    import scipy.sparse as sp
 
-    from stamp.evaluate.data import log_cp10k
-
-    detected = np.asarray((counts > 0).sum(axis=0)).reshape(-1) / counts.shape[0]
-    control = np.array([str(s).startswith(CONTROL_PREFIXES) for s in symbols])
-    keep = np.flatnonzero((detected >= min_fraction) & ~control)
-    if keep.size < 2:
-        raise EvaluateError(f"only {keep.size} genes are detected in >= {min_fraction:.0%} of the spots; HEST's gene "
-                            "rule needs more (a larger or deeper corpus)")
-    adata = ad.AnnData(X=log_cp10k(counts)[:, keep])
-    adata.obs["batch"] = np.asarray(slide_ids).astype(str)
+    counts = sp.csr_matrix(counts)
+    slide_ids = np.asarray(slide_ids).astype(str)
+    names = np.asarray(names).astype(str)
+    keep = np.ones(counts.shape[1], bool)
+    for s in dict.fromkeys(slide_ids):
+        rows = counts[np.flatnonzero(slide_ids == s)]
+        keep &= np.asarray((rows > 0).sum(axis=0)).reshape(-1) >= np.ceil(min_fraction * rows.shape[0])
+    keep &= np.array([not any(m in n for m in CONTROL_MARKERS) for n in names])
+    cand = np.flatnonzero(keep)
+    if len(set(slide_ids)) > 1:
+        cand = cand[np.argsort(names[cand], kind="stable")]
+    if cand.size < 2:
+        raise EvaluateError(f"only {cand.size} genes are detected in >= {min_fraction:.0%} of the spots of every "
+                            "slide; HEST's gene rule needs more (slides with deeper coverage, or fewer slides)")
+    adata = ad.AnnData(X=sp.csr_matrix(counts[:, cand], dtype=np.float32))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sc.pp.highly_variable_genes(adata, n_top_genes=int(min(n_top, keep.size)),
-                                    batch_key="batch" if len(set(slide_ids)) > 1 else None)
-    return keep[adata.var["highly_variable"].to_numpy()]
+        sc.pp.log1p(adata)
+        sc.pp.highly_variable_genes(adata, n_top_genes=int(n_top))
+    return cand[np.flatnonzero(adata.var["highly_variable"].to_numpy())[:n_top]]
 
 
 def _slide_patients(corpus, ev, column: str) -> dict[str, str]:
@@ -414,8 +485,9 @@ def corpus_task(data, patient: str) -> Task:
     if len(order) < 2:
         raise EvaluateError(f"--patient {patient}: every slide belongs to one patient ({order[0]}); "
                             "leave-one-patient-out needs slides of at least two patients")
-    keep = hest_genes(ev.counts, ev.slide_ids, ev.gene_symbols)
-    genes = [str(ev.gene_symbols[i] or ev.gene_ids[i]) for i in keep]
+    names = gene_names(ev.gene_symbols, ev.gene_ids)
+    keep = hest_genes(ev.counts, ev.slide_ids, names)
+    genes = [str(names[i]) for i in keep]
     samples, expression = {}, {}
     for s in ev.slides:
         sel = ev.slide_ids == s
@@ -558,6 +630,9 @@ def _assemble(task: Task, files: dict[str, Path], ids: Sequence[str], cache: dic
                 if list(bc) != list(barcodes):
                     raise EvaluateError(f"{files[sid]}: its barcodes do not match the corpus slide {sid}; delete the "
                                         "file and run again")
+            if not np.isfinite(emb).all():
+                raise EvaluateError(f"{files[sid]}: the embeddings of sample {sid} are not all finite (NaN / inf from "
+                                    "the model); check the model's weights, then delete the file and run again")
             cache[sid] = (emb, y)
         emb, y = cache[sid]
         X.append(emb)
@@ -575,7 +650,7 @@ def score_task(task: Task, name: str, files: dict[str, Path], *, seed: int, vari
         X_tr, Y_tr, _, pat_tr = _assemble(task, files, train, cache)
         X_te, Y_te, who_te, _ = _assemble(task, files, test, cache)
         for r in run_fold(X_tr, Y_tr, X_te, Y_te, seed=seed, test_samples=who_te, train_groups=pat_tr,
-                          variants=variants):
+                          genes=task.genes, variants=variants):
             rows.append({"task": task.name, "model": name, "fold": fold, **r})
         if tick:
             tick()
@@ -586,22 +661,45 @@ def score_task(task: Task, name: str, files: dict[str, Path], *, seed: int, vari
 
 
 def summary(df):
-    """Mean and population sd (HEST's np.std) of the fold Pearsons per model x task x method."""
+    """Mean and population sd (HEST's np.mean / np.std) of the fold Pearsons per model x task x method, over
+    every fold: a NaN fold makes the mean NaN, as in HEST (``n_nan`` counts them; results.md names them)."""
     import pandas as pd
 
     rows = []
     for (model, task, method), g in df.groupby(["model", "task", "method"], sort=False):
         v = g["pearson"].to_numpy(dtype=float)
-        v = v[np.isfinite(v)]
         rows.append({"model": model, "task": task, "method": method, "n_folds": len(g),
-                     "pearson_mean": float(v.mean()) if v.size else np.nan,
-                     "pearson_sd": float(v.std()) if v.size else np.nan})
+                     "n_nan": int((~np.isfinite(v)).sum()), "pearson_mean": float(np.mean(v)),
+                     "pearson_sd": float(np.std(v))})
     return pd.DataFrame(rows)
+
+
+def _board(s):
+    """model x method: the mean over tasks of the per-task means (HEST's average; NaN stays NaN)."""
+    return s.groupby(["model", "method"], sort=False)["pearson_mean"].agg(
+        lambda v: float(np.mean(v.to_numpy()))).unstack("method")
+
+
+def _nan_folds(df) -> list[str]:
+    """One line per fold without a score: which, and the genes without a defined Pearson r."""
+    lines = []
+    for _, r in df[~np.isfinite(df["pearson"].to_numpy(dtype=float))].iterrows():
+        genes = [g for g in str(r.get("undefined_genes", "") or "").split(";") if g and g != "nan"]
+        why = (f"{len(genes)} gene{'s' if len(genes) != 1 else ''} without a defined Pearson r, constant targets "
+               f"or predictions in the test spots: {', '.join(genes[:5])}{' ...' if len(genes) > 5 else ''}"
+               ) if genes else "no score"
+        lines.append(f"- {r['model']} · {r['task']} · {r['method']} · {r['fold']}: NaN ({why})")
+    return lines
 
 
 def markdown(df, *, notes: Sequence[str]) -> str:
     s = summary(df)
-    cell = lambda r: "n/a" if not np.isfinite(r["pearson_mean"]) else f"{r['pearson_mean']:.4f} ± {r['pearson_sd']:.4f}"  # noqa: E731
+
+    def cell(r) -> str:
+        if np.isfinite(r["pearson_mean"]):
+            return f"{r['pearson_mean']:.4f} ± {r['pearson_sd']:.4f}"
+        return f"NaN ({r['n_nan']} of {r['n_folds']} folds NaN)" if r["n_nan"] else "n/a"
+
     lines = ["# stamp evaluate hest-bench", ""] + [f"- {n}" for n in notes] + [""]
     lines += ["Methods: " + "; ".join(f"**{k}** = {v}" for k, v in METHODS.items() if k in set(s["method"])), ""]
     methods = [m for m in METHODS if m in set(s["method"])]
@@ -611,12 +709,17 @@ def markdown(df, *, notes: Sequence[str]) -> str:
         by = {r["method"]: r for _, r in g.iterrows()}
         lines.append(f"| {model} | {task} | {int(g['n_folds'].max())} | "
                      + " | ".join(cell(by[m]) if m in by else "n/a" for m in methods) + " |")
+    nan = _nan_folds(df)
+    if nan:
+        lines += ["", "## Folds without a score", "",
+                  "As in HEST, a fold's score is the plain mean over genes and a task's score the plain mean over "
+                  "folds: one undefined value makes them NaN (reported here, never dropped).", ""] + nan
     lines += ["", "## Leaderboard (mean over tasks of the per-task means; HEST's average)", "",
               "| rank | model | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
-    board = s.groupby(["model", "method"], sort=False)["pearson_mean"].mean().unstack("method")
+    board = _board(s)
     board = board.sort_values("hest", ascending=False) if "hest" in board else board
     for i, (model, r) in enumerate(board.iterrows(), 1):
-        lines.append(f"| {i} | {model} | " + " | ".join(f"{r[m]:.4f}" if np.isfinite(r[m]) else "n/a"
+        lines.append(f"| {i} | {model} | " + " | ".join(f"{r[m]:.4f}" if np.isfinite(r[m]) else "NaN"
                                                       for m in methods) + " |")
     return "\n".join(lines) + "\n"
 
@@ -627,7 +730,7 @@ def leaderboard_figure(out: Path, df) -> Path:
 
     plt = _plt()
     s = summary(df)
-    board = s.groupby(["model", "method"], sort=False)["pearson_mean"].mean().unstack("method")
+    board = _board(s)
     methods = [m for m in METHODS if m in board.columns]
     board = board.sort_values(methods[0])
     fig, ax = plt.subplots(figsize=(7, 0.6 + 0.5 * len(board) * max(1, len(methods)) / 2))
@@ -671,13 +774,22 @@ def hest_bench(models: Sequence[str], *, out, bench_dir=None, data=None, patient
     device = device or default_device()
     notes = [f"input: {'HEST-Benchmark task folders in ' + str(bench_dir) if bench_dir is not None else 'corpus ' + str(data) + ', leave-one-patient-out by ' + str(patient)}",
              f"tasks: {', '.join(f'{t.name} ({len(t.samples)} samples, {len(t.folds)} folds, {len(t.genes)} genes)' for t in tasks)}",
-             f"features: each model's image side before any projection; StandardScaler + PCA(≤{N_COMPONENTS}, "
-             f"random_state={seed}) fit on the training split; Ridge(lsqr, fit_intercept=False, max_iter={MAX_ITER}); "
-             f"seed {seed}; device {device}",
+             f"features: each model's image side before any projection, float32; StandardScaler + "
+             f"PCA(min({N_COMPONENTS}, n_train, n_features), random_state={seed}) fit on the training split, "
+             f"components rounded to float32; Ridge(lsqr, fit_intercept=False, max_iter={MAX_ITER}) in float64 "
+             f"(as HEST's torch.Tensor reaches sklearn); seed {seed}; device {device}",
              "targets: log1p of raw counts (no per-spot normalisation, as HEST)",
-             "sd: population sd over folds (as HEST's np.std)"]
+             "score: plain mean of the per-gene Pearson r, then mean ± population sd over folds (HEST's np.mean / "
+             "np.std: a NaN is reported, never dropped)"]
+    if data is not None:
+        notes.append(f"genes: HEST's get_k_genes rule on the corpus ({len(tasks[0].genes)} genes, written to "
+                     f"{GENE_LIST}): detected in >= {MIN_SPOT_FRACTION:.0%} of the spots of every slide, names with "
+                     f"{' / '.join(CONTROL_MARKERS)} dropped, Seurat HVGs of log1p counts, in name order")
+    notes += [n for t in tasks for n in t.notes]
     rows = []
     with output_folder(Path(out)) as out, counter(enabled=progress, elapsed=True) as bar, torch_threads(threads):
+        if data is not None:  # the gene list used, where HEST keeps it (a task folder's var_50genes.json)
+            atomic_write_text(out / GENE_LIST, json.dumps({"genes": tasks[0].genes}) + "\n")
         for model, name in zip(models, names):
             enc_holder: dict = {}
 

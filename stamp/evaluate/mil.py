@@ -14,12 +14,17 @@
   patient are one bag; every features folder is scored on the same folds.
 * Baseline in the same run: mean-pooled patient features + logistic regression (survival: Cox
   model, lifelines ``CoxPHFitter`` with a small penalizer, on the first principal components).
-* Outputs: ``results.csv`` (one row per features x model x fold), ``results.md`` (mean ± sd),
-  ``roc.png`` (classification), ``heatmaps/<features>/<slide>.png`` (attention on the QC
-  thumbnail for a few test patients per class).
+* Outputs, all inside ``out`` whatever the inputs are called: ``results.csv`` (one row per
+  features x model x fold), ``results.md`` (mean ± sd), ``roc.png`` (classification),
+  ``heatmaps/<features>/<slide>.png`` (attention on the QC thumbnail for a few test patients per
+  class). A run that fails removes the ``out`` it created.
+* Inputs are checked before any training: the labels (ids read as text; one target per slide and
+  per patient; survival times finite, events 0/1, at least one event), every bag of every features
+  folder (readable, tiles, one width, finite values) and the options (``lr`` finite and > 0).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -65,6 +70,18 @@ class MilOptions:
     def task_lr(self, survival: bool) -> float:
         return self.lr if self.lr is not None else (5e-5 if survival else 5e-4)
 
+    def check(self) -> None:
+        """Refuse options no training can use (an infinite or zero lr trains to NaN and scores nothing)."""
+        if self.lr is not None and not (np.isfinite(self.lr) and self.lr > 0):
+            raise BagError(f"--lr {self.lr}: give a positive, finite learning rate (default 5e-4; survival 5e-5)")
+        if not 0 <= self.val_fraction < 1:
+            raise BagError(f"validation fraction {self.val_fraction}: give a number in [0, 1)")
+        for name in ("folds", "patience", "n_bins", "hidden", "attention_dim"):
+            if getattr(self, name) < (2 if name == "folds" else 1):
+                raise BagError(f"{name} {getattr(self, name)}: too small")
+        if self.epochs is not None and self.epochs < 1:
+            raise BagError(f"--epochs {self.epochs}: give at least 1")
+
 
 @dataclass
 class PatientBag:
@@ -85,6 +102,7 @@ class MilResult:
     attention: dict = field(default_factory=dict)
     folds: list = field(default_factory=list)
     predictions: Any = None
+    bag_attrs: dict = field(default_factory=dict)  # {(features, slide): the bag's root attributes}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -92,39 +110,106 @@ class MilResult:
 
 def _read_labels(labels: str | os.PathLike, label: Optional[str], patient: str, slide_col: str,
                  survival: Optional[tuple[str, str]]):
+    """The labels table, checked: every value read as text (slide ``000`` stays ``000``), one patient and one
+    target per slide (a slide listed twice with different targets is refused), survival columns numeric."""
     import pandas as pd
 
     path = Path(labels)
     if not path.is_file():
         raise BagError(f"{path}: no such labels file; pass a CSV with {slide_col}, {patient} and label columns")
-    df = pd.read_csv(path, sep=None, engine="python") if path.suffix.lower() in (".tsv", ".txt") else pd.read_csv(path)
+    try:
+        df = (pd.read_csv(path, sep=None, engine="python", dtype=str) if path.suffix.lower() in (".tsv", ".txt")
+              else pd.read_csv(path, dtype=str))
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise BagError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
     need = [slide_col, patient] + ([label] if label else []) + (list(survival) if survival else [])
     missing = [c for c in need if c not in df.columns]
     if missing:
         raise BagError(f"{path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(map(str, df.columns))}); "
                        "pass --slide-column / --patient / --label / --survival with its names")
     df = df[need].copy()
-    df[slide_col] = df[slide_col].astype(str).map(lambda s: slide_name(s) if Path(s).suffix.lower() in
-                                                  (".svs", ".ndpi", ".mrxs", ".scn", ".tif", ".tiff", ".h5") else s)
-    df[patient] = df[patient].astype(str)
+    for col in (slide_col, patient):
+        blank = df[col].isna() | (df[col].str.strip() == "")
+        if blank.any():
+            raise BagError(f"{path}: row {int(np.flatnonzero(blank.to_numpy())[0]) + 2} has no {col}; every labelled "
+                           f"slide needs its {col}")
+    df[slide_col] = df[slide_col].map(lambda s: slide_name(s) if Path(s).suffix.lower() in
+                                      (".svs", ".ndpi", ".mrxs", ".scn", ".tif", ".tiff", ".h5") else s)
     target = list(survival) if survival else [label]
     dropped = df[target].isna().any(axis=1)
     if dropped.any():
         log.warning("%s: %d rows without %s ignored", path, int(dropped.sum()), " / ".join(target))
         df = df[~dropped]
+    if survival:
+        df = _survival_columns(df, path, survival, slide_col)
     per_slide = df.groupby(slide_col)[patient].nunique()
     two = per_slide[per_slide > 1]
     if len(two):
         s = two.index[0]
         pats = sorted(df.loc[df[slide_col] == s, patient].unique())
         raise BagError(f"{path}: slide {s!r} belongs to two patients ({', '.join(pats)}); fix the {patient} column")
+    for col in target:
+        per_slide = df.groupby(slide_col)[col].nunique()
+        if (per_slide > 1).any():
+            s = per_slide[per_slide > 1].index[0]
+            vals = ", ".join(map(str, sorted(df.loc[df[slide_col] == s, col].unique())))
+            raise BagError(f"{path}: slide {s!r} is listed more than once with different {col!r} values ({vals}); "
+                           "keep one row per slide")
     df = df.drop_duplicates(subset=[slide_col])
     if df.empty:
         raise BagError(f"{path}: no labelled slides")
     return df
 
 
-def _load_bags(folder: Path, slides: Sequence[str], labels_path: Path) -> dict[str, Any]:
+def _survival_columns(df, path: Path, survival: tuple[str, str], slide_col: str):
+    """Time as a finite number >= 0 and event as 0 / 1 (``1.0`` is 1, ``0.5`` is refused), per row."""
+    import pandas as pd
+
+    tcol, ecol = survival
+    out = df.copy()
+    for col in (tcol, ecol):
+        num = pd.to_numeric(df[col].str.strip(), errors="coerce")
+        bad = num.isna().to_numpy()
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise BagError(f"{path}: {col!r} of slide {df[slide_col].iloc[i]!r} is {df[col].iloc[i]!r}, not a number; "
+                           f"{tcol!r} holds times, {ecol!r} 1 (event) or 0 (censored)")
+        out[col] = num.astype(float)
+    times, events = out[tcol].to_numpy(), out[ecol].to_numpy()
+    bad = ~np.isfinite(times) | (times < 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise BagError(f"{path}: {tcol!r} of slide {out[slide_col].iloc[i]!r} is {times[i]:g}; survival times are "
+                       "finite numbers >= 0")
+    bad = ~np.isin(events, (0.0, 1.0))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise BagError(f"{path}: {ecol!r} of slide {out[slide_col].iloc[i]!r} is {events[i]:g}; the event column "
+                       "holds 1 (event) or 0 (censored)")
+    out[ecol] = events.astype(int)
+    return out
+
+
+def _check_bag(bag, path: Path, slide: str, folder: Path, dim: Optional[int]) -> int:
+    """One bag usable by ABMIL, or one line naming it: tiles, the folder's feature width, finite values."""
+    if len(bag.features) == 0:
+        raise BagError(f"{path}: a bag without tiles (no tissue found); remove slide {slide!r} from the labels "
+                       "or embed it again with a lower --min-tissue")
+    if bag.features.ndim != 2:
+        raise BagError(f"{path}: features of shape {bag.features.shape}; a bag holds (tiles, features)")
+    if dim is not None and bag.features.shape[1] != dim:
+        raise BagError(f"{path}: {bag.features.shape[1]} features per tile, other bags of {folder} have "
+                       f"{dim}; embed every slide with the same model")
+    finite = np.isfinite(bag.features).all(axis=1)
+    if not finite.all():
+        raise BagError(f"{path}: slide {slide!r} has {int((~finite).sum())} of {len(finite)} tiles with NaN / inf "
+                       "features; embed it again (or drop its row from the labels)")
+    return bag.features.shape[1]
+
+
+def _load_bags(folder: Path, slides: Sequence[str], labels_path: Path, *, keep: bool = True) -> dict[str, Any]:
+    """{slide: bag} of ``folder``, every bag checked (:func:`_check_bag`); ``keep=False`` checks only,
+    holding one bag at a time (every folder is checked before any training)."""
     available = list_bags(folder)
     unknown = [s for s in slides if s not in available]
     if unknown:
@@ -135,14 +220,9 @@ def _load_bags(folder: Path, slides: Sequence[str], labels_path: Path) -> dict[s
     dim = None
     for s in slides:
         bag = read_bag(available[s])
-        if len(bag.features) == 0:
-            raise BagError(f"{available[s]}: a bag without tiles (no tissue found); remove slide {s!r} from the labels "
-                           "or embed it again with a lower --min-tissue")
-        if dim is not None and bag.features.shape[1] != dim:
-            raise BagError(f"{available[s]}: {bag.features.shape[1]} features per tile, other bags of {folder} have "
-                           f"{dim}; embed every slide with the same model")
-        dim = bag.features.shape[1]
-        out[s] = bag
+        dim = _check_bag(bag, available[s], s, folder, dim)
+        if keep:
+            out[s] = bag
     return out
 
 
@@ -188,12 +268,15 @@ def _carve_validation(train: np.ndarray, strata: np.ndarray, fraction: float, se
 
 
 def _train_abmil(bags: list, targets: list, val_bags: list, val_targets: list, *, n_out: int, survival: bool,
-                 opts: MilOptions, seed: int, device):
+                 opts: MilOptions, seed: int, device, where: str = "ABMIL"):
+    """Train one fold's ABMIL (early stopping on the validation loss); a loss that turns NaN / inf (a learning
+    rate too large for these features) stops the run with one line instead of scoring NaN predictions."""
     import torch
+
+    from stamp.models.abmil import GatedABMIL, nll_survival_loss
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    from stamp.models.abmil import GatedABMIL, nll_survival_loss
 
     model = GatedABMIL(bags[0].shape[1], n_out, opts.hidden, opts.attention_dim, opts.dropout).to(device)
     optim = torch.optim.Adam(model.parameters(), lr=opts.task_lr(survival), weight_decay=opts.weight_decay)
@@ -207,10 +290,16 @@ def _train_abmil(bags: list, targets: list, val_bags: list, val_targets: list, *
     best, best_loss, bad, epochs = None, float("inf"), 0, 0
     for epoch in range(opts.task_epochs(survival)):
         model.train()
+        total = torch.zeros((), device=device)
         for i in rng.permutation(len(bags)):
             optim.zero_grad(set_to_none=True)
-            loss_of(bags[i], targets[i]).backward()
+            loss = loss_of(bags[i], targets[i])
+            loss.backward()
             optim.step()
+            total += loss.detach()
+        if not torch.isfinite(total):  # one check (one device sync) per epoch
+            raise BagError(f"{where}: the ABMIL training loss became {float(total)} in epoch {epoch + 1} (lr "
+                           f"{opts.task_lr(survival):g}); lower --lr")
         epochs = epoch + 1
         if not val_bags:
             continue
@@ -325,28 +414,36 @@ def evaluate_mil(features: Sequence[str | os.PathLike], labels: str | os.PathLik
 
     ``labels``: CSV with ``slide_column`` (bag names, extensions ignored), ``patient`` and ``label``
     (classification) or the two ``survival`` columns (time, event 1/0). Writes ``results.csv``,
-    ``results.md`` and the figures into ``out`` when given.
+    ``results.md`` and the figures into ``out`` when given (and only there; an ``out`` this run created is
+    removed when it fails). Labels, options and every bag of every folder are checked before any training.
     """
     import pandas as pd
-    import torch
+
+    from stamp.evaluate import output_folder
 
     if not features:
         raise BagError("no features folder; pass --features DIR (repeatable)")
+    options.check()
     surv = tuple(survival) if survival else None
     if surv is not None and len(surv) != 2:
         raise BagError(f"--survival {','.join(surv)}: give TIME_COL,EVENT_COL")
     if surv is None and not label:
         raise BagError("pass --label COLUMN (classification) or --survival TIME_COL,EVENT_COL")
     labels = Path(labels)
+    folders = [Path(f) for f in features]
+    names = _feature_names(folders)
     df = _read_labels(labels, label, patient, slide_column, surv)
     # per-patient targets
     pat = df.groupby(patient, sort=True)
     patients = list(pat.groups)
-    if surv is None:
-        per = pat[label].nunique()
+    for col in ([label] if surv is None else list(surv)):
+        per = pat[col].nunique()
         if (per > 1).any():
             p = per[per > 1].index[0]
-            raise BagError(f"{labels}: patient {p!r} has slides with different {label!r} values; one label per patient")
+            vals = ", ".join(map(str, sorted(df.loc[df[patient] == p, col].unique())))
+            raise BagError(f"{labels}: patient {p!r} has slides with different {col!r} values ({vals}); one "
+                           f"{'label' if surv is None else 'time and event'} per patient")
+    if surv is None:
         classes = sorted(df[label].astype(str).unique())
         if len(classes) < 2:
             raise BagError(f"{labels}: column {label!r} has one class ({classes[0]}); need at least two")
@@ -356,117 +453,165 @@ def evaluate_mil(features: Sequence[str | os.PathLike], labels: str | os.PathLik
         small = [(c, int(n)) for c, n in zip(classes, counts) if n < options.folds]
         if small:
             c, n = small[0]
-            raise BagError(f"{labels}: class {c!r} has {n} patients, fewer than the {options.folds} folds; "
-                           f"use --folds {max(2, n)} or drop the class")
+            fix = f"use --folds {n} or drop the class" if n >= 2 else "drop the class (a class needs 2 patients)"
+            raise BagError(f"{labels}: class {c!r} has {n} patients, fewer than the {options.folds} folds; {fix}")
     else:
         tcol, ecol = surv
-        try:
-            times = pat[tcol].first().astype(float).to_numpy()
-            events = pat[ecol].first().astype(float).astype(int).to_numpy()
-        except ValueError as exc:
-            raise BagError(f"{labels}: {tcol!r} must be a number and {ecol!r} 0/1 ({exc})") from None
-        if not set(np.unique(events)) <= {0, 1}:
-            raise BagError(f"{labels}: column {ecol!r} must be 0 (censored) or 1 (event)")
-        if (times < 0).any():
-            raise BagError(f"{labels}: column {tcol!r} has negative times")
+        times = pat[tcol].first().to_numpy(dtype=float)
+        events = pat[ecol].first().to_numpy(dtype=int)
+        if not events.any():
+            raise BagError(f"{labels}: no patient has an event ({ecol!r} is 0 for all {len(patients)}); a survival "
+                           "model cannot be fitted or scored without events")
         classes = []
         strata = events
         if min(np.bincount(events, minlength=2)) < options.folds:
             strata = np.zeros_like(events)
         if len(patients) < options.folds:
             raise BagError(f"{labels}: {len(patients)} patients, fewer than the {options.folds} folds")
+    slides = list(df[slide_column])
+    for folder in folders[1:]:  # every folder checked before the first one trains (it is checked as it loads)
+        _load_bags(folder, slides, labels, keep=False)
     folds = make_folds(strata, options.folds, options.seed)
+    import torch  # only now: every refusal above is fast
+
     dev = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     threads = torch.get_num_threads()
-    rows, attention, preds = [], {}, []
-    names = _feature_names([Path(f) for f in features])
-    for folder, fname in zip([Path(f) for f in features], names):
-        bags = _load_bags(folder, list(df[slide_column]), labels)
-        pbags = _patient_bags(df, bags, slide_column, patient)
-        X = [pbags[p].features for p in patients]
-        mean_feats = np.stack([x.mean(dim=0).numpy() for x in X])
-        # small bags on CPU: one thread (thread hand-offs cost more than these matmuls)
-        torch.set_num_threads(1 if dev.type == "cpu" and max(x.numel() for x in X) < 2**20 else threads)
-        for k, (train, test) in enumerate(folds):
-            tr, va = _carve_validation(train, strata, options.val_fraction, options.seed + k)
-            if surv is None:
-                tgt = list(y_all)
-                n_out = len(classes)
-            else:
-                edges = _time_bins(times[train], events[train], options.n_bins)
-                ybin = np.digitize(times, edges)
-                tgt = list(zip(ybin, events))
-                n_out = len(edges) + 1
-            model, epochs = _train_abmil([X[i] for i in tr], [tgt[i] for i in tr], [X[i] for i in va],
-                                         [tgt[i] for i in va], n_out=n_out, survival=surv is not None, opts=options,
-                                         seed=options.seed * 1000 + k, device=dev)
-            logits, attn = _predict(model, [X[i] for i in test], dev)
-            base = {"features": fname, "fold": k, "n_train": len(tr), "n_val": len(va), "n_test": len(test)}
-            for j, i in enumerate(test):
-                pb = pbags[patients[i]]
-                attention[(fname, pb.patient)] = {s: (c, attn[j][a:b]) for s, (a, b), c in
-                                                  zip(pb.slides, pb.spans, pb.coords)}
-            if surv is None:
-                prob = _softmax(logits)
-                rows.append({**base, "model": "abmil", "epochs": epochs,
-                             **classification_metrics(y_all[test], prob, len(classes))})
-                preds += [{"features": fname, "model": "abmil", "fold": k, "patient": patients[i], "y": int(y_all[i]),
-                           **{f"p_{c}": float(p) for c, p in zip(classes, prob[j])}} for j, i in enumerate(test)]
-                if options.baselines:
-                    bp, bcls = _baseline_classification(mean_feats[train], y_all[train], mean_feats[test], options.seed)
-                    full = np.zeros((len(test), len(classes)))
-                    full[:, bcls] = bp
-                    rows.append({**base, "n_train": len(train), "n_val": 0, "model": "mean-logreg", "epochs": 0,
-                                 **classification_metrics(y_all[test], full, len(classes))})
-                    preds += [{"features": fname, "model": "mean-logreg", "fold": k, "patient": patients[i],
-                               "y": int(y_all[i]), **{f"p_{c}": float(p) for c, p in zip(classes, full[j])}}
-                              for j, i in enumerate(test)]
-            else:
-                rows.append({**base, "model": "abmil", "epochs": epochs,
-                             "c_index": c_index(times[test], events[test], _expected_survival(logits))})
-                if options.baselines:
-                    try:
-                        score = _baseline_cox(mean_feats[train], times[train], events[train], mean_feats[test],
-                                              options.seed)
-                        ci = c_index(times[test], events[test], score)
-                    except Exception as exc:  # lifelines convergence failures: recorded, not fatal
-                        log.warning("%s fold %d: Cox baseline did not converge (%s)", fname, k, exc)
-                        ci = float("nan")
-                    rows.append({**base, "n_train": len(train), "n_val": 0, "model": "mean-cox", "epochs": 0,
-                                 "c_index": ci})
-            if progress:
-                log.warning("%s fold %d/%d done", fname, k + 1, len(folds))
-    torch.set_num_threads(threads)
-    results = pd.DataFrame(rows)
-    predictions = pd.DataFrame(preds) if preds else None
-    result = MilResult(results, Path(out) if out else None, attention, folds, predictions)
-    if out is not None:
-        _write_outputs(result, classes, df, patient, label, features=[Path(f) for f in features], names=names,
-                       survival=surv is not None, options=options)
+    rows, attention, preds, bag_attrs = [], {}, [], {}
+    with contextlib.ExitStack() as stack:
+        if out is not None:
+            out = stack.enter_context(output_folder(Path(out)))
+        try:
+            for folder, fname in zip(folders, names):
+                bags = _load_bags(folder, slides, labels)
+                bag_attrs.update({(fname, s): b.attrs for s, b in bags.items()})
+                pbags = _patient_bags(df, bags, slide_column, patient)
+                del bags
+                X = [pbags[p].features for p in patients]
+                mean_feats = np.stack([x.mean(dim=0).numpy() for x in X])
+                # small bags on CPU: one thread (thread hand-offs cost more than these matmuls)
+                torch.set_num_threads(1 if dev.type == "cpu" and max(x.numel() for x in X) < 2**20 else threads)
+                for k, (train, test) in enumerate(folds):
+                    tr, va = _carve_validation(train, strata, options.val_fraction, options.seed + k)
+                    if surv is None:
+                        tgt = list(y_all)
+                        n_out = len(classes)
+                    else:
+                        edges = _time_bins(times[train], events[train], options.n_bins)
+                        ybin = np.digitize(times, edges)
+                        tgt = list(zip(ybin, events))
+                        n_out = len(edges) + 1
+                    model, epochs = _train_abmil([X[i] for i in tr], [tgt[i] for i in tr], [X[i] for i in va],
+                                                 [tgt[i] for i in va], n_out=n_out, survival=surv is not None,
+                                                 opts=options, seed=options.seed * 1000 + k, device=dev,
+                                                 where=f"--features {fname}, fold {k}")
+                    logits, attn = _predict(model, [X[i] for i in test], dev)
+                    base = {"features": fname, "fold": k, "n_train": len(tr), "n_val": len(va), "n_test": len(test)}
+                    for j, i in enumerate(test):
+                        pb = pbags[patients[i]]
+                        attention[(fname, pb.patient)] = {s: (c, attn[j][a:b]) for s, (a, b), c in
+                                                          zip(pb.slides, pb.spans, pb.coords)}
+                    if surv is None:
+                        prob = _softmax(logits)
+                        rows.append({**base, "model": "abmil", "epochs": epochs,
+                                     **classification_metrics(y_all[test], prob, len(classes))})
+                        preds += [{"features": fname, "model": "abmil", "fold": k, "patient": patients[i],
+                                   "y": int(y_all[i]), **{f"p_{c}": float(p) for c, p in zip(classes, prob[j])}}
+                                  for j, i in enumerate(test)]
+                        if options.baselines:
+                            bp, bcls = _baseline_classification(mean_feats[train], y_all[train], mean_feats[test],
+                                                                options.seed)
+                            full = np.zeros((len(test), len(classes)))
+                            full[:, bcls] = bp
+                            rows.append({**base, "n_train": len(train), "n_val": 0, "model": "mean-logreg",
+                                         "epochs": 0, **classification_metrics(y_all[test], full, len(classes))})
+                            preds += [{"features": fname, "model": "mean-logreg", "fold": k, "patient": patients[i],
+                                       "y": int(y_all[i]), **{f"p_{c}": float(p) for c, p in zip(classes, full[j])}}
+                                      for j, i in enumerate(test)]
+                    else:
+                        n_events = int(events[test].sum())
+                        rows.append({**base, "model": "abmil", "epochs": epochs, "n_events": n_events,
+                                     "c_index": c_index(times[test], events[test], _expected_survival(logits))})
+                        if options.baselines:
+                            try:
+                                score = _baseline_cox(mean_feats[train], times[train], events[train],
+                                                      mean_feats[test], options.seed)
+                                ci = c_index(times[test], events[test], score)
+                            except Exception as exc:  # lifelines convergence failures: recorded, not fatal
+                                log.warning("%s fold %d: Cox baseline did not converge (%s)", fname, k, exc)
+                                ci = float("nan")
+                            rows.append({**base, "n_train": len(train), "n_val": 0, "model": "mean-cox", "epochs": 0,
+                                         "n_events": n_events, "c_index": ci})
+                    if progress:
+                        log.warning("%s fold %d/%d done", fname, k + 1, len(folds))
+        finally:
+            torch.set_num_threads(threads)
+        results = pd.DataFrame(rows)
+        predictions = pd.DataFrame(preds) if preds else None
+        result = MilResult(results, Path(out) if out is not None else None, attention, folds, predictions, bag_attrs)
+        if out is not None:
+            _write_outputs(result, classes, df, patient, label, features=folders, names=names,
+                           survival=surv is not None, options=options)
     return result
 
 
 def _feature_names(folders: list[Path]) -> list[str]:
-    names = [f.name or str(f) for f in folders]
-    if len(set(names)) < len(names):
-        names = [str(f) for f in folders]
+    """One name per features folder (results rows, ``heatmaps/<name>/``): the folder name, or the shortest path
+    suffix that tells same-named folders apart (``cohortA/feat``, ``cohortB/feat``). The same folder twice is
+    refused (its rows would be pooled)."""
+    keys = [f.resolve().parts for f in folders]
+    for i, k in enumerate(keys):
+        if k in keys[:i]:
+            raise BagError(f"--features {folders[i]}: the same folder as --features {folders[keys.index(k)]}; give each "
+                           "features folder once")
+    names = []
+    for i, k in enumerate(keys):
+        n = 1
+        while n < len(k) and any(k[-n:] == o[-n:] for j, o in enumerate(keys) if j != i):
+            n += 1
+        names.append("/".join(k[-n:]).lstrip("/") or k[-1])
     return names
 
 
 def summary_table(results, metrics: Sequence[str]) -> str:
-    """Markdown: one row per features x model, mean ± sd over folds."""
+    """Markdown: one row per features x model, mean ± sd over the folds that have a score; a cell says how many
+    folds it averages when some have none (their reasons: :func:`unscored_folds`)."""
     lines = ["| features | model | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for (f, m), g in results.groupby(["features", "model"], sort=False):
-        cells = [f"{g[k].mean():.3f} ± {g[k].std(ddof=1) if len(g) > 1 else 0:.3f}" for k in metrics]
+        cells = []
+        for k in metrics:
+            v = g[k].to_numpy(dtype=float)
+            ok = v[np.isfinite(v)]
+            if not ok.size:
+                cells.append(f"n/a (0 of {len(v)} folds scored)")
+                continue
+            sd = f"{ok.std(ddof=1):.3f}" if ok.size > 1 else "n/a"
+            cells.append(f"{ok.mean():.3f} ± {sd}" + (f" ({ok.size} of {len(v)} folds)" if ok.size < len(v) else ""))
         lines.append(f"| {f} | {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def unscored_folds(results, metrics: Sequence[str]) -> list[str]:
+    """One line per features x model x fold without a score, and why (survival: no event among its test
+    patients, or no comparable pair)."""
+    lines = []
+    for _, r in results.iterrows():
+        bad = [k for k in metrics if not np.isfinite(float(r[k]))]
+        if not bad:
+            continue
+        if "n_events" in r and r["n_events"] == 0:
+            why = f"no event among its {int(r['n_test'])} test patients; the c-index needs one"
+        elif "n_events" in r:
+            why = "no comparable pair of test patients" if r["model"] == "abmil" else "the Cox fit failed"
+        else:
+            why = "a single class among its test patients"
+        lines.append(f"- {r['features']} · {r['model']} · fold {int(r['fold'])}: no {', '.join(bad)} ({why})")
+    return lines
 
 
 def _write_outputs(result: MilResult, classes, df, patient, label, *, features, names, survival, options) -> None:
     from spavis.format.io import atomic_write_text
 
     out = result.out
-    out.mkdir(parents=True, exist_ok=True)
     metrics = SURVIVAL_METRICS if survival else CLASSIFICATION_METRICS
     atomic_write_text(out / "results.csv", result.results.to_csv(index=False))
     task = "survival (discrete-time NLL)" if survival else f"classification of {label!r} ({', '.join(classes)})"
@@ -476,6 +621,9 @@ def _write_outputs(result: MilResult, classes, df, patient, label, *, features, 
           f"{options.task_epochs(survival)} epochs, early stopping patience {options.patience}; baseline: mean-pooled "
           f"features + {'Cox (penalized, PCA)' if survival else 'logistic regression'}. Mean ± sd over folds.", "",
           summary_table(result.results, metrics), ""]
+    unscored = unscored_folds(result.results, metrics)
+    if unscored:
+        md += ["Folds without a score (left out of the mean above, never counted as a value):", ""] + unscored + [""]
     if result.predictions is not None:
         atomic_write_text(out / "predictions.csv", result.predictions.to_csv(index=False))
     if options.figures and not survival and result.predictions is not None:
@@ -515,8 +663,43 @@ def _roc_figure(preds, classes, path: Path) -> None:
     plt.close(fig)
 
 
+def _thumbnail(folder: Path, attrs: dict, slide: str):
+    """(the slide's QC thumbnail as RGB, thumbnail downsample, tile side in thumbnail px), or None.
+
+    ``qc_png`` is resolved inside the features folder only (an absolute path, ``..`` or a link out of the
+    folder is refused); an unreadable or truncated thumbnail skips that heatmap with a warning."""
+    from PIL import Image
+
+    rel = attrs.get("qc_png")
+    if not rel:
+        return None  # no thumbnail recorded (bags of other tools): nothing to draw on
+    root = folder.resolve()
+    qc = (folder / str(rel)).resolve()
+    if Path(str(rel)).is_absolute() or ".." in Path(str(rel)).parts or not qc.is_relative_to(root):
+        log.warning("%s: slide %s's qc_png %r points outside the features folder; its heatmap is skipped", folder,
+                    slide, str(rel))
+        return None
+    try:
+        ds = float(attrs["qc_downsample"])
+        side = float(attrs["tile_px_level0"]) / ds
+        if not (np.isfinite(ds) and ds > 0 and np.isfinite(side) and side > 0):
+            raise ValueError(f"qc_downsample {ds}, tile_px_level0 {attrs['tile_px_level0']}")
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        log.warning("%s: slide %s has no usable qc_downsample / tile_px_level0 (%s); its heatmap is skipped", folder,
+                    slide, exc)
+        return None
+    try:
+        with Image.open(qc) as im:
+            img = im.convert("RGB")  # decodes every pixel: a truncated file fails here
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        log.warning("%s: the QC thumbnail of slide %s is unreadable (%s); its heatmap is skipped", qc, slide, exc)
+        return None
+    return img, ds, side
+
+
 def _heatmaps(result, classes, df, patient, label, features, names, per_class: int, out: Path) -> int:
-    """Attention of the test-fold ABMIL on each slide's QC thumbnail, for a few patients per class."""
+    """Attention of the test-fold ABMIL on each slide's QC thumbnail, for a few patients per class, written
+    under ``out/heatmaps/<features name>/`` only (the names are path suffixes of real folders: no ``..``)."""
     if per_class <= 0:
         return 0
     import matplotlib
@@ -526,7 +709,6 @@ def _heatmaps(result, classes, df, patient, label, features, names, per_class: i
     from PIL import Image, ImageDraw
 
     from spavis.format.io import atomic_open
-    from stamp.slides.bags import read_attrs
 
     if classes:
         first = df.groupby(patient, sort=True)[label].first().astype(str)
@@ -534,17 +716,18 @@ def _heatmaps(result, classes, df, patient, label, features, names, per_class: i
     else:
         chosen = sorted(df[patient].unique())[:per_class * 2]
     cmap = colormaps["inferno"]
+    root = (out / "heatmaps").resolve()
     made = 0
     for folder, fname in zip(features, names):
         for p in chosen:
             for slide, (coords, att) in result.attention.get((fname, p), {}).items():
-                attrs = read_attrs(folder / f"{slide}.h5")
-                qc = folder / str(attrs.get("qc_png", ""))
-                if not attrs.get("qc_png") or not qc.is_file() or not len(att):
+                dest = out / "heatmaps" / fname / f"{slide}.png"
+                if not len(att) or not dest.resolve().is_relative_to(root):
                     continue
-                img = Image.open(qc).convert("RGB")
-                ds = float(attrs["qc_downsample"])
-                side = float(attrs["tile_px_level0"]) / ds
+                thumb = _thumbnail(folder, result.bag_attrs.get((fname, slide), {}), slide)
+                if thumb is None:
+                    continue
+                img, ds, side = thumb
                 rank = np.argsort(np.argsort(att)) / max(1, len(att) - 1)  # rank-normalised within the slide
                 over = img.copy()
                 d = ImageDraw.Draw(over)
@@ -552,11 +735,11 @@ def _heatmaps(result, classes, df, patient, label, features, names, per_class: i
                     c = tuple(int(255 * v) for v in cmap(float(r))[:3])
                     d.rectangle([x / ds, y / ds, x / ds + side, y / ds + side], fill=c)
                 img = Image.blend(img, over, 0.6)
-                with atomic_open(out / "heatmaps" / fname / f"{slide}.png", "wb") as fh:
+                with atomic_open(dest, "wb") as fh:
                     img.save(fh, format="PNG")
                 made += 1
     return made
 
 
 __all__ = ["evaluate_mil", "MilOptions", "MilResult", "make_folds",
-           "classification_metrics", "c_index", "summary_table"]
+           "classification_metrics", "c_index", "summary_table", "unscored_folds"]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -46,10 +46,49 @@ def _cell(mean: float, sd: float) -> str:
     return "n/a" if not np.isfinite(mean) else f"{mean:.3f} ± {sd:.3f}"
 
 
-def markdown(df: pd.DataFrame, *, title: str, notes: Sequence[str] = ()) -> str:
-    """One table per task and method: models as rows, metrics mean ± sd over folds; best in bold."""
+TABLE1_TITLE = "## Table 1 layout"
+MARKS = ("V", "L", "G")
+
+
+def table1(df: pd.DataFrame, marks: Mapping[str, str] | None = None) -> list[str]:
+    """The paper's Table 1 layout: one row per model (run order) with its V / L / G marks (the modalities it
+    saw in pretraining; none for the baselines), one column per task, method and metric (mean ± sd over
+    folds, the best of each column in bold)."""
+    s = summary(df)
+    marks = dict(marks or {})
+    columns = [(t, m, metric) for (t, m), _ in s.groupby(["task", "method"], sort=False) for metric in METRICS.get(t, [])]
+    models = list(dict.fromkeys(s["model"].tolist()))
+    cell = {(r["model"], r["task"], r["method"], metric): (r[metric], r[f"{metric}_sd"])
+            for _, r in s.iterrows() for metric in METRICS.get(r["task"], [])}
+    best = {}
+    for t, m, metric in columns:
+        vals = np.array([cell.get((name, t, m, metric), (np.nan, np.nan))[0] for name in models], dtype=float)
+        if np.isfinite(vals).any() and len(models) > 1:
+            best[t, m, metric] = models[int(np.nanargmax(vals) if HIGHER_IS_BETTER.get(metric, True)
+                                            else np.nanargmin(vals))]
+    lines = [f"{TABLE1_TITLE} (rows: models; V / L / G: vision, language, genes seen in pretraining; "
+             "mean ± sd over folds)", "",
+             "| model | " + " | ".join(MARKS) + " | " + " | ".join(f"{t} {m} {metric}" for t, m, metric in columns) + " |",
+             "|---|" + ":-:|" * len(MARKS) + "---|" * len(columns)]
+    for name in models:
+        have = str(marks.get(name) or "")
+        flags = ["✓" if k in have.split("+") else "" for k in MARKS]
+        cells = []
+        for t, m, metric in columns:
+            mean, sd = cell.get((name, t, m, metric), (np.nan, np.nan))
+            c = _cell(mean, sd)
+            cells.append(f"**{c}**" if best.get((t, m, metric)) == name else c)
+        lines.append(f"| {name} | " + " | ".join(flags) + " | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def markdown(df: pd.DataFrame, *, title: str, notes: Sequence[str] = (), marks: Mapping[str, str] | None = None) -> str:
+    """One table per task and method: models as rows, metrics mean ± sd over folds; best in bold. With several
+    models and their ``marks``, the paper's Table 1 layout (:func:`table1`) comes first."""
     s = summary(df)
     lines = [f"# {title}", ""] + [f"- {n}" for n in notes] + ([""] if notes else [])
+    if marks is not None and s["model"].nunique() > 1:
+        lines += table1(df, marks)
     for (task, method), g in s.groupby(["task", "method"], sort=False):
         metrics = METRICS.get(task, [])
         scheme = df[(df.task == task) & (df.method == method)]["scheme"].iloc[0]
@@ -71,9 +110,21 @@ def markdown(df: pd.DataFrame, *, title: str, notes: Sequence[str] = ()) -> str:
     return "\n".join(lines)
 
 
-def write_results(out: Path, rows: Sequence[dict], *, title: str, notes: Sequence[str] = ()) -> pd.DataFrame:
-    """Write results.csv and results.md into ``out`` atomically; returns the frame."""
+def write_results(out: Path, rows: Sequence[dict], *, title: str, notes: Sequence[str] = (),
+                  marks: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Write results.csv and results.md into ``out`` atomically; returns the frame (``marks``: model -> its
+    V / L / G marks, for the Table 1 layout of results.md; results.csv does not carry them)."""
     df = results_frame(rows)
     atomic_write_text(out / "results.csv", df.to_csv(index=False, float_format="%.6g"))
-    atomic_write_text(out / "results.md", markdown(df, title=title, notes=notes))
+    atomic_write_text(out / "results.md", markdown(df, title=title, notes=notes, marks=marks))
     return df
+
+
+def table1_section(results_md: str) -> str:
+    """The Table 1 block of a results.md (empty when it has none): what ``stamp evaluate`` prints."""
+    lines = results_md.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith(TABLE1_TITLE)), None)
+    if start is None:
+        return ""
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "\n".join(lines[start:end]).strip() + "\n"

@@ -4,7 +4,8 @@ Public API (loaded lazily, so ``import stamp.slides`` stays light):
 
 * :func:`open_slide` (:mod:`stamp.slides.reader`): OpenSlide / tifffile reader with µm/px;
 * :func:`embed_slides` (:mod:`stamp.slides.embed`): one ``FEATURES/<slide>.h5`` bag per slide;
-* :func:`read_bag` / :func:`write_bag` (:mod:`stamp.slides.bags`): the bag layout.
+* :func:`read_bag` / :func:`write_bag` / :func:`list_bags` (:mod:`stamp.slides.bags`): the bag layouts
+  (TRIDENT's, CLAM's) and finding the bags of a folder in either.
 
 Their evaluation (ABMIL classification / survival) is :func:`stamp.evaluate.mil.evaluate_mil`;
 the ABMIL model is :class:`stamp.models.abmil.GatedABMIL`.
@@ -21,6 +22,7 @@ _LAZY = {
     "embed_slides": "stamp.slides.embed",
     "EmbedSlidesResult": "stamp.slides.embed",
     "read_bag": "stamp.slides.bags",
+    "list_bags": "stamp.slides.bags",
     "write_bag": "stamp.slides.bags",
 }
 __all__ = sorted(_LAZY)

@@ -1,17 +1,31 @@
-"""Feature bags on disk: ``FEATURES/<slide>.h5`` and ``FEATURES/manifest.json``.
+"""Feature bags on disk: one h5 per slide, in TRIDENT's layout (default) or CLAM's, plus ``manifest.json``.
 
-Bag layout (the CLAM / TRIDENT one, so their readers work unchanged):
+Both projects store ``features`` (N, D) and ``coords`` (N, 2: level-0 x, y of each tile's top-left
+corner) per slide, but they give the attributes of ``coords`` different meanings, and each reads
+tiles back from those attributes:
 
-* ``features``: (N, D) float32, one row per tile, in ``coords`` order;
-* ``coords``: (N, 2) int64, level-0 pixel (x, y) of each tile's top-left corner, row by row;
-  attributes ``patch_size`` (tile px at the target scale), ``patch_size_level0``, ``patch_level``
-  (pyramid level read) as CLAM / TRIDENT write them;
-* root attributes: see :data:`BAG_ATTRS` (model, revision, license, tile µm / px, µm/px used,
-  slide size and fingerprint, tissue parameters as JSON, the QC thumbnail and its downsample).
+* **TRIDENT** (``--layout trident``, default; ``FEATURES/<slide>.h5``): ``patch_size`` is the tile at
+  the *target* magnification; ``level0_magnification`` / ``target_magnification`` give the scale
+  (``WSIPatcher``: level-0 side = ``round(patch_size * (10 / target) / (10 / level0))``), plus
+  ``patch_size_level0``, ``overlap``, ``name``, ``level0_width`` / ``level0_height``; ``features``
+  carries ``name`` and ``encoder``. We write the magnifications as ``10 / µm per px`` exactly (an
+  integer when it is one), so TRIDENT recomputes our level-0 tile to the pixel, and no ``patch_level``:
+  CLAM's reader would take ``patch_size`` pixels at that level, a 64 µm tile on a 40x slide read at
+  level 0. TRIDENT's ``savetodir`` (an absolute path nothing reads) is left out.
+* **CLAM** (``--layout clam``; ``FEATURES/h5_files/<slide>.h5`` + ``FEATURES/pt_files/<slide>.pt``, as
+  ``extract_features_fp.py`` writes them, read by ``Generic_MIL_Dataset``): ``patch_level`` is the
+  pyramid level read and ``patch_size`` the tile in *that level's* pixels (512 at level 0 on a 40x slide
+  without a 20x level), with CLAM's ``downsample``, ``level_dim``, ``downsampled_level_dim``, ``name``:
+  ``Whole_Slide_Bag_FP`` reads back exactly the pixels we embedded. No TRIDENT magnifications there,
+  so TRIDENT takes its legacy (CLAM) reader, which reads the same region. The ``.pt`` is the plain
+  float32 tensor (``torch.load(path, weights_only=True)``); it is written before the h5, whose
+  appearance marks a finished slide.
 
-A bag appears only when complete (written to a hidden temporary beside it, then renamed), so an
-existing ``<slide>.h5`` is a finished slide. The manifest is rewritten under a file lock (ranks
-of ``torchrun`` and Snakemake jobs share it) and atomically.
+Root attributes (both layouts): :data:`BAG_ATTRS` (model, revision, license, tile µm / px, µm/px used,
+level read, slide size and fingerprint, tissue parameters as JSON, the QC thumbnail relative to the
+features folder and its downsample, the layout). A bag appears only when complete (hidden temporary,
+then renamed); the manifest is rewritten under a file lock (ranks of ``torchrun`` and Snakemake jobs
+share it) and atomically. :func:`list_bags` finds the bags of a folder in either layout.
 """
 from __future__ import annotations
 
@@ -26,17 +40,21 @@ import numpy as np
 from stamp.embed.writer import write_feature_bag as write_bag  # noqa: F401  (the one embeddings writer)
 from stamp.errors import BagError
 
-BAG_FORMAT = "stamp-slide-bag/1"
+BAG_FORMAT = "stamp-slide-bag/2"
 MANIFEST = "manifest.json"
 QC_DIR = "qc"
 BAG_SUFFIX = ".h5"
+LAYOUTS = ("trident", "clam")
+DEFAULT_LAYOUT = "trident"
+#: CLAM's feature folders (extract_features_fp.py, Generic_MIL_Dataset).
+CLAM_H5_DIR, CLAM_PT_DIR = "h5_files", "pt_files"
 #: Root attributes of every bag (documented in docs/slides.md).
 BAG_ATTRS = (
-    "format", "slide", "model", "model_source", "model_revision", "model_hub_id", "model_license", "model_sha256",
-    "embed_dim",
+    "format", "layout", "slide", "model", "model_source", "model_revision", "model_hub_id", "model_license",
+    "model_sha256", "embed_dim",
     "tile_um", "tile_px", "tile_px_level0", "um_per_px", "slide_um_per_px", "scale_source", "level",
-    "level_downsample", "read_px", "slide_width", "slide_height", "slide_fingerprint", "slide_vendor",
-    "backend", "tissue_params", "qc_png", "qc_downsample", "stamp_version",
+    "level_downsample", "level_width", "level_height", "read_px", "slide_width", "slide_height",
+    "slide_fingerprint", "slide_vendor", "backend", "tissue_params", "qc_png", "qc_downsample", "stamp_version",
 )
 
 
@@ -53,8 +71,61 @@ class Bag:
         return str(self.attrs.get("slide", ""))
 
 
-def bag_path(out: str | os.PathLike, slide: str) -> Path:
-    return Path(out) / f"{slide}{BAG_SUFFIX}"
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise BagError(f"--layout {layout!r}: not a bag layout; pass one of {', '.join(LAYOUTS)}")
+    return layout
+
+
+def bag_path(out: str | os.PathLike, slide: str, layout: str = DEFAULT_LAYOUT) -> Path:
+    """Where ``slide``'s h5 bag goes in the features folder ``out``."""
+    out = Path(out)
+    return (out / CLAM_H5_DIR if check_layout(layout) == "clam" else out) / f"{slide}{BAG_SUFFIX}"
+
+
+def pt_path(out: str | os.PathLike, slide: str) -> Path:
+    """CLAM's ``pt_files/<slide>.pt`` (``--layout clam`` only)."""
+    return Path(out) / CLAM_PT_DIR / f"{slide}.pt"
+
+
+def magnification(um_per_px: float) -> int | float:
+    """TRIDENT's magnification of a scale: ``10 / µm per px`` (stamp.slides.reader.UM_PER_PX_AT_1X), an int
+    when it is one (0.25 -> 40), else exact (0.2527 -> 39.57...), so TRIDENT's ``10 / magnification``
+    gives the scale back."""
+    from stamp.slides.reader import UM_PER_PX_AT_1X
+
+    m = UM_PER_PX_AT_1X / float(um_per_px)
+    return int(round(m)) if abs(m - round(m)) <= 1e-9 * m else m
+
+
+def coords_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The ``coords`` attributes of a bag from its root attributes, in the meaning of its ``layout``."""
+    name = attrs["slide"]
+    if attrs["layout"] == "clam":
+        ds = float(attrs["level_downsample"])
+        dim = (int(attrs["level_width"]), int(attrs["level_height"]))
+        return {"patch_size": int(attrs["read_px"]), "patch_level": int(attrs["level"]), "downsample": (ds, ds),
+                "downsampled_level_dim": dim, "level_dim": dim, "name": name}
+    return {"patch_size": int(attrs["tile_px"]), "patch_size_level0": int(attrs["tile_px_level0"]),
+            "level0_magnification": magnification(attrs["slide_um_per_px"]),
+            "target_magnification": magnification(attrs["um_per_px"]), "overlap": 0, "name": name,
+            "level0_width": int(attrs["slide_width"]), "level0_height": int(attrs["slide_height"])}
+
+
+def write_slide_bag(out: str | os.PathLike, features: np.ndarray, coords: np.ndarray, attrs: dict[str, Any]) -> Path:
+    """Write one slide's bag into the features folder ``out`` in ``attrs['layout']`` (module docstring);
+    returns the h5 path, which appears last."""
+    from spavis.format.io import atomic_open
+
+    name, layout = attrs["slide"], attrs["layout"]
+    if layout == "clam":
+        import torch
+
+        with atomic_open(pt_path(out, name), "wb") as fh:
+            torch.save(torch.from_numpy(np.ascontiguousarray(features, np.float32)), fh)
+    features_attrs = {"name": name, "encoder": attrs["model"], "encoder_revision": attrs.get("model_revision", "")}
+    return write_bag(bag_path(out, name, layout), features, coords, attrs,
+                     {"coords": coords_attrs(attrs), "features": features_attrs})
 
 
 def _plain(v: Any) -> Any:
@@ -95,12 +166,28 @@ def read_bag(path: str | os.PathLike) -> Bag:
     return Bag(feats, coords, attrs)
 
 
+def folder_layout(folder: str | os.PathLike) -> str:
+    """``clam`` when ``folder`` has CLAM's ``h5_files/``, else ``trident`` (bags at the top)."""
+    return "clam" if (Path(folder) / CLAM_H5_DIR).is_dir() else "trident"
+
+
 def list_bags(folder: str | os.PathLike) -> dict[str, Path]:
-    """{slide: bag path} of a features folder (hidden temporaries ignored)."""
+    """{slide: h5 bag} of a features folder in either layout (CLAM's ``h5_files/`` or bags at the top;
+    hidden temporaries ignored). The one way bags are found (``stamp evaluate mil``, heatmaps)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise BagError(f"{folder}: no such features folder; run `stamp embed-slides ... --out {folder}` first")
-    return {p.name[: -len(BAG_SUFFIX)]: p for p in sorted(folder.glob(f"*{BAG_SUFFIX}")) if not p.name.startswith(".")}
+    top = {p.name[: -len(BAG_SUFFIX)]: p for p in sorted(folder.glob(f"*{BAG_SUFFIX}")) if not p.name.startswith(".")}
+    if folder_layout(folder) == "trident":
+        if not top and (folder / CLAM_PT_DIR).is_dir():
+            raise BagError(f"{folder}: CLAM's {CLAM_PT_DIR}/ without {CLAM_H5_DIR}/; the h5 files hold the tile "
+                           f"coordinates: copy {CLAM_H5_DIR}/ (written beside {CLAM_PT_DIR}/) into this folder too")
+        return top
+    if top:
+        raise BagError(f"{folder}: bags both at the top and in {CLAM_H5_DIR}/ (two layouts in one folder); keep "
+                       "one of them, or pass each as its own --features folder")
+    h5 = folder / CLAM_H5_DIR
+    return {p.name[: -len(BAG_SUFFIX)]: p for p in sorted(h5.glob(f"*{BAG_SUFFIX}")) if not p.name.startswith(".")}
 
 
 def update_manifest(out: str | os.PathLike, entries: Iterable[dict[str, Any]], header: dict[str, Any] | None = None) -> Path:
@@ -134,5 +221,7 @@ def read_manifest(out: str | os.PathLike) -> dict[str, Any]:
         raise BagError(f"{path}: not valid JSON ({exc}); delete it (the bags are kept) and run again") from None
 
 
-__all__ = ["Bag", "BAG_ATTRS", "BAG_FORMAT", "MANIFEST", "QC_DIR", "bag_path", "write_bag", "read_bag", "read_attrs",
-           "list_bags", "update_manifest", "read_manifest"]
+__all__ = ["Bag", "BAG_ATTRS", "BAG_FORMAT", "MANIFEST", "QC_DIR", "LAYOUTS", "DEFAULT_LAYOUT", "CLAM_H5_DIR",
+           "CLAM_PT_DIR", "bag_path", "pt_path", "magnification", "coords_attrs", "write_slide_bag", "write_bag",
+           "read_bag", "read_attrs", "folder_layout", "list_bags", "update_manifest", "read_manifest",
+           "check_layout"]

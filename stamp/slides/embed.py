@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,8 @@ def expand_slides(slides: Sequence[str | os.PathLike]) -> list[Path]:
     for s in slides:
         p = Path(s)
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in SLIDE_SUFFIXES
+            # not only regular files: a FIFO or a dangling link named like a slide is reported, not skipped
+            found = sorted(q for q in p.iterdir() if not q.is_dir() and q.suffix.lower() in SLIDE_SUFFIXES
                            and not q.name.startswith("."))
             if not found:
                 raise SlideError(f"{p}: no slide files ({', '.join(SLIDE_SUFFIXES)}) in this folder")
@@ -166,25 +168,46 @@ def _provenance_attrs(encoder) -> dict[str, Any]:
             "model_sha256": r["stamp_model_sha256"], "embed_dim": encoder.embed_dim}
 
 
-def _config_key(encoder, params: TissueParams) -> dict[str, Any]:
-    """What must match for an existing bag to count as this run's (model + tiling)."""
-    return {"model": encoder.provenance.name, "model_revision": encoder.provenance.revision or "",
-            "tissue_params": params.to_dict()}
+def _config_key(encoder, params: TissueParams, layout: str) -> dict[str, Any]:
+    """What must match for an existing bag to count as this run's (bag format + layout, model, tiling)."""
+    return {"format": bags.BAG_FORMAT, "layout": layout, "model": encoder.provenance.name,
+            "model_revision": encoder.provenance.revision or "", "tissue_params": params.to_dict()}
 
 
-def _check_existing(path: Path, key: dict[str, Any]) -> int:
-    attrs = bags.read_attrs(path)
-    have = {"model": attrs.get("model"), "model_revision": attrs.get("model_revision", ""),
+def _reusable(bag: Path, key: dict[str, Any], path: Path, previous: Optional[dict[str, Any]]) -> Optional[int]:
+    """Tiles of ``bag`` when this run may keep it; None when the slide must be embedded again.
+
+    Kept only when it was made the same way (else the run stops: one line, use another --out) and from the
+    same slide: its recorded fingerprint equals ``path``'s now. A different fingerprint from the path the
+    manifest records means the file changed there: embedded again (and said so). From another path it is
+    another slide with the same name: that slide fails (one line), the bag is kept."""
+    attrs = bags.read_attrs(bag)
+    have = {"format": attrs.get("format"), "layout": attrs.get("layout", "trident"), "model": attrs.get("model"),
+            "model_revision": attrs.get("model_revision", ""),
             "tissue_params": json.loads(attrs.get("tissue_params", "{}"))}
     if have != key:
-        what = f"another model ({have['model']})" if (have["model"], have["model_revision"]) != \
-            (key["model"], key["model_revision"]) else "other tiling options"
-        raise BagError(f"{path}: made with {what}; use another --out folder, or delete the bag to embed "
+        if have["format"] != key["format"]:
+            what = f"another stamp version (bag format {have['format']})"
+        elif have["layout"] != key["layout"]:
+            what = f"--layout {have['layout']}"
+        elif (have["model"], have["model_revision"]) != (key["model"], key["model_revision"]):
+            what = f"another model ({have['model']})"
+        else:
+            what = "other tiling options"
+        raise BagError(f"{bag}: made with {what}; use another --out folder, or delete the bag to embed "
                        "the slide again")
-    import h5py
+    if attrs.get("slide_fingerprint") == fingerprint(path):
+        import h5py
 
-    with h5py.File(path, "r") as f:
-        return int(f["features"].shape[0])
+        with h5py.File(bag, "r") as f:
+            return int(f["features"].shape[0])
+    before = (previous or {}).get("path")
+    if before and os.path.abspath(before) == os.path.abspath(path):
+        log.warning("%s: the slide file changed since %s was made; embedding it again", path, bag)
+        return None
+    raise SlideError(f"{bag} holds the slide {slide_name(path)!r} of {before or 'another file'}, whose content "
+                     f"differs from {path}; two slides named {slide_name(path)!r} cannot share one --out: use "
+                     "another --out folder, or delete the bag to embed this file")
 
 
 def _embed_tiles(dataset: TileDataset, encoder, device, *, batch_size: int, workers: int, on_batch=None) -> np.ndarray:
@@ -199,88 +222,128 @@ def _embed_tiles(dataset: TileDataset, encoder, device, *, batch_size: int, work
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=cuda,
                         prefetch_factor=4 if workers else None, persistent_workers=False)
     pos = 0
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-        for batch in loader:
-            batch = batch.to(device, non_blocking=True)
-            if dataset.stages is not None:  # uint8 from the workers: scaled and normalised here, on the device
-                batch = dataset.stages[1](batch)
-            out = encoder.encode_images(batch)
-            k = out.shape[0]
-            feats[pos:pos + k] = out.float().cpu().numpy()
-            pos += k
-            if on_batch:
-                on_batch(k)
+    batches = iter(loader)
+    try:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            for batch in batches:
+                batch = batch.to(device, non_blocking=True)
+                if dataset.stages is not None:  # uint8 from the workers: scaled and normalised here, on the device
+                    batch = dataset.stages[1](batch)
+                out = encoder.encode_images(batch)
+                k = out.shape[0]
+                feats[pos:pos + k] = out.float().cpu().numpy()
+                pos += k
+                if on_batch:
+                    on_batch(k)
+    finally:
+        # after a failed tile the iterator would linger in a reference cycle; collected later inside the next
+        # slide's forked worker it prints "AssertionError: can only test a child process": stop its workers now
+        stop = getattr(batches, "_shutdown_workers", None)
+        if stop is not None:
+            stop()
     return feats
 
 
 def embed_one(path: Path, encoder, out: Path, params: TissueParams, *, um_per_px: Optional[float], device,
-              batch_size: int, workers: int, on_plan=None, on_batch=None,
-              model_attrs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Embed one slide into ``out/<slide>.h5`` (+ ``out/qc/<slide>.png``); returns its manifest entry.
+              batch_size: int, workers: int, layout: str = bags.DEFAULT_LAYOUT, on_plan=None,
+              on_batch=None, model_attrs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Embed one slide into ``out`` (its bag in ``layout``, ``qc/<slide>.png``); returns its manifest entry.
+    Nothing is written before the features are computed: a slide that fails leaves no file.
     ``model_attrs``: the bag's model attributes when the caller has them (one per run, not per slide)."""
     from spavis.format.io import atomic_open
 
     from stamp import __version__
-    from stamp.slides.tiling import qc_image
+    from stamp.slides.tiling import plan_tiles, qc_image
 
     name = slide_name(path)
     t0 = time.time()
-    fp = fingerprint(path) if path.is_file() else None
+    fp = fingerprint(path)  # regular files only (a FIFO is refused here, not waited on)
     with open_slide(path, um_per_px=um_per_px) as slide:
-        from stamp.slides.tiling import plan_tiles
-
         plan = plan_tiles(slide, params)
         qc = qc_image(plan)
         qc_rel = f"{bags.QC_DIR}/{name}.png"
-        with atomic_open(out / qc_rel, "wb") as fh:
-            qc.save(fh, format="PNG")
-        qc_ds = slide.dimensions[0] / qc.size[0]
+        level_w, level_h = slide.level_dimensions[plan.level]
         attrs: dict[str, Any] = {
-            "format": bags.BAG_FORMAT, "slide": name, **(model_attrs or _provenance_attrs(encoder)),
+            "format": bags.BAG_FORMAT, "layout": layout, "slide": name, **(model_attrs or _provenance_attrs(encoder)),
             "tile_um": params.tile_um, "tile_px": plan.tile_px, "tile_px_level0": plan.tile0,
             "um_per_px": params.um_per_px, "slide_um_per_px": plan.slide_um_per_px,
             "scale_source": slide.scale.source if slide.scale else "", "level": plan.level,
-            "level_downsample": plan.level_downsample, "read_px": plan.read_px,
-            "slide_width": slide.dimensions[0], "slide_height": slide.dimensions[1], "slide_fingerprint": fp or "",
-            "slide_vendor": slide.vendor, "backend": slide.backend, "tissue_params": params.to_dict(),
-            "qc_png": qc_rel, "qc_downsample": qc_ds, "stamp_version": __version__,
+            "level_downsample": plan.level_downsample, "level_width": level_w, "level_height": level_h,
+            "read_px": plan.read_px, "slide_width": slide.dimensions[0], "slide_height": slide.dimensions[1],
+            "slide_fingerprint": fp, "slide_vendor": slide.vendor, "backend": slide.backend,
+            "tissue_params": params.to_dict(), "qc_png": qc_rel, "qc_downsample": slide.dimensions[0] / qc.size[0],
+            "stamp_version": __version__,
         }
     if on_plan:
         on_plan(name, len(plan.coords))
     dataset = TileDataset(path, um_per_px, plan.coords, plan.level, plan.read_px, plan.tile_px, encoder.transform)
     feats = _embed_tiles(dataset, encoder, device, batch_size=batch_size, workers=workers, on_batch=on_batch)
-    bags.write_bag(bags.bag_path(out, name), feats, plan.coords, attrs)
-    entry = {"slide": name, "path": str(path), "status": "done" if len(feats) else "empty", "tiles": len(feats),
-             "bag": f"{name}{bags.BAG_SUFFIX}", "qc": qc_rel, "fingerprint": fp, "seconds": round(time.time() - t0, 2)}
+    with atomic_open(out / qc_rel, "wb") as fh:
+        qc.save(fh, format="PNG")
+    bag = bags.write_slide_bag(out, feats, plan.coords, attrs)
+    entry = {"slide": name, "path": os.path.abspath(path), "status": "done" if len(feats) else "empty",
+             "tiles": len(feats), "bag": bag.relative_to(out).as_posix(), "qc": qc_rel, "fingerprint": fp,
+             "seconds": round(time.time() - t0, 2)}
     if not len(feats):
-        entry["reason"] = (f"no tile with >= {params.min_tissue:g} tissue (see {qc_rel}); lower --min-tissue or "
-                           "--min-tissue-area")
+        entry["reason"] = (f"no tile with >= {params.min_tissue:g} tissue (see {qc_rel}); lower --min-tissue, "
+                           "--min-saturation or --min-tissue-area")
     return entry
 
 
+def _entry_of(bag: Path, out: Path, path: Path, tiles: int) -> dict[str, Any]:
+    """The manifest entry of a finished bag, from its attributes."""
+    attrs = bags.read_attrs(bag)
+    return {"slide": slide_name(path), "path": os.path.abspath(path), "status": "done" if tiles else "empty",
+            "tiles": tiles, "bag": bag.relative_to(out).as_posix(), "qc": attrs.get("qc_png", ""),
+            "fingerprint": attrs.get("slide_fingerprint", "")}
+
+
 def _failure_reason(exc: BaseException) -> str:
-    msg = " ".join(str(exc).split()) or type(exc).__name__
+    """One line for a failed slide. An error raised in a DataLoader worker arrives wrapped ("Caught
+    SlideError in DataLoader worker process 0. Original Traceback ..."): its last line is the message."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        text = re.sub(r"^[\w.]+: ", "", text.strip().splitlines()[-1])
+    msg = " ".join(text.split()) or type(exc).__name__
     return msg if isinstance(exc, StampError) else f"{type(exc).__name__}: {msg}"
+
+
+def check_embed_args(out: Path, um_per_px: Optional[float], layout: str) -> None:
+    """Refusals that hold for every slide, before the model loads or anything is written (one line each)."""
+    from stamp.slides.reader import check_scale
+
+    bags.check_layout(layout)
+    if out.exists() and not out.is_dir():
+        raise SlideError(f"--out {out}: a file, not a folder; pass a folder for the bags (created if missing)")
+    if um_per_px is not None:
+        check_scale(um_per_px, f"--slide-um-per-px {um_per_px:g}", "pass the slides' µm per level-0 pixel")
+    have = bags.read_manifest(out).get("layout") if out.is_dir() else None
+    if have and have != layout:
+        raise BagError(f"{out}: holds --layout {have} bags; use another --out folder for --layout {layout}")
 
 
 def embed_slides(slides: Sequence[str | os.PathLike], model: Any, out: str | os.PathLike, *,
                  params: TissueParams = TissueParams(), um_per_px: Optional[float] = None, batch_size: int = 64,
                  workers: Optional[int] = None, device: Optional[str] = None, progress: bool = True,
-                 fail_fast: bool = False, rank: Optional[int] = None, world_size: Optional[int] = None
-                 ) -> EmbedSlidesResult:
+                 fail_fast: bool = False, rank: Optional[int] = None, world_size: Optional[int] = None,
+                 layout: str = bags.DEFAULT_LAYOUT) -> EmbedSlidesResult:
     """Embed ``slides`` (files or folders) with ``model`` (a zoo name / folder / Hub id, or an already
     loaded :class:`stamp.zoo.encoder.Encoder`) into ``out``; see the module docstring.
 
     ``um_per_px``: the slides' level-0 scale when the files have none (overrides the files' own).
     ``workers``: tile-reading processes (default: CPU count, at most 8; 0 reads in this process).
+    ``layout``: ``trident`` (``out/<slide>.h5``) or ``clam`` (``out/h5_files/`` + ``out/pt_files/``);
+    see :mod:`stamp.slides.bags`.
     """
+    out = Path(out)
+    check_embed_args(out, um_per_px, layout)
+    paths = rank_share(expand_slides(slides), rank, world_size)
+
     import torch
 
     from stamp.zoo.encoder import Encoder
     from stamp.slides.progress import SlideProgress
 
-    out = Path(out)
-    paths = rank_share(expand_slides(slides), rank, world_size)
     local_rank = os.environ.get("LOCAL_RANK")
     if device is None and torch.cuda.is_available():
         device = f"cuda:{local_rank}" if local_rank is not None else "cuda"
@@ -297,34 +360,47 @@ def embed_slides(slides: Sequence[str | os.PathLike], model: Any, out: str | os.
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
     out.mkdir(parents=True, exist_ok=True)
-    key = _config_key(encoder, params)
+    key = _config_key(encoder, params, layout)
     model_attrs = _provenance_attrs(encoder)  # the model is resolved and its weights hashed once per run
     header = {"model": encoder.provenance.name, "model_revision": encoder.provenance.revision or "",
-              "tissue_params": params.to_dict()}
+              "tissue_params": params.to_dict(), "layout": layout}
+    previous = {e["slide"]: e for e in bags.read_manifest(out).get("slides", [])}
     result = EmbedSlidesResult(out)
     with SlideProgress(len(paths), enabled=progress) as bar:
         for path in paths:
             name = slide_name(path)
-            bag = bags.bag_path(out, name)
-            if bag.exists():
-                n = _check_existing(bag, key)
-                result.entries.append({"slide": name, "status": "skipped", "tiles": n})
-                bar.slide_done(name, "already done")
-                continue
+            bag = bags.bag_path(out, name, layout)
             try:
+                replacing = False
+                if bag.exists():
+                    n = _reusable(bag, key, path, previous.get(name))
+                    if n is not None:
+                        before = previous.get(name, {})
+                        if before.get("status") not in ("done", "empty") or \
+                                os.path.abspath(before.get("path", "")) != os.path.abspath(path):
+                            # killed between the bag's rename and its manifest entry, or the same file moved:
+                            # the entry (and the path a later change is checked against) is written now
+                            bags.update_manifest(out, [_entry_of(bag, out, path, n)], header)
+                        result.entries.append({"slide": name, "status": "skipped", "tiles": n})
+                        bar.slide_done(name, "already done")
+                        continue
+                    replacing = True
                 entry = embed_one(path, encoder, out, params, um_per_px=um_per_px, device=dev, batch_size=batch_size,
-                                  workers=workers, on_plan=bar.start_slide, on_batch=bar.tiles,
+                                  workers=workers, layout=layout, on_plan=bar.start_slide, on_batch=bar.tiles,
                                   model_attrs=model_attrs)
-            except KeyboardInterrupt:
-                raise
+                if replacing:
+                    entry["replaced"] = "the slide file changed since its previous bag"
+            except (KeyboardInterrupt, BagError):
+                raise  # BagError: this folder's bags were made another way; the run cannot go on
             except Exception as exc:
                 from spavis.errors import debug_enabled
 
                 if debug_enabled():
                     raise
-                entry = {"slide": name, "path": str(path), "status": "failed", "tiles": 0,
+                entry = {"slide": name, "path": os.path.abspath(path), "status": "failed", "tiles": 0,
                          "reason": _failure_reason(exc)}
-                bags.update_manifest(out, [entry], header)
+                if not bag.exists():  # else the manifest goes on describing the finished bag kept on disk
+                    bags.update_manifest(out, [entry], header)
                 result.entries.append(entry)
                 bar.slide_done(name, "failed")
                 if fail_fast:
@@ -338,4 +414,4 @@ def embed_slides(slides: Sequence[str | os.PathLike], model: Any, out: str | os.
     return result
 
 
-__all__ = ["embed_slides", "embed_one", "expand_slides", "rank_share", "TileDataset", "EmbedSlidesResult"]
+__all__ = ["embed_slides", "embed_one", "check_embed_args", "expand_slides", "rank_share", "TileDataset", "EmbedSlidesResult"]

@@ -38,11 +38,19 @@ class TilePlan:
 
 
 def plan_tiles(slide: Slide, params: TissueParams) -> TilePlan:
-    """Tissue mask + tile grid + level choice for ``slide`` (see the module docstring)."""
+    """Tissue mask + tile grid + level choice for ``slide`` (see the module docstring).
+
+    The tile is ``tile_px`` target pixels, ``round(tile_px * um_per_px / slide µm/px)`` level-0 pixels:
+    TRIDENT's formula, so its ``WSIPatcher`` recomputes the same size from a bag's attributes. A tile
+    below one level-0 pixel or larger than the slide is refused (one line); the mask's downsample is
+    clamped to the slide's longest side."""
     mpp = slide.um_per_px
-    tile0 = int(round(params.tile_um / mpp))
-    if tile0 < 1:
-        raise SlideError(f"{slide.path}: --tile-um {params.tile_um} is below one pixel at {mpp} µm/px")
+    W, H = slide.dimensions
+    tile0 = int(round(params.tile_px * (params.um_per_px / mpp)))
+    if tile0 < 1 or tile0 > min(W, H):
+        what = "below one pixel" if tile0 < 1 else f"larger than the slide ({W} x {H} px)"
+        raise SlideError(f"{slide.path}: a {params.tile_um:g} µm tile is {tile0} level-0 px at {mpp:.4g} µm/px, "
+                         f"{what}; pass another --tile-um")
     target_ds = params.um_per_px / mpp
     if target_ds < 1 - 1e-3:
         import logging
@@ -53,7 +61,7 @@ def plan_tiles(slide: Slide, params: TissueParams) -> TilePlan:
     level = slide.best_level(max(target_ds, 1.0))
     lds = slide.level_downsamples[level]
     read_px = max(1, int(round(tile0 / lds)))
-    mask_ds = max(1, int(round(params.mask_um_per_px / mpp)))
+    mask_ds = min(max(1, int(round(params.mask_um_per_px / mpp))), max(W, H))
     thumb = slide.read_thumbnail(mask_ds)
     mask = tissue_mask(thumb, params, mask_ds * mpp)
     coords, frac = tile_grid(mask, mask_ds, slide.dimensions, tile0, params.min_tissue)

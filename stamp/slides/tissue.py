@@ -1,7 +1,8 @@
 """Tissue detection on a thumbnail and the tile grid (CLAM's recipe, scale-aware).
 
 :func:`tissue_mask`: saturation (HSV) -> median blur -> Otsu threshold (never below
-``min_saturation``) -> pen marks and dark debris removed -> morphological closing -> holes
+``min_saturation``; when Otsu's lower class is not glass, i.e. the slide is tissue from edge to edge,
+``min_saturation`` alone: Otsu would split the tissue itself) -> pen marks and dark debris removed -> morphological closing -> holes
 smaller than ``min_hole_mm2`` filled, at most ``max_holes`` larger holes kept -> tissue pieces
 smaller than ``min_tissue_mm2`` dropped. CLAM's defaults (``sthresh=8``, ``mthresh=7``,
 ``close=4``, ``a_t=100``, ``a_h=16``, ``max_n_holes=8`` reference 512 px patches at 40x) are the
@@ -21,6 +22,9 @@ import numpy as np
 
 # CLAM's reference patch: 512 level-0 px at 40x (0.25 µm/px) = 128 µm; its area in mm².
 _CLAM_PATCH_MM2 = (512 * 0.25 / 1000) ** 2
+#: Glass is grey: a background whose mean saturation (0-255) is above this is tissue (no glass in view).
+#: Real glass measures ~0-20 (a tinted scanner background); pale eosin ~50, fat-free tissue ~100+.
+GLASS_MAX_SATURATION = 32
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,15 @@ class TissueParams:
         """Tile side at the target scale (256 px for 128 µm at 0.5 µm/px)."""
         return int(round(self.tile_um / self.um_per_px))
 
+    def __post_init__(self) -> None:
+        from stamp.errors import SlideError
+        from stamp.slides.reader import check_scale
+
+        check_scale(self.um_per_px, f"--um-per-px {self.um_per_px:g}", "pass the tiles' scale (0.5 = 20x)")
+        if not self.tile_um > 0 or self.tile_px < 1:
+            raise SlideError(f"--tile-um {self.tile_um:g} at --um-per-px {self.um_per_px:g} is a tile of "
+                             f"{self.tile_um / self.um_per_px:.3g} px; tiles need at least one pixel")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -63,6 +76,17 @@ def otsu(values: np.ndarray) -> float:
         between = (mt * w0 / total - m0) ** 2 / (w0 * w1 / total)
     between[~np.isfinite(between)] = -1
     return float(np.argmax(between))
+
+
+def saturation_threshold(sat: np.ndarray, min_saturation: float) -> float:
+    """Otsu's threshold of the (blurred) saturation, never below ``min_saturation``; ``min_saturation``
+    alone when Otsu's lower class is not glass (mean > :data:`GLASS_MAX_SATURATION`): on a slide without
+    glass Otsu splits eosin from haematoxylin and would drop half of the tissue."""
+    thr = otsu(sat)
+    low = sat[sat <= thr]
+    if low.size and float(low.mean()) > GLASS_MAX_SATURATION:
+        return float(min_saturation)
+    return max(thr, float(min_saturation))
 
 
 def pen_mask(rgb: np.ndarray, hsv: np.ndarray) -> np.ndarray:
@@ -86,8 +110,7 @@ def tissue_mask(thumb: np.ndarray, params: TissueParams, mask_um_per_px: float) 
     sat = hsv[..., 1]
     if params.median_px > 1:
         sat = ndi.median_filter(sat, size=params.median_px, mode="nearest")
-    thr = max(otsu(sat), float(params.min_saturation))
-    mask = sat > thr
+    mask = sat > saturation_threshold(sat, params.min_saturation)
     if params.pen:
         pen = pen_mask(thumb, hsv)
         if params.median_px > 1:
@@ -167,4 +190,5 @@ def tile_grid(mask: np.ndarray, mask_downsample: int, slide_size: tuple[int, int
     return coords, frac[ys, xs].astype(np.float32)
 
 
-__all__ = ["TissueParams", "tissue_mask", "tile_grid", "otsu", "pen_mask"]
+__all__ = ["TissueParams", "tissue_mask", "tile_grid", "otsu", "pen_mask", "saturation_threshold",
+           "GLASS_MAX_SATURATION"]

@@ -8,7 +8,8 @@ Layering (open_clip style; ``tests/test_layering_stamp.py`` keeps it):
         <- convert / publish (stamp.zoo.convert, stamp.hub) and the commands
 
 An entry names the Hub repo, the library and architecture (a timm model name + keyword
-arguments, a transformers class + config, or this project's own ``stamp`` layout), the
+arguments, a transformers class + config, this project's own ``stamp`` layout, or one of the
+gene models with their own file layout: ``scgpt``, ``nicheformer``, ``geneformer``), the
 embedding width and pooling, the preprocessing, the parameter count, the licence, whether
 commercial use is allowed, whether the repo is gated, and the citation; ``sources`` and
 ``notes`` say where a value comes from and where the model's card is ambiguous.
@@ -33,20 +34,38 @@ from stamp.hub_access import PretrainedError
 REGISTRY_FILE = "pretrained.json"
 EXTRA_REGISTRY_ENV = "STAMP_REGISTRY"
 KINDS = ("image", "gene", "aligned")
-LIBRARIES = ("stamp", "timm", "transformers")
+GENE_LIBRARIES = ("scgpt", "nicheformer", "geneformer")  # gene encoders read from the authors' own files
+LIBRARIES = ("stamp", "timm", "transformers", "open_clip", "conch") + GENE_LIBRARIES
 FORMATS = ("stamp", "stamp-released")
 COMPONENTS = ("full", "gene")
 POOLINGS = {
     "timm": ("head", "cls", "cls+mean", "mean", "layer3-avg"),
     "transformers": ("cls", "pooler", "mean", "cls+mean", "image_embeds"),
     "stamp": (None,),
+    "scgpt": ("cls",),
+    "nicheformer": ("mean",),
+    "geneformer": ("cls", "mean"),
+    # open_clip: encode_image(normalize=False); conch: the contrastive query before / after proj_contrast
+    "open_clip": ("encode_image",),
+    "conch": ("contrast", "projected"),
 }
+# Table 1's marks: the modalities a model saw in pretraining (vision, language, genes)
+MODALITY_MARKS = ("V", "L", "G")
 TRANSFORMERS_CLASSES = ("ViTModel", "Dinov2Model", "CLIPVisionModel", "CLIPVisionModelWithProjection", "AutoModel")
 COMMON_REQUIRED = ("kind", "library", "hub_id", "embed_dim", "license", "commercial", "gated", "citation")
 REQUIRED = {
     "timm": COMMON_REQUIRED + ("architecture", "pooling", "preprocessing"),
     "transformers": COMMON_REQUIRED + ("architecture", "pooling", "preprocessing"),
+    "open_clip": COMMON_REQUIRED + ("architecture", "pooling", "preprocessing"),
+    "conch": COMMON_REQUIRED + ("architecture", "pooling", "preprocessing"),
     "stamp": COMMON_REQUIRED + ("file", "format", "component", "gene_config", "tokenizer", "terms_url"),
+}
+# the gene models' entries: sizes (architecture), the roles of the authors' files (layout), their input rules
+REQUIRED.update({lib: COMMON_REQUIRED + ("architecture", "pooling", "layout", "tokenizer") for lib in GENE_LIBRARIES})
+LAYOUT_ROLES = {
+    "scgpt": ("weights", "args", "vocab"),  # + gene_stats (scGPT-spatial)
+    "nicheformer": ("weights", "config"),
+    "geneformer": ("model", "tokens", "medians"),  # + mapping
 }
 
 
@@ -57,7 +76,7 @@ class ModelEntry:
     name: str
     kind: str
     library: str
-    hub_id: str
+    hub_id: str | None
     embed_dim: int
     license: str
     commercial: bool | None
@@ -89,6 +108,14 @@ class ModelEntry:
     training: str = ""
     gene_entry: str | None = None
     full_entry: str | None = None
+    # the gene models (libraries scgpt, nicheformer, geneformer): file roles -> paths in the repo or
+    # --weights folder; the release's sha256 of files (checked on Hub downloads); where the weights are
+    # when they are not on the Hub (then hub_id is null and --weights is needed)
+    layout: dict = field(default_factory=dict)
+    checksums: dict = field(default_factory=dict)
+    download_url: str | None = None
+    modalities: tuple = ()  # pretraining modalities, Table 1's marks (MODALITY_MARKS)
+    gene_input: dict | None = None  # the gene side of a foreign aligned model (open_clip: gene sentences)
     origin: str = ""  # which file defined it (the shipped catalogue or the overlay)
     extra: dict = field(default_factory=dict)
 
@@ -112,12 +139,18 @@ class ModelEntry:
             raise PretrainedError(f"{where}: embed_dim {data['embed_dim']!r} must be a whole number in 1..65536")
         if not isinstance(data["gated"], bool) or data["commercial"] not in (True, False, None):
             raise PretrainedError(f"{where}: gated must be true/false and commercial true/false/null")
-        if not isinstance(data["hub_id"], str) or data["hub_id"].count("/") != 1:
-            raise PretrainedError(f"{where}: hub_id {data['hub_id']!r} must be a Hub repo id ORG/NAME")
-        if library == "stamp":
+        no_hub = data["hub_id"] is None and library in GENE_LIBRARIES and isinstance(data.get("download_url"), str)
+        if not no_hub and (not isinstance(data["hub_id"], str) or data["hub_id"].count("/") != 1):
+            raise PretrainedError(f"{where}: hub_id {data['hub_id']!r} must be a Hub repo id ORG/NAME (null only with "
+                                  "a download_url)")
+        if library in GENE_LIBRARIES:
+            _check_gene_entry(data, library, where)
+        elif library == "stamp":
             if data["format"] not in FORMATS or data["component"] not in COMPONENTS:
                 raise PretrainedError(f"{where}: format {data['format']!r} / component {data['component']!r}; "
                                       f"formats {FORMATS}, components {COMPONENTS}")
+        elif library in ("open_clip", "conch"):
+            _check_foreign_architecture(data, library, where)
         else:
             arch = data["architecture"]
             key = "name" if library == "timm" else "class"
@@ -148,22 +181,66 @@ class ModelEntry:
         known = {f for f in cls.__dataclass_fields__ if f not in ("name", "extra", "origin")}
         kw = {k: v for k, v in data.items() if k in known}
         kw["library"] = library
-        for key in ("datasets", "files"):
+        for key in ("datasets", "files", "modalities"):
             if key in kw:
                 kw[key] = tuple(kw[key] or ())
+        bad = [m for m in kw.get("modalities", ()) if m not in MODALITY_MARKS]
+        if bad:
+            raise PretrainedError(f"{where}: modalities {bad} must be among {', '.join(MODALITY_MARKS)}")
         return cls(name=name, origin=origin, extra={k: v for k, v in data.items() if k not in known}, **kw)
 
     @property
     def page(self) -> str:
         """Where a user reads the terms (the model's Hub page unless the entry names another)."""
-        return self.terms_url or f"https://huggingface.co/{self.hub_id}"
+        if self.terms_url or not self.hub_id:
+            return self.terms_url or self.download_url or self.code or ""
+        return f"https://huggingface.co/{self.hub_id}"
+
+    @property
+    def marks(self) -> str:
+        """Table 1's modality marks ("V+L", ...): the entry's ``modalities``, else what its kind implies."""
+        found = self.modalities or {"image": ("V",), "gene": ("G",), "aligned": ("V", "G")}[self.kind]
+        return "+".join(m for m in MODALITY_MARKS if m in found)
 
     def row(self) -> dict[str, Any]:
         """The columns ``stamp models`` prints (``cached`` filled in by the factory)."""
         return {"name": self.name, "kind": self.kind, "dim": self.embed_dim,
                 "parameters": self.parameters, "license": self.license_name or self.license,
                 "commercial": {True: "yes", False: "no", None: "?"}[self.commercial],
-                "gated": "yes" if self.gated else "no", "hub_id": self.hub_id, "library": self.library}
+                "gated": "yes" if self.gated else "no", "hub_id": self.hub_id or "(not on the Hub: --weights)",
+                "library": self.library}
+
+
+def _check_gene_entry(data: dict, library: str, where: str) -> None:
+    """A gene model's entry: sizes, file roles, input rules and pooling, each a one-line mistake."""
+    for key in ("architecture", "layout", "tokenizer"):
+        if not isinstance(data[key], dict):
+            raise PretrainedError(f"{where}: {key} must be an object")
+    missing = [r for r in LAYOUT_ROLES[library] if not isinstance(data["layout"].get(r), str)]
+    if missing:
+        raise PretrainedError(f"{where}: layout lacks {', '.join(missing)} (file paths in the repo); a {library} "
+                              f"entry names {', '.join(LAYOUT_ROLES[library])}")
+    if any(not isinstance(v, str) or ".." in v.split("/") or v.startswith("/") for v in data["layout"].values()):
+        raise PretrainedError(f"{where}: layout paths must be relative paths inside the repo")
+    checksums = data.get("checksums", {})
+    if not isinstance(checksums, dict) or any(not isinstance(v, str) or len(v) != 64 for v in checksums.values()):
+        raise PretrainedError(f"{where}: checksums must map file paths to sha256 hex digests")
+    if data["pooling"] not in POOLINGS[library]:
+        raise PretrainedError(f"{where}: pooling {data['pooling']!r} must be one of {', '.join(POOLINGS[library])}")
+
+
+def _check_foreign_architecture(data: dict, library: str, where: str) -> None:
+    """open_clip entries carry open_clip's ``model_cfg``; conch entries the authors' model config."""
+    arch = data["architecture"]
+    key = "model_cfg" if library == "open_clip" else "config"
+    if not isinstance(arch, dict) or not isinstance(arch.get(key), dict):
+        raise PretrainedError(f"{where}: architecture must be an object with a {key!r} object")
+    if data["pooling"] not in POOLINGS[library]:
+        raise PretrainedError(f"{where}: pooling {data['pooling']!r} must be one of {', '.join(POOLINGS[library])}")
+    for name in ("unused", "prefix"):
+        if name in arch and not (isinstance(arch[name], list) if name == "unused" else isinstance(arch[name], str)):
+            raise PretrainedError(f"{where}: architecture.{name} must be a {'list' if name == 'unused' else 'string'}")
+    _check_preprocessing(data["preprocessing"], where)
 
 
 def _check_preprocessing(pre: Any, where: str) -> None:
@@ -311,4 +388,4 @@ PretrainedEntry = ModelEntry
 
 __all__ = ["ModelEntry", "PretrainedEntry", "PretrainedError", "catalogue", "list_pretrained", "is_pretrained",
            "get_pretrained", "catalogue_notes", "vocabulary", "vision_config_data", "REGISTRY_FILE",
-           "EXTRA_REGISTRY_ENV", "KINDS", "LIBRARIES"]
+           "EXTRA_REGISTRY_ENV", "KINDS", "LIBRARIES", "GENE_LIBRARIES"]

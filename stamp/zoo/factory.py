@@ -27,7 +27,7 @@ import numpy as np
 from stamp.constants import IMAGENET_MEAN, IMAGENET_STD
 from stamp.errors import ModelConfigError, PretrainedError
 from stamp.hub_access import check_repo_id, download_file, first_file, is_repo_id, snapshot
-from stamp.zoo.catalogue import ModelEntry, get_pretrained, is_pretrained
+from stamp.zoo.catalogue import GENE_LIBRARIES, ModelEntry, get_pretrained, is_pretrained
 from stamp.zoo.encoder import Encoder, Provenance
 from stamp.locations import model_folder_of
 from stamp.zoo.resolve import converted_from_file, load_tokenizer, resolve_pretrained, weights_sha256
@@ -82,6 +82,10 @@ def build_image_encoder(entry: ModelEntry, repo_config: dict | None = None, *, m
     from stamp.safety import check_parameter_count
 
     where = where or entry.name
+    if entry.library in FOREIGN_LIBRARIES:
+        module = build_foreign_image_encoder(entry, repo_config, meta=meta, where=where)
+        check_parameter_count(sum(p.numel() for p in module.parameters()), where)
+        return module
     if entry.library == "timm":
         arch, kwargs = timm_arguments(entry, repo_config, where)
         module = TimmImageEncoder(_timm_trunk(arch, kwargs, where, meta=meta), entry.pooling or "head")
@@ -264,8 +268,9 @@ def load_transformers_weights(module, entry: ModelEntry, weights: Path, where: s
 
 
 def _weights_source(entry: ModelEntry, weights: str | os.PathLike | None, revision: str | None,
-                    token: str | None) -> tuple[Path, dict | None, str | None, str]:
-    """(weights file, repo config.json dict or None, Hub revision, where) for an image entry."""
+                    token: str | None, config_name: str | None = "config.json") -> tuple[Path, dict | None, str | None, str]:
+    """(weights file, repo config dict or None, Hub revision, where) for an image entry (``config_name``: the
+    library's config file beside the weights, None for none)."""
     from stamp.safety import read_json_config
 
     if weights is not None:
@@ -275,7 +280,7 @@ def _weights_source(entry: ModelEntry, weights: str | os.PathLike | None, revisi
             if not files:
                 raise PretrainedError(f"{path}: holds none of {', '.join(entry.files)}; pass the weights file itself "
                                       "or the folder downloaded from " + entry.page)
-            cfg = read_json_config(path / "config.json") if (path / "config.json").is_file() else None
+            cfg = read_json_config(path / config_name) if config_name and (path / config_name).is_file() else None
             return files[0], cfg, None, str(path)
         if not path.is_file():
             raise PretrainedError(f"{path}: no such weights file; download it from {entry.page} (after accepting "
@@ -283,10 +288,12 @@ def _weights_source(entry: ModelEntry, weights: str | os.PathLike | None, revisi
         return path, None, None, str(path)
     wfile = first_file(entry.hub_id, list(entry.files), revision=revision, token=token, terms_url=entry.page)
     cfg = None
-    cfg_path = wfile.parent / "config.json"
+    if config_name is None:
+        return wfile, None, wfile.parent.name, entry.hub_id
+    cfg_path = wfile.parent / config_name
     if not cfg_path.is_file():
         try:
-            cfg_path = download_file(entry.hub_id, "config.json", revision=wfile.parent.name, token=token,
+            cfg_path = download_file(entry.hub_id, config_name, revision=wfile.parent.name, token=token,
                                      terms_url=entry.page)
         except PretrainedError:
             cfg_path = None
@@ -314,9 +321,294 @@ def load_image_entry(entry: ModelEntry, *, weights: str | os.PathLike | None = N
     dim = entry.embed_dim
     if entry.extra.get("generic") and hasattr(module, "trunk"):  # no catalogue entry: the trunk says its width
         dim = int(getattr(module.trunk, "num_features", dim))
-    return Encoder(module, kind="image", embed_dim=dim, provenance=prov, transform=transform,
-                   image_fn=lambda px: module(px.to(next(module.parameters()).device)),
-                   input_size=int(pre.get("crop", 224)))
+    enc = Encoder(module, kind="image", embed_dim=dim, provenance=prov, transform=transform,
+                  image_fn=lambda px: module(px.to(next(module.parameters()).device)),
+                  input_size=int(pre.get("crop", 224)))
+    enc.architecture = image_architecture(entry, cfg)  # what a fine-tuned copy needs to be rebuilt
+    return enc
+
+
+# ============================================================================ open_clip and CONCH entries
+# open_clip models (clip, quiltnet, omiclip) are built by open_clip from a checked model_cfg; CONCH's image
+# tower by stamp.models.conch from the authors' config. Both read whole-model weight files (image tower +
+# text towers): every tensor must fit the architecture; the parts an entry does not use are checked, then
+# dropped.
+FOREIGN_LIBRARIES = ("open_clip", "conch")
+
+
+def _unwrap_state(state: dict, where: str) -> dict:
+    """A checkpoint's tensors: ``module.`` prefixes (DDP) removed when every key carries one."""
+    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    bad = [k for k, v in state.items() if not hasattr(v, "shape")]
+    if bad:
+        raise ModelConfigError(f"{where}: {bad[0]!r} is not a tensor; not a state dict of weights")
+    return state
+
+
+def _foreign_state(path: Path, where: str) -> dict:
+    from stamp.safety import safetensors_shapes
+
+    if path.suffix == ".safetensors":
+        safetensors_shapes(path)  # a pickle / zip named .safetensors: one line saying what it is
+    return _unwrap_state(_read_state(path), f"{where} ({path.name})")
+
+
+def open_clip_model_config(entry: ModelEntry, repo_config: dict | None, where: str) -> tuple[dict, dict | None]:
+    """(checked model_cfg, preprocess_cfg or None): the repo's ``open_clip_config.json`` when there is one,
+    else the entry's own ``architecture.model_cfg``."""
+    from stamp.models.openclip import CONFIG_FILE, check_model_config
+
+    if repo_config is not None:
+        cfg = repo_config.get("model_cfg", repo_config)
+        return check_model_config(cfg, f"{where} ({CONFIG_FILE})"), repo_config.get("preprocess_cfg")
+    return check_model_config(entry.architecture["model_cfg"], where), None
+
+
+def _open_clip_towers(entry: ModelEntry, model):
+    """The module the zoo keeps of a whole open_clip model: the image tower (image entries) or image + text
+    towers (aligned entries)."""
+    from stamp.models.openclip import OpenClipAlignedModel, OpenClipImageEncoder
+
+    return OpenClipAlignedModel(model) if entry.kind == "aligned" else OpenClipImageEncoder(model.visual)
+
+
+def build_foreign_image_encoder(entry: ModelEntry, repo_config: dict | None = None, *, meta: bool = True,
+                                where: str | None = None):
+    """An open_clip / CONCH entry's module (on ``meta`` unless told): what ``build_image_encoder`` gives for them."""
+    where = where or entry.name
+    if entry.library == "conch":
+        from stamp.models.conch import ConchImageEncoder, ConchVisionConfig
+
+        import torch
+
+        config = ConchVisionConfig.from_model_config(entry.architecture["config"], where)
+        if meta:
+            with torch.device("meta"):
+                return ConchImageEncoder(config, entry.pooling or "contrast")
+        return ConchImageEncoder(config, entry.pooling or "contrast")
+    from stamp.models.openclip import build_model
+
+    model_cfg, _ = open_clip_model_config(entry, repo_config, where)
+    return _open_clip_towers(entry, build_model(model_cfg, where, meta=meta))
+
+
+def _load_open_clip(entry: ModelEntry, wfile: Path, repo_config: dict | None, where: str):
+    """(module, model_cfg, preprocess_cfg): the whole model built on meta, the file checked against it tensor
+    by tensor (none missing, none left over, shapes equal), loaded, then the unused towers dropped."""
+
+    from stamp.models.openclip import build_model, materialize_masks
+    from stamp.safety import check_parameter_count, check_shapes, fit_state, meta_shapes
+
+    model_cfg, preprocess_cfg = open_clip_model_config(entry, repo_config, where)
+    model = build_model(model_cfg, where, meta=True)
+    check_parameter_count(sum(p.numel() for p in model.parameters()), where)
+    state = _foreign_state(wfile, where)
+    expected = meta_shapes(model)
+    if "logit_scale" in state and "logit_scale" in expected and state["logit_scale"].numel() == 1:
+        state["logit_scale"] = state["logit_scale"].reshape(expected["logit_scale"])
+    check_shapes(expected, {k: tuple(v.shape) for k, v in state.items()}, f"{where} ({wfile.name})")
+    state = fit_state(state, model.state_dict(), f"{where} ({wfile.name})")  # int8 refused, fp16 cast, NaN refused
+    model.load_state_dict(state, strict=True, assign=True)
+    module = _open_clip_towers(entry, model)
+    materialize_masks(module)
+    if any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):  # buffers it cannot rebuild
+        model = build_model(model_cfg, where, meta=False)
+        model.load_state_dict(state, strict=True)
+        module = _open_clip_towers(entry, model)
+    return module.eval(), model_cfg, preprocess_cfg
+
+
+def _load_conch(entry: ModelEntry, wfile: Path, where: str):
+    """CONCH's image tower: the file's ``visual.`` tensors loaded strictly; every other tensor must sit under
+    one of the entry's ``unused`` prefixes (the text towers), else it is an error naming it."""
+    from stamp.safety import check_parameter_count, check_shapes, fit_state, meta_shapes
+
+    module = build_foreign_image_encoder(entry, where=where)
+    check_parameter_count(sum(p.numel() for p in module.parameters()), where)
+    prefix = entry.architecture.get("prefix", "visual.")
+    unused = tuple(entry.architecture.get("unused", ()))
+    state = _foreign_state(wfile, where)
+    ours = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    stray = [k for k in state if not k.startswith(prefix) and not k.startswith(unused)]
+    if stray:
+        raise ModelConfigError(f"{where} ({wfile.name}): tensor {stray[0]!r} is neither part of the {prefix[:-1]} "
+                               f"tower nor of the known unused parts ({', '.join(unused)}); not a CONCH checkpoint")
+    check_shapes(meta_shapes(module), {k: tuple(v.shape) for k, v in ours.items()}, f"{where} ({wfile.name})")
+    ours = fit_state(ours, module.state_dict(), f"{where} ({wfile.name})")
+    module.load_state_dict(ours, strict=True, assign=True)
+    return module.eval()
+
+
+def gene_input_of(entry: ModelEntry, model_cfg: dict):
+    """The gene side of a foreign aligned entry (``gene_input`` of the catalogue)."""
+    from stamp.models.openclip import GeneSentenceInput
+
+    rule = dict(entry.gene_input or {})
+    if rule.pop("rule", None) != "gene-sentence":
+        raise ModelConfigError(f"{entry.name}: gene_input {entry.gene_input!r}: only the 'gene-sentence' rule exists")
+    context = int(model_cfg["text_cfg"].get("context_length", 77))
+    return GeneSentenceInput(context, top_k=int(rule.get("top_k", 50)), skip_chars=rule.get("skip_chars", (".", "-")),
+                             exclude=rule.get("exclude", ()))
+
+
+def load_foreign_entry(entry: ModelEntry, *, weights: str | os.PathLike | None = None, revision: str | None = None,
+                       token: str | None = None, source: str | None = None) -> Encoder:
+    """An open_clip or CONCH catalogue entry as an :class:`Encoder` (CPU, eval mode); ``weights``: a file or a
+    folder in the library's Hub layout (open_clip: ``open_clip_config.json`` + weights)."""
+    from stamp.models.foundation import ImagePreprocess
+    from stamp.models.openclip import CONFIG_FILE, preprocessing
+
+    config_name = CONFIG_FILE if entry.library == "open_clip" else None
+    wfile, cfg, rev, where = _weights_source(entry, weights, revision, token, config_name=config_name)
+    gene_input, model_cfg = None, None
+    if entry.library == "conch":
+        module = _load_conch(entry, wfile, where)
+        pre = dict(entry.preprocessing or {})
+        dim = module.embed_dim
+    else:
+        module, model_cfg, preprocess_cfg = _load_open_clip(entry, wfile, cfg, where)
+        pre = preprocessing(model_cfg, preprocess_cfg, entry.preprocessing, where)
+        dim = int(model_cfg["embed_dim"])
+        if entry.kind == "aligned":
+            gene_input = gene_input_of(entry, model_cfg)
+    if dim != entry.embed_dim and not entry.extra.get("generic"):  # the loaded architecture decides the width
+        logger.warning("%s: the loaded model gives %d-d features, the catalogue entry %r says %d", where, dim,
+                       entry.name, entry.embed_dim)
+    transform = ImagePreprocess(**pre)
+    prov = Provenance(name=entry.name, source=source or entry.name, hub_id=entry.hub_id, revision=rev,
+                      license=entry.license_name or entry.license, commercial=entry.commercial,
+                      weights_sha256=weights_sha256(wfile),
+                      extra={"library": entry.library, "pooling": entry.pooling, "marks": entry.marks,
+                             **({"gene_input": gene_input.describe()} if gene_input is not None else {})})
+    if entry.kind == "aligned":
+        return Encoder(module, kind="aligned", embed_dim=dim, provenance=prov, transform=transform,
+                       counts=gene_input, image_fn=lambda px: module.image_features(px),
+                       gene_fn=lambda batch: module.embed_genes(batch), input_size=int(pre["crop"]))
+    enc = Encoder(module, kind="image", embed_dim=dim, provenance=prov, transform=transform,
+                  image_fn=lambda px: module(px.to(next(module.parameters()).device)), input_size=int(pre["crop"]))
+    enc.architecture = image_architecture(entry, cfg, preprocessing=pre)
+    return enc
+
+
+# ============================================================================ fine-tuned image encoders (issue 28)
+FINETUNED_TYPE = "stamp-finetuned"
+
+
+def entry_data(entry: ModelEntry) -> dict:
+    """A catalogue entry as the plain data it was read from (``ModelEntry.from_dict`` reads it back)."""
+    import dataclasses
+
+    data = {k: v for k, v in dataclasses.asdict(entry).items() if k not in ("name", "origin", "extra")}
+    data.update(entry.extra)
+    return json_safe(data)
+
+
+def json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def image_architecture(entry: ModelEntry, repo_config: dict | None, preprocessing: dict | None = None) -> dict:
+    """How to rebuild an image entry's module without its weights: the entry as data, the repo's config and the
+    preprocessing actually used (recorded in a fine-tuned run's config.json)."""
+    return {"name": entry.name, "entry": entry_data(entry), "repo_config": json_safe(repo_config),
+            "preprocessing": json_safe(preprocessing or dict(entry.preprocessing or {}))}
+
+
+def build_from_architecture(arch: dict, where: str, *, meta: bool = True):
+    """The image module an :func:`image_architecture` record describes (sizes checked again: it is read back
+    from a file); weights are loaded by the caller."""
+    from stamp.safety import check_config_sizes
+
+    if not isinstance(arch, dict) or not isinstance(arch.get("entry"), dict):
+        raise ModelConfigError(f"{where}: config.json has no image_encoder.entry; not a fine-tuned stamp model")
+    entry = ModelEntry.from_dict(str(arch.get("name") or "image-encoder"), arch["entry"], where)
+    repo_config = arch.get("repo_config")
+    if repo_config is not None:
+        check_config_sizes(repo_config, where)
+    return build_image_encoder(entry, repo_config, meta=meta, where=where), entry
+
+
+def load_finetuned_folder(folder: Path, *, source: str) -> Encoder:
+    """A ``stamp finetune`` run (RUN/model): the image encoder rebuilt from its recorded architecture and every
+    tensor read strictly from model.safetensors; the gene side is the run's expression input."""
+    import torch
+
+    from stamp.models.finetune import ExpressionInput, FinetuneConfig, STFinetuneModel
+    from stamp.models.foundation import ImagePreprocess
+    from stamp.safety import check_shapes, fit_state, meta_shapes, read_json_config, safetensors_shapes
+
+    cfg = read_json_config(folder / "config.json")
+    where = str(folder / "config.json")
+    config = FinetuneConfig.from_dict(cfg, where)
+    weights = folder / "model.safetensors"
+    shapes = safetensors_shapes(weights)
+
+    def build(meta: bool):
+        image, _ = build_from_architecture(config.image_encoder, where, meta=meta)
+        if meta:
+            with torch.device("meta"):
+                return STFinetuneModel(image, config)
+        return STFinetuneModel(image, config)
+
+    model = build(True)
+    check_shapes(meta_shapes(model), shapes, f"{folder} (model.safetensors)")
+    from safetensors.torch import load_file
+
+    state = fit_state(load_file(str(weights)), model.state_dict(), f"{folder} (model.safetensors)")
+    model.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):  # non-persistent buffers
+        model = build(False)
+        model.load_state_dict(state, strict=True)
+    model.eval()
+    inputs = ExpressionInput.from_pretrained(folder)
+    pre = dict(config.image_encoder.get("preprocessing") or {})
+    prov = Provenance(name=source, source=source, license=str(cfg.get("license", "other")),
+                      commercial=cfg.get("commercial"), weights_sha256=weights_sha256(weights),
+                      extra={"library": "stamp", "base": config.image_encoder.get("name"), "marks": cfg.get("marks", "")})
+    return Encoder(model, kind="aligned", embed_dim=config.embed_dim, provenance=prov, transform=ImagePreprocess(**pre),
+                   counts=inputs, image_fn=lambda px: model.encode_image(px.to(model.device)),
+                   gene_fn=lambda batch: model.encode_genes(batch), input_size=int(pre.get("crop", 224))).eval()
+
+
+def _generic_open_clip_entry(folder: Path, source: str) -> ModelEntry | None:
+    """A folder / repo in open_clip's Hub layout without a catalogue entry: a plain image entry for it."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    from stamp.models.openclip import CONFIG_FILE, WEIGHT_FILES
+    from stamp.safety import read_json_config
+
+    if not (folder / CONFIG_FILE).is_file():
+        return None
+    cfg = read_json_config(folder / CONFIG_FILE)
+    model_cfg = cfg.get("model_cfg", cfg)
+    data = dict(kind="image", library="open_clip", hub_id=source if is_repo_id(source) else "local/folder",
+                license="unknown", commercial=None, gated=False, citation="", architecture={"model_cfg": model_cfg},
+                pooling="encode_image", files=list(WEIGHT_FILES) + ["open_clip_pytorch_model.safetensors"],
+                preprocessing={"resize": 224, "crop": 224, "interpolation": "bicubic", "mean": list(OPENAI_DATASET_MEAN),
+                               "std": list(OPENAI_DATASET_STD)},  # open_clip's defaults; the repo's preprocess_cfg wins
+                embed_dim=int(model_cfg.get("embed_dim") or 1) if isinstance(model_cfg, dict) else 1, generic=True)
+    return ModelEntry.from_dict(source, data, str(folder / CONFIG_FILE))
+
+
+def load_concatenation(text: str, path: Path, *, weights: Any = None, **kwargs: Any) -> Encoder | None:
+    """``A+B`` (no file and no catalogue entry of that name): the parts loaded one by one and concatenated
+    (:mod:`stamp.zoo.concat`); None for a single model."""
+    from stamp.zoo.concat import ConcatEncoder, split_spec
+
+    parts = None if is_pretrained(text) or path.exists() else split_spec(text)
+    if parts is None:
+        return None
+    if weights is not None:
+        raise PretrainedError(f"{text}: --weights names one file or folder; it cannot serve the {len(parts)} models "
+                              "of a concatenation (load each with its own cache or catalogue entry)")
+    if len(set(parts)) != len(parts):
+        raise PretrainedError(f"{text}: a model appears twice in the concatenation; give each once")
+    return ConcatEncoder([load(p, **kwargs) for p in parts], text)
 
 
 def _load_stamp_folder(folder: Path, *, name: str, source: str, means: Any, kind: str | None,
@@ -374,7 +666,8 @@ def load(name_or_path: str | os.PathLike, *, device: Any = None, means: str | os
          token: str | None = None) -> Encoder:
     """Load any encoder of the zoo in eval mode.
 
-    ``name_or_path``: a catalogue name (``stamp models``), run / model folder or Hub repo id.
+    ``name_or_path``: a catalogue name (``stamp models``), run / model folder or Hub repo id, or
+    ``A+B``: several of them concatenated per spot (:mod:`stamp.zoo.concat`).
     ``means``: the released gene-means file for models that ship none (remembered ones are found
     without it); ``kind``: ``"image"`` / ``"gene"`` to take one side of an aligned model;
     ``weights``: a weights file or folder downloaded by hand (gated or offline use).
@@ -388,6 +681,10 @@ def load(name_or_path: str | os.PathLike, *, device: Any = None, means: str | os
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     text = str(name_or_path)
     path = Path(text).expanduser()
+    concat = load_concatenation(text, path, device=device, means=means, kind=kind, weights=weights,
+                                revision=revision, token=token)
+    if concat is not None:
+        return concat
     if is_pretrained(text) and not path.is_dir():
         entry = get_pretrained(text)
         if kind == "gene" and entry.kind == "image":
@@ -396,6 +693,12 @@ def load(name_or_path: str | os.PathLike, *, device: Any = None, means: str | os
             raise PretrainedError(f"{text} is a gene encoder; pick an image or aligned model")
         if entry.library in ("timm", "transformers"):
             enc = load_image_entry(entry, weights=weights, revision=revision, token=token, source=text)
+        elif entry.library in GENE_LIBRARIES:  # scGPT, Nicheformer, Geneformer: their authors' own files
+            from stamp.zoo.gene_zoo import load_gene_entry
+
+            enc = load_gene_entry(entry, weights=weights, revision=revision, token=token, means=means, source=text)
+        elif entry.library in FOREIGN_LIBRARIES:  # CONCH, open_clip models (CLIP, QuiltNet, OmiCLIP)
+            enc = load_foreign_entry(entry, weights=weights, revision=revision, token=token, source=text)
         else:
             if weights is not None:  # hand-downloaded release: converted once, keyed by its sha256
                 folder = converted_from_file(entry, Path(weights).expanduser())
@@ -409,12 +712,17 @@ def load(name_or_path: str | os.PathLike, *, device: Any = None, means: str | os
     else:
         check_repo_id(text)
         folder = snapshot(text, revision=revision, token=token)
+    open_clip_entry = _generic_open_clip_entry(folder, text)
+    if open_clip_entry is not None:  # open_clip's Hub layout (open_clip_config.json + weights)
+        return load_foreign_entry(open_clip_entry, weights=folder, source=text).to(dev).eval()
     if not (folder / "config.json").is_file():
         raise PretrainedError(f"{folder}: no config.json; pass a run folder, its model/ folder, a catalogue name "
                               "(`stamp models`) or a Hub repo of one")
     from stamp.safety import read_json_config
 
     cfg = read_json_config(folder / "config.json")
+    if cfg.get("model_type") == FINETUNED_TYPE:  # a `stamp finetune` run
+        return load_finetuned_folder(folder, source=text).to(dev).eval()
     generic = _generic_folder_entry(folder, cfg, text)
     if generic is not None:
         enc = load_image_entry(generic, weights=folder, source=text)

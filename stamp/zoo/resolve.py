@@ -90,6 +90,12 @@ def means_key(entry: ModelEntry) -> str:
     return entry.full_entry or entry.name
 
 
+def uses_means(entry: ModelEntry) -> bool:
+    """Whether an entry's tokenizer divides by a per-gene means file the user supplies once (the released
+    STAMP means, Nicheformer's technology means): its ``tokenizer`` names a ``vocabulary`` and ``means``."""
+    return bool(entry.tokenizer) and "vocabulary" in entry.tokenizer and "means" in entry.tokenizer
+
+
 def registered_means(key: str) -> Path | None:
     path = means_root() / f"{key}.npy"
     return path if path.is_file() else None
@@ -105,7 +111,7 @@ def set_means(name: str, file: str | os.PathLike) -> Path:
     from stamp.tokenizer import load_means_file
 
     entry = get_pretrained(name)
-    if entry.library != "stamp" or not entry.tokenizer:
+    if not uses_means(entry):
         raise PretrainedError(f"{name} is a {entry.library} {entry.kind} encoder: it uses no gene means file")
     gene_ids, _ = vocabulary(entry.tokenizer["vocabulary"])
     values = load_means_file(file, len(gene_ids))
@@ -199,10 +205,16 @@ def is_cached(entry: ModelEntry) -> bool:
     if entry.library == "stamp":
         root = converted_cache_root() / entry.hub_id.replace("/", "--")
         return any(root.glob(f"*/{entry.name}/{CONVERTED_MARKER}"))
+    if not entry.hub_id:
+        return False
+    files = entry.files
+    if entry.layout:  # the gene models: their weights file (a Geneformer model folder: its weights)
+        rel = entry.layout.get("weights") or entry.layout.get("model", "")
+        files = (rel,) if "weights" in entry.layout else tuple(f"{rel}/{f}" for f in entry.files)
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        return any(isinstance(try_to_load_from_cache(entry.hub_id, f), str) for f in entry.files)
+        return any(isinstance(try_to_load_from_cache(entry.hub_id, f), str) for f in files)
     except Exception:  # a cache it cannot read: say "no"
         return False
 
@@ -214,12 +226,12 @@ def model_table(kind: str | None = None) -> list[dict[str, Any]]:
         entry = get_pretrained(name)
         row = entry.row()
         row["cached"] = "yes" if is_cached(entry) else "no"
-        if entry.library == "stamp" and entry.tokenizer:
+        if uses_means(entry):
             row["means"] = "set" if registered_means(means_key(entry)) else "needed"
         rows.append(row)
     return rows
 
 
 __all__ = ["resolve_pretrained", "resolve_model_source", "converted_from_file", "load_tokenizer", "set_means",
-           "registered_means", "means_key", "weights_sha256", "model_table", "is_cached", "CONVERTED_MARKER",
+           "registered_means", "means_key", "uses_means", "weights_sha256", "model_table", "is_cached", "CONVERTED_MARKER",
            "MEANS_REQUIRED_KEY", "MEANS_KEY"]
