@@ -179,14 +179,17 @@ def check_finite(tensors: Iterable[tuple[str, Any]], where: str) -> None:
                                    "damaged (or were saved from a diverged run): download or export them again")
 
 
-def fit_state(state: Mapping[str, Any], target: Mapping[str, Any], where: str) -> dict[str, Any]:
+def fit_state(state: Mapping[str, Any], target: Mapping[str, Any], where: str, *,
+              finite: bool = True) -> dict[str, Any]:
     """``state`` ready to be assigned into a model whose tensors are ``target`` (its ``state_dict()``, on
     any device, ``meta`` too): integer weights for float tensors refused, other floating dtypes cast to
-    the model's (fp16 / bf16 files load into an fp32 model), NaN / infinite weights refused."""
+    the model's (fp16 / bf16 files load into an fp32 model), NaN / infinite weights refused (``finite=False``:
+    the caller checks the tensors it keeps, :func:`check_finite`, e.g. when unused towers are dropped)."""
     check_dtypes({k: v.dtype for k, v in target.items()}, {k: v.dtype for k, v in state.items()}, where)
     out = {k: (v.to(target[k].dtype) if k in target and v.is_floating_point() and v.dtype != target[k].dtype else v)
            for k, v in state.items()}
-    check_finite(out.items(), where)
+    if finite:
+        check_finite(out.items(), where)
     return out
 
 

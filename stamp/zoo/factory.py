@@ -398,7 +398,7 @@ def _load_open_clip(entry: ModelEntry, wfile: Path, repo_config: dict | None, wh
     by tensor (none missing, none left over, shapes equal), loaded, then the unused towers dropped."""
 
     from stamp.models.openclip import build_model, materialize_masks
-    from stamp.safety import check_parameter_count, check_shapes, fit_state, meta_shapes
+    from stamp.safety import check_finite, check_parameter_count, check_shapes, fit_state, meta_shapes
 
     model_cfg, preprocess_cfg = open_clip_model_config(entry, repo_config, where)
     model = build_model(model_cfg, where, meta=True)
@@ -408,9 +408,10 @@ def _load_open_clip(entry: ModelEntry, wfile: Path, repo_config: dict | None, wh
     if "logit_scale" in state and "logit_scale" in expected and state["logit_scale"].numel() == 1:
         state["logit_scale"] = state["logit_scale"].reshape(expected["logit_scale"])
     check_shapes(expected, {k: tuple(v.shape) for k, v in state.items()}, f"{where} ({wfile.name})")
-    state = fit_state(state, model.state_dict(), f"{where} ({wfile.name})")  # int8 refused, fp16 cast, NaN refused
+    state = fit_state(state, model.state_dict(), f"{where} ({wfile.name})", finite=False)  # int8 refused, fp16 cast
     model.load_state_dict(state, strict=True, assign=True)
     module = _open_clip_towers(entry, model)
+    check_finite(module.state_dict().items(), f"{where} ({wfile.name})")  # NaN in the towers kept (not dropped ones)
     materialize_masks(module)
     if any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):  # buffers it cannot rebuild
         model = build_model(model_cfg, where, meta=False)
