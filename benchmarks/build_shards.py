@@ -5,9 +5,9 @@ Baselines, both single-process:
   users take today: no gene harmonization, QC or neighbour graph, every slide in memory);
 - lower bound: ``h5py`` reads each slice's count matrix and ``pyarrow`` writes the same
   expression columns (spot_id, slide_id, barcode, spot_index, gene_index, counts,
-  total_counts, n_genes) with the same codec and level as spavis (zstd 3, 1,024-row groups,
-  dictionary on strings) and pyarrow's default encodings: the I/O and encoding floor of a
-  plain builder. spavis also delta-encodes gene_index and byte-stream-splits counts
+  total_counts, n_genes) with the same codec and level as spavis's expression files (zstd 1,
+  1,024-row groups, dictionary on strings) and pyarrow's default encodings: the I/O and
+  encoding floor of a plain builder. spavis also delta-encodes gene_index and byte-stream-splits counts
   (spavis.format.schema.EXPRESSION_COLUMN_ENCODING: smaller files, faster writes and reads,
   benchmarks/parquet_encodings.py), which the lower bound does not.
 spavis: ``build_shards`` (read, harmonize to stamp-v1, QC, k-NN graph, Parquet + Zarr,
@@ -28,6 +28,7 @@ fastest run (the lower bound gets the same chance as spavis).
     python benchmarks/build_shards.py --sizes 4 --workers 2 --json out.json
     python benchmarks/build_shards.py --sizes 8 --max-spots-per-shard 8000   # several files: --workers scaling
     python benchmarks/build_shards.py --sizes 8 --max-spots-per-shard 8000 --repeat 3   # best of 3 per case
+    python benchmarks/build_shards.py --sizes 6 20 --max-spots-per-shard 8000 --before ../old-checkout
 """
 from __future__ import annotations
 
@@ -35,13 +36,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from _generated import generated_slices  # benchmarks/_generated.py
+from _measure import run_measured  # benchmarks/_measure.py
 
 HERE = Path(__file__).resolve()
 
@@ -84,7 +85,8 @@ def _case_lower_bound(inputs: list[str], out: str) -> dict:
     fields = ["spot_id", "slide_id", "barcode", "spot_index", "gene_index", "counts", "total_counts", "n_genes"]
     schema = pa.schema([S.EXPRESSION_SCHEMA.field(f) for f in fields])
     # the same codec and level as spavis's expression files, pyarrow's default encodings
-    options = dict(S.PARQUET_WRITE_OPTIONS, use_dictionary=["spot_id", "slide_id", "barcode"])
+    options = dict(S.PARQUET_WRITE_OPTIONS, use_dictionary=["spot_id", "slide_id", "barcode"],
+                   compression_level=S.EXPRESSION_COMPRESSION_LEVEL)
     n_spots = 0
     with pq.ParquetWriter(Path(out) / "part-00000.parquet", schema, **options) as writer:
         for path in inputs:
@@ -133,95 +135,19 @@ def _case_baseline(inputs: list[str], out: str) -> dict:
     return {"wall_s": wall, "spots_in": int(merged.n_obs), "spots_out": int(merged.n_obs)}
 
 
-def _tree_rss(pid: int, cpu: dict[int, float] | None = None) -> int:
-    """Summed RSS (bytes) of ``pid`` and all its descendants (psutil, else /proc).
+def _run_case(case: str, inputs: list[Path], out: Path, workers: int, max_spots: int | None = None,
+              tree: Path | None = None) -> dict:
+    """Run one case in a fresh interpreter (``--_case``); its timing, peak RSS (MiB) and CPU seconds.
 
-    ``cpu`` collects each process's CPU seconds (user + sys) as last seen: workers forked by
-    a fork server are not waited for by the case process, so its rusage misses them.
-    """
-    try:
-        import psutil
-    except ImportError:
-        psutil = None
-    if psutil is not None:
-        try:
-            root = psutil.Process(pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return 0
-        total = 0
-        for p in procs:
-            try:
-                total += p.memory_info().rss
-                if cpu is not None:
-                    t = p.cpu_times()
-                    cpu[p.pid] = t.user + t.system
-            except psutil.Error:
-                pass
-        return total
-    parent = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parent[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    tree, frontier = {pid}, {pid}
-    while frontier:
-        frontier = {p for p, pp in parent.items() if pp in frontier} - tree
-        tree |= frontier
-    total = 0
-    for p in tree:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
-
-
-def _run_case(case: str, inputs: list[Path], out: Path, workers: int, max_spots: int | None = None) -> dict:
-    """Run one case in a fresh interpreter; return its timing and peak RSS (MiB).
-
-    ``ru_maxrss`` of ``wait4`` is the largest single process (the child or a waited-for
-    grandchild); the tree peak is sampled every 50 ms while the case runs.
-    """
-    import threading
-
+    ``tree``: import spavis from this checkout instead (``--before``)."""
     if out.is_dir():  # a kept earlier run: the build would be a no-op
         shutil.rmtree(out)
     elif out.exists():
         out.unlink()
     cmd = [sys.executable, str(HERE), "--_case", case, "--_out", str(out), "--workers", str(workers),
            *(["--max-spots-per-shard", str(max_spots)] if max_spots else []), "--_inputs", *map(str, inputs)]
-    with tempfile.TemporaryFile("w+") as err:  # a file, so a chatty stderr cannot block the child
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-        peak = [0]
-        stop = threading.Event()
-
-        cpu: dict[int, float] = {}
-
-        def sample() -> None:
-            while not stop.wait(0.05):
-                peak[0] = max(peak[0], _tree_rss(proc.pid, cpu))
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        stdout = proc.stdout.read()
-        stop.set()
-        sampler.join()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        err.seek(0)
-        stderr = err.read()
-    if proc.returncode != 0:
-        raise SystemExit(f"{case} failed ({proc.returncode}):\n{stderr[-3000:]}")
-    result = json.loads(stdout.strip().splitlines()[-1])
-    result["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux: the largest single process
-    result["tree_rss_mib"] = peak[0] / 2**20
-    # CPU seconds of the case and its waited-for children (the workers): less skewed by load than wall time
-    result["cpu_s"] = max(usage.ru_utime + usage.ru_stime, sum(cpu.values()))
+    env = None if tree is None else dict(os.environ, PYTHONPATH=str(tree))
+    result = run_measured(cmd, env=env)
     result["spots_per_s"] = result["spots_in"] / result["wall_s"]
     result["workers"] = workers if case == "spavis" else 1
     return result
@@ -237,7 +163,10 @@ def _format_row(row: dict, workers: int) -> str:
     par = row.get("spavis_parallel")
     if par:
         cells.append(f"{par['spots_per_s']:,.0f} (x{par['spots_per_s'] / one['spots_per_s']:.2f} 1 worker)")
-    mem = [f"{r['tree_rss_mib']:,.0f}/{r['peak_rss_mib']:,.0f}" for r in (base, low, one, par) if r]
+    before = row.get("spavis_before")
+    if before:
+        cells.append(f"{before['spots_per_s']:,.0f} (x{before['spots_per_s'] / low['spots_per_s']:.2f} lower bound)")
+    mem = [f"{r['tree_rss_mib']:,.0f}/{r['peak_rss_mib']:,.0f}" for r in (base, low, one, par, before) if r]
     cpu = f"x{low['cpu_s'] / one['cpu_s']:.2f}"  # 1 worker vs lower bound, in CPU seconds per spot
     cells += [" ".join(mem), cpu, f"{row['load_avg_1min']:.1f}"]
     return "| " + " | ".join(cells) + " |"
@@ -256,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="Run every case this many times, interleaved, and report each case's fastest run "
                          "(as timeit does: other load only ever slows a run down). Default 1.")
+    ap.add_argument("--before", type=Path,
+                    help="Also run spavis with 1 worker from this checkout (e.g. a `git worktree` of an earlier "
+                         "commit): before/after in the same run.")
     ap.add_argument("--keep", type=Path, help="Keep generated inputs and outputs here.")
     ap.add_argument("--json", type=Path, help="Also write the results as JSON.")
     ap.add_argument("--_case", help=argparse.SUPPRESS)
@@ -281,21 +213,25 @@ def main(argv: list[str] | None = None) -> int:
         all_inputs = _generate(work / "inputs", max(sizes), tissue_fraction)
         print(f"| slides | spots | scanpy spots/s | lower bound spots/s | spavis 1 worker spots/s | "
               + (f"spavis {args.workers} workers spots/s | " if args.workers > 1 else "")
+              + (f"spavis 1 worker before ({args.before.name}) spots/s | " if args.before else "")
               + "RSS MiB tree/largest (scanpy, lower bound, 1 w" + (f", {args.workers} w" if args.workers > 1 else "")
-              + ") | 1 worker vs lower bound in CPU s | load |", flush=True)
-        print("|" + "---|" * (9 if args.workers > 1 else 8), flush=True)
+              + (", 1 w before" if args.before else "") + ") | 1 worker vs lower bound in CPU s | load |", flush=True)
+        print("|" + "---|" * (8 + (args.workers > 1) + bool(args.before)), flush=True)
         for n in sizes:
             inputs = all_inputs[:n]
-            cases = {"baseline": ("baseline", work / f"baseline_{n}.h5ad", 1, None),
-                     "lower_bound": ("lower_bound", work / f"lower_{n}", 1, None),
-                     "spavis": ("spavis", work / f"shards_{n}", 1, args.max_spots_per_shard)}
+            cases = {"baseline": ("baseline", work / f"baseline_{n}.h5ad", 1, None, None),
+                     "lower_bound": ("lower_bound", work / f"lower_{n}", 1, None, None),
+                     "spavis": ("spavis", work / f"shards_{n}", 1, args.max_spots_per_shard, None)}
             if args.workers > 1:
                 cases["spavis_parallel"] = ("spavis", work / f"shards_{n}_w{args.workers}", args.workers,
-                                            args.max_spots_per_shard)
+                                            args.max_spots_per_shard, None)
+            if args.before:
+                cases["spavis_before"] = ("spavis", work / f"shards_{n}_before", 1, args.max_spots_per_shard,
+                                          args.before.resolve())
             runs: dict[str, list[dict]] = {name: [] for name in cases}
             for _ in range(args.repeat):  # interleaved, so a noisy minute hits every case alike
-                for name, (case, out, w, max_spots) in cases.items():
-                    runs[name].append(_run_case(case, inputs, out, w, max_spots))
+                for name, (case, out, w, max_spots, tree) in cases.items():
+                    runs[name].append(_run_case(case, inputs, out, w, max_spots, tree))
             row = {"n_slides": n, **{name: min(r, key=lambda x: x["wall_s"]) for name, r in runs.items()}}
             if args.repeat > 1:
                 row["all_wall_s"] = {name: [round(x["wall_s"], 2) for x in r] for name, r in runs.items()}
@@ -310,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
-        for name in [k for k in ("baseline", "lower_bound", "spavis", "spavis_parallel") if k in first and k in last]:
+        for name in [k for k in ("baseline", "lower_bound", "spavis", "spavis_parallel", "spavis_before")
+                     if k in first and k in last]:
             growth = last[name]["peak_rss_mib"] / first[name]["peak_rss_mib"]
             print(f"largest-process RSS growth {first['n_slides']} -> {last['n_slides']} slides: {name} x{growth:.2f}")
     print("inputs are GENERATED slices (spavis.simulate); spavis also harmonizes, QCs, builds the k-NN graph, "

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         root = args.corpus or generated_corpus(work, 2, max_spots_per_shard=100_000)
         path = sorted((root / S.EXPRESSION_DIR).glob("*.parquet"))[0]
         table = pq.read_table(path)
-        ours = (S.PARQUET_WRITE_OPTIONS["compression_level"], S.EXPRESSION_COLUMN_ENCODING)
+        ours = (S.EXPRESSION_COMPRESSION_LEVEL, S.EXPRESSION_COLUMN_ENCODING)
         nnz = len(table.column("gene_index").combine_chunks().values)
         origin = "GENERATED slides" if args.corpus is None else str(path)
         print(f"{path.name}: {table.num_rows:,} spots, {nnz:,} nonzeros ({origin})")

@@ -16,6 +16,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "load_vocabulary": ("spavis.genes", "load_vocabulary"),
     "harmonize": ("spavis.genes", "harmonize"),
     "build_shards": ("spavis.shards", "build_shards"),
+    "subset": ("spavis.shards.subset", "subset"),
     "BuildConfig": ("spavis.shards.config", "BuildConfig"),
     "validate": ("spavis.shards.validate", "validate"),
     "info": ("spavis.shards.info", "info"),

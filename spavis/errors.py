@@ -93,6 +93,10 @@ class BuildError(SpavisError):
     """build-shards cannot proceed (inputs, output folder, duplicate slices, workers)."""
 
 
+class SubsetError(BuildError):
+    """`spavis subset` cannot carve the sub-corpus (filter, parent corpus, output folder)."""
+
+
 class PublishError(SpavisError):
     """`spavis publish` cannot put a corpus on the Hub (integrity, license, token, interrupted upload)."""
 

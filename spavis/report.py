@@ -68,13 +68,19 @@ def read_slides(root: str | os.PathLike) -> pd.DataFrame:
 
 
 def genes_per_spot_histogram(root: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """(bin edges, counts) of detected vocabulary genes per spot, streamed from the ``n_genes`` column."""
+    """(bin edges, counts) of detected vocabulary genes per spot, from the ``n_genes`` column alone.
+
+    A polars scan reads that one int32 column of every expression file (4 bytes a spot: 23 MB for
+    SpaVis-6M) in parallel: 0.03 s against 0.08 s for pyarrow row group by row group on 73,501
+    generated spots (docs/shards.md).
+    """
+    import polars as pl
+
+    files = [str(f) for f in sorted((Path(root) / S.EXPRESSION_DIR).glob("*.parquet"))]
     counts = np.zeros(len(GENE_BINS) - 1, np.int64)
-    for f in sorted((Path(root) / S.EXPRESSION_DIR).glob("*.parquet")):
-        pf = pq.ParquetFile(f)
-        for rg in range(pf.num_row_groups):
-            v = pf.read_row_group(rg, columns=["n_genes"]).column(0).to_numpy()
-            counts += np.histogram(np.clip(v, GENE_BINS[0], GENE_BINS[-1] - 1), bins=GENE_BINS)[0]
+    if files:
+        v = pl.scan_parquet(files).select("n_genes").collect().get_column("n_genes").to_numpy()
+        counts += np.histogram(np.clip(v, GENE_BINS[0], GENE_BINS[-1] - 1), bins=GENE_BINS)[0]
     return GENE_BINS, counts
 
 

@@ -74,3 +74,27 @@ def test_killed_build_leaves_nothing_visible_and_the_next_build_cleans_up(slices
     finally:
         live.kill()
         live.wait()
+
+
+def test_prepared_stores_are_moved_or_linked_and_a_slice_without_its_store_is_prepared_again(slices, tmp_path):
+    """Default work dir (deleted after the build): each Zarr store is renamed into the corpus at commit.
+    A kept --work-dir: stores are hard-linked, so the prepared slices stay complete for later builds.
+    A prepared slice whose store is gone (a build killed after the renames) counts as not prepared."""
+    from spavis.format.io import tree_sha256
+    from spavis.shards import discover_inputs, prepare_slice
+    from spavis.shards.prepare import ZARR_DIR
+
+    inputs = [slices / "gen_0"]
+    moved = build_shards(inputs, tmp_path / "a", min_genes=1)
+    assert not (tmp_path / ".spavis-work-a").exists()
+    work = tmp_path / "work"
+    linked = build_shards(inputs, tmp_path / "b", min_genes=1, work_dir=work)
+    for sid in ("gen_0",):
+        store = linked / "zarr" / f"{sid}.zarr"
+        assert tree_sha256(store) == tree_sha256(moved / "zarr" / f"{sid}.zarr")
+        assert (work / sid / ZARR_DIR / "X" / "data" / "0").stat().st_nlink == 2  # linked, not copied
+        assert (store / "X" / "data" / "0").stat().st_nlink == 2
+    (s0,) = discover_inputs([slices / "gen_0"])
+    os.rename(work / "gen_0" / ZARR_DIR, tmp_path / "elsewhere")  # as a killed build's commit leaves it
+    again = prepare_slice(s0, work, vocab="stamp-v1", min_genes=1)
+    assert tree_sha256(again / ZARR_DIR) == tree_sha256(tmp_path / "elsewhere")

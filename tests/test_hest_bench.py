@@ -38,8 +38,8 @@ NAN_SAMPLES = {"S1": 12, "S2": 10, "S3": 11, "S4": 9}  # small: only its NaN boo
 NAN_FOLDS = [(["S1", "S2"], ["S3", "S4"]), (["S1", "S3"], ["S2", "S4"])]  # split1: defined (S1 trains it)
 
 
-def stamp_cli(*args, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+def stamp_cli(*args, timeout: int = 300, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(env_extra or {})}
     env.pop("STAMP_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "stamp.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
@@ -103,6 +103,25 @@ def tiny_model(folder: Path) -> Path:
                        context_length=16, heads=False)
     StampModel(StampModelConfig(gene=gene, vision="tiny", embed_dim=8)).save_pretrained(folder)
     return folder
+
+
+def tiny_uni_by_hand(root: Path) -> tuple[Path, Path]:
+    """(a $STAMP_REGISTRY overlay making the zoo's gated ``uni`` a 1-layer, width-32 ViT, its random weights in a
+    folder as downloaded by hand): a zoo name that can only run from ``--weights``."""
+    import timm
+    import torch
+    from importlib import resources
+    from safetensors.torch import save_file
+
+    entry = json.loads((resources.files("stamp.zoo") / "pretrained.json").read_text())["models"]["uni"]
+    kwargs = {**entry["architecture"]["kwargs"], "embed_dim": 32, "depth": 1, "num_heads": 2}
+    entry = {**entry, "architecture": {**entry["architecture"], "kwargs": kwargs}, "embed_dim": 32}
+    (root / "registry.json").write_text(json.dumps({"models": {"uni": entry}}))
+    torch.manual_seed(0)
+    model = timm.create_model(entry["architecture"]["name"], pretrained=False, **kwargs)
+    (root / "uni").mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "uni" / "model.safetensors"))
+    return root / "registry.json", root / "uni"
 
 
 # ----------------------------------------------------------------------------- the reference: HEST's code path
@@ -211,9 +230,12 @@ def bench(tmp_path_factory):
     write_task(root / "bench" / "TOYNAN", zero_gene_in=("S3", "S4"), gene_list=genes + genes[:5], folds=NAN_FOLDS,
                samples=NAN_SAMPLES)
     model = tiny_model(root / "run" / "model")
+    registry, uni = tiny_uni_by_hand(root)
     out = root / "ev"
-    res = stamp_cli("evaluate", "hest-bench", "--model", model.parent, "--bench-dir", root / "bench", "--out", out,
-                    "--device", "cpu", "--no-progress")
+    # a gated zoo name offline with an empty cache: only --weights MODEL=PATH can make it run
+    res = stamp_cli("evaluate", "hest-bench", "--model", model.parent, "--model", "uni", "--weights", f"uni={uni}",
+                    "--bench-dir", root / "bench", "--out", out, "--device", "cpu", "--no-progress",
+                    env_extra={"STAMP_REGISTRY": str(registry), "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf")})
     assert res.returncode == 0, res.stderr
     return root, task, model, out
 
@@ -226,7 +248,7 @@ def test_hest_bench_equals_hests_code_path_on_its_own_embeddings(bench):
     for s in SAMPLES:
         with h5py.File(task / "patches" / f"{s}.h5", "r") as f:  # patch order kept
             assert bcs[s] == [b[0].decode() for b in f["barcode"][()]]
-    toy = df[df.task == "TOY"]
+    toy = df[(df.task == "TOY") & (df.model == "run")]
     for k, (pooled, per, (X_tr, X_te, Y_tr, Y_te)) in enumerate(reference_task(task, emb, bcs, seed=SEED)):
         row = toy[toy.fold == f"split{k}"].set_index("method")
         assert np.isfinite(pooled)
@@ -248,11 +270,19 @@ def test_hest_bench_equals_hests_code_path_on_its_own_embeddings(bench):
     assert (out / "leaderboard.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_weights_by_hand_reach_hest_bench_and_its_cache_key(bench):
+    _, _, _, out = bench
+    df = pd.read_csv(out / "results.csv")
+    assert set(df["model"]) == {"run", "uni"} and df.loc[df.task == "TOY", "pearson"].notna().all()
+    with h5py.File(next((out / "embeddings" / "TOY" / "uni").glob("*.h5")), "r") as f:
+        assert "uni/model.safetensors:" in f.attrs["model_stamp"]  # other weights -> embedded again, never reused
+
+
 def test_a_fold_without_a_defined_pearson_is_nan_and_named(bench):
     """HEST lets NaN through (np.mean over genes, then over folds): reported, never dropped or nan-averaged."""
     root, _, _, out = bench
     df = pd.read_csv(out / "results.csv", keep_default_na=True)
-    nan = df[df.task == "TOYNAN"].set_index(["method", "fold"])
+    nan = df[(df.task == "TOYNAN") & (df.model == "run")].set_index(["method", "fold"])
     emb, bcs = cached_embeddings(out, "TOYNAN", "run", NAN_SAMPLES)
     ref = reference_task(root / "bench" / "TOYNAN", emb, bcs, seed=SEED, folds=NAN_FOLDS)
     assert np.isnan(ref[0][0]) and np.isfinite(ref[1][0])  # HEST's own result on this task

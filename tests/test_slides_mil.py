@@ -252,6 +252,7 @@ def test_mil_through_the_cli_outputs_only_under_out_and_refuses_bad_inputs_in_on
     refuse("two-times", lambda d: d.assign(os_months=np.where(d.slide == "001", "99", d.os_months)),
            extra=("--survival", "os_months,dead"), want="patient '000' has slides with different 'os_months' values")
     refuse("lr-inf", extra=("--lr", "inf"), want="--lr inf: give a positive, finite learning rate")
+    refuse("lr-beyond-float32", extra=("--lr", "1e300"), want="--lr 1e+300: give a positive, finite learning rate")
     refuse("diverging", extra=("--lr", "1e30"), want="the ABMIL training loss became")
     refuse("unknown-slide", lambda d: pd.concat([d, d.iloc[[0]].assign(slide="ghost.svs", patient="099")]),
            want="1 labelled slides have no bag in")
@@ -259,6 +260,9 @@ def test_mil_through_the_cli_outputs_only_under_out_and_refuses_bad_inputs_in_on
     refuse("small-class", lambda d: d.assign(label=np.where(d.patient == "000", "rare", d.label)),
            want="class 'rare' has 1 patients, fewer than the 2 folds")
     refuse("no-column", extra=("--label", "grade"), want="no column 'grade'")
+
+    # a seed numpy cannot take: the option's own bounds (it was a traceback after the labels were read)
+    cases.append(["evaluate", "mil", "--features", a, *common, "--seed", "-1", "--out", bad / "out-seed"])
 
     inputs = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     res = stamp_cli_cases(
@@ -298,3 +302,5 @@ def test_mil_through_the_cli_outputs_only_under_out_and_refuses_bad_inputs_in_on
         line = one_line(code, err)
         assert want in line, (name, line)
         assert not (bad / f"out-{name}").exists(), name
+    code, err = res[-1]
+    assert code == 2 and "Traceback" not in err and "'--seed'" in err and not (bad / "out-seed").exists(), err

@@ -190,6 +190,9 @@ def test_means_file_formats_and_length_errors(tmp_path, genes):
         GeneTokenizer.from_genes(genes, mode="stamp-v1", means=tmp_path / "short.npy")
     with pytest.raises(TokenizerError, match="does not exist"):
         load_means_file(tmp_path / "nope.npy")
+    (tmp_path / "text.npy").write_text("0.5\n")  # numpy's own message advised unpickling it
+    with pytest.raises(TokenizerError, match=r"not a numeric .npy array .*never loaded\); save the means with numpy.save$"):
+        load_means_file(tmp_path / "text.npy")
     with pytest.raises(TokenizerError, match="unknown tokenizer mode"):
         GeneTokenizer.from_genes(genes, mode="stamp-v2")
 

@@ -204,10 +204,12 @@ def test_scgpt_spatial_needs_its_folder_and_equals_the_authors(corpus, tmp_path)
     assert np.abs(sets[1].features - sets[0].features).max() > 0.1  # fresh weights, same inputs
 
 
-def test_evaluate_weights_option_names_its_model():
+def test_evaluate_weights_option_names_its_model(tmp_path):
     from stamp.cli.evaluate import weights_by_model
     from stamp.evaluate import EvaluateError, evaluate
 
+    (tmp_path / "scGPT=v1").mkdir()  # a folder whose name holds "=": a bare PATH, not MODEL=PATH
+    assert weights_by_model([str(tmp_path / "scGPT=v1")], ["scgpt"]) == {"scgpt": str(tmp_path / "scGPT=v1")}
     assert weights_by_model(["scgpt-spatial=/a", "uni=/b"], ["scgpt-spatial", "uni"]) == {"scgpt-spatial": "/a",
                                                                                        "uni": "/b"}
     assert weights_by_model(["/a"], ["scgpt-spatial"]) == {"scgpt-spatial": "/a"}
@@ -227,9 +229,29 @@ def test_scgpt_release_with_extra_encoder_tensor_or_missing_one_is_refused(corpu
     torch.save(state, folder / "best_model.pt")
     with pytest.raises(ModelConfigError, match=r"have no place in the architecture .*layers\.2\.linear1"):
         stamp.load("scgpt", weights=folder, device="cpu")
-    del state["transformer_encoder.layers.2.linear1.weight"], state["encoder.enc_norm.bias"]
+    del state["transformer_encoder.layers.2.linear1.weight"]
+    bias = state.pop("encoder.enc_norm.bias")
     torch.save(state, folder / "best_model.pt")
     with pytest.raises(ModelConfigError, match=r"not in the weights \(first: encoder.enc_norm.bias\)"):
+        stamp.load("scgpt", weights=folder, device="cpu")
+    # weight dtypes (issue 24 item 7): fp16 runs as the model's fp32, int8 and NaN are one line each
+    state["encoder.enc_norm.bias"] = bias
+    torch.save({k: v.half() for k, v in state.items()}, folder / "best_model.pt")
+    enc = stamp.load("scgpt", weights=folder, device="cpu")
+    assert {p.dtype for p in enc.module.parameters()} == {torch.float32}
+    torch.save({k: v.to(torch.int8) for k, v in state.items()}, folder / "best_model.pt")
+    with pytest.raises(ModelConfigError, match=r"best_model.pt\): \d+ weight tensor\(s\) are stored as int8 .*quantized"):
+        stamp.load("scgpt", weights=folder, device="cpu")
+    state["encoder.enc_norm.weight"][3] = float("nan")
+    torch.save(state, folder / "best_model.pt")
+    with pytest.raises(ModelConfigError, match=r"tensor encoder.enc_norm.weight holds 1 NaN or infinite value"):
+        stamp.load("scgpt", weights=folder, device="cpu")
+    args = json.loads((folder / "args.json").read_text())
+    (folder / "args.json").write_text(json.dumps({**args, "nlayers": 0}))
+    with pytest.raises(ModelConfigError, match=r"args.json: scGPT sizes must be positive"):
+        stamp.load("scgpt", weights=folder, device="cpu")
+    (folder / "args.json").write_text(json.dumps({**args, "pad_value": "abc"}))
+    with pytest.raises(ModelConfigError, match=r"args.json: pad_value 'abc' is not a number"):
         stamp.load("scgpt", weights=folder, device="cpu")
 
 
@@ -245,6 +267,13 @@ def test_scgpt_matches_symbols_then_ensembl_ids_as_cellxgene_feature_names():
                                              "(matched by symbol)")
     with pytest.raises(ModelConfigError, match=r"indices are not 0..2"):
         read_vocab({"A": 0, "B": 0, "<pad>": 2}, "vocab.json")
+    # scGPT-spatial's gene statistics divide the values: NaN = take the slide's, anything else not positive is refused
+    from stamp.models.scgpt import read_gene_means
+
+    assert np.isnan(read_gene_means(pd.DataFrame({"mean": [2.0, np.nan]}, index=[0, 2]), 3, "s.csv")[1:]).all()
+    for bad, msg in (([0.0, 1.0], r"mean of token 0 is 0 \(1 such\)"), (["x", 1.0], "not numbers")):
+        with pytest.raises(ModelConfigError, match=msg):
+            read_gene_means(pd.DataFrame({"mean": bad}, index=[0, 1]), 3, "s.csv")
 
 
 # ----------------------------------------------------------------------------- Nicheformer
@@ -263,7 +292,7 @@ def technology_means(seed: int = 0) -> np.ndarray:
     return m
 
 
-def test_nicheformer_lightning_checkpoint_equals_the_authors_get_embeddings(corpus, tmp_path):
+def test_nicheformer_lightning_checkpoint_equals_the_authors_get_embeddings(corpus, tmp_path, monkeypatch):
     import stamp
 
     ref = nicheformer_reference()
@@ -278,14 +307,25 @@ def test_nicheformer_lightning_checkpoint_equals_the_authors_get_embeddings(corp
     for (_, counts, _), mine in zip(slides(corpus), got):
         tokens = nicheformer_tokens(counts, means, max_seq_len=64)
         with torch.no_grad():
-            want = ref.get_embeddings(torch.from_numpy(tokens), specie=5, assay=15, modality=4).numpy()
+            want = ref.get_embeddings(torch.from_numpy(tokens), specie=5, assay=9, modality=4).numpy()  # 'visium'
         assert np.abs(mine - want).max() < ATOL
     assert enc.provenance.extra["means_sha256"] and enc.provenance.extra["unused_tensors"] == 12 + 2 + 2 + 2  # template layer, 3 heads
+    assert enc.counts.describe()["context_tokens"] == {"specie": 5, "assay": 9, "modality": 4}
+    # every name of the authors' dictionaries: an overlay picks the generic 10x token instead
+    overlay(tmp_path, monkeypatch, nicheformer={"tokenizer": {**_entry_dict("nicheformer")["tokenizer"], "context": {
+        "specie": "Homo sapiens", "assay": "10x 3' transcription profiling", "modality": "spatial"}}})
+    enc = stamp.load("nicheformer", weights=ckpt, means=tmp_path / "dissociated_mean_script.npy", device="cpu")
+    assert enc.counts.describe()["context_tokens"] == {"specie": 5, "assay": 15, "modality": 4}
     # code in a checkpoint is refused unrun
     class Payload:
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'ran'}",))
 
+    bad = ref.lightning_checkpoint()
+    bad["hyper_parameters"]["nheads"] = 0
+    torch.save(bad, tmp_path / "zero.ckpt")
+    with pytest.raises(ModelConfigError, match=r"zero.ckpt: nheads must be at least 1"):  # was ZeroDivisionError
+        stamp.load("nicheformer", weights=tmp_path / "zero.ckpt", device="cpu")
     torch.save({"state_dict": {}, "hyper_parameters": {"x": Payload()}}, tmp_path / "evil.ckpt")
     with pytest.raises(ModelConfigError, match=r"holds Python code .*NOT loaded"):
         stamp.load("nicheformer", weights=tmp_path / "evil.ckpt", device="cpu")
@@ -351,7 +391,25 @@ def test_geneformer_dictionary_carrying_code_is_refused_unrun(corpus, tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'ran'}",))
 
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "G" / "Geneformer-V2-104M" / "model.safetensors"
+    state = load_file(weights)
+    save_file({k: (v * 100).to(torch.int8) if v.is_floating_point() else v for k, v in state.items()}, weights)
+    with pytest.raises(ModelConfigError, match=r"model.safetensors\): \d+ weight tensor\(s\) are stored as int8"):
+        stamp.load("geneformer-v2-104m", weights=tmp_path / "G", device="cpu")  # copied in, they were wrong numbers
+    save_file(state, weights)
+    config = weights.parent / "config.json"
+    good = config.read_text()
+    config.write_text(json.dumps({**json.loads(good), "hidden_size": 30}))  # 4 heads do not divide it
+    with pytest.raises(ModelConfigError, match=r"config.json: not a buildable BERT config \(The hidden size \(30\)"):
+        stamp.load("geneformer-v2-104m", weights=tmp_path / "G", device="cpu")
+    config.write_text(good)
     path = tmp_path / "G" / "geneformer" / "gene_median_dictionary_gc104M.pkl"
+    medians = pickle.loads(path.read_bytes())
+    path.write_bytes(pickle.dumps({**medians, next(iter(medians)): 0.0}))  # values are divided by it
+    with pytest.raises(ModelConfigError, match=r"G: the median of ENSG\d+ is 0; gene medians must be positive"):
+        stamp.load("geneformer-v2-104m", weights=tmp_path / "G", device="cpu")
     path.write_bytes(pickle.dumps({"ENSG00000000003": Payload()}))
     with pytest.raises(ModelConfigError, match=r"gene_median_dictionary_gc104M.pkl: the pickle holds posix.system, "
                                                r"not only plain data; it was NOT loaded"):

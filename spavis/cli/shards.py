@@ -1,4 +1,4 @@
-"""`spavis build-shards`, `spavis validate`, `spavis info` (thin wrappers over spavis.shards)."""
+"""`spavis build-shards`, `subset`, `validate`, `info` (thin wrappers over spavis.shards)."""
 from __future__ import annotations
 
 import json
@@ -83,6 +83,29 @@ def build_shards_cmd(
 
         for line in image_summary(result):
             err.print(f"  {line}", highlight=False, markup=False)
+
+
+@app.command("subset")
+@friendly_errors
+def subset_cmd(
+    corpus: str = typer.Argument(..., help="A corpus folder, or a Hub dataset ORG/NAME (optionally @REVISION)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder of the new corpus."),
+    where: Optional[str] = typer.Option(
+        None, "--where", help="SQL WHERE clause over slides.parquet (polars SQL), e.g. \"organ = 'brain' AND "
+        "n_spots >= 1000\"; also n_spots and has_image."),
+    slides: Optional[str] = typer.Option(None, "--slides", help="Slide ids to keep, comma-separated (with --where: both)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub corpora: branch, tag or commit."),
+    workers: int = typer.Option(1, "--workers", "-j", min=1, help="Processes writing expression files (same bytes for any N)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace another corpus at --out."),
+) -> None:
+    """Carve a complete corpus of some slides out of a built one (local or Hub), without the raw slices."""
+    from spavis.shards.subset import subset
+
+    start = time.perf_counter()
+    res = subset(corpus, out, where=where, slides=slides, revision=revision, workers=workers, overwrite=overwrite)
+    state = "up to date" if res.up_to_date else f"{time.perf_counter() - start:.1f} s"
+    err.print(f"[green]✓[/] {res.out}: {len(res.slide_ids)} slides, {res.n_spots:,} spots in {res.n_files} file(s), "
+              f"a subset of {res.parent} (build {res.parent_build_key[:12]}) ({state})", highlight=False)
 
 
 @app.command("validate")

@@ -64,12 +64,15 @@ PARQUET_WRITE_OPTIONS: dict[str, Any] = {
 
 # Expression files: gene indices delta-encoded (sorted within each spot), counts byte-stream-
 # split. On a 7,759-spot shard of generated slides (benchmarks/parquet_encodings.py, CPU s):
-# 25.9 vs 41.7 MB, encode 0.87 vs 1.55 s, read 0.44 vs 0.57 s against plain encodings; at the
-# zstd level of every file (3), which with these encodings costs no more than level 1.
+# 25.9 vs 41.7 MB, encode 0.87 vs 1.55 s, read 0.44 vs 0.57 s against plain encodings.
 EXPRESSION_COLUMN_ENCODING: dict[str, str] = {
     "gene_index.list.element": "DELTA_BINARY_PACKED",
     "counts.list.element": "BYTE_STREAM_SPLIT",
 }
+# zstd level of expression files (the other files keep PARQUET_WRITE_OPTIONS' 3): on the same shard
+# with these encodings, level 1 encoded in 0.67 s vs 0.73 s and read in 0.37 vs 0.42 s for a 2 %
+# larger file (26.4 vs 25.9 MB), and the encoding is most of a corpus build's Parquet time.
+EXPRESSION_COMPRESSION_LEVEL = 1
 
 EXPRESSION_SCHEMA = pa.schema(
     [

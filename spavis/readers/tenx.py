@@ -20,6 +20,7 @@ import scipy.io
 import scipy.sparse as sp
 
 from spavis.errors import ReaderError
+from spavis.readers._h5 import read_1d
 
 MAX_LOWRES_PIXELS = 4096 * 4096  # a "lowres" image larger than this is not a lowres image
 
@@ -89,7 +90,7 @@ def _h5py_10x(path: Path) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.nda
                 fname = _decode(g["gene_names"][:]) if "gene_names" in g else fid
                 ftype = None
             csc = sp.csr_matrix(
-                (g["data"][:], g["indices"][:], g["indptr"][:]), shape=(n_bc, shape[0])
+                (read_1d(g["data"]), read_1d(g["indices"], narrow_to=np.int32), read_1d(g["indptr"])), shape=(n_bc, shape[0])
             )  # CSC genes x barcodes == CSR barcodes x genes
             if ftype is not None:
                 keep = ftype == "Gene Expression"

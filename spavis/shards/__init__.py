@@ -19,6 +19,8 @@ _EXPORTS = {
     "discover_inputs": "spavis.shards.discover",
     "info": "spavis.shards.info",
     "prepare_slice": "spavis.shards.prepare",
+    "subset": "spavis.shards.subset",
+    "SubsetResult": "spavis.shards.subset",
     "ValidationReport": "spavis.shards.validate",
     "validate": "spavis.shards.validate",
     "plan_shards": "spavis.shards.write",
@@ -45,13 +47,13 @@ def __dir__() -> list[str]:
 class _Package(types.ModuleType):
     """Keeps ``spavis.shards.validate`` / ``.info`` the functions once their submodules load.
 
-    Importing a submodule binds it on the package under its name; for the two functions
+    Importing a submodule binds it on the package under its name; for the three functions
     named like their modules that binding is skipped, so ``from spavis.shards import validate``
     is the function whatever was imported before (as with eager imports).
     """
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("validate", "info") and isinstance(value, types.ModuleType):
+        if name in ("validate", "info", "subset") and isinstance(value, types.ModuleType):
             return
         super().__setattr__(name, value)
 

@@ -131,7 +131,7 @@ def build_shards(
         work.mkdir(parents=True, exist_ok=True)
         try:
             with _lock(work / ".lock", f"another build-shards is using the work dir {work}"):
-                _build(slices, out, work, cfg, params, workers, progress)
+                _build(slices, out, work, cfg, params, workers, progress, move_stores=default_work)
         except BaseException as exc:
             _report_work_dir(exc, work, default_work)
             raise
@@ -231,7 +231,7 @@ def _report_work_dir(exc: BaseException, work: Path, default_work: bool) -> None
         exc.add_note(note)
 
 
-def _build(slices, out, work, cfg: BuildConfig, params, workers, progress) -> None:
+def _build(slices, out, work, cfg: BuildConfig, params, workers, progress, *, move_stores: bool = False) -> None:
     # left by a killed build (we hold the out lock): named .OUT.tmp-* (earlier versions: OUT.tmp-*)
     for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f"{out.name}.tmp-*")]:
         shutil.rmtree(stale, ignore_errors=True)
@@ -241,7 +241,8 @@ def _build(slices, out, work, cfg: BuildConfig, params, workers, progress) -> No
     for stale in [*out.parent.glob(f".{out.name}.old-*"), *work.glob(".*.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     kwargs = cfg.prepare_kwargs()  # the vocabulary by name/path when it has one (cheap to send to workers)
-    writer = CorpusWriter(out, vocab=cfg.vocabulary, params=params, max_spots_per_shard=cfg.max_spots_per_shard)
+    writer = CorpusWriter(out, vocab=cfg.vocabulary, params=params, max_spots_per_shard=cfg.max_spots_per_shard,
+                          move_stores=move_stores)
     pool = make_pool(min(workers, max(1, len(slices))))
     _warm_up_card_imports()
     try:

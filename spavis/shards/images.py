@@ -410,6 +410,11 @@ def _images(data: list[bytes]) -> pa.Array:
 # ------------------------------------------------------------------------- writer hook
 
 
+def paired_write_options() -> dict[str, Any]:
+    """Parquet settings of paired files (PNG is compressed already: zstd 1; dictionary on slide_id only)."""
+    return dict(S.PARQUET_WRITE_OPTIONS, use_dictionary=["slide_id"], compression="zstd", compression_level=1)
+
+
 class PairedShards:
     """Writes ``data/paired/part-NNNNN.parquet`` beside the expression parts (same number, same order)."""
 
@@ -430,9 +435,7 @@ class PairedShards:
         if self.part != part:
             self.close()
             (self.tmp / S.PAIRED_DIR).mkdir(parents=True, exist_ok=True)
-            options = dict(S.PARQUET_WRITE_OPTIONS, use_dictionary=["slide_id"], compression="zstd",
-                           compression_level=1)
-            self.writer = pq.ParquetWriter(self.tmp / self._name(part, 5), S.PAIRED_SCHEMA, **options)
+            self.writer = pq.ParquetWriter(self.tmp / self._name(part, 5), S.PAIRED_SCHEMA, **paired_write_options())
             self.part = part
             self.rows[part] = 0
         with pa.memory_map(str(src), "r") as source:

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from spavis.format.integrity import store_digest
 from spavis.format import schema as S
 from spavis.neighbors import spatial_graph
 from spavis.qc import geometry_report
+from spavis.shards.zarrio import read_zarr_csr, write_zarr_store  # noqa: F401  (re-exported)
 
 PREPARED_FORMAT = 4  # 3: slide records carry um_per_px, warnings, max_count; 4: counts only in the Zarr X
 DONE_FILE = "prepared.json"
@@ -84,7 +84,8 @@ def is_prepared(dest: Path, key: dict[str, Any]) -> bool:
         done = json.loads((dest / DONE_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return done.get("key") == key
+    # the store may have been moved into a corpus by a build killed before it finished
+    return done.get("key") == key and (dest / ZARR_DIR / ".zgroup").is_file()
 
 
 def prepare_slice(
@@ -239,7 +240,7 @@ def _prepare_into(tmp: Path, s: SliceInput, vocab, min_genes: int, k_neighbors: 
     labels = slice_annotations(s.slide_id, s.root, s.data_path, barcodes, obs_columns, annotations)
     rows = append_columns(rows, labels)
     write_rows(rows, tmp / ROWS_FILE)
-    pq.write_table(_gene_stats(X, totals), tmp / STATS_FILE, **PARQUET_WRITE_OPTIONS)
+    pq.write_table(gene_stats_table(X, totals), tmp / STATS_FILE, **PARQUET_WRITE_OPTIONS)
 
     has_coords = graph.method != "none"
     report = res.report.to_dict() if hasattr(res.report, "to_dict") else dict(res.report)
@@ -324,43 +325,6 @@ def spots_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema([f for f in schema if f.name not in COUNT_COLUMNS], metadata=schema.metadata)
 
 
-def read_zarr_csr(group: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(data, indices, indptr) of a CSR matrix that anndata wrote into a Zarr v2 group.
-
-    The chunk files of our own stores are decoded directly (numcodecs, in order), which
-    skips zarr's async machinery; anything unexpected falls back to zarr itself.
-    """
-    return tuple(_read_zarr_1d(Path(group) / name) for name in ("data", "indices", "indptr"))  # type: ignore[return-value]
-
-
-def _read_zarr_1d(path: Path) -> np.ndarray:
-    import numcodecs
-
-    meta = json.loads((path / ".zarray").read_text())
-    if len(meta["shape"]) != 1 or meta.get("filters") or meta.get("order", "C") != "C":
-        import zarr
-
-        return np.asarray(zarr.open_array(str(path), mode="r")[:])
-    n, chunk = int(meta["shape"][0]), int(meta["chunks"][0])
-    dtype = np.dtype(meta["dtype"])
-    codec = numcodecs.get_codec(meta["compressor"]) if meta.get("compressor") else None
-    out = np.empty(n, dtype=dtype)  # every element is written below: no zero-filled pages first
-    for i in range(-(-n // chunk) if n else 0):
-        f = path / str(i)
-        try:
-            raw = f.read_bytes()
-        except FileNotFoundError:  # a chunk zarr skipped because it is all fill_value
-            out[i * chunk: min(n, (i + 1) * chunk)] = meta.get("fill_value") or 0
-            continue
-        stop = min(n, (i + 1) * chunk)
-        if codec is not None and stop - i * chunk == chunk:
-            codec.decode(raw, out=out[i * chunk: stop])  # straight into place (a full chunk)
-            continue
-        seg = np.frombuffer(codec.decode(raw) if codec else raw, dtype=dtype)
-        out[i * chunk: stop] = seg[: stop - i * chunk]
-    return out
-
-
 GENE_SUM_BLOCK = 1 << 18  # nonzeros per block of whole rows
 
 
@@ -386,7 +350,7 @@ def gene_sums(X: sp.csr_matrix, totals: np.ndarray) -> tuple[np.ndarray, np.ndar
     bounds = np.unique(np.concatenate([starts, [X.shape[0]]]))
     for r0, r1 in zip(bounds[:-1], bounds[1:]):
         a, b = indptr[r0], indptr[r1]
-        idx = X.indices[a:b]
+        idx = X.indices[a:b].astype(np.intp)  # once, not once per bincount
         data = X.data[a:b].astype(np.float64)
         nnz += np.bincount(idx, minlength=n_vars)
         sum_raw += np.bincount(idx, weights=data, minlength=n_vars)
@@ -395,7 +359,12 @@ def gene_sums(X: sp.csr_matrix, totals: np.ndarray) -> tuple[np.ndarray, np.ndar
     return nnz, sum_raw, sum_cp10k
 
 
-def _gene_stats(X: sp.csr_matrix, totals: np.ndarray) -> pa.Table:
+def gene_stats_table(X: sp.csr_matrix, totals: np.ndarray) -> pa.Table:
+    """A slide's per-gene (nnz, raw sum, CP10k sum) over the genes it detects (``STATS_SCHEMA``).
+
+    ``prepare_slice`` stores it; ``spavis subset`` recomputes it from a slide's rows (the same
+    matrix, so the same float64 sums) and ``write.merge_gene_stats`` adds the slides up.
+    """
     nnz, sum_raw, sum_cp10k = gene_sums(X, totals)
     nz = np.flatnonzero(nnz)
     return pa.Table.from_pydict(
@@ -528,36 +497,3 @@ def _write_zarr(path, s, adata, vocab, barcodes, X, totals, n_genes,
         | {"vocabulary": vocab.name, "vocabulary_checksum": vocab.checksum, "spavis_version": __version__}
     )
     write_zarr_store(out, path)
-
-
-def write_zarr_store(adata, path: Path) -> None:
-    """Write AnnData as a Zarr (format 2) directory store, strings kept as strings.
-
-    anndata writes into an in-memory store first and the keys are then dumped in sorted
-    order: the same bytes as ``adata.write_zarr(path, convert_strings_to_categoricals=False)``
-    (checked in the tests) but several times faster, since zarr 3's async local store pays a
-    thread hand-off per tiny file. No categorical conversion: symbols and barcodes are
-    (nearly) unique, so it only cost a natural sort of 20k symbols per worker (~0.4 s);
-    annotation columns arrive categorical already (spavis.shards.annotations).
-    """
-    import zarr
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        store_cls = getattr(getattr(zarr, "storage", None), "MemoryStore", None)
-        store = store_cls() if store_cls is not None else None
-        mapping = getattr(store, "_store_dict", None)
-        if store is None or not isinstance(mapping, dict):
-            adata.write_zarr(path, convert_strings_to_categoricals=False)
-            return
-        adata.write_zarr(store, convert_strings_to_categoricals=False)
-    path.mkdir(parents=True)
-    made = {path}
-    for key in sorted(mapping):
-        buf = mapping[key]
-        target = path / key
-        if target.parent not in made:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            made.add(target.parent)
-        with open(target, "wb") as f:  # the buffer's memory as is, no bytes copy
-            f.write(buf.as_numpy_array().data if hasattr(buf, "as_numpy_array") else bytes(buf))

@@ -96,10 +96,11 @@ def _init_worker(main_pid: int) -> None:
 PRELOAD = ["spavis.shards._preload"]
 
 
-def _context():
+def _context(preload: list[str] | None = None):
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)  # not '__main__': the server never runs the user's script
+        # not '__main__': the server never runs the user's script (a server already running keeps its own)
+        ctx.set_forkserver_preload(PRELOAD if preload is None else preload)
         return ctx
     return multiprocessing.get_context("spawn")
 
@@ -207,9 +208,9 @@ class InlinePool:
 class WorkerPool:
     """A ``ProcessPoolExecutor`` whose workers ignore Ctrl-C and die with the build."""
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, preload: list[str] | None = None):
         with _sigint_blocked(), _quiet_resource_tracker():
-            ctx = _context()
+            ctx = _context(preload)
             self._ex = ProcessPoolExecutor(
                 max_workers=workers,
                 mp_context=ctx,
@@ -266,8 +267,10 @@ def in_thread(fn: Callable, *args: Any, **kwargs: Any) -> Future:
     return fut
 
 
-def make_pool(workers: int) -> InlinePool | WorkerPool:
-    return InlinePool() if workers <= 1 else WorkerPool(workers)
+def make_pool(workers: int, preload: list[str] | None = None) -> InlinePool | WorkerPool:
+    """``workers`` processes (1: inline); ``preload``: the modules the fork server imports (default ``PRELOAD``,
+    what build jobs need; ``spavis subset`` needs none of the readers)."""
+    return InlinePool() if workers <= 1 else WorkerPool(workers, preload)
 
 
 def broken_pool_error(exc: BrokenProcessPool) -> BuildError:

@@ -235,15 +235,16 @@ def _count_arrays(offsets: np.ndarray, indices: np.ndarray, data: np.ndarray) ->
 
 
 def expression_write_options(schema: pa.Schema) -> dict[str, Any]:
-    """Parquet settings of expression files: the format's, with ``EXPRESSION_COLUMN_ENCODING`` and
-    dictionary encoding on string columns only.
+    """Parquet settings of expression files: the format's, with ``EXPRESSION_COLUMN_ENCODING``,
+    ``EXPRESSION_COMPRESSION_LEVEL`` and dictionary encoding on string columns only.
 
     Dictionary pages on every column made a 7,759-spot shard 17 % larger and ~10 % slower to
     encode; spot ids, slide ids, barcodes and annotation labels repeat or share prefixes, so
     they keep it (docs/shards.md has both measurements).
     """
     strings = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
-    return dict(S.PARQUET_WRITE_OPTIONS, use_dictionary=strings, column_encoding=dict(S.EXPRESSION_COLUMN_ENCODING))
+    return dict(S.PARQUET_WRITE_OPTIONS, use_dictionary=strings, column_encoding=dict(S.EXPRESSION_COLUMN_ENCODING),
+                compression_level=S.EXPRESSION_COMPRESSION_LEVEL)
 
 
 def write_shard(job: ShardJob) -> dict[str, Any]:
@@ -345,8 +346,15 @@ class CorpusWriter:
     slides, card and manifest and renames the folder into place; ``abort`` removes it.
     """
 
-    def __init__(self, out: Path, *, vocab: Any, params: dict[str, Any] | None, max_spots_per_shard: int):
+    def __init__(self, out: Path, *, vocab: Any, params: dict[str, Any] | None, max_spots_per_shard: int,
+                 move_stores: bool = False):
         self.out = Path(out)
+        # True when the prepared slices are thrown away after the build (build_shards' default work
+        # dir): their Zarr stores are then renamed into the corpus at commit (one rename per slide)
+        # instead of hard-linked file by file now and unlinked again with the work dir.
+        self.move_stores = bool(move_stores)
+        self._moves: list[tuple[Path, Path]] = []  # (prepared store, its place in the corpus)
+        self._moved: list[tuple[Path, Path]] = []
         self.vocab = resolve_vocab(vocab)
         self.params = dict(params or {})
         self.max_spots = int(max_spots_per_shard)
@@ -389,11 +397,14 @@ class CorpusWriter:
         self.items.append((d, slide))
         sid, n = slide["slide_id"], slide["n_spots_kept"]
         dest = self.tmp / S.ZARR_DIR / f"{sid}.zarr"
-        _link_or_copy_tree(d / ZARR_DIR, dest)
+        if self.move_stores:
+            self._moves.append((d / ZARR_DIR, dest))  # the shard jobs still read it where it is
+        else:
+            _link_or_copy_tree(d / ZARR_DIR, dest)
         digest = slide.pop("_zarr_digest", None) or {}
         if not digest:
-            digest["sha256"], digest["n_files"] = store_digest(dest)
-            digest["size"] = tree_size(dest)
+            digest["sha256"], digest["n_files"] = store_digest(d / ZARR_DIR)
+            digest["size"] = tree_size(d / ZARR_DIR)
         self._zarr_outputs.append({"path": f"{S.ZARR_DIR}/{sid}.zarr", "kind": "zarr", "rows": n, **digest})
         closed = self._planner.add(len(self.items) - 1, n)
         return [self._job(closed)] if closed else []
@@ -417,8 +428,12 @@ class CorpusWriter:
         if not self._finished:
             raise SpavisError("CorpusWriter.prepare_commit: call finish() first (the shard plan is incomplete).")
         _check_not_empty(self.slides)
-        self._summary = _write_summary_files(self.tmp, self.items, self._locations(), self._parts,
-                                             self.vocab, self.params)
+        genes = merge_gene_stats((pq.read_table(d / STATS_FILE) for d, _ in self.items),  # slide_id order
+                                 self.vocab.ensembl_ids, self.vocab.symbols)
+        # PairedShards writes a paired part for every file holding a slide with pairs
+        has_paired = any((Path(d) / PAIRED_FILE).is_file() for d, s in self.items if s["n_spots_kept"] > 0)
+        self._summary = write_summary_files(self.tmp, self.slides, genes, self._locations(), self._parts,
+                                            self.vocab, self.params, has_paired=has_paired)
 
     def _locations(self) -> dict[str, tuple[str, int]]:
         """slide_id -> (expression file, first row), from the plan and the slides' spot counts."""
@@ -440,10 +455,32 @@ class CorpusWriter:
         results = [self._results[i] for i in range(self._parts)]
         _check_rows(results, self.items, self._plan)
         _write_manifest(self.tmp, results, self._zarr_outputs, self._summary, self.slides, self.vocab, self.params)
+        self._move_stores()
         _publish(self.tmp, self.out)
         return self.out
 
+    def _move_stores(self) -> None:
+        """Rename the prepared stores into the corpus (all shard files are written: nobody reads them now).
+
+        A prepared slice without its store no longer counts as prepared (``prepare.is_prepared``),
+        so a build killed after this point prepares those slices again on resume.
+        """
+        while self._moves:
+            src, dest = self._moves.pop(0)
+            try:
+                os.rename(src, dest)
+            except OSError:  # another file system: link (or copy) as without move_stores
+                _link_or_copy_tree(src, dest)
+                continue
+            self._moved.append((src, dest))
+
     def abort(self) -> None:
+        for src, dest in reversed(self._moved):  # give the work dir its stores back (a rerun resumes)
+            try:
+                os.rename(dest, src)
+            except OSError:
+                pass
+        self._moved.clear()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -467,11 +504,15 @@ def _check_rows(results, items, plan) -> None:
                               "counts; delete the work directory and build again.")
 
 
-def _write_summary_files(tmp: Path, items, locations, n_parts: int, vocab, params) -> dict[str, Any]:
-    """genes.parquet, slides.parquet, the card figure and README.md; returns their manifest entries + stats."""
-    slides = [s for _, s in items]
+def write_summary_files(tmp: Path, slides: list[dict], genes: pa.Table, locations, n_parts: int, vocab, params, *,
+                        has_paired: bool, build_key_: str | None = None, card_extra: str = "") -> dict[str, Any]:
+    """genes.parquet, slides.parquet, the card figure and README.md; returns their manifest entries + stats.
+
+    Shared by ``build_shards`` and ``spavis subset``: ``genes`` comes from ``merge_gene_stats``,
+    ``locations`` (slide_id -> expression file, first row) from the shard plan; ``build_key_``
+    defaults to the key of a build of ``slides``; ``card_extra`` is markdown added to the card.
+    """
     check_coverage(slides, params.get("obs_columns") or ())
-    genes = _merge_gene_stats(items, vocab)
     pq.write_table(genes, tmp / S.GENES_FILE, row_group_size=len(vocab) or 1, **S.PARQUET_WRITE_OPTIONS)
     tail = [{"path": S.GENES_FILE, "kind": "genes", "rows": genes.num_rows}]
 
@@ -481,11 +522,9 @@ def _write_summary_files(tmp: Path, items, locations, n_parts: int, vocab, param
 
     tail += write_card_figures(tmp)  # spavis.report: the card's composition figure (kind "figure")
     stats = _summary(slides, genes, n_parts)
-    # PairedShards writes a paired part for every file holding a slide with pairs
-    has_paired = any((Path(d) / PAIRED_FILE).is_file() for d, s in items if s["n_spots_kept"] > 0)
-    key = build_key(vocab, params, manifest_inputs(slides))
+    key = build_key_ or build_key(vocab, params, manifest_inputs(slides))
     (tmp / S.CARD_FILE).write_text(render_card(vocab=vocab, params=params, stats=stats, slides=slides,
-                                               build_key=key, paired=has_paired) + card_section(tail),
+                                               build_key=key, paired=has_paired) + card_extra + card_section(tail),
                                    encoding="utf-8")
     tail.append({"path": S.CARD_FILE, "kind": "card", "rows": None})
     for entry in tail:
@@ -495,7 +534,7 @@ def _write_summary_files(tmp: Path, items, locations, n_parts: int, vocab, param
     return {"tail": tail, "stats": stats}
 
 
-def _write_manifest(tmp: Path, results, zarr_outputs, summary, slides, vocab, params) -> None:
+def _write_manifest(tmp: Path, results, zarr_outputs, summary, slides, vocab, params, **manifest_kwargs) -> None:
     """manifest.json over every output file (expression files renamed when 100,000+ of them)."""
     width = _part_width(len(results))
     outputs: list[dict[str, Any]] = []
@@ -506,14 +545,17 @@ def _write_manifest(tmp: Path, results, zarr_outputs, summary, slides, vocab, pa
                 os.replace(tmp / entry["path"], tmp / rel)
             outputs.append(dict(entry, path=rel))
     outputs = sorted(outputs + summary["tail"] + zarr_outputs, key=lambda e: e["path"])
-    manifest = build_manifest(vocab, params, slides, outputs, summary["stats"])
+    manifest = build_manifest(vocab, params, slides, outputs, summary["stats"], **manifest_kwargs)
     (tmp / S.MANIFEST_FILE).write_text(S.json_dumps(manifest), encoding="utf-8")
 
 
-def build_key(vocab, params: dict[str, Any], inputs: list[dict[str, Any]]) -> str:
-    """Digest of everything that decides the output bytes (a re-run with the same key is a no-op)."""
+def build_key(vocab, params: dict[str, Any], inputs: list[dict[str, Any]], *, spavis_version: str = __version__) -> str:
+    """Digest of everything that decides the output bytes (a re-run with the same key is a no-op).
+
+    ``spavis_version``: the version whose build produced the rows (``spavis subset`` passes its parent's).
+    """
     payload = {
-        "spavis_version": __version__,
+        "spavis_version": spavis_version,
         "format_version": S.FORMAT_VERSION,
         "vocab_checksum": vocab.checksum,
         "parameters": params,
@@ -539,16 +581,18 @@ def manifest_inputs(slides) -> list[dict[str, Any]]:
     return inputs
 
 
-def build_manifest(vocab, params, slides, outputs, stats) -> dict[str, Any]:
-    inputs = manifest_inputs(slides)
+def build_manifest(vocab, params, slides, outputs, stats, *, inputs: list[dict[str, Any]] | None = None,
+                   spavis_version: str = __version__, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """manifest.json; ``spavis subset`` passes its parent's ``inputs`` entries, version and a ``subset`` record."""
+    inputs = manifest_inputs(slides) if inputs is None else inputs
     return {
         "format": S.FORMAT_NAME,
         "format_version": S.FORMAT_VERSION,
-        "spavis_version": __version__,
+        "spavis_version": spavis_version,
         "vocabulary": {"name": vocab.name, "checksum": vocab.checksum, "fingerprint": vocab.fingerprint,
                        "n_genes": len(vocab)},
         "parameters": params,
-        "build_key": build_key(vocab, params, inputs),
+        "build_key": build_key(vocab, params, inputs, spavis_version=spavis_version),
         "summary": stats,
         "inputs": inputs,
         "slides": [
@@ -557,17 +601,22 @@ def build_manifest(vocab, params, slides, outputs, stats) -> dict[str, Any]:
             for s in slides
         ],
         "outputs": outputs,
-    }
+    } | (extra or {})
 
 
-def _merge_gene_stats(items, vocab) -> pa.Table:
-    n = len(vocab)
+def merge_gene_stats(per_slide: Iterable[pa.Table], ensembl_ids, symbols) -> pa.Table:
+    """genes.parquet from per-slide float64 sums (``prepare.STATS_SCHEMA`` tables), added in the given order.
+
+    The one reduction of build and subset: both give the slides in slide_id order, so the float64
+    additions happen in the same order and a subset's genes.parquet is bit-identical to a build
+    of its slides. A slide lists the genes it detects; adding 0.0 for the others changes nothing.
+    """
+    n = len(ensembl_ids)
     nnz = np.zeros(n, np.int64)
     sum_raw = np.zeros(n, np.float64)
     sum_cp10k = np.zeros(n, np.float64)
     n_slides = np.zeros(n, np.int32)
-    for d, _slide in items:  # slide_id order: the float64 additions happen in a fixed order
-        t = pq.read_table(d / STATS_FILE)
+    for t in per_slide:
         gi = t["gene_index"].to_numpy()
         nnz[gi] += t["nnz"].to_numpy()
         sum_raw[gi] += t["sum_raw"].to_numpy()
@@ -580,8 +629,8 @@ def _merge_gene_stats(items, vocab) -> pa.Table:
     return pa.Table.from_pydict(
         {
             "gene_index": np.arange(n, dtype=np.int32),
-            "ensembl_id": pa.array([str(x) for x in vocab.ensembl_ids], pa.string()),
-            "symbol": pa.array([str(x) if x is not None else None for x in vocab.symbols], pa.string()),
+            "ensembl_id": pa.array([str(x) for x in ensembl_ids], pa.string()),
+            "symbol": pa.array([str(x) if x is not None else None for x in symbols], pa.string()),
             "nnz": nnz,
             "nonzero_sum_raw": sum_raw,
             "nonzero_mean_raw": pa.array(mean_raw, pa.float64(), mask=missing),

@@ -22,8 +22,8 @@ def weights_by_model(values: List[str], models: List[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for value in values:
         name, sep, path = value.partition("=")
-        if not sep:
-            if len(models) != 1:
+        if not sep or (name not in models and len(models) == 1 and Path(value).expanduser().exists()):
+            if len(models) != 1:  # a bare PATH (one that holds "=" too, e.g. ~/dl/run=3, when it exists)
                 raise EvaluateError(f"--weights {value}: with several --model, write --weights MODEL=PATH")
             name, path = models[0], value
         if name in out:
@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
                                      "StampModel and a corpus built with --with-images; spots without a patch are "
                                      "excluded and counted in results.md)."),
         no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip the random-init and PCA baselines."),
-        seed: Optional[int] = typer.Option(None, "--seed", help="Seeds folds, heads, Leiden and the random-init "
+        seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**32 - 1, help="Seeds folds, heads, Leiden and the random-init "
                                            "baseline (default 0; hest-bench: 1, HEST's own)."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
         batch_size: int = typer.Option(256, "--batch-size", min=1, help="Spots per encoder forward pass."),
@@ -111,7 +111,8 @@ def register(app: typer.Typer) -> None:
 
             hest_bench(model or [], out=out, bench_dir=bench_dir, data=data, patient=patient,
                        seed=1 if seed is None else seed, device=device, batch_size=batch_size,
-                       figures=not no_figures, progress=not no_progress, means=means, threads=threads)
+                       figures=not no_figures, progress=not no_progress, means=means, threads=threads,
+                       weights=weights_by_model(weights or [], model or []))
             err_console.print(f"results written to {out / 'results.md'} and {out / 'results.csv'}")
             return
 

@@ -36,7 +36,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -507,8 +507,13 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
-def _model_stamp(model: str) -> str:
-    """What identifies the weights of ``model`` for the cache: the path and its weight file's size + mtime."""
+def _model_stamp(model: str, weights: str | os.PathLike | None = None) -> str:
+    """What identifies the weights of ``model`` for the cache: the path and its weight file's size + mtime
+    (``weights``: the files of a zoo name downloaded by hand, identified the same way)."""
+    if weights is not None:
+        w = Path(weights).resolve()
+        files = sorted(f for f in w.rglob("*") if f.is_file()) if w.is_dir() else [w]
+        return model + "|" + ";".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
     p = Path(model)
     if p.exists():
         p = p.resolve()
@@ -581,15 +586,15 @@ def _corpus_images(task: Task, s: Sample, batch: int):
 
 
 def sample_embeddings(task: Task, model: str, name: str, out: Path, *, encoder_fn: Callable, batch_size: int,
-                      progress=None) -> dict[str, Path]:
+                      progress=None, weights: str | os.PathLike | None = None) -> dict[str, Path]:
     """Every sample's embedding file for ``model`` (computed when not cached); ``encoder_fn()`` loads the
-    encoder lazily (a fully cached run never loads it)."""
+    encoder lazily (a fully cached run never loads it); ``weights``: its files downloaded by hand, if any."""
     from stamp.evaluate.features import embed_pixels, image_side
 
     files, state = {}, {}
     for sid, s in task.samples.items():
         path = out / "embeddings" / _safe(task.name) / _safe(name) / f"{_safe(sid)}.h5"
-        attrs = {"model": model, "model_stamp": _model_stamp(model), "source": _source_stamp(task, s),
+        attrs = {"model": model, "model_stamp": _model_stamp(model, weights), "source": _source_stamp(task, s),
                  "features": "image side before any projection (stamp.evaluate.features.image_side)"}
         files[sid] = path
         if _cached(path, attrs):
@@ -600,6 +605,9 @@ def sample_embeddings(task: Task, model: str, name: str, out: Path, *, encoder_f
             from stamp.embed.writer import model_record
 
             enc = encoder_fn()
+            if enc.kind == "gene":
+                raise EvaluateError(f"{model}: a gene encoder; hest-bench predicts expression from H&E patches, so "
+                                    "it scores image encoders and aligned models (their image side)")
             state["enc"], state["fn"] = enc, image_side(enc, model, "image")
             state["record"] = json.dumps(model_record(enc, model, "hest-bench image side"), sort_keys=True)
         enc = state["enc"]
@@ -747,9 +755,11 @@ def leaderboard_figure(out: Path, df) -> Path:
 
 def hest_bench(models: Sequence[str], *, out, bench_dir=None, data=None, patient: str | None = None,
                seed: int = HEST_SEED, device: str | None = None, batch_size: int = 128, figures: bool = True,
-               progress: bool = True, means=None, variants: bool = True, threads: int | None = None):
+               progress: bool = True, means=None, variants: bool = True, threads: int | None = None,
+               weights: Mapping[str, str | os.PathLike] | None = None):
     """Run HEST-Benchmark for every model on the same splits; writes results.csv, results.md,
-    leaderboard.png and the per-sample embeddings into ``out``; returns the fold-level frame."""
+    leaderboard.png and the per-sample embeddings into ``out``; returns the fold-level frame.
+    ``weights``: model (as given) -> the files of that zoo name downloaded by hand (``stamp.load(weights=)``)."""
     import pandas as pd
 
     from spavis.format.io import atomic_write_text
@@ -766,6 +776,10 @@ def hest_bench(models: Sequence[str], *, out, bench_dir=None, data=None, patient
         raise EvaluateError("hest-bench --data: pass --patient COLUMN (the slide column naming each slide's patient; "
                             "slide_id for one patient per slide)")
     models = [str(m) for m in models]
+    weights = {str(k): v for k, v in (weights or {}).items()}
+    unknown = sorted(set(weights) - set(models))
+    if unknown:
+        raise EvaluateError(f"--weights for {', '.join(unknown)}, which is not among the --model given")
     names = model_names(models)
     tasks = [read_task(f) for f in task_folders(bench_dir)] if bench_dir is not None else [corpus_task(data, patient)]
     for t in tasks:
@@ -795,12 +809,12 @@ def hest_bench(models: Sequence[str], *, out, bench_dir=None, data=None, patient
 
             def load(model=model):
                 if "enc" not in enc_holder:
-                    enc_holder["enc"] = load_encoder(model, device, means)
+                    enc_holder["enc"] = load_encoder(model, device, means, weights=weights.get(model))
                 return enc_holder["enc"]
             for task in tasks:
                 ptask = bar.add_task(f"{name} · {task.name}", total=len(task.samples) + len(task.folds))
                 files = sample_embeddings(task, model, name, out, encoder_fn=load, batch_size=batch_size,
-                                          progress=lambda n, p=ptask: bar.advance(p, n))
+                                          progress=lambda n, p=ptask: bar.advance(p, n), weights=weights.get(model))
                 rows += score_task(task, name, files, seed=seed, variants=variants,
                                    tick=lambda p=ptask: bar.advance(p))
             enc_holder.clear()

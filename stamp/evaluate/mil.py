@@ -72,7 +72,9 @@ class MilOptions:
 
     def check(self) -> None:
         """Refuse options no training can use (an infinite or zero lr trains to NaN and scores nothing)."""
-        if self.lr is not None and not (np.isfinite(self.lr) and self.lr > 0):
+        with np.errstate(over="ignore", under="ignore"):  # training runs in float32: 1e300 is inf there, 1e-50 is 0
+            lr32 = None if self.lr is None else np.float32(self.lr)
+        if lr32 is not None and not (np.isfinite(lr32) and lr32 > 0):
             raise BagError(f"--lr {self.lr}: give a positive, finite learning rate (default 5e-4; survival 5e-5)")
         if not 0 <= self.val_fraction < 1:
             raise BagError(f"validation fraction {self.val_fraction}: give a number in [0, 1)")

@@ -171,6 +171,10 @@ class GeneformerInput(CountInput):
             raise ModelConfigError(f"{len(missing)} genes of the token dictionary have no median (first: {missing[0]}); "
                                    "the two dictionaries do not belong together")
         self.medians = {g: float(medians[g]) for g in genes}
+        bad = next((g for g, m in self.medians.items() if not (np.isfinite(m) and m > 0)), None)
+        if bad is not None:  # the values are divided by the medians
+            raise ModelConfigError(f"the median of {bad} is {self.medians[bad]:g}; gene medians must be positive numbers "
+                                   "(the dictionary is damaged)")
         # the mapping dictionary, kept to the ids the token dictionary has (as the authors filter it)
         self.mapping = None if mapping is None else {str(k): str(v) for k, v in mapping.items()
                                                      if isinstance(v, str) and v in self.medians}

@@ -39,11 +39,14 @@ from stamp.models.gene_inputs import CorpusGenes, CountInput
 AUX_TOKENS = 30
 PAD_TOKEN = 1
 CONTEXT_TOKENS = ("specie", "assay", "modality")  # their order in front of the genes
-# token ids of the authors' tokenization notebooks (Nicheformer has none for Visium)
+# token ids of the authors' tokenization notebooks, their names lower-cased. Id 9 is "Xenium" in the Xenium
+# notebooks (which tokenised Xenium panels with it) and "visium" in the others, get_embeddings.ipynb included;
+# the authors ship no Visium technology-mean file (cosmx, dissociated, iss, merfish, xenium only).
 MODALITY_TOKENS = {"dissociated": 3, "spatial": 4}
-SPECIE_TOKENS = {"human": 5, "mouse": 6}
-ASSAY_TOKENS = {"merfish": 7, "cosmx": 8, "xenium": 9, "10x 5' v2": 10, "10x 3' v3": 11, "10x 3' v2": 12,
-                "10x 5' v1": 13, "10x 3' v1": 14, "10x 3' transcription profiling": 15,
+SPECIE_TOKENS = {"human": 5, "homo sapiens": 5, "mouse": 6, "mus musculus": 6}
+ASSAY_TOKENS = {"merfish": 7, "cosmx": 8, "nanostring digital spatial profiling": 8, "xenium": 9, "visium": 9,
+                "10x 5' v2": 10, "10x 3' v3": 11, "10x 3' v2": 12, "10x 5' v1": 13, "10x 3' v1": 14,
+                "10x 3' transcription profiling": 15, "10x transcription profiling": 15,
                 "10x 5' transcription profiling": 16, "cite-seq": 17, "smart-seq v4": 18}
 REQUIRED_HPARAMS = ("dim_model", "nheads", "dim_feedforward", "nlayers", "n_tokens", "context_length")
 UNUSED_PREFIXES = ("encoder_layer.", "classifier_head.", "pooler_head.", "cls_head.")
@@ -61,6 +64,10 @@ def gene_encoder_config(hparams: Mapping[str, Any], where: str) -> StampConfig:
             raise ModelConfigError(f"{where}: {flag} = {hparams.get(flag)!r}: only checkpoints trained with the "
                                    "specie, assay and modality tokens are supported (the released one is)")
     try:
+        small = [k for k in REQUIRED_HPARAMS if int(hparams[k]) < 1]
+        if small:
+            raise ModelConfigError(f"{', '.join(small)} must be at least 1 (got "
+                                   f"{', '.join(str(hparams[k]) for k in small)}); the checkpoint is corrupt")
         n_tokens = int(hparams["n_tokens"])
         return StampConfig(n_genes=n_tokens - AUX_TOKENS, n_reserved=AUX_TOKENS, hidden_size=int(hparams["dim_model"]),
                            intermediate_size=int(hparams["dim_feedforward"]), num_layers=int(hparams["nlayers"]),
@@ -69,6 +76,8 @@ def gene_encoder_config(hparams: Mapping[str, Any], where: str) -> StampConfig:
                            heads=False).validate()
     except (TypeError, ValueError) as exc:
         raise ModelConfigError(f"{where}: hyper-parameters are not whole numbers ({exc})") from None
+    except ModelConfigError as exc:
+        raise ModelConfigError(f"{where}: {exc}") from None
 
 
 def sinusoid_table(length: int, dim: int) -> torch.Tensor:

@@ -80,6 +80,8 @@ class ScGPTConfig:
                        d_hid=int(args["d_hid"]), nlayers=int(args["nlayers"]), pad_token_id=pad_token_id)
         except (TypeError, ValueError) as exc:
             raise ModelConfigError(f"{where}: args.json sizes are not whole numbers ({exc})") from None
+        except ModelConfigError as exc:
+            raise ModelConfigError(f"{where}: {exc}") from None
 
 
 class _GeneEncoder(nn.Module):
@@ -194,8 +196,16 @@ def read_gene_means(table: Any, ntoken: int, where: str) -> np.ndarray:
         raise ModelConfigError(f"{where}: the first column must hold vocabulary token ids") from None
     if ids.size and (ids.min() < 0 or ids.max() >= ntoken):
         raise ModelConfigError(f"{where}: token ids outside the vocabulary (0..{ntoken - 1})")
+    try:
+        values = np.asarray(table["mean"], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ModelConfigError(f"{where}: the 'mean' column holds values that are not numbers") from None
+    bad = np.flatnonzero(~np.isnan(values) & ~(np.isfinite(values) & (values > 0)))
+    if bad.size:  # values are divided by these means
+        raise ModelConfigError(f"{where}: the mean of token {ids[bad[0]]} is {values[bad[0]]:g} ({bad.size} such); gene "
+                               "means must be positive numbers")
     means = np.full(ntoken, np.nan)
-    means[ids] = np.asarray(table["mean"], dtype=np.float64)
+    means[ids] = values
     return means
 
 

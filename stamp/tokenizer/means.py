@@ -28,7 +28,13 @@ def load_means_file(path: str | os.PathLike, n_genes: int | None = None) -> np.n
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
-            values = np.load(path, allow_pickle=False)
+            try:
+                values = np.load(path, allow_pickle=False)
+            except ValueError as exc:
+                if "pickle" not in str(exc):
+                    raise
+                raise TokenizerError(f"means file {path} is not a numeric .npy array (numpy would read it as a "
+                                     "pickle, which is never loaded); save the means with numpy.save") from None
         elif suffix in (".csv", ".txt", ".tsv"):
             # one value a line, optionally after a gene column and a header: take the last field
             fields = [ln.replace("\t", ",").split(",")[-1].strip() for ln in path.read_text().splitlines()]

@@ -196,6 +196,7 @@ def _meta(build):
 
 # ----------------------------------------------------------------------------- the three families
 def _scgpt(entry: ModelEntry, files: ReleaseFiles) -> tuple[Any, Any, dict]:
+    import numpy as np
     import pandas as pd
 
     from stamp.models.scgpt import ScGPTConfig, ScGPTInput, ScGPTModel, read_gene_means, read_vocab, \
@@ -211,6 +212,13 @@ def _scgpt(entry: ModelEntry, files: ReleaseFiles) -> tuple[Any, Any, dict]:
     pad_token = str(args.get("pad_token", "<pad>"))
     if pad_token not in vocab:
         raise ModelConfigError(f"{files.paths['args']}: pad_token {pad_token!r} is not in {vocab_path.name}")
+    try:
+        pad_value = float(args.get("pad_value", -2))
+    except (TypeError, ValueError):
+        pad_value = float("nan")
+    if not np.isfinite(pad_value):
+        raise ModelConfigError(f"{files.paths['args']}: pad_value {args.get('pad_value')!r} is not a number (scGPT "
+                               "releases have -2)")
     config = ScGPTConfig.from_args(args, ntoken=len(vocab), pad_token_id=vocab[pad_token],
                                    where=str(files.paths["args"]))
     model = _meta(lambda: ScGPTModel(config))
@@ -228,7 +236,7 @@ def _scgpt(entry: ModelEntry, files: ReleaseFiles) -> tuple[Any, Any, dict]:
             raise ModelConfigError(f"{stats}: not a CSV table ({exc})") from None
         gene_means = read_gene_means(table, len(vocab), str(stats))
     tok = entry.tokenizer
-    inputs = ScGPTInput(vocab, pad_value=float(args.get("pad_value", -2)), pad_token=pad_token,
+    inputs = ScGPTInput(vocab, pad_value=pad_value, pad_token=pad_token,
                         max_length=int(tok.get("max_length", 1200)), n_bins=int(tok.get("n_bins", 51)),
                         seed=int(tok.get("seed", 0)), gene_means=gene_means)
     return model, inputs, {"weights": files.paths["weights"], "dim": config.embsize, "unused": len(unused)}
@@ -320,7 +328,12 @@ def _geneformer(entry: ModelEntry, files: ReleaseFiles) -> tuple[Any, Any, dict]
         raise ModelConfigError(f"{files.paths['tokens']}: token ids reach {max(tokens.values())} but the model has "
                                f"{bert.get('vocab_size')} embeddings; the model and dictionary files do not belong "
                                "together")
-    _meta(lambda: GeneformerModel(config, full=True))
+    try:  # transformers' own checks (heads dividing the width ...) raise bare errors
+        _meta(lambda: GeneformerModel(config, full=True))
+    except (ValueError, ZeroDivisionError) as exc:
+        raise ModelConfigError(f"{files.paths['model'] / 'config.json'}: not a buildable BERT config "
+                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); fix or re-download "
+                               "it") from None
     weights = files.paths["model_weights"]
     mapped, unused = released_state_dict(_state_dict(weights), config)
     expected = meta_shapes(_meta(lambda: GeneformerModel(config)).bert)
@@ -329,8 +342,11 @@ def _geneformer(entry: ModelEntry, files: ReleaseFiles) -> tuple[Any, Any, dict]
     with torch.random.fork_rng(devices=[]):  # real build (BERT's non-persistent buffers), then the weights
         model = GeneformerModel(config)
     model.bert.load_state_dict(fit_state(mapped, model.bert.state_dict(), where), strict=True)
-    inputs = GeneformerInput(tokens, medians, input_size=int(bert["max_position_embeddings"]), mapping=mapping,
-                             special_tokens=special)
+    try:
+        inputs = GeneformerInput(tokens, medians, input_size=int(bert["max_position_embeddings"]), mapping=mapping,
+                                 special_tokens=special)
+    except ModelConfigError as exc:
+        raise ModelConfigError(f"{files.where}: {exc}") from None
     return model.eval(), inputs, {"weights": weights, "dim": int(bert["hidden_size"]), "unused": len(unused)}
 
 
