@@ -40,6 +40,7 @@ def main() -> None:
     from paired_helpers import make_paired_corpus
     from spavis.format import open_corpus
     from stamp.models.aligned_model import StampModel, StampModelConfig
+    from stamp.zoo.factory import vision_config
     from stamp.data.paired import PairedBatchLoader
     from stamp.tokenizer import GeneTokenizer
 
@@ -60,7 +61,7 @@ def main() -> None:
         torch.manual_seed(0)
         cfg = StampModelConfig(gene={"n_genes": len(corpus.genes), "hidden_size": 64, "intermediate_size": 128,
                                      "num_layers": 1, "num_heads": 4, "context_length": 128, "heads": False},
-                               vision="uni")
+                               vision=vision_config("uni"))
         model = StampModel(cfg).to(device)  # random weights: the cost of UNI's architecture, not its values
         model.train(not args.no_backward)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -488,8 +488,3 @@ def encode_png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", compress_level=1)  # level 6: 4x slower, 8% smaller
     return buf.getvalue()
-
-
-def level_scales(source: ImageSource, um_per_px0: float) -> Sequence[float]:
-    """µm per pixel of every level, given level 0's."""
-    return [um_per_px0 * lv.factor for lv in source.levels]

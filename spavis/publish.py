@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from spavis.errors import PublishError, SpavisError
 from spavis.format import schema as S
 from spavis.format import hub as H
+from spavis.format import integrity
 from spavis.format.io import atomic_dir, sha256_file
 from spavis.shards.card import UNKNOWN_LICENSE, most_restrictive, normalize_license
 
@@ -81,12 +82,6 @@ def build_tag(manifest: dict[str, Any]) -> str:
     return f"{TAG_PREFIX}{key}"
 
 
-def _zarr_digest(shas: dict[str, str]) -> str:
-    """manifest.json's digest of a Zarr store from ``{path inside the store: sha256}`` (as io.tree_sha256)."""
-    lines = sorted(f"{rel}\t{sha}\n" for rel, sha in shas.items() if S.zarr_build_file(rel))
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
-
-
 def corpus_files(root: str | os.PathLike) -> dict[str, Path]:
     """``{path in the repository: local path}`` of every corpus file (hidden top-level entries skipped)."""
     root = Path(root)
@@ -117,41 +112,13 @@ def _load_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
-def _by_store(paths) -> dict[str, dict[str, str]]:
-    """``{"zarr/<id>.zarr": {path inside the store: path in the repo}}`` in one pass (no n_slides x n_files scan)."""
-    out: dict[str, dict[str, str]] = {}
-    for rel in paths:
-        parts = rel.split("/", 2)
-        if len(parts) == 3 and parts[0] == S.ZARR_DIR:
-            out.setdefault(f"{parts[0]}/{parts[1]}", {})[parts[2]] = rel
-    return out
-
-
 def _check_local(root: Path, manifest: dict[str, Any], files: dict[str, Path]) -> dict[str, str]:
     """sha256 of every file, checked against manifest.json (each byte is hashed once, a few files at a time)."""
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
         shas = dict(zip(files, pool.map(sha256_file, files.values())))
-    problems: list[str] = []
-    stores = _by_store(files)
-    covered = {S.MANIFEST_FILE}
-    for entry in manifest.get("outputs", []):
-        rel = entry["path"]
-        if entry.get("kind") == "zarr" or (root / rel).is_dir():
-            inner = stores.get(rel, {})
-            covered.update(inner.values())
-            if not inner:
-                problems.append(f"{rel} is missing")
-            elif _zarr_digest({k: shas[v] for k, v in inner.items()}) != entry.get("sha256"):
-                problems.append(f"{rel} differs from manifest.json")
-            continue
-        covered.add(rel)
-        if rel not in shas:
-            problems.append(f"{rel} is missing")
-        elif shas[rel] != entry.get("sha256"):
-            problems.append(f"{rel}: sha256 differs from manifest.json")
-    problems += [f"{rel} is not listed in manifest.json" for rel in files if rel not in covered]
+    problems = integrity.check(manifest, integrity.ListedCopy(dict.fromkeys(files), shas.__getitem__))
     if problems:
-        head = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        head = integrity.summary(problems)
         raise PublishError(f"{root}: does not match its manifest.json ({head}); nothing was published. "
                            f"Rebuild it with `spavis build-shards` (`spavis validate {root}` lists every problem).")
     return shas
@@ -231,24 +198,6 @@ def _publish_local(root: Path, files: dict[str, Path], local_dir: Path) -> int:
     return len(files)
 
 
-def _check_repo_id(repo_id: str) -> None:
-    """Refuse an invalid ``--repo-id`` before any upload, with huggingface_hub's own rules and reason.
-
-    Without this an id such as ``org/bad..name`` reached the Hub client, whose refusal read
-    like a network failure ("check your network").
-    """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if not H.looks_like_repo_id(repo_id):
-        raise PublishError(f"--repo-id {repo_id!r} is not a Hub dataset id; use ORG/NAME.")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as exc:
-        reason = " ".join(str(exc).split()).rstrip(".")
-        raise PublishError(f"--repo-id {repo_id!r} is not a valid Hub dataset id ({reason}); use ORG/NAME with "
-                           "letters, digits, '-', '_' or '.' (no '--' or '..', at most 96 characters).") from None
-
-
 def publish(
     corpus: str | os.PathLike,
     repo_id: str | None = None,
@@ -275,7 +224,8 @@ def publish(
     if repo_id is None and local_dir is None:
         raise PublishError("give --repo-id ORG/NAME (the Hub) or --local-dir DIR (a folder), or both.")
     if repo_id is not None:
-        _check_repo_id(repo_id)
+        # before any upload: else an id such as org/bad..name reached the client and read like a network failure
+        H.check_repo_id(repo_id, cls=PublishError, label=f"--repo-id {repo_id!r}")
     if revision_tag is not None and (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", revision_tag)
                                      or re.fullmatch(r"[0-9a-f]{40}", revision_tag) or revision_tag == BRANCH
                                      or revision_tag.startswith(TAG_PREFIX)):
@@ -441,7 +391,7 @@ def _publish_error(exc: BaseException, repo_id: str, when: str, *, resumable: bo
         return PublishError(f"{repo_id}: the Hub refused the upload {when} (HTTP {status}); log in with a token "
                             "that can write to it (`hf auth login` or HF_TOKEN).")
     if not resumable:
-        return H.hub_error(exc, repo_id, BRANCH, cls=PublishError)
+        return H.hub_error(exc, repo_id, revision=BRANCH, cls=PublishError)
     if isinstance(exc, HfHubHTTPError):
         why = f"the Hub answered HTTP {status}"
     else:
@@ -467,10 +417,10 @@ def validate_hub(repo_id: str, revision: str | None = None, *, deep: bool = Fals
         tree = {f.path: f for f in api.list_repo_tree(repo_id, repo_type=H.REPO_TYPE, revision=commit,
                                                       recursive=True) if hasattr(f, "blob_id")}
     except Exception as exc:
-        raise H.hub_error(exc, repo_id, revision) from None
+        raise H.hub_error(exc, repo_id, revision=revision) from None
     if deep:
         tops = sorted({p.split("/", 1)[0] + ("/*" if "/" in p else "") for p in tree if p not in _HUB_ONLY})
-        path = H.snapshot(repo_id, commit, tops)  # everything but the Hub's own .gitattributes
+        path = H.snapshot(repo_id, revision=commit, patterns=tops)  # everything but the Hub's own .gitattributes
         rep = validate(path, deep=True)
         rep.path = Path(f"{repo_id}@{commit}")
         return rep
@@ -478,41 +428,21 @@ def validate_hub(repo_id: str, revision: str | None = None, *, deep: bool = Fals
     if S.MANIFEST_FILE not in tree:
         rep.error(f"{S.MANIFEST_FILE}: missing; this revision is not a complete spavis corpus")
         return rep
-    manifest = json.loads(H.download(repo_id, commit, S.MANIFEST_FILE).read_text())
+    manifest = json.loads(H.download_file(repo_id, S.MANIFEST_FILE, revision=commit).read_text())
     # LFS files carry their sha256 in the listing; small regular files (Zarr metadata, the card)
     # are downloaded, a few at a time, and hashed
     regular = sorted(p for p, f in tree.items() if f.lfs is None and p != S.MANIFEST_FILE and p not in _HUB_ONLY)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        hashed = dict(zip(regular, pool.map(lambda rel: sha256_file(H.download(repo_id, commit, rel)), regular)))
+        hashed = dict(zip(regular, pool.map(
+            lambda rel: sha256_file(H.download_file(repo_id, rel, revision=commit)), regular)))
 
     def sha_of(rel: str) -> str:
         f = tree[rel]
         return f.lfs.sha256 if f.lfs is not None else hashed[rel]
 
-    covered = {S.MANIFEST_FILE, *_HUB_ONLY}
-    stores = _by_store(tree)
-    for entry in manifest.get("outputs", []):
-        rel = entry["path"]
-        if entry.get("kind") == "zarr":
-            inner = stores.get(rel, {})
-            covered.update(inner.values())
-            if not inner:
-                rep.error(f"{rel}: listed in manifest.json but missing")
-            elif _zarr_digest({k: sha_of(p) for k, p in inner.items()}) != entry.get("sha256"):
-                rep.error(f"{rel}: Zarr store differs from manifest.json")
-            continue
-        covered.add(rel)
-        f = tree.get(rel)
-        if f is None:
-            rep.error(f"{rel}: listed in manifest.json but missing")
-            continue
-        size = f.lfs.size if f.lfs is not None else f.size
-        if entry.get("size") is not None and int(size) != int(entry["size"]):
-            rep.error(f"{rel}: {size} bytes, manifest.json says {entry['size']}")
-        elif sha_of(rel) != entry.get("sha256"):
-            rep.error(f"{rel}: sha256 does not match manifest.json")
-    for rel in sorted(set(tree) - covered):
-        rep.error(f"{rel}: not listed in manifest.json (unexpected file)")
+    sizes = {p: (f.lfs.size if f.lfs is not None else f.size) for p, f in tree.items()}
+    for problem in integrity.check(manifest, integrity.ListedCopy(sizes, sha_of), allowed=_HUB_ONLY):
+        rep.error(str(problem))
     rep.checked["outputs"] = len(manifest.get("outputs", []))
     rep.checked["files"] = len(tree)
     return rep

@@ -27,8 +27,12 @@ RUN_INFO = "run.json"
 from spavis.format.schema import SPOT_SPACING_UM as VISIUM_SPACING_UM  # noqa: E402  (one definition)
 
 __all__ = ["MASK_ID", "PAD_ID", "CLS_ID", "N_RESERVED", "GROUP_SIZE", "GROUPS_PER_BATCH", "D_MAX_UM",
-           "VISIUM_SPACING_UM", "ARGS_FILE", "METRICS_FILE", "RUN_INFO"]
+           "VISIUM_SPACING_UM", "ARGS_FILE", "METRICS_FILE", "RUN_INFO", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 # image resize filters a preprocessing entry may name (stamp.models.pixels resizes with torch's kernels, which
 # have no lanczos)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+# ImageNet channel statistics: the default normalisation of image encoders (catalogue entries, the vision tower)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)

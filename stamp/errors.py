@@ -2,7 +2,7 @@
 
 ``stamp`` keeps its own hierarchy (it reads spavis shards only through ``spavis.format``),
 so ``except StampError`` catches every error stamp raises on purpose. Errors raised while
-*reading* a corpus come from ``spavis.format``; ``stamp.cli._common.CORPUS_ERRORS`` names them and
+*reading* a corpus come from ``spavis.format`` (``SpavisError``s such as ``CorpusError``) and
 the ``stamp`` CLI prints both kinds the same way (one line, no traceback; ``--debug`` or
 ``STAMP_DEBUG=1`` shows it).
 """

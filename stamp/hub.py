@@ -114,12 +114,9 @@ def publish(
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    from stamp.hub_access import PretrainedError, check_repo_id
+    from spavis.format.hub import check_repo_id
 
-    try:
-        check_repo_id(repo_id)
-    except PretrainedError as exc:
-        raise PublishError(str(exc).replace("is neither a local model folder nor", "is not")) from None
+    check_repo_id(repo_id, cls=PublishError, kind="repo")
     model_dir = resolve_model_dir(run_or_model)
     card_path = model_dir / CARD_NAME
     if not card_path.is_file():

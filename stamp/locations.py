@@ -1,7 +1,10 @@
 """Where things live on disk: a run's model folder, and ``stamp``'s own cache.
 
 * :func:`resolve_model_dir` - THE function that finds a run's model folder (``RUN`` ->
-  ``RUN/model``; a folder holding ``config.json`` + ``model.safetensors`` is itself).
+  ``RUN/model``; a folder holding ``config.json`` + ``model.safetensors`` is itself);
+  :func:`model_folder_of` (unchecked) and :func:`run_folder_of` (``RUN/model`` -> ``RUN``) are
+  its two readings, used by training (the ``--init`` lineage), evaluation (one model, one name)
+  and the feature caches.
 * :func:`stamp_cache_root` - ``$STAMP_CACHE``, else ``stamp/`` beside the Hugging Face Hub
   cache. Converted releases live in :func:`converted_cache_root`; the released means files a
   user registered once (``stamp models set-means``) in :func:`means_root`.
@@ -40,6 +43,13 @@ def model_folder_of(path: str | os.PathLike) -> Path:
     return resolve_model_dir(path, need_weights=False)
 
 
+def run_folder_of(path: str | os.PathLike) -> Path:
+    """The run a model folder belongs to: ``RUN/model`` -> ``RUN`` (where ``run.json`` lives); ``RUN`` and any
+    other folder -> itself. ``RUN`` and ``RUN/model`` name one model."""
+    folder = model_folder_of(path)
+    return folder.parent if folder.name == MODEL_SUBDIR else folder
+
+
 def stamp_cache_root() -> Path:
     """``$STAMP_CACHE`` or ``<HF_HOME>/stamp`` (beside the Hub cache)."""
     if os.environ.get(STAMP_CACHE_ENV):
@@ -61,5 +71,5 @@ def means_root() -> Path:
     return stamp_cache_root() / "means"
 
 
-__all__ = ["resolve_model_dir", "model_folder_of", "stamp_cache_root", "converted_cache_root", "means_root",
+__all__ = ["resolve_model_dir", "model_folder_of", "run_folder_of", "MODEL_SUBDIR", "stamp_cache_root", "converted_cache_root", "means_root",
            "STAMP_CACHE_ENV", "CONVERTED_MARKER"]

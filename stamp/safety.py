@@ -5,10 +5,16 @@ layers or a width of 10^9, its ``model.safetensors`` can be a pickle, its ``pyto
 can carry code. Every loader of the zoo (model classes' ``from_pretrained``, the factory's
 timm / transformers paths, ``stamp convert``) goes through these functions:
 
-* :func:`check_config_sizes` - every size-like key of a config (nested too) within sane bounds;
-* :func:`safetensors_shapes` - the tensor names and shapes from a safetensors header, without
-  reading a tensor (a pickle / zip / garbage file named ``.safetensors`` is one clear line);
-* :func:`check_shapes` - a model built on the ``meta`` device against that header;
+* :func:`check_config_sizes` - every size-like key of a config (nested too) within sane bounds
+  (at least 1: a width or head count of 0 would divide by zero);
+* :func:`safetensors_layout` / :func:`safetensors_shapes` - the tensor names, shapes and dtypes from
+  a safetensors header, without reading a tensor (a pickle / zip / garbage file named
+  ``.safetensors`` is one clear line);
+* :func:`check_shapes` - a model built on the ``meta`` device against that header; every missing
+  tensor counted;
+* :func:`check_dtypes` / :func:`fit_state` / :func:`check_finite` - integer (quantized) weights for a
+  floating-point model are refused, other floating dtypes are cast to the model's, and NaN or
+  infinite weights are refused (they would write NaN embeddings silently);
 * :func:`load_torch_weights` - ``torch.load(weights_only=True)`` whose refusal of code says so;
 * :func:`check_timm_kwargs` - only known, JSON-plain keyword arguments reach ``timm.create_model``;
 * :func:`load_plain_pickle` - a data pickle (Geneformer's gene dictionaries) read with a restricted
@@ -22,7 +28,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from stamp.errors import ModelConfigError
 
@@ -39,6 +45,7 @@ SIZE_BOUNDS: dict[str, int] = {
     "img_size": 8192, "image_size": 8192, "patch_size": 1024, "reg_tokens": 1024,
     "num_register_tokens": 1024, "region_grid": 64, "csp_window": 1024, "csp_stride": 1024,
 }
+ZERO_ALLOWED = frozenset({"reg_tokens", "num_register_tokens", "n_reserved"})  # counts that may be 0; sizes may not
 # the size names of the gene zoo's own config files (scGPT args.json, Nicheformer hyper-parameters)
 SIZE_BOUNDS.update({"embsize": 32768, "nheads": 1024, "d_hid": 262144, "nlayers": 512, "n_layers_cls": 512,
                     "dim_model": 32768, "dim_feedforward": 262144, "n_tokens": 5_000_000})
@@ -76,8 +83,9 @@ def check_config_sizes(data: Any, where: str, *, _path: str = "") -> None:
             if key in SIZE_BOUNDS and value is not None:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
                     raise ModelConfigError(f"{where}: {name} = {value!r} is not a whole number; fix the config")
-                if not 0 <= value <= SIZE_BOUNDS[key]:
-                    raise ModelConfigError(f"{where}: {name} = {value:g} is outside 0..{SIZE_BOUNDS[key]:,}; "
+                low = 0 if key in ZERO_ALLOWED else 1
+                if not low <= value <= SIZE_BOUNDS[key]:
+                    raise ModelConfigError(f"{where}: {name} = {value:g} is outside {low}..{SIZE_BOUNDS[key]:,}; "
                                            "the config is corrupt or not meant for this model")
             elif key in FLOAT_BOUNDS and value is not None:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= FLOAT_BOUNDS[key]:
@@ -122,8 +130,9 @@ def _sniff(path: Path) -> str:
     return "not a safetensors file"
 
 
-def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape from a safetensors file's header (no tensor is read)."""
+def safetensors_layout(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor name -> (shape, dtype code such as ``F32``, ``BF16``, ``I8``) from a safetensors header
+    (no tensor is read)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -131,9 +140,57 @@ def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         raise ModelConfigError(f"{path}: no such weights file")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+            return {name: (tuple(s.get_shape()), str(s.get_dtype())) for name in f.keys()
+                    for s in (f.get_slice(name),)}
     except Exception:  # safetensors raises its own SafetensorError (and OSError, ValueError)
         raise ModelConfigError(f"{path}: {_sniff(path)}; re-download it or save the weights with safetensors") from None
+
+
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header (no tensor is read)."""
+    return {name: shape for name, (shape, _) in safetensors_layout(path).items()}
+
+
+def _is_float(dtype: Any) -> bool:
+    """A torch dtype or a safetensors dtype code (``F16``, ``BF16``, ``F8_E4M3``) of floating point."""
+    return str(dtype).removeprefix("torch.").lower().startswith(("f", "bf"))
+
+
+def check_dtypes(expected: Mapping[str, Any], stored: Mapping[str, Any], where: str) -> None:
+    """Refuse weights stored as integers (quantized: int8, uint8, ...) where the model holds floating
+    point: copied in, they would be wrong numbers; assigned, they fail in the first layer.
+    ``expected``: model tensor name -> dtype; ``stored``: file tensor name -> dtype (or dtype code)."""
+    bad = [k for k, d in stored.items() if k in expected and _is_float(expected[k]) and not _is_float(d)]
+    if bad:
+        kinds = sorted({str(stored[k]).removeprefix("torch.") for k in bad})
+        raise ModelConfigError(f"{where}: {len(bad)} weight tensor(s) are stored as {'/'.join(kinds)} (first: "
+                               f"{bad[0]}), not floating point; quantized weights are not supported: use the "
+                               "fp32 / fp16 / bf16 weights of this model")
+
+
+def check_finite(tensors: Iterable[tuple[str, Any]], where: str) -> None:
+    """Refuse NaN or infinite weights (they would write NaN embeddings silently): one line naming the first."""
+    import torch
+
+    for name, t in tensors:
+        if t.is_floating_point() and t.device.type != "meta" and t.numel() and not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            raise ModelConfigError(f"{where}: tensor {name} holds {n:,} NaN or infinite value(s); the weights are "
+                                   "damaged (or were saved from a diverged run): download or export them again")
+
+
+def fit_state(state: Mapping[str, Any], target: Mapping[str, Any], where: str, *,
+              finite: bool = True) -> dict[str, Any]:
+    """``state`` ready to be assigned into a model whose tensors are ``target`` (its ``state_dict()``, on
+    any device, ``meta`` too): integer weights for float tensors refused, other floating dtypes cast to
+    the model's (fp16 / bf16 files load into an fp32 model), NaN / infinite weights refused (``finite=False``:
+    the caller checks the tensors it keeps, :func:`check_finite`, e.g. when unused towers are dropped)."""
+    check_dtypes({k: v.dtype for k, v in target.items()}, {k: v.dtype for k, v in state.items()}, where)
+    out = {k: (v.to(target[k].dtype) if k in target and v.is_floating_point() and v.dtype != target[k].dtype else v)
+           for k, v in state.items()}
+    if finite:
+        check_finite(out.items(), where)
+    return out
 
 
 def check_shapes(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], where: str,
@@ -212,8 +269,9 @@ def resolve_layer(value: Any, key: str, where: str) -> Any:
     return getattr(importlib.import_module(spec[0]), spec[1])
 
 
-def check_timm_kwargs(kwargs: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """Only :data:`TIMM_KWARGS` with JSON-plain values; layer names resolved. One line otherwise."""
+def check_timm_kwargs(kwargs: Mapping[str, Any], where: str, *, resolve: bool = True) -> dict[str, Any]:
+    """Only :data:`TIMM_KWARGS` with JSON-plain values; layer names resolved (``resolve=False``: only
+    checked, nothing imported: the catalogue checks its entries so when it is read). One line otherwise."""
     out: dict[str, Any] = {}
     for key, value in kwargs.items():
         if key not in TIMM_KWARGS:
@@ -223,7 +281,11 @@ def check_timm_kwargs(kwargs: Mapping[str, Any], where: str) -> dict[str, Any]:
                                    f"{', '.join(sorted(TIMM_KWARGS))}")
         if not isinstance(value, (str, int, float, bool, list, type(None))):
             raise ModelConfigError(f"{where}: model_kwargs {key} = {value!r} must be a JSON value")
-        out[key] = resolve_layer(value, key, where) if key in ("mlp_layer", "act_layer", "norm_layer") else value
+        if key in ("mlp_layer", "act_layer", "norm_layer"):
+            if isinstance(value, str) and value not in LAYER_NAMES:
+                resolve_layer(value, key, where)  # raises the one line naming the known layers
+            value = resolve_layer(value, key, where) if resolve else value
+        out[key] = value
     check_config_sizes(out, where)
     return out
 
@@ -299,5 +361,6 @@ def load_plain_pickle(path: str | os.PathLike) -> Any:
 
 
 __all__ = ["SIZE_BOUNDS", "TIMM_KWARGS", "MAX_PARAMETERS", "check_config_sizes", "read_json_config",
-           "safetensors_shapes", "check_shapes", "check_parameter_count", "meta_shapes", "load_torch_weights",
-           "check_timm_kwargs", "resolve_layer", "load_plain_pickle"]
+           "safetensors_layout", "safetensors_shapes", "check_dtypes", "check_finite", "fit_state", "check_shapes",
+           "check_parameter_count", "meta_shapes", "load_torch_weights", "check_timm_kwargs", "resolve_layer",
+           "load_plain_pickle"]

@@ -250,7 +250,7 @@ def test_validate_detects_tampering(corpus, tmp_path):
     import anndata as ad
 
     from spavis.shards.prepare import write_zarr_store
-    from spavis.shards.write import tree_sha256
+    from spavis.format.integrity import store_digest
 
     bad2 = tmp_path / "bad2"
     shutil.copytree(corpus, bad2)
@@ -262,7 +262,7 @@ def test_validate_detects_tampering(corpus, tmp_path):
     manifest = json.loads((bad2 / "manifest.json").read_text())
     for o in manifest["outputs"]:
         if o["path"] == "zarr/gen_1.zarr":
-            o["sha256"] = tree_sha256(z)[0]
+            o["sha256"] = store_digest(z)[0]
     (bad2 / "manifest.json").write_text(json.dumps(manifest))
     rep = validate(bad2)
     assert [e for e in rep.errors if "X differs" in e and "gen_1" in e]

@@ -9,7 +9,8 @@ from fakes.geo import FakeGEO
 from fakes.http import FileServer, run_concurrently
 from fakes.sodb import FakeSODB, h5ad_bytes
 from spavis.errors import FetchError
-from spavis.sources import download, fetch, parallel
+from spavis.format import progress
+from spavis.sources import fetch, parallel
 from spavis.sources.sidecar import read_sidecar
 
 
@@ -81,17 +82,17 @@ def test_one_failing_slice_keeps_the_others(real_data, monkeypatch, tmp_path):
 
 def test_one_display_and_one_bound_reach_worker_threads():
     seen = []
-    with download.progress_display(False) as bars, parallel.download_slots(2):
+    with progress.transfers(False) as bars, parallel.download_slots(2):
         outer_slots = parallel._SLOTS.get()
 
         def probe(i):
-            with download.progress_display() as inner:
+            with progress.transfers() as inner:
                 seen.append((inner is bars, parallel._SLOTS.get() is outer_slots))
             return i * i
 
         assert parallel.run_ordered(probe, list(range(8)), 4) == [i * i for i in range(8)]
     assert seen == [(True, True)] * 8
-    assert parallel._SLOTS.get() is None and download._BARS.get() is None
+    assert parallel._SLOTS.get() is None and progress.CURRENT.get() is None
 
 
 def test_stomicsdb_sections_in_parallel(real_data, monkeypatch, tmp_path):

@@ -38,6 +38,15 @@ def test_reading_the_format_loads_neither_fetch_nor_build():
     assert _python(code) == "[]"
 
 
+def test_shared_modules_stay_light():
+    """What both packages share (Hub reader, CLI kit, progress bars, manifest check) lives in spavis.format,
+    which stamp may import; importing it loads neither fetch, build nor stamp, torch or huggingface_hub."""
+    code = ("import sys, spavis.format.hub, spavis.format.console, spavis.format.progress, spavis.format.integrity; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'huggingface_hub', 'stamp') "
+            "or m.startswith(('spavis.sources', 'spavis.shards', 'spavis.readers', 'spavis.genes'))))")
+    assert _python(code) == "[]"
+
+
 def test_io_module_is_standard_library_only():
     code = ("import spavis.format.io, sys; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyarrow', 'scipy', 'numpy', 'pandas')))")
@@ -301,10 +310,10 @@ def test_open_checks_listed_files(small_corpus, tmp_path):
     shards = corpus.expression_files
     assert len(shards) == 2
     Path(shards[1]).unlink()
-    with pytest.raises(CorpusError, match=r"part-00001\.parquet is missing"):
+    with pytest.raises(CorpusError, match=r"part-00001\.parquet: listed in manifest\.json but missing"):
         open_corpus(c).expression_files
     (c / S.SLIDES_FILE).write_bytes((c / S.SLIDES_FILE).read_bytes() + b"x")
-    with pytest.raises(CorpusError, match=r"slides\.parquet has \d+ bytes, manifest\.json says"):
+    with pytest.raises(CorpusError, match=r"slides\.parquet: \d+ bytes, manifest\.json says"):
         open_corpus(c)
 
 
@@ -313,7 +322,7 @@ def test_stray_shard_is_one_error(small_corpus, tmp_path):
 
     c = _copy(small_corpus, tmp_path)
     shutil.copy(c / S.EXPRESSION_DIR / "part-00000.parquet", c / S.EXPRESSION_DIR / "part-00009.parquet")
-    with pytest.raises(CorpusError, match=r"part-00009\.parquet is not listed in manifest\.json"):
+    with pytest.raises(CorpusError, match=r"part-00009\.parquet: not listed in manifest\.json"):
         open_corpus(c).expression_files
 
 

@@ -61,9 +61,10 @@ def test_bad_inputs_and_interpolations_are_one_line():
 
 
 def test_stamp_transform_keeps_its_float_resize_and_splits_exactly():
-    from stamp.models.vision import ImageTransform, load_vision_config, to_pixels
+    from stamp.models.vision import ImageTransform, to_pixels
+    from stamp.zoo.factory import vision_config
 
-    t = ImageTransform(load_vision_config("uni"))
+    t = ImageTransform(vision_config("uni"))
     img = _smooth_image(256, 256)
     u8 = t.to_uint8(img)
     assert tuple(u8.shape) == (3, 256, 256)  # no uint8 resize: the released inference resizes in float

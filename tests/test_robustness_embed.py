@@ -70,7 +70,7 @@ def built(tmp_path_factory):
     from stamp.models.gene_encoder import create_model
     from stamp.models.aligned_model import create_stamp_model
     from stamp.tokenizer import GeneTokenizer
-    from stamp.models.vision import create_vision_encoder
+    from stamp.zoo.factory import create_vision_encoder
 
     root = tmp_path_factory.mktemp("robemb")
     corpus, _ = make_paired_corpus(root / "shards", slides=2, n_genes=60, max_row=4, seed=5)

@@ -52,12 +52,26 @@ def corpus(tmp_path_factory):
     return root
 
 
+def _foreign_model_folder(folder: Path) -> Path:
+    """A model folder of another kind (a timm layout) - named like the `tiny` preset in the tests below."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224"}))
+    save_file({"head.weight": torch.zeros(2, 2)}, str(folder / "model.safetensors"))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def gene_run(corpus, tmp_path_factory):
+    """A 2-step gene run, started in a working folder holding a `./tiny` folder of another model: `--config
+    tiny` must still be the shipped preset (issue 24)."""
     run = tmp_path_factory.mktemp("runs") / "gene"
+    _foreign_model_folder(run.parent / "tiny")
     res = stamp("pretrain", "--stage", "gene", "--data", str(corpus), "--out", str(run), "--config", "tiny",
                 "--max-steps", "2", "--batch-size", "16", "--warmup-steps", "1", "--save-every", "1",
-                "--no-progress", umask=0o022)
+                "--no-progress", umask=0o022, cwd=run.parent)
     assert res.returncode == 0, res.stderr[-3000:]
     return run
 
@@ -358,3 +372,25 @@ def test_every_pretrain_args_field_has_a_cli_option_with_the_same_default():
         ALIGN_OPTIONS = ()
     extra = set(params) - {RENAMED.get(f.name, f.name) for f in dataclasses.fields(PretrainArgs)} - set(ALIGN_OPTIONS)
     assert not extra, f"options without a PretrainArgs field: {extra}"
+
+
+def test_builtin_config_name_wins_over_a_same_named_folder(corpus, gene_run, tmp_path, monkeypatch):
+    """Issue 24: `--config tiny` with a `./tiny` folder in the working directory is the shipped preset (the
+    gene_run fixture ran so, through the real CLI); the folder is read only when named as a path, and then
+    a foreign config.json is named in the one line."""
+    from typer.testing import CliRunner
+
+    from stamp.cli import app
+
+    assert (gene_run.parent / "tiny").is_dir()
+    assert json.loads((gene_run / "train_args.json").read_text())["config"] == "tiny"
+    assert json.loads((gene_run / "model" / "config.json").read_text())["hidden_size"] == 64  # the tiny preset
+    monkeypatch.chdir(gene_run.parent)
+    res = CliRunner().invoke(app, ["pretrain", "--stage", "gene", "--data", str(corpus), "--config", "./tiny",
+                                   "--out", str(tmp_path / "run2"), "--max-steps", "1", "--no-progress"])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output[-3000:]
+    lines = [ln for ln in res.output.splitlines() if ln.strip() and not ln.startswith("warning")]
+    text = " ".join(ln.strip() for ln in lines)
+    assert text.startswith("error:") and str(gene_run.parent / "tiny" / "config.json") in text
+    assert "not a config of this model" in text
+    assert not (tmp_path / "run2" / "model").exists() and not (tmp_path / "run2" / "checkpoints").exists()

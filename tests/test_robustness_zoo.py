@@ -204,3 +204,159 @@ def test_publish_to_an_invalid_repo_id_says_the_id_is_invalid(gene_folder):
     with pytest.raises(PublishError, match=r"'org/bad\.\.name' is not a valid Hub repo id") as err:
         publish(gene_folder, "org/bad..name", token="hf_x")
     assert "network" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------- issue 24: weights, offline, zero sizes
+# One subprocess runs every case below through the real CLI (tests/cli_cases.py: one torch import for all of
+# them, the Hub unreachable and nothing cached); each test checks its item's cases.
+def _with_weights(src: Path, dest: Path, convert) -> Path:
+    """A copy of model folder ``src`` whose floating weights went through ``convert``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dest)
+    state = load_file(str(src / "model.safetensors"))
+    save_file({k: convert(v) if v.is_floating_point() else v for k, v in state.items()},
+              str(dest / "model.safetensors"))
+    return dest
+
+
+def _vit_folder(dest: Path, *, depth: int = 1, convert=None, config_depth: int | None = None) -> Path:
+    """A timm ViT in the Hub layout (config.json `architecture` + model.safetensors), tiny; ``convert``
+    changes every floating tensor as it is saved."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=depth, num_classes=0)
+    state = {k: (convert(v) if convert and v.is_floating_point() else v).contiguous()
+             for k, v in net.state_dict().items()}
+    dest.mkdir(parents=True)
+    (dest / "config.json").write_text(json.dumps({
+        "architecture": "vit_tiny_patch16_224", "num_features": 192, "pretrained_cfg": {"input_size": [3, 32, 32]},
+        "model_args": {"img_size": 32, "depth": config_depth or depth, "num_classes": 0}}))
+    save_file(state, str(dest / "model.safetensors"))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def zoo_cases(tmp_path_factory):
+    """{case name: (Result, what the test needs)} for every issue-24 case, from one subprocess."""
+    import numpy as np
+    from PIL import Image
+
+    from cli_cases import Case, run_cases
+    from stamp.models.gene_encoder import create_gene_encoder
+    from stamp.tokenizer import GeneTokenizer
+
+    root = tmp_path_factory.mktemp("zoo-24")
+    torch.manual_seed(0)
+    gene = root / "gene"
+    create_gene_encoder("tiny", n_genes=40).save_pretrained(gene)
+    GeneTokenizer([f"ENSG{i:011d}" for i in range(40)], np.ones(40)).save_pretrained(gene)
+    images, out = root / "images", root / "out"
+    images.mkdir()
+    out.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    overlay = root / "my-zoo.json"
+    overlay.write_text(json.dumps({"models": {"mine": {
+        "kind": "image", "library": "timm", "hub_id": "me/mine", "embed_dim": 192, "license": "mit",
+        "commercial": True, "gated": False, "citation": "",
+        "architecture": {"name": "vit_tiny_patch16_224", "kwargs": {"pretrained": True}}, "pooling": "head",
+        "preprocessing": {"resize": 32, "crop": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}}}))
+    need = {
+        "gene-fp16": _with_weights(gene, root / "gene-fp16", lambda t: t.half()),
+        "gene-int8": _with_weights(gene, root / "gene-int8", lambda t: (t * 10).to(torch.int8)),
+        "gene-nan": _with_weights(gene, root / "gene-nan", lambda t: t.clone().fill_(float("nan"))),
+        "vit-fp16": _vit_folder(root / "vit-fp16", convert=lambda t: t.half()),
+        "vit-int8": _vit_folder(root / "vit-int8", convert=lambda t: (t * 10).to(torch.int8)),
+        "zero-num_heads": copy_with_config(gene, root / "zero-heads", num_heads=0),
+        "zero-hidden_size": copy_with_config(gene, root / "zero-hidden", hidden_size=0),
+        "short": _vit_folder(root / "vit-short", depth=1, config_depth=2),  # the config asks for a second block
+        "overlay": overlay, "out": out,
+    }
+    cases = {
+        "gene-fp16": Case(["models", "load", need["gene-fp16"]]),
+        "gene-int8": Case(["models", "load", need["gene-int8"]]),
+        "gene-nan": Case(["models", "load", need["gene-nan"]]),
+        "vit-fp16": Case(["embed", "--model", need["vit-fp16"], "--images", images, "--out", out / "fp16.parquet"]),
+        "vit-int8": Case(["embed", "--model", need["vit-int8"], "--images", images, "--out", out / "int8.parquet"]),
+        "zero-num_heads": Case(["models", "load", need["zero-num_heads"]]),
+        "zero-hidden_size": Case(["models", "load", need["zero-hidden_size"]]),
+        "short": Case(["models", "load", need["short"]]),
+        "overlay": Case(["models", "load", "mine"], env={"STAMP_REGISTRY": str(overlay)}),
+        "offline-uni": Case(["models", "load", "uni"]),
+        "offline-embed": Case(["embed", "--model", "stamp-v1", "--images", images, "--out", out / "off.parquet"]),
+    }
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(root / "hf")}
+    results = run_cases(*cases.values(), env=env)
+    return dict(zip(cases, results)), need
+
+
+def _nothing_written(out: Path) -> None:
+    assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_weight_dtypes_are_cast_or_refused_in_one_line(zoo_cases):
+    """fp16 weights load (cast to the model's float32) and embed; int8 (quantized) weights and NaN weights are
+    refused in one line naming the file, before any output is written."""
+    res, need = zoo_cases
+    assert res["gene-fp16"].code == 0, res["gene-fp16"].stderr
+    assert json.loads(res["gene-fp16"].stdout)["kind"] == "gene"
+    assert res["vit-fp16"].code == 0 and (need["out"] / "fp16.parquet").is_file(), res["vit-fp16"].stderr
+    for name, word in (("gene-int8", "quantized"), ("vit-int8", "quantized"), ("gene-nan", "NaN")):
+        text = res[name].one_line_error()
+        assert str(need[name]) in text and word in text, text
+    assert "int8" in res["gene-int8"].one_line_error()
+    _nothing_written(need["out"] / "int8.parquet")
+
+
+def test_unreachable_hub_with_nothing_cached_is_one_line_without_retries(zoo_cases):
+    """Connection refused and nothing in the cache: one line at once, not five retries over ~25 s (each
+    retry warning printed twice)."""
+    res, need = zoo_cases
+    for name, repo in (("offline-uni", "MahmoodLab/UNI"), ("offline-embed", "minghaofdu/STAMP")):
+        text = res[name].one_line_error()
+        assert repo in text and "cannot be fetched from http://127.0.0.1:9" in text and "--weights" in text
+        assert "Retry" not in res[name].stderr and len(res[name].stderr.splitlines()) <= 2
+    _nothing_written(need["out"] / "off.parquet")
+
+
+def test_zero_sizes_in_a_config_are_refused_in_one_line(zoo_cases):
+    res, need = zoo_cases
+    for key in ("num_heads", "hidden_size"):
+        text = res[f"zero-{key}"].one_line_error()
+        assert str(need[f"zero-{key}"] / "config.json") in text and f"{key} = 0 is outside 1.." in text
+
+
+def test_missing_tensors_counted_and_overlay_checked_before_any_download(zoo_cases):
+    """All missing tensors are counted (not "1 tensor(s)"); an overlay entry passing `pretrained` to timm is
+    refused when the catalogue is read, naming the overlay file and the entry, before weights are looked for."""
+    import timm
+
+    res, need = zoo_cases
+    n_missing = len([k for k in timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=0)
+                     .state_dict() if k.startswith("blocks.1.")])
+    text = res["short"].one_line_error()
+    assert n_missing > 1 and f"{n_missing} tensor(s) of the architecture are not in the weights" in text
+    text = res["overlay"].one_line_error()
+    assert str(need["overlay"]) in text and "'mine'" in text and "'pretrained' is not allowed" in text
+    assert "cannot be fetched" not in text  # refused before any weights were looked for
+
+
+def test_save_pretrained_follows_the_umask(tmp_path):
+    """model.safetensors gets the umask's mode like every other output (safetensors' writer left 0600)."""
+    import stat
+
+    from stamp.models.gene_encoder import create_gene_encoder
+
+    old = os.umask(0o022)
+    try:
+        create_gene_encoder("tiny", n_genes=20).save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m" / "model.safetensors").stat().st_mode) == 0o644
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "config.json", "model.safetensors"]

@@ -142,7 +142,7 @@ def test_align_pins_a_hub_corpus_to_its_commit(paired, tmp_path, monkeypatch):
         # snapshot is fetched first; what is pinned is the commit open_corpus resolved
         from spavis.format.hub import snapshot
 
-        snapshot("org/paired", commit, ["data/paired/*.parquet", "data/expression/*.parquet"])
+        snapshot("org/paired", revision=commit, patterns=["data/paired/*.parquet", "data/expression/*.parquet"])
         run = tmp_path / "hubrun"
         align(_align(root, run, data="org/paired", max_steps=1))
         stored = json.loads((run / "train_args.json").read_text())

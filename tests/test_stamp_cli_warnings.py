@@ -14,8 +14,8 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_a_library_warning_after_the_cli_set_up_is_one_line():
-    # setup_logging() is what the stamp app's callback runs before every command
-    code = ("from stamp.cli._common import setup_logging\nsetup_logging()\n"
+    # setup_output() is what the stamp app's callback runs before every command
+    code = ("from spavis.format.console import setup_output\nsetup_output()\n"
             "import torch\ntorch.tensor([1.0]).storage()\n"  # torch: TypedStorage is deprecated (UserWarning)
             "from PIL import Image\nImage.MAX_IMAGE_PIXELS = 40\n"
             "import io\nb = io.BytesIO(); Image.new('RGB', (8, 8)).save(b, 'PNG'); Image.open(b)\n")
@@ -27,3 +27,13 @@ def test_a_library_warning_after_the_cli_set_up_is_one_line():
     assert all(ln.startswith("warning: ") for ln in lines), res.stderr  # no "file.py:12: UserWarning" + source line
     debug = _run(code, STAMP_DEBUG="1")  # debug mode: Python's own format, with the source location
     assert "DecompressionBombWarning:" in debug.stderr and ".py:" in debug.stderr
+
+
+def test_huggingface_hub_log_records_print_once():
+    """Issue 24: huggingface_hub's own stderr handler printed each of its retry warnings a second time."""
+    code = ("from spavis.format.console import setup_output\nsetup_output()\n"
+            "from huggingface_hub.utils import logging\n"
+            "logging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')\n")
+    res = _run(code)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.splitlines() == ["warning: Retrying in 1s [Retry 1/5]."], res.stderr

@@ -10,20 +10,28 @@ from stamp.models.vision import (
     VisionConfig,
     VisionEncoder,
     VisionWeightsError,
-    create_vision_encoder,
-    load_trunk_weights,
     load_vision_config,
     to_pixels,
     vision_preset_names,
 )
+from stamp.zoo.factory import create_vision_encoder, load_trunk_weights, vision_config
 
 
-def test_presets_are_json_data_beside_the_gene_configs():
-    assert {"uni", "tiny"} <= set(vision_preset_names())
-    uni = load_vision_config("uni")
+def test_uni_is_described_once_by_its_catalogue_entry():
+    """The vision tower's `uni` is read off the catalogue entry (no second description in stamp/configs)."""
+    from stamp.zoo.catalogue import get_pretrained
+
+    assert vision_preset_names() == ["tiny"]
+    uni, entry = vision_config("uni"), get_pretrained("uni")
     assert (uni.arch, uni.img_size, uni.patch_size, uni.init_values, uni.dynamic_img_size) == (
         "vit_large_patch16_224", 224, 16, 1e-5, True)
-    assert uni.weights == "hf-hub:MahmoodLab/UNI" and (uni.csp_window, uni.csp_stride) == (6, 4)
+    assert uni.arch == entry.architecture["name"] and uni.mean == entry.preprocessing["mean"]
+    assert uni.weights == "uni" and (uni.csp_window, uni.csp_stride) == (6, 4)
+    # the released model's tower is UNI's with the authors' channel order, as before
+    released = get_pretrained("stamp-v1").vision_config
+    assert {**released, "weights": "uni", "channel_order": "rgb"} == {**uni.to_dict(), "channel_order": "rgb"}
+    with pytest.raises(Exception, match="zoo"):
+        load_vision_config("uni")  # the model classes know no names
 
 
 def test_uni_architecture_at_real_size_on_the_meta_device():
@@ -31,7 +39,7 @@ def test_uni_architecture_at_real_size_on_the_meta_device():
     import timm  # noqa: F401  (import outside the meta context: torchvision's import-time tensors are slow there)
 
     with torch.device("meta"):
-        enc = VisionEncoder("uni")
+        enc = VisionEncoder(vision_config("uni"))
         x = torch.empty(2, 3, 224, 224)
         out = enc(x)
         region = enc(x, region_of=x)
@@ -118,7 +126,7 @@ def test_region_cells_are_the_released_windows():
 
 def test_region_grid_that_does_not_fit_is_a_clear_error():
     with pytest.raises(RegionGridError, match="window 5, stride 4 does not give 3x3"):
-        VisionConfig.from_dict({**load_vision_config("uni").to_dict(), "csp_window": 5})
+        VisionConfig.from_dict({**vision_config("uni").to_dict(), "csp_window": 5})
     enc = VisionEncoder("tiny")
     out = enc(torch.randn(1, 3, 160, 160))  # dynamic size: a 10 x 10 grid
     with pytest.raises(RegionGridError, match="10x10 token grid"):
@@ -181,7 +189,7 @@ def test_pixels_resize_normalise_and_convert_modes():
 
     from stamp.models.vision import ImageTransform
 
-    cfg = load_vision_config("uni")
+    cfg = vision_config("uni")
     white = np.full((2, 100, 100, 3), 255, np.uint8)
     px = to_pixels(white, cfg)
     assert tuple(px.shape) == (2, 3, 224, 224)

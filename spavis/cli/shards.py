@@ -119,10 +119,10 @@ def validate_cmd(
                               "(default: a sample per slide)."),
 ) -> None:
     """Re-check checksums, schema and Parquet-vs-Zarr consistency; exit 1 on any mismatch."""
-    from spavis.format.hub import looks_like_repo_id
+    from spavis.format.hub import is_repo_id
     from spavis.shards import validate
 
-    if not directory.exists() and looks_like_repo_id(str(directory)):
+    if is_repo_id(directory):
         from spavis.publish import validate_hub
 
         report = validate_hub(str(directory), revision, deep=deep)

@@ -7,7 +7,13 @@
   fingerprint (recorded in manifest.json), the one vocabulary-equality check, ``CONDITIONS``;
 - ``spavis.format.coordinates``: spot coordinates in µm from the recorded scale (slides.parquet
   ``um_per_px``), never re-derived;
-- ``spavis.format.io``: atomic writes, sha256, umask-respecting file modes (standard library only).
+- ``spavis.format.io``: atomic writes, sha256, umask-respecting file modes (standard library only);
+- ``spavis.format.integrity``: a corpus copy against its manifest.json, the one Zarr store digest.
+
+What both packages share lives here too (``stamp`` may import ``spavis.format`` only):
+``spavis.format.hub`` (the Hub reader: repo-id check, one-line errors, downloads),
+``spavis.format.console`` (the command-line kit of both CLIs) and ``spavis.format.progress``
+(every progress bar, on stderr).
 
 It imports nothing of fetch (``spavis.sources``) or build (``spavis.shards``): ``stamp`` and
 users depend on this package only. Names load lazily, so ``import spavis.format.io`` stays

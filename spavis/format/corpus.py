@@ -88,31 +88,17 @@ class Corpus:
         Zarr stores are only checked for presence (users add embeddings to them). A corpus
         without manifest.json is not checked.
         """
-        outputs = self.manifest.get("outputs")
-        if not outputs:
+        from spavis.format import integrity
+
+        if not self.manifest.get("outputs"):
             return
-        wanted = None if kinds is None else set(kinds)
-        problems: list[str] = []
-        listed_dirs: dict[str, set[str]] = {}
-        for entry in outputs:
-            kind, rel = entry.get("kind"), str(entry.get("path", ""))
-            if kind == "card" or (wanted is not None and kind not in wanted):
-                continue
-            listed_dirs.setdefault(str(Path(rel).parent), set()).add(Path(rel).name)
-            p = self.root / rel
-            if not p.exists():
-                problems.append(f"{rel} is missing")
-            elif kind != "zarr" and entry.get("size") is not None and p.is_file():
-                size = p.stat().st_size
-                if size != entry["size"]:
-                    problems.append(f"{rel} has {size} bytes, manifest.json says {entry['size']}")
-        if wanted is None or "expression" in wanted:  # a stray shard would silently join training data
-            listed = listed_dirs.get(S.EXPRESSION_DIR, set())
-            for p in sorted((self.root / S.EXPRESSION_DIR).glob("*.parquet")):
-                if p.name not in listed:
-                    problems.append(f"{S.EXPRESSION_DIR}/{p.name} is not listed in manifest.json (a stray file)")
+        wanted = set(S.OUTPUT_KINDS if kinds is None else kinds) - {"card"}
+        # a stray shard would silently join training data; other strays are spavis validate's business
+        strays = S.EXPRESSION_DIR if "expression" in wanted else None
+        problems = integrity.check(self.manifest, integrity.LocalCopy(self.root), hashes=False, kinds=wanted,
+                                   strays=strays)
         if problems:
-            head = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            head = integrity.summary(problems)
             where = self.repo_id or str(self.root)
             raise CorpusError(
                 f"{where}: the corpus does not match its manifest.json: {head}. Rebuild it with "
@@ -161,7 +147,7 @@ class Corpus:
         """
         listed = [o["path"] for o in self.manifest.get("outputs") or [] if o.get("kind") == "expression"]
         if self.repo_id is not None and not listed:  # no manifest to list them: fetch them all
-            _snapshot(self.repo_id, self.revision, [f"{S.EXPRESSION_DIR}/*.parquet"])
+            _hub().snapshot(self.repo_id, revision=self.revision, patterns=[f"{S.EXPRESSION_DIR}/*.parquet"])
         if self.repo_id is None or not listed:
             self.check(kinds=("expression",))
         if listed:
@@ -176,7 +162,7 @@ class Corpus:
         """Local path of ``zarr/<slide_id>.zarr`` (downloaded on demand for Hub corpora)."""
         rel = f"{S.ZARR_DIR}/{slide_id}.zarr"
         if self.repo_id is not None and not (self.root / rel).exists():
-            _snapshot(self.repo_id, self.revision, [f"{rel}/*", f"{rel}/**"])
+            _hub().snapshot(self.repo_id, revision=self.revision, patterns=[f"{rel}/*", f"{rel}/**"])
         path = self.root / rel
         if not path.exists():
             raise CorpusError(f"{self.root}: no Zarr store for slide {slide_id!r}; check corpus.slides.slide_id.")
@@ -247,7 +233,7 @@ class Corpus:
         """Local paths of ``data/paired/part-*.parquet`` (part N pairs with expression part N)."""
         listed = [o["path"] for o in self.manifest.get("outputs") or [] if o.get("kind") == "paired"]
         if self.repo_id is not None and not listed and not self.manifest.get("outputs"):
-            _snapshot(self.repo_id, self.revision, [f"{S.PAIRED_DIR}/*.parquet"])
+            _hub().snapshot(self.repo_id, revision=self.revision, patterns=[f"{S.PAIRED_DIR}/*.parquet"])
         if self.repo_id is None:
             self.check(kinds=("paired",))  # present with their recorded sizes (Hub files: downloaded on use)
         if listed:
@@ -300,14 +286,14 @@ class Corpus:
             rel = path.relative_to(self.root).as_posix()
         except ValueError:
             return path
-        from spavis.format.hub import download
+        _hub().download_file(self.repo_id, rel, revision=self.revision)  # lands in this same snapshot folder (commit)
+        from spavis.format import integrity
 
-        download(self.repo_id, self.revision, rel)  # lands in this same snapshot folder (revision = commit)
-        listed = next((o for o in self.manifest.get("outputs") or [] if o.get("path") == rel), None)
-        if listed is not None and listed.get("size") is not None and path.stat().st_size != listed["size"]:
-            raise CorpusError(f"{self.repo_id}@{self.revision}: {rel} has {path.stat().st_size} bytes, manifest.json "
-                              f"says {listed['size']}; the published corpus is damaged (`spavis validate "
-                              f"{self.repo_id} --revision {self.revision}`).")
+        problems = integrity.check(self.manifest, integrity.LocalCopy(self.root), hashes=False, only=[rel],
+                                   strays=None)
+        if problems:
+            raise CorpusError(f"{self.repo_id}@{self.revision}: {problems[0]}; the published corpus is damaged "
+                              f"(`spavis validate {self.repo_id} --revision {self.revision}`).")
         return path
 
 
@@ -457,16 +443,11 @@ def rows_to_csr(
     return sp.csr_matrix((data, indices, indptr), shape=(len(lengths), int(n_genes)))
 
 
-def _snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
-    """Download only ``patterns`` of a Hub dataset into the shared HF cache; return the snapshot folder."""
-    from spavis.format.hub import snapshot
+def _hub():
+    """:mod:`spavis.format.hub` (imported on first Hub use: reading local corpora never needs it)."""
+    from spavis.format import hub
 
-    return snapshot(repo_id, revision, patterns)  # one clear line for gated, missing repo or revision
-
-
-def _looks_like_repo_id(text: str) -> bool:
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+    return hub
 
 
 def open_corpus(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Corpus:
@@ -478,14 +459,14 @@ def open_corpus(path_or_repo_id: str | os.PathLike, revision: str | None = None)
     path = Path(path_or_repo_id).expanduser()
     if path.exists():
         return Corpus(path)
+    hub = _hub()
     text = str(path_or_repo_id)
-    if "@" in text and _looks_like_repo_id(text.split("@", 1)[0]):
+    if "@" in text and hub.is_repo_id(text.split("@", 1)[0]):
         text, at = text.split("@", 1)
         if revision is not None and revision != at:
             raise CorpusError(f"{path_or_repo_id}: names revision {at!r} but revision={revision!r} was also given.")
         revision = at or None
-    if not _looks_like_repo_id(text):
-        raise CorpusError(f"{text}: no such directory and not a Hub dataset id (org/name).")
-    root = _snapshot(text, revision, _META_PATTERNS)
+    hub.check_repo_id(text, not_an_id=f"{text}: no such directory and not a Hub dataset id (org/name).")
+    root = hub.snapshot(text, revision=revision, patterns=_META_PATTERNS)  # one line: gated, missing repo, ...
     # the snapshot folder is named after the commit: pin it so later downloads match
     return Corpus(root, repo_id=text, revision=root.name)

@@ -21,13 +21,13 @@ import stat
 import threading
 import uuid
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator, Mapping
 
 __all__ = [
-    "json_dumps", "hash_file", "NotRegularFileError", "not_regular", "open_regular", "sha256_file", "sha256_bytes",
-    "tree_sha256", "tree_size",
+    "json_dumps", "hash_file", "NotRegularFileError", "not_regular", "open_regular", "sha256_file",
+    "tree_sha256", "digest_lines", "tree_size",
     "current_umask", "file_mode", "dir_mode", "apply_umask",
-    "temp_sibling", "atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+    "temp_sibling", "atomic_open", "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
     "make_temp_dir", "publish_dir", "atomic_dir", "remove_tree",
 ]
 
@@ -41,10 +41,6 @@ _umask_lock = threading.Lock()
 def json_dumps(obj: Any) -> str:
     """Canonical JSON (sorted keys, 2-space indent, trailing newline) so metadata files are byte-stable."""
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 class NotRegularFileError(OSError):
@@ -128,16 +124,20 @@ def tree_sha256(root: str | os.PathLike, *, include: Callable[[str], bool] | Non
     ``include(rel)`` selects the files that count (default: all), e.g. only what a build wrote.
     """
     root = Path(root)
-    lines = []
+    shas = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in filenames:
             p = Path(dirpath, name)
             rel = p.relative_to(root).as_posix()
             if include is None or include(rel):
-                lines.append(f"{rel}\t{sha256_file(p)}\n")
-    lines.sort()
-    return hashlib.sha256("".join(lines).encode()).hexdigest(), len(lines)
+                shas[rel] = sha256_file(p)
+    return digest_lines(shas), len(shas)
+
+
+def digest_lines(shas: Mapping[str, str]) -> str:
+    """The one digest of a set of files: sha256 over sorted ``"<path>\\t<sha256>\\n"`` lines."""
+    return hashlib.sha256("".join(sorted(f"{rel}\t{sha}\n" for rel, sha in shas.items())).encode()).hexdigest()
 
 
 def tree_size(root: str | os.PathLike) -> int:
@@ -230,6 +230,24 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = Fals
         if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
             # a failed write() names no file; name the target so the one-line error can
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, tag: str = "tmp") -> Iterator[Path]:
+    """A hidden temporary name beside ``path`` for a writer that wants a file name, not a handle
+    (safetensors' ``save_file``, h5py): on success the file gets the umask's mode (such savers leave
+    0600) and replaces ``path``; on any error it is removed. Parent folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path, tag)
+    try:
+        yield tmp
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
 
 

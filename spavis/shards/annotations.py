@@ -64,10 +64,6 @@ def expression_schema(obs_columns: Sequence[str] = ()) -> pa.Schema:
     return schema
 
 
-def file_sha256(path: str | Path) -> str:
-    return sha256_file(path)
-
-
 def annotations_param(path: str | Path | None) -> dict | None:
     """What a build records about ``--annotations FILE`` (name + sha256: a changed file rebuilds)."""
     if path is None:
@@ -79,7 +75,7 @@ def annotations_param(path: str | Path | None) -> dict | None:
     if what is not None:  # a FIFO or device would block or never end
         raise AnnotationError(f"--annotations {p}: is {what}, not a regular file; give a CSV file with a barcode "
                               "(or spot_id) column")
-    return {"name": p.name, "sha256": file_sha256(p)}
+    return {"name": p.name, "sha256": sha256_file(p)}
 
 
 @lru_cache(maxsize=4)

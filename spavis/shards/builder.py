@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from spavis.errors import BuildError, SpavisError
+from spavis.format.progress import counter
 from spavis.format.schema import CARD_FILE, MANIFEST_FILE, ZARR_CONSOLIDATED, zarr_build_file
 from spavis.shards.card import config_description
 from spavis.shards.config import DEFAULT_MAX_SPOTS_PER_SHARD, BuildConfig
@@ -64,22 +65,6 @@ def _card_names_build(out: Path, key: str) -> bool:
         return config_description(key) in (out / CARD_FILE).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return False
-
-
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[current]}"),
-        console=Console(stderr=True),
-        disable=not enabled,
-        transient=False,
-    )
 
 
 def build_shards(
@@ -225,24 +210,10 @@ def _check_replace(out: Path, slices: Sequence[SliceInput], overwrite: bool) -> 
 
 def _foreign_files(out: Path, manifest: dict) -> list[str]:
     """Files under ``out`` that no build wrote (not in the manifest, not build files of a listed Zarr store)."""
-    files, stores = set(), set()
-    for entry in manifest.get("outputs", []):
-        (stores if entry.get("kind") == "zarr" else files).add(entry.get("path"))
-    files.add(MANIFEST_FILE)
-    found = []
-    for p in sorted(out.rglob("*")):
-        if p.is_dir():
-            continue
-        rel = p.relative_to(out).as_posix()
-        if rel in files:
-            continue
-        store = next((s for s in stores if rel.startswith(s + "/")), None)
-        if store is not None:
-            inner = rel[len(store) + 1:]
-            if zarr_build_file(inner) or inner == ZARR_CONSOLIDATED:
-                continue
-        found.append(rel)
-    return found
+    from spavis.format.integrity import LocalCopy, check
+
+    return [p.path for p in check(manifest, LocalCopy(out), hashes=False, kinds=(),
+                                  in_store=lambda inner: zarr_build_file(inner) or inner == ZARR_CONSOLIDATED)]
 
 
 def _report_work_dir(exc: BaseException, work: Path, default_work: bool) -> None:
@@ -275,7 +246,7 @@ def _build(slices, out, work, cfg: BuildConfig, params, workers, progress, *, mo
     pool = make_pool(min(workers, max(1, len(slices))))
     _warm_up_card_imports()
     try:
-        with _progress(progress) as bar:
+        with counter("{task.fields[current]}", enabled=progress, elapsed=True) as bar:
             _schedule(slices, work, kwargs, writer, pool, workers, bar)
         pool.close()
         writer.commit()

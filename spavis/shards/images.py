@@ -142,12 +142,6 @@ def slide_images(s, adata) -> list[SlideImage]:
     return out
 
 
-def find_slide_image(s, adata) -> SlideImage | None:
-    """The finest image the slice offers, or None when it has none."""
-    found = slide_images(s, adata)
-    return found[0] if found else None
-
-
 def _is_blank(src: ImageSource) -> bool:
     """One colour all over (10x ships an all-black hires placeholder for some datasets), judged on
     the coarsest level, whatever its size: scanned block by block (bounded memory), stopping at

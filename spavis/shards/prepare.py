@@ -32,9 +32,8 @@ from spavis.format.schema import (
 )
 from spavis.errors import SpavisError
 from spavis.format.io import publish_dir, sha256_file, tree_size  # noqa: F401  (re-exported)
-from spavis.format.io import tree_sha256 as _tree_sha256
+from spavis.format.integrity import store_digest
 from spavis.format import schema as S
-from spavis.format.schema import zarr_build_file
 from spavis.neighbors import spatial_graph
 from spavis.qc import geometry_report
 from spavis.shards.zarrio import read_zarr_csr, write_zarr_store  # noqa: F401  (re-exported)
@@ -122,7 +121,7 @@ def prepare_slice(
         n_kept = _prepare_into(tmp, s, vocab, min_genes, k_neighbors, obs_columns, annotations, with_images)
         # the store is hard-linked into the corpus unchanged: hash it here, in the worker,
         # so the (serial) merge does not have to
-        digest, n_files = tree_sha256(tmp / ZARR_DIR)
+        digest, n_files = store_digest(tmp / ZARR_DIR)
         zarr = {"sha256": digest, "n_files": n_files, "size": tree_size(tmp / ZARR_DIR)}
         (tmp / DONE_FILE).write_text(json_dumps({"key": key, "n_spots_kept": n_kept, "zarr": zarr}))
         _replace_dir(tmp, dest)
@@ -130,15 +129,6 @@ def prepare_slice(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
-
-
-def file_sha256(path: Path) -> str:
-    return sha256_file(path)
-
-
-def tree_sha256(root: Path) -> tuple[str, int]:
-    """Digest over a Zarr store's build-written files (see schema.zarr_build_file) and their count."""
-    return _tree_sha256(root, include=zarr_build_file)
 
 
 def _replace_dir(src: Path, dest: Path) -> None:

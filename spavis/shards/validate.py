@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from spavis.format import schema as S
 from spavis.format.corpus import iter_file_slides, rows_to_csr
-from spavis.format.io import sha256_file, tree_sha256
+from spavis.format.integrity import LocalCopy, check
 from spavis.errors import SpavisError, ValidationError
 
 _MAX_ERRORS = 50
@@ -87,19 +87,15 @@ def validate(out: str | os.PathLike, *, deep: bool = True, full: bool = False) -
                   f"v{S.FORMAT_VERSION}; rebuild the corpus with this spavis (`spavis build-shards`)")
         return rep
 
-    # 1. checksums, row counts, unexpected files
-    listed = {}
-    for entry in manifest.get("outputs", []):
-        p = root / entry["path"]
-        listed[entry["path"]] = entry
-        if not p.exists():
-            rep.error(f"{p}: listed in manifest.json but missing")
-            continue
-        digest = tree_sha256(p, include=S.zarr_build_file)[0] if p.is_dir() else sha256_file(p)
-        if digest != entry.get("sha256"):
-            rep.error(f"{p}: sha256 {digest[:12]}… does not match manifest.json ({str(entry.get('sha256'))[:12]}…)")
-        rows = entry.get("rows")
-        if rows is not None and p.suffix == ".parquet":
+    # 1. checksums (spavis.format.integrity: the one check against manifest.json), row counts, unexpected files
+    listed = {entry["path"]: entry for entry in manifest.get("outputs", [])}
+    problems = check(manifest, LocalCopy(root))
+    for problem in problems:
+        rep.error(f"{root / problem.path}: {problem.what}")
+    bad = {problem.path for problem in problems}
+    for rel, entry in listed.items():
+        p, rows = root / rel, entry.get("rows")
+        if rows is not None and p.suffix == ".parquet" and rel not in bad:
             try:
                 n = pq.ParquetFile(p).metadata.num_rows
             except Exception as exc:  # corrupt file
@@ -108,12 +104,6 @@ def validate(out: str | os.PathLike, *, deep: bool = True, full: bool = False) -
             if n != rows:
                 rep.error(f"{p}: {n} rows, manifest.json says {rows}")
     rep.checked["outputs"] = len(listed)
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            rel = Path(dirpath, name).relative_to(root).as_posix()
-            if rel == S.MANIFEST_FILE or any(rel == k or rel.startswith(k + "/") for k in listed):
-                continue
-            rep.error(f"{root / rel}: not listed in manifest.json (unexpected file)")
     if rep.errors:
         return rep
 

@@ -30,16 +30,16 @@ from spavis.report import card_section, write_card_figures
 from spavis.shards.annotations import check_coverage, expression_schema
 from spavis.shards.card import render_card
 from spavis.shards.images import PAIRED_FILE, PairedShards
-from spavis.shards.prepare import (  # noqa: F401  (file_sha256/tree_sha256 are re-exported)
+from spavis.format.integrity import store_digest
+from spavis.format.io import sha256_file
+from spavis.shards.prepare import (
     DONE_FILE,
     ROWS_FILE,
     SLIDE_FILE,
     STATS_FILE,
     ZARR_DIR,
-    file_sha256,
     iter_rows,
     read_zarr_csr,
-    tree_sha256,
     tree_size,
 )
 from spavis.errors import SpavisError
@@ -287,7 +287,7 @@ def write_shard(job: ShardJob) -> dict[str, Any]:
     entries = [{"path": rel, "kind": "expression", "rows": rows}] + paired.outputs(5)
     for entry in entries:
         p = tmp / entry["path"]
-        entry["sha256"] = file_sha256(p)
+        entry["sha256"] = sha256_file(p)
         entry["size"] = p.stat().st_size
     return {"part": job.part, "entries": entries, "offsets": offsets}
 
@@ -403,7 +403,7 @@ class CorpusWriter:
             _link_or_copy_tree(d / ZARR_DIR, dest)
         digest = slide.pop("_zarr_digest", None) or {}
         if not digest:
-            digest["sha256"], digest["n_files"] = tree_sha256(d / ZARR_DIR)
+            digest["sha256"], digest["n_files"] = store_digest(d / ZARR_DIR)
             digest["size"] = tree_size(d / ZARR_DIR)
         self._zarr_outputs.append({"path": f"{S.ZARR_DIR}/{sid}.zarr", "kind": "zarr", "rows": n, **digest})
         closed = self._planner.add(len(self.items) - 1, n)
@@ -529,7 +529,7 @@ def write_summary_files(tmp: Path, slides: list[dict], genes: pa.Table, location
     tail.append({"path": S.CARD_FILE, "kind": "card", "rows": None})
     for entry in tail:
         p = tmp / entry["path"]
-        entry["sha256"] = file_sha256(p)
+        entry["sha256"] = sha256_file(p)
         entry["size"] = p.stat().st_size
     return {"tail": tail, "stats": stats}
 

@@ -18,7 +18,7 @@ from types import ModuleType
 from typing import Iterator, Sequence
 
 from spavis.errors import FetchError
-from spavis.sources.download import progress_display
+from spavis.format.progress import transfers
 from spavis.sources.parallel import SliceTask, download_slots, run_slices
 
 SOURCE_NAMES = ("geo", "hest", "stimage", "stomicsdb", "sodb", "tenx")
@@ -110,7 +110,7 @@ def fetch(
     root.mkdir(parents=True, exist_ok=True)
     module = SOURCES[source]
     workers = max(1, int(workers))
-    with download_slots(workers), progress_display():
+    with download_slots(workers), transfers():
         plan = getattr(module, "plan_slices", None)
         if plan is None:
             return module.fetch_slices(ids, rows, cache=root, workers=workers, with_images=with_images)

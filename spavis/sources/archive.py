@@ -23,7 +23,6 @@ from spavis.errors import FetchError, UnsafeArchiveError  # noqa: F401
 from spavis.format.io import temp_sibling
 
 DEFAULT_MAX_BYTES = 50 * 1024**3  # 50 GB: larger than any single Visium series we know
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip")
 
 
 
@@ -35,10 +34,6 @@ class Member:
     size: int
     kind: str  # file | dir | link | special
     linkname: str = ""
-
-
-def is_archive(name: str) -> bool:
-    return name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
 class _Reader:

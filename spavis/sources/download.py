@@ -26,14 +26,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import requests
 
 from spavis.errors import FetchError
 from spavis.format.io import hash_file as _hash_file
 from spavis.sources.parallel import run_ordered, slot
-from spavis.sources.progress import _BARS, _Bars, progress_display  # noqa: F401  (re-exported)
+from spavis.format.progress import transfers
 
 CHUNK = 1 << 20
 STREAM_CHUNK = 1 << 16  # small enough that a dropped connection keeps what arrived
@@ -395,7 +395,7 @@ def download_many(jobs: Sequence[Job], *, workers: int = 4, policy: RetryPolicy 
     downloads finished (so completed files are kept for the next run).
     """
     policy = policy or RetryPolicy.from_env()
-    with progress_display(show_progress) as bar:
+    with transfers(show_progress) as bar:
         def run(job: Job) -> FileRecord:
             task = bar.add(job.dest.name, job.size)
             try:

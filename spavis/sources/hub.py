@@ -22,63 +22,37 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from spavis.errors import FetchError
+from spavis.format import hub as H
 from spavis.format.io import hash_file
 from spavis.sources import sidecar
 from spavis.sources.parallel import SliceTask, slot
 
-_PUBLIC_ENDPOINT = "https://huggingface.co"
-
 
 def hub_endpoint() -> str:
     """``HF_ENDPOINT`` at call time (huggingface_hub itself reads it only at import)."""
-    return os.environ.get("HF_ENDPOINT", _PUBLIC_ENDPOINT).rstrip("/")
+    return H.endpoint()
 
 
 def dataset_page(repo_id: str) -> str:
-    return f"{hub_endpoint()}/datasets/{repo_id}"
+    return H.hub_page(repo_id, "dataset")
 
 
-def _status(exc: BaseException) -> int | None:
-    """HTTP status of a huggingface_hub error anywhere in the exception chain."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        response = getattr(exc, "response", None)
-        if response is not None and getattr(response, "status_code", None):
-            return int(response.status_code)
-        exc = exc.__cause__ or exc.__context__
-    return None
+def _translate(exc: BaseException, repo_id: str, what: str, path: str | None,
+               revision: str | None) -> FetchError | None:
+    """The one-line FetchError of a Hub failure (:func:`spavis.format.hub.hub_error`, the one translator),
+    or None when it is worth retrying: no answer (connection, timeout), 5xx or 429."""
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    status = H.http_status(exc)
+    if status in H.RETRIED_STATUS or (status is None and not isinstance(
+            exc, (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError))):  # the last: retried by the client
+        return None
+    line = str(H.hub_error(exc, repo_id, repo_type="dataset", revision=revision, path=path, cls=FetchError))
+    return FetchError(line if what == repo_id else f"{what}: {line}")
 
 
-def _gated_error(repo_id: str, what: str) -> FetchError:
-    return FetchError(
-        f"{what}: {repo_id} is a gated dataset and this account has no access. Accept its terms on "
-        f"{dataset_page(repo_id)} (logged in), then log in here with `hf auth login` or set HF_TOKEN "
-        "to a token of that account, and run fetch again."
-    )
-
-
-def _translate(exc: BaseException, repo_id: str, what: str, url: str) -> FetchError | None:
-    """Map a huggingface_hub/httpx error to a FetchError, or None when it is worth retrying."""
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
-
-    status = _status(exc)
-    chain = [exc, exc.__cause__, exc.__context__]
-    if any(isinstance(e, GatedRepoError) for e in chain) or status in (401, 403):
-        return _gated_error(repo_id, what)
-    if any(isinstance(e, RevisionNotFoundError) for e in chain):
-        return FetchError(f"{what}: revision not found in {repo_id} ({url}); check SPAVIS_*_REVISION.")
-    if any(isinstance(e, RepositoryNotFoundError) for e in chain):
-        return FetchError(f"{what}: dataset {repo_id} not found at {hub_endpoint()} ({url}); check HF_ENDPOINT.")
-    if status == 404 or any(isinstance(e, EntryNotFoundError) for e in chain):
-        return FetchError(f"{what}: {url} was not found (HTTP 404); the id may be wrong or not in {repo_id}.")
-    if status is not None and status != 429 and 400 <= status < 500:
-        return FetchError(f"{what}: {url} answered HTTP {status}.")
-    return None
-
-
-def _retrying(call: Callable[[], Any], *, repo_id: str, what: str, url: str) -> Any:
+def _retrying(call: Callable[[], Any], *, repo_id: str, what: str, url: str, path: str | None = None,
+              revision: str | None = None) -> Any:
     """Run a Hub call in a download slot; retry connection errors, 5xx and 429 with backoff
     (download.RetryPolicy; the slot is released while waiting)."""
     from spavis.sources.download import RetryPolicy
@@ -91,7 +65,7 @@ def _retrying(call: Callable[[], Any], *, repo_id: str, what: str, url: str) -> 
         except FetchError:
             raise
         except Exception as exc:  # noqa: BLE001 - classified below
-            fatal = _translate(exc, repo_id, what, url)
+            fatal = _translate(exc, repo_id, what, path, revision)
             if fatal is not None:
                 raise fatal from None
             if attempt >= policy.attempts:
@@ -111,7 +85,7 @@ def resolve_revision(repo_id: str, revision: str = "main") -> str:
 
     url = f"{hub_endpoint()}/api/datasets/{repo_id}/revision/{revision}"
     info = _retrying(lambda: HfApi(endpoint=hub_endpoint()).dataset_info(repo_id, revision=revision),
-                     repo_id=repo_id, what=repo_id, url=url)
+                     repo_id=repo_id, what=repo_id, url=url, revision=revision)
     return str(info.sha)
 
 
@@ -136,7 +110,7 @@ def remote_files(repo_id: str, paths: Sequence[str], revision: str, *, what: str
     for i in range(0, len(paths), 100):
         chunk = list(paths[i:i + 100])
         infos = _retrying(lambda: api.get_paths_info(repo_id, chunk, revision=revision, repo_type="dataset"),
-                          repo_id=repo_id, what=what, url=url)
+                          repo_id=repo_id, what=what, url=url, revision=revision)
         for f in infos:
             if isinstance(f, RepoFile):
                 out[f.path] = RemoteFile(f.path, int(f.size), f.lfs.sha256 if f.lfs else None, f.blob_id)
@@ -190,7 +164,7 @@ def fetch_hub_file(repo_id: str, remote: RemoteFile, folder: sidecar.SliceFolder
     """
     from huggingface_hub import hf_hub_download
 
-    from spavis.sources.download import progress_display
+    from spavis.format.progress import transfers
 
     final = folder.path / remote.path
     url = _resolve_url(repo_id, remote.path, revision)
@@ -201,14 +175,14 @@ def fetch_hub_file(repo_id: str, remote: RemoteFile, folder: sidecar.SliceFolder
         return {"size": remote.size, "sha256": known["sha256"], "md5": known.get("md5"), "url": url}
 
     staging = folder.path / ".hf"
-    with progress_display() as bars:
+    with transfers() as bars:
         task = bars.add(remote.path.rsplit("/", 1)[-1], remote.size)
         bar_class = functools.partial(_Bar, bars, task, [0])  # one per file, shared by its attempts
         try:
             got = _retrying(lambda: hf_hub_download(repo_id, remote.path, repo_type="dataset", revision=revision,
                                                     endpoint=hub_endpoint(), local_dir=staging,
                                                     tqdm_class=bar_class),
-                            repo_id=repo_id, what=label, url=url)
+                            repo_id=repo_id, what=label, url=url, path=remote.path, revision=revision)
         finally:
             bars.finish(task)
     got = Path(got)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
 
 from spavis.errors import FetchError
-from spavis.sources.progress import progress_display
+from spavis.format.progress import transfers
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -105,7 +105,7 @@ def run_slices(tasks: Sequence[SliceTask], workers: int) -> list[Path]:
     Returns the slice folders in task order, without repeats (two tasks naming one slice,
     e.g. from a SubSeries and its SuperSeries, serialize on the slice lock).
     """
-    with download_slots(workers), progress_display() as bars:
+    with download_slots(workers), transfers() as bars:
         task = bars.add(f"slices ({len(tasks)})", len(tasks), kind="count") if len(tasks) > 1 else None
         try:
             done = run_ordered(lambda t: t.run(), tasks, workers, name="spavis-slice",

@@ -6,30 +6,11 @@ from typing import Optional
 
 import typer
 
-from stamp.cli._common import enable_debug, err_console, friendly_errors, positive_int, setup_logging
+from spavis.format.console import make_app
+from stamp.cli._common import DEBUG_ENV, err_console, friendly_errors, positive_int
 
-app = typer.Typer(name="stamp", help="STAMP encoders: tokenize, pretrain (gene, spatial, align), finetune, evaluate, publish, embed, models.",
-                  no_args_is_help=True, pretty_exceptions_show_locals=False, pretty_exceptions_short=True)
-
-
-def _print_version(value: bool) -> None:
-    if value:
-        from stamp import __version__
-
-        typer.echo(__version__)
-        raise typer.Exit()
-
-
-@app.callback()
-def _main(
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                 help="Print the stamp version and exit."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (same as STAMP_DEBUG=1)."),
-) -> None:
-    """STAMP encoders: tokenize, pretrain (gene, spatial, align), evaluate, publish, embed, models."""
-    if debug:
-        enable_debug()
-    setup_logging()
+app = make_app("stamp", "STAMP encoders: tokenize, pretrain (gene, spatial, align), finetune, evaluate, publish, "
+               "embed, models.", debug_env=DEBUG_ENV)
 
 
 @app.command("publish")

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from spavis.format.progress import counter
+
 from stamp.embed.writer import OBSM_KEY, STAGING, ParquetEmbeddings, ZarrObsmWriter, model_record, zarr_writer_lock
 from stamp.errors import EmbedError
 
@@ -134,10 +136,7 @@ def embed_corpus(
 def _write(batches, corpus, out, record: dict, dim: int, *, zarr: bool, progress: bool) -> Path:
     """Spot embeddings ``(spot_ids, slide_ids, spot_index, vectors)`` in corpus order -> the Parquet file (and,
     with ``zarr``, every slide's ``obsm`` - all or none), under no_grad, with a progress bar."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("[bold]embed"), BarColumn(), MofNCompleteColumn(), TextColumn("spots"),
-                   TimeRemainingColumn(), disable=not progress)
+    bar = counter("spots", enabled=progress)
     staging = ZarrObsmWriter(corpus, dim, record) if zarr else None
     try:
         with torch.no_grad(), bar, ParquetEmbeddings(out, "spot_id", record) as writer:

@@ -16,7 +16,6 @@ image], each of norm 1); other encoders give their own features.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -32,41 +31,6 @@ logger = logging.getLogger(__name__)
 
 MODALITIES = ("gene", "image", "fused")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
-
-
-def is_stamp_model(folder: str | os.PathLike) -> bool:
-    """True when ``folder/config.json`` describes a StampModel (gene + vision), not a gene encoder alone."""
-    path = Path(folder) / "config.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data.get("vision", data.get("config", {}).get("vision") if isinstance(data.get("config"), dict)
-                               else None), dict)
-
-
-def load_stamp_model(model: str | os.PathLike, device: str | None = None, means: str | os.PathLike | None = None,
-                     *, need_tokenizer: bool = True):
-    """(StampModel in eval mode, tokenizer or None, folder) from RUN, RUN/model, a folder, a Hub repo id or
-    a registry name (``stamp-v1``). ``means``: gene means file for models whose tokenizer ships none
-    (converted releases); the tokenizer is loaded only when ``need_tokenizer`` (gene / fused)."""
-    from stamp.zoo.resolve import resolve_model_source
-    from stamp.models.aligned_model import StampModel
-
-    folder = resolve_model_source(model)
-    if not is_stamp_model(folder):
-        raise EmbedError(
-            f"{model}: a gene encoder without a vision encoder; --modality image/fused and --images need a "
-            "model from `stamp pretrain --stage align` (or a converted STAMP release)"
-        )
-    net = StampModel.from_pretrained(str(folder))
-    tokenizer = None
-    if need_tokenizer and (folder / "tokenizer_config.json").is_file():
-        from stamp.zoo.resolve import load_tokenizer
-
-        tokenizer = load_tokenizer(folder, means)
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return net.to(dev).eval(), tokenizer, folder
 
 
 def image_side(encoder, model: str | os.PathLike, what: str) -> None:
@@ -227,5 +191,4 @@ def embed_image_folder(model: str | os.PathLike, images: str | os.PathLike, out:
     return path
 
 
-__all__ = ["MODALITIES", "embed_paired_corpus", "embed_image_folder", "load_stamp_model", "is_stamp_model",
-           "image_side", "read_image", "list_images"]
+__all__ = ["MODALITIES", "embed_paired_corpus", "embed_image_folder", "image_side", "read_image", "list_images"]

@@ -63,21 +63,22 @@ RECORD_KEYS = ("stamp_model", "stamp_model_name", "stamp_model_revision", "stamp
 
 
 # ----------------------------------------------------------------------------- provenance
-def _local_weights(source: str) -> tuple[str, str]:
+def _local_weights(source: str, *, known_sha: str | None) -> tuple[str, str]:
     """(folder, sha256 of model.safetensors) for a model given as a local path; ('', '') otherwise.
 
     Only local paths: a Hub id or zoo name carries its revision in the provenance instead
-    (no network request here)."""
+    (no network request here). The weights are hashed only when the loader did not (``stamp.load``
+    records the hash in the provenance: ``known_sha``)."""
     if not source or not Path(source).exists():
-        return "", ""
+        return "", known_sha or ""
     from stamp.zoo.resolve import resolve_model_source
 
     try:
         folder = resolve_model_source(source)
     except Exception:  # noqa: BLE001 — provenance is best effort; the model already loaded
-        return "", ""
+        return "", known_sha or ""
     weights = folder / "model.safetensors"
-    return str(folder.resolve()), sha256_file(weights) if weights.is_file() else ""
+    return str(folder.resolve()), known_sha or (sha256_file(weights) if weights.is_file() else "")
 
 
 def model_record(encoder: Any, source: str | os.PathLike | None = None, embedding: str = "") -> dict[str, str]:
@@ -86,7 +87,7 @@ def model_record(encoder: Any, source: str | os.PathLike | None = None, embeddin
     if source is not None and not isinstance(source, (str, os.PathLike)):  # an Encoder given as the model
         source = None
     src = str(source if source is not None else (prov.source or prov.name))
-    folder, sha = _local_weights(src)
+    folder, sha = _local_weights(src, known_sha=prov.weights_sha256)
     return {
         "stamp_model": src,
         "stamp_model_name": str(prov.name or src),
@@ -94,7 +95,7 @@ def model_record(encoder: Any, source: str | os.PathLike | None = None, embeddin
         "stamp_model_license": str(prov.license or "unknown"),
         "stamp_model_hub_id": str(prov.hub_id or ""),
         "stamp_model_kind": str(encoder.kind),
-        "stamp_model_sha256": str(prov.weights_sha256 or sha),
+        "stamp_model_sha256": str(sha),
         "stamp_model_dir": folder,
         "stamp_embedding": str(embedding),
     }

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from spavis.format.progress import counter
 from stamp.evaluate.data import EvalData, EvaluateError, load_eval_data
 from stamp.evaluate.features import (
     MODALITIES,
@@ -36,14 +37,6 @@ from stamp.evaluate.tasks import HEADS, LABEL_TASKS, RUNNERS, TASKS, check_heads
 
 __all__ = ["evaluate", "EvaluateError", "EvalData", "FeatureSet", "TASKS", "MODALITIES", "load_eval_data",
            "feature_sets"]
-
-
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), disable=not enabled)
 
 
 def feature_sets(models: Sequence[str], data: EvalData, *, modality: str = "gene", device: str | None = None,
@@ -190,7 +183,7 @@ def evaluate(task: str, models: Sequence[str | os.PathLike], data: str | os.Path
               "baselines: random-init = the first model's architecture with fresh weights (same tokenizer); "
               "pca = 50 PCs of log-CP10K, top-2,000 Seurat v3 HVGs (expression only, whatever the modality)"]
     rows: list[dict] = []
-    with output_folder(Path(out)) as out, _progress(progress) as bar, torch.random.fork_rng(devices=[]), \
+    with output_folder(Path(out)) as out, counter(enabled=progress, elapsed=True) as bar, torch.random.fork_rng(devices=[]), \
             torch_threads(threads):
         torch.manual_seed(seed)
         sets = feature_sets(models, ev, modality=modality, device=device, seed=seed,

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from stamp.evaluate.data import EvalData, EvaluateError, log_cp10k, seurat_v3_hvgs
+from stamp.locations import run_folder_of
 
 MODALITIES = ("gene", "image", "fused")
 PCA_COMPONENTS = 50
@@ -58,10 +59,7 @@ def model_name(model: str | os.PathLike) -> str:
     parts = None if path.exists() else split_spec(str(model))
     if parts:
         return SEPARATOR.join(model_name(p) for p in parts)
-    if path.exists():
-        path = path.resolve()
-        return path.parent.name if path.name == "model" else path.name
-    return str(model)
+    return run_folder_of(path.resolve()).name if path.exists() else str(model)
 
 
 BASELINE_NAMES = ("random-init", "pca")
@@ -72,10 +70,7 @@ def _model_key(model: str | os.PathLike) -> tuple[str, ...]:
     parts, or the Hub id / zoo name as given."""
     path = Path(str(model))
     if path.exists():
-        path = path.resolve()
-        if path.name == "model" and (path.parent / "model").resolve() == path:
-            path = path.parent
-        return path.parts
+        return run_folder_of(path.resolve()).parts
     return tuple(p for p in str(model).split("/") if p) or (str(model),)
 
 

@@ -41,6 +41,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from stamp.evaluate.data import EvaluateError
+from stamp.locations import model_folder_of
 
 N_COMPONENTS = 256
 GENE_LIST = "var_50genes.json"
@@ -516,8 +517,8 @@ def _model_stamp(model: str, weights: str | os.PathLike | None = None) -> str:
     p = Path(model)
     if p.exists():
         p = p.resolve()
-        w = next((f for f in (p / "model.safetensors", p / "model" / "model.safetensors") if f.is_file()), None)
-        if w is not None:
+        w = model_folder_of(p) / "model.safetensors"
+        if w.is_file():
             st = w.stat()
             return f"{w}:{st.st_size}:{st.st_mtime_ns}"
         return str(p)
@@ -601,11 +602,14 @@ def sample_embeddings(task: Task, model: str, name: str, out: Path, *, encoder_f
                 progress(1)
             continue
         if "enc" not in state:
+            from stamp.embed.writer import model_record
+
             enc = encoder_fn()
             if enc.kind == "gene":
                 raise EvaluateError(f"{model}: a gene encoder; hest-bench predicts expression from H&E patches, so "
                                     "it scores image encoders and aligned models (their image side)")
             state["enc"], state["fn"] = enc, image_side(enc, model, "image")
+            state["record"] = json.dumps(model_record(enc, model, "hest-bench image side"), sort_keys=True)
         enc = state["enc"]
         if s.patches is not None:
             n, barcodes, coords, batches = read_patches(s.patches, batch_size)
@@ -613,9 +617,7 @@ def sample_embeddings(task: Task, model: str, name: str, out: Path, *, encoder_f
             n, barcodes, coords, batches = _corpus_images(task, s, batch_size)
         parts = [embed_pixels(state["fn"], enc.transform, imgs, device=enc.device) for imgs in batches]
         emb = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-        from stamp.embed.writer import model_record
-
-        attrs["provenance"] = json.dumps(model_record(enc, model, "hest-bench image side"), sort_keys=True)
+        attrs["provenance"] = state["record"]
         _write_embeddings(path, emb, barcodes, coords, attrs)
         if progress:
             progress(1)
@@ -761,7 +763,8 @@ def hest_bench(models: Sequence[str], *, out, bench_dir=None, data=None, patient
     import pandas as pd
 
     from spavis.format.io import atomic_write_text
-    from stamp.evaluate import _progress, output_folder, torch_threads
+    from spavis.format.progress import counter
+    from stamp.evaluate import output_folder, torch_threads
     from stamp.evaluate.features import default_device, load_encoder, model_names
 
     if not models:
@@ -798,7 +801,7 @@ def hest_bench(models: Sequence[str], *, out, bench_dir=None, data=None, patient
                      f"{' / '.join(CONTROL_MARKERS)} dropped, Seurat HVGs of log1p counts, in name order")
     notes += [n for t in tasks for n in t.notes]
     rows = []
-    with output_folder(Path(out)) as out, _progress(progress) as bar, torch_threads(threads):
+    with output_folder(Path(out)) as out, counter(enabled=progress, elapsed=True) as bar, torch_threads(threads):
         if data is not None:  # the gene list used, where HEST keeps it (a task folder's var_50genes.json)
             atomic_write_text(out / GENE_LIST, json.dumps({"genes": tasks[0].genes}) + "\n")
         for model, name in zip(models, names):

@@ -13,7 +13,7 @@ annotation at class creation to (de)serialise the config.
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -40,13 +40,17 @@ class StampModelConfig:
     """
 
     gene: StampConfig = field(default_factory=StampConfig)
-    vision: VisionConfig = field(default_factory=lambda: load_vision_config("uni"))
+    vision: Optional[VisionConfig] = None  # required; model classes know no names (UNI: zoo.factory.vision_config)
     embed_dim: int = 512
     projection_bias: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.gene, dict):
             self.gene = StampConfig.from_dict(self.gene)
+        if self.vision is None:
+            raise ModelConfigError("a StampModel config needs its vision tower: a VisionConfig, its fields, a preset "
+                                   "('tiny') or a JSON file; UNI and the zoo's other ViTs: "
+                                   "stamp.zoo.factory.vision_config('uni')")
         if isinstance(self.vision, (dict, str)):
             self.vision = load_vision_config(self.vision)
         if self.embed_dim < 1:
@@ -92,13 +96,14 @@ class StampModel(
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path], *args, **kwargs) -> "StampModel":
         """A local model folder (``RUN`` or ``RUN/model``) or a Hub repo id (this class knows no names:
         ``stamp.create_model("stamp-v1")`` for a catalogue name)."""
-        from stamp.models.gene_encoder import check_pretrained_folder, pretrained_folder
+        from stamp.models.gene_encoder import check_pretrained_folder, checked_weights, pretrained_folder
 
         pretrained_model_name_or_path = pretrained_folder(pretrained_model_name_or_path, **kwargs)
         check_pretrained_folder(pretrained_model_name_or_path, lambda cfg: cls(StampModelConfig(**cfg)))
         kwargs.setdefault("strict", True)  # a missing or unexpected tensor is an error, never a silent default
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            return checked_weights(super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs),
+                                   pretrained_model_name_or_path)
         except RuntimeError as exc:
             if "state_dict" not in str(exc):
                 raise
@@ -107,6 +112,11 @@ class StampModel(
                 f"{pretrained_model_name_or_path}: model.safetensors does not fit its config.json ({detail}); "
                 "re-save the model or re-download it"
             ) from None
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from stamp.models.gene_encoder import save_weights
+
+        save_weights(self, save_directory)
 
     @classmethod
     def _from_pretrained(cls, *args, **kwargs) -> "StampModel":

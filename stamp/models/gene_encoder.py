@@ -93,7 +93,7 @@ class StampConfig:
 def preset_names() -> list[str]:
     """Names of the configs shipped in ``stamp/configs/`` (``base``, ``tiny`` ...)."""
     root = resources.files("stamp") / "configs"
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".json"))
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".json") and not p.name.startswith("vision-"))
 
 
 def load_config(name_or_path: Union[str, Path]) -> StampConfig:
@@ -213,7 +213,10 @@ class StampGeneEncoder(
         sizes and weight shapes are checked before anything is allocated."""
         folder = pretrained_folder(pretrained_model_name_or_path, **kwargs)
         check_pretrained_folder(folder, lambda cfg: cls(StampConfig.from_dict(cfg)))
-        return super().from_pretrained(folder, *args, **kwargs)
+        return checked_weights(super().from_pretrained(folder, *args, **kwargs), folder)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        save_weights(self, save_directory)
 
     @classmethod
     def _from_pretrained(cls, *args, **kwargs) -> "StampGeneEncoder":
@@ -289,9 +292,9 @@ def pretrained_folder(name_or_path: Union[str, Path], **hub_kwargs) -> str:
 
 def check_pretrained_folder(folder: Union[str, Path], build) -> None:
     """Refuse a model folder whose ``config.json`` is not JSON, asks for absurd sizes, or does not match
-    the tensor shapes in ``model.safetensors`` - all before anything is allocated (``build(config)``
-    runs on the ``meta`` device)."""
-    from stamp.safety import check_parameter_count, check_shapes, meta_shapes, read_json_config, safetensors_shapes
+    the tensor shapes and dtypes in ``model.safetensors`` (integer weights for a float model) - all
+    before anything is allocated (``build(config)`` runs on the ``meta`` device)."""
+    from stamp.safety import check_dtypes, check_parameter_count, check_shapes, read_json_config, safetensors_layout
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -302,14 +305,36 @@ def check_pretrained_folder(folder: Union[str, Path], build) -> None:
     if not weights.is_file():
         raise ModelConfigError(f"{folder}: no model.safetensors beside config.json; the model folder is incomplete "
                                "(save it again, or re-download it)")
-    found = safetensors_shapes(weights)
+    layout = safetensors_layout(weights)
     try:
         with torch.device("meta"):
             model = build(cfg)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, ModelConfigError) as exc:  # e.g. unknown keys: a folder of another model
         raise ModelConfigError(f"{folder / 'config.json'}: not a config of this model ({exc})") from None
     check_parameter_count(sum(p.numel() for p in model.parameters()), str(folder / "config.json"))
-    check_shapes(meta_shapes(model), found, str(folder))
+    state = model.state_dict()
+    check_shapes({k: tuple(v.shape) for k, v in state.items()}, {k: s for k, (s, _) in layout.items()}, str(folder))
+    check_dtypes({k: v.dtype for k, v in state.items()}, {k: d for k, (_, d) in layout.items()}, str(folder))
+
+
+def save_weights(model: nn.Module, save_directory: Union[str, Path]) -> None:
+    """``model.safetensors`` of a model class's ``save_pretrained``, written atomically with the umask's mode
+    (safetensors' own writer leaves 0600 files a group cannot read)."""
+    from safetensors.torch import save_model
+
+    from spavis.format.io import atomic_path
+
+    with atomic_path(Path(save_directory) / "model.safetensors") as tmp:
+        save_model(model, str(tmp))
+
+
+def checked_weights(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
+    """``model`` just loaded from ``folder``, refused when a weight is NaN or infinite (a damaged file or
+    a diverged run would otherwise write NaN embeddings silently)."""
+    from stamp.safety import check_finite
+
+    check_finite(model.state_dict().items(), f"{folder}/model.safetensors")
+    return model
 
 
 def create_gene_encoder(name_or_path: Union[str, Path, StampConfig], **overrides) -> StampGeneEncoder:
@@ -324,7 +349,8 @@ def create_gene_encoder(name_or_path: Union[str, Path, StampConfig], **overrides
         cfg = name_or_path
     else:
         path = Path(name_or_path)
-        if path.is_dir() and (path / "model.safetensors").is_file():
+        # a shipped preset wins over a same-named folder in the working directory
+        if str(name_or_path) not in preset_names() and path.is_dir() and (path / "model.safetensors").is_file():
             model = StampGeneEncoder.from_pretrained(str(path))
             for key, value in overrides.items():
                 if getattr(model.config, key) != value:
@@ -343,10 +369,6 @@ def create_gene_encoder(name_or_path: Union[str, Path, StampConfig], **overrides
 create_model = create_gene_encoder
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 __all__ = [
     "StampConfig",
     "StampGeneEncoder",
@@ -355,7 +377,6 @@ __all__ = [
     "check_pretrained_folder",
     "load_config",
     "preset_names",
-    "count_parameters",
     "ModelConfigError",
     "MASK_ID",
     "PAD_ID",

@@ -15,10 +15,11 @@ pooled token (the trunk's own pooling -- CLS, or the mean of the non-prefix toke
 avg-pool models -- computed without the pretext token), the pretext token's output, and
 the grid tokens (B, H, W, C) that the CSP objective pools into 3 x 3 cells.
 
-Configs are JSON data in ``stamp/configs/vision-<name>.json`` (``uni``: UNI's ViT-L/16;
-``tiny``: a small random ViT for CPU runs and tests). Weights of the trunk are loaded
-separately (:func:`load_trunk_weights`) so that building a model from a saved config
-never downloads anything.
+Configs are data: a :class:`VisionConfig` saved in the model's ``config.json``, a JSON file, or
+the shipped ``stamp/configs/vision-tiny.json`` (a small random ViT for CPU runs and tests). UNI
+and the other ViTs of the zoo are described once, by their catalogue entries: their vision configs
+and weights come from the zoo (``stamp.zoo.factory.vision_config`` / ``create_vision_encoder``;
+this module knows no names), so building a model from a saved config never downloads anything.
 """
 from __future__ import annotations
 
@@ -35,11 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stamp.constants import IMAGENET_MEAN, IMAGENET_STD
 from stamp.errors import ModelConfigError, RegionGridError, StampError, VisionWeightsError  # noqa: F401
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-UNI_REPO = "MahmoodLab/UNI"
 VISION_PREFIX = "vision-"
 
 
@@ -48,8 +47,8 @@ class VisionConfig:
     """Architecture of :class:`VisionEncoder` (serialised inside the StampModel config).
 
     ``arch`` + ``model_kwargs`` go to ``timm.create_model``; ``weights`` is the default
-    source of pretrained trunk weights (``hf-hub:ORG/NAME`` or a file), used only by
-    :func:`load_trunk_weights`. ``csp_window``/``csp_stride``: ``avg_pool2d`` over the
+    source of pretrained trunk weights (a catalogue name, ``hf-hub:ORG/NAME`` or a file), used only
+    by ``stamp.zoo.factory.create_vision_encoder``. ``csp_window``/``csp_stride``: ``avg_pool2d`` over the
     region's token grid giving ``region_grid`` x ``region_grid`` cells (UNI: 14 x 14
     tokens, window 6, stride 4, as released).
     """
@@ -133,7 +132,8 @@ def load_vision_config(name_or_path: Union[str, Path, dict, VisionConfig]) -> Vi
         path = Path(name)
         if not path.is_file() or path.suffix != ".json":
             raise ModelConfigError(
-                f"vision config {name!r} is neither a preset {vision_preset_names()} nor a JSON file"
+                f"vision config {name!r} is neither a preset {vision_preset_names()} nor a JSON file (a ViT of the "
+                "zoo such as 'uni' comes from the zoo: stamp.zoo.factory.vision_config / --vision uni)"
             )
         text, where = path.read_text(), str(path)
     try:
@@ -295,99 +295,8 @@ class ImageTransform:
         return f"ImageTransform(resize={c.img_size}, mean={c.mean}, std={c.std})"
 
 
-# ----------------------------------------------------------------------------- weights
-def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for wrapper in ("state_dict", "model"):
-        if wrapper in state and isinstance(state[wrapper], dict):
-            state = state[wrapper]
-    out = {}
-    for key, value in state.items():
-        for prefix in ("module.", "visual_backbone.base_model.", "trunk."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file: safetensors, or a weights-only torch file (code is refused, named)."""
-    from stamp.safety import load_torch_weights, safetensors_shapes
-
-    if not path.is_file():
-        raise VisionWeightsError(f"{path}: no such weights file; pass a .safetensors (or .bin/.pth) file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            safetensors_shapes(path)  # a pickle / zip named .safetensors: one line saying what it is
-            return load_file(str(path))
-        state = load_torch_weights(path)
-    except ModelConfigError as exc:
-        raise VisionWeightsError(str(exc)) from None
-    if not isinstance(state, dict):
-        raise VisionWeightsError(f"{path}: holds a {type(state).__name__}, not a state dict (name -> tensor)")
-    return state
-
-
-def _download_hub(repo_id: str) -> Path:
-    from stamp.hub_access import PretrainedError, first_file
-
-    try:
-        return first_file(repo_id, ["model.safetensors", "pytorch_model.bin"])
-    except PretrainedError as exc:
-        raise VisionWeightsError(str(exc)) from None
-
-
-def load_trunk_weights(encoder: VisionEncoder, source: Optional[str] = None) -> str:
-    """Load pretrained trunk weights (``hf-hub:ORG/NAME`` or a local file); returns the source used.
-
-    Every trunk tensor must be present with its shape (a clear error names the first misfit).
-    """
-    source = source or encoder.config.weights
-    if not source:
-        raise VisionWeightsError(f"vision config {encoder.config.name!r} names no weights; pass a weights file")
-    path = _download_hub(source[len("hf-hub:"):]) if source.startswith("hf-hub:") else Path(source).expanduser()
-    state = _strip(_read_weights(path))
-    own = encoder.trunk.state_dict()
-    missing = sorted(set(own) - set(state))
-    if missing:
-        raise VisionWeightsError(
-            f"{source}: {len(missing)} trunk tensor(s) missing (first: {missing[0]}); the file does not hold a "
-            f"{encoder.config.arch} (pick the matching --vision config)"
-        )
-    for key, value in own.items():
-        if tuple(state[key].shape) != tuple(value.shape):
-            raise VisionWeightsError(
-                f"{source}: tensor {key} has shape {tuple(state[key].shape)}, the {encoder.config.arch} trunk "
-                f"needs {tuple(value.shape)}; pick the matching --vision config"
-            )
-    encoder.trunk.load_state_dict({k: state[k] for k in own}, strict=True)
-    return source
-
-
-def create_vision_encoder(spec: str = "tiny", *, weights: Optional[str] = None, pretrained: bool = True) -> VisionEncoder:
-    """``--vision`` value -> encoder: a preset (``uni``, ``tiny``), a config JSON, or a weights file.
-
-    A weights file (``.safetensors``/``.bin``/``.pth``) means UNI's architecture with those
-    weights. ``pretrained`` loads the config's default weights (``uni``: ``hf-hub:MahmoodLab/UNI``).
-    """
-    path = Path(spec)
-    if path.suffix in (".safetensors", ".bin", ".pth", ".pt"):
-        cfg, weights = load_vision_config("uni"), weights or str(path)
-    else:
-        cfg = load_vision_config(spec)
-    encoder = VisionEncoder(cfg)
-    if weights or (pretrained and cfg.weights):
-        load_trunk_weights(encoder, weights)
-    return encoder
-
-
-def count_vision_parameters(encoder: VisionEncoder) -> int:
-    return sum(p.numel() for p in encoder.trunk.parameters())
-
-
 __all__ = [
     "VisionConfig", "VisionEncoder", "VisionOutput", "ImageTransform", "VisionWeightsError", "RegionGridError",
-    "load_vision_config", "vision_preset_names", "load_trunk_weights", "create_vision_encoder", "to_pixels",
-    "check_region_grid", "count_vision_parameters", "IMAGENET_MEAN", "IMAGENET_STD",
+    "load_vision_config", "vision_preset_names", "skip_trunk_init", "to_pixels",
+    "check_region_grid", "IMAGENET_MEAN", "IMAGENET_STD",
 ]

@@ -246,9 +246,10 @@ def _embed_tiles(dataset: TileDataset, encoder, device, *, batch_size: int, work
 
 def embed_one(path: Path, encoder, out: Path, params: TissueParams, *, um_per_px: Optional[float], device,
               batch_size: int, workers: int, layout: str = bags.DEFAULT_LAYOUT, on_plan=None,
-              on_batch=None) -> dict[str, Any]:
+              on_batch=None, model_attrs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Embed one slide into ``out`` (its bag in ``layout``, ``qc/<slide>.png``); returns its manifest entry.
-    Nothing is written before the features are computed: a slide that fails leaves no file."""
+    Nothing is written before the features are computed: a slide that fails leaves no file.
+    ``model_attrs``: the bag's model attributes when the caller has them (one per run, not per slide)."""
     from spavis.format.io import atomic_open
 
     from stamp import __version__
@@ -263,7 +264,7 @@ def embed_one(path: Path, encoder, out: Path, params: TissueParams, *, um_per_px
         qc_rel = f"{bags.QC_DIR}/{name}.png"
         level_w, level_h = slide.level_dimensions[plan.level]
         attrs: dict[str, Any] = {
-            "format": bags.BAG_FORMAT, "layout": layout, "slide": name, **_provenance_attrs(encoder),
+            "format": bags.BAG_FORMAT, "layout": layout, "slide": name, **(model_attrs or _provenance_attrs(encoder)),
             "tile_um": params.tile_um, "tile_px": plan.tile_px, "tile_px_level0": plan.tile0,
             "um_per_px": params.um_per_px, "slide_um_per_px": plan.slide_um_per_px,
             "scale_source": slide.scale.source if slide.scale else "", "level": plan.level,
@@ -360,6 +361,7 @@ def embed_slides(slides: Sequence[str | os.PathLike], model: Any, out: str | os.
         workers = min(8, os.cpu_count() or 1)
     out.mkdir(parents=True, exist_ok=True)
     key = _config_key(encoder, params, layout)
+    model_attrs = _provenance_attrs(encoder)  # the model is resolved and its weights hashed once per run
     header = {"model": encoder.provenance.name, "model_revision": encoder.provenance.revision or "",
               "tissue_params": params.to_dict(), "layout": layout}
     previous = {e["slide"]: e for e in bags.read_manifest(out).get("slides", [])}
@@ -384,7 +386,8 @@ def embed_slides(slides: Sequence[str | os.PathLike], model: Any, out: str | os.
                         continue
                     replacing = True
                 entry = embed_one(path, encoder, out, params, um_per_px=um_per_px, device=dev, batch_size=batch_size,
-                                  workers=workers, layout=layout, on_plan=bar.start_slide, on_batch=bar.tiles)
+                                  workers=workers, layout=layout, on_plan=bar.start_slide, on_batch=bar.tiles,
+                                  model_attrs=model_attrs)
                 if replacing:
                     entry["replaced"] = "the slide file changed since its previous bag"
             except (KeyboardInterrupt, BagError):

@@ -1,5 +1,8 @@
-"""The ``embed-slides`` progress bar: slides done, and the current slide's tiles with tiles/s (rich)."""
+"""The ``embed-slides`` progress bar: slides done, and the current slide's tiles with tiles/s
+(the shared counter of :mod:`spavis.format.progress`, on stderr)."""
 from __future__ import annotations
+
+from spavis.format.progress import counter
 
 
 class SlideProgress:
@@ -10,13 +13,7 @@ class SlideProgress:
 
     def __enter__(self) -> "SlideProgress":
         if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            err_console = Console(stderr=True)
-            self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                               TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err_console,
-                               transient=False)
+            self._p = counter("{task.fields[rate]}")
             self._p.start()
             self._slides = self._p.add_task("slides", total=self.n, rate="")
             self._tiles = self._p.add_task("tiles", total=0, rate="")

@@ -31,9 +31,10 @@ import torch
 
 from stamp.constants import METRICS_FILE, RUN_INFO
 from stamp.errors import TrainingError
+from stamp.locations import model_folder_of, run_folder_of
 from stamp.training import run as contract
 from stamp.training.run import (Dist, RunSpec, autocast_for, data_info, ddp_wrap, distributed, finish_run,
-                                model_dir_of, no_sync_unless, pick_device, resume_state, train_steps)
+                                no_sync_unless, pick_device, resume_state, train_steps)
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +77,10 @@ class AlignArgs:
 
 def _presets() -> list[str]:
     from stamp.models.vision import vision_preset_names
+    from stamp.zoo.catalogue import list_pretrained
 
-    return [*vision_preset_names(), "none"]  # --vision presets, --vision-weights none
+    # names that are never paths: --vision presets and the zoo's image encoders, --vision-weights none
+    return [*vision_preset_names(), *list_pretrained("image"), "none"]
 
 
 # Options of one invocation (may differ on --resume; a new --max-steps is recorded).
@@ -107,7 +110,7 @@ def _lineage(init_dir: Path) -> list[dict]:
     model_dir = init_dir
     while model_dir is not None and str(model_dir) not in seen:
         seen.add(str(model_dir))
-        info_path = model_dir.parent / RUN_INFO if model_dir.name == "model" else model_dir / RUN_INFO
+        info_path = run_folder_of(model_dir) / RUN_INFO
         if not info_path.is_file():
             break
         info = json.loads(info_path.read_text())
@@ -116,7 +119,7 @@ def _lineage(init_dir: Path) -> list[dict]:
         nxt = info.get("init")
         if not nxt:
             break
-        model_dir = model_dir_of(nxt)
+        model_dir = model_folder_of(nxt)
     return chain[::-1]
 
 
@@ -126,7 +129,7 @@ def build_model(args: AlignArgs, n_genes: int):
     from stamp.models.gene_encoder import create_gene_encoder as create_model
     from stamp.models.aligned_model import create_stamp_model
     from stamp.tokenizer import GeneTokenizer
-    from stamp.models.vision import create_vision_encoder
+    from stamp.zoo.factory import create_vision_encoder
 
     torch.manual_seed(args.seed)
     init_dir = resolve_model_dir(args.init)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from spavis.format.io import apply_umask, publish_dir
+from spavis.format.io import atomic_path, atomic_write_text, publish_dir
 
 STATE_FILE = "trainer_state.json"
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -56,7 +56,7 @@ def staging_dir(run: Path, step: int) -> Path:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -100,7 +100,8 @@ def restore_rng(folder: Path, rank: int, mask_generator: torch.Generator) -> Non
 
 def write_rank_part(stage: Path, rank: int, position: dict, mask_generator: torch.Generator) -> None:
     stage.mkdir(parents=True, exist_ok=True)
-    save_file(rng_tensors(mask_generator), str(stage / f"rng-rank-{rank}.safetensors"))
+    with atomic_path(stage / f"rng-rank-{rank}.safetensors") as tmp:
+        save_file(rng_tensors(mask_generator), str(tmp))
     _write_json(stage / f"rank-{rank}.json", position)
 
 
@@ -109,9 +110,11 @@ def write_main_part(
 ) -> None:
     stage.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, str(stage / "model.safetensors"))
+    with atomic_path(stage / "model.safetensors") as tmp:
+        save_file(weights, str(tmp))
     tensors, groups = optimizer_tensors(optimizer)
-    save_file(tensors, str(stage / "optimizer.safetensors"))
+    with atomic_path(stage / "optimizer.safetensors") as tmp:
+        save_file(tensors, str(tmp))
     _write_json(stage / "optimizer.json", groups)
 
 
@@ -119,7 +122,6 @@ def finalize(run: Path, step: int, state: dict, keep: int | None = None) -> Path
     """Write trainer_state.json last, then atomically rename the staging folder."""
     stage = staging_dir(run, step)
     _write_json(stage / STATE_FILE, state)
-    apply_umask(stage, recursive=True)  # safetensors' save_file leaves 0600 files
     final = checkpoint_root(run) / f"step-{step}"
     publish_dir(stage, final)  # an existing step-N is swapped out, never half-deleted
     if keep:

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from spavis.format.progress import counter
 from stamp.constants import GROUP_SIZE, METRICS_FILE
 from stamp.data.tokens import Batch
 from stamp.errors import DataError, TrainingError
@@ -169,16 +170,6 @@ def _build_model(args: PretrainArgs, n_genes: int) -> StampGeneEncoder:
     return create_model(args.config, n_genes=n_genes)
 
 
-def _progress(enabled: bool, total: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[sps]} spots/s"),
-        TimeRemainingColumn(), disable=not enabled,
-    )
-
-
 # ----------------------------------------------------------------------------- main loop
 def pretrain(args: PretrainArgs, *, on_step: Callable[[dict], None] | None = None) -> Path:
     """Run (or resume) pretraining; returns the ``RUN/model`` folder.
@@ -293,7 +284,7 @@ def _pretrain(args: PretrainArgs, d: Dist, open_corpus, on_step) -> Path:
     schedule = {"name": "linear-warmup-cosine-floor", "lr": args.lr, "min_lr": args.min_lr,
                 "warmup": args.warmup_steps, "total": total}
     model.train()
-    with _progress(args.progress and d.main, stop_at) as bar:
+    with counter("loss {task.fields[loss]}", "{task.fields[sps]} spots/s", enabled=args.progress and d.main) as bar:
         task = bar.add_task("pretrain", total=stop_at, completed=step, loss="-", sps="-")
 
         def show(m: dict) -> None:

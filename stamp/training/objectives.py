@@ -186,19 +186,3 @@ class StampForPretraining(nn.Module):
             loss = igr + cgr
         return LossOutput(loss, igr, cgr, correct, total)
 
-
-def compute_loss(
-    model: StampGeneEncoder,
-    original_ids: torch.Tensor,
-    masked: Masked,
-    *,
-    spatial: bool,
-    group_size: int = GROUP_SIZE,
-    cgr_targets: str = "masked",
-    groups: torch.Tensor | None = None,
-) -> LossOutput:
-    """One forward pass without a wrapper module (IGR, plus CGR on spatial batches)."""
-    if spatial and groups is None:
-        groups = contiguous_groups(original_ids.shape[0], group_size)
-    pretraining = StampForPretraining(model, spatial=spatial, cgr_targets=cgr_targets)
-    return pretraining(original_ids, masked.input_ids, masked.labels, groups)

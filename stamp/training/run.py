@@ -44,6 +44,7 @@ from spavis.format.io import apply_umask, atomic_dir, atomic_write_text
 from stamp.training import checkpoint as ckpt
 from stamp.constants import ARGS_FILE, METRICS_FILE, RUN_INFO
 from stamp.errors import TrainingError
+from stamp.locations import MODEL_SUBDIR
 
 __all__ = [
     "Dist", "RunSpec", "init_distributed", "distributed", "pick_device", "lr_at", "absolute_path",
@@ -51,7 +52,7 @@ __all__ = [
     "check_vocabulary", "truncate_metrics", "append_metrics", "resume_state", "save_checkpoint",
     "reduce_step_sums", "stop_if_not_finite", "train_steps", "ddp_wrap", "autocast_for", "no_sync_unless",
     "write_model_dir", "finish_run", "corpus_licenses",
-    "generated_fraction", "data_info", "model_dir_of",
+    "generated_fraction", "data_info",
 ]
 
 
@@ -246,7 +247,7 @@ def prepare_run(args: Any, d: Dist, spec: RunSpec) -> tuple[Any, Path | None]:
             _write_args(saved, {**json.loads(saved.read_text()), **{k: stored[k] for k in spec.path_fields},
                                 "max_steps": new.max_steps})
         return new, latest
-    if latest is not None or (out / "model").exists():
+    if latest is not None or (out / MODEL_SUBDIR).exists():
         raise TrainingError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
     if spec.needs_init and not args.init:
         raise TrainingError(spec.needs_init)
@@ -266,12 +267,6 @@ def check_vocabulary(tokenizer: Any, corpus: Any, *, model: str, data: str, fix:
 
     require_same_vocabulary(tokenizer.gene_ids, corpus.genes["ensembl_id"].astype(str).tolist(),
                             a_name=model, b_name=data, fix=fix, error=TrainingError)
-
-
-def model_dir_of(source: str | os.PathLike) -> Path:
-    """The model folder of a run (``RUN/model``) or a model folder itself (local paths only)."""
-    p = Path(source)
-    return p / "model" if (p / "model").is_dir() else p
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -450,7 +445,7 @@ def write_model_dir(run: Path, model: Any, tokenizer: Any, info: dict,
                     write_card: Callable[[Path, dict], None]) -> Path:
     """RUN/model: config.json + model.safetensors + tokenizer files + README card, staged beside
     it and swapped in whole (never a half-written model folder)."""
-    final = run / "model"
+    final = run / MODEL_SUBDIR
     with atomic_dir(final) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -463,7 +458,7 @@ def finish_run(run: Path, info: dict, *, d: Any, model: Any, tokenizer: Any,
                write_card: Callable[[Path, dict], None]) -> Path:
     """Publish a finished run (main rank): ``RUN/model`` (:func:`write_model_dir`), then ``RUN/run.json``
     (``info``: what the card and the next stage's ``--init`` read). Returns ``RUN/model``."""
-    model_dir = run / "model"
+    model_dir = run / MODEL_SUBDIR
     if d.main:
         model_dir = write_model_dir(run, model, tokenizer, info, write_card)
         atomic_write_text(run / RUN_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spavis.format.io import temp_sibling
+from spavis.format.progress import counter
 from stamp.data.prefetch import prefetch
 from stamp.tokenizer import GeneTokenizer
 
@@ -38,8 +39,6 @@ def tokenize_corpus(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Tokenize every spot of a corpus (dir or Hub id) into ``out`` (Parquet). Returns a summary."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from spavis.format import open_corpus
 
     corpus = data if hasattr(data, "iter_slides") else open_corpus(data)
@@ -55,9 +54,8 @@ def tokenize_corpus(
     total = corpus.n_spots
     tmp = temp_sibling(out, "part")
     try:
-        columns = Progress(TextColumn("tokenize"), BarColumn(), MofNCompleteColumn(), TextColumn("spots"),
-                           TimeRemainingColumn(), disable=not progress, transient=True)
-        with columns as bar, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        with counter("spots", enabled=progress, transient=True) as bar, \
+                pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             task = bar.add_task("tokenize", total=total)
             # the next slides are read (decompressed) on a thread while this one is encoded and written
             for table in prefetch(corpus.iter_slides(columns=["spot_id", "gene_index", "counts"]), depth=2):

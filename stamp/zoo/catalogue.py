@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from stamp.constants import INTERPOLATIONS
+from stamp.constants import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
 from stamp.hub_access import PretrainedError
 
 REGISTRY_FILE = "pretrained.json"
@@ -161,6 +161,13 @@ class ModelEntry:
                                       f"{', '.join(TRANSFORMERS_CLASSES)}")
             if not isinstance(arch.get("kwargs", {}), dict):
                 raise PretrainedError(f"{where}: architecture.kwargs must be an object")
+            if library == "timm":  # before any download: a key such as "pretrained" is refused here, naming the entry
+                from stamp.safety import check_timm_kwargs
+
+                try:
+                    check_timm_kwargs(arch.get("kwargs", {}), where, resolve=False)
+                except Exception as exc:
+                    raise PretrainedError(str(exc)) from None
             if data["pooling"] not in POOLINGS[library]:
                 raise PretrainedError(f"{where}: pooling {data['pooling']!r} must be one of "
                                       f"{', '.join(POOLINGS[library])}")
@@ -274,7 +281,53 @@ def _load(extra: str | None) -> dict[str, ModelEntry]:
         origin = f"{extra} (${EXTRA_REGISTRY_ENV})"
         for name, data in _read(extra, None, origin).items():
             entries[name] = ModelEntry.from_dict(name, data, origin)
+    for name, entry in entries.items():  # {"base": "uni", ...}: the image entry's ViT, described once
+        if isinstance(entry.vision_config, dict) and "base" in entry.vision_config:
+            overrides = {k: v for k, v in entry.vision_config.items() if k != "base"}
+            where = f"{entry.origin}: entry {name!r}: vision_config"
+            entries[name] = replace(entry, vision_config=_vision_data(entries, entry.vision_config["base"], where,
+                                                                      overrides))
     return entries
+
+
+def _vision_data(entries: dict[str, ModelEntry], name: str, where: str, overrides: dict | None = None) -> dict:
+    """The STAMP vision tower's config (``VisionConfig`` fields) on the ViT of image entry ``name``.
+
+    Why here: UNI (and any timm ViT of the catalogue) is described once, by its entry; the vision
+    tower of ``stamp pretrain --stage align --vision uni`` and the released model's (``stamp-v1``:
+    ``{"base": "uni", ...}``) are read off it. The region cells pool the token grid to 3 x 3
+    (UNI: 14 tokens, window 6, stride 4, as released).
+    """
+    import re
+
+    entry = entries.get(name)
+    if entry is None or entry.library != "timm" or entry.kind != "image":
+        raise PretrainedError(f"{where}: {name!r} is not a timm image encoder of the catalogue; the vision tower "
+                              f"builds on one of {', '.join(n for n, e in entries.items() if e.library == 'timm')}")
+    kwargs = dict(entry.architecture.get("kwargs", {}))
+    arch = entry.architecture["name"]
+    if entry.pooling != "head" or kwargs.get("global_pool") == "":
+        raise PretrainedError(f"{where}: {name} pools {entry.pooling!r}, not with timm's head; the vision tower "
+                              "needs a ViT whose head pools (CLS token or average), such as uni")
+    pre = entry.preprocessing or {}
+    size = int(kwargs.pop("img_size", pre.get("crop", 224)))
+    found = re.search(r"patch(\d+)", arch)
+    patch = int(kwargs.pop("patch_size", None) or (found.group(1) if found else 16))
+    init = kwargs.pop("init_values", None)
+    dynamic = bool(kwargs.pop("dynamic_img_size", True))
+    kwargs.pop("num_classes", None)  # the tower has no classifier
+    grid = size // patch
+    stride = max(1, grid // 3)
+    data = {"name": name, "arch": arch, "img_size": size, "patch_size": patch, "init_values": init,
+            "dynamic_img_size": dynamic, "model_kwargs": kwargs, "weights": name, "region_grid": 3,
+            "csp_window": grid - 2 * stride, "csp_stride": stride, "mean": list(pre.get("mean", IMAGENET_MEAN)),
+            "std": list(pre.get("std", IMAGENET_STD))}
+    return {**data, **(overrides or {})}
+
+
+def vision_config_data(name: str) -> dict:
+    """The STAMP vision tower (``VisionConfig`` fields, weights = the entry's) on image entry ``name``'s ViT."""
+    return _vision_data(catalogue(), name, f"--vision {name}")
 
 
 def catalogue() -> dict[str, ModelEntry]:
@@ -334,5 +387,5 @@ def vocabulary(name: str) -> tuple[list[str], list[str]]:
 PretrainedEntry = ModelEntry
 
 __all__ = ["ModelEntry", "PretrainedEntry", "PretrainedError", "catalogue", "list_pretrained", "is_pretrained",
-           "get_pretrained", "catalogue_notes", "vocabulary", "REGISTRY_FILE", "EXTRA_REGISTRY_ENV", "KINDS",
-           "LIBRARIES", "GENE_LIBRARIES"]
+           "get_pretrained", "catalogue_notes", "vocabulary", "vision_config_data", "REGISTRY_FILE",
+           "EXTRA_REGISTRY_ENV", "KINDS", "LIBRARIES", "GENE_LIBRARIES"]

@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from stamp.constants import IMAGENET_MEAN, IMAGENET_STD
 from stamp.errors import ModelConfigError, PretrainedError
 from stamp.hub_access import check_repo_id, download_file, first_file, is_repo_id, snapshot
 from stamp.zoo.catalogue import GENE_LIBRARIES, ModelEntry, get_pretrained, is_pretrained
@@ -150,14 +151,15 @@ def _read_state(path: Path) -> dict:
     return state
 
 
-def _header_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict | None]:
-    """(shapes, the tensors when they had to be read) - safetensors headers are read without tensors."""
-    from stamp.safety import safetensors_shapes
+def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, Any], dict | None]:
+    """(shapes, dtypes, the tensors when they had to be read) - safetensors headers are read without tensors."""
+    from stamp.safety import safetensors_layout
 
     if path.suffix == ".safetensors":
-        return safetensors_shapes(path), None
-    state = _read_state(path)
-    return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}, state
+        layout = safetensors_layout(path)
+        return {k: s for k, (s, _) in layout.items()}, {k: d for k, (_, d) in layout.items()}, None
+    state = {k: v for k, v in _read_state(path).items() if hasattr(v, "shape")}
+    return {k: tuple(v.shape) for k, v in state.items()}, {k: v.dtype for k, v in state.items()}, state
 
 
 def _match_keys(expected: dict, found: dict, prefixes: tuple[str, ...]) -> dict[str, str]:
@@ -171,38 +173,50 @@ def _match_keys(expected: dict, found: dict, prefixes: tuple[str, ...]) -> dict[
     return out
 
 
-def load_image_weights(module, entry: ModelEntry, weights: Path, where: str, repo_config: dict | None = None):
-    """Check ``weights`` against the meta-built ``module`` (header only), then load strictly."""
-    from stamp.safety import check_shapes, meta_shapes
+def weights_for(target, weights: Path, where: str, *, prefixes: tuple[str, ...] = (),
+                allow_extra: bool = False) -> dict:
+    """THE check of a weights file against a module (built on ``meta`` or for real), header first, then
+    the state to load into it: every tensor present (all missing ones counted) with its shape, no
+    tensor left over (unless ``allow_extra``), integer weights for a float model refused, other
+    floating dtypes cast to the module's, NaN / infinite weights refused (:func:`stamp.safety.fit_state`).
+    ``prefixes``: a file key may carry one of them (``module.``, ``vit.``)."""
+    from stamp.safety import check_dtypes, check_shapes, fit_state
 
+    expected = target.state_dict()
+    shapes, dtypes, state = _header(weights)
+    keys = _match_keys(expected, shapes, prefixes)
+    label = f"{where} ({weights.name})"
+    optional = {k for k in expected if k.endswith("num_batches_tracked")}
+    missing = [k for k in expected if k not in keys and k not in optional]
+    if missing:
+        check_shapes({k: tuple(expected[k].shape) for k in missing}, {}, label)
+    check_shapes({k: tuple(expected[k].shape) for k in keys}, {k: shapes[v] for k, v in keys.items()}, label,
+                 ignore_unexpected=True)
+    check_dtypes({k: expected[k].dtype for k in keys}, {k: dtypes[v] for k, v in keys.items()}, label)
+    extra = set(shapes) - set(keys.values())
+    if extra and not allow_extra:
+        check_shapes({}, {k: shapes[k] for k in extra}, label)
+    if state is None:
+        state = _read_state(weights)
+    return fit_state({k: state[v] for k, v in keys.items()}, expected, label)
+
+
+def load_image_weights(module, entry: ModelEntry, weights: Path, where: str, repo_config: dict | None = None):
+    """Check ``weights`` against the meta-built ``module`` (:func:`weights_for`), then load strictly."""
     target = module.trunk if hasattr(module, "trunk") else module.model
-    expected = meta_shapes(target)
-    shapes, state = _header_shapes(weights)
     prefixes: tuple[str, ...] = ()
     if entry.library == "transformers":
         base = getattr(target, "base_model_prefix", "")
         prefixes = tuple(p for p in (f"{base}.", "model.", "module.") if p != ".")
-    keys = _match_keys(expected, shapes, prefixes)
-    optional = {k for k in expected if k.endswith("num_batches_tracked")}
-    missing = [k for k in expected if k not in keys and k not in optional]
-    if missing:
-        check_shapes({k: expected[k] for k in missing[:1]}, {}, f"{where} ({weights.name})")
-    check_shapes({k: expected[k] for k in keys}, {k: shapes[v] for k, v in keys.items()},
-                 f"{where} ({weights.name})", ignore_unexpected=True)
-    extra = set(shapes) - set(keys.values())
-    allowed_extra = entry.pooling == "layer3-avg" or entry.library == "transformers"
-    if extra and not allowed_extra:
-        check_shapes({}, {k: shapes[k] for k in extra}, f"{where} ({weights.name})")
-    if state is None:
-        state = _read_state(weights)
-    sd = {k: state[v] for k, v in keys.items()}
+    sd = weights_for(target, weights, where, prefixes=prefixes,
+                     allow_extra=entry.pooling == "layer3-avg" or entry.library == "transformers")
     target.load_state_dict(sd, strict=False, assign=True)
     leftover = [n for n, t in list(target.named_parameters()) + list(target.named_buffers()) if t.is_meta]
     if leftover:  # non-persistent buffers (position ids ...): build for real and load again
         real = build_image_encoder(entry, repo_config, meta=False, where=where)
         rtarget = real.trunk if hasattr(real, "trunk") else real.model
         result = rtarget.load_state_dict(sd, strict=False)
-        if [k for k in result.missing_keys if k not in optional]:
+        if [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]:
             raise ModelConfigError(f"{where}: tensors missing from the weights: {result.missing_keys[:3]}")
         module = real
     return module.eval()
@@ -219,7 +233,12 @@ def load_transformers_weights(module, entry: ModelEntry, weights: Path, where: s
     if not (folder / "config.json").is_file():
         raise PretrainedError(f"{weights}: a transformers model needs its config.json beside the weights; pass "
                               "the folder downloaded from " + entry.page)
-    shapes, _ = _header_shapes(weights)
+    from stamp.safety import check_dtypes, check_finite
+
+    shapes, dtypes, _ = _header(weights)
+    # names differ from the module's (transformers renames on load): a weight or bias is floating point
+    check_dtypes({k: "float32" for k in dtypes if k.endswith((".weight", ".bias"))}, dtypes,
+                 f"{where} ({weights.name})")
     held = sum(int(np.prod(s)) for s in shapes.values())
     wanted = sum(p.numel() for p in module.parameters())
     if wanted > held:
@@ -244,6 +263,7 @@ def load_transformers_weights(module, entry: ModelEntry, weights: Path, where: s
         raise ModelConfigError(f"{where}: {len(missing)} tensor(s) of {entry.architecture['class']} missing from "
                                f"{weights.name} (first: {(missing or info['mismatched_keys'])[0]}); wrong weights "
                                "for this entry")
+    check_finite(model.state_dict().items(), f"{where} ({weights.name})")
     return HFImageEncoder(model, entry.pooling or "cls").eval()
 
 
@@ -379,7 +399,7 @@ def _load_open_clip(entry: ModelEntry, wfile: Path, repo_config: dict | None, wh
     by tensor (none missing, none left over, shapes equal), loaded, then the unused towers dropped."""
 
     from stamp.models.openclip import build_model, materialize_masks
-    from stamp.safety import check_parameter_count, check_shapes, meta_shapes
+    from stamp.safety import check_finite, check_parameter_count, check_shapes, fit_state, meta_shapes
 
     model_cfg, preprocess_cfg = open_clip_model_config(entry, repo_config, where)
     model = build_model(model_cfg, where, meta=True)
@@ -389,8 +409,10 @@ def _load_open_clip(entry: ModelEntry, wfile: Path, repo_config: dict | None, wh
     if "logit_scale" in state and "logit_scale" in expected and state["logit_scale"].numel() == 1:
         state["logit_scale"] = state["logit_scale"].reshape(expected["logit_scale"])
     check_shapes(expected, {k: tuple(v.shape) for k, v in state.items()}, f"{where} ({wfile.name})")
+    state = fit_state(state, model.state_dict(), f"{where} ({wfile.name})", finite=False)  # int8 refused, fp16 cast
     model.load_state_dict(state, strict=True, assign=True)
     module = _open_clip_towers(entry, model)
+    check_finite(module.state_dict().items(), f"{where} ({wfile.name})")  # NaN in the towers kept (not dropped ones)
     materialize_masks(module)
     if any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):  # buffers it cannot rebuild
         model = build_model(model_cfg, where, meta=False)
@@ -402,7 +424,7 @@ def _load_open_clip(entry: ModelEntry, wfile: Path, repo_config: dict | None, wh
 def _load_conch(entry: ModelEntry, wfile: Path, where: str):
     """CONCH's image tower: the file's ``visual.`` tensors loaded strictly; every other tensor must sit under
     one of the entry's ``unused`` prefixes (the text towers), else it is an error naming it."""
-    from stamp.safety import check_parameter_count, check_shapes, meta_shapes
+    from stamp.safety import check_parameter_count, check_shapes, fit_state, meta_shapes
 
     module = build_foreign_image_encoder(entry, where=where)
     check_parameter_count(sum(p.numel() for p in module.parameters()), where)
@@ -415,6 +437,7 @@ def _load_conch(entry: ModelEntry, wfile: Path, where: str):
         raise ModelConfigError(f"{where} ({wfile.name}): tensor {stray[0]!r} is neither part of the {prefix[:-1]} "
                                f"tower nor of the known unused parts ({', '.join(unused)}); not a CONCH checkpoint")
     check_shapes(meta_shapes(module), {k: tuple(v.shape) for k, v in ours.items()}, f"{where} ({wfile.name})")
+    ours = fit_state(ours, module.state_dict(), f"{where} ({wfile.name})")
     module.load_state_dict(ours, strict=True, assign=True)
     return module.eval()
 
@@ -519,7 +542,7 @@ def load_finetuned_folder(folder: Path, *, source: str) -> Encoder:
 
     from stamp.models.finetune import ExpressionInput, FinetuneConfig, STFinetuneModel
     from stamp.models.foundation import ImagePreprocess
-    from stamp.safety import check_shapes, meta_shapes, read_json_config, safetensors_shapes
+    from stamp.safety import check_shapes, fit_state, meta_shapes, read_json_config, safetensors_shapes
 
     cfg = read_json_config(folder / "config.json")
     where = str(folder / "config.json")
@@ -538,7 +561,7 @@ def load_finetuned_folder(folder: Path, *, source: str) -> Encoder:
     check_shapes(meta_shapes(model), shapes, f"{folder} (model.safetensors)")
     from safetensors.torch import load_file
 
-    state = load_file(str(weights))
+    state = fit_state(load_file(str(weights)), model.state_dict(), f"{folder} (model.safetensors)")
     model.load_state_dict(state, strict=True, assign=True)
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):  # non-persistent buffers
         model = build(False)
@@ -635,7 +658,7 @@ def _generic_folder_entry(folder: Path, cfg: dict, source: str) -> ModelEntry | 
         pc = cfg.get("pretrained_cfg") or {}
         size = (pc.get("input_size") or [3, 224, 224])[-1]
         pre = {"resize": int(size), "crop": int(size), "interpolation": pc.get("interpolation", "bicubic"),
-               "mean": list(pc.get("mean", (0.485, 0.456, 0.406))), "std": list(pc.get("std", (0.229, 0.224, 0.225)))}
+               "mean": list(pc.get("mean", IMAGENET_MEAN)), "std": list(pc.get("std", IMAGENET_STD))}
         data = dict(base, library="timm", architecture={"name": cfg["architecture"], "kwargs": {}},
                     pooling="head", preprocessing=pre, embed_dim=int(cfg.get("num_features") or 1), generic=True)
         return ModelEntry.from_dict(source, data, str(folder / "config.json"))
@@ -761,5 +784,68 @@ def create_pretrained_model(name_or_path: Any, **overrides: Any):
 create_model = create_pretrained_model  # ``stamp.create_model`` (public name kept)
 
 
+# ============================================================================ the STAMP vision tower
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+TRUNK_PREFIXES = ("module.", "trunk.", "visual_backbone.base_model.")  # wrappers a trunk's weights may carry
+
+
+def vision_config(spec: Any):
+    """``--vision``: a catalogue image entry (a timm ViT: ``uni``, ``uni2-h`` ...; its entry is the one
+    description of it, :func:`stamp.zoo.catalogue.vision_config_data`), a shipped preset (``tiny``), a
+    JSON file of :class:`~stamp.models.vision.VisionConfig` fields, a dict or a VisionConfig."""
+    from stamp.models.vision import load_vision_config
+    from stamp.zoo.catalogue import vision_config_data
+
+    if isinstance(spec, str) and is_pretrained(spec):
+        return load_vision_config(vision_config_data(spec))
+    return load_vision_config(spec)
+
+
+def load_trunk_weights(encoder, source: str | os.PathLike, *, token: str | None = None) -> str:
+    """Load pretrained weights into a :class:`~stamp.models.vision.VisionEncoder`'s trunk; returns ``source``.
+
+    ``source``: a catalogue name (its Hub repo and files, as ``stamp.load`` reads them), ``hf-hub:ORG/NAME``
+    or a local file. Checked like every weights file of the zoo (:func:`weights_for`); one
+    :class:`VisionWeightsError` line otherwise."""
+    from stamp.errors import VisionWeightsError
+
+    text = str(source)
+    try:
+        if is_pretrained(text):
+            entry = get_pretrained(text)
+            path = first_file(entry.hub_id, list(entry.files), token=token, terms_url=entry.page)
+        elif text.startswith("hf-hub:"):
+            path = first_file(text[len("hf-hub:"):], ["model.safetensors", "pytorch_model.bin"], token=token)
+        else:
+            path = Path(text).expanduser()
+            if not path.is_file():
+                raise VisionWeightsError(f"{path}: no such weights file; pass a .safetensors (or .bin/.pth) file")
+        state = weights_for(encoder.trunk, path, text, prefixes=TRUNK_PREFIXES)
+    except (ModelConfigError, PretrainedError) as exc:
+        raise VisionWeightsError(str(exc)) from None
+    encoder.trunk.load_state_dict(state, strict=True)
+    return text
+
+
+def create_vision_encoder(spec: str = "tiny", *, weights: str | None = None, pretrained: bool = True):
+    """``--vision`` value -> :class:`~stamp.models.vision.VisionEncoder` (:func:`vision_config`); a weights
+    file means UNI's architecture with those weights. ``pretrained`` loads the config's default weights
+    (a catalogue entry's own), ``weights`` replaces them."""
+    from stamp.models.vision import VisionEncoder, skip_trunk_init
+
+    if Path(str(spec)).suffix in WEIGHT_SUFFIXES:
+        config, weights = vision_config("uni"), weights or str(spec)
+    else:
+        config = vision_config(spec)
+    source = weights or (config.weights if pretrained else None)
+    if source:
+        with skip_trunk_init():  # every trunk tensor is read from the weights next
+            encoder = VisionEncoder(config)
+        load_trunk_weights(encoder, source)
+        return encoder
+    return VisionEncoder(config)
+
+
 __all__ = ["load", "create_pretrained_model", "create_model", "build_image_encoder", "load_image_entry",
-           "load_image_weights", "timm_arguments"]
+           "load_image_weights", "timm_arguments", "weights_for", "vision_config", "create_vision_encoder",
+           "load_trunk_weights"]

@@ -172,33 +172,12 @@ def _state_dict(path: Path) -> dict:
     return state
 
 
-def _fit_weights(mapped: dict, target: dict, where: str) -> dict:
-    """Released tensors ready for a model whose tensors are ``target`` (its ``state_dict()``, meta too):
-    integer (quantized) weights for floating-point tensors refused - copied they would be wrong numbers,
-    assigned they fail in the first layer -, other floating dtypes cast to the model's (an fp16 / bf16 copy
-    runs as fp32), NaN / infinite weights refused (they would write NaN embeddings silently)."""
-    import torch
-
-    bad = [k for k, v in mapped.items() if k in target and target[k].is_floating_point() and not v.is_floating_point()]
-    if bad:
-        kinds = "/".join(sorted({str(mapped[k].dtype).removeprefix("torch.") for k in bad}))
-        raise ModelConfigError(f"{where}: {len(bad)} weight tensor(s) are stored as {kinds} (first: {bad[0]}), not "
-                               "floating point; quantized weights are not supported: use the authors' fp32 release")
-    out = {k: v.to(target[k].dtype) if k in target and v.is_floating_point() and v.dtype != target[k].dtype else v
-           for k, v in mapped.items()}
-    for name, t in out.items():
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            raise ModelConfigError(f"{where}: tensor {name} holds {int((~torch.isfinite(t)).sum()):,} NaN or infinite "
-                                   "value(s); the weights are damaged: download them again")
-    return out
-
-
 def _load_strict(module, mapped: dict, unused: list[str], where: str):
     """``mapped`` must hold exactly the module's tensors with their shapes (built on meta: assigned)."""
-    from stamp.safety import check_shapes, meta_shapes
+    from stamp.safety import check_shapes, fit_state, meta_shapes
 
     check_shapes(meta_shapes(module), {k: tuple(v.shape) for k, v in mapped.items()}, where)
-    mapped = _fit_weights(mapped, module.state_dict(), where)
+    mapped = fit_state(mapped, module.state_dict(), where)  # int8 refused, fp16 cast, NaN refused
     module.load_state_dict(mapped, strict=True, assign=True)
     logger.info("%s: %d tensors loaded, %d released tensors not used by embeddings", where, len(mapped), len(unused))
     return module.eval()
@@ -333,7 +312,7 @@ def _geneformer(entry: ModelEntry, files: ReleaseFiles) -> tuple[Any, Any, dict]
     import torch
 
     from stamp.models.geneformer import GeneformerConfig, GeneformerInput, GeneformerModel, released_state_dict
-    from stamp.safety import check_shapes, meta_shapes, read_json_config
+    from stamp.safety import check_shapes, fit_state, meta_shapes, read_json_config
 
     bert = read_json_config(files.paths["model"] / "config.json")
     tokens, medians, mapping = _geneformer_dictionaries(files)
@@ -362,7 +341,7 @@ def _geneformer(entry: ModelEntry, files: ReleaseFiles) -> tuple[Any, Any, dict]
     check_shapes(expected, {k: tuple(v.shape) for k, v in mapped.items()}, where)
     with torch.random.fork_rng(devices=[]):  # real build (BERT's non-persistent buffers), then the weights
         model = GeneformerModel(config)
-    model.bert.load_state_dict(_fit_weights(mapped, model.bert.state_dict(), where), strict=True)
+    model.bert.load_state_dict(fit_state(mapped, model.bert.state_dict(), where), strict=True)
     try:
         inputs = GeneformerInput(tokens, medians, input_size=int(bert["max_position_embeddings"]), mapping=mapping,
                                  special_tokens=special)
