@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         all_inputs = _generate(work / "inputs", max(sizes), tissue_fraction)
-        print(f"| slides | spots | scanpy spots/s | lower bound spots/s | spavis 1 worker spots/s | "
+        print("| slides | spots | scanpy spots/s | lower bound spots/s | spavis 1 worker spots/s | "
               + (f"spavis {args.workers} workers spots/s | " if args.workers > 1 else "")
               + (f"spavis 1 worker before ({args.before.name}) spots/s | " if args.before else "")
               + "RSS MiB tree/largest (scanpy, lower bound, 1 w" + (f", {args.workers} w" if args.workers > 1 else "")

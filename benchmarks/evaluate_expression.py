@@ -59,7 +59,6 @@ def main() -> None:
 
     from spavis.format import open_corpus
     from stamp.evaluate import feature_sets, load_eval_data
-    from stamp.evaluate.heads import mlp_regression
     from stamp.evaluate.splits import carve_validation, make_folds
     from stamp.evaluate.tasks import check_heads, expression_targets, predict_expression_task
 

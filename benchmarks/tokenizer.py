@@ -25,7 +25,8 @@ import numpy as np
 import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stamp.tokenizer import PAD_ID, GeneTokenizer, _encode  # noqa: E402
+from stamp.tokenizer import PAD_ID, GeneTokenizer  # noqa: E402
+from stamp.tokenizer.kernels import _encode  # noqa: E402
 
 N_GENES = 20_310
 

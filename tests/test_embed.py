@@ -67,7 +67,7 @@ def test_embed_errors_are_clear_and_change_nothing(tmp_path):
     from typer.testing import CliRunner
 
     from stamp.cli import app
-    from stamp.embed.genes import EmbedError, embed_corpus
+    from stamp.embed.genes import embed_corpus
     from stamp.errors import StampError
 
     corpus, _ = make_corpus(tmp_path / "shards", slides=2, n_genes=60, max_row=6)

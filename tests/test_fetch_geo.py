@@ -157,7 +157,7 @@ def test_manifest_rows_drive_the_fetch(fake_geo, tmp_path):
     header = ",".join(manifests.COLUMNS)
     rows = [
         f'GSM4391935,geo,GSE146540;GSM4391935,heart,Homo sapiens,healthy,Visium,CC BY 4.0,Paper X,,{h5}=md5:{md5},{{}}',
-        f'GSM4391934,geo,GSE146540;GSM4391934,kidney,Homo sapiens,cancer,Visium,CC BY 4.0,Paper Y,,,{{}}',
+        'GSM4391934,geo,GSE146540;GSM4391934,kidney,Homo sapiens,cancer,Visium,CC BY 4.0,Paper Y,,,{}',
     ]
     path.write_text(header + "\n" + "\n".join(rows) + "\n")
     folders = fetch("geo", manifest=path, organ="heart", cache=tmp_path / "c")

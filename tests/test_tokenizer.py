@@ -244,7 +244,7 @@ def test_compiled_and_numpy_paths_match_reference_on_float_data(use_numba):
     """Both encoding paths, on non-integer counts of wide dynamic range (where the float64 row
     sum order matters), rows of very different lengths (several length-sorted blocks), empty
     rows, rows longer than max_length (top-k selection) and many ties."""
-    from stamp.tokenizer import _encode
+    from stamp.tokenizer.kernels import _encode
 
     rng = np.random.default_rng(6)
     n_spots, n_genes = 700, 400
@@ -266,7 +266,7 @@ def test_compiled_and_numpy_paths_match_reference_on_float_data(use_numba):
 def test_row_sums_round_like_numpy_pairwise_sum():
     """The float64 row sum must be numpy's (pairwise) ``x.astype(float64).sum()``: a sequential
     sum loses the small terms below and rounds the float32 sum (16777216 vs 16777218) differently."""
-    from stamp.tokenizer import _exact_row_sums, _numba_kernels
+    from stamp.tokenizer.kernels import _exact_row_sums, _numba_kernels
 
     rng = np.random.default_rng(7)
     tricky = np.array([2.0**24, 1.0] + [2.0**-29] * 8, np.float32)

@@ -288,3 +288,32 @@ def test_omiclip_checkpoint_image_and_gene_sides_equal_open_clip(tmp_path, monke
     with pytest.raises(ModelConfigError) as err:
         stamp.load("omiclip", weights=tmp_path / "wrong.pt", device="cpu")
     assert "not in the weights" in one_line(err.value) and "wrong.pt" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- mSTAR (timm, the authors' mSTAR.pth)
+def test_mstar_pth_equals_timm_with_the_authors_transform_and_keeps_its_marks(tmp_path, monkeypatch):
+    """mSTAR's released file is a plain state dict (``mSTAR.pth``) for timm's ViT-L/16 as UNI; the authors'
+    README transform is Resize(224) + ToTensor + ImageNet Normalize. Table 1 marks V+L+G reach the encoder
+    (timm entries recorded none, so mSTAR and PLIP were scored as V only)."""
+    import timm
+    from PIL import Image
+    from torchvision import transforms
+
+    import stamp
+
+    kwargs = {**get_pretrained("mstar").architecture["kwargs"], "embed_dim": 32, "depth": 1, "num_heads": 2}
+    torch.manual_seed(0)
+    theirs = timm.create_model("vit_large_patch16_224", pretrained=False, **kwargs).eval()
+    torch.save(theirs.state_dict(), tmp_path / "mSTAR.pth")
+    overlay(tmp_path, monkeypatch, mstar={"architecture": {"name": "vit_large_patch16_224", "kwargs": kwargs},
+                                          "embed_dim": 32, "parameters": None, "card_parameters": None})
+    enc = stamp.load("mstar", weights=tmp_path / "mSTAR.pth", device="cpu")
+    assert enc.provenance.extra["marks"] == "V+L+G" and enc.provenance.license == "cc-by-nc-nd-4.0"
+    readme = transforms.Compose([transforms.Resize(224), transforms.ToTensor(),
+                                 transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    imgs = images(2, 224, seed=6)
+    x = torch.stack([enc.transform(im) for im in imgs])
+    ref = torch.stack([readme(Image.fromarray(im)) for im in imgs])
+    torch.testing.assert_close(x, ref, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.encode_images(x), theirs(ref), atol=1e-5, rtol=1e-5)

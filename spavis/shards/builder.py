@@ -23,20 +23,15 @@ from spavis.errors import BuildError, SpavisError
 from spavis.format.progress import counter
 from spavis.format.schema import CARD_FILE, MANIFEST_FILE, ZARR_CONSOLIDATED, zarr_build_file
 from spavis.shards.card import config_description
-from spavis.shards.config import DEFAULT_MAX_SPOTS_PER_SHARD, BuildConfig
+from spavis.shards.config import BuildConfig
 from spavis.shards.discover import SliceInput, discover_inputs, drop_duplicate_inputs, hash_inputs
-from spavis.shards.info import info
 from spavis.shards.prepare import prepare_slice, slide_metadata, tree_size
-from spavis.shards.validate import ValidationReport, validate
 from spavis.shards.workers import broken_pool_error, in_thread, make_pool, refuse_spawned_reimport
 from spavis.shards.write import (
     CorpusWriter,
     build_key,
     input_entry,
-    plan_shards,
     stale_staging_dirs,
-    write_corpus,
-    write_corpus_in_order,
     write_shard,
 )
 

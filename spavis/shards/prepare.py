@@ -7,7 +7,6 @@ vocabulary, parameters, spavis version) still matches.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil

@@ -410,7 +410,8 @@ def _fetch(parent, records: list[dict], needed_paired: set[str]) -> None:
 
     files = sorted({r["expression_file"] for r in records if r.get("expression_file")} | needed_paired)
     stores = [f"{S.ZARR_DIR}/{r['slide_id']}.zarr" for r in records]
-    snapshot(parent.repo_id, parent.revision, files + [p for s in stores for p in (f"{s}/*", f"{s}/**")])
+    snapshot(parent.repo_id, revision=parent.revision,
+             patterns=files + [p for s in stores for p in (f"{s}/*", f"{s}/**")])
     sizes = {o.get("path"): o.get("size") for o in parent.manifest.get("outputs") or []}
     for rel in files:
         size = (parent.root / rel).stat().st_size

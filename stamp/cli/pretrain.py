@@ -25,8 +25,6 @@ from stamp.cli._common import (
 )
 
 API_ONLY = ("extra",)  # PretrainArgs fields with no command-line option
-# options of --stage align only (stamp.training.align.AlignArgs), see stamp.cli.align
-from stamp.cli.align import ALIGN_OPTIONS  # noqa: E402
 RENAMED = {"progress": "no_progress"}  # field -> CLI parameter (inverted flag)
 RESUME_OPTIONAL = ("stage", "data")  # required, except with --resume (then read from the run)
 

@@ -96,8 +96,8 @@ def no_progress_error(what: str, *, rank: int, spots: int, slides: int, batch_un
         f"{spots} spots in {slides} slide(s), but a batch needs {batch_units} groups "
         f"({batch_units * group_size} spots), so no batch can ever be formed; "
         + (f"lower --batch-size to {max(groups, 1) * group_size} or less (a multiple of {group_size})"
-           if groups else f"raise --max-distance-um, or rebuild the shards with `spavis build-shards "
-                          f"--k-neighbors 16`")
+           if groups else "raise --max-distance-um, or rebuild the shards with `spavis build-shards "
+                          "--k-neighbors 16`")
         + " or train on a larger corpus"
     )
 

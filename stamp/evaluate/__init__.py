@@ -33,7 +33,7 @@ from stamp.evaluate.features import (
     model_names,
     pca_features,
 )
-from stamp.evaluate.tasks import HEADS, LABEL_TASKS, RUNNERS, TASKS, check_heads, check_task, n_steps
+from stamp.evaluate.tasks import LABEL_TASKS, RUNNERS, TASKS, check_heads, check_task, n_steps
 
 __all__ = ["evaluate", "EvaluateError", "EvalData", "FeatureSet", "TASKS", "MODALITIES", "load_eval_data",
            "feature_sets"]

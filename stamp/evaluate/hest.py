@@ -33,6 +33,7 @@ run of the same model reuses them.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path

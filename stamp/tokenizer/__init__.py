@@ -64,7 +64,7 @@ from stamp.tokenizer.core import (
     to_model_input_ids,
 )
 from stamp.tokenizer.io import CONFIG_FILE, MEANS_FILE, VOCAB_FILE, vocabulary_sha256
-from stamp.tokenizer.kernels import TARGET_SUM, _encode, _exact_row_sums, _numba_kernels
+from stamp.tokenizer.kernels import TARGET_SUM
 from stamp.tokenizer.means import MEAN_COLUMNS, effective_means, load_means_file
 
 __all__ = [

@@ -1,10 +1,8 @@
 """A loopback SODB API answering pysodb's real endpoints (/info, /download/<ds>/<exp>)."""
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
-from urllib.parse import unquote
 
 from fakes.http import FileServer
 
