@@ -212,3 +212,35 @@ def test_subset_stores_leave_later_embeddings_behind(parent, tmp_path):
 
     assert tree_sha256(tmp_path / "copy.zarr", include=S.zarr_build_file) == tree_sha256(src, include=S.zarr_build_file)
     assert ad.read_zarr(tmp_path / "copy.zarr").n_obs == n and not os.path.islink(tmp_path / "copy.zarr" / "X")
+
+
+def test_a_damaged_slide_read_ahead_fails_in_one_line_and_leaves_nothing(parent, tmp_path):
+    """The next slide is decoded on a thread while this one is written: its error still reaches the
+    command as one line naming the file, and no partial subset is left visible."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from spavis.cli import app
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(parent["out"], damaged)
+    slides = pq.read_table(damaged / "slides.parquet")
+    n = slides.column("n_spots_kept").to_pylist()
+    i = slides.column("slide_id").to_pylist().index("s1")
+    n[i] += 1
+    pq.write_table(slides.set_column(slides.schema.get_field_index("n_spots_kept"), "n_spots_kept",
+                                     pa.array(n, slides.schema.field("n_spots_kept").type)), damaged / "slides.parquet")
+    manifest = json.loads((damaged / "manifest.json").read_text())  # re-recorded: only the rows disagree
+    for entry in manifest["outputs"]:
+        if entry["path"] == "slides.parquet":
+            entry.update(size=(damaged / "slides.parquet").stat().st_size,
+                         sha256=hashlib.sha256((damaged / "slides.parquet").read_bytes()).hexdigest())
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "sub"
+    res = CliRunner().invoke(app, ["subset", str(damaged), "--slides", "s0,s1", "--out", str(out)])
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 1 and len(lines) == 1, res.output
+    assert "slide 's1' has" in lines[0] and "slides.parquet says" in lines[0] and ".parquet" in lines[0]
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
