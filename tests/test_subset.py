@@ -214,9 +214,9 @@ def test_subset_stores_leave_later_embeddings_behind(parent, tmp_path):
     assert ad.read_zarr(tmp_path / "copy.zarr").n_obs == n and not os.path.islink(tmp_path / "copy.zarr" / "X")
 
 
-def test_a_damaged_slide_read_ahead_fails_in_one_line_and_leaves_nothing(parent, tmp_path):
-    """The next slide is decoded on a thread while this one is written: its error still reaches the
-    command as one line naming the file, and no partial subset is left visible."""
+def test_a_damaged_slide_fails_in_one_line_and_leaves_nothing(parent, tmp_path):
+    """A parent whose slides.parquet (re-recorded in its manifest, so the integrity check passes)
+    disagrees with a file's rows: one line naming the file and the slide, no partial subset visible."""
     import hashlib
 
     import pyarrow as pa
