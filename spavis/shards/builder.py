@@ -284,6 +284,11 @@ def _schedule(slices, work, kwargs, writer: CorpusWriter, pool, workers: int, ba
     disk, and the last file can only start once its last slide is prepared, so this shortens
     the critical path. Memory stays one slide (or one shard) per worker. Once every slide is
     in, the writer's summary files are written here while the workers encode the last files.
+
+    With one worker (inline pool) an expression file is encoded on a thread of this process
+    while the next slices are prepared here: Parquet encoding, Zarr reads and hashing release
+    the GIL, so the second core is used without a second process. One such write at a time;
+    output is unchanged (each file is written by one job, results are merged by part).
     """
     ptask = bar.add_task("prepare slices", total=len(slices), current="")
     wtask = bar.add_task("write shards", total=None, current="")
@@ -295,6 +300,7 @@ def _schedule(slices, work, kwargs, writer: CorpusWriter, pool, workers: int, ba
     running: dict[Any, tuple[str, Any]] = {}
     written = 0
     local = 0  # running jobs of this process (not of the pool)
+    write_beside = workers <= 1  # inline pool: encode a file on a thread while slices are prepared
     if workers > 1 and len(todo) > 1:
         # The fork server is still importing (~1.5 s) and the first submit below waits for it:
         # meanwhile a thread of this process prepares the first slice on the otherwise idle core.
@@ -304,6 +310,11 @@ def _schedule(slices, work, kwargs, writer: CorpusWriter, pool, workers: int, ba
         local = 1
     while todo or jobs or running:
         while len(running) - local < workers and (jobs or todo):
+            if jobs and write_beside and not any(k == "local shard" for k, _ in running.values()):
+                job = jobs.popleft()
+                running[in_thread(write_shard, job)] = ("local shard", job)
+                local += 1
+                continue
             if todo:
                 s = todo.popleft()
                 bar.update(ptask, current=s.slide_id)
@@ -316,8 +327,8 @@ def _schedule(slices, work, kwargs, writer: CorpusWriter, pool, workers: int, ba
         done, _ = wait(list(running), return_when=FIRST_COMPLETED)
         for fut in sorted(done, key=lambda f: _order(running[f], position)):
             kind, what = running.pop(fut)
-            if kind == "local slice":
-                kind, local = "slice", local - 1
+            if kind in ("local slice", "local shard"):
+                kind, local = kind.removeprefix("local "), local - 1
             result = fut.result()  # a failed job raises here: the build stops
             if kind == "shard":
                 writer.shard_done(result)
@@ -337,4 +348,4 @@ def _schedule(slices, work, kwargs, writer: CorpusWriter, pool, workers: int, ba
 
 def _order(entry: tuple[str, Any], position: dict[str, int]) -> tuple[int, int]:
     kind, what = entry
-    return (0, what.part) if kind == "shard" else (1, position[what.slide_id])
+    return (0, what.part) if kind.endswith("shard") else (1, position[what.slide_id])
