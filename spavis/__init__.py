@@ -6,6 +6,8 @@ The flat API mirrors the pipeline: ``fetch`` -> ``read_slice`` -> ``harmonize`` 
 """
 from __future__ import annotations
 
+from spavis.format.lazy import lazy_exports
+
 __version__ = "0.1.0"
 
 from spavis.errors import SpavisError  # noqa: F401
@@ -30,14 +32,4 @@ _LAZY: dict[str, tuple[str, str]] = {
 __all__ = ["__version__", "SpavisError", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module 'spavis' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, extra=("__version__", "SpavisError"))

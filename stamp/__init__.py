@@ -8,6 +8,8 @@ writer), ``slides`` (whole slides), ``evaluate`` (the paper's protocols, hest-be
 """
 from __future__ import annotations
 
+from spavis.format.lazy import lazy_exports
+
 __version__ = "0.1.0"
 
 
@@ -32,14 +34,4 @@ _LAZY: dict[str, tuple[str, str]] = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module 'stamp' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, extra=("__version__",))

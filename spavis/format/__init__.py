@@ -21,8 +21,7 @@ free of pyarrow/scipy (the downloader uses it).
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from spavis.format.lazy import lazy_exports
 
 __all__ = [
     "schema", "io", "vocabulary", "coordinates", "Corpus", "CorpusError", "SpavisError", "open_corpus", "rows_to_csr",
@@ -41,13 +40,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in ("schema", "io", "corpus", "vocabulary", "coordinates"):
-        return importlib.import_module(f"spavis.format.{name}")
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'spavis.format' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(__all__) | {"corpus"})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, submodules=("schema", "io", "corpus", "vocabulary", "coordinates"))

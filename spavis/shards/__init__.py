@@ -5,12 +5,13 @@ needs for its defaults) does not import the readers, anndata and pyarrow.
 """
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import Any
 
-_EXPORTS = {
+from spavis.format.lazy import lazy_exports
+
+_LAZY = {
     "BuildConfig": "spavis.shards.config",
     "DEFAULT_MAX_SPOTS_PER_SHARD": "spavis.shards.config",
     "build_shards": "spavis.shards.builder",
@@ -28,24 +29,14 @@ _EXPORTS = {
     "write_corpus_in_order": "spavis.shards.write",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'spavis.shards' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 class _Package(types.ModuleType):
-    """Keeps ``spavis.shards.validate`` / ``.info`` the functions once their submodules load.
+    """Keeps ``spavis.shards.validate`` / ``.info`` / ``.subset`` the functions once their submodules load.
 
     Importing a submodule binds it on the package under its name; for the three functions
     named like their modules that binding is skipped, so ``from spavis.shards import validate``

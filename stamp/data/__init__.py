@@ -8,8 +8,7 @@
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from spavis.format.lazy import lazy_exports
 
 _LAZY = {
     "TokenBatchLoader": "stamp.data.tokens", "Batch": "stamp.data.tokens",
@@ -19,11 +18,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'stamp.data' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -8,8 +8,7 @@ Whole-slide feature bags are :mod:`stamp.slides.embed`.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from spavis.format.lazy import lazy_exports
 
 _LAZY = {
     "embed_corpus": "stamp.embed.genes", "load_model": "stamp.embed.genes",
@@ -18,11 +17,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'stamp.embed' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -14,6 +14,8 @@ See docs/slides.md.
 """
 from __future__ import annotations
 
+from spavis.format.lazy import lazy_exports
+
 _LAZY = {
     "open_slide": "stamp.slides.reader",
     "Slide": "stamp.slides.reader",
@@ -28,9 +30,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'stamp.slides' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -9,8 +9,7 @@ Layers, bottom to top: catalogue, encoder <- convert <- resolve <- factory.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from spavis.format.lazy import lazy_exports
 
 _LAZY = {
     "load": "stamp.zoo.factory", "create_model": "stamp.zoo.factory", "load_tokenizer": "stamp.zoo.resolve",
@@ -21,11 +20,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'stamp.zoo' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
