@@ -12,7 +12,8 @@
 
 What both packages share lives here too (``stamp`` may import ``spavis.format`` only):
 ``spavis.format.hub`` (the Hub reader: repo-id check, one-line errors, downloads),
-``spavis.format.console`` (the command-line kit of both CLIs) and ``spavis.format.progress``
+``spavis.format.console`` (the command-line kit of both CLIs), ``spavis.format.lazy`` (lazy package
+attributes) and ``spavis.format.progress``
 (every progress bar, on stderr).
 
 It imports nothing of fetch (``spavis.sources``) or build (``spavis.shards``): ``stamp`` and
